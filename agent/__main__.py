@@ -1,0 +1,5 @@
+"""``python -m agent`` is ``agentctl``."""
+
+from agent.cli import main
+
+main()

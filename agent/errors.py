@@ -1,0 +1,76 @@
+"""Rooftop's one exception tree.
+
+::
+
+    RooftopError
+     ├── SensorError              a sensor could not produce a reading
+     │    ├── NvmlUnavailable     no NVIDIA driver / libnvidia-ml, or NVML init failed
+     │    └── DeviceLost          one GPU fell off the bus (NVMLError_GpuIsLost)
+     ├── TraceError               a recording is unreadable (names file and line)
+     ├── StreamError              talking to the collector failed
+     │    ├── Retryable           transient: reconnect with backoff
+     │    └── Rejected            the collector refused (auth, invalid batch)
+     ├── RooflineError            unknown model / GPU, malformed config.json
+     └── ConfigError              bad configuration (names the key)
+
+Callers catch ``RooftopError`` at the CLI and thread boundaries and print one line.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DeviceLost",
+    "NvmlUnavailable",
+    "Rejected",
+    "Retryable",
+    "RooflineError",
+    "RooftopError",
+    "SensorError",
+    "StreamError",
+    "TraceError",
+]
+
+
+class RooftopError(Exception):
+    """Base of every error Rooftop raises on purpose."""
+
+
+class SensorError(RooftopError):
+    """A sensor could not produce a reading."""
+
+
+class NvmlUnavailable(SensorError):
+    """NVML cannot be used: no driver, no library, or init failed."""
+
+
+class DeviceLost(SensorError):
+    """A GPU is lost (fell off the bus); the other GPUs go on."""
+
+    def __init__(self, gpu_index: int, detail: str = "") -> None:
+        self.gpu_index = gpu_index
+        super().__init__(f"GPU {gpu_index} is lost{': ' + detail if detail else ''}")
+
+
+class TraceError(RooftopError):
+    """A recording could not be read; the message names the file and line."""
+
+
+class StreamError(RooftopError):
+    """Talking to the collector failed."""
+
+
+class Retryable(StreamError):
+    """A transient failure: reconnect with backoff."""
+
+
+class Rejected(StreamError):
+    """The collector refused what we sent."""
+
+
+class RooflineError(RooftopError):
+    """Roofline input is unknown or malformed."""
+
+
+class ConfigError(RooftopError):
+    """Configuration is invalid; the message names the key."""

@@ -1,0 +1,239 @@
+"""The data that flows through the agent: samples in, verdicts out.
+
+Small frozen dataclasses with units in their field names. Absent (``None``) means
+"not measured", never zero: an A100 has no GPM, so its ``dram_bw_pct`` is ``None``.
+Times are Unix epoch seconds (``time_s``); the protobuf edge converts them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from enum import StrEnum
+
+__all__ = [
+    "COUNT_FIELDS",
+    "PERCENT_FIELDS",
+    "Bound",
+    "Cause",
+    "EngineSample",
+    "Evidence",
+    "GpuProcess",
+    "GpuSample",
+    "HostProcess",
+    "HostSample",
+    "Provenance",
+    "Record",
+    "Verdict",
+    "invalid_reason",
+]
+
+
+class Provenance(StrEnum):
+    """Where a figure came from; a verdict on proxies is less certain."""
+
+    GPM = "gpm"  # GPU performance monitoring (Hopper+): true pipe / DRAM activity
+    NVML = "nvml"  # plain NVML counters, meaning what they say (duty cycle, power...)
+    PROXY = "proxy"  # an NVML counter standing in for a GPM signal we do not have
+
+
+class Bound(StrEnum):
+    """What bounds a GPU over a window (or in one sample: its regime)."""
+
+    IDLE = "idle"
+    MEMORY = "memory-bound"
+    COMPUTE = "compute-bound"
+    HOST = "host-bound"
+    MIXED = "mixed"
+    LOST = "lost"
+
+
+class Cause(StrEnum):
+    """Why a GPU is host-bound, where the evidence allows saying."""
+
+    PCIE = "pcie"
+    CPU = "cpu"
+    STARVED = "starved"
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    """A compute process on a GPU, from NVML's process list."""
+
+    pid: int
+    gpu_mem_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSample:
+    """One GPU at one tick: a single consistent snapshot (percentages are 0-100)."""
+
+    time_s: float
+    gpu_index: int
+    gpu_uuid: str = ""
+    gpu_name: str = ""
+    busy_pct: float | None = None  # NVML util.gpu: a duty cycle, NOT SM activity
+    mem_ctrl_pct: float | None = None  # NVML util.memory: memory-controller busy time
+    sm_active_pct: float | None = None  # GPM SM_UTIL (high for memory-bound work too)
+    sm_occupancy_pct: float | None = None  # GPM SM_OCCUPANCY
+    tensor_active_pct: float | None = None  # GPM ANY_TENSOR_UTIL
+    fp16_active_pct: float | None = None  # GPM FP16_UTIL
+    fp32_active_pct: float | None = None  # GPM FP32_UTIL
+    fp64_active_pct: float | None = None  # GPM FP64_UTIL
+    dram_bw_pct: float | None = None  # GPM DRAM_BW_UTIL: true memory-bandwidth utilization
+    pcie_rx_bytes_per_s: float | None = None
+    pcie_tx_bytes_per_s: float | None = None
+    pcie_link_gen: int | None = None
+    pcie_link_width: int | None = None
+    power_w: float | None = None
+    sm_clock_mhz: float | None = None
+    mem_used_bytes: int | None = None
+    mem_total_bytes: int | None = None
+    temperature_c: float | None = None
+    clock_event_reasons: int | None = None
+    processes: tuple[GpuProcess, ...] = ()
+    lost: bool = False
+
+
+# Where each GpuSample metric comes from when measured.
+GPU_FIELD_PROVENANCE: dict[str, Provenance] = {
+    "busy_pct": Provenance.NVML,
+    "mem_ctrl_pct": Provenance.NVML,
+    "sm_active_pct": Provenance.GPM,
+    "sm_occupancy_pct": Provenance.GPM,
+    "tensor_active_pct": Provenance.GPM,
+    "fp16_active_pct": Provenance.GPM,
+    "fp32_active_pct": Provenance.GPM,
+    "fp64_active_pct": Provenance.GPM,
+    "dram_bw_pct": Provenance.GPM,
+    "pcie_rx_bytes_per_s": Provenance.GPM,
+    "pcie_tx_bytes_per_s": Provenance.GPM,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSample:
+    """An inference engine's state over its last interval."""
+
+    time_s: float
+    engine_id: str
+    requests_running: int | None = None
+    requests_waiting: int | None = None
+    tpot_ms: float | None = None
+    ttft_ms: float | None = None
+    output_tokens: int | None = None
+    pid: int | None = None
+    gpu_indices: tuple[int, ...] = ()
+    model: str | None = None
+    tpot_p50_ms: float | None = None
+    tpot_p99_ms: float | None = None
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HostProcess:
+    """CPU use of a process that holds a GPU."""
+
+    pid: int
+    cpu_pct: float | None = None  # percent of ONE core: a busy Python loop reads ~100
+    gpu_indices: tuple[int, ...] = ()
+    gpu_mem_bytes: int | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HostSample:
+    """The host at one tick: total CPU and the CPU of each GPU process."""
+
+    time_s: float
+    cpu_pct: float | None = None
+    processes: tuple[HostProcess, ...] = ()
+
+
+Record = GpuSample | EngineSample | HostSample
+
+PERCENT_FIELDS = (
+    "busy_pct",
+    "mem_ctrl_pct",
+    "sm_active_pct",
+    "sm_occupancy_pct",
+    "tensor_active_pct",
+    "fp16_active_pct",
+    "fp32_active_pct",
+    "fp64_active_pct",
+    "dram_bw_pct",
+)
+COUNT_FIELDS = (
+    "pcie_rx_bytes_per_s",
+    "pcie_tx_bytes_per_s",
+    "power_w",
+    "sm_clock_mhz",
+    "mem_used_bytes",
+    "mem_total_bytes",
+    "tpot_ms",
+    "ttft_ms",
+    "tpot_p50_ms",
+    "tpot_p99_ms",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+)
+# Rounding in NVML / GPM can overshoot 100 by a hair; beyond this it is garbage.
+_PCT_SLACK = 0.5
+
+
+def invalid_reason(record: Record) -> str | None:
+    """Why ``record`` holds an impossible value (NaN, negative, a percentage > 100), else None."""
+    names = {f.name for f in fields(record)}
+    for name in names:
+        value = getattr(record, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if math.isnan(value) or math.isinf(value):
+            return f"{name} is {value}"
+        if name == "time_s":
+            continue
+        if value < 0:
+            return f"{name} is negative ({value})"
+        if name in PERCENT_FIELDS and value > 100 + _PCT_SLACK:
+            return f"{name} is over 100 ({value})"
+    if isinstance(record, HostSample):
+        if record.cpu_pct is not None and (math.isnan(record.cpu_pct) or record.cpu_pct > 100.5):
+            return f"cpu_pct is out of range ({record.cpu_pct})"
+        for proc in record.processes:
+            if proc.cpu_pct is not None and (math.isnan(proc.cpu_pct) or proc.cpu_pct < 0):
+                return f"process {proc.pid} cpu_pct is out of range ({proc.cpu_pct})"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """A figure the verdict rests on, with its provenance."""
+
+    name: str
+    value: float
+    provenance: Provenance
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What bounds one GPU over one window, and what to do about it."""
+
+    gpu_index: int
+    gpu_uuid: str
+    gpu_name: str
+    verdict: Bound
+    cause: Cause | None
+    confidence: float  # 0-1
+    rule: str  # the rule of the decision tree that fired, in words
+    evidence: tuple[Evidence, ...]
+    recommendations: tuple[str, ...]
+    regimes: tuple[tuple[Bound, float], ...]  # share of active samples per regime
+    samples: int
+    active_samples: int
+    window_start_s: float
+    window_end_s: float
+
+    def evidence_value(self, name: str) -> Evidence | None:
+        """The evidence item called ``name``, if present."""
+        return next((e for e in self.evidence if e.name == name), None)

@@ -1,0 +1,1 @@
+"""Sensors: the hardware edge. NVML (+GPM), a fake, a replay, and the host."""

@@ -1,0 +1,1 @@
+"""Generated protobuf code for the Rooftop telemetry schema (see protos/generate.py)."""

@@ -1,0 +1,30 @@
+"""Shared fixtures: clean environment, paths to the real H100 recordings."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_TRACES = REPO.parent / "shared" / "traces" / "h100-2026-11-22"
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No ROOFTOP_* variable from the caller's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("ROOFTOP_"):
+            monkeypatch.delenv(name)
+    yield
+
+
+@pytest.fixture
+def shared_traces() -> Path:
+    """The real H100 recordings in ../shared/traces (skipped when not checked out beside)."""
+    if not SHARED_TRACES.is_dir():
+        pytest.skip(f"{SHARED_TRACES} not present")
+    return SHARED_TRACES
