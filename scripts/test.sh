@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up everything the tests need (Python packages, a Prometheus server) and run
+# every check: ruff, mypy, then pytest. GPU tests skip themselves without a GPU.
+# Usage: scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+if [ -x .ci/install-prometheus.sh ]; then
+    .ci/install-prometheus.sh
+fi
+echo "== ruff"
+.venv/bin/ruff check .
+echo "== mypy"
+.venv/bin/mypy
+echo "== pytest"
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no tests: that is a failure of the suite" >&2
+    exit 1
+fi
+exit "$rc"
