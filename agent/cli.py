@@ -117,16 +117,17 @@ def diagnose(
         backend = dx.open_backend(spec, gpus)
         try:
             progress = _Progress(f"sampling {len(backend.devices())} GPU(s)", not as_json)
-            records = dx.sample(backend, dx.open_host_sensor(), seconds, rate_hz, progress)
+            records = dx.sample(backend, dx.open_host_sensor(backend), seconds, rate_hz, progress)
             progress.close()
         finally:
             backend.close()
         source = f"fake {fake} (no GPU)" if spec else "live NVML"
         source += f", {seconds:g} s at {rate_hz:g} Hz"
-    if timeline and window_s is None:
-        window_s = TIMELINE_DEFAULT_WINDOW_S
     per_window = dx.diagnose_records(records, window_s)
     latest = dx.overall(per_window)
+    timeline_windows = per_window
+    if timeline and window_s is None:
+        timeline_windows = dx.diagnose_records(records, TIMELINE_DEFAULT_WINDOW_S)
     if as_json:
         out: dict[str, Any] = {
             "source": source,
@@ -136,7 +137,7 @@ def diagnose(
         }
         if timeline:
             out["timeline"] = {str(i): [verdict_json(v) for v in vs]
-                               for i, vs in per_window.items()}
+                               for i, vs in timeline_windows.items()}
         click.echo(json.dumps(out, indent=2))
         return
     click.echo(format_table(latest, source=source, skipped=skipped))
@@ -144,7 +145,7 @@ def diagnose(
         n = max(len(vs) for vs in per_window.values())
         click.echo(f"  (latest of {n} windows of {window_s:g} s; --timeline shows each)")
     if timeline:
-        click.echo(format_timeline(per_window))
+        click.echo(format_timeline(timeline_windows))
 
 
 @main.command()
@@ -171,7 +172,8 @@ def record(
     progress = _Progress(f"recording to {out_path}", not to_stdout)
     try:
         # Records are written as they come, so an interrupted recording keeps what it had.
-        dx.sample(backend, dx.open_host_sensor(), seconds, rate_hz, progress, writer.write)
+        dx.sample(backend, dx.open_host_sensor(backend), seconds, rate_hz, progress,
+                  writer.write)
     finally:
         progress.close()
         backend.close()
@@ -181,6 +183,73 @@ def record(
         click.echo(f"wrote {writer.written} records to {out_path}", err=True)
 
 # --- roofline -------------------------------------------------------------------------
+
+# The choices mirror agent.roofline.Dtype (a test holds them equal); spelled out here so
+# that `agentctl --help` does not import the roofline module.
+_ROOFLINE_DTYPES = ("fp16", "bf16", "fp8", "int4")
+
+
+@main.command()
+@click.option("--model", "model_name", metavar="NAME",
+              help="A model preset, e.g. llama-3-8b, llama-3-70b, qwen2.5-72b.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True),
+              help="A HuggingFace config.json (or the model directory holding it).")
+@click.option("--gpu", "gpu_name", required=True, metavar="NAME",
+              help="e.g. h100, h100-pcie, h200, b200, a100, l40s, a10g, rtx-4090, "
+                   "or an NVML name.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Requests decoding together.")
+@click.option("--context", default=4096, show_default=True, type=click.IntRange(min=0),
+              help="Tokens in the KV cache per request.")
+@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(_ROOFLINE_DTYPES),
+              help="Weights' storage type.")
+@click.option("--kv-dtype", type=click.Choice(_ROOFLINE_DTYPES),
+              help="KV cache's storage type [default: the weights' if 16-bit, else bf16].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, nothing else.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also draw the roofline chart to this PNG (needs rooftop[plot]).")
+@friendly_errors
+def roofline(
+    model_name: str | None,
+    config_path: Path | None,
+    gpu_name: str,
+    batch: int,
+    context: int,
+    dtype: str,
+    kv_dtype: str | None,
+    as_json: bool,
+    plot_path: Path | None,
+) -> None:
+    """Will a model fit, and what TPOT floor does the GPU's bandwidth allow?"""
+    from agent import roofline as rl  # noqa: PLC0415 — keeps `agentctl --help` fast
+    from agent.errors import RooflineError  # noqa: PLC0415
+
+    try:
+        gpu = rl.find_gpu(gpu_name)
+    except RooflineError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--gpu'") from exc
+    if model_name is not None and config_path is not None:
+        raise click.UsageError("give one of --model NAME or --config PATH, not both")
+    if config_path is not None:
+        model = rl.load_hf_config(config_path)
+    elif model_name is not None:
+        try:
+            model = rl.find_model(model_name)
+        except RooflineError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--model'") from exc
+    else:
+        raise click.UsageError("give --model NAME or --config PATH")
+    result = rl.analyze(model, gpu, batch, context, dtype, kv_dtype)
+    others = rl.compare(model, batch, context, dtype, kv_dtype)
+    if plot_path is not None:
+        rl.plot_roofline(result, plot_path)
+    if as_json:
+        click.echo(json.dumps(rl.to_dict(result, others), indent=2))
+    else:
+        click.echo(rl.format_report(result, others))
+    if plot_path is not None:
+        click.echo(f"wrote roofline chart to {plot_path}", err=True)
+
 
 # --- probe (engines) ------------------------------------------------------------------
 

@@ -19,21 +19,39 @@ from agent.window import build_windows
 __all__ = ["FakeSpec", "diagnose_records", "open_backend", "open_host_sensor", "sample"]
 
 
+# A workload that changes over time: gemv@2+gemm@2 alternates every 2 s.
+_SCHEDULE_DEFAULT_S = "2"
+
+
 @dataclass(frozen=True, slots=True)
 class FakeSpec:
-    """``--fake PROFILE[:WORKLOAD[,WORKLOAD...]]``: one workload per GPU (the last repeats)."""
+    """``--fake PROFILE[:WORKLOAD,...]``: one workload per GPU (the last one repeats).
+
+    A workload is a name (``gemv``) or a schedule (``gemv@2+gemm@2``: alternate every
+    2 s), in the fake library's spec form once parsed (``gemv:2,gemm:2``).
+    """
 
     profile: str
     workloads: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> FakeSpec:
-        """Parse ``h100`` or ``h100:gemv,gemm``; raises ``ConfigError`` when malformed."""
+        """Parse ``h100``, ``h100:gemv,gemm`` or ``h100:gemv@2+gemm@2``."""
         profile, _, rest = text.partition(":")
-        if not profile:
+        if not profile.strip():
             raise ConfigError(f"--fake {text!r}: expected PROFILE[:WORKLOAD,...], e.g. h100:gemv")
-        workloads = tuple(w.strip() for w in rest.split(",") if w.strip()) if rest else ()
-        return cls(profile.strip().lower(), workloads)
+        workloads = []
+        for item in (w.strip() for w in rest.split(",")):
+            if not item:
+                continue
+            if "+" in item or "@" in item:
+                parts = []
+                for part in item.split("+"):
+                    name, _, seconds = part.partition("@")
+                    parts.append(f"{name.strip()}:{seconds.strip() or _SCHEDULE_DEFAULT_S}")
+                item = ",".join(parts)
+            workloads.append(item)
+        return cls(profile.strip().lower(), tuple(workloads))
 
 
 def open_backend(fake: FakeSpec | None = None, gpus: int = 1) -> GpuBackend:
@@ -45,16 +63,23 @@ def open_backend(fake: FakeSpec | None = None, gpus: int = 1) -> GpuBackend:
         workloads = None
         if fake.workloads:
             workloads = [fake.workloads[min(i, len(fake.workloads) - 1)] for i in range(count)]
-        return fake_backend(fake.profile, gpus=count, workloads=workloads)
+        try:
+            return fake_backend(fake.profile, gpus=count, workloads=workloads)
+        except ValueError as exc:
+            raise ConfigError(f"--fake: {exc}") from exc
     from agent.sensors.nvml import NvmlBackend  # noqa: PLC0415 — keeps pynvml off --replay
 
     return NvmlBackend()
 
 
-def open_host_sensor() -> HostSensor:
-    """The psutil host sensor."""
+def open_host_sensor(backend: GpuBackend) -> HostSensor:
+    """The psutil host sensor; for the fake backend, the fake's own processes."""
+    from agent.sensors.fake import FakeHostSensor, FakeNvmlLibrary  # noqa: PLC0415
     from agent.sensors.host import PsutilHostSensor  # noqa: PLC0415
+    from agent.sensors.nvml import NvmlBackend  # noqa: PLC0415
 
+    if isinstance(backend, NvmlBackend) and isinstance(backend.library, FakeNvmlLibrary):
+        return FakeHostSensor(backend.library)
     return PsutilHostSensor()
 
 

@@ -35,6 +35,8 @@ class Provenance(StrEnum):
     GPM = "gpm"  # GPU performance monitoring (Hopper+): true pipe / DRAM activity
     NVML = "nvml"  # plain NVML counters, meaning what they say (duty cycle, power...)
     PROXY = "proxy"  # an NVML counter standing in for a GPM signal we do not have
+    ENGINE = "engine"  # the inference engine's own figures (hooks, /metrics)
+    HOST = "host"  # the host's CPU accounting (psutil)
 
 
 class Bound(StrEnum):

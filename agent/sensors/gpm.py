@@ -114,13 +114,17 @@ class GpmSampler:
         self._min_interval_s = min_interval_s
         self._lock = threading.Lock()
         self._samples: list[Any] = []
-        for _ in range(2):
-            sample = call(nvml.nvmlGpmSampleAlloc)
-            if sample is None:
-                # Allocation refused: free what we got and run without GPM.
-                self._free_samples()
-                break
-            self._samples.append(sample)
+        try:
+            for _ in range(2):
+                sample = call(nvml.nvmlGpmSampleAlloc)
+                if sample is None:
+                    # Allocation refused: free what we got and run without GPM.
+                    self._free_samples()
+                    break
+                self._samples.append(sample)
+        except BaseException:
+            self._free_samples()
+            raise
         self._newest = 0  # index of the buffer holding the newest sample
         self._newest_time_s: float | None = None
         self._last: GpmReading | None = None

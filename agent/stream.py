@@ -1,0 +1,540 @@
+"""Stream: the agent's only network edge, and its only ``grpc`` importer (DESIGN §7).
+
+One long-lived bidi ``Ingest.Stream`` per agent::
+
+    spool.pending ──► sender (grpc's request thread) ──► Batch ──► collector
+    spool.ack     ◄── reader (the streamer's thread) ◄── Ack   ◄──┘  (cumulative)
+
+``Batcher`` numbers batches (agent_id, boot_id, seq 1, 2, 3 …) and keeps each within
+the transport limits (≤ 1 MiB, ≤ 500 samples) by splitting *before* a seq is given,
+so a split never collides with the collector's de-duplication. ``Streamer`` sends what
+the spool holds, oldest first, at most ``max_in_flight`` unacked; every batch carries
+the agent's self-metrics in ``Batch.stats``. An ``Ack.rejected_seq`` (a poison batch)
+is counted and consumed, never resent. On any failure it moves to the next collector
+address at once; after a full round of failures it backs off 1 s × 1.6ⁿ with ±20 %
+jitter, capped at 30 s. Delivery is at-least-once up to the spool's capacity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import random
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from agent.errors import Rejected, Retryable, StreamError
+from agent.report import timestamp
+from agent.spool import Key, Spool
+from protos.rooftop.v1 import telemetry_pb2 as pb
+from protos.rooftop.v1 import telemetry_pb2_grpc
+
+__all__ = [
+    "DEFAULT_MAX_BATCH_BYTES",
+    "DEFAULT_MAX_BATCH_SAMPLES",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "Batcher",
+    "StreamStats",
+    "Streamer",
+    "backoff_delay_s",
+    "channel_options",
+    "map_grpc_errors",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
+DEFAULT_MAX_BATCH_SAMPLES = 500
+# Headroom over a batch for its stats and framing; the collector must accept this.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+_BATCH_OVERHEAD_BYTES = 1024  # ids, seq, stats, sent_time: a few hundred bytes in practice
+_FIELD_OVERHEAD_BYTES = 6  # tag + length varint of one repeated element (≤ 1 MiB)
+
+# Transient by nature: reconnect. Everything else means the collector refused us.
+_RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+@contextlib.contextmanager
+def map_grpc_errors(address: str = "") -> Iterator[None]:
+    """Turn ``grpc.RpcError`` into ``Retryable`` or ``Rejected`` (httpx's ``map_exceptions``).
+
+    Raises:
+        Retryable: a transient status (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, …).
+        Rejected: the collector refused (UNAUTHENTICATED, PERMISSION_DENIED, …).
+    """
+    try:
+        yield
+    except grpc.RpcError as exc:
+        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        where = f"{address}: " if address else ""
+        message = f"{where}{code.name}: {details or 'no details'}"
+        if code in _RETRYABLE_CODES:
+            raise Retryable(message) from exc
+        raise Rejected(message) from exc
+
+
+def backoff_delay_s(
+    attempt: int,
+    *,
+    base_s: float = 1.0,
+    factor: float = 1.6,
+    max_s: float = 30.0,
+    jitter: float = 0.2,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds to wait before reconnect ``attempt`` (0-based): base × factor^n, jittered, capped.
+
+    Jitter spreads a fleet's reconnects after a collector restart (gRPC's own
+    connection-backoff spec uses the same 1 s, 1.6, ±20 %, 120 s; we cap at 30 s).
+    """
+    delay_s = base_s * factor ** min(attempt, 64)
+    spread = (rng or random).uniform(-jitter, jitter)
+    return max(0.0, min(max_s, delay_s * (1.0 + spread)))
+
+
+def channel_options(
+    *,
+    keepalive_time_s: float,
+    keepalive_timeout_s: float,
+    max_message_bytes: int,
+) -> list[tuple[str, int]]:
+    """The client channel options: keepalive (also when idle) and explicit message caps."""
+    return [
+        ("grpc.keepalive_time_ms", round(keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(keepalive_timeout_s * 1000)),
+        # A stream waiting for the next batch has no call data in flight; ping anyway,
+        # or a silent partition is noticed only by the next write.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # We reconnect and resend ourselves; grpc's transparent retries would reorder.
+        ("grpc.enable_retries", 0),
+    ]
+
+
+class Batcher:
+    """Numbers batches per boot and keeps each within the transport limits."""
+
+    def __init__(
+        self,
+        agent_id: str,
+        boot_id: str,
+        *,
+        hostname: str | None = None,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        max_batch_samples: int = DEFAULT_MAX_BATCH_SAMPLES,
+    ) -> None:
+        self.agent_id = agent_id
+        self.boot_id = boot_id
+        self.hostname = socket.gethostname() if hostname is None else hostname
+        self.max_batch_bytes = max_batch_bytes
+        self.max_batch_samples = max_batch_samples
+        self.last_seq = 0
+
+    def make(
+        self, records: Sequence[pb.TraceRecord], verdicts: Sequence[pb.Verdict] = ()
+    ) -> list[pb.Batch]:
+        """Batches holding ``records`` then ``verdicts``, each within both limits.
+
+        Records keep their order; verdicts ride with the last records (they describe
+        the window that just ended). Nothing in, nothing out: no empty batches.
+        """
+        budget = self.max_batch_bytes - _BATCH_OVERHEAD_BYTES
+        budget -= len(self.agent_id) + len(self.boot_id) + len(self.hostname)
+        parts: list[pb.Batch] = []
+        current: pb.Batch | None = None
+        size = samples = 0
+        items: list[pb.TraceRecord | pb.Verdict] = [*records, *verdicts]
+        for item in items:
+            item_bytes = item.ByteSize() + _FIELD_OVERHEAD_BYTES
+            is_sample = isinstance(item, pb.TraceRecord)
+            full = size + item_bytes > budget or (is_sample and samples >= self.max_batch_samples)
+            if current is None or (full and (size or samples)):
+                current = self._new()
+                parts.append(current)
+                size = samples = 0
+            if isinstance(item, pb.TraceRecord):
+                current.records.append(item)
+                samples += 1
+            else:
+                current.verdicts.append(item)
+            size += item_bytes
+        return parts
+
+    def _new(self) -> pb.Batch:
+        self.last_seq += 1
+        return pb.Batch(
+            agent_id=self.agent_id,
+            boot_id=self.boot_id,
+            seq=self.last_seq,
+            hostname=self.hostname,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStats:
+    """The streamer's own counters (the spool's are in ``SpoolStats``)."""
+
+    sent: int  # batches written to a stream, resends included
+    acked: int  # batches settled by a collector ack
+    rejected_batches: int
+    dropped_invalid: int  # too large to ever send
+    reconnects: int
+    connected: bool
+    address: str | None
+
+
+class _Session:
+    """One stream to one collector: what is in flight on it, and where sending is."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.closed = threading.Event()
+        self.call: grpc.RpcContext | None = None
+        self.cursor: Key | None = None  # last (boot_id, seq) handed to this stream
+        self.progressed = False  # an ack arrived: the collector is healthy
+        self._lock = threading.Lock()
+        self._in_flight: deque[Key] = deque()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._in_flight)
+
+    def sent(self, key: Key) -> None:
+        with self._lock:
+            self._in_flight.append(key)
+
+    def settled(self, boot_id: str, seq: int, *, only: bool = False) -> None:
+        """Forget in-flight keys of ``boot_id`` up to ``seq`` (just ``seq`` with ``only``)."""
+        with self._lock:
+            self._in_flight = deque(
+                (b, s)
+                for b, s in self._in_flight
+                if not (b == boot_id and (s == seq if only else s <= seq))
+            )
+
+
+class Streamer:
+    """Delivers the spool to a collector over one bidi stream, with failover and backoff.
+
+    Lifecycle: ``start()``, ``flush(timeout_s)`` (wait until the spool is acked),
+    ``shutdown(timeout_s)`` (final flush, then close; idempotent).
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        collectors: Sequence[str],
+        *,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+        keepalive_time_s: float = 30.0,
+        keepalive_timeout_s: float = 10.0,
+        connect_timeout_s: float = 10.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_in_flight: int = 64,
+        backoff_base_s: float = 1.0,
+        backoff_factor: float = 1.6,
+        backoff_max_s: float = 30.0,
+        poll_interval_s: float = 0.5,
+        rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Configure; nothing connects until ``start()``.
+
+        Args:
+            spool: where batches wait until acked.
+            collectors: ``host:port`` addresses, tried in order, next one on failure.
+            channel_credentials: TLS/mTLS credentials; None streams in plaintext (the
+                caller decides that plaintext was asked for explicitly).
+            keepalive_time_s: ping period on the connection (DESIGN: 30 s).
+            keepalive_timeout_s: a ping unanswered this long drops the connection.
+            connect_timeout_s: give up on an address that does not connect this fast.
+            max_message_bytes: explicit send/receive cap; bigger batches are dropped.
+            max_in_flight: unacked batches on the stream before the sender waits.
+            backoff_base_s: first reconnect delay after a full round of failures.
+            backoff_factor: growth of the delay per further round.
+            backoff_max_s: cap on the delay.
+            poll_interval_s: how often an idle sender looks at the spool (``wake()``
+                makes it look at once).
+            rng: jitter source (tests seed it).
+            wall_clock: epoch seconds for ``Batch.sent_time``.
+        """
+        if not collectors:
+            raise ValueError("at least one collector address is needed")
+        self._spool = spool
+        self._collectors = tuple(collectors)
+        self._credentials = channel_credentials
+        self._options = channel_options(
+            keepalive_time_s=keepalive_time_s,
+            keepalive_timeout_s=keepalive_timeout_s,
+            max_message_bytes=max_message_bytes,
+        )
+        self._connect_timeout_s = connect_timeout_s
+        self._max_message_bytes = max_message_bytes
+        self._max_in_flight = max_in_flight
+        self._backoff_base_s = backoff_base_s
+        self._backoff_factor = backoff_factor
+        self._backoff_max_s = backoff_max_s
+        self._poll_interval_s = poll_interval_s
+        self._rng = rng or random.Random()
+        self._wall_clock = wall_clock
+
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._session: _Session | None = None
+        self._shut = False
+        self._sent = 0
+        self._acked = 0
+        self._rejected = 0
+        self._dropped_invalid = 0
+        self._reconnects = 0
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start streaming in the background (idempotent)."""
+        if self._thread is not None or self._shut:
+            return
+        self._thread = threading.Thread(target=self._run, name="rooftop-stream", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Tell the sender there is something new in the spool."""
+        self._wake.set()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every spooled batch is acked; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        self._wake.set()
+        while self._spool.queued > 0:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0 or self._thread is None or not self._thread.is_alive():
+                return False
+            self._stop.wait(min(0.02, remaining_s))
+        return True
+
+    def shutdown(self, timeout_s: float) -> None:
+        """Final flush within ``timeout_s``, then close the stream (idempotent)."""
+        if self._shut:
+            return
+        deadline = time.monotonic() + timeout_s
+        # Leave a little of the budget to close cleanly.
+        self.flush(max(0.0, timeout_s - min(1.0, timeout_s / 4)))
+        self._shut = True
+        self._stop.set()
+        self._wake.set()
+        session = self._session
+        if session is not None:
+            session.closed.set()
+            if session.call is not None:
+                session.call.cancel()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            if self._thread.is_alive():
+                log.warning("stream did not stop within %.1f s", timeout_s)
+
+    # --- counters -------------------------------------------------------------------
+
+    def stats(self) -> StreamStats:
+        """A snapshot of the streamer's counters."""
+        session = self._session
+        with self._lock:
+            return StreamStats(
+                sent=self._sent,
+                acked=self._acked,
+                rejected_batches=self._rejected,
+                dropped_invalid=self._dropped_invalid,
+                reconnects=self._reconnects,
+                connected=session is not None and session.call is not None,
+                address=session.address if session is not None else None,
+            )
+
+    def agent_stats(self) -> pb.AgentStats:
+        """The self-metrics carried in-band on every batch."""
+        spool = self._spool.stats()
+        with self._lock:
+            return pb.AgentStats(
+                queued=spool.queued,
+                sent=self._sent,
+                acked=self._acked,
+                dropped_spool_full=spool.dropped_full,
+                dropped_corrupt=spool.dropped_corrupt,
+                dropped_invalid=self._dropped_invalid + spool.dropped_invalid,
+                reconnects=self._reconnects,
+                rejected_batches=self._rejected,
+            )
+
+    # --- the connection loop (our thread) -------------------------------------------
+
+    def _run(self) -> None:
+        index = 0
+        failed_rounds = 0  # full rounds of addresses without a healthy stream
+        tried = 0  # addresses tried in this round
+        first = True
+        while not self._stop.is_set():
+            address = self._collectors[index]
+            if not first:
+                with self._lock:
+                    self._reconnects += 1
+            first = False
+            session = _Session(address)
+            try:
+                self._stream(session)
+            except StreamError as exc:
+                if not self._stop.is_set():
+                    level = logging.ERROR if isinstance(exc, Rejected) else logging.WARNING
+                    log.log(level, "collector stream: %s", exc)
+            except Exception:  # thread boundary: log, reconnect, never die
+                log.exception("collector stream to %s failed", address)
+            if self._stop.is_set():
+                break
+            if session.progressed:
+                failed_rounds = tried = 0
+            index = (index + 1) % len(self._collectors)
+            tried += 1
+            if tried < len(self._collectors):
+                continue  # fail over to the next address at once
+            tried = 0
+            delay_s = backoff_delay_s(
+                failed_rounds,
+                base_s=self._backoff_base_s,
+                factor=self._backoff_factor,
+                max_s=self._backoff_max_s,
+                rng=self._rng,
+            )
+            failed_rounds += 1
+            log.info("reconnecting in %.1f s", delay_s)
+            self._stop.wait(delay_s)
+
+    def _channel(self, address: str) -> grpc.Channel:
+        if self._credentials is not None:
+            return grpc.secure_channel(address, self._credentials, options=self._options)
+        return grpc.insecure_channel(address, options=self._options)
+
+    def _stream(self, session: _Session) -> None:
+        """One stream on one address until it breaks; always raises ``StreamError``."""
+        channel = self._channel(session.address)
+        try:
+            self._wait_ready(channel, session.address)
+            stub = telemetry_pb2_grpc.IngestStub(channel)
+            with map_grpc_errors(session.address):
+                call = stub.Stream(self._requests(session))
+                session.call = call
+                self._session = session
+                if self._stop.is_set():
+                    call.cancel()
+                log.info("streaming to collector %s", session.address)
+                for ack in call:
+                    self._on_ack(session, ack)
+            raise Retryable(f"{session.address}: the collector closed the stream")
+        finally:
+            session.closed.set()
+            self._session = None
+            channel.close()
+
+    def _wait_ready(self, channel: grpc.Channel, address: str) -> None:
+        """Connect now, so a dead address fails over in milliseconds, not at first write."""
+        states: queue.SimpleQueue[grpc.ChannelConnectivity] = queue.SimpleQueue()
+        callback = states.put
+        channel.subscribe(callback, try_to_connect=True)
+        deadline = time.monotonic() + self._connect_timeout_s
+        try:
+            while not self._stop.is_set():
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
+                    raise Retryable(f"{address}: no connection within {self._connect_timeout_s} s")
+                try:
+                    state = states.get(timeout=min(0.1, remaining_s))
+                except queue.Empty:
+                    continue
+                if state is grpc.ChannelConnectivity.READY:
+                    return
+                if state in (
+                    grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                    grpc.ChannelConnectivity.SHUTDOWN,
+                ):
+                    raise Retryable(f"{address}: cannot connect")
+            raise Retryable(f"{address}: stopping")
+        finally:
+            channel.unsubscribe(callback)
+
+    def _on_ack(self, session: _Session, ack: pb.Ack) -> None:
+        boot_id = ack.boot_id or (session.cursor[0] if session.cursor else "")
+        if ack.rejected_seq:
+            # Poison: resending cannot help; count it and let it go.
+            log.warning(
+                "collector %s rejected batch %s/%d: %s",
+                session.address,
+                boot_id,
+                ack.rejected_seq,
+                ack.error or "no reason given",
+            )
+            self._spool.discard(boot_id, ack.rejected_seq)
+            session.settled(boot_id, ack.rejected_seq, only=True)
+            with self._lock:
+                self._rejected += 1
+        if ack.acked_seq:
+            settled = self._spool.ack(boot_id, ack.acked_seq)
+            session.settled(boot_id, ack.acked_seq)
+            with self._lock:
+                self._acked += settled
+        session.progressed = True
+        self._wake.set()  # room in flight: the sender may go on
+
+    # --- the sender (grpc's request-consuming thread) -------------------------------
+
+    def _requests(self, session: _Session) -> Iterator[pb.Batch]:
+        try:
+            yield from self._send_loop(session)
+        except Exception:  # thread boundary: grpc would swallow it; end the stream instead
+            log.exception("stream sender failed")
+
+    def _send_loop(self, session: _Session) -> Iterator[pb.Batch]:
+        while not session.closed.is_set():
+            self._wake.clear()  # before looking, so a wake during the look is not lost
+            room = self._max_in_flight - session.in_flight()
+            batches = self._spool.pending(min(room, 32), after=session.cursor) if room > 0 else []
+            if not batches:
+                self._wake.wait(self._poll_interval_s)
+                continue
+            for batch in batches:
+                if session.closed.is_set():
+                    return
+                key = (batch.boot_id, batch.seq)
+                session.cursor = key
+                batch.stats.CopyFrom(self.agent_stats())
+                batch.sent_time.CopyFrom(timestamp(self._wall_clock()))
+                if batch.ByteSize() > self._max_message_bytes:
+                    # Would fail the whole stream on every reconnect: drop it, counted.
+                    log.error(
+                        "batch %d is %d bytes, over the message cap", batch.seq, batch.ByteSize()
+                    )
+                    self._spool.discard(*key)
+                    with self._lock:
+                        self._dropped_invalid += 1
+                    continue
+                session.sent(key)
+                with self._lock:
+                    self._sent += 1
+                yield batch

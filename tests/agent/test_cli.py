@@ -1,0 +1,169 @@
+"""agentctl diagnose / record as a user runs them (CliRunner, and real subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from agent.cli import main
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "h100-2026-11-22"
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def diagnose_json(*args: str) -> dict:
+    code, out, err = run("diagnose", "--json", *args)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_replay_json_has_one_item_per_gpu_with_required_keys():
+    report = diagnose_json("--replay", str(DATA / "gemv_b1.jsonl"))
+    (gpu,) = report["gpus"]
+    assert {"gpu_index", "gpu_uuid", "verdict", "cause", "confidence", "evidence",
+            "recommendations"} <= gpu.keys()
+    assert gpu["verdict"] == "memory-bound"
+    assert gpu["cause"] is None
+    assert gpu["evidence"]["dram_pct"]["provenance"] == "gpm"
+    assert gpu["recommendations"]
+
+
+def test_replay_table_shows_verdict_evidence_and_advice():
+    code, out, _ = run("diagnose", "--replay", str(DATA / "gemm_8192.jsonl"))
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("0 "))
+    assert "compute-bound" in row
+    assert "gpm" in row and "nvml" in row
+
+
+def test_timeline_shows_how_the_regime_moved(tmp_path: Path):
+    # GEMV then GEMM in one recording: the timeline must show both regimes in order.
+    gemv = (DATA / "gemv_b16.jsonl").read_text().splitlines()
+    gemm = (DATA / "gemm_8192.jsonl").read_text().splitlines()
+    joined = tmp_path / "both.jsonl"
+    # Both were recorded around 18:40; move the GEMM an hour later on the same timeline.
+    shifted = [line.replace("T18:", "T19:") for line in gemm]
+    joined.write_text("\n".join(gemv + shifted) + "\n")
+    code, out, _ = run("diagnose", "--replay", str(joined), "--window", "2", "--timeline")
+    assert code == 0
+    timeline = out.split("timeline:")[1]
+    assert timeline.index("memory-bound") < timeline.index("compute-bound")
+
+
+def test_out_of_range_values_are_counted_in_output(tmp_path: Path):
+    lines = (DATA / "idle.jsonl").read_text().splitlines()
+    bad = json.loads(lines[3])
+    bad["gpu"]["busy_pct"] = 250.0
+    lines[3] = json.dumps(bad)
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    report = diagnose_json("--replay", str(path))
+    assert report["skipped_records"] == 1
+    assert report["gpus"][0]["verdict"] == "idle"
+    _, out, _ = run("diagnose", "--replay", str(path))
+    assert "skipped 1 record" in out
+
+
+def test_malformed_trace_line_is_one_error_line_naming_file_and_line(tmp_path: Path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text((DATA / "idle.jsonl").read_text().splitlines()[0] + "\n{oops\n")
+    code, out, err = run("diagnose", "--replay", str(path))
+    assert code == 1
+    assert out == ""
+    assert f"{path}:2: not valid JSON" in err
+    assert "Traceback" not in err
+
+
+def test_empty_trace_is_a_clear_error(tmp_path: Path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    code, _, err = run("diagnose", "--replay", str(path))
+    assert code == 1
+    assert "empty trace" in err
+
+
+def test_fake_h100_gemv_is_memory_bound_with_gpm_provenance():
+    report = diagnose_json("--fake", "h100:gemv", "--seconds", "1.5")
+    assert report["gpus"][0]["verdict"] == "memory-bound"
+    assert report["gpus"][0]["evidence"]["dram_pct"]["provenance"] == "gpm"
+
+
+def test_fake_a100_without_gpm_falls_back_to_proxies_with_lower_confidence():
+    h100 = diagnose_json("--fake", "h100:gemm", "--seconds", "1.5")["gpus"][0]
+    a100 = diagnose_json("--fake", "a100:gemm", "--seconds", "1.5")["gpus"][0]
+    assert a100["verdict"] == "compute-bound"
+    assert a100["evidence"]["dram_pct"]["provenance"] == "proxy"
+    assert a100["confidence"] < h100["confidence"]
+
+
+def test_fake_gpus_each_get_a_row():
+    report = diagnose_json("--fake", "h100:gemv,gemm,idle", "--seconds", "1.5")
+    assert [g["verdict"] for g in report["gpus"]] == ["memory-bound", "compute-bound", "idle"]
+
+
+def test_record_then_replay_gives_the_same_verdict(tmp_path: Path):
+    out = tmp_path / "rec.jsonl"
+    code, _, err = run("record", "--fake", "h100:gemm", "--seconds", "1.5", "--out", str(out))
+    assert code == 0, err
+    assert "wrote" in err
+    report = diagnose_json("--replay", str(out))
+    assert report["gpus"][0]["verdict"] == "compute-bound"
+
+
+def test_unknown_fake_profile_is_one_error_line():
+    code, _, err = run("diagnose", "--fake", "z900", "--seconds", "0.5")
+    assert code == 1
+    assert "z900" in err and "Traceback" not in err
+
+
+def _nvml_works() -> bool:
+    probe = "import pynvml; pynvml.nvmlInit()"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True,
+                          check=False).returncode == 0
+
+
+@pytest.mark.skipif(_nvml_works(), reason="an NVIDIA driver is present here")
+def test_no_driver_is_one_readable_line_pointing_at_replay():
+    proc = subprocess.run([sys.executable, "-m", "agent", "diagnose", "--seconds", "0.5"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "--replay" in proc.stderr
+    assert "driver" in proc.stderr.lower()
+    assert len(proc.stderr.strip().splitlines()) <= 2
+    assert proc.stdout == ""
+
+
+def test_agentctl_help_and_version_run_as_a_module():
+    for args in (["--help"], ["--version"]):
+        proc = subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
+                              text=True, check=True)
+        assert proc.stdout
+
+
+def test_fake_host_stall_names_the_cpu_cause():
+    gpu = diagnose_json("--fake", "h100:host_stall", "--seconds", "1.5")["gpus"][0]
+    assert (gpu["verdict"], gpu["cause"]) == ("host-bound", "cpu")
+    assert gpu["evidence"]["process_cpu_pct"]["value"] >= 90
+
+
+def test_fake_pinned_copy_names_the_pcie_cause():
+    gpu = diagnose_json("--fake", "h100:pcie_copy", "--seconds", "1.5")["gpus"][0]
+    assert (gpu["verdict"], gpu["cause"]) == ("host-bound", "pcie")
+
+
+def test_fake_alternating_gemv_gemm_is_mixed_not_host_bound():
+    gpu = diagnose_json("--fake", "h100:gemv@0.5+gemm@0.5", "--seconds", "3")["gpus"][0]
+    assert gpu["verdict"] == "mixed"
+    assert set(gpu["regimes"]) >= {"memory-bound", "compute-bound"}

@@ -1,0 +1,355 @@
+"""Stream against a REAL gRPC server on 127.0.0.1 (port 0) with a configurable fake Ingest."""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent.errors import Rejected, Retryable
+from agent.spool import Spool
+from agent.stream import Batcher, Streamer, backoff_delay_s, channel_options, map_grpc_errors
+from protos.rooftop.v1 import telemetry_pb2 as pb
+from protos.rooftop.v1 import telemetry_pb2_grpc
+
+BOOT = "boot-1"
+
+
+class FakeIngest(telemetry_pb2_grpc.IngestServicer):
+    """Acks the highest contiguous seq per boot after each batch; can reject or refuse."""
+
+    def __init__(self, reject: set[int] | None = None, abort: grpc.StatusCode | None = None):
+        self.lock = threading.Lock()
+        self.received: list[pb.Batch] = []
+        self.done: dict[str, set[int]] = {}
+        self.contiguous: dict[str, int] = {}
+        self.reject = reject or set()
+        self.abort = abort
+        self.streams = 0
+
+    def Stream(self, request_iterator, context):
+        with self.lock:
+            self.streams += 1
+        if self.abort is not None:
+            context.abort(self.abort, "refused by the test")
+        for batch in request_iterator:
+            with self.lock:
+                self.received.append(batch)
+                done = self.done.setdefault(batch.boot_id, set())
+                done.add(batch.seq)
+                top = self.contiguous.get(batch.boot_id, 0)
+                while top + 1 in done:
+                    top += 1
+                self.contiguous[batch.boot_id] = top
+            ack = pb.Ack(boot_id=batch.boot_id, acked_seq=top)
+            if batch.seq in self.reject:
+                ack.rejected_seq = batch.seq
+                ack.error = "poison batch"
+            yield ack
+
+    def seqs(self, boot: str = BOOT) -> list[int]:
+        """Each received seq once, in first-arrival order."""
+        with self.lock:
+            seen: list[int] = []
+            for b in self.received:
+                if b.boot_id == boot and b.seq not in seen:
+                    seen.append(b.seq)
+            return seen
+
+    def count(self, seq: int, boot: str = BOOT) -> int:
+        with self.lock:
+            return sum(1 for b in self.received if b.boot_id == boot and b.seq == seq)
+
+
+class Server:
+    """A real grpc server; stop() and start() again keep the same port."""
+
+    def __init__(self, servicer: FakeIngest) -> None:
+        self.servicer = servicer
+        self.port = 0
+        self.server: grpc.Server | None = None
+        self.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=8),
+            options=[
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 100),
+            ],
+        )
+        telemetry_pb2_grpc.add_IngestServicer_to_server(self.servicer, server)
+        port = server.add_insecure_port(f"127.0.0.1:{self.port}")
+        assert port, f"cannot bind 127.0.0.1:{self.port}"
+        self.port = port
+        server.start()
+        self.server = server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=None).wait(5)
+            self.server = None
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    made: list[Server] = []
+    yield made
+    for server in made:
+        server.stop()
+
+
+def serve(servers: list[Server], **kw) -> Server:
+    server = Server(FakeIngest(**kw))
+    servers.append(server)
+    return server
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    spool = Spool(tmp_path / "spool", fsync_interval_s=0.05)
+    spool.start()
+    yield spool
+    spool.shutdown(5)
+
+
+@pytest.fixture
+def make_streamer(spool: Spool) -> Iterator[Callable[..., Streamer]]:
+    made: list[Streamer] = []
+
+    def make(collectors: list[str], **kw) -> Streamer:
+        kw.setdefault("backoff_base_s", 0.05)
+        kw.setdefault("backoff_max_s", 0.2)
+        kw.setdefault("poll_interval_s", 0.02)
+        kw.setdefault("connect_timeout_s", 3.0)
+        kw.setdefault("rng", random.Random(1))
+        streamer = Streamer(spool, collectors, **kw)
+        made.append(streamer)
+        streamer.start()
+        return streamer
+
+    yield make
+    for streamer in made:
+        streamer.shutdown(2)
+
+
+def enqueue(spool: Spool, batcher: Batcher, n: int, records: int = 3) -> None:
+    for _ in range(n):
+        recs = [pb.TraceRecord(gpu=pb.GpuSample(gpu_index=i)) for i in range(records)]
+        for batch in batcher.make(recs):
+            spool.append(batch)
+
+
+def test_batches_delivered_in_order_and_acked(spool, make_streamer, servers):
+    server = serve(servers)
+    batcher = Batcher("node-1", BOOT)
+    enqueue(spool, batcher, 20)
+    streamer = make_streamer([server.address])
+    wait_for(lambda: spool.queued == 0)
+    assert server.servicer.seqs() == list(range(1, 21))
+    assert streamer.stats().acked == 20
+    assert streamer.stats().connected
+    first = server.servicer.received[0]
+    assert (first.agent_id, first.boot_id, first.seq) == ("node-1", BOOT, 1)
+    assert first.HasField("sent_time")
+
+
+def test_reconnect_after_server_restart_loses_nothing(spool, make_streamer, servers):
+    server = serve(servers)
+    batcher = Batcher("node-1", BOOT)
+    enqueue(spool, batcher, 10)
+    streamer = make_streamer([server.address])
+    wait_for(lambda: spool.queued == 0)
+    server.stop()
+    enqueue(spool, batcher, 10)  # produced while the collector is down: spooled
+    time.sleep(0.3)  # a few failed reconnects
+    assert spool.queued == 10
+    server.start()
+    streamer.wake()
+    wait_for(lambda: spool.queued == 0)
+    assert sorted(set(server.servicer.seqs())) == list(range(1, 21))
+    assert streamer.stats().reconnects >= 1
+    # The self-metrics ride in-band: later batches report the reconnects.
+    last = server.servicer.received[-1]
+    assert last.stats.reconnects >= 1
+    assert last.stats.sent >= 10
+
+
+def test_fails_over_to_the_next_address(spool, make_streamer, servers):
+    dead = f"127.0.0.1:{free_port()}"
+    server = serve(servers)
+    batcher = Batcher("node-1", BOOT)
+    enqueue(spool, batcher, 5)
+    streamer = make_streamer([dead, server.address], backoff_base_s=5.0, backoff_max_s=5.0)
+    # The dead address is skipped at once, without waiting for a backoff.
+    wait_for(lambda: spool.queued == 0, timeout_s=4.0)
+    assert server.servicer.seqs() == [1, 2, 3, 4, 5]
+    assert streamer.stats().address == server.address
+
+
+def test_fails_over_when_the_first_collector_dies(spool, make_streamer, servers):
+    first, second = serve(servers), serve(servers)
+    batcher = Batcher("node-1", BOOT)
+    enqueue(spool, batcher, 5)
+    streamer = make_streamer([first.address, second.address])
+    wait_for(lambda: spool.queued == 0)
+    first.stop()
+    enqueue(spool, batcher, 5)
+    streamer.wake()
+    wait_for(lambda: spool.queued == 0)
+    assert first.servicer.seqs() == [1, 2, 3, 4, 5]
+    assert set(range(6, 11)) <= set(second.servicer.seqs())
+
+
+def test_rejected_seq_is_counted_and_not_resent(spool, make_streamer, servers):
+    server = serve(servers, reject={3})
+    batcher = Batcher("node-1", BOOT)
+    enqueue(spool, batcher, 5)
+    streamer = make_streamer([server.address])
+    wait_for(lambda: spool.queued == 0)
+    assert streamer.stats().rejected_batches == 1
+    server.stop()  # a reconnect resends whatever is unacked: seq 3 must not be among it
+    server.start()
+    enqueue(spool, batcher, 1)
+    streamer.wake()
+    wait_for(lambda: spool.queued == 0)
+    assert server.servicer.count(3) == 1
+    assert server.servicer.received[-1].stats.rejected_batches == 1
+
+
+def test_stats_in_band(spool, make_streamer, servers):
+    server = serve(servers)
+    batcher = Batcher("node-1", BOOT)
+    enqueue(spool, batcher, 3)
+    make_streamer([server.address])
+    wait_for(lambda: spool.queued == 0)
+    enqueue(spool, batcher, 1)
+    wait_for(lambda: spool.queued == 0)
+    stats = server.servicer.received[-1].stats
+    assert stats.sent == 4  # this batch included
+    assert stats.acked == 3  # the ones before it
+    assert stats.queued == 1  # itself, not yet acked when it left
+    assert stats.dropped_spool_full == stats.dropped_corrupt == stats.reconnects == 0
+
+
+def test_oversize_batch_is_split_and_fully_delivered(spool, make_streamer, servers):
+    server = serve(servers)
+    batcher = Batcher("node-1", BOOT)
+    records = [pb.TraceRecord(gpu=pb.GpuSample(gpu_index=i % 8)) for i in range(1200)]
+    verdicts = [pb.Verdict(gpu_index=0, verdict="memory-bound")]
+    parts = batcher.make(records, verdicts)
+    assert [len(p.records) for p in parts] == [500, 500, 200]
+    assert [p.seq for p in parts] == [1, 2, 3]
+    assert len(parts[-1].verdicts) == 1
+    big = [pb.TraceRecord(gpu=pb.GpuSample(gpu_name="x" * 100_000)) for _ in range(25)]
+    big_parts = batcher.make(big)
+    assert len(big_parts) >= 3
+    assert all(p.ByteSize() <= 1024 * 1024 for p in big_parts)
+    for part in parts + big_parts:
+        spool.append(part)
+    make_streamer([server.address])
+    wait_for(lambda: spool.queued == 0)
+    got = [b for b in server.servicer.received]
+    assert sum(len(b.records) for b in got) == 1200 + 25
+    assert server.servicer.seqs() == list(range(1, len(parts) + len(big_parts) + 1))
+
+
+def test_batcher_makes_no_empty_batches():
+    batcher = Batcher("node-1", BOOT)
+    assert batcher.make([]) == []
+    (only,) = batcher.make([], [pb.Verdict(gpu_index=1)])
+    assert only.seq == 1 and len(only.verdicts) == 1
+
+
+def test_batch_over_the_message_cap_is_dropped_counted(spool, make_streamer, servers):
+    server = serve(servers)
+    batcher = Batcher("node-1", BOOT, max_batch_bytes=4 * 1024 * 1024)
+    spool.append(batcher.make([pb.TraceRecord(gpu=pb.GpuSample(gpu_name="x" * 200_000))])[0])
+    enqueue(spool, batcher, 1)
+    streamer = make_streamer([server.address], max_message_bytes=100_000)
+    wait_for(lambda: spool.queued == 0)
+    assert server.servicer.seqs() == [2]
+    assert streamer.stats().dropped_invalid == 1
+    assert server.servicer.received[-1].stats.dropped_invalid == 1
+
+
+def test_map_grpc_errors_against_a_refusing_server(servers):
+    refusing = serve(servers, abort=grpc.StatusCode.UNAUTHENTICATED)
+    with grpc.insecure_channel(refusing.address) as channel:
+        stub = telemetry_pb2_grpc.IngestStub(channel)
+        with pytest.raises(Rejected, match="UNAUTHENTICATED"):
+            with map_grpc_errors(refusing.address):
+                list(stub.Stream(iter([pb.Batch(seq=1)])))
+    with grpc.insecure_channel(f"127.0.0.1:{free_port()}") as channel:
+        stub = telemetry_pb2_grpc.IngestStub(channel)
+        with pytest.raises(Retryable, match="UNAVAILABLE"):
+            with map_grpc_errors():
+                list(stub.Stream(iter([pb.Batch(seq=1)])))
+
+
+def test_refusing_collector_is_retried_not_fatal(spool, make_streamer, servers):
+    server = serve(servers, abort=grpc.StatusCode.PERMISSION_DENIED)
+    enqueue(spool, Batcher("node-1", BOOT), 1)
+    streamer = make_streamer([server.address])
+    wait_for(lambda: server.servicer.streams >= 2)
+    assert spool.queued == 1  # nothing lost, still retrying
+    assert streamer.stats().reconnects >= 1
+
+
+def test_backoff_grows_by_1_6_with_jitter_and_caps_at_30_s():
+    rng = random.Random(7)
+    delays = [backoff_delay_s(n, rng=rng) for n in range(12)]
+    assert 0.8 <= delays[0] <= 1.2
+    for n, delay in enumerate(delays):
+        nominal = min(30.0, 1.6**n)
+        assert nominal * 0.8 - 1e-9 <= delay <= min(30.0, nominal * 1.2) + 1e-9
+    assert max(delays) <= 30.0
+    assert backoff_delay_s(100, rng=rng) <= 30.0
+    assert backoff_delay_s(0, base_s=0.01, jitter=0.0) == pytest.approx(0.01)
+
+
+def test_channel_options_are_explicit():
+    opts = dict(channel_options(keepalive_time_s=30, keepalive_timeout_s=10,
+                                max_message_bytes=4 << 20))
+    assert opts["grpc.keepalive_time_ms"] == 30_000
+    assert opts["grpc.keepalive_timeout_ms"] == 10_000
+    assert opts["grpc.keepalive_permit_without_calls"] == 1
+    assert opts["grpc.max_send_message_length"] == opts["grpc.max_receive_message_length"]
+
+
+def test_flush_times_out_without_a_collector_and_shutdown_is_idempotent(spool):
+    enqueue(spool, Batcher("node-1", BOOT), 1)
+    streamer = Streamer(spool, [f"127.0.0.1:{free_port()}"], backoff_base_s=0.05,
+                        backoff_max_s=0.1, connect_timeout_s=1.0)
+    streamer.start()
+    started = time.monotonic()
+    assert not streamer.flush(0.3)
+    assert time.monotonic() - started < 2
+    streamer.shutdown(1)
+    streamer.shutdown(1)
+    assert spool.queued == 1  # still spooled for the next start
