@@ -55,6 +55,7 @@ DEFAULT_MAX_BATCH_SAMPLES = 500
 # Headroom over a batch for its stats and framing; the collector must accept this.
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 _BATCH_OVERHEAD_BYTES = 1024  # ids, seq, stats, sent_time: a few hundred bytes in practice
+_STATS_MAX_BYTES = 128  # AgentStats (8 varints) + sent_time, with room to spare
 _FIELD_OVERHEAD_BYTES = 6  # tag + length varint of one repeated element (≤ 1 MiB)
 
 # Transient by nature: reconnect. Everything else means the collector refused us.
@@ -523,18 +524,17 @@ class Streamer:
                     return
                 key = (batch.boot_id, batch.seq)
                 session.cursor = key
-                batch.stats.CopyFrom(self.agent_stats())
-                batch.sent_time.CopyFrom(timestamp(self._wall_clock()))
-                if batch.ByteSize() > self._max_message_bytes:
+                size_bytes = batch.ByteSize() + _STATS_MAX_BYTES
+                if size_bytes > self._max_message_bytes:
                     # Would fail the whole stream on every reconnect: drop it, counted.
-                    log.error(
-                        "batch %d is %d bytes, over the message cap", batch.seq, batch.ByteSize()
-                    )
+                    log.error("batch %d is %d bytes, over the message cap", batch.seq, size_bytes)
                     self._spool.discard(*key)
                     with self._lock:
                         self._dropped_invalid += 1
                     continue
                 session.sent(key)
                 with self._lock:
-                    self._sent += 1
+                    self._sent += 1  # before the snapshot: "sent" includes this batch
+                batch.stats.CopyFrom(self.agent_stats())
+                batch.sent_time.CopyFrom(timestamp(self._wall_clock()))
                 yield batch

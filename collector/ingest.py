@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -320,7 +320,8 @@ def _peer_identities(context: grpc.aio.ServicerContext[Any, Any]) -> frozenset[s
 # --- auth ----------------------------------------------------------------------------------
 
 
-_Handler = grpc.RpcMethodHandler[Any, Any]
+# The stubs make these generic; at runtime they are plain classes.
+_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 class _BearerToken(grpc.aio.ServerInterceptor):

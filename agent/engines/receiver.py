@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import stat
 import threading
@@ -106,6 +107,7 @@ class HookReceiver:
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
         self._shut = False
         self._engines: set[tuple[str, int]] = set()
         self._received = self._accepted = self._malformed = 0
@@ -125,6 +127,8 @@ class HookReceiver:
         if self._thread is not None or self._shut:
             return
         self._sock = self._bind()
+        # shutdown() writes here so the thread leaves select() at once, not after a tick.
+        self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._run, name="rooftop-hook-receiver", daemon=True)
         self._thread.start()
 
@@ -148,7 +152,8 @@ class HookReceiver:
                 os.chmod(path, self._mode)
             # Room for bursts while the thread is descheduled (~400 B per summary).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            sock.settimeout(_POLL_S)
+            # Non-blocking, waited on with select(): the thread and flush() both read it.
+            sock.setblocking(False)
         except OSError as exc:
             sock.close()
             raise ConfigError(f"hook socket {path}: cannot bind: {exc}") from exc
@@ -176,10 +181,13 @@ class HookReceiver:
         sock = self._sock
         while sock is not None and not self._stop.is_set():
             try:
+                readable, _, _ = select.select([sock, self._wake_r], [], [], _POLL_S)
+                if sock not in readable:
+                    continue
                 data = sock.recv(MAX_DATAGRAM_BYTES + 1)
-            except TimeoutError:
-                continue
-            except OSError as exc:
+            except (BlockingIOError, InterruptedError):
+                continue  # flush() took it first
+            except (OSError, ValueError) as exc:  # ValueError: closed under select()
                 if not self._stop.is_set():
                     _log.warning("hook receiver: %s; stopping", exc)
                 return
@@ -222,11 +230,8 @@ class HookReceiver:
         deadline = time.monotonic() + max(0.0, timeout_s)
         while time.monotonic() < deadline:
             try:
-                # MSG_DONTWAIT: this runs beside the receiving thread, never blocks on it.
-                data = sock.recv(MAX_DATAGRAM_BYTES + 1, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+                data = sock.recv(MAX_DATAGRAM_BYTES + 1)
+            except OSError:  # BlockingIOError: nothing left queued
                 return
             self._handle(data)
 
@@ -256,7 +261,10 @@ class HookReceiver:
         self._shut = True
         self._stop.set()
         if self._thread is not None:
+            os.write(self._wake_w, b"x")
             self._thread.join(timeout_s)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         self.flush(timeout_s=min(timeout_s, 0.5))
         sock, self._sock = self._sock, None
         if sock is not None:

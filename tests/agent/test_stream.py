@@ -39,12 +39,18 @@ class FakeIngest(telemetry_pb2_grpc.IngestServicer):
             self.streams += 1
         if self.abort is not None:
             context.abort(self.abort, "refused by the test")
+        first_on_stream: set[str] = set()
         for batch in request_iterator:
             with self.lock:
                 self.received.append(batch)
                 done = self.done.setdefault(batch.boot_id, set())
                 done.add(batch.seq)
                 top = self.contiguous.get(batch.boot_id, 0)
+                if batch.boot_id not in first_on_stream:
+                    # As the real collector does: a stream's first batch past the
+                    # contiguous seq starts there (what lies before went elsewhere).
+                    first_on_stream.add(batch.boot_id)
+                    top = max(top, batch.seq - 1)
                 while top + 1 in done:
                     top += 1
                 self.contiguous[batch.boot_id] = top

@@ -1,0 +1,326 @@
+"""Ingest against a REAL grpc.aio server on 127.0.0.1 (port 0) with real client streams."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agent.errors import ConfigError
+from agent.model import Bound
+from agent.report import verdict_to_proto
+from collector.config import CollectorConfig
+from collector.fleet import DecodedBatch, Fleet
+from collector.ingest import SERVICE_NAME, Deduplicator, IngestServer, server_options
+from protos.rooftop.v1 import telemetry_pb2 as pb
+from tests.collector.helpers import AgentStream, batch, engine, gpu, start_server, verdict
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[IngestServer, Fleet]]:
+    server, fleet = start_server()
+    yield server, fleet
+    server.shutdown(timeout_s=1)
+
+
+def target(server: IngestServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+def wait_for(pred, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_acks_are_cumulative_and_coalesced(served):
+    server, fleet = served
+    with AgentStream(target(server)) as stream:
+        stream.send(*(batch(seq, records=[gpu(seq % 8)]) for seq in range(1, 301)))
+        acks = stream.wait_acked(300)
+    seqs = [a.acked_seq for a in acks]
+    assert seqs == sorted(seqs), "cumulative acks never go back"
+    assert seqs[-1] == 300
+    assert len(acks) < 300, "acks are coalesced, not one per batch"
+    assert all(a.boot_id == "boot-1" and not a.rejected_seq for a in acks)
+    counts = fleet.counts()
+    assert (counts.batches, counts.samples, counts.duplicates) == (300, 300, 0)
+
+
+def test_resent_seqs_are_applied_once(served):
+    server, fleet = served
+    first = [batch(seq, records=[gpu(0), gpu(1)]) for seq in range(1, 11)]
+    with AgentStream(target(server)) as stream:
+        stream.send(*first)
+        stream.wait_acked(10)
+    # A reconnect after a lost ack: the agent resends 1..10, then goes on with 11.
+    with AgentStream(target(server)) as stream:
+        stream.send(*first, batch(11, records=[gpu(0)]))
+        acks = stream.wait_acked(11)
+    assert acks[-1].acked_seq == 11
+    counts = fleet.counts()
+    assert counts.batches == 11
+    assert counts.samples == 21
+    assert counts.duplicates == 10
+    agent = fleet.snapshot().agents[0]
+    assert (agent.batches, agent.samples) == (11, 21)
+
+
+def test_duplicates_within_one_stream_are_dropped(served):
+    server, fleet = served
+    with AgentStream(target(server)) as stream:
+        stream.send(batch(1), batch(2), batch(2), batch(1), batch(3))
+        stream.wait_acked(3)
+    assert fleet.counts().batches == 3
+    assert fleet.counts().duplicates == 2
+
+
+def _poison(kind: str) -> pb.Batch:
+    if kind == "nan":
+        return batch(2, records=[gpu(0), gpu(1, dram_bw_pct=math.nan)])
+    if kind == "negative":
+        return batch(2, records=[gpu(0, power_w=-5.0)])
+    if kind == "over_100":
+        return batch(2, records=[gpu(0, busy_pct=180.0)])
+    if kind == "engine_inf":
+        return batch(2, records=[engine(tpot_ms=math.inf)])
+    if kind == "bad_verdict":
+        bad = verdict_to_proto(verdict())
+        bad.verdict = "sort-of-bound"
+        return batch(2, verdicts=[bad])
+    if kind == "bad_cause":
+        bad = verdict_to_proto(verdict(bound=Bound.HOST))
+        bad.cause = "gremlins"
+        return batch(2, verdicts=[bad])
+    if kind == "empty_record":
+        return batch(2, records=[pb.TraceRecord()])
+    if kind == "no_time":
+        b = batch(2, records=[gpu(0)])
+        b.records[0].gpu.ClearField("time")
+        return b
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason", "words"),
+    [
+        ("nan", "invalid_value", "dram_bw_pct is nan"),
+        ("negative", "invalid_value", "power_w is negative"),
+        ("over_100", "invalid_value", "busy_pct is over 100"),
+        ("engine_inf", "invalid_value", "tpot_ms is inf"),
+        ("bad_verdict", "bad_enum", "sort-of-bound"),
+        ("bad_cause", "bad_enum", "gremlins"),
+        ("empty_record", "empty_record", "none of gpu"),
+        ("no_time", "missing_time", "has no time"),
+    ],
+)
+def test_poison_batch_is_rejected_in_band_and_the_stream_goes_on(served, kind, reason, words):
+    server, fleet = served
+    with AgentStream(target(server)) as stream:
+        stream.send(batch(1, records=[gpu(0)]), _poison(kind), batch(3, records=[gpu(0)]))
+        acks = stream.wait_acked(3)
+    rejections = [a for a in acks if a.rejected_seq]
+    assert len(rejections) == 1
+    assert rejections[0].rejected_seq == 2
+    assert rejections[0].error.startswith("INVALID_ARGUMENT: ")
+    assert words in rejections[0].error
+    counts = fleet.counts()
+    assert counts.rejected == ((reason, 1),)
+    assert counts.batches == 2  # 1 and 3; the poison one was consumed, not applied
+
+
+def test_batch_without_identity_is_rejected(served):
+    server, fleet = served
+    with AgentStream(target(server)) as stream:
+        stream.send(batch(5, agent_id=""), batch(0), batch(1))
+        acks = stream.wait_acked(1)
+    rejected = [a for a in acks if a.error]
+    assert [a.rejected_seq for a in rejected] == [5, 0]
+    assert "agent_id" in rejected[0].error and "seq" in rejected[1].error
+    assert fleet.counts().rejected == (("missing_identity", 2),)
+
+
+def test_future_dated_samples_are_clamped_and_counted(served):
+    server, fleet = served
+    ahead_s = time.time() + 3600  # an agent whose clock is an hour fast
+    with AgentStream(target(server)) as stream:
+        stream.send(batch(1, records=[gpu(0, time_s=ahead_s), gpu(1)]))
+        stream.wait_acked(1)
+    snap = fleet.snapshot()
+    assert snap.counts.skewed == 1
+    g0 = next(g for g in snap.gpus if g.gpu_index == 0)
+    assert g0.sample is not None and g0.sample.time_s <= time.time()
+    assert snap.agents[0].lag_s is not None and 0 <= snap.agents[0].lag_s < 5
+
+
+def test_reconnect_past_a_gap_skips_what_the_agent_dropped(served):
+    server, fleet = served
+    with AgentStream(target(server)) as stream:
+        stream.send(batch(1), batch(2), batch(3))
+        stream.wait_acked(3)
+    # The agent's spool dropped 4..6 while it was disconnected; it resumes at 7.
+    with AgentStream(target(server)) as stream:
+        stream.send(batch(7), batch(8))
+        acks = stream.wait_acked(8)
+    assert acks[-1].acked_seq == 8
+    assert fleet.counts().missing == 3
+
+
+def test_oversized_message_gets_resource_exhausted_and_the_server_stays_healthy(served):
+    server, fleet = served
+    huge = batch(1, records=[gpu(0, gpu_name="x" * (4 * 2**20 + 1000))])
+    assert huge.ByteSize() > 4 * 2**20
+    with AgentStream(target(server)) as stream:
+        stream.send(huge)
+        stream.wait_done()
+        assert stream.error is not None
+        assert stream.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with AgentStream(target(server)) as stream:
+        stream.send(batch(1, records=[gpu(0)]))
+        assert stream.wait_acked(1)[-1].acked_seq == 1
+    assert fleet.counts().batches == 1
+    with grpc.insecure_channel(target(server)) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_reports_serving_for_the_server_and_ingest(served):
+    server, _ = served
+    with grpc.insecure_channel(target(server)) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_fleet_state_and_observers_see_applied_batches():
+    seen: list[tuple[DecodedBatch, float]] = []
+
+    class Recorder:
+        def observe_batch(self, decoded: DecodedBatch, received_s: float) -> None:
+            seen.append((decoded, received_s))
+
+    server, fleet = start_server(observers=[Recorder()])
+    try:
+        stats = pb.AgentStats(queued=3, sent=10, acked=7, dropped_spool_full=2, reconnects=1)
+        with AgentStream(f"127.0.0.1:{server.port}") as stream:
+            stream.send(
+                batch(
+                    1,
+                    records=[gpu(0), gpu(1), engine()],
+                    verdicts=[verdict(0, Bound.MEMORY)],
+                    stats=stats,
+                )
+            )
+            stream.wait_acked(1)
+    finally:
+        server.shutdown(timeout_s=1)
+    assert len(seen) == 1 and seen[0][0].seq == 1
+    snap = fleet.snapshot()
+    assert snap.agents[0].hostname == "gpu-node-1"
+    assert snap.agents[0].stats.dropped_spool_full == 2
+    g0 = next(g for g in snap.gpus if g.gpu_index == 0)
+    assert g0.verdict is not None and g0.verdict.verdict is Bound.MEMORY
+    assert g0.engine is not None and g0.engine.tpot_ms == 5.84  # attributed by pid
+
+
+def test_bearer_token_is_required_except_for_health(tmp_path: Path):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    server, fleet = start_server(token_file=token)
+    try:
+        tgt = f"127.0.0.1:{server.port}"
+        with AgentStream(tgt) as stream:
+            stream.send(batch(1))
+            stream.wait_done()
+            assert stream.error is not None
+            assert stream.error.code() == grpc.StatusCode.UNAUTHENTICATED
+        with AgentStream(tgt, metadata=[("authorization", "Bearer wrong")]) as stream:
+            stream.send(batch(1))
+            stream.wait_done()
+            assert stream.error is not None
+            assert stream.error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert fleet.counts().batches == 0
+        with AgentStream(tgt, metadata=[("authorization", "Bearer s3cret")]) as stream:
+            stream.send(batch(1))
+            assert stream.wait_acked(1)[-1].acked_seq == 1
+        with grpc.insecure_channel(tgt) as channel:
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.shutdown(timeout_s=1)
+
+
+def test_plaintext_must_be_asked_for():
+    with pytest.raises(ConfigError, match="insecure"):
+        IngestServer(Fleet(), CollectorConfig(listen="127.0.0.1:0"))
+
+
+def test_a_taken_port_is_a_config_error(served):
+    server, _ = served
+    other = IngestServer(Fleet(), CollectorConfig(listen=f"127.0.0.1:{server.port}", insecure=True))
+    with pytest.raises(ConfigError, match="collector.listen"):
+        other.start()
+
+
+def test_shutdown_is_idempotent_and_ends_open_streams():
+    server, _ = start_server()
+    stream = AgentStream(f"127.0.0.1:{server.port}")
+    stream.send(batch(1))
+    stream.wait_acked(1)
+    server.shutdown(timeout_s=0.5)
+    server.shutdown(timeout_s=0.5)
+    stream.wait_done()
+    stream.close()
+
+
+def test_server_options_permit_30s_client_keepalive():
+    opts = dict(server_options(4 * 2**20))
+    assert opts["grpc.max_receive_message_length"] == 4 * 2**20
+    assert opts["grpc.keepalive_permit_without_calls"] == 1
+    assert opts["grpc.http2.min_recv_ping_interval_without_data_ms"] <= 30_000
+
+
+# --- the dedup bookkeeping, without sockets ---------------------------------------------------
+
+KEY = ("agent-1", "boot-1")
+
+
+def test_dedup_fills_gaps_out_of_order():
+    d = Deduplicator()
+    assert d.commit(KEY, 1, first_on_stream=True) == (1, 0)
+    assert d.commit(KEY, 3, first_on_stream=False) == (1, 0)
+    assert d.is_duplicate(KEY, 3) and not d.is_duplicate(KEY, 2)
+    assert d.commit(KEY, 2, first_on_stream=False) == (3, 0)
+    assert d.acked(KEY) == 3
+
+
+def test_dedup_gives_up_on_a_gap_that_never_fills():
+    d = Deduplicator(max_ahead=4)
+    d.commit(KEY, 1, first_on_stream=True)
+    for seq in range(3, 8):
+        contiguous, skipped = d.commit(KEY, seq, first_on_stream=False)
+    assert (contiguous, skipped) == (7, 1)
+
+
+def test_dedup_forgets_the_least_recently_used_boot():
+    ticks = iter(range(100))
+    d = Deduplicator(max_keys=2, clock=lambda: next(ticks))
+    d.commit(("a", "1"), 1, first_on_stream=True)
+    d.commit(("b", "1"), 1, first_on_stream=True)
+    d.commit(("a", "1"), 2, first_on_stream=False)
+    d.commit(("c", "1"), 1, first_on_stream=True)
+    assert d.acked(("b", "1")) == 0 and d.acked(("a", "1")) == 2
