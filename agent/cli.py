@@ -88,6 +88,16 @@ _gpus_option = click.option("--gpus", default=1, show_default=True, type=click.I
 @click.option("--window", "window_s", type=click.FloatRange(min=0.1),
               help="Window length in seconds (default: the whole run is one window).")
 @click.option("--timeline", is_flag=True, help="Print the verdict of every window.")
+@click.option("--model", "model_name", metavar="NAME",
+              help="Served model (e.g. llama-3-8b) for the TPOT floor and application MBU.")
+@click.option("--model-config", type=click.Path(path_type=Path, exists=True),
+              help="HuggingFace config.json of the served model (instead of --model).")
+@click.option("--dtype", "dtype_name", default="bf16", show_default=True,
+              type=click.Choice(["fp16", "bf16", "fp8", "int4"]), help="Weight dtype.")
+@click.option("--kv-dtype", "kv_dtype_name", type=click.Choice(["fp16", "bf16", "fp8"]),
+              help="KV-cache dtype (default: as the weights, fp16/bf16).")
+@click.option("--context", "context_tokens", default=0, show_default=True,
+              type=click.IntRange(min=0), help="Mean tokens per request in flight.")
 @_fake_option
 @_gpus_option
 @friendly_errors
@@ -98,6 +108,11 @@ def diagnose(
     replay: Path | None,
     window_s: float | None,
     timeline: bool,
+    model_name: str | None,
+    model_config: Path | None,
+    dtype_name: str,
+    kv_dtype_name: str | None,
+    context_tokens: int,
     fake: str | None,
     gpus: int,
 ) -> None:
@@ -124,10 +139,17 @@ def diagnose(
         source = f"fake {fake} (no GPU)" if spec else "live NVML"
         source += f", {seconds:g} s at {rate_hz:g} Hz"
     per_window = dx.diagnose_records(records, window_s)
-    latest = dx.overall(per_window)
     timeline_windows = per_window
     if timeline and window_s is None:
         timeline_windows = dx.diagnose_records(records, TIMELINE_DEFAULT_WINDOW_S)
+    model_ctx = _model_context(model_name, model_config, dtype_name, kv_dtype_name,
+                               context_tokens)
+    if model_ctx is not None:
+        timeline_windows = {i: [dx.with_roofline(v, model_ctx) for v in vs]
+                            for i, vs in timeline_windows.items()}
+        per_window = {i: [dx.with_roofline(v, model_ctx) for v in vs]
+                      for i, vs in per_window.items()}
+    latest = dx.overall(per_window)
     if as_json:
         out: dict[str, Any] = {
             "source": source,
@@ -146,6 +168,31 @@ def diagnose(
         click.echo(f"  (latest of {n} windows of {window_s:g} s; --timeline shows each)")
     if timeline:
         click.echo(format_timeline(timeline_windows))
+
+
+def _model_context(
+    model_name: str | None,
+    model_config: Path | None,
+    dtype_name: str,
+    kv_dtype_name: str | None,
+    context_tokens: int,
+) -> Any:
+    """The served model for the roofline, if the user named one (else None)."""
+    if model_name is None and model_config is None:
+        return None
+    from agent import roofline  # noqa: PLC0415
+    from agent.diagnose import ModelContext  # noqa: PLC0415
+
+    if model_name is not None and model_config is not None:
+        raise click.UsageError("give --model or --model-config, not both")
+    spec = (roofline.load_hf_config(model_config) if model_config is not None
+            else roofline.find_model(model_name or ""))
+    return ModelContext(
+        model=spec,
+        dtype=roofline.parse_dtype(dtype_name),
+        kv_dtype=roofline.parse_dtype(kv_dtype_name) if kv_dtype_name else None,
+        context_tokens=context_tokens,
+    )
 
 
 @main.command()
@@ -252,5 +299,39 @@ def roofline(
 
 
 # --- probe (engines) ------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("url")
+@click.option("--model", "-m", "model_name", required=True, help="Model name to request.")
+@click.option("--prompt", default=None,
+              help="User message [default: one that makes the model emit many tokens].")
+@click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=2),
+              help="Completion length cap (TPOT needs at least 2 tokens).")
+@click.option("--timeout", "timeout_s", default=60.0, show_default=True,
+              type=click.FloatRange(min=0.1), help="Connect timeout and longest silence, seconds.")
+@click.option("--api-key", default=None, help="Sent as 'Authorization: Bearer KEY'.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, nothing else.")
+@friendly_errors
+def probe(
+    url: str,
+    model_name: str,
+    prompt: str | None,
+    max_tokens: int,
+    timeout_s: float,
+    api_key: str | None,
+    as_json: bool,
+) -> None:
+    """Time one streamed completion from an OpenAI-compatible server: TTFT and TPOT.
+
+    URL is the server's base URL (http://host:8000, …/v1 or the full
+    …/v1/chat/completions). Works with vLLM, SGLang, TGI or any compatible API.
+    """
+    from agent.engines import probe as pr  # noqa: PLC0415 — keeps `agentctl --help` fast
+
+    result = pr.probe(url, model_name, prompt=prompt or pr.DEFAULT_PROMPT,
+                      max_tokens=max_tokens, timeout_s=timeout_s, api_key=api_key)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else pr.format_probe(result))
+
 
 # --- agent / collector (fleet) --------------------------------------------------------

@@ -37,6 +37,7 @@ class Provenance(StrEnum):
     PROXY = "proxy"  # an NVML counter standing in for a GPM signal we do not have
     ENGINE = "engine"  # the inference engine's own figures (hooks, /metrics)
     HOST = "host"  # the host's CPU accounting (psutil)
+    ROOFLINE = "roofline"  # computed from the model's size and the GPU's spec sheet
 
 
 class Bound(StrEnum):

@@ -11,8 +11,8 @@
     token_file = "token"             # bearer token agents must present
     max_message_bytes = 4194304      # bigger messages: RESOURCE_EXHAUSTED
     max_future_skew_s = 300          # sample times further ahead are clamped
-    ack_every_batches = 64
-    ack_interval_s = 0.1
+    ack_every_batches = 32             # at most this many batches per ack (agent window: 64)
+    ack_interval_s = 0.1             # ...and no batch waits longer than this for its ack
     forget_after_s = 900             # series of silent agents/GPUs then disappear
 
     [prometheus]
@@ -76,7 +76,7 @@ class CollectorConfig:
     token_file: Path | None = None
     max_message_bytes: int = 4 * MIB
     max_future_skew_s: float = 300.0
-    ack_every_batches: int = 64
+    ack_every_batches: int = 32
     ack_interval_s: float = 0.1
     forget_after_s: float = 900.0
     prometheus_listen: str = DEFAULT_PROMETHEUS

@@ -27,6 +27,7 @@ has the same synchronous ``start``/``flush``/``shutdown`` shape as every compone
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import threading
@@ -156,7 +157,13 @@ class Deduplicator:
 
 # --- servicer ------------------------------------------------------------------------------
 
-_END = object()  # the request pump's sentinel
+_END = object()  # the reader's last word
+
+
+@dataclass(frozen=True, slots=True)
+class _Abort:
+    code: grpc.StatusCode
+    details: str
 
 
 class IngestServicer(telemetry_pb2_grpc.IngestServicer):
@@ -179,7 +186,7 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         *,
         observers: Sequence[BatchObserver] = (),
         clock: Callable[[], float] = time.time,
-        ack_every_batches: int = 64,
+        ack_every_batches: int = 32,
         ack_interval_s: float = 0.1,
         max_future_skew_s: float = 300.0,
         require_identity: bool = False,
@@ -205,44 +212,74 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
     ) -> AsyncIterator[pb.Ack]:
         """One agent's stream: batches in, cumulative acks (and in-band rejections) out."""
         identities = _peer_identities(context) if self._require_identity else None
-        queue: asyncio.Queue[object] = asyncio.Queue(maxsize=2 * self._ack_every)
-        pump = asyncio.create_task(_pump(request_iterator, queue))
+        out: asyncio.Queue[object] = asyncio.Queue()
+        # Reading runs in its own task so batches keep being applied while acks are written.
+        reader = asyncio.create_task(self._read(request_iterator, out, identities))
         self._fleet.stream_opened()
-        committed: set[tuple[str, str]] = set()  # keys committed on this stream
-        loop = asyncio.get_running_loop()
         try:
-            done = False
-            while not done:
-                item = await queue.get()
-                touched: dict[tuple[str, str], None] = {}
-                deadline = loop.time() + self._ack_interval_s
-                applied = 0
-                # Drain what has arrived (bounded), then ack once per key touched.
-                while True:
-                    if item is _END:
-                        done = True
-                        break
-                    batch: pb.Batch = item  # type: ignore[assignment]
-                    if identities is not None and batch.agent_id not in identities:
-                        await context.abort(
+            while True:
+                item = await out.get()
+                if item is _END:
+                    break
+                if isinstance(item, _Abort):
+                    await context.abort(item.code, item.details)
+                yield item  # type: ignore[misc]
+        finally:
+            reader.cancel()
+            self._fleet.stream_closed()
+
+    async def _read(
+        self,
+        requests: AsyncIterator[pb.Batch],
+        out: asyncio.Queue[object],
+        identities: frozenset[str] | None,
+    ) -> None:
+        """Apply batches as they arrive; queue coalesced acks (delayed-ack, like TCP's)."""
+        loop = asyncio.get_running_loop()
+        committed: set[tuple[str, str]] = set()  # keys committed on this stream
+        pending: dict[tuple[str, str], None] = {}  # keys with batches not acked yet
+        unacked = 0
+        timer: asyncio.TimerHandle | None = None
+
+        def ack() -> None:
+            nonlocal timer, unacked
+            if timer is not None:
+                timer.cancel()
+                timer = None
+            for key in pending:
+                out.put_nowait(pb.Ack(boot_id=key[1], acked_seq=self._dedup.acked(key)))
+            pending.clear()
+            unacked = 0
+
+        try:
+            async for batch in requests:
+                if identities is not None and batch.agent_id not in identities:
+                    out.put_nowait(
+                        _Abort(
                             grpc.StatusCode.PERMISSION_DENIED,
                             f"agent_id {batch.agent_id!r} does not match the client certificate",
                         )
-                    rejection = self._handle(batch, committed, touched)
-                    if rejection is not None:
-                        yield rejection
-                    applied += 1
-                    if applied >= self._ack_every or loop.time() >= deadline:
-                        break
-                    try:
-                        item = queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        break
-                for key in touched:
-                    yield pb.Ack(boot_id=key[1], acked_seq=self._dedup.acked(key))
+                    )
+                    return
+                rejection = self._handle(batch, committed, pending)
+                if rejection is not None:
+                    out.put_nowait(rejection)  # at once: the agent must not resend it
+                unacked += 1
+                if unacked >= self._ack_every:
+                    ack()
+                elif timer is None:
+                    timer = loop.call_later(self._ack_interval_s, ack)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The client went away or the call failed (e.g. an oversized message): gRPC
+            # has set the call's status; ack what was applied and end.
+            log.debug("agent stream ended", exc_info=True)
         finally:
-            pump.cancel()
-            self._fleet.stream_closed()
+            if timer is not None:
+                timer.cancel()
+        ack()
+        out.put_nowait(_END)
 
     def _handle(
         self,
@@ -293,20 +330,6 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         if skipped:
             self._fleet.count_missing(skipped)
         return contiguous
-
-
-async def _pump(requests: AsyncIterator[pb.Batch], queue: asyncio.Queue[object]) -> None:
-    """Move requests into the queue, so acks can be written while more arrive."""
-    try:
-        async for batch in requests:
-            await queue.put(batch)
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        # The client went away or the call failed (e.g. an oversized message): the
-        # handler ends with what it has; gRPC already set the call's status.
-        log.debug("agent stream ended", exc_info=True)
-    await queue.put(_END)
 
 
 def _peer_identities(context: grpc.aio.ServicerContext[Any, Any]) -> frozenset[str]:
@@ -437,6 +460,8 @@ class IngestServer:
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._stopped = False
+        self._stop_requested: asyncio.Event | None = None
+        self._grace_s = 5.0
 
     @property
     def port(self) -> int:
@@ -492,8 +517,13 @@ class IngestServer:
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._server, self._health, self._port = server, health_servicer, port
+        self._stop_requested = asyncio.Event()
         self._started.set()
-        await server.wait_for_termination()
+        await self._stop_requested.wait()
+        # Graceful: health says NOT_SERVING first, so balancers stop sending new
+        # streams, then open streams get ``grace_s`` to finish.
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=self._grace_s)
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Nothing to flush: batches are applied and acked as they drain. True."""
@@ -506,16 +536,12 @@ class IngestServer:
             self._stopped = True
             return
         self._stopped = True
-        server, health_servicer, loop = self._server, self._health, self._loop
-
-        async def stop() -> None:
-            if health_servicer is not None:
-                await health_servicer.enter_graceful_shutdown()
-            await server.stop(grace=timeout_s)
-
-        try:
-            asyncio.run_coroutine_threadsafe(stop(), loop).result(timeout=timeout_s + 5.0)
-        except Exception:
-            log.exception("ingest server did not stop cleanly")
+        self._grace_s = timeout_s
+        stop = self._stop_requested
+        if stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                self._loop.call_soon_threadsafe(stop.set)
         if self._thread is not None:
             self._thread.join(timeout=timeout_s + 5.0)
+            if self._thread.is_alive():
+                log.error("ingest server did not stop within %.1f s", timeout_s + 5.0)

@@ -181,8 +181,9 @@ class HookReceiver:
         sock = self._sock
         while sock is not None and not self._stop.is_set():
             try:
-                readable, _, _ = select.select([sock, self._wake_r], [], [], _POLL_S)
-                if sock not in readable:
+                fd = sock.fileno()
+                readable, _, _ = select.select([fd, self._wake_r], [], [], _POLL_S)
+                if fd not in readable:
                     continue
                 data = sock.recv(MAX_DATAGRAM_BYTES + 1)
             except (BlockingIOError, InterruptedError):

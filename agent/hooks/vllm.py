@@ -94,6 +94,8 @@ class RooftopStatLogger(_StatLoggerBase):
                 engine_id=engine_id or f"vllm-{os.getpid()}-{engine_index}",
                 model=_model_name(vllm_config),
             )
+        if not aggregator.model:
+            aggregator.model = _model_name(vllm_config)
         self.aggregator = aggregator
         self._ttft_from_finished: bool | None = None
         self._pending_ttft: list[float] = []

@@ -48,12 +48,12 @@ def gpu(index: int = 0, time_s: float | None = None, **metrics: object) -> GpuSa
         "pcie_tx_bytes_per_s": 0.5e9,
         "processes": (GpuProcess(pid=4242, gpu_mem_bytes=60 * 2**30),),
     }
+    fields["gpu_uuid"] = f"GPU-{index:04d}-uuid"
+    fields["gpu_name"] = H100
     fields.update(metrics)
     return GpuSample(
         time_s=time.time() if time_s is None else time_s,
         gpu_index=index,
-        gpu_uuid=f"GPU-{index:04d}-uuid",
-        gpu_name=H100,
         **fields,  # type: ignore[arg-type]
     )
 

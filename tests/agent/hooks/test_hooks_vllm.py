@@ -84,8 +84,12 @@ def test_queue_tokens_tpot_and_ttft(receiver, sock_path, clock):
         IterationStats(
             num_generation_tokens=40,
             finished_requests=[
-                FinishedRequestStatsWithTtft(mean_time_per_output_token=0.006, first_token_latency=0.2),
-                FinishedRequestStatsWithTtft(mean_time_per_output_token=0.004, first_token_latency=0.1),
+                FinishedRequestStatsWithTtft(
+                    mean_time_per_output_token=0.006, first_token_latency=0.2
+                ),
+                FinishedRequestStatsWithTtft(
+                    mean_time_per_output_token=0.004, first_token_latency=0.1
+                ),
                 FinishedRequestStatsWithTtft(mean_time_per_output_token=0.0),  # one token: no TPOT
             ],
             time_to_first_tokens_iter=[0.5],  # ignored: TTFT comes with finished requests
