@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +99,11 @@ _gpus_option = click.option("--gpus", default=1, show_default=True, type=click.I
               help="KV-cache dtype (default: as the weights, fp16/bf16).")
 @click.option("--context", "context_tokens", default=0, show_default=True,
               type=click.IntRange(min=0), help="Mean tokens per request in flight.")
+@click.option("--engine-url", "engine_urls", multiple=True, metavar="URL[@GPU,...]",
+              help="Scrape an engine's /metrics (vLLM, SGLang, TGI) while sampling; @0,1 ties "
+                   "it to GPUs 0 and 1 (repeatable).")
+@click.option("--hooks/--no-hooks", default=True, show_default=True,
+              help="Receive in-process engine hooks on $ROOFTOP_HOOK_SOCKET while sampling.")
 @_fake_option
 @_gpus_option
 @friendly_errors
@@ -113,6 +119,8 @@ def diagnose(
     dtype_name: str,
     kv_dtype_name: str | None,
     context_tokens: int,
+    engine_urls: tuple[str, ...],
+    hooks: bool,
     fake: str | None,
     gpus: int,
 ) -> None:
@@ -128,13 +136,27 @@ def diagnose(
         skipped = dict(trace.skipped_reasons)
         source = f"replay of {replay}"
     else:
+        from agent.engines.sources import (  # noqa: PLC0415
+            EngineEndpoint,
+            EngineSources,
+            default_hook_socket,
+        )
+
         spec = dx.FakeSpec.parse(fake) if fake else None
+        endpoints = [EngineEndpoint.parse(u) for u in engine_urls]
         backend = dx.open_backend(spec, gpus)
+        engines = EngineSources(default_hook_socket(dict(os.environ)) if hooks else None,
+                                endpoints)
         try:
+            engines.start()
+            for warning in engines.warnings:
+                click.echo(f"agentctl: warning: {warning}", err=True)
             progress = _Progress(f"sampling {len(backend.devices())} GPU(s)", not as_json)
-            records = dx.sample(backend, dx.open_host_sensor(backend), seconds, rate_hz, progress)
+            records = dx.sample(backend, dx.open_host_sensor(backend), seconds, rate_hz,
+                                progress, engines=engines)
             progress.close()
         finally:
+            engines.shutdown()
             backend.close()
         source = f"fake {fake} (no GPU)" if spec else "live NVML"
         source += f", {seconds:g} s at {rate_hz:g} Hz"
@@ -335,3 +357,48 @@ def probe(
 
 
 # --- agent / collector (fleet) --------------------------------------------------------
+
+
+@main.command("collector")
+@click.option("--config", "config_path", default=None,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Collector TOML config [default: built-in defaults].")
+@click.option("--listen", default=None, metavar="ADDR",
+              help="gRPC ingest HOST:PORT, overriding the config (port 0 picks one).")
+@click.option("--prometheus", "prometheus_listen", default=None, metavar="ADDR",
+              help='Prometheus endpoint HOST:PORT, overriding the config ("" disables).')
+@click.option("--insecure", is_flag=True, default=False,
+              help="Accept agents over plaintext gRPC (no TLS): ask for it explicitly.")
+@friendly_errors
+def collector_command(
+    config_path: Path | None, listen: str | None, prometheus_listen: str | None, insecure: bool
+) -> None:
+    """Run the fleet collector until SIGTERM: agents stream in, OTLP and Prometheus out."""
+    from collector.config import load_config
+    from collector.service import run
+
+    config = load_config(config_path, listen=listen, prometheus_listen=prometheus_listen,
+                         insecure=True if insecure else None)
+    run(config, echo=click.echo)
+
+
+@main.command("agent")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML config (default: $ROOFTOP_CONFIG; ROOFTOP_<KEY> variables override it).",
+)
+@_fake_option
+@click.option("--gpus", "fake_gpus", type=click.IntRange(1, 64), default=None,
+              help="Number of fake GPUs (with --fake).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@friendly_errors
+def agent_command(
+    config_path: Path | None, fake: str | None, fake_gpus: int | None, log_level: str
+) -> None:
+    """Run the node agent: sample, classify and stream to the collector until SIGTERM."""
+    from agent.daemon import run_agent  # noqa: PLC0415 — keeps grpc off the other commands
+
+    sys.exit(run_agent(config_path, fake=fake, fake_gpus=fake_gpus, log_level=log_level))

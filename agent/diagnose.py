@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from agent.classifier import DEFAULT_THRESHOLDS, Thresholds, classify
+from agent.engines.sources import EngineSources
 from agent.errors import ConfigError
 from agent.model import Bound, Evidence, Provenance, Record, Verdict
 from agent.roofline import Dtype, ModelSpec, analyze, application_mbu, detect_gpu
@@ -109,12 +110,18 @@ def sample(
     rate_hz: float,
     on_progress: Callable[[float], None] | None = None,
     on_records: Callable[[list[Record]], None] | None = None,
+    engines: EngineSources | None = None,
 ) -> list[Record]:
-    """Sample every GPU for ``seconds`` at ``rate_hz``; returns all records in order."""
+    """Sample every GPU for ``seconds`` at ``rate_hz``; returns all records in order.
+
+    Engine samples (hooks, scrapers) drained from ``engines`` join the records each tick.
+    """
     sampler = Sampler(backend, host)
     records: list[Record] = []
 
     def on_tick(batch: list[Record], done: float) -> None:
+        if engines is not None:
+            batch = [*engines.drain(), *batch]
         records.extend(batch)
         if on_records is not None:
             on_records(batch)

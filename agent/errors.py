@@ -11,6 +11,7 @@
      │    ├── Retryable           transient: reconnect with backoff
      │    └── Rejected            the collector refused (auth, invalid batch)
      ├── RooflineError            unknown model / GPU, malformed config.json
+     ├── ProbeError               the client-side probe could not measure an endpoint
      └── ConfigError              bad configuration (names the key)
 
 Callers catch ``RooftopError`` at the CLI and thread boundaries and print one line.
@@ -22,6 +23,7 @@ __all__ = [
     "ConfigError",
     "DeviceLost",
     "NvmlUnavailable",
+    "ProbeError",
     "Rejected",
     "Retryable",
     "RooflineError",
@@ -70,6 +72,10 @@ class Rejected(StreamError):
 
 class RooflineError(RooftopError):
     """Roofline input is unknown or malformed."""
+
+
+class ProbeError(RooftopError):
+    """The probe could not measure: unreachable, HTTP error, or no content streamed."""
 
 
 class ConfigError(RooftopError):

@@ -416,9 +416,11 @@ class Spool:
                     start = bisect.bisect_right(
                         self._entries, cursor.ordinal, lo=self._head, key=lambda e: e.ordinal
                     )
-            for entry in self._entries[start:]:
+            entries = self._entries
+            for i in range(start, len(entries)):  # no slice: the backlog may be 100k long
                 if len(picks) >= limit:
                     break
+                entry = entries[i]
                 if entry.gone or self._is_acked(entry):
                     continue
                 picks.append((entry, entry.data, entry.segment, entry.offset))

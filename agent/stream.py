@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import random
 import socket
 import threading
@@ -116,11 +115,19 @@ def channel_options(
     keepalive_time_s: float,
     keepalive_timeout_s: float,
     max_message_bytes: int,
+    connect_timeout_s: float = 10.0,
 ) -> list[tuple[str, int]]:
     """The client channel options: keepalive (also when idle) and explicit message caps."""
     return [
+        # grpc core takes its connect timeout from this (default 20 s): a blackholed
+        # address fails over after connect_timeout_s. A refused one fails at once: the
+        # stream is fail-fast (no wait_for_ready).
+        ("grpc.min_reconnect_backoff_ms", round(connect_timeout_s * 1000)),
         ("grpc.keepalive_time_ms", round(keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", round(keepalive_timeout_s * 1000)),
+        # While a flow-control (BDP) ping is outstanding, the keepalive rides on it and
+        # grpc waits this long for its ack instead (default 60 s): same timeout for both.
+        ("grpc.http2.ping_timeout_ms", round(keepalive_timeout_s * 1000)),
         # A stream waiting for the next batch has no call data in flight; ping anyway,
         # or a silent partition is noticed only by the next write.
         ("grpc.keepalive_permit_without_calls", 1),
@@ -288,8 +295,8 @@ class Streamer:
             keepalive_time_s=keepalive_time_s,
             keepalive_timeout_s=keepalive_timeout_s,
             max_message_bytes=max_message_bytes,
+            connect_timeout_s=connect_timeout_s,
         )
-        self._connect_timeout_s = connect_timeout_s
         self._max_message_bytes = max_message_bytes
         self._max_in_flight = max_in_flight
         self._backoff_base_s = backoff_base_s
@@ -367,7 +374,7 @@ class Streamer:
                 rejected_batches=self._rejected,
                 dropped_invalid=self._dropped_invalid,
                 reconnects=self._reconnects,
-                connected=session is not None and session.call is not None,
+                connected=session is not None and session.progressed,
                 address=session.address if session is not None else None,
             )
 
@@ -437,7 +444,6 @@ class Streamer:
         """One stream on one address until it breaks; always raises ``StreamError``."""
         channel = self._channel(session.address)
         try:
-            self._wait_ready(channel, session.address)
             stub = telemetry_pb2_grpc.IngestStub(channel)
             with map_grpc_errors(session.address):
                 call = stub.Stream(self._requests(session))
@@ -445,40 +451,15 @@ class Streamer:
                 self._session = session
                 if self._stop.is_set():
                     call.cancel()
-                log.info("streaming to collector %s", session.address)
                 for ack in call:
+                    if not session.progressed:
+                        log.info("streaming to collector %s", session.address)
                     self._on_ack(session, ack)
             raise Retryable(f"{session.address}: the collector closed the stream")
         finally:
             session.closed.set()
             self._session = None
             channel.close()
-
-    def _wait_ready(self, channel: grpc.Channel, address: str) -> None:
-        """Connect now, so a dead address fails over in milliseconds, not at first write."""
-        states: queue.SimpleQueue[grpc.ChannelConnectivity] = queue.SimpleQueue()
-        callback = states.put
-        channel.subscribe(callback, try_to_connect=True)
-        deadline = time.monotonic() + self._connect_timeout_s
-        try:
-            while not self._stop.is_set():
-                remaining_s = deadline - time.monotonic()
-                if remaining_s <= 0:
-                    raise Retryable(f"{address}: no connection within {self._connect_timeout_s} s")
-                try:
-                    state = states.get(timeout=min(0.1, remaining_s))
-                except queue.Empty:
-                    continue
-                if state is grpc.ChannelConnectivity.READY:
-                    return
-                if state in (
-                    grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-                    grpc.ChannelConnectivity.SHUTDOWN,
-                ):
-                    raise Retryable(f"{address}: cannot connect")
-            raise Retryable(f"{address}: stopping")
-        finally:
-            channel.unsubscribe(callback)
 
     def _on_ack(self, session: _Session, ack: pb.Ack) -> None:
         boot_id = ack.boot_id or (session.cursor[0] if session.cursor else "")

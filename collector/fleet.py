@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import chain
 from math import isfinite
 from operator import attrgetter
 from typing import Protocol, TypeVar, cast
@@ -67,6 +68,8 @@ _FLOATING = frozenset({FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_F
 _GPU_DOUBLES = [f.name for f in pb.GpuSample.DESCRIPTOR.fields if f.cpp_type in _FLOATING]
 _GPU_PCT = attrgetter(*(n for n in _GPU_DOUBLES if n in _PCT))
 _GPU_REST = attrgetter(*(n for n in _GPU_DOUBLES if n not in _PCT))
+_SECONDS = attrgetter("time.seconds")
+_GPU_INDEX = attrgetter("gpu_index")
 
 
 class RejectReason(StrEnum):
@@ -218,56 +221,53 @@ def decode_batch(
         raise PoisonBatch(RejectReason.MISSING_IDENTITY, f"batch has no {', '.join(missing)}")
 
     limit_s = received_s + max_future_skew_s
-    limit_whole_s = math.floor(limit_s)
     records = batch.records
-    # Hot loop (80k samples/s): GPU samples are checked with two C-level attrgetters and
-    # compared in whole seconds; only the records the fleet keeps are decoded in full.
-    newest_gpu: dict[tuple[str, int], tuple[int, int]] = {}  # key -> (seconds, record index)
-    others: list[int] = []  # engine and host records: few, checked field by field
-    oldest = (2**63, -1)
+    n = len(records)
+    # Hot path (80k samples/s): GPU samples are checked a whole batch at a time with
+    # C-level map/min/max/sum over their values; only a batch that fails the quick
+    # check is walked field by field to name the culprit. A record that is not a GPU
+    # sample reads as an empty GpuSample (time 0) here and is handled on its own.
+    gpu_msgs = [rec.gpu for rec in records]
+    secs = list(map(_SECONDS, gpu_msgs))
+    pct = list(chain.from_iterable(map(_GPU_PCT, gpu_msgs)))
+    rest = list(chain.from_iterable(map(_GPU_REST, gpu_msgs)))
+    if n and (
+        max(pct) > 100 + _PCT_SLACK
+        or min(pct) < 0
+        or min(rest) < 0
+        or not isfinite(sum(pct) + sum(rest))  # NaN and inf, whatever min/max made of them
+    ):
+        for i, msg in enumerate(gpu_msgs):
+            problem = _invalid_field(msg)
+            if problem is not None:
+                raise PoisonBatch(RejectReason.INVALID_VALUE, f"record {i} (gpu): {problem}")
+
+    others = [i for i, sec in enumerate(secs) if sec <= 0]  # engine, host, or no time
     skewed = 0
-    for i, rec in enumerate(records):
-        if rec.HasField("gpu"):
-            msg = rec.gpu
-            pct = _GPU_PCT(msg)
-            rest = _GPU_REST(msg)
-            if (
-                not isfinite(sum(pct) + sum(rest))
-                or min(pct) < 0
-                or min(rest) < 0
-                or max(pct) > 100 + _PCT_SLACK
-            ):
-                problem = _invalid_field(msg)
-                if problem is not None:  # None: finite values whose sum overflowed
-                    raise PoisonBatch(RejectReason.INVALID_VALUE, f"record {i} (gpu): {problem}")
-            secs = msg.time.seconds
-            if secs <= 0 and not msg.HasField("time"):
-                raise PoisonBatch(RejectReason.MISSING_TIME, f"record {i} (gpu) has no time")
-            if secs >= limit_whole_s:
-                skewed += _ts_s(msg.time) > limit_s
-            if secs < oldest[0]:
-                oldest = (secs, i)
-            key = (msg.gpu_uuid, msg.gpu_index)
-            prev = newest_gpu.get(key)
-            if prev is None or secs >= prev[0]:  # ties: the later record (batches are in order)
-                newest_gpu[key] = (secs, i)
-            continue
+    if n and max(secs) >= math.floor(limit_s):
+        skewed = sum(1 for m in gpu_msgs if m.time.seconds > 0 and _ts_s(m.time) > limit_s)
+    engine_msgs: list[tuple[int, pb.EngineSample]] = []
+    host_msgs: list[pb.HostSample] = []
+    for i in others:
+        rec = records[i]
         kind = rec.WhichOneof("record")
         if kind is None:
             raise PoisonBatch(
                 RejectReason.EMPTY_RECORD, f"record {i} holds none of gpu, engine, host"
             )
-        other: pb.EngineSample | pb.HostSample = getattr(rec, kind)
+        other: pb.GpuSample | pb.EngineSample | pb.HostSample = getattr(rec, kind)
         if not other.HasField("time"):
             raise PoisonBatch(RejectReason.MISSING_TIME, f"record {i} ({kind}) has no time")
+        if isinstance(other, pb.GpuSample):
+            continue  # dated at or before the epoch: odd, but a GPU sample all the same
         problem = _invalid_field(other)
         if problem is not None:
             raise PoisonBatch(RejectReason.INVALID_VALUE, f"record {i} ({kind}): {problem}")
-        if _ts_s(other.time) > limit_s:
-            skewed += 1
-        if other.time.seconds < oldest[0]:
-            oldest = (other.time.seconds, i)
-        others.append(i)
+        skewed += _ts_s(other.time) > limit_s
+        if isinstance(other, pb.EngineSample):
+            engine_msgs.append((i, other))
+        else:
+            host_msgs.append(other)
 
     verdicts = tuple(_check_verdict(v, i) for i, v in enumerate(batch.verdicts))
 
@@ -275,30 +275,37 @@ def decode_batch(
         t_s = _ts_s(t)
         return received_s if t_s > limit_s else t_s
 
-    # Decode only what the fleet keeps: a 500-sample batch from 8 GPUs decodes 8.
+    # The newest sample of each GPU is its last in the batch: the agent's batcher
+    # appends samples as it takes them. Only those are decoded: 8 of a 500-sample batch.
+    indices: list[int | None] = list(map(_GPU_INDEX, gpu_msgs))
+    not_gpu = {i for i in others if not records[i].HasField("gpu")}
+    for i in not_gpu:
+        indices[i] = None
+    last = dict(zip(indices, range(n), strict=True))
+    last.pop(None, None)
     gpus = tuple(
-        _with_time(cast(GpuSample, record_from_proto(records[i])), clamped(records[i].gpu.time))
-        for _, i in newest_gpu.values()
+        _with_time(cast(GpuSample, record_from_proto(records[i])), clamped(gpu_msgs[i].time))
+        for i in last.values()
     )
-    engines: list[EngineSample] = []
+    engines = sorted(
+        (
+            _with_time(cast(EngineSample, record_from_proto(records[i])), clamped(m.time))
+            for i, m in engine_msgs
+        ),
+        key=lambda e: e.time_s,
+    )
     host: HostSample | None = None
-    for i in others:
-        rec = records[i]
-        if rec.HasField("engine"):
-            engine = cast(EngineSample, record_from_proto(rec))
-            engines.append(_with_time(engine, clamped(rec.engine.time)))
-        else:
-            sample = cast(HostSample, record_from_proto(rec))
-            sample = _with_time(sample, clamped(rec.host.time))
-            if host is None or sample.time_s >= host.time_s:
-                host = sample
-    engines.sort(key=lambda e: e.time_s)
+    if host_msgs:
+        newest_host = max(host_msgs, key=lambda m: _ts_s(m.time))
+        decoded_host = cast(HostSample, record_from_proto(pb.TraceRecord(host=newest_host)))
+        host = _with_time(decoded_host, clamped(newest_host.time))
     times = [g.time_s for g in gpus] + [e.time_s for e in engines]
     times += [host.time_s] if host is not None else []
-    oldest_s: float | None = None
-    if oldest[1] >= 0:
-        rec = records[oldest[1]]
-        oldest_s = clamped(getattr(rec, str(rec.WhichOneof("record"))).time)
+    # Oldest: the first GPU sample (batches are in time order), or an older engine/host one.
+    first_gpu = next((i for i in range(n) if i not in not_gpu), None)
+    firsts = [clamped(gpu_msgs[first_gpu].time)] if first_gpu is not None else []
+    firsts += [clamped(m.time) for _, m in engine_msgs] + [clamped(m.time) for m in host_msgs]
+    oldest_s = min(firsts) if firsts else None
     return DecodedBatch(
         agent_id=batch.agent_id,
         boot_id=batch.boot_id,
@@ -419,6 +426,9 @@ class Fleet:
         self._lock = threading.Lock()
         self._agents: dict[str, AgentState] = {}
         self._gpus: dict[_GpuKey, GpuState] = {}
+        # agent_id -> its GPUs' keys: engine attribution looks at one agent's GPUs,
+        # never the whole fleet's 8,000.
+        self._agent_gpus: dict[str, set[_GpuKey]] = {}
         self._engines: dict[tuple[str, str], EngineState] = {}
         self._batches = 0
         self._samples = 0
@@ -499,6 +509,7 @@ class Fleet:
         prev = self._gpus.get(key)
         if prev is not None and prev.sample is not None and prev.sample.time_s > sample.time_s:
             return  # an outage drain delivers old samples after newer ones: keep the newest
+        self._agent_gpus.setdefault(batch.agent_id, set()).add(key)
         self._gpus[key] = GpuState(
             agent_id=batch.agent_id,
             hostname=batch.hostname,
@@ -516,8 +527,8 @@ class Fleet:
         if key in self._gpus or uuid:
             return key
         # A verdict or engine naming only an index: find that GPU's uuid-keyed entry.
-        for k, g in self._gpus.items():
-            if g.agent_id == agent_id and g.gpu_index == index:
+        for k in self._agent_gpus.get(agent_id, ()):
+            if self._gpus[k].gpu_index == index:
                 return k
         return key
 
@@ -528,6 +539,7 @@ class Fleet:
             if prev.verdict.window_end_s > verdict.window_end_s:
                 return
         name = prev.gpu_name if prev else verdict.gpu_name
+        self._agent_gpus.setdefault(batch.agent_id, set()).add(key)
         self._gpus[key] = GpuState(
             agent_id=batch.agent_id,
             hostname=batch.hostname,
@@ -553,21 +565,21 @@ class Fleet:
             gpu_indices=indices,
             updated_s=received_s,
         )
-        for key, gpu in list(self._gpus.items()):
-            if gpu.agent_id == batch.agent_id and gpu.gpu_index in indices:
+        for key in self._agent_gpus.get(batch.agent_id, ()):
+            gpu = self._gpus[key]
+            if gpu.gpu_index in indices:
                 self._gpus[key] = dataclasses.replace(gpu, engine=engine, updated_s=received_s)
 
     def _gpus_of_pid(self, agent_id: str, pid: int | None) -> tuple[int, ...]:
         # Attribute an engine to GPUs by its pid in NVML's process list (DESIGN §5).
         if pid is None:
             return ()
+        gpus = (self._gpus[k] for k in self._agent_gpus.get(agent_id, ()))
         return tuple(
             sorted(
                 g.gpu_index
-                for g in self._gpus.values()
-                if g.agent_id == agent_id
-                and g.sample is not None
-                and any(p.pid == pid for p in g.sample.processes)
+                for g in gpus
+                if g.sample is not None and any(p.pid == pid for p in g.sample.processes)
             )
         )
 
@@ -576,6 +588,9 @@ class Fleet:
         cutoff = now_s - self._forget_after_s
         _drop_older(self._agents, cutoff)
         _drop_older(self._gpus, cutoff)
+        self._agent_gpus = {}
+        for key in self._gpus:
+            self._agent_gpus.setdefault(key[0], set()).add(key)
         _drop_older(self._engines, cutoff)
 
     def forget_stale(self, now_s: float | None = None) -> None:

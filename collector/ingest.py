@@ -488,6 +488,7 @@ class IngestServer:
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)  # this thread's own; grpc.aio looks it up
         self._loop = loop
         try:
             loop.run_until_complete(self._serve())
@@ -499,6 +500,14 @@ class IngestServer:
                 log.exception("ingest server failed")
         finally:
             self._started.set()
+            # Streams the server cancelled still have tasks winding down: let them end
+            # before the loop closes, or asyncio complains that they were destroyed.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
     async def _serve(self) -> None:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from agent.errors import RooftopError
+from agent.errors import ProbeError
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -44,10 +44,6 @@ DEFAULT_PROMPT = "Count from 1 to 200, separated by spaces."
 DEFAULT_MAX_TOKENS = 64
 _MAX_LINE_BYTES = 1 << 20
 _ERROR_BODY_BYTES = 2048
-
-
-class ProbeError(RooftopError):
-    """The probe could not measure: unreachable, HTTP error, or no content streamed."""
 
 
 @dataclass(frozen=True, slots=True)

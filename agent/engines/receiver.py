@@ -68,6 +68,7 @@ def summary_to_sample(summary: HookSummary, time_s: float) -> EngineSample:
         ttft_ms=ttft.mean if ttft else None,
         output_tokens=summary.output_tokens,
         pid=summary.pid or None,
+        gpu_indices=summary.gpu_indices,
         model=summary.model,
         tpot_p50_ms=tpot.p50 if tpot else None,
         tpot_p99_ms=tpot.p99 if tpot else None,
@@ -103,7 +104,8 @@ class HookReceiver:
         self._mode = socket_mode
         self._samples: deque[EngineSample] = deque()
         self._max_samples = max_samples
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # samples and counters
+        self._io_lock = threading.Lock()  # reading the socket: the thread or flush()
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -165,6 +167,8 @@ class HookReceiver:
             mode = path.lstat().st_mode
         except FileNotFoundError:
             return
+        except OSError as exc:  # a file where a directory should be, no permission
+            raise ConfigError(f"hook socket {path}: {exc}") from exc
         if not stat.S_ISSOCK(mode):
             raise ConfigError(f"hook socket {path}: exists and is not a socket; not touching it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -183,14 +187,20 @@ class HookReceiver:
             try:
                 fd = sock.fileno()
                 readable, _, _ = select.select([fd, self._wake_r], [], [], _POLL_S)
-                if fd not in readable:
-                    continue
-                data = sock.recv(MAX_DATAGRAM_BYTES + 1)
-            except (BlockingIOError, InterruptedError):
-                continue  # flush() took it first
             except (OSError, ValueError) as exc:  # ValueError: closed under select()
                 if not self._stop.is_set():
                     _log.warning("hook receiver: %s; stopping", exc)
+                return
+            if fd in readable:
+                with self._io_lock:
+                    self._read_queued(sock, deadline=time.monotonic() + _POLL_S)
+
+    def _read_queued(self, sock: socket.socket, deadline: float) -> None:
+        """Handle datagrams until none is queued (or the deadline); caller holds _io_lock."""
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(MAX_DATAGRAM_BYTES + 1)
+            except OSError:  # BlockingIOError: nothing left queued; or closed
                 return
             try:
                 self._handle(data)
@@ -229,12 +239,14 @@ class HookReceiver:
         if sock is None:
             return
         deadline = time.monotonic() + max(0.0, timeout_s)
-        while time.monotonic() < deadline:
-            try:
-                data = sock.recv(MAX_DATAGRAM_BYTES + 1)
-            except OSError:  # BlockingIOError: nothing left queued
-                return
-            self._handle(data)
+        # The lock makes flush() also wait for a datagram the thread has already
+        # taken off the socket but not yet turned into a sample.
+        if not self._io_lock.acquire(timeout=max(0.0, timeout_s)):
+            return
+        try:
+            self._read_queued(sock, deadline)
+        finally:
+            self._io_lock.release()
 
     def drain(self) -> list[EngineSample]:
         """Take the samples received since the last drain, oldest first."""

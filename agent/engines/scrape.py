@@ -169,7 +169,7 @@ def parse_samples(text: str) -> Samples:
                     continue
                 out.setdefault(sample.name, []).append((sample.labels, value))
     except (IndexError, KeyError, TypeError) as exc:  # the parser's ValueError passes through
-        raise ValueError(f"malformed metrics text: {exc!r}") from exc
+        raise ValueError(f"parser failed: {exc!r}") from exc
     return out
 
 
@@ -403,7 +403,8 @@ class Scraper:
                 samples = parse_samples(text)
             except ValueError as exc:
                 self._malformed += 1
-                return self._fail(f"{self.url}: {exc}")
+                # repr: the parser quotes the offending text, which may hold control bytes.
+                return self._fail(f"{self.url}: malformed metrics text: {str(exc)[:200]!r}")
             spec = self._spec or detect_engine(samples)
             if spec is None:
                 self._unrecognized += 1

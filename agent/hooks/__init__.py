@@ -77,6 +77,7 @@ def configure(
     Optional: without it the first hook call builds one from ``$ROOFTOP_ENGINE_ID``,
     ``$ROOFTOP_MODEL``, ``$ROOFTOP_HOOK_SOCKET`` and ``$ROOFTOP_HOOK_INTERVAL_S``.
     Invalid values fall back to the defaults with a log line, never an exception.
+    Requests already started on the old aggregator stay with it and are not reported.
 
     Args:
         engine_id: names this engine to the agent (default ``pid-<pid>``).

@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_SOCKET_PATH",
     "ENV_ENGINE_ID",
     "ENV_INTERVAL_S",
+    "ENV_GPUS",
     "ENV_MODEL",
     "ENV_SOCKET",
     "Aggregator",
@@ -55,6 +56,17 @@ _log = logging.getLogger("rooftop.hooks")
 ENV_SOCKET = "ROOFTOP_HOOK_SOCKET"
 ENV_ENGINE_ID = "ROOFTOP_ENGINE_ID"
 ENV_MODEL = "ROOFTOP_MODEL"
+# Explicit GPU attribution ("0,1"), for when the agent cannot match the engine's pid
+# against NVML's process list (containers with their own pid namespace).
+ENV_GPUS = "ROOFTOP_ENGINE_GPUS"
+
+
+def _env_gpus() -> tuple[int, ...]:
+    """GPU indices from ``$ROOFTOP_ENGINE_GPUS``; garbage there means no attribution."""
+    try:
+        return tuple(int(g) for g in os.environ.get(ENV_GPUS, "").split(",") if g.strip())
+    except ValueError:
+        return ()
 ENV_INTERVAL_S = "ROOFTOP_HOOK_INTERVAL_S"
 DEFAULT_SOCKET_PATH = "/run/rooftop/hooks.sock"
 DEFAULT_INTERVAL_S = 1.0
@@ -209,6 +221,8 @@ class Aggregator:
         engine_id: names this engine to the agent; default ``$ROOFTOP_ENGINE_ID`` or
             ``pid-<pid>``.
         model: the model served, if known; default ``$ROOFTOP_MODEL``.
+        gpu_indices: the GPUs this engine uses, when the agent cannot see its pid in
+            NVML's process list; default ``$ROOFTOP_ENGINE_GPUS`` ("0,1").
         socket_path: the agent's unix datagram socket; default ``$ROOFTOP_HOOK_SOCKET``
             or ``/run/rooftop/hooks.sock``. ``@name`` means the abstract namespace.
         interval_s: seconds between summaries; default ``$ROOFTOP_HOOK_INTERVAL_S`` or 1.
@@ -223,6 +237,7 @@ class Aggregator:
         *,
         engine_id: str | None = None,
         model: str | None = None,
+        gpu_indices: tuple[int, ...] | None = None,
         socket_path: str | None = None,
         interval_s: float | None = None,
         clock_ns: Callable[[], int] = time.perf_counter_ns,
@@ -233,6 +248,7 @@ class Aggregator:
         self.pid = os.getpid()
         self.engine_id = self._engine_id_given or f"pid-{self.pid}"
         self.model = model or os.environ.get(ENV_MODEL) or None
+        self.gpu_indices = gpu_indices if gpu_indices is not None else _env_gpus()
         self.socket_path = socket_path or os.environ.get(ENV_SOCKET) or DEFAULT_SOCKET_PATH
         if interval_s is None or not (isinstance(interval_s, (int, float)) and interval_s > 0):
             if interval_s is not None:
@@ -448,6 +464,7 @@ class Aggregator:
             pid=self.pid,
             engine_id=self.engine_id,
             model=self.model,
+            gpu_indices=self.gpu_indices,
             seq=self._seq,
             time_s=float(self._wall()),
             interval_s=max(0.0, interval_ns / 1e9),

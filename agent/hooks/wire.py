@@ -82,6 +82,7 @@ class HookSummary:
     kv_cache_usage_ratio: float | None = None
     dropped: int = 0
     errors: int = 0
+    gpu_indices: tuple[int, ...] = ()  # explicit attribution (ROOFTOP_ENGINE_GPUS)
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:
@@ -131,6 +132,7 @@ def encode_summary(summary: HookSummary) -> bytes:
         "pid": summary.pid,
         "engine_id": summary.engine_id,
         "model": summary.model,
+        "gpu_indices": list(summary.gpu_indices),
         "seq": summary.seq,
         "time_s": summary.time_s,
         "interval_s": summary.interval_s,
@@ -228,6 +230,11 @@ def decode_summary(data: bytes) -> HookSummary:
     model = doc.get("model")
     if model is not None and not isinstance(model, str):
         raise ValueError("model must be a string or null")
+    gpus = doc.get("gpu_indices") or []
+    if not isinstance(gpus, list) or not all(
+        isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 1024 for g in gpus
+    ):
+        raise ValueError("gpu_indices must be a list of GPU indices")
     kv = _opt_float(doc, "kv_cache_usage_ratio")
     if kv is not None and not 0.0 <= kv <= 1.0:
         raise ValueError(f"kv_cache_usage_ratio must be within 0-1, got {kv}")
@@ -248,4 +255,5 @@ def decode_summary(data: bytes) -> HookSummary:
         kv_cache_usage_ratio=kv,
         dropped=_opt_int(doc, "dropped") or 0,
         errors=_opt_int(doc, "errors") or 0,
+        gpu_indices=tuple(gpus),
     )

@@ -159,9 +159,7 @@ def test_truncated_tail_is_skipped_and_counted(tmp_path: Path):
     again.append(batch(1, boot="boot-b"))
     again.shutdown(5)
     third = open_spool(tmp_path)
-    assert [(b.boot_id, b.seq) for b in third.pending(10)] == [
-        (BOOT, 1), (BOOT, 2), ("boot-b", 1)
-    ]
+    assert [(b.boot_id, b.seq) for b in third.pending(10)] == [(BOOT, 1), (BOOT, 2), ("boot-b", 1)]
 
 
 def test_garbage_and_unreadable_segments_never_raise(tmp_path: Path):

@@ -93,6 +93,7 @@ class Server:
             options=[
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 100),
+                ("grpc.http2.max_ping_strikes", 0),
             ],
         )
         telemetry_pb2_grpc.add_IngestServicer_to_server(self.servicer, server)
@@ -120,6 +121,67 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class FreezableProxy:
+    """A TCP forwarder that can stop moving bytes without closing anything: a partition."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.frozen = threading.Event()
+        self.closed = threading.Event()
+        self.conns: list[socket.socket] = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.listener.settimeout(0.1)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        src.settimeout(0.05)
+        while not self.closed.is_set():
+            if self.frozen.is_set():
+                time.sleep(0.02)  # bytes pile up in the kernel; nobody is told
+                continue
+            try:
+                data = src.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            while self.frozen.is_set() and not self.closed.is_set():
+                time.sleep(0.02)  # read just as the partition began: it never arrives
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def heal(self) -> None:
+        """End the partition: connections from before it are dead; new ones pass."""
+        old, self.conns = self.conns, []
+        for conn in old:
+            conn.close()
+        self.frozen.clear()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
 
 
 @pytest.fixture
@@ -232,6 +294,44 @@ def test_fails_over_when_the_first_collector_dies(spool, make_streamer, servers)
     assert set(range(6, 11)) <= set(second.servicer.seqs())
 
 
+def test_fails_over_from_an_address_that_never_handshakes(spool, make_streamer, servers):
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(8)  # TCP connects, HTTP/2 never answers: only the connect timeout helps
+    try:
+        server = serve(servers)
+        enqueue(spool, Batcher("node-1", BOOT), 3)
+        hung = f"127.0.0.1:{hang.getsockname()[1]}"
+        make_streamer([hung, server.address], connect_timeout_s=0.5)
+        wait_for(lambda: spool.queued == 0, timeout_s=5.0)
+        assert server.servicer.seqs() == [1, 2, 3]
+    finally:
+        hang.close()
+
+
+def test_keepalive_detects_a_silent_partition(spool, make_streamer, servers):
+    server = serve(servers)
+    proxy = FreezableProxy(server.port)
+    try:
+        batcher = Batcher("node-1", BOOT)
+        enqueue(spool, batcher, 3)
+        streamer = make_streamer(
+            [proxy.address], keepalive_time_s=0.2, keepalive_timeout_s=0.5, connect_timeout_s=0.5
+        )
+        wait_for(lambda: spool.queued == 0)
+        proxy.frozen.set()
+        enqueue(spool, batcher, 3)
+        streamer.wake()
+        # No FIN, no RST: only an unanswered keepalive ping can tell the stream is dead.
+        wait_for(lambda: streamer.stats().reconnects >= 1, timeout_s=5.0)
+        assert spool.queued == 3
+        proxy.heal()
+        wait_for(lambda: spool.queued == 0)
+        assert set(server.servicer.seqs()) == set(range(1, 7))
+    finally:
+        proxy.close()
+
+
 def test_rejected_seq_is_counted_and_not_resent(spool, make_streamer, servers):
     server = serve(servers, reject={3})
     batcher = Batcher("node-1", BOOT)
@@ -340,8 +440,9 @@ def test_backoff_grows_by_1_6_with_jitter_and_caps_at_30_s():
 
 
 def test_channel_options_are_explicit():
-    opts = dict(channel_options(keepalive_time_s=30, keepalive_timeout_s=10,
-                                max_message_bytes=4 << 20))
+    opts = dict(
+        channel_options(keepalive_time_s=30, keepalive_timeout_s=10, max_message_bytes=4 << 20)
+    )
     assert opts["grpc.keepalive_time_ms"] == 30_000
     assert opts["grpc.keepalive_timeout_ms"] == 10_000
     assert opts["grpc.keepalive_permit_without_calls"] == 1
@@ -350,8 +451,13 @@ def test_channel_options_are_explicit():
 
 def test_flush_times_out_without_a_collector_and_shutdown_is_idempotent(spool):
     enqueue(spool, Batcher("node-1", BOOT), 1)
-    streamer = Streamer(spool, [f"127.0.0.1:{free_port()}"], backoff_base_s=0.05,
-                        backoff_max_s=0.1, connect_timeout_s=1.0)
+    streamer = Streamer(
+        spool,
+        [f"127.0.0.1:{free_port()}"],
+        backoff_base_s=0.05,
+        backoff_max_s=0.1,
+        connect_timeout_s=1.0,
+    )
     streamer.start()
     started = time.monotonic()
     assert not streamer.flush(0.3)

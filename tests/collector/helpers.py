@@ -184,10 +184,8 @@ class AgentStream:
                 if remaining <= 0 or self._done:
                     if pred(self.acks):
                         break
-                    raise AssertionError(
-                        f"condition not met; acks={[(a.acked_seq, a.rejected_seq) for a in self.acks]}"
-                        f" error={self.error}"
-                    )
+                    got = [(a.acked_seq, a.rejected_seq) for a in self.acks]
+                    raise AssertionError(f"condition not met; acks={got} error={self.error}")
                 self._cond.wait(remaining)
             return list(self.acks)
 

@@ -34,6 +34,16 @@ class MetricsEndpoint:
     requests: int = 0
 
 
+class _Server(ThreadingHTTPServer):
+    # Join handler threads on close, and keep their errors (a client that hung up
+    # mid-stream) off stderr: a late traceback would land in a later test's output.
+    daemon_threads = False
+    block_on_close = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass
+
+
 class _QuietHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -55,9 +65,9 @@ def metrics_server() -> Iterator[MetricsEndpoint]:
             self.end_headers()
             self.wfile.write(data)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = _Server(("127.0.0.1", 0), Handler)
     endpoint.url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield endpoint
     server.shutdown()
@@ -137,16 +147,16 @@ def sse_server() -> Iterator[StreamScript]:
             self._send_chunk(_chunk({}, finish="length"))
             if script.usage:
                 tokens = len(script.pieces) * script.tokens_per_piece
-                usage = {"prompt_tokens": 9, "completion_tokens": tokens, "total_tokens": tokens + 9}
+                usage = {"prompt_tokens": 9, "completion_tokens": tokens}
                 doc = {"id": "chatcmpl-1", "choices": [], "usage": usage}
                 self._send_chunk("data: " + json.dumps(doc) + "\n\n")
             self._send_chunk("data: [DONE]\n\n")
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = _Server(("127.0.0.1", 0), Handler)
     script.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield script
     server.shutdown()

@@ -1,0 +1,290 @@
+"""Collector ingest benchmark: simulated agents (real gRPC clients) against a real collector.
+
+The collector runs as ``agentctl collector`` in a subprocess; its CPU time and RSS
+come from /proc/<pid>. Two phases:
+
+1. **throughput**: a few agents stream 500-sample batches as fast as their window
+   (64 unacked batches, as the real agent) allows. Reports samples/s, collector CPU
+   µs per sample and samples/s per collector core. Batches are pre-encoded (the
+   seq is appended to the wire bytes) so the clients spend little CPU on the
+   shared machine.
+2. **lag**: many agents at a realistic rate (8 GPUs at 10 Hz each, a batch per
+   second). Reports p50/p99 of sample → ack time at the agent: an upper bound on
+   sample → collector lag (it adds the ack's way back and the ack delay), which is
+   what the agent's spool experiences.
+
+Usage: .venv/bin/python bench/bench_collector.py [--throughput-agents 4] [--lag-agents 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from agent.model import GpuSample
+from agent.report import record_to_proto, timestamp
+from protos.rooftop.v1 import telemetry_pb2 as pb
+
+REPO = Path(__file__).resolve().parent.parent
+WINDOW = 64  # the agent's default max_in_flight
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _sample(index: int, time_s: float) -> GpuSample:
+    return GpuSample(
+        time_s=time_s, gpu_index=index, gpu_uuid=f"GPU-{index:04d}", gpu_name="H100 80GB HBM3",
+        busy_pct=95.5, mem_ctrl_pct=97.1, sm_active_pct=81.3, sm_occupancy_pct=11.7,
+        tensor_active_pct=2.2, fp16_active_pct=1.0, fp32_active_pct=0.5, fp64_active_pct=0.0,
+        dram_bw_pct=84.8, pcie_rx_bytes_per_s=1.5e9, pcie_tx_bytes_per_s=0.5e9,
+        pcie_link_gen=5, pcie_link_width=16, power_w=650.0, sm_clock_mhz=1980.0,
+        mem_used_bytes=70 * 2**30, mem_total_bytes=80 * 2**30, temperature_c=61.0,
+    )  # fmt: skip
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def _proc_rss_mib(pid: int) -> tuple[float, float]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+    hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+    return rss / 1024, hwm / 1024
+
+
+class _Stream:
+    """One agent's stream: a window of unacked batches, acks read on a thread."""
+
+    def __init__(self, channel: grpc.Channel, *, raw: bool) -> None:
+        self.requests: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.window = threading.Semaphore(WINDOW)
+        self.acked = 0
+        self.sent_at: dict[int, list[float]] = {}
+        self.lags: list[float] = []
+        self.lock = threading.Lock()
+        serializer = (lambda b: b) if raw else pb.Batch.SerializeToString
+        call = channel.stream_stream(
+            "/rooftop.v1.Ingest/Stream",
+            request_serializer=serializer,
+            response_deserializer=pb.Ack.FromString,
+        )
+        self.call = call(self._iter())
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _iter(self):  # noqa: ANN202
+        while True:
+            item = self.requests.get()
+            if item is None:
+                return
+            yield item
+
+    def _read(self) -> None:
+        try:
+            for ack in self.call:
+                now = time.time()
+                with self.lock:
+                    while self.acked < ack.acked_seq:
+                        self.acked += 1
+                        for t in self.sent_at.pop(self.acked, ()):
+                            self.lags.append(now - t)
+                        self.window.release()
+        except grpc.RpcError:
+            pass
+
+    def send(self, seq: int, item: object, sample_times: list[float] | None = None) -> None:
+        self.window.acquire()
+        if sample_times is not None:
+            with self.lock:
+                self.sent_at[seq] = sample_times
+        self.requests.put(item)
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.reader.join(timeout=10)
+
+
+def throughput_agent(target: str, agent: int, duration_s: float, out: mp.Queue) -> None:
+    template = pb.Batch(agent_id=f"bench-{agent}", boot_id="boot", hostname=f"node-{agent}")
+    now = time.time()
+    for i in range(500):
+        template.records.append(record_to_proto(_sample(i % 8, now + i * 0.01)))
+    body = template.SerializeToString()
+    channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 4 << 20)])
+    stream = _Stream(channel, raw=True)
+    deadline = time.monotonic() + duration_s
+    seq = 0
+    while time.monotonic() < deadline:
+        seq += 1
+        stream.send(seq, body + b"\x18" + _varint(seq))  # field 3 (seq), varint
+    while stream.acked < seq and stream.reader.is_alive():
+        time.sleep(0.01)
+    stream.close()
+    channel.close()
+    out.put(("throughput", agent, seq * 500))
+
+
+def lag_agents(
+    target: str, first: int, count: int, duration_s: float, hz: float, out: mp.Queue
+) -> None:
+    channel = grpc.insecure_channel(target)
+    streams = [_Stream(channel, raw=False) for _ in range(count)]
+    period_s = 1.0 / hz
+    seqs = [0] * count
+    pending: list[list[GpuSample]] = [[] for _ in range(count)]
+    start = time.monotonic()
+    next_tick = start
+    last_flush = start
+    while time.monotonic() - start < duration_s:
+        now = time.time()
+        for a in range(count):
+            pending[a].extend(_sample(g, now) for g in range(8))
+        if time.monotonic() - last_flush >= 1.0:  # the agent's ≤ 1 s batching
+            last_flush = time.monotonic()
+            for a, stream in enumerate(streams):
+                seqs[a] += 1
+                b = pb.Batch(agent_id=f"lag-{first + a}", boot_id="boot", seq=seqs[a],
+                             hostname=f"node-{first + a}")  # fmt: skip
+                b.records.extend(record_to_proto(s) for s in pending[a])
+                b.sent_time.CopyFrom(timestamp(time.time()))
+                stream.send(seqs[a], b, [s.time_s for s in pending[a]])
+                pending[a] = []
+        next_tick += period_s
+        time.sleep(max(0.0, next_tick - time.monotonic()))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+        s.acked < q for s, q in zip(streams, seqs, strict=True)
+    ):
+        time.sleep(0.01)
+    lags: list[float] = []
+    for s in streams:
+        s.close()
+        lags += s.lags
+    channel.close()
+    out.put(("lag", first, lags))
+
+
+def start_collector() -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "collector", "--listen", "127.0.0.1:0",
+         "--prometheus", "127.0.0.1:0", "--insecure"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    port = re.search(r"ingest on 127\.0\.0\.1:(\d+)", line)
+    if port is None:
+        proc.kill()
+        raise SystemExit(f"collector did not start: {line!r}")
+    proc.stdout.readline()  # the prometheus line
+    return proc, f"127.0.0.1:{port.group(1)}"
+
+
+def _percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--throughput-agents", type=int, default=4)
+    parser.add_argument("--throughput-s", type=float, default=10.0)
+    parser.add_argument("--lag-agents", type=int, default=50)
+    parser.add_argument("--lag-s", type=float, default=15.0)
+    parser.add_argument("--hz", type=float, default=10.0)
+    args = parser.parse_args()
+
+    proc, target = start_collector()
+    ctx = mp.get_context("spawn")
+    try:
+        time.sleep(0.5)
+        idle_rss, _ = _proc_rss_mib(proc.pid)
+        print(f"collector pid {proc.pid} on {target}; idle RSS {idle_rss:.0f} MiB")
+
+        out: mp.Queue = ctx.Queue()
+        cpu0, t0 = _proc_cpu_s(proc.pid), time.monotonic()
+        workers = [
+            ctx.Process(target=throughput_agent, args=(target, a, args.throughput_s, out))
+            for a in range(args.throughput_agents)
+        ]
+        for w in workers:
+            w.start()
+        samples = sum(out.get(timeout=args.throughput_s + 120)[2] for _ in workers)
+        cpu1, t1 = _proc_cpu_s(proc.pid), time.monotonic()
+        for w in workers:
+            w.join()
+        wall_s, cpu_s = t1 - t0, cpu1 - cpu0
+        rss, hwm = _proc_rss_mib(proc.pid)
+        print(
+            f"\n[throughput] {args.throughput_agents} agents, 500-sample batches, window {WINDOW}"
+        )
+        print(f"  samples acked        {samples:,} in {wall_s:.1f} s (incl. client start-up)")
+        print(f"  ingest rate          {samples / wall_s:,.0f} samples/s")
+        print(f"  collector CPU        {cpu_s:.2f} s = {cpu_s / wall_s:.2f} cores")
+        print(f"  collector CPU/sample {cpu_s / samples * 1e6:.2f} µs")
+        print(f"  per collector core   {samples / cpu_s:,.0f} samples/s")
+        print(f"  collector RSS        {rss:.0f} MiB (peak {hwm:.0f} MiB)")
+
+        per_proc = -(-args.lag_agents // 2)
+        cpu0, t0 = _proc_cpu_s(proc.pid), time.monotonic()
+        workers = []
+        for first in range(0, args.lag_agents, per_proc):
+            count = min(per_proc, args.lag_agents - first)
+            workers.append(
+                ctx.Process(
+                    target=lag_agents, args=(target, first, count, args.lag_s, args.hz, out)
+                )
+            )
+        for w in workers:
+            w.start()
+        lags: list[float] = []
+        for _ in workers:
+            lags += out.get(timeout=args.lag_s + 120)[2]
+        cpu1, t1 = _proc_cpu_s(proc.pid), time.monotonic()
+        for w in workers:
+            w.join()
+        rate = args.lag_agents * 8 * args.hz
+        rss, hwm = _proc_rss_mib(proc.pid)
+        print(
+            f"\n[lag] {args.lag_agents} agents x 8 GPUs at {args.hz:g} Hz = {rate:,.0f} samples/s,"
+        )
+        print("      one batch per agent per second")
+        print(f"  samples              {len(lags):,}")
+        print(f"  sample -> ack p50    {_percentile(lags, 50) * 1000:.0f} ms")
+        print(f"  sample -> ack p99    {_percentile(lags, 99) * 1000:.0f} ms")
+        print(f"  sample -> ack max    {max(lags) * 1000:.0f} ms")
+        print(f"  collector CPU        {(cpu1 - cpu0) / (t1 - t0):.3f} cores")
+        print(f"  collector RSS        {rss:.0f} MiB (peak {hwm:.0f} MiB)")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    main()

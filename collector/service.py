@@ -1,0 +1,113 @@
+"""Wiring: ingest → fleet → OpenTelemetry, run until SIGTERM. No logic of its own."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+from collector.config import CollectorConfig
+from collector.fleet import Fleet
+from collector.ingest import IngestServer
+from collector.otel import MetricReader, Telemetry
+
+__all__ = ["Collector", "run"]
+
+log = logging.getLogger(__name__)
+
+
+class Collector:
+    """The whole collector: ``start()``, ``flush(timeout_s)``, ``shutdown(timeout_s)``.
+
+    Args:
+        config: a validated ``CollectorConfig``.
+        readers: extra OTel metric readers (tests).
+        clock: wall clock (Unix epoch seconds).
+    """
+
+    def __init__(
+        self,
+        config: CollectorConfig,
+        *,
+        readers: Sequence[MetricReader] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.fleet = Fleet(clock=clock, forget_after_s=config.forget_after_s)
+        self.telemetry = Telemetry(
+            self.fleet,
+            prometheus_listen=config.prometheus_listen,
+            otlp=config.otlp,
+            readers=readers,
+            max_series_per_metric=config.max_series_per_metric,
+            clock=clock,
+        )
+        self.ingest = IngestServer(self.fleet, config, observers=[self.telemetry], clock=clock)
+
+    def start(self) -> None:
+        """Serve metrics first, then accept agents (so nothing applied goes unexported)."""
+        self.telemetry.start()
+        try:
+            self.ingest.start()
+        except BaseException:
+            self.telemetry.shutdown(timeout_s=1.0)
+            raise
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Export what the fleet holds now."""
+        return self.ingest.flush(timeout_s) and self.telemetry.flush(timeout_s)
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting agents (grace for open streams), then a final export. Idempotent."""
+        self.ingest.shutdown(timeout_s=min(timeout_s, 5.0))
+        self.telemetry.shutdown(timeout_s=timeout_s)
+
+
+def run(
+    config: CollectorConfig,
+    *,
+    echo: Callable[[str], None] = print,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run a collector until SIGTERM or SIGINT (or ``stop`` is set), then shut down.
+
+    Args:
+        config: a validated config.
+        echo: where the bound addresses are announced (one line each).
+        stop: an event that ends the run (tests); signals set it too.
+    """
+    stop = stop or threading.Event()
+    collector = Collector(config)
+    previous: dict[signal.Signals, Any] = {}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        del frame
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    # Handlers first: a SIGTERM during start-up still shuts down gracefully.
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        collector.start()
+        host = config.listen.rpartition(":")[0]
+        echo(f"rooftop collector: ingest on {host}:{collector.ingest.port}")
+        port = collector.telemetry.prometheus_port
+        if port is not None:
+            phost = config.prometheus_listen.rpartition(":")[0]
+            echo(f"rooftop collector: prometheus on http://{phost}:{port}/metrics")
+        for exp in config.otlp:
+            every = f"every {exp.interval_s:g} s"
+            echo(f"rooftop collector: otlp {exp.protocol} to {exp.endpoint} {every}")
+        while not stop.wait(1.0):
+            pass
+    finally:
+        collector.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        echo("rooftop collector: stopped")

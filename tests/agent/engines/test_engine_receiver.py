@@ -1,0 +1,180 @@
+"""The agent's hook socket: real unix datagram sockets, hostile input included."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+
+import pytest
+
+from agent.engines.receiver import HookReceiver, summary_to_sample
+from agent.errors import ConfigError
+from agent.hooks import Aggregator
+from agent.hooks.wire import Distribution, HookSummary, encode_summary
+
+
+def summary(**kw) -> HookSummary:
+    base = {
+        "pid": 77,
+        "engine_id": "e1",
+        "seq": 1,
+        "time_s": 1.0,
+        "interval_s": 1.0,
+        "model": "m",
+        "requests_running": 2,
+        "requests_waiting": 0,
+        "output_tokens": 100,
+        "tpot_ms": Distribution(3, 6.0, 5.5, 9.0),
+        "ttft_ms": Distribution(1, 80.0, 80.0, 80.0),
+    }
+    base.update(kw)
+    return HookSummary(**base)
+
+
+def send(path: str, data: bytes) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        s.sendto(data, path)
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def rx(sock_dir):
+    r = HookReceiver(str(sock_dir / "h.sock"), clock=lambda: 123.0)
+    r.start()
+    yield r
+    r.shutdown()
+
+
+def test_summary_to_sample_maps_every_field():
+    s = summary_to_sample(summary(), 5.0)
+    assert s.time_s == 5.0
+    assert (s.engine_id, s.pid, s.model) == ("e1", 77, "m")
+    assert (s.requests_running, s.requests_waiting, s.output_tokens) == (2, 0, 100)
+    assert (s.tpot_ms, s.tpot_p50_ms, s.tpot_p99_ms) == (6.0, 5.5, 9.0)
+    assert (s.ttft_ms, s.ttft_p50_ms, s.ttft_p99_ms) == (80.0, 80.0, 80.0)
+    empty = summary_to_sample(summary(tpot_ms=None, ttft_ms=None, requests_waiting=None), 5.0)
+    assert empty.tpot_ms is None and empty.ttft_p99_ms is None and empty.requests_waiting is None
+
+
+def test_receives_from_real_socket_and_drains(rx):
+    send(rx.socket_path, encode_summary(summary()))
+    send(rx.socket_path, encode_summary(summary(engine_id="e2", seq=2)))
+    rx.flush()
+    samples = rx.drain()
+    assert [s.engine_id for s in samples] == ["e1", "e2"]
+    assert all(s.time_s == 123.0 for s in samples)
+    assert rx.drain() == []
+    st = rx.stats()
+    assert (st.received, st.accepted, st.malformed, st.engines) == (2, 2, 0, 2)
+
+
+def test_socket_file_is_created_with_mode(sock_dir):
+    path = sock_dir / "sub" / "dir" / "h.sock"
+    r = HookReceiver(str(path), socket_mode=0o660)
+    r.start()
+    try:
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o660
+    finally:
+        r.shutdown()
+    assert not path.exists()  # removed on shutdown
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"garbage",
+        b"\x00\xff" * 10,
+        b"{}",
+        json.dumps({"v": 1, "kind": "rooftop.hooks.summary"}).encode(),
+        encode_summary(summary()).replace(b'"output_tokens":100', b'"output_tokens":-1'),
+    ],
+)
+def test_malformed_datagrams_are_counted(rx, data):
+    send(rx.socket_path, data)
+    send(rx.socket_path, encode_summary(summary()))  # the next good one still gets through
+    rx.flush()
+    assert len(rx.drain()) == 1
+    assert rx.stats().malformed == 1
+
+
+def test_thread_receives_without_flush(rx):
+    import time
+
+    send(rx.socket_path, encode_summary(summary()))
+    deadline = time.monotonic() + 5
+    while rx.stats().accepted == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(rx.drain()) == 1
+
+
+def test_overflow_drops_oldest(sock_dir):
+    r = HookReceiver(str(sock_dir / "h.sock"), max_samples=2)
+    r.start()
+    try:
+        for seq in (1, 2, 3):
+            send(r.socket_path, encode_summary(summary(seq=seq, output_tokens=seq)))
+        r.flush()
+        assert [s.output_tokens for s in r.drain()] == [2, 3]
+        assert r.stats().overflowed == 1
+    finally:
+        r.shutdown()
+
+
+def test_stale_socket_file_is_replaced(sock_dir):
+    path = str(sock_dir / "h.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dead.bind(path)
+    dead.close()  # a crashed agent leaves its file behind
+    r = HookReceiver(path)
+    r.start()
+    try:
+        send(path, encode_summary(summary()))
+        r.flush()
+        assert len(r.drain()) == 1
+    finally:
+        r.shutdown()
+
+
+def test_live_socket_is_not_stolen(rx):
+    other = HookReceiver(rx.socket_path)
+    with pytest.raises(ConfigError, match="another process"):
+        other.start()
+
+
+def test_non_socket_file_is_not_touched(sock_dir):
+    path = sock_dir / "h.sock"
+    path.write_text("precious")
+    with pytest.raises(ConfigError, match="not a socket"):
+        HookReceiver(str(path)).start()
+    assert path.read_text() == "precious"
+
+
+def test_unbindable_path_is_config_error(sock_dir):
+    blocker = sock_dir / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError):
+        HookReceiver(str(blocker / "h.sock")).start()
+
+
+def test_abstract_namespace(sock_dir):
+    name = f"@rooftop-test-{os.getpid()}-{id(sock_dir)}"
+    agg = Aggregator(engine_id="abs", socket_path=name, autostart=False)
+    with HookReceiver(name) as r:
+        agg.start_request().token()
+        assert agg.flush() is True
+        r.flush()
+        assert [s.engine_id for s in r.drain()] == ["abs"]
+    agg.shutdown()
+
+
+def test_shutdown_is_idempotent_and_start_after_is_noop(rx):
+    rx.shutdown()
+    rx.shutdown()
+    rx.start()
+    assert rx.drain() == []

@@ -1,0 +1,289 @@
+"""``agentctl agent`` as a real subprocess (fake GPUs) against an in-test gRPC collector."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from click.testing import CliRunner
+
+from agent.cli import main
+from agent.config import load_config
+from agent.daemon import Agent, sd_notify
+from agent.errors import ConfigError
+from agent.spool import Spool
+from protos.rooftop.v1 import telemetry_pb2 as pb
+from protos.rooftop.v1 import telemetry_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Collector(telemetry_pb2_grpc.IngestServicer):
+    """Records every batch; acks the highest contiguous seq per boot (first on stream starts)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.batches: list[pb.Batch] = []
+        self.contiguous: dict[str, int] = {}
+        self.done: dict[str, set[int]] = {}
+
+    def Stream(self, request_iterator, context):
+        started: set[str] = set()
+        for batch in request_iterator:
+            with self.lock:
+                self.batches.append(batch)
+                done = self.done.setdefault(batch.boot_id, set())
+                done.add(batch.seq)
+                top = self.contiguous.get(batch.boot_id, 0)
+                if batch.boot_id not in started:
+                    started.add(batch.boot_id)
+                    top = max(top, batch.seq - 1)
+                while top + 1 in done:
+                    top += 1
+                self.contiguous[batch.boot_id] = top
+            yield pb.Ack(boot_id=batch.boot_id, acked_seq=top)
+
+    def seqs(self) -> dict[str, set[int]]:
+        with self.lock:
+            return {boot: set(s) for boot, s in self.done.items()}
+
+
+@pytest.fixture
+def collector() -> Iterator[tuple[Collector, str]]:
+    servicer = Collector()
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    telemetry_pb2_grpc.add_IngestServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(grace=None).wait(5)
+
+
+def write_config(tmp_path: Path, collector_address: str, **extra: object) -> Path:
+    values: dict[str, object] = {
+        "agent_id": "node-test",
+        "collectors": [collector_address],
+        "insecure": True,
+        "backend": "fake:h100",
+        "fake_gpus": 2,
+        "rate_hz": 10,
+        "window_s": 0.5,
+        "batch_interval_s": 0.2,
+        "spool_dir": str(tmp_path / "spool"),
+        "fsync_interval_s": 0.05,
+        "backoff_base_s": 0.1,
+        "backoff_max_s": 0.5,
+        "shutdown_timeout_s": 5,
+    }
+    values.update(extra)
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, list):
+            lines.append(f"{key} = [{', '.join(repr(v) for v in value)}]".replace("'", '"'))
+        elif isinstance(value, str):
+            lines.append(f'{key} = "{value}"')
+        else:
+            lines.append(f"{key} = {value}")
+    path = tmp_path / "agent.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "notify")
+    sock.bind(path)
+    sock.settimeout(0.2)
+    return sock, path
+
+
+def spawn(config: Path, notify_path: str | None = None) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOFTOP_")}
+    if notify_path:
+        env["NOTIFY_SOCKET"] = notify_path
+    env["GRPC_VERBOSITY"] = "ERROR"
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent", "agent", "--config", str(config)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(cond, timeout_s: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"agent exited early: {proc.communicate()[1]}")
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def receive_until(sock: socket.socket, wanted: str, timeout_s: float = 20.0) -> list[str]:
+    got: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            got.append(sock.recv(4096).decode())
+        except TimeoutError:
+            continue
+        if any(wanted in g for g in got):
+            return got
+    raise AssertionError(f"no {wanted!r} from the agent (got {got})")
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"agent did not exit after SIGTERM: {err}") from None
+    return proc.returncode, err
+
+
+def last_seq(stderr: str) -> int:
+    match = re.search(r"last seq (\d+)", stderr)
+    assert match, stderr
+    return int(match.group(1))
+
+
+def test_agent_streams_and_exits_0_after_final_flush_on_sigterm(tmp_path, collector):
+    servicer, address = collector
+    sock, notify_path = notify_socket(tmp_path)
+    proc = spawn(write_config(tmp_path, address), notify_path)
+    try:
+        receive_until(sock, "READY=1")
+        # Records flow, and verdicts once a window has passed.
+        wait_for(lambda: any(b.verdicts for b in servicer.batches), proc=proc)
+        code, err = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert code == 0, err
+    assert any("STOPPING=1" in m for m in receive_until(sock, "STOPPING=1", timeout_s=2))
+    sock.close()
+
+    (boot,) = servicer.seqs()
+    # Every seq the agent made arrived: the final batch too (flushed before exit).
+    assert servicer.seqs()[boot] == set(range(1, last_seq(err) + 1))
+    batches = servicer.batches
+    assert all(b.agent_id == "node-test" for b in batches)
+    assert {r.gpu.gpu_index for b in batches for r in b.records if r.HasField("gpu")} == {0, 1}
+    assert {v.gpu_index for b in batches for v in b.verdicts} == {0, 1}
+    assert batches[-1].stats.sent >= batches[-1].seq
+    # Nothing left unacked on disk.
+    assert Spool(tmp_path / "spool").stats().queued == 0
+
+
+def test_agent_keeps_unacked_batches_and_resends_them_next_start(tmp_path, collector):
+    servicer, address = collector
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_address = f"127.0.0.1:{dead.getsockname()[1]}"
+    dead.close()
+    config = write_config(tmp_path, dead_address, shutdown_timeout_s=1)
+    proc = spawn(config)
+    try:
+        wait_for(lambda: (tmp_path / "spool").exists(), proc=proc)
+        time.sleep(1.5)  # some batches spooled, none deliverable
+        code, err = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert code == 0, err
+    first_boot_last = last_seq(err)
+    assert first_boot_last > 0
+    assert "unacked" in err
+
+    # Next start, with the collector there: the previous boot's batches go first.
+    proc = spawn(write_config(tmp_path, address))
+    try:
+        wait_for(lambda: len(servicer.seqs()) == 2, proc=proc)
+        code, err = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert code == 0, err
+    boots = servicer.seqs()
+    old = next(b for b in boots if boots[b] == set(range(1, first_boot_last + 1)))
+    assert servicer.batches[0].boot_id == old
+    assert Spool(tmp_path / "spool").stats().queued == 0
+
+
+def test_missing_collectors_or_plaintext_is_one_line_error(tmp_path):
+    result = CliRunner().invoke(main, ["agent", "--fake", "h100"])
+    assert result.exit_code == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert "collectors" in result.stderr
+    path = tmp_path / "a.toml"
+    path.write_text('collectors = ["127.0.0.1:1"]\nbackend = "fake:h100"\n')
+    result = CliRunner().invoke(main, ["agent", "--config", str(path)])
+    assert result.exit_code == 1
+    assert "insecure" in result.stderr
+
+
+def test_unknown_config_key_is_one_line_error(tmp_path):
+    path = tmp_path / "a.toml"
+    path.write_text('collectors = ["127.0.0.1:1"]\nrate = 3\n')
+    result = CliRunner().invoke(main, ["agent", "--config", str(path)])
+    assert result.exit_code == 1
+    assert "a.toml:2: unknown key 'rate'" in result.stderr
+
+
+def test_agent_object_lifecycle_in_process(tmp_path, collector):
+    servicer, address = collector
+    cfg = load_config(write_config(tmp_path, address), env={})
+    agent = Agent(cfg, env={})
+    agent.start()
+    try:
+        wait_for(lambda: len(servicer.batches) >= 3)
+        assert agent.flush(5)
+    finally:
+        agent.shutdown(5)
+        agent.shutdown(5)  # idempotent
+    assert servicer.seqs()[agent.boot_id] == set(range(1, agent.batcher.last_seq + 1))
+
+
+def test_agent_refuses_without_collectors():
+    cfg = load_config(env={}, overrides={"backend": "fake:h100", "insecure": True})
+    with pytest.raises(ConfigError, match="collectors"):
+        Agent(cfg, env={})
+
+
+def test_sd_notify_datagram(tmp_path):
+    sock, path = notify_socket(tmp_path)
+    with sock:
+        assert sd_notify("READY=1", {"NOTIFY_SOCKET": path})
+        assert sock.recv(100) == b"READY=1"
+    assert not sd_notify("READY=1", {})
+    assert not sd_notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "absent")})
+
+
+def test_sd_notify_abstract_namespace():
+    name = f"rooftop-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(2)
+        assert sd_notify("WATCHDOG=1", {"NOTIFY_SOCKET": "@" + name})
+        assert sock.recv(100) == b"WATCHDOG=1"

@@ -1,0 +1,70 @@
+"""``agentctl collector``: a real subprocess until SIGTERM, and its one-line errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from agent.cli import main
+from tests.collector.helpers import AgentStream, batch, gpu, verdict
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_runs_until_sigterm_and_stops_gracefully(tmp_path: Path):
+    config = tmp_path / "collector.toml"
+    config.write_text('[collector]\nack_interval_s = 0.05\n[prometheus]\nlisten = "127.0.0.1:0"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOFTOP_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "collector", "--config", str(config),
+         "--listen", "127.0.0.1:0", "--insecure"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        ingest = proc.stdout.readline()
+        prom = proc.stdout.readline()
+        ingest_port = int(re.search(r"ingest on 127\.0\.0\.1:(\d+)", ingest).group(1))  # type: ignore[union-attr]
+        prom_url = re.search(r"prometheus on (http://\S+)", prom).group(1)  # type: ignore[union-attr]
+        with AgentStream(f"127.0.0.1:{ingest_port}") as stream:
+            stream.send(batch(1, records=[gpu(0)], verdicts=[verdict(0)]))
+            assert stream.wait_acked(1)[-1].acked_seq == 1
+        text = urllib.request.urlopen(prom_url, timeout=5).read().decode()
+        assert "rooftop_gpu_bound{" in text
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "rooftop collector: stopped" in out
+
+
+def test_plaintext_without_insecure_is_one_line_error():
+    result = CliRunner().invoke(main, ["collector", "--listen", "127.0.0.1:0"])
+    assert result.exit_code == 1
+    assert "agentctl: error: collector.insecure" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unknown_key_is_named(tmp_path: Path):
+    config = tmp_path / "c.toml"
+    config.write_text("[collector]\nlisten_address = '0.0.0.0:1'\n")
+    result = CliRunner().invoke(main, ["collector", "--config", str(config), "--insecure"])
+    assert result.exit_code == 1
+    assert "unknown key collector.listen_address" in result.output
+
+
+def test_help():
+    result = CliRunner().invoke(main, ["collector", "--help"])
+    assert result.exit_code == 0
+    for option in ("--config", "--listen", "--prometheus", "--insecure"):
+        assert option in result.output

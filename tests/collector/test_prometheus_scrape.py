@@ -1,0 +1,144 @@
+"""A REAL Prometheus server scrapes the collector; a verdict is read back via its HTTP API.
+
+Needs the ``prometheus`` binary (``.ci/install-prometheus.sh`` installs Debian's).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.model import Bound, Cause
+from collector.config import CollectorConfig
+from collector.service import Collector
+from tests.collector.helpers import AgentStream, batch, engine, gpu, verdict
+
+PROMETHEUS = shutil.which("prometheus")
+
+pytestmark = pytest.mark.skipif(
+    PROMETHEUS is None,
+    reason="no prometheus binary on PATH (run .ci/install-prometheus.sh to install Debian's)",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    config = CollectorConfig(
+        listen="127.0.0.1:0", insecure=True, prometheus_listen="127.0.0.1:0"
+    ).validated()
+    c = Collector(config)
+    c.start()
+    yield c
+    c.shutdown(timeout_s=2)
+
+
+@pytest.fixture
+def prometheus(collector: Collector, tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n"
+        "  scrape_interval: 1s\n"
+        "  scrape_timeout: 1s\n"
+        "scrape_configs:\n"
+        "  - job_name: rooftop\n"
+        "    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{collector.telemetry.prometheus_port}']\n"
+    )
+    log = (tmp_path / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            str(PROMETHEUS),
+            f"--config.file={config}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def query(base: str, promql: str) -> list[dict]:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            body = json.load(resp)
+    except OSError:
+        return []  # not up yet
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def wait_query(base: str, promql: str, timeout_s: float = 30.0) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = query(base, promql)
+        if result:
+            return result
+        time.sleep(0.25)
+    raise AssertionError(f"prometheus returned nothing for {promql!r} in {timeout_s} s")
+
+
+def test_prometheus_scrapes_verdicts_from_the_collector(collector: Collector, prometheus: str):
+    with AgentStream(f"127.0.0.1:{collector.ingest.port}") as stream:
+        stream.send(
+            batch(
+                1,
+                records=[gpu(0), gpu(1), engine()],
+                verdicts=[verdict(0, Bound.MEMORY), verdict(1, Bound.HOST, cause=Cause.CPU)],
+            )
+        )
+        stream.wait_acked(1)
+
+    up = wait_query(prometheus, 'up{job="rooftop"} == 1')
+    assert up[0]["value"][1] == "1"
+
+    memory = wait_query(prometheus, 'rooftop_gpu_bound{rooftop_bound="memory"} == 1')
+    assert len(memory) == 1
+    labels = memory[0]["metric"]
+    assert labels["hw_id"] == "GPU-0000-uuid"
+    assert labels["host_name"] == "gpu-node-1"
+    assert labels["rooftop_gpu_index"] == "0"
+
+    host = wait_query(
+        prometheus, "rooftop_gpu_bound == 1 and on(hw_id) rooftop_gpu_bound_confidence"
+    )
+    causes = {r["metric"]["hw_id"]: r["metric"].get("rooftop_bound_cause") for r in host}
+    assert causes == {"GPU-0000-uuid": None, "GPU-0001-uuid": "cpu"}
+
+    zeros = wait_query(prometheus, 'rooftop_gpu_bound{hw_id="GPU-0000-uuid"} == 0')
+    assert {r["metric"]["rooftop_bound"] for r in zeros} == {
+        "idle", "compute", "host", "mixed", "lost",
+    }  # fmt: skip
+
+    util = wait_query(prometheus, 'hw_gpu_utilization{hw_id="GPU-0000-uuid"}')
+    assert float(util[0]["value"][1]) == pytest.approx(0.955)
+
+    tpot = wait_query(prometheus, 'gen_ai_server_time_per_output_token_seconds_bucket{le="0.006"}')
+    assert float(tpot[0]["value"][1]) == 1
