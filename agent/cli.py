@@ -69,6 +69,52 @@ def main() -> None:
 
 # --- diagnose / record (node agent) ---------------------------------------------------
 
+def _engine_options(fn: F) -> F:
+    """``--engine-url`` and ``--hooks``: where engine TPOT/TTFT come from while sampling."""
+    fn = click.option(
+        "--hooks/--no-hooks", default=True, show_default=True,
+        help="Receive in-process engine hooks on $ROOFTOP_HOOK_SOCKET while sampling.")(fn)
+    return click.option(
+        "--engine-url", "engine_urls", multiple=True, metavar="URL[@GPU,...]",
+        help="Scrape an engine's /metrics (vLLM, SGLang, TGI) while sampling; @0,1 ties it "
+             "to GPUs 0 and 1 (repeatable).")(fn)
+
+
+def _sample_live(
+    fake: str | None,
+    gpus: int,
+    engine_urls: tuple[str, ...],
+    hooks: bool,
+    seconds: float,
+    rate_hz: float,
+    progress: _Progress,
+    on_records: Callable[[list[Any]], None] | None = None,
+) -> list[Any]:
+    """Open the GPU backend, host sensor and engine sources; sample; close them all."""
+    from agent import diagnose as dx  # noqa: PLC0415 — keeps `agentctl --help` fast
+    from agent.engines.sources import (  # noqa: PLC0415
+        EngineEndpoint,
+        EngineSources,
+        default_hook_socket,
+    )
+
+    spec = dx.FakeSpec.parse(fake) if fake else None
+    endpoints = [EngineEndpoint.parse(u) for u in engine_urls]
+    backend = dx.open_backend(spec, gpus)
+    engines = EngineSources(default_hook_socket(dict(os.environ)) if hooks else None, endpoints)
+    try:
+        engines.start()
+        for warning in engines.warnings:
+            click.echo(f"agentctl: warning: {warning}", err=True)
+        progress.label = progress.label.format(gpus=len(backend.devices()))
+        return dx.sample(backend, dx.open_host_sensor(backend), seconds, rate_hz, progress,
+                         on_records, engines=engines)
+    finally:
+        progress.close()
+        engines.shutdown()
+        backend.close()
+
+
 _fake_option = click.option(
     "--fake",
     metavar="PROFILE[:WORKLOAD,...]",
@@ -99,11 +145,7 @@ _gpus_option = click.option("--gpus", default=1, show_default=True, type=click.I
               help="KV-cache dtype (default: as the weights, fp16/bf16).")
 @click.option("--context", "context_tokens", default=0, show_default=True,
               type=click.IntRange(min=0), help="Mean tokens per request in flight.")
-@click.option("--engine-url", "engine_urls", multiple=True, metavar="URL[@GPU,...]",
-              help="Scrape an engine's /metrics (vLLM, SGLang, TGI) while sampling; @0,1 ties "
-                   "it to GPUs 0 and 1 (repeatable).")
-@click.option("--hooks/--no-hooks", default=True, show_default=True,
-              help="Receive in-process engine hooks on $ROOFTOP_HOOK_SOCKET while sampling.")
+@_engine_options
 @_fake_option
 @_gpus_option
 @friendly_errors
@@ -136,29 +178,9 @@ def diagnose(
         skipped = dict(trace.skipped_reasons)
         source = f"replay of {replay}"
     else:
-        from agent.engines.sources import (  # noqa: PLC0415
-            EngineEndpoint,
-            EngineSources,
-            default_hook_socket,
-        )
-
-        spec = dx.FakeSpec.parse(fake) if fake else None
-        endpoints = [EngineEndpoint.parse(u) for u in engine_urls]
-        backend = dx.open_backend(spec, gpus)
-        engines = EngineSources(default_hook_socket(dict(os.environ)) if hooks else None,
-                                endpoints)
-        try:
-            engines.start()
-            for warning in engines.warnings:
-                click.echo(f"agentctl: warning: {warning}", err=True)
-            progress = _Progress(f"sampling {len(backend.devices())} GPU(s)", not as_json)
-            records = dx.sample(backend, dx.open_host_sensor(backend), seconds, rate_hz,
-                                progress, engines=engines)
-            progress.close()
-        finally:
-            engines.shutdown()
-            backend.close()
-        source = f"fake {fake} (no GPU)" if spec else "live NVML"
+        records = _sample_live(fake, gpus, engine_urls, hooks, seconds, rate_hz,
+                               _Progress("sampling {gpus} GPU(s)", not as_json))
+        source = f"fake {fake} (no GPU)" if fake else "live NVML"
         source += f", {seconds:g} s at {rate_hz:g} Hz"
     per_window = dx.diagnose_records(records, window_s)
     timeline_windows = per_window
@@ -223,33 +245,39 @@ def _model_context(
               type=click.FloatRange(min=0.1, max=10.0))
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Trace file to write (trace format v1, JSON Lines); '-' for stdout.")
+@_engine_options
 @_fake_option
 @_gpus_option
 @friendly_errors
 def record(
-    seconds: float, rate_hz: float, out_path: Path, fake: str | None, gpus: int
+    seconds: float,
+    rate_hz: float,
+    out_path: Path,
+    engine_urls: tuple[str, ...],
+    hooks: bool,
+    fake: str | None,
+    gpus: int,
 ) -> None:
     """Record live sensor samples to a trace file (replay it with diagnose --replay)."""
-    from agent import diagnose as dx  # noqa: PLC0415
     from agent.trace import TraceWriter  # noqa: PLC0415
 
-    spec = dx.FakeSpec.parse(fake) if fake else None
-    backend = dx.open_backend(spec, gpus)
     to_stdout = str(out_path) == "-"
-    stream = sys.stdout if to_stdout else out_path.open("w", encoding="utf-8")
+    try:
+        stream = sys.stdout if to_stdout else out_path.open("w", encoding="utf-8")
+    except OSError as exc:
+        raise click.FileError(str(out_path), exc.strerror) from exc
     writer = TraceWriter(stream)
-    progress = _Progress(f"recording to {out_path}", not to_stdout)
     try:
         # Records are written as they come, so an interrupted recording keeps what it had.
-        dx.sample(backend, dx.open_host_sensor(backend), seconds, rate_hz, progress,
-                  writer.write)
+        _sample_live(fake, gpus, engine_urls, hooks, seconds, rate_hz,
+                     _Progress(f"recording {{gpus}} GPU(s) to {out_path}", not to_stdout),
+                     writer.write)
     finally:
-        progress.close()
-        backend.close()
         if not to_stdout:
             stream.close()
     if not to_stdout:
         click.echo(f"wrote {writer.written} records to {out_path}", err=True)
+
 
 # --- roofline -------------------------------------------------------------------------
 

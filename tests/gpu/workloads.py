@@ -1,6 +1,12 @@
 """Known GPU workloads for the live-verdict tests (needs torch with CUDA).
 
-    python tests/gpu/workloads.py gemv|gemm|host_stall|idle SECONDS
+    python tests/gpu/workloads.py gemv|gemm|host_stall|idle|hf_generate|graph_decode SECONDS
+
+The two engine-shaped ones report TPOT through ``agent.hooks`` (to $ROOFTOP_HOOK_SOCKET):
+``hf_generate`` is HF transformers ``generate`` of a random-weight Llama (1.1B shape) with
+the Rooftop streamer, batch 1; ``graph_decode`` is an 8B-Llama-shaped decode step with
+random bf16 weights, batch 1, captured in a CUDA graph and replayed — the memory-bound
+decode DESIGN §4 measured at 75 % of the roofline.
 
 Prints "ready" once warmed up, then runs until SECONDS have passed.
 """
@@ -43,6 +49,10 @@ def main() -> None:
             n = 0
             while time.perf_counter() - t < 0.05:  # the Python loop that starves the GPU
                 n += 1
+    elif kind == "hf_generate":
+        step = hf_generate_step(torch, dev)
+    elif kind == "graph_decode":
+        step = graph_decode_step(torch, dev)
     elif kind == "idle":
         torch.zeros(1, device=dev)
 
@@ -57,6 +67,68 @@ def main() -> None:
     while time.monotonic() < end:
         step()
     torch.cuda.synchronize()
+
+
+def hf_generate_step(torch, dev):  # noqa: ANN001, ANN201 — torch is imported lazily
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from agent.hooks.hf import RooftopStreamer
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)
+    model = LlamaForCausalLM(config).to(dev, torch.bfloat16).eval()
+    prompt = torch.randint(0, 32000, (1, 32), device=dev)
+    streamer = RooftopStreamer(model="tinyllama-1.1b")
+
+    def step() -> None:
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                           streamer=streamer)
+    return step
+
+
+def graph_decode_step(torch, dev):  # noqa: ANN001, ANN201
+    from agent import hooks
+
+    hidden, inter, layers, vocab = 4096, 14336, 32, 128256
+    kv_dim = 8 * 128
+    bf16 = torch.bfloat16
+    weights = [
+        (torch.randn(hidden + 2 * kv_dim, hidden, device=dev, dtype=bf16) * 0.01,
+         torch.randn(hidden, hidden, device=dev, dtype=bf16) * 0.01,
+         torch.randn(2 * inter, hidden, device=dev, dtype=bf16) * 0.01,
+         torch.randn(hidden, inter, device=dev, dtype=bf16) * 0.01)
+        for _ in range(layers)
+    ]
+    lm_head = torch.randn(vocab, hidden, device=dev, dtype=bf16) * 0.01
+    x = torch.randn(1, hidden, device=dev, dtype=bf16)
+
+    def decode() -> None:
+        h = x
+        for qkv, o, gate_up, down in weights:
+            a = h @ qkv.T
+            h = h + a[:, :hidden] @ o.T
+            g, u = (h @ gate_up.T).chunk(2, dim=-1)
+            h = h + (torch.nn.functional.silu(g) * u) @ down.T
+        (h @ lm_head.T).argmax(dim=-1)
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        decode()  # warm up outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode()
+    agg = hooks.Aggregator(engine_id="graph-decode-8b", model="llama-3-8b")
+
+    def step() -> None:
+        req = agg.start_request()
+        for _ in range(100):
+            graph.replay()
+            torch.cuda.synchronize()  # one token = one decode step, timed on the host
+            req.token()
+        req.end()
+    return step
 
 
 if __name__ == "__main__":
