@@ -17,6 +17,7 @@ jitter, capped at 30 s. Delivery is at-least-once up to the spool's capacity.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -82,8 +83,10 @@ def map_grpc_errors(address: str = "") -> Iterator[None]:
     try:
         yield
     except grpc.RpcError as exc:
-        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        # Sync calls raise a grpc.Call, aio ones an AioRpcError: both carry a status.
+        call = exc if isinstance(exc, (grpc.Call, grpc.aio.AioRpcError)) else None
+        code = call.code() if call is not None else grpc.StatusCode.UNKNOWN
+        details = call.details() if call is not None else str(exc)
         where = f"{address}: " if address else ""
         message = f"{where}{code.name}: {details or 'no details'}"
         if code in _RETRYABLE_CODES:
@@ -211,38 +214,36 @@ class StreamStats:
     address: str | None
 
 
+_Call = grpc.aio.StreamStreamCall[pb.Batch, pb.Ack]
+
+
 class _Session:
-    """One stream to one collector: what is in flight on it, and where sending is."""
+    """One stream to one collector: what is in flight on it, and where sending is.
+
+    Used only on the streamer's event loop thread, so it needs no lock.
+    """
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self.closed = threading.Event()
-        self.call: grpc.RpcContext | None = None
         self.cursor: Key | None = None  # last (boot_id, seq) handed to this stream
         self.progressed = False  # an ack arrived: the collector is healthy
-        self._lock = threading.Lock()
-        self._in_flight: deque[Key] = deque()
-
-    def in_flight(self) -> int:
-        with self._lock:
-            return len(self._in_flight)
-
-    def sent(self, key: Key) -> None:
-        with self._lock:
-            self._in_flight.append(key)
+        self.in_flight: deque[Key] = deque()
 
     def settled(self, boot_id: str, seq: int, *, only: bool = False) -> None:
         """Forget in-flight keys of ``boot_id`` up to ``seq`` (just ``seq`` with ``only``)."""
-        with self._lock:
-            self._in_flight = deque(
-                (b, s)
-                for b, s in self._in_flight
-                if not (b == boot_id and (s == seq if only else s <= seq))
-            )
+        self.in_flight = deque(
+            (b, s)
+            for b, s in self.in_flight
+            if not (b == boot_id and (s == seq if only else s <= seq))
+        )
 
 
 class Streamer:
     """Delivers the spool to a collector over one bidi stream, with failover and backoff.
+
+    The stream runs on ``grpc.aio`` in an event loop of its own thread: the sync API
+    wakes every waiting thread 10 times a second, which alone cost ~0.3 % of a core
+    idle (measured; the budget for the whole agent at 1 Hz is 0.5 %); aio sleeps.
 
     Lifecycle: ``start()``, ``flush(timeout_s)`` (wait until the spool is acked),
     ``shutdown(timeout_s)`` (final flush, then close; idempotent).
@@ -262,7 +263,7 @@ class Streamer:
         backoff_base_s: float = 1.0,
         backoff_factor: float = 1.6,
         backoff_max_s: float = 30.0,
-        poll_interval_s: float = 0.5,
+        poll_interval_s: float = 5.0,
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -281,8 +282,8 @@ class Streamer:
             backoff_base_s: first reconnect delay after a full round of failures.
             backoff_factor: growth of the delay per further round.
             backoff_max_s: cap on the delay.
-            poll_interval_s: how often an idle sender looks at the spool (``wake()``
-                makes it look at once).
+            poll_interval_s: how often an idle sender looks at the spool even when
+                nobody called ``wake()`` (a safety net: appends should wake it).
             rng: jitter source (tests seed it).
             wall_clock: epoch seconds for ``Batch.sent_time``.
         """
@@ -306,10 +307,12 @@ class Streamer:
         self._rng = rng or random.Random()
         self._wall_clock = wall_clock
 
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._lock = threading.Lock()  # counters, read from any thread
+        self._stopped = threading.Event()  # for flush's waits, set on shutdown
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._main: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None  # loop-side; set via call_soon_threadsafe
         self._session: _Session | None = None
         self._shut = False
         self._sent = 0
@@ -318,28 +321,35 @@ class Streamer:
         self._dropped_invalid = 0
         self._reconnects = 0
 
-    # --- lifecycle ------------------------------------------------------------------
+    # --- lifecycle (any thread) -----------------------------------------------------
 
     def start(self) -> None:
         """Start streaming in the background (idempotent)."""
         if self._thread is not None or self._shut:
             return
-        self._thread = threading.Thread(target=self._run, name="rooftop-stream", daemon=True)
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(ready,), name="rooftop-stream", daemon=True
+        )
         self._thread.start()
+        ready.wait(5.0)
 
     def wake(self) -> None:
-        """Tell the sender there is something new in the spool."""
-        self._wake.set()
+        """Tell the sender there is something new in the spool (thread-safe, cheap)."""
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(wake.set)
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until every spooled batch is acked; False on timeout."""
         deadline = time.monotonic() + timeout_s
-        self._wake.set()
+        self.wake()
         while self._spool.queued > 0:
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0 or self._thread is None or not self._thread.is_alive():
                 return False
-            self._stop.wait(min(0.02, remaining_s))
+            self._stopped.wait(min(0.02, remaining_s))
         return True
 
     def shutdown(self, timeout_s: float) -> None:
@@ -350,19 +360,17 @@ class Streamer:
         # Leave a little of the budget to close cleanly.
         self.flush(max(0.0, timeout_s - min(1.0, timeout_s / 4)))
         self._shut = True
-        self._stop.set()
-        self._wake.set()
-        session = self._session
-        if session is not None:
-            session.closed.set()
-            if session.call is not None:
-                session.call.cancel()
+        self._stopped.set()
+        loop, main = self._loop, self._main
+        if loop is not None and main is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(main.cancel)
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive():
                 log.warning("stream did not stop within %.1f s", timeout_s)
 
-    # --- counters -------------------------------------------------------------------
+    # --- counters (any thread) ------------------------------------------------------
 
     def stats(self) -> StreamStats:
         """A snapshot of the streamer's counters."""
@@ -393,14 +401,32 @@ class Streamer:
                 rejected_batches=self._rejected,
             )
 
-    # --- the connection loop (our thread) -------------------------------------------
+    # --- the event loop thread ------------------------------------------------------
 
-    def _run(self) -> None:
+    def _thread_main(self, ready: threading.Event) -> None:
+        try:
+            asyncio.run(self._run(ready))
+        except Exception:  # thread boundary: nothing should get here; say so if it does
+            log.exception("collector stream thread failed")
+        finally:
+            ready.set()
+
+    async def _run(self, ready: threading.Event) -> None:
+        self._wake = asyncio.Event()
+        self._main = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        ready.set()
+        try:
+            await self._connect_loop()
+        except asyncio.CancelledError:
+            pass  # shutdown
+
+    async def _connect_loop(self) -> None:
         index = 0
         failed_rounds = 0  # full rounds of addresses without a healthy stream
         tried = 0  # addresses tried in this round
         first = True
-        while not self._stop.is_set():
+        while True:
             address = self._collectors[index]
             if not first:
                 with self._lock:
@@ -408,15 +434,14 @@ class Streamer:
             first = False
             session = _Session(address)
             try:
-                self._stream(session)
+                await self._stream(session)
             except StreamError as exc:
-                if not self._stop.is_set():
-                    level = logging.ERROR if isinstance(exc, Rejected) else logging.WARNING
-                    log.log(level, "collector stream: %s", exc)
-            except Exception:  # thread boundary: log, reconnect, never die
+                level = logging.ERROR if isinstance(exc, Rejected) else logging.WARNING
+                log.log(level, "collector stream: %s", exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # loop boundary: log, reconnect, never die
                 log.exception("collector stream to %s failed", address)
-            if self._stop.is_set():
-                break
             if session.progressed:
                 failed_rounds = tried = 0
             index = (index + 1) % len(self._collectors)
@@ -433,33 +458,37 @@ class Streamer:
             )
             failed_rounds += 1
             log.info("reconnecting in %.1f s", delay_s)
-            self._stop.wait(delay_s)
+            await asyncio.sleep(delay_s)
 
-    def _channel(self, address: str) -> grpc.Channel:
+    def _channel(self, address: str) -> grpc.aio.Channel:
         if self._credentials is not None:
-            return grpc.secure_channel(address, self._credentials, options=self._options)
-        return grpc.insecure_channel(address, options=self._options)
+            return grpc.aio.secure_channel(address, self._credentials, options=self._options)
+        return grpc.aio.insecure_channel(address, options=self._options)
 
-    def _stream(self, session: _Session) -> None:
+    async def _stream(self, session: _Session) -> None:
         """One stream on one address until it breaks; always raises ``StreamError``."""
         channel = self._channel(session.address)
+        sender: asyncio.Task[None] | None = None
         try:
-            stub = telemetry_pb2_grpc.IngestStub(channel)
+            # Fail-fast (no wait_for_ready): a refused address fails over at once.
+            call = telemetry_pb2_grpc.IngestStub(channel).Stream()
+            self._session = session
+            sender = asyncio.create_task(self._send_loop(session, call))
             with map_grpc_errors(session.address):
-                call = stub.Stream(self._requests(session))
-                session.call = call
-                self._session = session
-                if self._stop.is_set():
-                    call.cancel()
-                for ack in call:
+                while True:
+                    ack = await call.read()
+                    if not isinstance(ack, pb.Ack):
+                        break  # grpc.aio.EOF: the collector ended the stream
                     if not session.progressed:
                         log.info("streaming to collector %s", session.address)
                     self._on_ack(session, ack)
             raise Retryable(f"{session.address}: the collector closed the stream")
         finally:
-            session.closed.set()
             self._session = None
-            channel.close()
+            if sender is not None:
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
+            await channel.close(grace=None)
 
     def _on_ack(self, session: _Session, ack: pb.Ack) -> None:
         boot_id = ack.boot_id or (session.cursor[0] if session.cursor else "")
@@ -482,27 +511,32 @@ class Streamer:
             with self._lock:
                 self._acked += settled
         session.progressed = True
-        self._wake.set()  # room in flight: the sender may go on
+        if self._wake is not None:
+            self._wake.set()  # room in flight: the sender may go on
 
-    # --- the sender (grpc's request-consuming thread) -------------------------------
-
-    def _requests(self, session: _Session) -> Iterator[pb.Batch]:
+    async def _send_loop(self, session: _Session, call: _Call) -> None:
         try:
-            yield from self._send_loop(session)
-        except Exception:  # thread boundary: grpc would swallow it; end the stream instead
-            log.exception("stream sender failed")
+            await self._send(session, call)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # task boundary: end the stream so the reader notices
+            if not isinstance(exc, (grpc.RpcError, asyncio.InvalidStateError)):
+                log.exception("stream sender failed")
+            call.cancel()
 
-    def _send_loop(self, session: _Session) -> Iterator[pb.Batch]:
-        while not session.closed.is_set():
-            self._wake.clear()  # before looking, so a wake during the look is not lost
-            room = self._max_in_flight - session.in_flight()
+    async def _send(self, session: _Session, call: _Call) -> None:
+        wake = self._wake
+        assert wake is not None  # set before any stream starts
+        while True:
+            wake.clear()  # before looking, so a wake during the look is not lost
+            room = self._max_in_flight - len(session.in_flight)
             batches = self._spool.pending(min(room, 32), after=session.cursor) if room > 0 else []
             if not batches:
-                self._wake.wait(self._poll_interval_s)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._poll_interval_s):
+                        await wake.wait()
                 continue
             for batch in batches:
-                if session.closed.is_set():
-                    return
                 key = (batch.boot_id, batch.seq)
                 session.cursor = key
                 size_bytes = batch.ByteSize() + _STATS_MAX_BYTES
@@ -513,9 +547,9 @@ class Streamer:
                     with self._lock:
                         self._dropped_invalid += 1
                     continue
-                session.sent(key)
+                session.in_flight.append(key)
                 with self._lock:
                     self._sent += 1  # before the snapshot: "sent" includes this batch
                 batch.stats.CopyFrom(self.agent_stats())
                 batch.sent_time.CopyFrom(timestamp(self._wall_clock()))
-                yield batch
+                await call.write(batch)

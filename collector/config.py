@@ -11,8 +11,8 @@
     token_file = "token"             # bearer token agents must present
     max_message_bytes = 4194304      # bigger messages: RESOURCE_EXHAUSTED
     max_future_skew_s = 300          # sample times further ahead are clamped
-    ack_every_batches = 32             # at most this many batches per ack (agent window: 64)
-    ack_interval_s = 0.1             # ...and no batch waits longer than this for its ack
+    ack_every_batches = 32           # at most this many batches per ack (agent window: 64)
+    ack_interval_s = 0.1             # ...and no batch waits longer for its ack
     forget_after_s = 900             # series of silent agents/GPUs then disappear
 
     [prometheus]
@@ -27,7 +27,7 @@
     headers = { "x-api-key" = "..." }
 
     [metrics]
-    max_series_per_metric = 65536    # 1,000 nodes x 8 GPUs x 6 bound states fits
+    max_series_per_metric = 65536    # fits 1,000 nodes x 8 GPUs x 6 bound states
 
 An unknown section or key is a ``ConfigError`` naming it: a typo must not silently
 fall back to a default.

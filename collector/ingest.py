@@ -5,9 +5,14 @@ One long-lived bidi stream per agent. Each batch carries (agent_id, boot_id, seq
 - **Dedup**: a seq already applied for that (agent_id, boot_id) is counted as a
   duplicate and not applied again (a resend after a lost ack).
 - **Cumulative acks**: after applying, the stream acks the highest contiguous seq.
-  Acks are coalesced: one per drain of what has arrived, at most every
-  ``ack_every_batches`` batches or ``ack_interval_s`` (per-message acks cost the
-  client 2-3.5x CPU, measured).
+  Acks are coalesced like TCP's delayed acks: one after ``ack_every_batches``
+  applied batches, or ``ack_interval_s`` after the first unacked one, whichever
+  comes first (per-message acks cost the client 2-3.5x CPU, measured). Keep
+  ``ack_every_batches`` below the agent's in-flight window (64) so it never stalls.
+- **Auth**: TLS, or mTLS where ``agent_id`` must be the client certificate's CN or a
+  SAN (else PERMISSION_DENIED); and/or a bearer token (``authorization: Bearer …``
+  metadata) checked in constant time before any handler (UNAUTHENTICATED).
+  Health checks need no token. Plaintext only with ``insecure``.
 - **Gaps**: an agent sends oldest first on one ordered stream, so when the first
   batch of a (re)connected stream starts past the contiguous seq, the batches in
   between were dropped by the agent's spool: they are skipped and counted
