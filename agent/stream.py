@@ -420,6 +420,10 @@ class Streamer:
             await self._connect_loop()
         except asyncio.CancelledError:
             pass  # shutdown
+        # grpc hands a closed call's last events to this loop a moment later, through
+        # another loop when the process has one (a collector beside us in tests): let
+        # them land before asyncio.run closes this one.
+        await asyncio.sleep(0.1)
 
     async def _connect_loop(self) -> None:
         index = 0
@@ -469,6 +473,7 @@ class Streamer:
         """One stream on one address until it breaks; always raises ``StreamError``."""
         channel = self._channel(session.address)
         sender: asyncio.Task[None] | None = None
+        call: _Call | None = None
         try:
             # Fail-fast (no wait_for_ready): a refused address fails over at once.
             call = telemetry_pb2_grpc.IngestStub(channel).Stream()
@@ -488,6 +493,14 @@ class Streamer:
             if sender is not None:
                 sender.cancel()
                 await asyncio.gather(sender, return_exceptions=True)
+            if call is not None:
+                # Let the call finish before the channel (and maybe the loop) goes:
+                # grpc delivers late events of a closed loop's calls through another
+                # process loop, if there is one (a collector in the same process).
+                call.cancel()
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await call.code()
             await channel.close(grace=None)
 
     def _on_ack(self, session: _Session, ack: pb.Ack) -> None:

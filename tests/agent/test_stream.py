@@ -144,13 +144,20 @@ class FreezableProxy:
                 client, _ = self.listener.accept()
             except (TimeoutError, OSError):
                 continue
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
             self.conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        src.settimeout(0.05)
+        try:
+            src.settimeout(0.05)
+        except OSError:
+            return  # closed by heal() before this thread got going
         while not self.closed.is_set():
             if self.frozen.is_set():
                 time.sleep(0.02)  # bytes pile up in the kernel; nobody is told
