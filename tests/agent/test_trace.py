@@ -112,3 +112,12 @@ def test_empty_trace_is_a_clear_error(tmp_path: Path):
 def test_missing_file_is_a_clear_error(tmp_path: Path):
     with pytest.raises(TraceError, match="cannot read"):
         read_trace(tmp_path / "nope.jsonl")
+
+
+def test_project_copy_of_the_h100_recordings_matches_shared():
+    from tests.conftest import DATA_TRACES, SHARED_TRACES
+
+    if not SHARED_TRACES.is_dir():
+        pytest.skip("../shared/traces is not checked out beside the project")
+    for shared in SHARED_TRACES.glob("*.jsonl"):
+        assert (DATA_TRACES / shared.name).read_bytes() == shared.read_bytes(), shared.name
