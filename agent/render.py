@@ -61,10 +61,11 @@ def format_table(
     skipped: Mapping[str, int] | None = None,
 ) -> str:
     """One row per GPU: verdict, cause, dram / compute / busy with provenance, main advice."""
-    header = ["GPU", "verdict", "cause", "conf", *(h for _, h in _COLUMNS), "TPOT", "do first"]
+    header = ["GPU", "verdict", "cause", "conf", *(h for _, h in _COLUMNS), "TPOT", "TTFT",
+              "do first"]
     rows = []
     for v in verdicts:
-        tpot = v.evidence_value("tpot_ms")
+        tpot, ttft = v.evidence_value("tpot_ms"), v.evidence_value("ttft_ms")
         rows.append([
             f"{v.gpu_index}",
             v.verdict.value,
@@ -72,6 +73,7 @@ def format_table(
             f"{v.confidence:.2f}",
             *(_figure(v, name) for name, _ in _COLUMNS),
             "-" if tpot is None else f"{tpot.value:.1f} ms",
+            "-" if ttft is None else f"{ttft.value:.0f} ms",
             v.recommendations[0] if v.recommendations else "-",
         ])
     lines = [f"Rooftop diagnosis — {source}", *_grid(header, rows)]

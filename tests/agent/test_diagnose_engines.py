@@ -58,6 +58,7 @@ def test_hooks_in_another_process_give_tpot_in_live_diagnose(tmp_path: Path):
     tpot = gpu["evidence"]["tpot_ms"]
     assert tpot["provenance"] == "engine"
     assert 5.0 < tpot["value"] < 12.0  # 6 ms sleeps plus scheduling jitter
+    assert 5.0 < gpu["evidence"]["ttft_ms"]["value"] < 50.0  # first token after one sleep
 
 
 VLLM_METRICS = """\
