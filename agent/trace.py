@@ -22,7 +22,10 @@ from agent.model import Record, invalid_reason
 from agent.report import record_from_proto, record_to_proto
 from protos.rooftop.v1 import telemetry_pb2 as pb
 
-__all__ = ["Trace", "TraceWriter", "read_trace"]
+__all__ = ["BUNDLED_RECORDINGS", "Trace", "TraceWriter", "read_trace"]
+
+# Real H100 recordings shipped with the package (their README says what each holds).
+BUNDLED_RECORDINGS = Path(__file__).resolve().parent / "data" / "h100-2026-11-22"
 
 
 @dataclass(frozen=True, slots=True)

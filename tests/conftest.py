@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.trace import BUNDLED_RECORDINGS
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TRACES = REPO.parent / "shared" / "traces" / "h100-2026-11-22"
 DATA = Path(__file__).resolve().parent / "data"
@@ -22,7 +24,7 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-DATA_TRACES = DATA / "h100-2026-11-22"
+DATA_TRACES = BUNDLED_RECORDINGS
 
 
 @pytest.fixture

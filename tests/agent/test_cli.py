@@ -11,8 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from agent.cli import main
+from agent.trace import BUNDLED_RECORDINGS
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "h100-2026-11-22"
+DATA = BUNDLED_RECORDINGS
 
 
 def run(*args: str) -> tuple[int, str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -13,8 +12,9 @@ from agent.diagnose import FakeSpec, ModelContext, with_roofline
 from agent.errors import ConfigError
 from agent.model import Bound, Evidence, Provenance, Verdict
 from agent.roofline import find_model
+from agent.trace import BUNDLED_RECORDINGS
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "h100-2026-11-22"
+DATA = BUNDLED_RECORDINGS
 LLAMA3_8B = ModelContext(find_model("llama-3-8b"))
 
 
