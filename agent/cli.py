@@ -115,6 +115,71 @@ def _sample_live(
         backend.close()
 
 
+# --- talking to a collector (status, diagnose --collector) ------------------------------
+
+COLLECTOR_ENV = "ROOFTOP_COLLECTOR"
+
+
+def _collector_auth_options(fn: F) -> F:
+    """TLS / token options for calls to a collector; env names as the agent config's keys."""
+    path = click.Path(dir_okay=False, path_type=Path)
+    for name, envvar, text in reversed([
+        ("--ca-file", "ROOFTOP_CA_FILE", "PEM CA to verify the collector with [default: system]."),
+        ("--cert-file", "ROOFTOP_CERT_FILE", "PEM client certificate (mTLS collectors)."),
+        ("--key-file", "ROOFTOP_KEY_FILE", "Its private key."),
+        ("--token-file", "ROOFTOP_TOKEN_FILE",
+         "Bearer token file (the agents' token or the read-only one); TLS only."),
+    ]):  # fmt: skip
+        fn = click.option(name, type=path, envvar=envvar, show_envvar=True, help=text)(fn)
+    fn = click.option("--server-name", default="", envvar="ROOFTOP_SERVER_NAME", show_envvar=True,
+                      help="Name expected in the collector's certificate, if not ADDR's host.")(fn)
+    fn = click.option("--insecure", is_flag=True, envvar="ROOFTOP_INSECURE", show_envvar=True,
+                      help="Plaintext, for a collector started with --insecure (no token).")(fn)
+    return click.option("--timeout", "timeout_s", default=10.0, show_default=True,
+                        type=click.FloatRange(min=0.1), help="Seconds to wait for the answer.")(fn)
+
+
+def _fleet_status(
+    collector: str,
+    node: str | None,
+    detail: bool,
+    auth: dict[str, Any],
+) -> Any:
+    """Ask ``collector`` for the fleet's status (``rooftop.v1.Query``)."""
+    from agent.stream import ClientAuth, query_fleet_status  # noqa: PLC0415 — grpc
+
+    timeout_s = auth.pop("timeout_s")
+    client = ClientAuth(**auth)
+    return query_fleet_status(collector, client, node=node or "", detail=detail,
+                              timeout_s=timeout_s)
+
+
+def _collector_address(collector: str | None) -> str:
+    address = collector or os.environ.get(COLLECTOR_ENV, "")
+    if not address:
+        raise click.UsageError(f"give --collector HOST:PORT or set ${COLLECTOR_ENV}")
+    return address
+
+
+@main.command()
+@click.option("--collector", metavar="HOST:PORT",
+              help=f"The collector's ingest address [default: ${COLLECTOR_ENV}].")
+@click.option("--node", metavar="NAME", help="Only this node (agent_id or hostname).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, nothing else.")
+@_collector_auth_options
+@friendly_errors
+def status(collector: str | None, node: str | None, as_json: bool, **auth: Any) -> None:
+    """Every node and GPU the collector knows: verdict, last seen, lag, drops."""
+    from agent.status import format_status, status_json  # noqa: PLC0415
+
+    address = _collector_address(collector)
+    fs = _fleet_status(address, node, False, auth)
+    if as_json:
+        click.echo(json.dumps(status_json(fs, collector=address), indent=2))
+    else:
+        click.echo(format_status(fs, collector=address))
+
+
 _fake_option = click.option(
     "--fake",
     metavar="PROFILE[:WORKLOAD,...]",
@@ -145,6 +210,11 @@ _gpus_option = click.option("--gpus", default=1, show_default=True, type=click.I
               help="KV-cache dtype (default: as the weights, fp16/bf16).")
 @click.option("--context", "context_tokens", default=0, show_default=True,
               type=click.IntRange(min=0), help="Mean tokens per request in flight.")
+@click.option("--collector", is_flag=False, flag_value="", default=None, metavar="[HOST:PORT]",
+              help="Show the latest verdicts the collector holds for every node instead "
+                   f"(alone: ${COLLECTOR_ENV}); for incidents, from anywhere.")
+@click.option("--node", metavar="NAME", help="With --collector: only this node.")
+@_collector_auth_options
 @_engine_options
 @_fake_option
 @_gpus_option
@@ -165,12 +235,32 @@ def diagnose(
     hooks: bool,
     fake: str | None,
     gpus: int,
+    collector: str | None,
+    node: str | None,
+    **auth: Any,
 ) -> None:
-    """Say what bounds each GPU on this host: memory, compute or the host."""
+    """Say what bounds each GPU on this host: memory, compute or the host.
+
+    With --collector: the latest verdicts of every node (or --node) from the collector.
+    """
     from agent import diagnose as dx  # noqa: PLC0415 — keeps `agentctl --help` fast
     from agent.render import format_table, format_timeline, verdict_json  # noqa: PLC0415
     from agent.trace import read_trace  # noqa: PLC0415
 
+    if collector is not None:
+        if replay is not None or fake is not None:
+            raise click.UsageError("--collector reads the fleet; it excludes --replay and --fake")
+        from agent.status import diagnosis_json, format_diagnosis  # noqa: PLC0415
+
+        address = _collector_address(collector)
+        fs = _fleet_status(address, node, True, auth)
+        if as_json:
+            click.echo(json.dumps(diagnosis_json(fs, collector=address), indent=2))
+        else:
+            click.echo(format_diagnosis(fs, collector=address))
+        return
+    if node is not None:
+        raise click.UsageError("--node needs --collector")
     skipped: dict[str, int] = {}
     if replay is not None:
         trace = read_trace(replay)
@@ -396,17 +486,29 @@ def probe(
 @click.option("--prometheus", "prometheus_listen", default=None, metavar="ADDR",
               help='Prometheus endpoint HOST:PORT, overriding the config ("" disables).')
 @click.option("--insecure", is_flag=True, default=False,
-              help="Accept agents over plaintext gRPC (no TLS): ask for it explicitly.")
+              help="Accept agents over plaintext gRPC (no TLS, no token): ask for it explicitly. "
+                   "Binds to 127.0.0.1 unless --listen or the config gives an address.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
 @friendly_errors
 def collector_command(
-    config_path: Path | None, listen: str | None, prometheus_listen: str | None, insecure: bool
+    config_path: Path | None,
+    listen: str | None,
+    prometheus_listen: str | None,
+    insecure: bool,
+    log_level: str = "info",
 ) -> None:
     """Run the fleet collector until SIGTERM: agents stream in, OTLP and Prometheus out."""
+    import logging  # noqa: PLC0415
+
     from collector.config import load_config
     from collector.service import run
 
     config = load_config(config_path, listen=listen, prometheus_listen=prometheus_listen,
                          insecure=True if insecure else None)
+    # Refusals (once per peer), certificate and token reloads are logged on stderr.
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(levelname)s %(name)s: %(message)s")
     run(config, echo=click.echo)
 
 
@@ -430,3 +532,54 @@ def agent_command(
     from agent.daemon import run_agent  # noqa: PLC0415 — keeps grpc off the other commands
 
     sys.exit(run_agent(config_path, fake=fake, fake_gpus=fake_gpus, log_level=log_level))
+
+
+# --- demo -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--seconds", type=click.FloatRange(min=1), default=None,
+              help="Stop after this long (default: until Ctrl-C).")
+@click.option("--prometheus", "prometheus_listen", default="127.0.0.1:9464", show_default=True,
+              help="Where the collector serves /metrics (port 0: any free port).")
+@friendly_errors
+def demo(seconds: float | None, prometheus_listen: str) -> None:
+    """Collector + two agents replaying real H100 recordings, with a live fleet view. No GPU."""
+    from agent.demo import run_demo  # noqa: PLC0415
+
+    tty = sys.stdout.isatty()
+    run_demo(seconds=seconds, prometheus_listen=prometheus_listen, clear_screen=tty,
+             echo=lambda text: click.echo(text if tty else text + "\n" + "-" * 40))
+
+
+# --- config ---------------------------------------------------------------------------
+
+
+@main.group()
+def config() -> None:
+    """Check a configuration file, or print a commented default one."""
+
+
+@config.command("check")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--kind", type=click.Choice(["agent", "collector"]),
+              help="Which daemon the file is for (default: detected from its shape).")
+@click.option("--quiet", "-q", is_flag=True, help="Only the exit status and errors.")
+@friendly_errors
+def config_check(path: Path, kind: str | None, quiet: bool) -> None:
+    """Validate PATH as the daemon would at start (environment overrides included)."""
+    from agent.config_check import check_config  # noqa: PLC0415
+
+    detected, summary = check_config(path, kind, dict(os.environ))  # type: ignore[arg-type]
+    if not quiet:
+        click.echo(f"{path}: valid {detected} configuration; effective settings:")
+        click.echo(summary)
+
+
+@config.command("example")
+@click.argument("kind", type=click.Choice(["agent", "collector"]))
+def config_example(kind: str) -> None:
+    """Print a commented configuration with every key at its default."""
+    from agent.config_check import example_text  # noqa: PLC0415
+
+    click.echo(example_text(kind), nl=False)  # type: ignore[arg-type]

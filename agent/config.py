@@ -10,10 +10,22 @@ the file and line where it is set), never a silent default::
 
     agent_id = "gpu-node-17"
     collectors = ["collector-a:7443", "collector-b:7443"]
-    insecure = true            # plaintext gRPC: only when asked for explicitly
+    ca_file = "/etc/rooftop/ca.crt"        # TLS: the CA that signed the collector's cert
+    cert_file = "/etc/rooftop/agent.crt"   # mTLS: this agent's certificate (CN/SAN = agent_id)
+    key_file = "/etc/rooftop/agent.key"
+    token_file = "/etc/rooftop/token"      # bearer token; never sent over plaintext
+    # insecure = true          # plaintext gRPC instead: only when asked for explicitly
     backend = "nvml"           # or "fake:h100", "fake:a100", "replay:/path/trace.jsonl"
     rate_hz = 1
     spool_dir = "/var/lib/rooftop/spool"
+
+    [otlp]                     # direct OTLP export (no collector needed); otlp_* keys
+    endpoint = "http://127.0.0.1:4317"
+    protocol = "grpc"          # or "http" (OTLP/HTTP protobuf, .../v1/metrics)
+
+The one table, ``[otlp]``, is shorthand for the ``otlp_*`` keys (``[otlp] endpoint``
+is ``otlp_endpoint``, env ``ROOFTOP_OTLP_ENDPOINT``). TLS files and the token are
+re-read when they change, at the next (re)connect: rotate them without a restart.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
+from agent.hooks._core import DEFAULT_SOCKET_PATH
 
 __all__ = ["CONFIG_ENV", "ENV_PREFIX", "ENV_VARS", "AgentConfig", "load_config"]
 
@@ -37,6 +50,7 @@ ENV_PREFIX = "ROOFTOP_"
 CONFIG_ENV = "ROOFTOP_CONFIG"  # path of the TOML file when --config is not given
 
 _MIB = 1024 * 1024
+_OTLP_PROTOCOLS = ("grpc", "http", "http/protobuf")
 _BACKEND = re.compile(r"^(nvml|fake:[A-Za-z0-9_-]+(:[A-Za-z0-9_,-]+)?|replay:.+)$")
 
 
@@ -46,13 +60,20 @@ class AgentConfig:
 
     agent_id: str = field(default_factory=socket.gethostname)
     collectors: tuple[str, ...] = ()  # host:port, tried in order, failover to the next
-    insecure: bool = False  # plaintext gRPC; required until TLS credentials are configured
+    insecure: bool = False  # plaintext gRPC, asked for explicitly; excludes TLS keys and the token
+    ca_file: Path | None = None  # PEM roots to verify the collector with (TLS)
+    cert_file: Path | None = None  # PEM client certificate (mTLS); CN or a SAN = agent_id
+    key_file: Path | None = None  # its private key
+    token_file: Path | None = None  # bearer token (first non-comment line); TLS only
+    server_name: str = ""  # expected name in the collector's certificate, if not its address
     backend: str = "nvml"  # "nvml" | "fake:PROFILE[:WORKLOAD,...]" | "replay:PATH"
     fake_gpus: int = 1  # how many GPUs a fake:PROFILE backend has
     host_sensor: bool = True  # host and per-process CPU via psutil, when available
     rate_hz: float = 1.0
     window_s: float = 5.0
     hysteresis_windows: int = 2  # a changed verdict must win this many windows in a row
+    hook_socket: str = DEFAULT_SOCKET_PATH  # in-process engine hooks send here; "" disables
+    engine_urls: tuple[str, ...] = ()  # engines' /metrics to scrape: "URL[@GPU,...]"
     spool_dir: Path = Path("/var/lib/rooftop/spool")
     spool_max_bytes: int = 256 * _MIB
     spool_segment_bytes: int = 16 * _MIB
@@ -67,6 +88,12 @@ class AgentConfig:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 30.0
     shutdown_timeout_s: float = 5.0  # final flush budget on SIGTERM (systemd waits 90 s)
+    otlp_endpoint: str = ""  # direct OTLP metrics export; "" = none
+    otlp_protocol: str = "grpc"  # "grpc" | "http" (OTLP/HTTP protobuf)
+    otlp_interval_s: float = 10.0
+    otlp_timeout_s: float = 10.0
+    otlp_insecure: bool = False  # OTLP/gRPC without TLS (an http:// endpoint implies it)
+    otlp_headers: tuple[str, ...] = ()  # "key=value" each
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -126,6 +153,36 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("max_message_bytes must exceed batch_max_bytes by at least 64 KiB")
     if cfg.backoff_max_s < cfg.backoff_base_s:
         raise ConfigError("backoff_max_s must be ≥ backoff_base_s")
+    _validate_security(cfg)
+    _validate_otlp(cfg)
+
+
+def _validate_security(cfg: AgentConfig) -> None:
+    if (cfg.cert_file is None) != (cfg.key_file is None):
+        raise ConfigError("cert_file and key_file go together (mTLS)")
+    if cfg.insecure and cfg.token_file is not None:
+        raise ConfigError(
+            "token_file: a bearer token is never sent over plaintext; "
+            "drop insecure = true and configure TLS (ca_file)"
+        )
+    tls_keys = [k for k in ("ca_file", "cert_file", "key_file") if getattr(cfg, k) is not None]
+    tls_keys += ["server_name"] if cfg.server_name else []
+    if cfg.insecure and tls_keys:
+        raise ConfigError(f"insecure = true (plaintext) contradicts {', '.join(tls_keys)}")
+    if any(c.isspace() for c in cfg.server_name):
+        raise ConfigError(f"server_name: {cfg.server_name!r} is not a host name")
+
+
+def _validate_otlp(cfg: AgentConfig) -> None:
+    if cfg.otlp_protocol not in _OTLP_PROTOCOLS:
+        raise ConfigError(
+            f"otlp_protocol must be one of {', '.join(_OTLP_PROTOCOLS)}, not {cfg.otlp_protocol!r}"
+        )
+    _positive(cfg, "otlp_interval_s", "otlp_timeout_s")
+    for header in cfg.otlp_headers:
+        name, sep, _ = header.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"otlp_headers: {header!r} is not key=value")
 
 
 # --- converting one value -------------------------------------------------------------
@@ -150,7 +207,7 @@ def _from_toml(key: str, value: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ValueError("expected a string")
-    if kind == "Path":
+    if kind in ("Path", "Path | None"):
         if isinstance(value, str) and value:
             return Path(value)
         raise ValueError("expected a path (a string)")
@@ -192,7 +249,7 @@ def _from_env(key: str, text: str) -> Any:
     return _from_toml(key, text)
 
 
-def _line_of(text: str, key: str) -> int | None:
+def line_of(text: str, key: str) -> int | None:
     """The line where ``key`` is set (or opened as a table), for the error message."""
     pattern = re.compile(
         rf"""^[ \t]*(\[[ \t]*)?["']?{re.escape(key)}["']?[ \t]*(=|\]|\.)""", re.MULTILINE
@@ -213,6 +270,21 @@ def _read_toml(path: Path) -> tuple[dict[str, Any], str]:
     except tomllib.TOMLDecodeError as exc:
         # The message already says "(at line N, column M)".
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+# Tables allowed in the file, each shorthand for its prefixed keys: [otlp] endpoint = ...
+# is otlp_endpoint = ... (one flat key space keeps one ROOFTOP_<KEY> per key).
+_TABLES = ("otlp",)
+
+
+def _flatten_tables(data: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _TABLES and isinstance(value, dict):
+            flat.update({f"{key}_{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 def load_config(
@@ -238,8 +310,8 @@ def load_config(
     values: dict[str, Any] = {}
     if path is not None:
         data, text = _read_toml(path)
-        for key, value in data.items():
-            line = _line_of(text, key)
+        for key, value in _flatten_tables(data).items():
+            line = line_of(text, key) or line_of(text, key.partition("_")[0])
             where = f"{path}:{line}" if line else str(path)
             if key not in _TYPES:
                 raise ConfigError(f"{where}: unknown key {key!r}")

@@ -8,6 +8,10 @@
         every batch_interval_s: Batcher.make(records, verdicts) ─► Spool.append ─► wake
     spool writer thread:  ring ─► disk segments (fsync ≤ fsync_interval_s)
     stream thread:        spool ─► collector, acks ─► spool
+    with [otlp]:          each batch ─► agent.otlp (local fleet) ─► OTLP, no collector needed
+
+TLS, mTLS and the bearer token come from the config (``ca_file``, ``cert_file``,
+``key_file``, ``token_file``) through ``stream.ClientAuth``, re-read at each reconnect.
 
 SIGTERM / SIGINT → stop sampling, spool what is buffered, wait for the collector's
 acks up to ``shutdown_timeout_s``, exit 0. What is not acked by then stays in the
@@ -27,20 +31,25 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.classifier import Hysteresis, classify
 from agent.config import AgentConfig, load_config
 from agent.diagnose import FakeSpec, open_backend, open_host_sensor
+from agent.engines.sources import EngineEndpoint, EngineSources
 from agent.errors import ConfigError, RooftopError
 from agent.model import GpuSample, HostSample, Record
 from agent.report import record_to_proto, verdict_to_proto
 from agent.sampler import Sampler
 from agent.sensors.base import Clock, GpuBackend, HostSensor
+from agent.sensors.replay import ReplayBackend
 from agent.spool import Spool
-from agent.stream import Batcher, Streamer
+from agent.stream import Batcher, ClientAuth, Streamer
 from agent.window import build_window
 from protos.rooftop.v1 import telemetry_pb2 as pb
+
+if TYPE_CHECKING:
+    from agent.otlp import DirectExporter
 
 __all__ = ["Agent", "backend_from_spec", "run_agent", "sd_notify"]
 
@@ -92,7 +101,6 @@ def backend_from_spec(spec: str, fake_gpus: int = 1) -> GpuBackend:
     if spec.startswith("fake:"):
         return open_backend(FakeSpec.parse(spec.removeprefix("fake:")), gpus=fake_gpus)
     if spec.startswith("replay:"):
-        from agent.sensors.replay import ReplayBackend  # noqa: PLC0415 — replay runs only
         from agent.trace import read_trace  # noqa: PLC0415
 
         return ReplayBackend(read_trace(Path(spec.removeprefix("replay:"))))
@@ -121,17 +129,24 @@ class Agent:
         """Open everything the agent needs; nothing runs until ``start()``.
 
         Raises:
-            ConfigError: no collector, or plaintext not explicitly allowed.
+            ConfigError: no collector (nor OTLP endpoint), plaintext not explicitly
+                allowed, or unreadable TLS files or token.
             NvmlUnavailable: the config says ``nvml`` and there is no driver.
         """
-        if not config.collectors:
+        if not config.collectors and not config.otlp_endpoint:
             raise ConfigError(
-                "collectors: set at least one collector address (config file or ROOFTOP_COLLECTORS)"
+                "collectors: set at least one collector address (config file or "
+                "ROOFTOP_COLLECTORS), or an [otlp] endpoint to export directly"
             )
-        if channel_credentials is None and not config.insecure:
-            raise ConfigError(
-                "insecure: TLS is not configured; set insecure = true to stream in plaintext"
-            )
+        tls_configured = any(
+            f is not None for f in (config.ca_file, config.cert_file, config.token_file)
+        )
+        if config.collectors and channel_credentials is None and not config.insecure:
+            if not tls_configured:
+                raise ConfigError(
+                    "insecure: TLS is not configured; set ca_file (cert_file and key_file for "
+                    "mTLS, token_file for a token), or insecure = true to stream in plaintext"
+                )
         self.config = config
         self.boot_id = boot_id or str(uuid.uuid4())
         self._env = os.environ if env is None else env
@@ -139,30 +154,49 @@ class Agent:
         self.backend = backend or backend_from_spec(config.backend, config.fake_gpus)
         if host is None and config.host_sensor:
             host = self._open_host_sensor(self.backend)
-        self.sampler = Sampler(self.backend, host, clock=clock)
-        self.spool = Spool(
-            config.spool_dir,
-            max_bytes=config.spool_max_bytes,
-            segment_bytes=config.spool_segment_bytes,
-            fsync_interval_s=config.fsync_interval_s,
+        self.engines = EngineSources(
+            config.hook_socket or None,
+            [EngineEndpoint.parse(url) for url in config.engine_urls],
+            extra=[self.backend] if isinstance(self.backend, ReplayBackend) else (),
         )
+        self.sampler = Sampler(self.backend, host, clock=clock, engines=self.engines)
+        # Direct OTLP export only (no collector): no spool, no stream.
+        self.spool: Spool | None = None
+        self.streamer: Streamer | None = None
+        if config.collectors:
+            self.spool = Spool(
+                config.spool_dir,
+                max_bytes=config.spool_max_bytes,
+                segment_bytes=config.spool_segment_bytes,
+                fsync_interval_s=config.fsync_interval_s,
+            )
         self.batcher = Batcher(
             config.agent_id,
             self.boot_id,
             max_batch_bytes=config.batch_max_bytes,
             max_batch_samples=config.batch_max_samples,
         )
-        self.streamer = Streamer(
-            self.spool,
-            config.collectors,
-            channel_credentials=channel_credentials,
-            keepalive_time_s=config.keepalive_time_s,
-            keepalive_timeout_s=config.keepalive_timeout_s,
-            connect_timeout_s=config.connect_timeout_s,
-            max_message_bytes=config.max_message_bytes,
-            backoff_base_s=config.backoff_base_s,
-            backoff_max_s=config.backoff_max_s,
-        )
+        if self.spool is not None:
+            self.streamer = Streamer(
+                self.spool,
+                config.collectors,
+                channel_credentials=channel_credentials,
+                # Given credentials are fixed (tests); else files re-read per connection.
+                auth=None if channel_credentials is not None else ClientAuth.from_config(config),
+                agent_id=config.agent_id,
+                keepalive_time_s=config.keepalive_time_s,
+                keepalive_timeout_s=config.keepalive_timeout_s,
+                connect_timeout_s=config.connect_timeout_s,
+                max_message_bytes=config.max_message_bytes,
+                backoff_base_s=config.backoff_base_s,
+                backoff_max_s=config.backoff_max_s,
+            )
+        self.otlp: DirectExporter | None = None
+        if config.otlp_endpoint:
+            # Imported only then: the OTel SDK and exporters add ~6 MiB of RSS (measured).
+            from agent.otlp import DirectExporter, otlp_export  # noqa: PLC0415
+
+            self.otlp = DirectExporter(otlp_export(config))
         self.hysteresis = Hysteresis(hold=config.hysteresis_windows)
 
         self._lock = threading.Lock()  # the buffers below: sampler thread vs flush
@@ -192,8 +226,14 @@ class Agent:
         """Start the spool writer, the stream and the sampler (idempotent)."""
         if self._thread is not None or self._shut:
             return
-        self.spool.start()
-        self.streamer.start()
+        if self.spool is not None and self.streamer is not None:
+            self.spool.start()
+            self.streamer.start()
+        if self.otlp is not None:
+            self.otlp.start()
+        self.engines.start()
+        for warning in self.engines.warnings:
+            log.warning("%s", warning)
         now = self._monotonic()
         self._window_start_s = self._last_batch_s = now
         self._thread = threading.Thread(target=self._sample_loop, name="rooftop-sampler")
@@ -205,7 +245,8 @@ class Agent:
             self.boot_id,
             gpus,
             self.config.rate_hz,
-            ", ".join(self.config.collectors),
+            ", ".join(self.config.collectors)
+            + (f" otlp {self.config.otlp_endpoint}" if self.otlp is not None else ""),
         )
         sd_notify(f"READY=1\nSTATUS=sampling {gpus} GPU(s)", self._env)
 
@@ -213,8 +254,13 @@ class Agent:
         """Spool what is buffered and wait until the collector acked it all."""
         deadline = self._monotonic() + timeout_s
         self._emit()
-        self.spool.flush(timeout_s)
-        return self.streamer.flush(max(0.0, deadline - self._monotonic()))
+        ok = True
+        if self.spool is not None and self.streamer is not None:
+            self.spool.flush(timeout_s)
+            ok = self.streamer.flush(max(0.0, deadline - self._monotonic()))
+        if self.otlp is not None:
+            ok = self.otlp.flush(max(0.0, deadline - self._monotonic())) and ok
+        return ok
 
     def shutdown(self, timeout_s: float) -> None:
         """Stop sampling, final flush, close everything (idempotent)."""
@@ -227,12 +273,16 @@ class Agent:
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - self._monotonic()))
         self._emit()
-        self.spool.flush(max(0.0, deadline - self._monotonic()))
-        self.streamer.shutdown(max(0.0, deadline - self._monotonic()))
-        self.spool.shutdown(max(0.0, deadline - self._monotonic()))
+        if self.spool is not None and self.streamer is not None:
+            self.spool.flush(max(0.0, deadline - self._monotonic()))
+            self.streamer.shutdown(max(0.0, deadline - self._monotonic()))
+            self.spool.shutdown(max(0.0, deadline - self._monotonic()))
+        if self.otlp is not None:  # after the stream, which gets the shutdown budget first
+            self.otlp.shutdown(max(0.1, deadline - self._monotonic()))
+        self.engines.shutdown(max(0.1, deadline - self._monotonic()))
         self.backend.close()
-        left = self.spool.stats()
-        if left.queued:
+        left = self.spool.stats() if self.spool is not None else None
+        if left is not None and left.queued:
             log.warning("stopped with %d batch(es) unacked: kept in the spool", left.queued)
         log.info("agent stopped (last seq %d)", self.batcher.last_seq)
 
@@ -246,9 +296,9 @@ class Agent:
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
-            # A timed wait, so the main thread gets to run the signal handler promptly.
-            while not self._signalled.wait(0.5):
-                pass
+            # An untimed wait: on POSIX a signal interrupts the lock wait, the handler
+            # runs in this (main) thread and sets the event. No wakeups while running.
+            self._signalled.wait()
         finally:
             self.shutdown(self.config.shutdown_timeout_s)
             for signum, handler in previous.items():
@@ -305,8 +355,12 @@ class Agent:
             records, self._records = self._records, []
             verdicts, self._verdicts = self._verdicts, []
             for batch in self.batcher.make(records, verdicts):
-                self.spool.append(batch)
-        self.streamer.wake()
+                if self.otlp is not None:
+                    self.otlp.observe(batch)  # before the spool: the stream thread sets stats
+                if self.spool is not None:
+                    self.spool.append(batch)
+        if self.streamer is not None:
+            self.streamer.wake()
 
     def _watchdog(self) -> None:
         if self._watchdog_s is None:

@@ -66,6 +66,7 @@ def _agent_config(node: DemoNode, collector: str, trace: Path, spool: Path) -> s
         "window_s = 2",
         "hysteresis_windows = 1",
         "host_sensor = false",
+        'hook_socket = ""  # the replay brings its own engine samples',
         f'spool_dir = "{spool}"',
         "batch_interval_s = 0.5",
         "backoff_base_s = 0.2",

@@ -116,12 +116,10 @@ def sample(
 
     Engine samples (hooks, scrapers) drained from ``engines`` join the records each tick.
     """
-    sampler = Sampler(backend, host)
+    sampler = Sampler(backend, host, engines=engines)
     records: list[Record] = []
 
     def on_tick(batch: list[Record], done: float) -> None:
-        if engines is not None:
-            batch = [*engines.drain(), *batch]
         records.extend(batch)
         if on_records is not None:
             on_records(batch)

@@ -10,10 +10,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from agent.errors import DeviceLost, SensorError
 from agent.model import GpuSample, Record
 from agent.sensors.base import Clock, GpuBackend, GpuInfo, HostSensor
+
+if TYPE_CHECKING:  # the engine sources pull in the scrapers; the sampler only drains
+    from agent.engines.sources import Drainable
 
 __all__ = ["Sampler"]
 
@@ -28,16 +32,18 @@ class Sampler:
         backend: GpuBackend,
         host: HostSensor | None = None,
         clock: Clock = time.time,
+        engines: Drainable | None = None,
     ) -> None:
         self.backend = backend
         self.host = host
+        self.engines = engines
         self.clock = clock
         self.devices: tuple[GpuInfo, ...] = backend.devices()
         self._lost: set[int] = set()
         self.ticks = 0
 
     def tick(self) -> list[Record]:
-        """One sample per GPU plus one host sample, all stamped with the same time."""
+        """One sample per GPU, one host sample, and the engine samples since the last tick."""
         now_s = self.clock()
         records: list[Record] = []
         gpu_pids: dict[int, tuple[int, ...]] = {}
@@ -63,6 +69,9 @@ class Sampler:
                 records.append(self.host.read(now_s, gpu_pids))
             except SensorError as exc:
                 log.warning("host sensor: %s", exc)
+        if self.engines is not None:
+            # After the GPUs: a replay hands over the engine samples up to this read.
+            records.extend(self.engines.drain())
         self.ticks += 1
         return records
 

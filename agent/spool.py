@@ -9,9 +9,11 @@
 
 ``append`` never blocks on the disk and never raises: the sampler hands a batch over
 and goes on. A writer thread moves the ring to append-only segment files
-(``seg-NNNNNNNNNN.rts``) and fsyncs at most once per ``fsync_interval_s``, so a kill
-loses at most the ring (one interval); a batch acked before it reached the writer is
-never written at all. Fully acked segments are deleted.
+(``seg-NNNNNNNNNN.rts``) ``fsync_interval_s`` after an append and fsyncs at most once
+per interval, so a kill loses at most the ring (one interval); a batch acked before it
+reached the writer is never written at all, which with a healthy collector is nearly
+every batch: the writer then only wakes, finds nothing to do and sleeps until the
+next append (no periodic wakeups, no disk I/O). Fully acked segments are deleted.
 
 Record framing, little-endian::
 
@@ -269,7 +271,8 @@ class Spool:
         self._fsyncs = 0
         self._write_errors = 0
 
-        self._wake = threading.Event()
+        self._work = threading.Event()  # appended since the writer last looked
+        self._wake = threading.Event()  # write now: the ring is filling, or shutdown
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -384,6 +387,7 @@ class Spool:
             self._ring.append(entry)
             self._ring_bytes += entry.size_bytes
             self._appended += 1
+            self._work.set()
             while self._ring_bytes > self.ring_max_bytes and len(self._ring) > 1:
                 old = self._ring.popleft()
                 self._ring_bytes -= old.size_bytes
@@ -473,10 +477,13 @@ class Spool:
             if seq <= prev:
                 return 0
             self._acked[boot_id] = seq
-            self._acks_dirty = True
             settled = [
                 e for e in self._newly_acked(boot_id, prev, seq) if not e.gone and not e.popped
             ]
+            # acked.json only spares resending records that are on disk: an ack of
+            # batches still in the ring (the usual case) needs no write.
+            if any(e.segment is not None for e in settled):
+                self._acks_dirty = True
             for entry in settled:
                 self._queued -= 1
                 self._queued_bytes -= entry.size_bytes
@@ -588,6 +595,8 @@ class Spool:
         self._unsynced = True
         with self._lock:
             self._disk_bytes += len(data)
+            if self._is_acked(entry):
+                self._acks_dirty = True  # acked while being written: say so on disk too
             if entry.popped:
                 return  # acked while being written: dead bytes in the file
             entry.segment = segment.index
@@ -731,9 +740,16 @@ class Spool:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            # Unsynced bytes, or records put back after a write error, need another pass
+            # without an append; otherwise sleep until one comes (no idle wakeups).
+            if not (self._unsynced or self._ring):
+                self._work.wait()
+            # Then give the collector's ack the interval to land first: an acked batch is
+            # never written. A filling ring or shutdown cuts the wait short, and
             # fsync_interval_s = 0 means "every write", not a busy loop.
             self._wake.wait(max(self.fsync_interval_s, 0.05))
             self._wake.clear()
+            self._work.clear()  # before sync(): an append from here on is seen next round
             try:
                 self.sync()
             except Exception:  # thread boundary: log, keep the writer alive
@@ -758,6 +774,7 @@ class Spool:
         deadline = time.monotonic() + timeout_s
         self._stop.set()
         self._wake.set()
+        self._work.set()
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
         self.flush(max(0.0, deadline - time.monotonic()))

@@ -13,6 +13,14 @@ the agent's self-metrics in ``Batch.stats``. An ``Ack.rejected_seq`` (a poison b
 is counted and consumed, never resent. On any failure it moves to the next collector
 address at once; after a full round of failures it backs off 1 s × 1.6ⁿ with ±20 %
 jitter, capped at 30 s. Delivery is at-least-once up to the spool's capacity.
+
+``ClientAuth`` is what the agent (and ``agentctl status``) presents: TLS roots, an
+mTLS client certificate, a bearer token (``authorization: Bearer …``, never over
+plaintext). Each stream re-reads whichever of those files changed since the last
+one (mtime, size, inode), so certificates and tokens rotate without a restart; the
+agent also names itself in ``x-rooftop-agent-id`` so that the collector can refuse
+a claimed id that is not its certificate's before any handler runs.
+``query_fleet_status`` is the client of the collector's ``rooftop.v1.Query``.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import socket
 import threading
@@ -27,25 +36,29 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
-from agent.errors import Rejected, Retryable, StreamError
+from agent.errors import ConfigError, Rejected, Retryable, StreamError
 from agent.report import timestamp
 from agent.spool import Key, Spool
 from protos.rooftop.v1 import telemetry_pb2 as pb
 from protos.rooftop.v1 import telemetry_pb2_grpc
 
 __all__ = [
+    "AGENT_ID_METADATA",
     "DEFAULT_MAX_BATCH_BYTES",
     "DEFAULT_MAX_BATCH_SAMPLES",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "Batcher",
+    "ClientAuth",
     "StreamStats",
     "Streamer",
     "backoff_delay_s",
     "channel_options",
     "map_grpc_errors",
+    "query_fleet_status",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,6 +70,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 _BATCH_OVERHEAD_BYTES = 1024  # ids, seq, stats, sent_time: a few hundred bytes in practice
 _STATS_MAX_BYTES = 128  # AgentStats (8 varints) + sent_time, with room to spare
 _FIELD_OVERHEAD_BYTES = 6  # tag + length varint of one repeated element (≤ 1 MiB)
+# The agent's claimed id, as call metadata: checked against its client certificate
+# (mTLS) before the collector runs any handler. Each batch's agent_id is checked too.
+AGENT_ID_METADATA = "x-rooftop-agent-id"
+# A whole fleet's status (1,000 nodes x 8 GPUs with details) is several MiB.
+_QUERY_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # Transient by nature: reconnect. Everything else means the collector refused us.
 _RETRYABLE_CODES = frozenset(
@@ -140,6 +158,201 @@ def channel_options(
         # We reconnect and resend ourselves; grpc's transparent retries would reorder.
         ("grpc.enable_retries", 0),
     ]
+
+
+_Signature = tuple[tuple[int, int, int] | None, ...]
+
+
+def _signature(paths: Sequence[Path | None]) -> _Signature:
+    """What tells a changed file (mtime, size, inode); None for an absent one."""
+    out: list[tuple[int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path) if path is not None else None
+        except OSError:
+            st = None
+        out.append(None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
+
+
+def read_token(path: Path) -> str:
+    """The bearer token in ``path``: its first line that is neither blank nor a # comment.
+
+    Raises:
+        ConfigError: unreadable, empty, or not a valid header value.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"token_file {path}: cannot read: {exc}") from exc
+    for line in text.splitlines():
+        token = line.strip()
+        if token and not token.startswith("#"):
+            if not all(33 <= ord(c) < 127 for c in token):
+                raise ConfigError(f"token_file {path}: the token must be printable ASCII")
+            return token
+    raise ConfigError(f"token_file {path} holds no token")
+
+
+class ClientAuth:
+    """TLS roots, an mTLS client certificate and a bearer token, re-read when they change.
+
+    ``credentials()`` and ``metadata()`` are called once per stream (connection): a
+    file whose mtime, size or inode changed since is read again, so rotation needs
+    no restart. A file unreadable *during* a rotation keeps the last good material
+    (logged once per change); unreadable at construction is a ``ConfigError``.
+
+    Args:
+        ca_file: PEM roots for the collector's certificate; None: the system roots.
+        cert_file: PEM client certificate chain (mTLS), with ``key_file``.
+        key_file: its private key.
+        token_file: bearer token, sent as ``authorization: Bearer <token>``.
+        server_name: the name to expect in the collector's certificate when it is not
+            the address dialled (``grpc.ssl_target_name_override``).
+        insecure: plaintext. Refused together with a token: it would travel in the clear.
+    """
+
+    def __init__(
+        self,
+        *,
+        ca_file: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+        token_file: Path | None = None,
+        server_name: str = "",
+        insecure: bool = False,
+    ) -> None:
+        if (cert_file is None) != (key_file is None):
+            raise ConfigError("cert_file and key_file go together (mTLS)")
+        if insecure and token_file is not None:
+            raise ConfigError(
+                "token_file: a bearer token is never sent over plaintext (insecure); use TLS"
+            )
+        if insecure and (ca_file or cert_file or server_name):
+            raise ConfigError("insecure (plaintext) contradicts TLS files or server_name")
+        self.insecure = insecure
+        self._tls_paths = (ca_file, cert_file, key_file)
+        self._token_file = token_file
+        self._server_name = server_name
+        self._lock = threading.Lock()
+        self._tls_sig: _Signature | None = None
+        self._credentials: grpc.ChannelCredentials | None = None
+        self._token_sig: _Signature | None = None
+        self._token: str | None = None
+        self._warned: set[_Signature] = set()
+        if not insecure:
+            self._reload_tls(strict=True)
+        if token_file is not None:
+            self._reload_token(strict=True)
+
+    @classmethod
+    def from_config(cls, config: object) -> ClientAuth:
+        """From anything with the agent config's ``ca_file`` … ``insecure`` attributes."""
+        return cls(
+            ca_file=getattr(config, "ca_file", None),
+            cert_file=getattr(config, "cert_file", None),
+            key_file=getattr(config, "key_file", None),
+            token_file=getattr(config, "token_file", None),
+            server_name=getattr(config, "server_name", ""),
+            insecure=bool(getattr(config, "insecure", False)),
+        )
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """Channel credentials from the current files; None for plaintext."""
+        if self.insecure:
+            return None
+        with self._lock:
+            self._reload_tls(strict=False)
+            return self._credentials
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """``authorization`` metadata from the current token file; empty without one."""
+        if self._token_file is None:
+            return ()
+        with self._lock:
+            self._reload_token(strict=False)
+            return (("authorization", f"Bearer {self._token}"),)
+
+    def options(self) -> list[tuple[str, str]]:
+        """Channel options: the expected server name, when one is set."""
+        return [("grpc.ssl_target_name_override", self._server_name)] if self._server_name else []
+
+    def _reload_tls(self, *, strict: bool) -> None:
+        sig = _signature(self._tls_paths)
+        if sig == self._tls_sig:
+            return
+        ca, cert, key = self._tls_paths
+        try:
+            roots = ca.read_bytes() if ca is not None else None
+            chain = cert.read_bytes() if cert is not None else None
+            private = key.read_bytes() if key is not None else None
+        except OSError as exc:
+            if strict:
+                raise ConfigError(f"TLS file unreadable: {exc}") from exc
+            self._warn_once(
+                sig, "TLS files changed but are unreadable (%s): keeping the old ones", exc
+            )
+            return
+        self._credentials = grpc.ssl_channel_credentials(
+            root_certificates=roots, private_key=private, certificate_chain=chain
+        )
+        if self._tls_sig is not None:
+            log.info("TLS files changed: the next connection uses the new ones")
+        self._tls_sig = sig
+
+    def _reload_token(self, *, strict: bool) -> None:
+        assert self._token_file is not None
+        sig = _signature([self._token_file])
+        if sig == self._token_sig:
+            return
+        try:
+            token = read_token(self._token_file)
+        except ConfigError as exc:
+            if strict:
+                raise
+            self._warn_once(
+                sig, "token file changed but is unusable (%s): keeping the old token", exc
+            )
+            return
+        if self._token_sig is not None and token != self._token:
+            log.info("token file changed: the next connection presents the new token")
+        self._token, self._token_sig = token, sig
+
+    def _warn_once(self, sig: _Signature, message: str, exc: object) -> None:
+        if sig not in self._warned:
+            self._warned = {sig} if len(self._warned) > 64 else self._warned | {sig}
+            log.warning(message, exc)
+
+
+def query_fleet_status(
+    address: str,
+    auth: ClientAuth,
+    *,
+    node: str = "",
+    detail: bool = False,
+    timeout_s: float = 10.0,
+) -> pb.FleetStatus:
+    """Ask the collector at ``address`` for the fleet's status (``rooftop.v1.Query``).
+
+    Raises:
+        Retryable: the collector is unreachable (UNAVAILABLE, DEADLINE_EXCEEDED, …).
+        Rejected: it refused (UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, …).
+    """
+    options: list[tuple[str, str | int]] = [
+        ("grpc.max_receive_message_length", _QUERY_MAX_MESSAGE_BYTES),
+        ("grpc.enable_retries", 0),
+        *auth.options(),
+    ]
+    credentials = auth.credentials()
+    channel = (
+        grpc.secure_channel(address, credentials, options=options)
+        if credentials is not None
+        else grpc.insecure_channel(address, options=options)
+    )
+    request = pb.FleetStatusRequest(node=node, detail=detail)
+    with channel, map_grpc_errors(address):
+        stub = telemetry_pb2_grpc.QueryStub(channel)
+        return stub.GetFleetStatus(request, metadata=auth.metadata(), timeout=timeout_s)
 
 
 class Batcher:
@@ -255,6 +468,8 @@ class Streamer:
         collectors: Sequence[str],
         *,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        auth: ClientAuth | None = None,
+        agent_id: str = "",
         keepalive_time_s: float = 30.0,
         keepalive_timeout_s: float = 10.0,
         connect_timeout_s: float = 10.0,
@@ -274,6 +489,10 @@ class Streamer:
             collectors: ``host:port`` addresses, tried in order, next one on failure.
             channel_credentials: TLS/mTLS credentials; None streams in plaintext (the
                 caller decides that plaintext was asked for explicitly).
+            auth: credentials and token re-read at each (re)connect (rotation);
+                overrides ``channel_credentials``.
+            agent_id: sent as ``x-rooftop-agent-id`` so the collector checks it
+                against the client certificate before any handler runs.
             keepalive_time_s: ping period on the connection (DESIGN: 30 s).
             keepalive_timeout_s: a ping unanswered this long drops the connection.
             connect_timeout_s: give up on an address that does not connect this fast.
@@ -292,6 +511,8 @@ class Streamer:
         self._spool = spool
         self._collectors = tuple(collectors)
         self._credentials = channel_credentials
+        self._auth = auth
+        self._agent_id = agent_id
         self._options = channel_options(
             keepalive_time_s=keepalive_time_s,
             keepalive_timeout_s=keepalive_timeout_s,
@@ -465,9 +686,19 @@ class Streamer:
             await asyncio.sleep(delay_s)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        if self._credentials is not None:
-            return grpc.aio.secure_channel(address, self._credentials, options=self._options)
-        return grpc.aio.insecure_channel(address, options=self._options)
+        credentials = self._credentials
+        options: list[tuple[str, str | int]] = list(self._options)
+        if self._auth is not None:
+            # Per connection: rotated certificates take effect at the next one.
+            credentials = self._auth.credentials()
+            options += self._auth.options()
+        if credentials is not None:
+            return grpc.aio.secure_channel(address, credentials, options=options)
+        return grpc.aio.insecure_channel(address, options=options)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        own = ((AGENT_ID_METADATA, self._agent_id),) if self._agent_id else ()
+        return own + (self._auth.metadata() if self._auth is not None else ())
 
     async def _stream(self, session: _Session) -> None:
         """One stream on one address until it breaks; always raises ``StreamError``."""
@@ -476,7 +707,7 @@ class Streamer:
         call: _Call | None = None
         try:
             # Fail-fast (no wait_for_ready): a refused address fails over at once.
-            call = telemetry_pb2_grpc.IngestStub(channel).Stream()
+            call = telemetry_pb2_grpc.IngestStub(channel).Stream(metadata=self._metadata())
             self._session = session
             sender = asyncio.create_task(self._send_loop(session, call))
             with map_grpc_errors(session.address):

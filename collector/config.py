@@ -3,12 +3,13 @@
 ::
 
     [collector]
-    listen = "0.0.0.0:4850"          # gRPC ingest
+    listen = "0.0.0.0:4850"          # gRPC ingest + Query (default 127.0.0.1:4850 if insecure)
     insecure = false                 # plaintext only when asked for explicitly
     tls_cert_file = "collector.crt"  # relative paths are relative to this file
     tls_key_file = "collector.key"
     tls_client_ca_file = "agents-ca.crt"  # set: mTLS, agent_id must match the cert
-    token_file = "token"             # bearer token agents must present
+    token_file = "token"             # bearer token(s) agents must present, one per line
+    read_token_file = "read-token"   # token(s) that may call Query but not Ingest
     max_message_bytes = 4194304      # bigger messages: RESOURCE_EXHAUSTED
     max_future_skew_s = 300          # sample times further ahead are clamped
     ack_every_batches = 32           # at most this many batches per ack (agent window: 64)
@@ -30,22 +31,30 @@
     max_series_per_metric = 65536    # fits 1,000 nodes x 8 GPUs x 6 bound states
 
 An unknown section or key is a ``ConfigError`` naming it: a typo must not silently
-fall back to a default.
+fall back to a default. Certificates, keys and token files are re-read when they
+change (see ``collector.ingest``); a token needs TLS (it is never accepted in the
+clear), and plaintext without an explicit listen address binds to loopback only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.config import line_of
 from agent.errors import ConfigError
 
 __all__ = ["CollectorConfig", "OtlpExport", "load_config"]
 
 DEFAULT_LISTEN = "0.0.0.0:4850"
+# Plaintext (insecure) without an explicit listen address: this host only.
+DEFAULT_INSECURE_LISTEN = "127.0.0.1:4850"
 DEFAULT_PROMETHEUS = "127.0.0.1:9464"
 MIB = 1024 * 1024
 
@@ -74,6 +83,7 @@ class CollectorConfig:
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     token_file: Path | None = None
+    read_token_file: Path | None = None
     max_message_bytes: int = 4 * MIB
     max_future_skew_s: float = 300.0
     ack_every_batches: int = 32
@@ -98,6 +108,13 @@ class CollectorConfig:
                 "collector.insecure: no TLS certificate configured; set tls_cert_file and "
                 "tls_key_file, or ask for plaintext explicitly (insecure = true, --insecure)"
             )
+        tokens = {"token_file": self.token_file, "read_token_file": self.read_token_file}
+        for key, path in tokens.items():
+            if path is not None and self.tls_cert_file is None:
+                raise ConfigError(
+                    f"collector.{key}: a bearer token needs TLS (tls_cert_file and tls_key_file);"
+                    " over plaintext it would travel in the clear"
+                )
         positive = {
             "collector.max_message_bytes": self.max_message_bytes,
             "collector.ack_every_batches": self.ack_every_batches,
@@ -139,6 +156,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "tls_key_file": ("tls_key_file", str),
         "tls_client_ca_file": ("tls_client_ca_file", str),
         "token_file": ("token_file", str),
+        "read_token_file": ("read_token_file", str),
         "max_message_bytes": ("max_message_bytes", int),
         "max_future_skew_s": ("max_future_skew_s", (int, float)),
         "ack_every_batches": ("ack_every_batches", int),
@@ -156,7 +174,7 @@ _OTLP_KEYS: dict[str, type | tuple[type, ...]] = {
     "insecure": bool,
     "headers": dict,
 }
-_PATHS = {"tls_cert_file", "tls_key_file", "tls_client_ca_file", "token_file"}
+_PATHS = {"tls_cert_file", "tls_key_file", "tls_client_ca_file", "token_file", "read_token_file"}
 
 
 def _typed(key: str, value: Any, typ: type | tuple[type, ...]) -> Any:
@@ -223,27 +241,88 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Colle
     return CollectorConfig(otlp=tuple(otlp), **values)
 
 
+ENV_PREFIX = "ROOFTOP_"
+_BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def env_name(section: str, key: str) -> str:
+    """The environment variable that overrides ``[section] key``."""
+    return f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Overlay ``ROOFTOP_<SECTION>_<KEY>`` values on the parsed file, typed as the schema says."""
+    for section, schema in _SCHEMA.items():
+        for key, (_, typ) in schema.items():
+            name = env_name(section, key)
+            if name not in env:
+                continue
+            text = env[name].strip()
+            value: Any = text
+            types = typ if isinstance(typ, tuple) else (typ,)
+            if bool in types:
+                if text.lower() not in _BOOLS:
+                    raise ConfigError(f"{name}: expected true or false, got {text!r}")
+                value = _BOOLS[text.lower()]
+            try:
+                if int in types and float not in types:
+                    value = int(text)
+                elif float in types:
+                    value = float(text)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}, got {text!r}") from None
+            table = data.setdefault(section, {})
+            if isinstance(table, dict):
+                table[key] = value
+
+
+def _located(exc: ConfigError, path: Path | None, text: str) -> ConfigError:
+    """``exc`` with ``file:line`` where the key it names is set, when it can be found."""
+    match = re.search(r"(?:key |section \[)([\w.]+)", str(exc))
+    if path is None or match is None:
+        return exc
+    line = line_of(text, match[1].rsplit(".", 1)[-1])
+    return ConfigError(f"{path}:{line}: {exc}" if line else f"{path}: {exc}")
+
+
 def load_config(
     path: Path | None = None,
     *,
     listen: str | None = None,
     prometheus_listen: str | None = None,
     insecure: bool | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> CollectorConfig:
-    """Read ``path`` (defaults when None), apply command-line overrides, validate.
+    """Read ``path`` (defaults when None), then the environment, then flags; validate.
+
+    Environment variables are ``ROOFTOP_<SECTION>_<KEY>`` (``ROOFTOP_COLLECTOR_LISTEN``,
+    ``ROOFTOP_PROMETHEUS_LISTEN``, ...), typed as the key in the file.
+
+    Plaintext (``insecure``) without a listen address given in the file or as
+    ``listen`` binds to ``DEFAULT_INSECURE_LISTEN`` (loopback), not every interface.
 
     Raises:
         ConfigError: unreadable file, invalid TOML, unknown key, bad value.
     """
-    config = CollectorConfig()
+    explicit_listen = listen is not None
+    data: dict[str, Any] = {}
+    text = ""
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text())
+            text = Path(path).read_text()
+            data = tomllib.loads(text)
         except OSError as exc:
             raise ConfigError(f"cannot read collector config {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
-        config = parse_config(data, base_dir=Path(path).resolve().parent)
+    section = data.get("collector")
+    explicit_listen |= isinstance(section, dict) and "listen" in section
+    explicit_listen |= ENV_PREFIX + "COLLECTOR_LISTEN" in (os.environ if env is None else env)
+    _apply_env(data, os.environ if env is None else env)
+    try:
+        config = parse_config(data, base_dir=Path(path).resolve().parent if path else None)
+    except ConfigError as exc:
+        raise _located(exc, path, text) from None
     overrides: dict[str, Any] = {}
     if listen is not None:
         overrides["listen"] = listen
@@ -251,4 +330,7 @@ def load_config(
         overrides["prometheus_listen"] = prometheus_listen
     if insecure is not None:
         overrides["insecure"] = insecure
-    return dataclasses.replace(config, **overrides).validated()
+    config = dataclasses.replace(config, **overrides)
+    if config.insecure and not explicit_listen:
+        config = dataclasses.replace(config, listen=DEFAULT_INSECURE_LISTEN)
+    return config.validated()

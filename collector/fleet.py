@@ -390,6 +390,7 @@ class CollectorCounts:
     skewed: int = 0  # samples dated in the future, clamped
     missing: int = 0  # seqs an agent skipped (its spool dropped them before sending)
     streams: int = 0  # open now
+    refused: tuple[tuple[str, int], ...] = ()  # (reason, calls) refused by authentication
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +438,7 @@ class Fleet:
         self._skewed = 0
         self._missing = 0
         self._streams = 0
+        self._refused: dict[str, int] = {}
         self._last_sweep_s = clock()
 
     # -- counters (ingest) --
@@ -450,6 +452,11 @@ class Fleet:
         """A batch was refused (poison); it is consumed and the stream goes on."""
         with self._lock:
             self._rejected[str(reason)] = self._rejected.get(str(reason), 0) + 1
+
+    def count_refused(self, reason: str) -> None:
+        """A call was refused by authentication before any handler ran (nothing applied)."""
+        with self._lock:
+            self._refused[reason] = self._refused.get(reason, 0) + 1
 
     def count_missing(self, batches: int) -> None:
         """An agent skipped ``batches`` seqs: its spool dropped them before sending."""
@@ -612,6 +619,7 @@ class Fleet:
             skewed=self._skewed,
             missing=self._missing,
             streams=self._streams,
+            refused=tuple(sorted(self._refused.items())),
         )
 
     def snapshot(self) -> FleetSnapshot:

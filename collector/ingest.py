@@ -9,15 +9,23 @@ One long-lived bidi stream per agent. Each batch carries (agent_id, boot_id, seq
   applied batches, or ``ack_interval_s`` after the first unacked one, whichever
   comes first (per-message acks cost the client 2-3.5x CPU, measured). Keep
   ``ack_every_batches`` below the agent's in-flight window (64) so it never stalls.
-- **Auth**: TLS, or mTLS where ``agent_id`` must be the client certificate's CN or a
-  SAN (else PERMISSION_DENIED); and/or a bearer token (``authorization: Bearer …``
-  metadata) checked in constant time before any handler (UNAUTHENTICATED).
-  Health checks need no token. Plaintext only with ``insecure``.
+- **Auth** (``Authenticator``, before any handler): TLS, or mTLS where ``agent_id``
+  must be the client certificate's CN or a SAN (else PERMISSION_DENIED); and/or a
+  bearer token (``authorization: Bearer …`` metadata) checked in constant time
+  (UNAUTHENTICATED). A read-only token may call ``Query`` but not ``Ingest``. Health
+  checks need no token. Plaintext only with ``insecure``, and a token arriving over
+  plaintext is refused. Refusals are counted (``rooftop.collector.refused``) and
+  logged once per peer. Certificates and token files are re-read when they change
+  (``ServerTls``, ``TokenFile``): rotation without a restart. TLS handshake failures
+  (no client certificate, an unknown CA, an expired certificate) end inside gRPC's
+  TLS layer before any call exists: Python never sees them, so they are not counted.
+- **Query**: ``rooftop.v1.Query`` (``collector.query``) on the same server and port.
 - **Gaps**: an agent sends oldest first on one ordered stream, so when the first
   batch of a (re)connected stream starts past the contiguous seq, the batches in
   between were dropped by the agent's spool: they are skipped and counted
-  (``rooftop.collector.missing``) instead of holding the ack back forever. Gaps
-  inside a stream wait for a late fill-in, up to ``max_ahead`` batches.
+  (``rooftop.collector.missing``) instead of holding the ack back forever. The same
+  holds for a jump *inside* a stream (the agent skipped a corrupt or over-cap batch):
+  nothing can fill it later, and waiting would stall the agent's in-flight window.
 - **Poison** (``fleet.PoisonBatch``: NaN, negative, >100 %, bad enum, no identity)
   is rejected in-band (``Ack.rejected_seq``, ``Ack.error`` starting with
   ``INVALID_ARGUMENT``), counted by reason, and treated as consumed: the stream
@@ -35,28 +43,48 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
+import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.errors import ConfigError
+from agent.stream import AGENT_ID_METADATA
 from collector.config import CollectorConfig
 from collector.fleet import BatchObserver, Fleet, PoisonBatch, decode_batch
+from collector.query import QUERY_SERVICE_NAME, QueryServicer
 from protos.rooftop.v1 import telemetry_pb2 as pb
 from protos.rooftop.v1 import telemetry_pb2_grpc
 
-__all__ = ["SERVICE_NAME", "Deduplicator", "IngestServer", "IngestServicer", "server_options"]
+__all__ = [
+    "SERVICE_NAME",
+    "Authenticator",
+    "Deduplicator",
+    "IngestServer",
+    "IngestServicer",
+    "RefuseReason",
+    "Refusal",
+    "Refusals",
+    "ServerTls",
+    "TokenFile",
+    "server_options",
+]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "rooftop.v1.Ingest"
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# Acks are tiny; a whole fleet's status (Query) is several MiB for 1,000 nodes.
+_MAX_SEND_BYTES = 64 * 1024 * 1024
 
 
 def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -68,7 +96,7 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     """
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max(max_message_bytes, _MAX_SEND_BYTES)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         # The server's own pings find agents that vanished without a FIN.
@@ -169,6 +197,7 @@ _END = object()  # the reader's last word
 class _Abort:
     code: grpc.StatusCode
     details: str
+    reason: RefuseReason | None = None  # counted as a refusal
 
 
 class IngestServicer(telemetry_pb2_grpc.IngestServicer):
@@ -183,6 +212,7 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         ack_interval_s: the longest an applied batch waits for its ack.
         max_future_skew_s: sample times further ahead than this are clamped.
         require_identity: check ``agent_id`` against the client certificate (mTLS).
+        refusals: where an identity refusal is counted and logged.
     """
 
     def __init__(
@@ -195,8 +225,10 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         ack_interval_s: float = 0.1,
         max_future_skew_s: float = 300.0,
         require_identity: bool = False,
+        refusals: Refusals | None = None,
     ) -> None:
         self._fleet = fleet
+        self._refusals = refusals
         self._observers = tuple(observers)
         self._clock = clock
         self._ack_every = max(1, ack_every_batches)
@@ -227,6 +259,10 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
                 if item is _END:
                     break
                 if isinstance(item, _Abort):
+                    if item.reason is not None and self._refusals is not None:
+                        self._refusals.refused(
+                            context.peer(), Refusal(item.reason, item.code, item.details)
+                        )
                     await context.abort(item.code, item.details)
                 yield item  # type: ignore[misc]
         finally:
@@ -241,7 +277,7 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
     ) -> None:
         """Apply batches as they arrive; queue coalesced acks (delayed-ack, like TCP's)."""
         loop = asyncio.get_running_loop()
-        committed: set[tuple[str, str]] = set()  # keys committed on this stream
+        committed: dict[tuple[str, str], int] = {}  # key -> last seq committed on this stream
         pending: dict[tuple[str, str], None] = {}  # keys with batches not acked yet
         unacked = 0
         timer: asyncio.TimerHandle | None = None
@@ -263,6 +299,7 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
                         _Abort(
                             grpc.StatusCode.PERMISSION_DENIED,
                             f"agent_id {batch.agent_id!r} does not match the client certificate",
+                            RefuseReason.IDENTITY_MISMATCH,
                         )
                     )
                     return
@@ -289,7 +326,7 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
     def _handle(
         self,
         batch: pb.Batch,
-        committed: set[tuple[str, str]],
+        committed: dict[tuple[str, str], int],
         touched: dict[tuple[str, str], None],
     ) -> pb.Ack | None:
         """Apply one batch; an in-band rejection ack when it is poison."""
@@ -329,9 +366,13 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
                 log.exception("batch observer %r failed", observer)
         return None
 
-    def _commit(self, key: tuple[str, str], seq: int, committed: set[tuple[str, str]]) -> int:
-        contiguous, skipped = self._dedup.commit(key, seq, first_on_stream=key not in committed)
-        committed.add(key)
+    def _commit(self, key: tuple[str, str], seq: int, committed: dict[tuple[str, str], int]) -> int:
+        # One ordered stream, oldest first: a stream's first seq of a key, or one that
+        # jumps past its previous + 1, is where the agent resumed; the seqs in between
+        # were dropped by the agent and will never come (a stall otherwise: e2e (d)).
+        resumed = committed.get(key, -1) != seq - 1
+        contiguous, skipped = self._dedup.commit(key, seq, first_on_stream=resumed)
+        committed[key] = seq
         if skipped:
             self._fleet.count_missing(skipped)
         return contiguous
@@ -348,75 +389,342 @@ def _peer_identities(context: grpc.aio.ServicerContext[Any, Any]) -> frozenset[s
 # --- auth ----------------------------------------------------------------------------------
 
 
-# The stubs make these generic; at runtime they are plain classes.
-_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+class RefuseReason(StrEnum):
+    """Why a call was refused before any handler ran (the ``rooftop.refuse.reason``)."""
+
+    MISSING_TOKEN = "missing_token"
+    BAD_TOKEN = "bad_token"
+    READ_ONLY_TOKEN = "read_only_token"  # the read-only token, on Ingest
+    TOKEN_OVER_PLAINTEXT = "token_over_plaintext"  # the token travelled in the clear
+    IDENTITY_MISMATCH = "identity_mismatch"  # claimed agent_id is not the certificate's
 
 
-class _BearerToken(grpc.aio.ServerInterceptor):
-    """Refuses calls without the right bearer token before any handler runs.
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A refused call: the status the client gets, and the reason it is counted under."""
 
-    Compared in constant time. Health checks are exempt: load balancers and
-    Kubernetes probes carry no token.
+    reason: RefuseReason
+    code: grpc.StatusCode
+    message: str
+
+
+class Refusals:
+    """Counts refused calls (``Fleet.count_refused``) and logs each peer once per reason.
+
+    Bounded: past ``max_peers`` (peer host, reason) pairs the least recently refused
+    is forgotten, so a flood of peers costs no memory (a forgotten one may log again).
     """
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, fleet: Fleet, *, max_peers: int = 4096) -> None:
+        self._fleet = fleet
+        self._max_peers = max_peers
+        self._logged: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def refused(self, peer: str, refusal: Refusal) -> None:
+        """Count ``refusal``; log it unless this peer was refused so already."""
+        self._fleet.count_refused(refusal.reason.value)
+        key = (_peer_host(peer), refusal.reason.value)
+        with self._lock:
+            if key in self._logged:
+                self._logged.move_to_end(key)
+                return
+            self._logged[key] = None
+            if len(self._logged) > self._max_peers:
+                self._logged.popitem(last=False)
+        log.warning(
+            "refused %s (%s): %s: %s [counted; not logged again for this peer and reason]",
+            key[0],
+            refusal.reason.value,
+            refusal.code.name,
+            refusal.message,
+        )
+
+    async def abort(self, context: grpc.aio.ServicerContext[Any, Any], refusal: Refusal) -> None:
+        """Count, log once, and end the call with the refusal's status (raises)."""
+        self.refused(context.peer(), refusal)
+        await context.abort(refusal.code, refusal.message)
+
+
+def _peer_host(peer: str) -> str:
+    # "ipv4:10.0.0.7:51234", "ipv6:[::1]:51234": the port changes with every connection.
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
+
+
+_FileSig = tuple[tuple[int, int, int] | None, ...]
+
+
+def _signature(paths: Sequence[Path | None]) -> _FileSig:
+    """What tells a changed file (mtime, size, inode); None for an absent one."""
+    out: list[tuple[int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path) if path is not None else None
+        except OSError:
+            st = None
+        out.append(None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
+
+
+class TokenFile:
+    """Bearer tokens from a file, one per line (blank lines and ``#`` comments skipped).
+
+    Every line is accepted, which makes rotation refusal-free: add the new token,
+    roll it out to the agents, then remove the old one. The file is re-read when its
+    mtime, size or inode changes; unreadable or empty then, the previous tokens stay
+    (logged once). Compared in constant time (``hmac.compare_digest``), every token.
+
+    Raises:
+        ConfigError: unreadable or empty at construction.
+    """
+
+    def __init__(self, path: Path, *, key: str) -> None:
+        self._path = path
+        self._key = key
+        self._sig: _FileSig | None = None
+        self._bad_sig: _FileSig | None = None
+        self._tokens: tuple[bytes, ...] = ()
+        self._lock = threading.Lock()
+        self._reload(strict=True)
+
+    def matches(self, authorization: bytes) -> bool:
+        """Whether ``authorization`` is ``Bearer <one of the tokens>``."""
+        with self._lock:
+            self._reload(strict=False)
+            tokens = self._tokens
+        ok = False
+        for expected in tokens:
+            ok |= hmac.compare_digest(authorization, expected)
+        return ok
+
+    def _reload(self, *, strict: bool) -> None:
+        sig = _signature([self._path])
+        if sig == self._sig:
+            return
+        tokens: list[str] = []
+        try:
+            text = self._path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problem = f"unreadable: {exc}"
+        else:
+            tokens = [t.strip() for t in text.splitlines()]
+            tokens = [t for t in tokens if t and not t.startswith("#")]
+            problem = "" if tokens else "holds no token"
+        if problem:
+            if strict:
+                raise ConfigError(f"collector.{self._key} {self._path}: {problem}")
+            if sig != self._bad_sig:
+                self._bad_sig = sig
+                log.error(
+                    "collector.%s changed but %s: keeping the previous tokens", self._key, problem
+                )
+            return
+        if self._sig is not None:
+            log.info("collector.%s changed: %d token(s) accepted", self._key, len(tokens))
+        self._tokens = tuple(f"Bearer {t}".encode() for t in tokens)
+        self._sig = sig
+
+
+class ServerTls:
+    """The collector's certificate, key and client CA, re-read when they change.
+
+    Served through ``grpc.dynamic_ssl_server_credentials``: gRPC calls ``fetch``
+    before every new connection's handshake. When a file changed (mtime, size or
+    inode) the set is read and checked (the key must match the certificate, the CA
+    must parse) before it is handed over; a set that fails is logged once and the
+    current one stays. Established connections (live streams) keep their session.
+
+    Raises:
+        ConfigError: the files are unusable at construction.
+    """
+
+    def __init__(self, cert_file: Path, key_file: Path, client_ca_file: Path | None) -> None:
+        self._paths = (cert_file, key_file, client_ca_file)
+        self._lock = threading.Lock()
+        self._sig = _signature(self._paths)
+        self._bad_sig: _FileSig | None = None
+        try:
+            initial = self._load()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"collector TLS files unusable: {exc}") from exc
+        self.credentials = grpc.dynamic_ssl_server_credentials(
+            initial,
+            # The stubs say the fetcher never returns None; gRPC reads None as "unchanged".
+            cast(Callable[[], grpc.ServerCertificateConfiguration], self.fetch),
+            require_client_authentication=client_ca_file is not None,
+        )
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        cert, key, ca = self._paths
+        check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        # Raises on a key that does not match the certificate (a half-done rotation)
+        # and, with the empty password, on an encrypted key gRPC could not use either.
+        check.load_cert_chain(cert, key, password="")
+        if ca is not None:
+            check.load_verify_locations(cafile=ca)
+        return grpc.ssl_server_certificate_configuration(
+            [(key.read_bytes(), cert.read_bytes())],
+            root_certificates=ca.read_bytes() if ca is not None else None,
+        )
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """The certificate fetcher: a new configuration when the files changed, else None."""
+        sig = _signature(self._paths)
+        with self._lock:
+            if sig in (self._sig, self._bad_sig):
+                return None
+            problem: Exception | None = None
+            try:
+                config = self._load()
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                problem = exc
+            if problem is not None:
+                self._bad_sig = sig
+                log.error(
+                    "collector TLS files changed but are unusable (%s): keeping the current "
+                    "certificate",
+                    problem,
+                )
+                return None
+            if _signature(self._paths) != sig:
+                return None  # changed again while being read: the next handshake retries
+            self._sig = sig
+        log.info("collector TLS files reloaded (%s)", self._paths[0])
+        return config
+
+
+# The stubs make these generic; at runtime they are plain classes.
+_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+_INGEST_PREFIX = f"/{SERVICE_NAME}/"
+_StreamBehavior: TypeAlias = Callable[
+    [AsyncIterator[Any], "grpc.aio.ServicerContext[Any, Any]"], AsyncIterator[Any]
+]
+
+
+class Authenticator(grpc.aio.ServerInterceptor):
+    """Checks every call's credentials before any handler runs; health checks are exempt.
+
+    - Plaintext server: a call carrying ``authorization`` is refused (the token
+      travelled in the clear and must be considered leaked): UNAUTHENTICATED.
+    - ``Ingest`` with ``token``: the token must match (UNAUTHENTICATED otherwise; the
+      read-only token gets PERMISSION_DENIED). ``Query`` accepts either token.
+    - mTLS: a claimed ``x-rooftop-agent-id`` must be the client certificate's CN or a
+      SAN, else PERMISSION_DENIED before the stream's handler starts. (Each batch's
+      ``agent_id`` is checked again by ``IngestServicer``.)
+
+    Every refusal is counted by reason and logged once per peer (``Refusals``).
+    """
+
+    def __init__(
+        self,
+        refusals: Refusals,
+        *,
+        tls: bool,
+        token: TokenFile | None = None,
+        read_token: TokenFile | None = None,
+        check_identity: bool = False,
+    ) -> None:
+        self._refusals = refusals
+        self._tls = tls
+        self._token = token
+        self._read_token = read_token
+        self._check_identity = check_identity
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> _Handler | None:
+        """The call's own handler, or one that refuses it with the right status."""
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(_HEALTH_PREFIX):
+        method = handler_call_details.method
+        if handler is None or method.startswith(_HEALTH_PREFIX):
             return handler
-        got = b""
-        for k, v in handler_call_details.invocation_metadata or ():
-            if k == "authorization":
-                got = v.encode() if isinstance(v, str) else v
-        if hmac.compare_digest(got, self._expected):
+        authorization: bytes | None = None
+        claimed: str | None = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                authorization = value.encode() if isinstance(value, str) else value
+            elif key == AGENT_ID_METADATA:
+                claimed = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        refusal = self._check_token(method.startswith(_INGEST_PREFIX), authorization)
+        if refusal is not None:
+            return self._refused(handler, refusal)
+        if self._check_identity and claimed is not None and method.startswith(_INGEST_PREFIX):
+            return self._identity_checked(handler, claimed)
+        return handler
+
+    def _check_token(self, ingest: bool, authorization: bytes | None) -> Refusal | None:
+        unauthenticated = grpc.StatusCode.UNAUTHENTICATED
+        if not self._tls:
+            if authorization is None:
+                return None
+            return Refusal(
+                RefuseReason.TOKEN_OVER_PLAINTEXT,
+                unauthenticated,
+                "a bearer token over plaintext is refused: it travelled in the clear, "
+                "rotate it; tokens need TLS",
+            )
+        full, read = self._token, self._read_token
+        if (full is None) if ingest else (full is None and read is None):
+            return None  # no token required for this service
+        if authorization is None:
+            return Refusal(RefuseReason.MISSING_TOKEN, unauthenticated, "missing bearer token")
+        if full is not None and full.matches(authorization):
+            return None
+        if read is not None and read.matches(authorization):
+            if not ingest:
+                return None
+            return Refusal(
+                RefuseReason.READ_ONLY_TOKEN,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "the read-only token may call Query, not Ingest",
+            )
+        return Refusal(RefuseReason.BAD_TOKEN, unauthenticated, "invalid bearer token")
+
+    def _refused(self, handler: _Handler, refusal: Refusal) -> _Handler:
+        refusals = self._refusals
+
+        async def deny(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await refusals.abort(context, refusal)
+
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+    def _identity_checked(self, handler: _Handler, claimed: str) -> _Handler:
+        if handler.stream_stream is None:
             return handler
-        return _denied(handler)
+        behavior = cast(_StreamBehavior, handler.stream_stream)
+        refusals = self._refusals
 
+        async def checked(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            names = _peer_identities(context)
+            if claimed not in names:
+                await refusals.abort(
+                    context,
+                    Refusal(
+                        RefuseReason.IDENTITY_MISMATCH,
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"agent_id {claimed!r} does not match the client certificate "
+                        f"({', '.join(sorted(names)) or 'no names'})",
+                    ),
+                )
+            async for response in behavior(requests, context):
+                yield response
 
-def _denied(handler: _Handler) -> _Handler:
-    async def deny(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny)
-    return grpc.unary_unary_rpc_method_handler(deny)
-
-
-def server_credentials(config: CollectorConfig) -> grpc.ServerCredentials | None:
-    """TLS (or mTLS, with a client CA) credentials from the config; None for plaintext."""
-    if config.tls_cert_file is None or config.tls_key_file is None:
-        return None
-    try:
-        cert = Path(config.tls_cert_file).read_bytes()
-        key = Path(config.tls_key_file).read_bytes()
-        ca = Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None
-    except OSError as exc:
-        raise ConfigError(f"collector TLS file unreadable: {exc}") from exc
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
-    )
-
-
-def _read_token(config: CollectorConfig) -> str | None:
-    if config.token_file is None:
-        return None
-    try:
-        token = Path(config.token_file).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"collector.token_file unreadable: {exc}") from exc
-    if not token:
-        raise ConfigError(f"collector.token_file {config.token_file} is empty")
-    return token
+        return grpc.stream_stream_rpc_method_handler(
+            checked,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 # --- server --------------------------------------------------------------------------------
@@ -441,13 +749,32 @@ class IngestServer:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
-        self._credentials = server_credentials(config)
-        self._token = _read_token(config)
+        self._fleet = fleet
+        self._tls: ServerTls | None = None
+        if config.tls_cert_file is not None and config.tls_key_file is not None:
+            self._tls = ServerTls(
+                Path(config.tls_cert_file), Path(config.tls_key_file), config.tls_client_ca_file
+            )
+        self._credentials = self._tls.credentials if self._tls is not None else None
         if self._credentials is None and not config.insecure:
             raise ConfigError(
                 "collector.insecure: no TLS certificate configured; set tls_cert_file and "
                 "tls_key_file, or ask for plaintext explicitly (insecure = true, --insecure)"
             )
+        if self._credentials is None and (config.token_file or config.read_token_file):
+            raise ConfigError(
+                "collector.token_file: a bearer token needs TLS (tls_cert_file and "
+                "tls_key_file); over plaintext it would travel in the clear"
+            )
+        self._token = (
+            TokenFile(Path(config.token_file), key="token_file") if config.token_file else None
+        )
+        self._read_token = (
+            TokenFile(Path(config.read_token_file), key="read_token_file")
+            if config.read_token_file
+            else None
+        )
+        self.refusals = Refusals(fleet)
         self.servicer = IngestServicer(
             fleet,
             observers=observers,
@@ -456,6 +783,7 @@ class IngestServer:
             ack_interval_s=config.ack_interval_s,
             max_future_skew_s=config.max_future_skew_s,
             require_identity=config.tls_client_ca_file is not None,
+            refusals=self.refusals,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -516,11 +844,19 @@ class IngestServer:
             loop.close()
 
     async def _serve(self) -> None:
-        interceptors = [_BearerToken(self._token)] if self._token else []
+        authenticator = Authenticator(
+            self.refusals,
+            tls=self._credentials is not None,
+            token=self._token,
+            read_token=self._read_token,
+            check_identity=self._config.tls_client_ca_file is not None,
+        )
         server = grpc.aio.server(
-            options=server_options(self._config.max_message_bytes), interceptors=interceptors
+            options=server_options(self._config.max_message_bytes), interceptors=[authenticator]
         )
         telemetry_pb2_grpc.add_IngestServicer_to_server(self.servicer, server)
+        query = QueryServicer(self._fleet, acked=self.servicer.dedup.acked)
+        telemetry_pb2_grpc.add_QueryServicer_to_server(query, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         if self._credentials is not None:
@@ -530,6 +866,7 @@ class IngestServer:
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(QUERY_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._server, self._health, self._port = server, health_servicer, port
         self._stop_requested = asyncio.Event()
         self._started.set()

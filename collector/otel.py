@@ -33,7 +33,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,7 @@ from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
     OTLPMetricExporter as HttpMetricExporter,
 )
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.metrics import CallbackOptions, Histogram, Observation
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
@@ -159,6 +159,12 @@ METRICS: tuple[MetricSpec, ...] = (
     _m("rooftop.collector.samples", "counter", "{sample}", "samples in applied batches"),
     _m("rooftop.collector.duplicates", "counter", "{batch}", "resent batches dropped"),
     _m("rooftop.collector.rejected", "counter", "{batch}", "poison batches refused, by reason"),
+    _m(
+        "rooftop.collector.refused",
+        "counter",
+        "{call}",
+        "calls refused by authentication before any handler ran, by reason",
+    ),
     _m("rooftop.collector.skewed", "counter", "{sample}", "future-dated samples clamped"),
     _m("rooftop.collector.missing", "counter", "{batch}", "seqs agents skipped (spool drops)"),
     _m("rooftop.collector.streams", "updowncounter", "{stream}", "agent streams open"),
@@ -274,6 +280,10 @@ class Telemetry:
             default, 2,000, is far short of 1,000 nodes x 8 GPUs x 6 bound states).
         host_name: the collector's ``host.name`` resource attribute.
         clock: wall clock (Unix epoch seconds), for staleness.
+        service_name: the ``service.name`` resource attribute.
+        scope_name: the instrumentation scope (meter) name.
+        metrics: create only these instruments (names from ``METRICS``); None: all.
+            The agent's direct OTLP mode (``agent.otlp``) leaves out the pipeline's own.
     """
 
     def __init__(
@@ -286,7 +296,14 @@ class Telemetry:
         max_series_per_metric: int = 65_536,
         host_name: str | None = None,
         clock: Callable[[], float] = time.time,
+        service_name: str = "rooftop-collector",
+        scope_name: str = "rooftop.collector",
+        metrics: Collection[str] | None = None,
     ) -> None:
+        unknown = set(metrics or ()) - set(_SPEC)
+        if unknown:
+            raise ValueError(f"not in METRICS: {sorted(unknown)}")
+        self._only = None if metrics is None else frozenset(metrics)
         self._fleet = fleet
         self._clock = clock
         self._prometheus_listen = prometheus_listen or None
@@ -311,7 +328,7 @@ class Telemetry:
             )
         resource = Resource.create(
             {
-                "service.name": "rooftop-collector",
+                "service.name": service_name,
                 "service.version": __version__,
                 "host.name": host_name or socket.gethostname(),
             }
@@ -325,7 +342,7 @@ class Telemetry:
             exemplar_filter=AlwaysOffExemplarFilter(),
             shutdown_on_exit=False,  # shutdown() is called by the service, once
         )
-        self._meter = self._provider.get_meter("rooftop.collector", __version__)
+        self._meter = self._provider.get_meter(scope_name, __version__)
         self._create_instruments()
 
     # -- lifecycle --
@@ -375,16 +392,27 @@ class Telemetry:
             if e.tpot_ms is None and e.ttft_ms is None:
                 continue
             attrs = _engine_attrs(e)
-            if e.tpot_ms is not None:
+            if e.tpot_ms is not None and self._tpot is not None:
                 self._tpot.record(e.tpot_ms / 1000.0, attrs)
-            if e.ttft_ms is not None:
+            if e.ttft_ms is not None and self._ttft is not None:
                 self._ttft.record(e.ttft_ms / 1000.0, attrs)
-        if batch.oldest_sample_s is not None:
+        if batch.oldest_sample_s is not None and self._batch_lag is not None:
             self._batch_lag.record(max(0.0, received_s - batch.oldest_sample_s))
 
     # -- instruments --
 
+    def _wanted(self, name: str) -> bool:
+        return self._only is None or name in self._only
+
+    def _histogram(self, name: str, **advisory: Any) -> Histogram | None:
+        if not self._wanted(name):
+            return None
+        spec = _SPEC[name]
+        return self._meter.create_histogram(spec.name, spec.unit, spec.description, **advisory)
+
     def _gauge(self, name: str, callback: Callable[[FleetSnapshot], Iterable[Observation]]) -> None:
+        if not self._wanted(name):
+            return
         spec = _SPEC[name]
         cb = self._callback(callback)
         if spec.instrument == "gauge":
@@ -405,16 +433,10 @@ class Telemetry:
         return callback
 
     def _create_instruments(self) -> None:
-        spec = _SPEC["gen_ai.server.time_per_output_token"]
-        self._tpot = self._meter.create_histogram(spec.name, spec.unit, spec.description)
-        spec = _SPEC["gen_ai.server.time_to_first_token"]
-        self._ttft = self._meter.create_histogram(spec.name, spec.unit, spec.description)
-        spec = _SPEC["rooftop.collector.batch.lag"]
-        self._batch_lag = self._meter.create_histogram(
-            spec.name,
-            spec.unit,
-            spec.description,
-            explicit_bucket_boundaries_advisory=LAG_BUCKETS_S,
+        self._tpot = self._histogram("gen_ai.server.time_per_output_token")
+        self._ttft = self._histogram("gen_ai.server.time_to_first_token")
+        self._batch_lag = self._histogram(
+            "rooftop.collector.batch.lag", explicit_bucket_boundaries_advisory=LAG_BUCKETS_S
         )
 
         self._gauge(
@@ -472,6 +494,7 @@ class Telemetry:
         self._gauge("rooftop.collector.missing", _count("missing"))
         self._gauge("rooftop.collector.streams", _count("streams"))
         self._gauge("rooftop.collector.rejected", _rejected)
+        self._gauge("rooftop.collector.refused", _refused)
 
     def _agent_staleness(self, snap: FleetSnapshot) -> Iterable[Observation]:
         now_s = self._clock()
@@ -638,3 +661,8 @@ def _count(field: str) -> Callable[[FleetSnapshot], Iterable[Observation]]:
 def _rejected(snap: FleetSnapshot) -> Iterable[Observation]:
     for reason, value in snap.counts.rejected:
         yield Observation(value, {"rooftop.reject.reason": reason})
+
+
+def _refused(snap: FleetSnapshot) -> Iterable[Observation]:
+    for reason, value in snap.counts.refused:
+        yield Observation(value, {"rooftop.refuse.reason": reason})

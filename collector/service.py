@@ -1,23 +1,33 @@
-"""Wiring: ingest → fleet → OpenTelemetry, run until SIGTERM. No logic of its own."""
+"""Wiring: ingest → fleet → OpenTelemetry, run until SIGTERM. No logic of its own.
+
+Under systemd (``Type=notify``) ``run`` says ``READY=1`` once both ports are bound,
+``WATCHDOG=1`` from its main loop every ``WatchdogSec/2`` and ``STOPPING=1`` when a
+signal ends it, through the agent daemon's ``sd_notify``.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any
 
+from agent.daemon import sd_notify
 from collector.config import CollectorConfig
 from collector.fleet import Fleet
 from collector.ingest import IngestServer
 from collector.otel import MetricReader, Telemetry
 
-__all__ = ["Collector", "run"]
+__all__ = ["Collector", "run", "security_summary", "watchdog_interval_s"]
 
 log = logging.getLogger(__name__)
+
+# The main loop wakes at least this often to notice ``stop`` (and feed the watchdog).
+_LOOP_S = 1.0
 
 
 class Collector:
@@ -67,11 +77,36 @@ class Collector:
         self.telemetry.shutdown(timeout_s=timeout_s)
 
 
+def security_summary(config: CollectorConfig) -> str:
+    """How agents must authenticate, in words: ``mTLS + token``, ``plaintext``, …."""
+    if config.tls_cert_file is None:
+        return "PLAINTEXT, no authentication"
+    parts = ["mTLS" if config.tls_client_ca_file is not None else "TLS"]
+    if config.token_file is not None:
+        parts.append("token")
+    if config.read_token_file is not None:
+        parts.append("read-only token")
+    return " + ".join(parts)
+
+
+def watchdog_interval_s(env: Mapping[str, str]) -> float | None:
+    """Half of systemd's ``WatchdogSec`` (``$WATCHDOG_USEC``), when it is meant for us.
+
+    None without a watchdog, or when ``$WATCHDOG_PID`` names another process.
+    """
+    usec = env.get("WATCHDOG_USEC", "")
+    pid = env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
 def run(
     config: CollectorConfig,
     *,
     echo: Callable[[str], None] = print,
     stop: threading.Event | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> None:
     """Run a collector until SIGTERM or SIGINT (or ``stop`` is set), then shut down.
 
@@ -79,8 +114,11 @@ def run(
         config: a validated config.
         echo: where the bound addresses are announced (one line each).
         stop: an event that ends the run (tests); signals set it too.
+        env: where ``$NOTIFY_SOCKET`` and ``$WATCHDOG_USEC`` are read (``os.environ``).
     """
     stop = stop or threading.Event()
+    env = os.environ if env is None else env
+    watchdog_s = watchdog_interval_s(env)
     collector = Collector(config)
     previous: dict[signal.Signals, Any] = {}
 
@@ -96,7 +134,10 @@ def run(
     try:
         collector.start()
         host = config.listen.rpartition(":")[0]
-        echo(f"rooftop collector: ingest on {host}:{collector.ingest.port}")
+        echo(
+            f"rooftop collector: ingest on {host}:{collector.ingest.port} "
+            f"({security_summary(config)}; Query and health on the same port)"
+        )
         port = collector.telemetry.prometheus_port
         if port is not None:
             phost = config.prometheus_listen.rpartition(":")[0]
@@ -104,9 +145,19 @@ def run(
         for exp in config.otlp:
             every = f"every {exp.interval_s:g} s"
             echo(f"rooftop collector: otlp {exp.protocol} to {exp.endpoint} {every}")
-        while not stop.wait(1.0):
-            pass
+        sd_notify(f"READY=1\nSTATUS=ingest on port {collector.ingest.port}", env)
+        # WATCHDOG=1 every WatchdogSec/2 from this loop: a wedged process stops the pings.
+        wait_s = _LOOP_S if watchdog_s is None else min(_LOOP_S, watchdog_s)
+        last_ping_s = -float("inf")
+        while True:
+            now_s = time.monotonic()
+            if watchdog_s is not None and now_s - last_ping_s >= watchdog_s:
+                last_ping_s = now_s
+                sd_notify("WATCHDOG=1", env)
+            if stop.wait(wait_s):
+                break
     finally:
+        sd_notify("STOPPING=1", env)
         collector.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

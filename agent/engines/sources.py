@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from agent.engines.receiver import HookReceiver
 from agent.engines.scrape import Scraper
@@ -19,7 +20,7 @@ from agent.errors import ConfigError
 from agent.hooks._core import DEFAULT_SOCKET_PATH, ENV_SOCKET
 from agent.model import EngineSample
 
-__all__ = ["EngineEndpoint", "EngineSources", "default_hook_socket"]
+__all__ = ["Drainable", "EngineEndpoint", "EngineSources", "default_hook_socket"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,14 @@ class EngineEndpoint:
         return cls(url, tuple(int(g) for g in gpus.split(",") if g))
 
 
+class Drainable(Protocol):
+    """Anything that hands over the engine samples it gathered since the last call."""
+
+    def drain(self) -> list[EngineSample]:
+        """Engine samples gathered since the last call."""
+        ...
+
+
 class EngineSources:
     """The hook receiver plus one scraper per endpoint, drained together."""
 
@@ -56,9 +65,11 @@ class EngineSources:
         hook_socket: str | None,
         endpoints: Sequence[EngineEndpoint] = (),
         scrape_interval_s: float = 1.0,
+        extra: Sequence[Drainable] = (),
     ) -> None:
         self._receiver = HookReceiver(hook_socket) if hook_socket else None
         self._scrapers = [(Scraper(e.url, interval_s=scrape_interval_s), e) for e in endpoints]
+        self._extra = tuple(extra)  # e.g. a replay's recorded engine samples
         self.warnings: list[str] = []
 
     def start(self) -> None:
@@ -77,6 +88,8 @@ class EngineSources:
         samples: list[EngineSample] = []
         if self._receiver is not None:
             samples.extend(self._receiver.drain())
+        for source in self._extra:
+            samples.extend(source.drain())
         for scraper, endpoint in self._scrapers:
             for sample in scraper.drain():
                 if endpoint.gpu_indices and not sample.gpu_indices:

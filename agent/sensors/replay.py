@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import Sequence
 
 from agent.errors import SensorError
-from agent.model import EngineSample, GpuSample, Record
+from agent.model import EngineSample, GpuSample
 from agent.sensors.base import GpuInfo
 from agent.trace import Trace
 
@@ -39,6 +38,8 @@ class ReplayBackend:
         self._duration_s = max(t[-1] for t in self._times.values()) - self._t0
         self._loop = loop
         self._start_s: float | None = None
+        self._last_read_s: float | None = None
+        self._drained_to_s: float | None = None
         self.source = str(trace.path)
 
     def devices(self) -> tuple[GpuInfo, ...]:
@@ -73,17 +74,35 @@ class ReplayBackend:
             samples, times = self._samples[gpu_index], self._times[gpu_index]
         except KeyError:
             raise SensorError(f"GPU {gpu_index} is not in the recording") from None
+        self._last_read_s = time_s
         at = self._t0 + self._offset_s(time_s)
         i = max(0, bisect.bisect_right(times, at) - 1)
         return dataclasses.replace(samples[i], time_s=time_s)
 
-    def engine_records(self, since_s: float, until_s: float) -> Sequence[Record]:
-        """Engine samples recorded in the replayed span (offsets of the caller's clock)."""
-        if self._start_s is None or not self._engines:
-            return ()
-        lo, hi = self._t0 + self._offset_s(since_s), self._t0 + self._offset_s(until_s)
+    def drain(self) -> list[EngineSample]:
+        """Engine samples the recording holds between the previous drain and the last read.
+
+        Makes the replay an engine source too (``EngineSources(extra=...)``), so replayed
+        TPOT/TTFT reach the window as they would from hooks; re-stamped like the GPUs.
+        """
+        now_s = self._last_read_s
+        if now_s is None or not self._engines:
+            return []
+        since_s, self._drained_to_s = self._drained_to_s, now_s
+        if since_s is None:
+            since_s = now_s - 1.0  # the engine state just before the first read
+        lo, hi = self._offset_s(since_s), self._offset_s(now_s)
+        if hi < lo:  # the replay looped: the tail of the recording, then its head
+            spans = [(lo, self._duration_s + 1e-9), (-1e-9, hi)]
+        else:
+            spans = [(lo, hi)]
+        # A one-GPU recording's engine ran on that GPU: say so, as explicit config would.
+        sole = tuple(self._samples) if len(self._samples) == 1 else ()
         return [
-            dataclasses.replace(e, time_s=until_s) for e in self._engines if lo < e.time_s <= hi
+            dataclasses.replace(e, time_s=now_s, gpu_indices=e.gpu_indices or sole)
+            for a, b in spans
+            for e in self._engines
+            if self._t0 + a < e.time_s <= self._t0 + b
         ]
 
     def close(self) -> None:

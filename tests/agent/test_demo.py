@@ -34,7 +34,7 @@ def test_demo_shows_a_labelled_replay_whose_verdicts_change():
             with urllib.request.urlopen(f"http://127.0.0.1:{port[1]}/metrics", timeout=5) as r:
                 scraped.append(r.read().decode())
 
-    nodes = (DemoNode("demo-x", ("idle", "gemv_b16")),)
+    nodes = (DemoNode("demo-x", ("idle", "gemv_b16")), DemoNode("demo-y", ("hf_8b_b1",)))
     shown = run_demo(seconds=22, prometheus_listen="127.0.0.1:0", nodes=nodes, echo=echo,
                      clear_screen=False)
     assert shown == len(views) >= 15
@@ -42,6 +42,8 @@ def test_demo_shows_a_labelled_replay_whose_verdicts_change():
     verdicts = [v for v in ("idle", "memory-bound") if any(f" {v} " in x for x in views)]
     assert verdicts == ["idle", "memory-bound"], views[-1]
     assert 'rooftop_gpu_bound{' in scraped[0]
+    # The replayed HF recording carries the engine's TPOT (96.4 ms) through the fleet.
+    assert any(re.search(r"demo-y .* 96\.\d ms", v) for v in views), views[-1]
 
 
 def test_default_demo_nodes_replay_recordings_that_exist():

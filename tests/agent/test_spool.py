@@ -288,3 +288,44 @@ def test_frame_record_round_trips_through_scan(tmp_path: Path):
     assert framed.startswith(MAGIC)
     (tmp_path / "seg-0000000009.rts").write_bytes(framed * 1)
     assert seqs(open_spool(tmp_path).pending(10)) == [7]
+
+
+def test_writer_leaves_the_disk_alone_when_acks_come_first(tmp_path: Path):
+    # The healthy steady state: the collector acks within the fsync interval, so the
+    # writer finds nothing to write, fsync or record in acked.json.
+    fsync = CountingFsync()
+    spool = Spool(tmp_path, fsync_interval_s=0.3, fsync=fsync)
+    spool.start()
+    try:
+        for seq in range(1, 4):
+            spool.append(batch(seq))
+            spool.ack(BOOT, seq)
+        time.sleep(0.6)
+        stats = spool.stats()
+        assert (stats.disk_bytes, stats.fsyncs, stats.queued) == (0, 0, 0)
+        assert not (tmp_path / "acked.json").exists()
+    finally:
+        spool.shutdown(5)
+    assert segment_files(tmp_path) == []
+
+
+def test_writer_writes_an_unacked_append_within_the_interval(tmp_path: Path):
+    fsync = CountingFsync()
+    spool = Spool(tmp_path, fsync_interval_s=0.1, fsync=fsync)
+    spool.start()
+    try:
+        time.sleep(0.3)  # idle: nothing to do, nothing done
+        assert fsync.calls == 0
+        spool.append(batch(1))
+        deadline = time.monotonic() + 2.0
+        while spool.stats().fsyncs == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert spool.stats().disk_bytes > 0 and spool.stats().fsyncs >= 1
+        spool.ack(BOOT, 1)  # covers a record on disk: remembered in acked.json
+        spool.append(batch(2))
+        deadline = time.monotonic() + 2.0
+        while not (tmp_path / "acked.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (tmp_path / "acked.json").read_text() == '{"boot-a": 1}'
+    finally:
+        spool.shutdown(5)

@@ -21,7 +21,8 @@ def test_defaults_need_plaintext_asked_for():
     with pytest.raises(ConfigError, match="insecure"):
         load_config()
     config = load_config(insecure=True)
-    assert config.listen == "0.0.0.0:4850"
+    assert config.listen == "127.0.0.1:4850"  # plaintext: loopback unless a listen is given
+    assert load_config(insecure=True, listen="0.0.0.0:4850").listen == "0.0.0.0:4850"
     assert config.max_message_bytes == 4 * 1024 * 1024
     assert config.prometheus_listen == "127.0.0.1:9464"
     assert config.otlp == ()

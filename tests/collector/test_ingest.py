@@ -235,26 +235,23 @@ def test_fleet_state_and_observers_see_applied_batches():
     assert g0.engine is not None and g0.engine.tpot_ms == 5.84  # attributed by pid
 
 
-def test_bearer_token_is_required_except_for_health(tmp_path: Path):
+def test_a_token_needs_tls_and_is_refused_over_plaintext(tmp_path: Path):
+    # The token checks themselves, over TLS: tests/security/test_security_refusals.py.
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    server, fleet = start_server(token_file=token)
+    with pytest.raises(ConfigError, match="token_file"):
+        start_server(token_file=token)
+    server, fleet = start_server()
     try:
         tgt = f"127.0.0.1:{server.port}"
-        with AgentStream(tgt) as stream:
-            stream.send(batch(1))
-            stream.wait_done()
-            assert stream.error is not None
-            assert stream.error.code() == grpc.StatusCode.UNAUTHENTICATED
-        with AgentStream(tgt, metadata=[("authorization", "Bearer wrong")]) as stream:
-            stream.send(batch(1))
-            stream.wait_done()
-            assert stream.error is not None
-            assert stream.error.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert fleet.counts().batches == 0
         with AgentStream(tgt, metadata=[("authorization", "Bearer s3cret")]) as stream:
             stream.send(batch(1))
-            assert stream.wait_acked(1)[-1].acked_seq == 1
+            stream.wait_done()
+            assert stream.error is not None
+            assert stream.error.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "plaintext" in (stream.error.details() or "")
+        assert fleet.counts().batches == 0
+        assert fleet.counts().refused == (("token_over_plaintext", 1),)
         with grpc.insecure_channel(tgt) as channel:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=5
@@ -324,3 +321,16 @@ def test_dedup_forgets_the_least_recently_used_boot():
     d.commit(("a", "1"), 2, first_on_stream=False)
     d.commit(("c", "1"), 1, first_on_stream=True)
     assert d.acked(("b", "1")) == 0 and d.acked(("a", "1")) == 2
+
+
+def test_a_jump_inside_a_stream_is_skipped_not_waited_for(served):
+    # The agent skipped 3 mid-stream (a corrupt spool record, an over-cap batch): nothing
+    # will ever fill it, so acks must go on past it. Waiting stalled the agent's 64-batch
+    # in-flight window for good (tests/e2e, scenario d).
+    server, fleet = served
+    with AgentStream(target(server)) as stream:
+        stream.send(batch(1), batch(2), *(batch(s) for s in range(4, 80)))
+        acks = stream.wait_acked(79)
+    assert acks[-1].acked_seq == 79
+    assert fleet.counts().missing == 1
+    assert fleet.counts().batches == 78

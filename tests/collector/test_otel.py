@@ -122,8 +122,12 @@ def test_every_exported_metric_is_in_the_catalog_with_its_unit(exported):
         else:
             assert isinstance(metric.data, Sum), name
             assert metric.data.is_monotonic == (kind == "counter"), name
-    # What this batch carries is exported; what it does not (no rejects) is absent.
-    assert set(catalog) - set(exported) == {"rooftop.collector.rejected"}
+    # What this batch carries is exported; what it does not (no rejects, no refused
+    # calls) is absent.
+    assert set(catalog) - set(exported) == {
+        "rooftop.collector.rejected",
+        "rooftop.collector.refused",
+    }
 
 
 def test_standard_gpu_metrics(exported):
@@ -293,6 +297,7 @@ def test_prometheus_endpoint_on_port_0():
     try:
         feed(fleet, telemetry, fleet_batch())
         fleet.count_rejected("bad_enum")
+        fleet.count_refused("bad_token")
         port = telemetry.prometheus_port
         assert port
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()

@@ -150,7 +150,14 @@ def test_agent_config_and_host_paths_agree(tmp_path: Path):
     grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
     host, _, port = config.collectors[0].rpartition(":")
     assert host.startswith("rooftop-collector.") and int(port) == grpc_port
-    assert volumes[by_path["/etc/rooftop-credentials"]]["secret"]["optional"] is True
+    # TLS + token from the agent's Secret, required (the pod waits for it).
+    assert not config.insecure
+    secret = volumes[by_path["/etc/rooftop-credentials"]]["secret"]
+    assert secret["secretName"] == "rooftop-agent-credentials"
+    assert secret["optional"] is False
+    named = [config.ca_file, config.token_file, config.cert_file, config.key_file]
+    assert config.ca_file is not None and config.token_file is not None
+    assert all(p.parent == Path("/etc/rooftop-credentials") for p in named if p is not None)
 
 
 def test_collector_ports_probes_and_config_agree(tmp_path: Path):
@@ -158,13 +165,21 @@ def test_collector_ports_probes_and_config_agree(tmp_path: Path):
     (collector,) = spec["containers"]
     ports = {p["name"]: p["containerPort"] for p in collector["ports"]}
     assert ports == {"grpc": 4850, "metrics": 9464}
-    assert collector["readinessProbe"]["grpc"]["port"] == 4850
-    assert collector["livenessProbe"]["grpc"]["port"] == 4850
     text = find("ConfigMap", "rooftop-collector-config")["data"]["collector.toml"]
     config = load_collector_config(write(tmp_path, "collector.toml", text))
     assert config.listen.endswith(":4850") and config.prometheus_listen.endswith(":9464")
-    # The kubelet's gRPC probe speaks plaintext only: grpc probes need an insecure listener.
-    assert config.insecure and config.tls_cert_file is None
+    # TLS + token from the collector's Secret, required (the pod waits for it).
+    assert not config.insecure
+    named = [config.tls_cert_file, config.tls_key_file, config.token_file]
+    assert all(p is not None and p.parent == Path("/etc/rooftop-credentials") for p in named)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    secret = volumes[mounts(spec)["/etc/rooftop-credentials"]]["secret"]
+    assert secret["secretName"] == "rooftop-collector-credentials"
+    assert secret["optional"] is False
+    # The kubelet's gRPC probe cannot do TLS: a TLS listener is probed with tcpSocket.
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert "grpc" not in collector[probe], probe
+        assert collector[probe]["tcpSocket"]["port"] in ("grpc", ports["grpc"]), probe
     tomllib.loads(text)  # and it is plain TOML
     template = find("Deployment", "rooftop-collector")["spec"]["template"]
     annotations = template["metadata"]["annotations"]

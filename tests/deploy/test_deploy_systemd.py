@@ -21,6 +21,7 @@ import pytest
 from agent.config import load_config as load_agent_config
 from agent.hooks import DEFAULT_SOCKET_PATH
 from collector.config import load_config as load_collector_config
+from tests.security.pki import OPENSSL, Pki
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = REPO / "deploy" / "systemd"
@@ -184,9 +185,10 @@ def test_collector_unit_hardening():
     assert one(unit, "Service.ExecStart") == (
         f"{INSTALLED_AGENTCTL} collector --config /etc/rooftop/collector.toml"
     )
-    # The collector sends no sd_notify: no Type=notify, no watchdog it could not feed.
-    assert one(unit, "Service.Type") in ("exec", "simple")
-    assert "Service.WatchdogSec" not in unit
+    # collector/service.py speaks sd_notify (tests/collector/test_collector_notify.py).
+    assert one(unit, "Service.Type") == "notify"
+    assert one(unit, "Service.NotifyAccess") == "main"
+    assert one(unit, "Service.WatchdogSec") == "30s"
     assert one(unit, "Service.PrivateDevices") == "yes"
     assert one(unit, "Service.MemoryMax") == "2G"
     assert one(unit, "Service.CapabilityBoundingSet") == ""
@@ -219,9 +221,35 @@ def test_collector_config_names_the_units_credentials():
     assert {p.name for p in named if p is not None} <= ids
 
 
+def test_agent_config_names_the_units_credentials():
+    """agent.toml asks for TLS, mTLS and a token, each a file LoadCredential= provides."""
+    unit = parse_unit(SYSTEMD / "rooftop-agent.service")
+    config = load_agent_config(CONFIG / "agent.toml", env={})
+    assert not config.insecure
+    ids: dict[str, Path] = {}
+    for value in unit["Service.LoadCredential"]:
+        name, _, source = value.partition(":")
+        ids[name] = Path(source)
+    creds = Path("/run/credentials/rooftop-agent.service")
+    named = [config.ca_file, config.cert_file, config.key_file, config.token_file]
+    assert all(p is not None and p.parent == creds for p in named), named
+    assert {p.name for p in named if p is not None} == set(ids)
+    assert all(src.parent == Path("/etc/rooftop/credentials/agent") for src in ids.values())
+
+
 def test_daemon_speaks_the_notify_protocol_the_unit_expects(tmp_path: Path):
     """Type=notify + WatchdogSec: the real daemon, run on the shipped agent.toml, says
-    READY=1, pings WATCHDOG=1 within WatchdogSec/2 and STOPPING=1 on SIGTERM."""
+    READY=1, pings WATCHDOG=1 within WatchdogSec/2 and STOPPING=1 on SIGTERM.
+
+    The shipped config names credentials under /run/credentials/, which systemd fills;
+    here the ROOFTOP_* variables point the same keys at a throwaway PKI instead."""
+    if OPENSSL is None:
+        pytest.skip("no openssl CLI to make the test certificates")
+    pki = Pki(tmp_path / "pki")
+    ca = pki.ca("collector-ca")
+    agent_cert = pki.issue("agent", ca="collector-ca", cn="deploy-test")
+    token = tmp_path / "token"
+    token.write_text("deploy-test-token\n")
     notify = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify))
@@ -234,6 +262,10 @@ def test_daemon_speaks_the_notify_protocol_the_unit_expects(tmp_path: Path):
         ROOFTOP_SPOOL_DIR=str(tmp_path / "spool"),
         ROOFTOP_COLLECTORS="127.0.0.1:9",  # nothing there: the agent keeps retrying
         ROOFTOP_RATE_HZ="10",
+        ROOFTOP_CA_FILE=str(ca),
+        ROOFTOP_CERT_FILE=str(agent_cert.cert),
+        ROOFTOP_KEY_FILE=str(agent_cert.key),
+        ROOFTOP_TOKEN_FILE=str(token),
     )
     proc = subprocess.Popen(
         [str(agentctl()), "agent", "--config", str(CONFIG / "agent.toml"), "--fake", "h100"],

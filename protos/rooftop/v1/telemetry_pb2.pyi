@@ -687,3 +687,285 @@ class Ack(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Ack: _TypeAlias = Ack  # noqa: Y015
+
+@_typing.final
+class FleetStatusRequest(_message.Message):
+    """--- Fleet status: the collector's Query service (agentctl status / diagnose --collector) ---"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """Only this node: an agent_id or a hostname. Empty: every node."""
+    detail: _builtins.bool
+    """Full verdicts (evidence, advice, regimes) and each GPU's newest sample. Without it
+    a verdict carries only its name, cause, confidence and window, which keeps the
+    answer for a 1,000-node fleet small.
+    """
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        detail: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetStatusRequest: _TypeAlias = FleetStatusRequest  # noqa: Y015
+
+@_typing.final
+class GpuStatus(_message.Message):
+    """One GPU as the collector last heard of it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPU_INDEX_FIELD_NUMBER: _builtins.int
+    GPU_UUID_FIELD_NUMBER: _builtins.int
+    GPU_NAME_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    SAMPLE_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    UPDATED_TIME_FIELD_NUMBER: _builtins.int
+    gpu_index: _builtins.int
+    gpu_uuid: _builtins.str
+    gpu_name: _builtins.str
+    @_builtins.property
+    def verdict(self) -> Global___Verdict:
+        """absent until the agent's first window closed"""
+
+    @_builtins.property
+    def sample(self) -> Global___GpuSample:
+        """newest sample (detail only)"""
+
+    @_builtins.property
+    def engine(self) -> Global___EngineSample:
+        """latest sample of the engine running on it"""
+
+    @_builtins.property
+    def updated_time(self) -> _timestamp_pb2.Timestamp:
+        """collector clock"""
+
+    def __init__(
+        self,
+        *,
+        gpu_index: _builtins.int = ...,
+        gpu_uuid: _builtins.str = ...,
+        gpu_name: _builtins.str = ...,
+        verdict: Global___Verdict | None = ...,
+        sample: Global___GpuSample | None = ...,
+        engine: Global___EngineSample | None = ...,
+        updated_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "sample", b"sample", "updated_time", b"updated_time", "verdict", b"verdict"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "gpu_index", b"gpu_index", "gpu_name", b"gpu_name", "gpu_uuid", b"gpu_uuid", "sample", b"sample", "updated_time", b"updated_time", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpuStatus: _TypeAlias = GpuStatus  # noqa: Y015
+
+@_typing.final
+class NodeStatus(_message.Message):
+    """One node (agent) as the collector last heard of it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
+    FIRST_SEEN_TIME_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
+    LAG_S_FIELD_NUMBER: _builtins.int
+    CLOCK_OFFSET_S_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    BATCHES_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    ACKED_SEQ_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    hostname: _builtins.str
+    boot_id: _builtins.str
+    lag_s: _builtins.float
+    """receive time - newest sample time of the last batch"""
+    clock_offset_s: _builtins.float
+    """receive time - the batch's sent_time"""
+    batches: _builtins.int
+    """applied since the collector started"""
+    samples: _builtins.int
+    acked_seq: _builtins.int
+    """highest contiguous seq of boot_id applied"""
+    @_builtins.property
+    def first_seen_time(self) -> _timestamp_pb2.Timestamp:
+        """collector clock"""
+
+    @_builtins.property
+    def last_seen_time(self) -> _timestamp_pb2.Timestamp:
+        """collector clock at the last applied batch"""
+
+    @_builtins.property
+    def stats(self) -> Global___AgentStats:
+        """in-band self-metrics: queued, dropped, reconnects, ..."""
+
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuStatus]: ...
+    @_builtins.property
+    def engines(self) -> _containers.RepeatedCompositeFieldContainer[Global___EngineSample]:
+        """every engine, attributed to a GPU or not"""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        boot_id: _builtins.str = ...,
+        first_seen_time: _timestamp_pb2.Timestamp | None = ...,
+        last_seen_time: _timestamp_pb2.Timestamp | None = ...,
+        lag_s: _builtins.float | None = ...,
+        clock_offset_s: _builtins.float | None = ...,
+        stats: Global___AgentStats | None = ...,
+        batches: _builtins.int = ...,
+        samples: _builtins.int = ...,
+        acked_seq: _builtins.int = ...,
+        gpus: _abc.Iterable[Global___GpuStatus] | None = ...,
+        engines: _abc.Iterable[Global___EngineSample] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_s", b"_clock_offset_s", "_lag_s", b"_lag_s", "clock_offset_s", b"clock_offset_s", "first_seen_time", b"first_seen_time", "lag_s", b"lag_s", "last_seen_time", b"last_seen_time", "stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_s", b"_clock_offset_s", "_lag_s", b"_lag_s", "acked_seq", b"acked_seq", "agent_id", b"agent_id", "batches", b"batches", "boot_id", b"boot_id", "clock_offset_s", b"clock_offset_s", "engines", b"engines", "first_seen_time", b"first_seen_time", "gpus", b"gpus", "hostname", b"hostname", "lag_s", b"lag_s", "last_seen_time", b"last_seen_time", "samples", b"samples", "stats", b"stats"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__clock_offset_s: _TypeAlias = _typing.Literal["clock_offset_s"]  # noqa: Y015
+    _WhichOneofArgType__clock_offset_s: _TypeAlias = _typing.Literal["_clock_offset_s", b"_clock_offset_s"]  # noqa: Y015
+    _WhichOneofReturnType__lag_s: _TypeAlias = _typing.Literal["lag_s"]  # noqa: Y015
+    _WhichOneofArgType__lag_s: _TypeAlias = _typing.Literal["_lag_s", b"_lag_s"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__clock_offset_s) -> _WhichOneofReturnType__clock_offset_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lag_s) -> _WhichOneofReturnType__lag_s | None: ...
+
+Global___NodeStatus: _TypeAlias = NodeStatus  # noqa: Y015
+
+@_typing.final
+class CollectorStatus(_message.Message):
+    """The collector's own counters since it started."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RejectedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class RefusedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    BATCHES_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    SKEWED_FIELD_NUMBER: _builtins.int
+    MISSING_FIELD_NUMBER: _builtins.int
+    STREAMS_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    batches: _builtins.int
+    samples: _builtins.int
+    duplicates: _builtins.int
+    skewed: _builtins.int
+    missing: _builtins.int
+    streams: _builtins.int
+    version: _builtins.str
+    @_builtins.property
+    def rejected(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """poison batches, by reason"""
+
+    @_builtins.property
+    def refused(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """calls refused by authentication, by reason"""
+
+    def __init__(
+        self,
+        *,
+        batches: _builtins.int = ...,
+        samples: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
+        skewed: _builtins.int = ...,
+        missing: _builtins.int = ...,
+        streams: _builtins.int = ...,
+        rejected: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        refused: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "duplicates", b"duplicates", "missing", b"missing", "refused", b"refused", "rejected", b"rejected", "samples", b"samples", "skewed", b"skewed", "streams", b"streams", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectorStatus: _TypeAlias = CollectorStatus  # noqa: Y015
+
+@_typing.final
+class FleetStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAKEN_TIME_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    COLLECTOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def taken_time(self) -> _timestamp_pb2.Timestamp:
+        """collector clock: "last seen" is relative to it"""
+
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeStatus]: ...
+    @_builtins.property
+    def collector(self) -> Global___CollectorStatus: ...
+    def __init__(
+        self,
+        *,
+        taken_time: _timestamp_pb2.Timestamp | None = ...,
+        nodes: _abc.Iterable[Global___NodeStatus] | None = ...,
+        collector: Global___CollectorStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["collector", b"collector", "taken_time", b"taken_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector", b"collector", "nodes", b"nodes", "taken_time", b"taken_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetStatus: _TypeAlias = FleetStatus  # noqa: Y015

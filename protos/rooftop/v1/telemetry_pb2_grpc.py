@@ -95,3 +95,81 @@ class Ingest:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class QueryStub:
+    """Read-only view of the fleet, on the collector's ingest port, with the same auth
+    (or a read-only token that may call Query but not Ingest).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetFleetStatus = channel.unary_unary(
+                '/rooftop.v1.Query/GetFleetStatus',
+                request_serializer=protos_dot_rooftop_dot_v1_dot_telemetry__pb2.FleetStatusRequest.SerializeToString,
+                response_deserializer=protos_dot_rooftop_dot_v1_dot_telemetry__pb2.FleetStatus.FromString,
+                _registered_method=True)
+
+
+class QueryServicer:
+    """Read-only view of the fleet, on the collector's ingest port, with the same auth
+    (or a read-only token that may call Query but not Ingest).
+    """
+
+    def GetFleetStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_QueryServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetFleetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFleetStatus,
+                    request_deserializer=protos_dot_rooftop_dot_v1_dot_telemetry__pb2.FleetStatusRequest.FromString,
+                    response_serializer=protos_dot_rooftop_dot_v1_dot_telemetry__pb2.FleetStatus.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'rooftop.v1.Query', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('rooftop.v1.Query', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Query:
+    """Read-only view of the fleet, on the collector's ingest port, with the same auth
+    (or a read-only token that may call Query but not Ingest).
+    """
+
+    @staticmethod
+    def GetFleetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rooftop.v1.Query/GetFleetStatus',
+            protos_dot_rooftop_dot_v1_dot_telemetry__pb2.FleetStatusRequest.SerializeToString,
+            protos_dot_rooftop_dot_v1_dot_telemetry__pb2.FleetStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -52,3 +52,37 @@ class IngestServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_telemetry_pb2.Ack], _abc.AsyncIterator[_telemetry_pb2.Ack]]: ...
 
 def add_IngestServicer_to_server(servicer: IngestServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class QueryStub:
+    """Read-only view of the fleet, on the collector's ingest port, with the same auth
+    (or a read-only token that may call Query but not Ingest).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> QueryAsyncStub: ...
+    GetFleetStatus: _grpc.UnaryUnaryMultiCallable[_telemetry_pb2.FleetStatusRequest, _telemetry_pb2.FleetStatus]
+
+@_typing.type_check_only
+class QueryAsyncStub(QueryStub):
+    """Read-only view of the fleet, on the collector's ingest port, with the same auth
+    (or a read-only token that may call Query but not Ingest).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetFleetStatus: _aio.UnaryUnaryMultiCallable[_telemetry_pb2.FleetStatusRequest, _telemetry_pb2.FleetStatus]  # type: ignore[assignment]
+
+class QueryServicer(metaclass=_abc_1.ABCMeta):
+    """Read-only view of the fleet, on the collector's ingest port, with the same auth
+    (or a read-only token that may call Query but not Ingest).
+    """
+
+    @_abc_1.abstractmethod
+    def GetFleetStatus(
+        self,
+        request: _telemetry_pb2.FleetStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_telemetry_pb2.FleetStatus, _abc.Awaitable[_telemetry_pb2.FleetStatus]]: ...
+
+def add_QueryServicer_to_server(servicer: QueryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,50 @@
+"""Replay backend: recorded GPU samples and engine samples on the caller's clock."""
+
+from __future__ import annotations
+
+from agent.model import EngineSample, GpuSample
+from agent.sensors.replay import ReplayBackend
+from agent.trace import BUNDLED_RECORDINGS, read_trace
+
+
+def backend(name: str = "hf_8b_b1") -> ReplayBackend:
+    return ReplayBackend(read_trace(BUNDLED_RECORDINGS / f"{name}.jsonl"))
+
+
+def test_read_returns_the_recorded_sample_restamped_with_the_callers_time():
+    replay = backend("gemm_8192")
+    (info,) = replay.devices()
+    assert info.has_gpm and info.gpu_name == "NVIDIA H100 80GB HBM3"
+    first = replay.read(0, 1000.0)
+    later = replay.read(0, 1002.0)
+    assert isinstance(first, GpuSample) and first.time_s == 1000.0 and later.time_s == 1002.0
+    assert later.tensor_active_pct is not None and later.tensor_active_pct > 80
+
+
+def test_drain_hands_over_engine_samples_tied_to_the_sole_gpu():
+    replay = backend()
+    replay.read(0, 0.0)
+    drained: list[EngineSample] = []
+    for t in range(1, 12):
+        replay.read(0, float(t))
+        drained += replay.drain()
+    assert len(drained) >= 8  # the recording holds one engine sample per second
+    assert all(e.gpu_indices == (0,) and e.tpot_ms is not None for e in drained)
+    assert all(e.time_s <= 11.0 for e in drained)
+
+
+def test_drain_keeps_going_when_the_replay_loops():
+    replay = backend()
+    replay.read(0, 0.0)
+    counts = []
+    for t in range(1, 40):  # the recording is ~10 s long: this loops it three times
+        replay.read(0, float(t))
+        counts.append(len(replay.drain()))
+    assert sum(counts[30:]) >= 5
+
+
+def test_drain_is_empty_for_a_recording_without_engines():
+    replay = backend("gemv_b1")
+    replay.read(0, 0.0)
+    replay.read(0, 5.0)
+    assert replay.drain() == []

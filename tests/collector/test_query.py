@@ -1,0 +1,178 @@
+"""The fleet status: ``collector.query`` (pure and over gRPC) and the CLI that reads it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from click.testing import CliRunner
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agent.cli import main
+from agent.errors import Rejected, Retryable
+from agent.model import Bound, Cause
+from agent.status import STALE_AFTER_S, format_status, status_json
+from agent.stream import ClientAuth, query_fleet_status
+from collector.fleet import Fleet, decode_batch
+from collector.ingest import IngestServer
+from collector.query import QUERY_SERVICE_NAME, fleet_status
+from protos.rooftop.v1 import telemetry_pb2 as pb
+from tests.collector.helpers import AgentStream, batch, engine, gpu, start_server, verdict
+
+
+def node1_batch(seq: int = 1) -> pb.Batch:
+    return batch(
+        seq,
+        records=[gpu(0), gpu(1), gpu(2, lost=True), engine()],
+        verdicts=[verdict(0, Bound.MEMORY), verdict(1, Bound.HOST, cause=Cause.CPU)],
+        stats=pb.AgentStats(queued=4, dropped_spool_full=2, dropped_corrupt=1, reconnects=3),
+    )
+
+
+def node2_batch() -> pb.Batch:
+    return batch(1, agent_id="agent-2", boot_id="b2", hostname="gpu-node-0",
+                 records=[gpu(0)], verdicts=[verdict(0, Bound.COMPUTE)])  # fmt: skip
+
+
+def applied(*batches: pb.Batch, clock: float | None = None) -> Fleet:
+    fleet = Fleet(clock=(lambda: clock) if clock is not None else time.time)
+    for b in batches:
+        now = time.time()
+        fleet.apply(decode_batch(b, received_s=now), received_s=now)
+    return fleet
+
+
+def test_nodes_gpus_verdicts_engines_and_counts():
+    fleet = applied(node1_batch(), node2_batch())
+    fleet.count_refused("bad_token")
+    fleet.count_rejected("bad_enum")
+    fs = fleet_status(fleet.snapshot(), acked=lambda key: {("agent-1", "boot-1"): 7}.get(key, 0))
+    assert [n.hostname for n in fs.nodes] == ["gpu-node-0", "gpu-node-1"]  # sorted
+    n = fs.nodes[1]
+    assert (n.agent_id, n.boot_id, n.acked_seq, n.batches) == ("agent-1", "boot-1", 7, 1)
+    assert n.stats.dropped_spool_full == 2 and n.stats.reconnects == 3 and n.stats.queued == 4
+    assert n.HasField("lag_s") and 0 <= n.lag_s < 5
+    assert [g.gpu_index for g in n.gpus] == [0, 1, 2]
+    g0, g1, g2 = n.gpus
+    assert g0.verdict.verdict == "memory-bound" and g0.engine.tpot_ms == 5.84  # by pid
+    assert g1.verdict.cause == "cpu"
+    assert not g2.HasField("verdict") and g2.sample.lost  # lost shows without detail
+    assert not g0.HasField("sample")  # no detail: no samples...
+    assert not g0.verdict.evidence and not g0.verdict.recommendations  # ...short verdicts
+    assert [e.engine_id for e in n.engines] == ["vllm:8000"]
+    assert dict(fs.collector.refused) == {"bad_token": 1}
+    assert dict(fs.collector.rejected) == {"bad_enum": 1}
+    assert fs.collector.batches == 2 and fs.collector.version
+
+
+def test_detail_and_node_filter():
+    snap = applied(node1_batch(), node2_batch()).snapshot()
+    fs = fleet_status(snap, node="gpu-node-1", detail=True)
+    (n,) = fs.nodes
+    assert n.gpus[0].sample.busy_pct == 95.5
+    assert n.gpus[0].verdict.evidence[0].name == "dram_pct"
+    assert n.gpus[0].verdict.recommendations == ["FP8 KV cache"]
+    assert [n.agent_id for n in fleet_status(snap, node="agent-2").nodes] == ["agent-2"]
+    assert not fleet_status(snap, node="nope").nodes
+
+
+def test_format_status_marks_stale_nodes():
+    fleet = applied(node1_batch(), clock=time.time() + STALE_AFTER_S + 5)
+    fs = fleet_status(fleet.snapshot())
+    text = format_status(fs, collector="c:1")
+    assert "STALE" in text
+    doc = status_json(fs, collector="c:1")
+    assert doc["nodes"][0]["stale"] is True
+    assert doc["nodes"][0]["dropped"] == 3
+    assert doc["nodes"][0]["gpus"][2] | {"lost": True} == doc["nodes"][0]["gpus"][2]
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[IngestServer, str]]:
+    server, _fleet = start_server()
+    address = f"127.0.0.1:{server.port}"
+    with AgentStream(address) as s:
+        s.send(node1_batch(), node2_batch())
+        s.wait(lambda acks: {a.boot_id for a in acks if a.acked_seq} >= {"boot-1", "b2"})
+    yield server, address
+    server.shutdown(timeout_s=1)
+
+
+def test_query_over_grpc_and_health(served):
+    _server, address = served
+    fs = query_fleet_status(address, ClientAuth(insecure=True), detail=True)
+    assert [n.acked_seq for n in fs.nodes] == [1, 1]
+    with pytest.raises(Rejected, match="NOT_FOUND: no node 'nope'"):
+        query_fleet_status(address, ClientAuth(insecure=True), node="nope")
+    with grpc.insecure_channel(address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=QUERY_SERVICE_NAME), timeout=5
+        )
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_query_of_an_unreachable_collector_is_retryable():
+    with pytest.raises(Retryable, match="UNAVAILABLE"):
+        query_fleet_status("127.0.0.1:1", ClientAuth(insecure=True), timeout_s=2)
+
+
+def test_agentctl_status(served, monkeypatch):
+    _server, address = served
+    result = CliRunner().invoke(main, ["status", "--collector", address, "--insecure"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith(f"Rooftop fleet — collector {address} (rooftop ")
+    assert "2 node(s), 4 GPU(s)" in lines[0]
+    assert lines[1].split() == ["NODE", "AGENT", "SEEN", "LAG", "QUEUED", "DROPPED", "RECONN",
+                                "GPU", "VERDICT", "CAUSE", "CONF", "TPOT", "TTFT"]  # fmt: skip
+    row = lines[3].split()  # gpu-node-1's first GPU
+    assert row[:2] == ["gpu-node-1", "agent-1"] and row[4:7] == ["4", "3", "3"]
+    assert row[7:] == ["0", "memory-bound", "-", "0.90", "5.8", "ms", "42", "ms"]
+    assert lines[4].split()[:3] == ["1", "host-bound", "cpu"]
+    assert lines[5].split()[:2] == ["2", "lost"]
+    assert "refused: none" in result.output
+    monkeypatch.setenv("ROOFTOP_COLLECTOR", address)
+    result = CliRunner().invoke(main, ["status", "--insecure", "--json", "--node", "agent-2"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["collector"] == address
+    assert [n["agent_id"] for n in doc["nodes"]] == ["agent-2"]
+    assert doc["nodes"][0]["gpus"][0]["verdict"] == "compute-bound"
+
+
+def test_agentctl_diagnose_from_the_collector(served):
+    _server, address = served
+    result = CliRunner().invoke(
+        main, ["diagnose", "--collector", address, "--insecure", "--node", "gpu-node-1"]
+    )
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert out.startswith(f"Rooftop diagnosis — gpu-node-1 (agent-1) via collector {address}")
+    assert "GPU  verdict" in out and "do first" in out
+    assert "5.8 ms" in out  # the engine's TPOT, attributed to GPU 0 by the collector
+    assert "FP8 KV cache" in out
+    assert "GPU 2 NVIDIA H100 80GB HBM3: LOST — NVML reports the GPU lost" in out
+    result = CliRunner().invoke(main, ["diagnose", "--collector", address, "--insecure", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert [n["hostname"] for n in doc["nodes"]] == ["gpu-node-0", "gpu-node-1"]
+    g0 = doc["nodes"][1]["gpus"][0]
+    assert g0["verdict"] == "memory-bound" and g0["evidence"]["tpot_ms"]["provenance"] == "engine"
+    assert doc["nodes"][1]["lost_gpus"] == [2] == doc["nodes"][1]["gpus_without_verdict"]
+
+
+def test_diagnose_collector_usage_errors(served):
+    _server, address = served
+    result = CliRunner().invoke(main, ["diagnose", "--collector", address, "--fake", "h100"])
+    assert result.exit_code == 2 and "excludes --replay and --fake" in result.output
+    result = CliRunner().invoke(main, ["diagnose", "--node", "x", "--fake", "h100"])
+    assert result.exit_code == 2 and "--node needs --collector" in result.output
+    result = CliRunner().invoke(main, ["diagnose", "--collector", "--insecure"])
+    assert result.exit_code == 2 and "ROOFTOP_COLLECTOR" in result.output
+    result = CliRunner().invoke(main, ["diagnose", "--collector", address, "--insecure",
+                                       "--node", "nope"])  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"agentctl: error: {address}: NOT_FOUND: no node 'nope'")
