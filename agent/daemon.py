@@ -80,7 +80,7 @@ def sd_notify(state: str, env: Mapping[str, str] | None = None) -> bool:
     return True
 
 
-def _watchdog_interval_s(env: Mapping[str, str]) -> float | None:
+def watchdog_interval_s(env: Mapping[str, str]) -> float | None:
     """Half of systemd's ``WatchdogSec`` (as systemd advises), when it is set for us."""
     usec = env.get(WATCHDOG_USEC_ENV, "")
     pid = env.get(WATCHDOG_PID_ENV, "")
@@ -205,7 +205,7 @@ class Agent:
         self._window: list[Record] = []
         self._window_start_s = 0.0
         self._last_batch_s = 0.0
-        self._watchdog_s = _watchdog_interval_s(self._env)
+        self._watchdog_s = watchdog_interval_s(self._env)
         self._last_watchdog_s = -float("inf")
         self._stop = threading.Event()  # stops the sampler thread
         self._signalled = threading.Event()  # SIGTERM / SIGINT seen

@@ -8,7 +8,7 @@ from typing import Any
 
 from agent.model import Verdict
 
-__all__ = ["format_table", "format_timeline", "iso_time", "verdict_json"]
+__all__ = ["format_table", "format_timeline", "grid", "iso_time", "verdict_json"]
 
 # Evidence shown in the table, in this order, as (evidence name, column header).
 _COLUMNS = (("dram_pct", "dram"), ("compute_pct", "compute"), ("busy_pct", "busy"))
@@ -48,7 +48,8 @@ def _figure(v: Verdict, name: str) -> str:
     return "-" if e is None else f"{e.value:5.1f} {e.provenance.value}"
 
 
-def _grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns, two spaces apart: the header line, then one line per row."""
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
             for r in (header, *rows)]
@@ -76,7 +77,7 @@ def format_table(
             "-" if ttft is None else f"{ttft.value:.0f} ms",
             v.recommendations[0] if v.recommendations else "-",
         ])
-    lines = [f"Rooftop diagnosis — {source}", *_grid(header, rows)]
+    lines = [f"Rooftop diagnosis — {source}", *grid(header, rows)]
     for v in verdicts:
         lines.append(f"  GPU {v.gpu_index} {v.gpu_name}: {v.rule}")
     if any(e.provenance.value == "proxy" for v in verdicts for e in v.evidence):

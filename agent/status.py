@@ -8,11 +8,10 @@ clock (``taken_time``), so a skewed laptop clock cannot make a live node look st
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 from agent.model import Evidence, Provenance, Verdict
-from agent.render import format_table, iso_time, verdict_json
+from agent.render import format_table, grid, iso_time, verdict_json
 from agent.report import timestamp_s, verdict_from_proto
 from protos.rooftop.v1 import telemetry_pb2 as pb
 
@@ -153,14 +152,6 @@ def status_json(fs: pb.FleetStatus, *, collector: str) -> dict[str, Any]:
     }
 
 
-def _grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    return [
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in (header, *rows)
-    ]
-
-
 def _ms(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f} ms"
 
@@ -210,7 +201,7 @@ def format_status(fs: pb.FleetStatus, *, collector: str) -> str:
                 ]
             )
     if rows:
-        lines += _grid(header, rows)
+        lines += grid(header, rows)
     else:
         lines.append("  no node has reported yet")
     lines.append(

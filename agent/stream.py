@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import socket
 import threading
@@ -43,6 +42,7 @@ import grpc
 from agent.errors import ConfigError, Rejected, Retryable, StreamError
 from agent.report import timestamp
 from agent.spool import Key, Spool
+from agent.watch import FileSignature, file_signature
 from protos.rooftop.v1 import telemetry_pb2 as pb
 from protos.rooftop.v1 import telemetry_pb2_grpc
 
@@ -160,21 +160,6 @@ def channel_options(
     ]
 
 
-_Signature = tuple[tuple[int, int, int] | None, ...]
-
-
-def _signature(paths: Sequence[Path | None]) -> _Signature:
-    """What tells a changed file (mtime, size, inode); None for an absent one."""
-    out: list[tuple[int, int, int] | None] = []
-    for path in paths:
-        try:
-            st = os.stat(path) if path is not None else None
-        except OSError:
-            st = None
-        out.append(None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino))
-    return tuple(out)
-
-
 def read_token(path: Path) -> str:
     """The bearer token in ``path``: its first line that is neither blank nor a # comment.
 
@@ -235,11 +220,11 @@ class ClientAuth:
         self._token_file = token_file
         self._server_name = server_name
         self._lock = threading.Lock()
-        self._tls_sig: _Signature | None = None
+        self._tls_sig: FileSignature | None = None
         self._credentials: grpc.ChannelCredentials | None = None
-        self._token_sig: _Signature | None = None
+        self._token_sig: FileSignature | None = None
         self._token: str | None = None
-        self._warned: set[_Signature] = set()
+        self._warned: set[FileSignature] = set()
         if not insecure:
             self._reload_tls(strict=True)
         if token_file is not None:
@@ -278,7 +263,7 @@ class ClientAuth:
         return [("grpc.ssl_target_name_override", self._server_name)] if self._server_name else []
 
     def _reload_tls(self, *, strict: bool) -> None:
-        sig = _signature(self._tls_paths)
+        sig = file_signature(self._tls_paths)
         if sig == self._tls_sig:
             return
         ca, cert, key = self._tls_paths
@@ -302,7 +287,7 @@ class ClientAuth:
 
     def _reload_token(self, *, strict: bool) -> None:
         assert self._token_file is not None
-        sig = _signature([self._token_file])
+        sig = file_signature([self._token_file])
         if sig == self._token_sig:
             return
         try:
@@ -318,7 +303,7 @@ class ClientAuth:
             log.info("token file changed: the next connection presents the new token")
         self._token, self._token_sig = token, sig
 
-    def _warn_once(self, sig: _Signature, message: str, exc: object) -> None:
+    def _warn_once(self, sig: FileSignature, message: str, exc: object) -> None:
         if sig not in self._warned:
             self._warned = {sig} if len(self._warned) > 64 else self._warned | {sig}
             log.warning(message, exc)

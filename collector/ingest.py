@@ -43,7 +43,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import os
 import ssl
 import threading
 import time
@@ -59,6 +58,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.errors import ConfigError
 from agent.stream import AGENT_ID_METADATA
+from agent.watch import FileSignature, file_signature
 from collector.config import CollectorConfig
 from collector.fleet import BatchObserver, Fleet, PoisonBatch, decode_batch
 from collector.query import QUERY_SERVICE_NAME, QueryServicer
@@ -452,21 +452,6 @@ def _peer_host(peer: str) -> str:
     return host if sep and port.isdigit() else peer
 
 
-_FileSig = tuple[tuple[int, int, int] | None, ...]
-
-
-def _signature(paths: Sequence[Path | None]) -> _FileSig:
-    """What tells a changed file (mtime, size, inode); None for an absent one."""
-    out: list[tuple[int, int, int] | None] = []
-    for path in paths:
-        try:
-            st = os.stat(path) if path is not None else None
-        except OSError:
-            st = None
-        out.append(None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino))
-    return tuple(out)
-
-
 class TokenFile:
     """Bearer tokens from a file, one per line (blank lines and ``#`` comments skipped).
 
@@ -482,8 +467,8 @@ class TokenFile:
     def __init__(self, path: Path, *, key: str) -> None:
         self._path = path
         self._key = key
-        self._sig: _FileSig | None = None
-        self._bad_sig: _FileSig | None = None
+        self._sig: FileSignature | None = None
+        self._bad_sig: FileSignature | None = None
         self._tokens: tuple[bytes, ...] = ()
         self._lock = threading.Lock()
         self._reload(strict=True)
@@ -499,7 +484,7 @@ class TokenFile:
         return ok
 
     def _reload(self, *, strict: bool) -> None:
-        sig = _signature([self._path])
+        sig = file_signature([self._path])
         if sig == self._sig:
             return
         tokens: list[str] = []
@@ -542,8 +527,8 @@ class ServerTls:
     def __init__(self, cert_file: Path, key_file: Path, client_ca_file: Path | None) -> None:
         self._paths = (cert_file, key_file, client_ca_file)
         self._lock = threading.Lock()
-        self._sig = _signature(self._paths)
-        self._bad_sig: _FileSig | None = None
+        self._sig = file_signature(self._paths)
+        self._bad_sig: FileSignature | None = None
         try:
             initial = self._load()
         except (OSError, ssl.SSLError, ValueError) as exc:
@@ -570,7 +555,7 @@ class ServerTls:
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """The certificate fetcher: a new configuration when the files changed, else None."""
-        sig = _signature(self._paths)
+        sig = file_signature(self._paths)
         with self._lock:
             if sig in (self._sig, self._bad_sig):
                 return None
@@ -587,7 +572,7 @@ class ServerTls:
                     problem,
                 )
                 return None
-            if _signature(self._paths) != sig:
+            if file_signature(self._paths) != sig:
                 return None  # changed again while being read: the next handshake retries
             self._sig = sig
         log.info("collector TLS files reloaded (%s)", self._paths[0])

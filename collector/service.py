@@ -16,13 +16,13 @@ from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any
 
-from agent.daemon import sd_notify
+from agent.daemon import sd_notify, watchdog_interval_s
 from collector.config import CollectorConfig
 from collector.fleet import Fleet
 from collector.ingest import IngestServer
 from collector.otel import MetricReader, Telemetry
 
-__all__ = ["Collector", "run", "security_summary", "watchdog_interval_s"]
+__all__ = ["Collector", "run", "security_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +87,6 @@ def security_summary(config: CollectorConfig) -> str:
     if config.read_token_file is not None:
         parts.append("read-only token")
     return " + ".join(parts)
-
-
-def watchdog_interval_s(env: Mapping[str, str]) -> float | None:
-    """Half of systemd's ``WatchdogSec`` (``$WATCHDOG_USEC``), when it is meant for us.
-
-    None without a watchdog, or when ``$WATCHDOG_PID`` names another process.
-    """
-    usec = env.get("WATCHDOG_USEC", "")
-    pid = env.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
-        return None
-    return int(usec) / 2e6
 
 
 def run(

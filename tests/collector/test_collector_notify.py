@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.service import watchdog_interval_s
+from agent.daemon import watchdog_interval_s
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -294,9 +294,7 @@ class CollectorProc(_Proc):
     def metric(self, name: str, **labels: str) -> float:
         """The sum of ``name`` over the series whose labels include ``labels`` (0 if none)."""
         want = set(labels.items())
-        return sum(
-            v for (n, ls), v in self.metrics().items() if n == name and want <= set(ls)
-        )
+        return sum(v for (n, ls), v in self.metrics().items() if n == name and want <= set(ls))
 
 
 class AgentProc(_Proc):
@@ -378,7 +376,9 @@ class Proxy:
     def _reset(sock: socket.socket) -> None:
         """Close with RST, as a dead host or a firewall reject would."""
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
         except OSError:
             pass
         sock.close()

@@ -77,7 +77,8 @@ def spooled_seqs(spool_dir: Path, tmp: Path) -> dict[str, list[int]]:
 def health(address: str) -> int:
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        request = health_pb2.HealthCheckRequest(service="")
+        return int(stub.Check(request, timeout=5).status)  # type: ignore[attr-defined]
 
 
 # --- (a) collector unreachable, then back ----------------------------------------------------
@@ -106,8 +107,8 @@ def test_a_collector_unreachable_then_back_loses_nothing_and_dedups(e2e: Harness
     assert c.metric("rooftop_collector_batches_total") == last
     stats = ledger.last_stats(a.agent_id)
     report("a_unreachable", outage_s=outage_s, batches=last, spooled_in_outage=last - during,
-           lost=0, duplicates_dropped=duplicates, applied_twice=0,
-           reconnects=stats["reconnects"], samples=ledger.samples(a.agent_id, a.boot_id))  # fmt: skip
+           lost=0, duplicates_dropped=duplicates, applied_twice=0, reconnects=stats["reconnects"],
+           samples=ledger.samples(a.agent_id, a.boot_id))  # fmt: skip
 
 
 # --- (b) agent SIGKILLed and restarted ----------------------------------------------------
