@@ -80,6 +80,10 @@ def sd_notify(state: str, env: Mapping[str, str] | None = None) -> bool:
     return True
 
 
+# How often the main thread wakes to run a pending signal handler (see run()).
+_SIGNAL_POLL_S = 1.0
+
+
 def watchdog_interval_s(env: Mapping[str, str]) -> float | None:
     """Half of systemd's ``WatchdogSec`` (as systemd advises), when it is set for us."""
     usec = env.get(WATCHDOG_USEC_ENV, "")
@@ -296,9 +300,12 @@ class Agent:
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
-            # An untimed wait: on POSIX a signal interrupts the lock wait, the handler
-            # runs in this (main) thread and sets the event. No wakeups while running.
-            self._signalled.wait()
+            # A timed wait, not an untimed one: SIGTERM may be delivered to one of gRPC's
+            # threads, and then nothing interrupts the main thread's lock wait, so the
+            # Python handler would never run (seen: an agent ignoring SIGTERM for 20 s).
+            # Waking once a second lets the interpreter run the pending handler.
+            while not self._signalled.wait(_SIGNAL_POLL_S):
+                pass
         finally:
             self.shutdown(self.config.shutdown_timeout_s)
             for signum, handler in previous.items():
