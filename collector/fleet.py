@@ -109,16 +109,11 @@ class AgentCounters:
     @classmethod
     def from_proto(cls, msg: pb.AgentStats) -> AgentCounters:
         """Copy the in-band stats of one batch."""
-        return cls(
-            queued=msg.queued,
-            sent=msg.sent,
-            acked=msg.acked,
-            dropped_spool_full=msg.dropped_spool_full,
-            dropped_corrupt=msg.dropped_corrupt,
-            dropped_invalid=msg.dropped_invalid,
-            reconnects=msg.reconnects,
-            rejected_batches=msg.rejected_batches,
-        )
+        return cls(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)})
+
+    def to_proto(self) -> pb.AgentStats:
+        """The same counters as the in-band message (the query API answers with it)."""
+        return pb.AgentStats(**dataclasses.asdict(self))
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ import grpc
 
 from agent import __version__
 from agent.report import record_to_proto, timestamp, verdict_to_proto
-from collector.fleet import AgentState, EngineState, Fleet, FleetSnapshot, GpuState
+from collector.fleet import EngineState, Fleet, FleetSnapshot, GpuState
 from protos.rooftop.v1 import telemetry_pb2 as pb
 from protos.rooftop.v1 import telemetry_pb2_grpc
 
@@ -32,20 +32,6 @@ __all__ = ["QUERY_SERVICE_NAME", "QueryServicer", "fleet_status"]
 QUERY_SERVICE_NAME = "rooftop.v1.Query"
 
 Acked = Callable[[tuple[str, str]], int]
-
-
-def _agent_stats(a: AgentState) -> pb.AgentStats:
-    s = a.stats
-    return pb.AgentStats(
-        queued=s.queued,
-        sent=s.sent,
-        acked=s.acked,
-        dropped_spool_full=s.dropped_spool_full,
-        dropped_corrupt=s.dropped_corrupt,
-        dropped_invalid=s.dropped_invalid,
-        reconnects=s.reconnects,
-        rejected_batches=s.rejected_batches,
-    )
 
 
 def _gpu_status(g: GpuState, *, detail: bool) -> pb.GpuStatus:
@@ -128,7 +114,7 @@ def fleet_status(
             boot_id=a.boot_id,
             first_seen_time=timestamp(a.first_seen_s),
             last_seen_time=timestamp(a.last_seen_s),
-            stats=_agent_stats(a),
+            stats=a.stats.to_proto(),
             batches=a.batches,
             samples=a.samples,
             acked_seq=acked((a.agent_id, a.boot_id)) if acked is not None else 0,

@@ -41,6 +41,7 @@ import pynvml
 
 from agent.model import HostProcess, HostSample
 from agent.sensors.base import Clock
+from agent.sensors.gpm import GPM_METRIC_FIELDS
 from agent.sensors.nvml import NvmlBackend
 
 __all__ = [
@@ -230,16 +231,9 @@ FAKE_WORKLOADS: tuple[str, ...] = tuple(WORKLOADS)
 Schedule = tuple[tuple[str, float], ...]
 """A repeating schedule: (workload name, seconds) in turn."""
 
+# The percentage metrics, named as GpmSampler names them (PCIe is scaled by the link).
 _GPM_FIELDS: Mapping[int, str] = MappingProxyType(
-    {
-        pynvml.NVML_GPM_METRIC_SM_UTIL: "sm_active_pct",
-        pynvml.NVML_GPM_METRIC_SM_OCCUPANCY: "sm_occupancy_pct",
-        pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: "tensor_active_pct",
-        pynvml.NVML_GPM_METRIC_FP16_UTIL: "fp16_active_pct",
-        pynvml.NVML_GPM_METRIC_FP32_UTIL: "fp32_active_pct",
-        pynvml.NVML_GPM_METRIC_FP64_UTIL: "fp64_active_pct",
-        pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: "dram_bw_pct",
-    }
+    {mid: name for mid, name in GPM_METRIC_FIELDS.items() if name.endswith("_pct")}
 )
 _GPM_PCIE = MappingProxyType(
     {
