@@ -18,6 +18,7 @@ from agent.spool import Spool
 from agent.stream import Batcher, Streamer, backoff_delay_s, channel_options, map_grpc_errors
 from protos.rooftop.v1 import telemetry_pb2 as pb
 from protos.rooftop.v1 import telemetry_pb2_grpc
+from tests.support import Proxy, free_port
 
 BOOT = "boot-1"
 
@@ -115,80 +116,6 @@ def wait_for(cond: Callable[[], bool], timeout_s: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.01)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class FreezableProxy:
-    """A TCP forwarder that can stop moving bytes without closing anything: a partition."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.frozen = threading.Event()
-        self.closed = threading.Event()
-        self.conns: list[socket.socket] = []
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.listener.settimeout(0.1)
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            except OSError:
-                client.close()
-                continue
-            self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            src.settimeout(0.05)
-        except OSError:
-            return  # closed by heal() before this thread got going
-        while not self.closed.is_set():
-            if self.frozen.is_set():
-                time.sleep(0.02)  # bytes pile up in the kernel; nobody is told
-                continue
-            try:
-                data = src.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            while self.frozen.is_set() and not self.closed.is_set():
-                time.sleep(0.02)  # read just as the partition began: it never arrives
-            try:
-                dst.sendall(data)
-            except OSError:
-                return
-
-    def heal(self) -> None:
-        """End the partition: connections from before it are dead; new ones pass."""
-        old, self.conns = self.conns, []
-        for conn in old:
-            conn.close()
-        self.frozen.clear()
-
-    def close(self) -> None:
-        self.closed.set()
-        self.listener.close()
-        for conn in self.conns:
-            conn.close()
 
 
 @pytest.fixture
@@ -318,7 +245,7 @@ def test_fails_over_from_an_address_that_never_handshakes(spool, make_streamer, 
 
 def test_keepalive_detects_a_silent_partition(spool, make_streamer, servers):
     server = serve(servers)
-    proxy = FreezableProxy(server.port)
+    proxy = Proxy(server.port)
     try:
         batcher = Batcher("node-1", BOOT)
         enqueue(spool, batcher, 3)
@@ -326,7 +253,7 @@ def test_keepalive_detects_a_silent_partition(spool, make_streamer, servers):
             [proxy.address], keepalive_time_s=0.2, keepalive_timeout_s=0.5, connect_timeout_s=0.5
         )
         wait_for(lambda: spool.queued == 0)
-        proxy.frozen.set()
+        proxy.freeze()
         enqueue(spool, batcher, 3)
         streamer.wake()
         # No FIN, no RST: only an unanswered keepalive ping can tell the stream is dead.

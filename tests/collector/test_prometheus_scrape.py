@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -21,6 +20,7 @@ from agent.model import Bound, Cause
 from collector.config import CollectorConfig
 from collector.service import Collector
 from tests.collector.helpers import AgentStream, batch, engine, gpu, verdict
+from tests.support import free_port
 
 PROMETHEUS = shutil.which("prometheus")
 
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.skipif(
     PROMETHEUS is None,
     reason="no prometheus binary on PATH (run .ci/install-prometheus.sh to install Debian's)",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

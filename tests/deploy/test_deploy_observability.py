@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -31,6 +30,7 @@ from collector.config import CollectorConfig
 from collector.service import Collector
 from protos.rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import AgentStream, batch, engine, gpu, verdict
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "rooftop.json"
@@ -325,12 +325,6 @@ def test_promtool_unit_tests_catch_a_weakened_rule(tmp_path: Path):
 
 
 # --- a real Prometheus on the real collector --------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def api(base: str, path: str, **params: str) -> Any:

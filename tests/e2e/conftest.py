@@ -18,13 +18,10 @@ Every process a test starts is killed at teardown if it is still running.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections import Counter
@@ -35,6 +32,10 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import Proxy
+from tests.support import subprocess_env as _env
+from tests.support import toml_value as _toml_value
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,29 +54,6 @@ AGENT_DEFAULTS: dict[str, Any] = {
     "connect_timeout_s": 1.0,
     "shutdown_timeout_s": 3.0,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, (str, Path)):
-        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-    return repr(value)
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOFTOP_")}
-    env["GRPC_VERBOSITY"] = "ERROR"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def wait_for(
@@ -350,116 +328,6 @@ class AgentProc(_Proc):
 
 
 # --- the proxy -----------------------------------------------------------------------------
-
-
-class Proxy:
-    """TCP forwarder on loopback: forward, cut (collector unreachable) or freeze (partition)."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.frozen = threading.Event()
-        self.down = threading.Event()
-        self.closed = threading.Event()
-        self.accepted = 0
-        self._lock = threading.Lock()
-        self._conns: list[socket.socket] = []
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.listener.settimeout(0.05)
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _reset(sock: socket.socket) -> None:
-        """Close with RST, as a dead host or a firewall reject would."""
-        try:
-            sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-            )
-        except OSError:
-            pass
-        sock.close()
-
-    def _accept(self) -> None:
-        while not self.closed.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            if self.down.is_set():
-                self._reset(client)
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=2)
-            except OSError:
-                self._reset(client)
-                continue
-            with self._lock:
-                self.accepted += 1
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            src.settimeout(0.05)
-        except OSError:
-            return
-        while not self.closed.is_set():
-            if self.frozen.is_set():
-                time.sleep(0.02)  # bytes pile up in the kernel; nobody is told
-                continue
-            try:
-                data = src.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not data:
-                try:
-                    dst.shutdown(socket.SHUT_WR)  # pass the FIN on
-                except OSError:
-                    pass
-                return
-            while self.frozen.is_set() and not self.closed.is_set():
-                time.sleep(0.02)  # read just as the partition began: it never arrives
-            try:
-                dst.sendall(data)
-            except OSError:
-                return
-
-    def _drop_all(self) -> None:
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            self._reset(conn)
-
-    def cut(self) -> None:
-        """The collector becomes unreachable: reset every connection, refuse new ones."""
-        self.down.set()
-        self._drop_all()
-
-    def restore(self) -> None:
-        """Reachable again."""
-        self.down.clear()
-
-    def freeze(self) -> None:
-        """A silent partition: nothing moves, nothing is closed, nobody is told."""
-        self.frozen.set()
-
-    def heal(self) -> None:
-        """End the partition: connections from before it are dead; new ones pass."""
-        self._drop_all()
-        self.frozen.clear()
-
-    def close(self) -> None:
-        self.closed.set()
-        self._drop_all()
-        self.listener.close()
-        self._thread.join(2)
 
 
 # --- fixtures ------------------------------------------------------------------------------

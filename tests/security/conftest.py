@@ -12,12 +12,9 @@
 
 from __future__ import annotations
 
-import json
-import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +26,9 @@ from typing import Any
 import pytest
 
 from tests.security.pki import OPENSSL, Cert, Pki
+from tests.support import Proxy
+from tests.support import subprocess_env as _env
+from tests.support import toml_value as _toml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,23 +59,6 @@ class Certs:
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     return Certs(tmp_path_factory.mktemp("pki"))
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, (str, Path)):
-        return json.dumps(str(value))
-    return repr(value)
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOFTOP_")}
-    env["GRPC_VERBOSITY"] = "ERROR"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def wait_for(cond: Callable[[], object], what: str, timeout_s: float = 20.0) -> None:
@@ -203,65 +186,6 @@ class AgentProc:
         match = re.search(r"agent stopped \(last seq (\d+)\)", self.log())
         assert match, self.log()
         return int(match.group(1))
-
-
-class Proxy:
-    """TCP forwarder on 127.0.0.1 whose ``cut()`` resets every open connection."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def cut(self) -> None:
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for s in conns:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            s.close()  # RST
-
-    def close(self) -> None:
-        self._closed = True
-        self.listener.close()
-        self.cut()
 
 
 @pytest.fixture

@@ -122,7 +122,7 @@ def test_rotation_under_a_live_stream_loses_nothing(certs: Certs, tmp_path: Path
         assert s.error is not None and s.error.code() == grpc.StatusCode.UNAUTHENTICATED
 
     # Cut the agent's connection: it reconnects with its new certificate and token.
-    proxy.cut()
+    proxy.reset()
     wait_for(
         lambda: reconnects() > reconnects_before and acked() > at_rotation + 40,
         "the agent back with the new credentials",
