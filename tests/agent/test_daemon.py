@@ -8,13 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import pytest
 from click.testing import CliRunner
 
@@ -23,51 +20,16 @@ from agent.config import load_config
 from agent.daemon import Agent, sd_notify
 from agent.errors import ConfigError
 from agent.spool import Spool
-from protos.rooftop.v1 import telemetry_pb2 as pb
-from protos.rooftop.v1 import telemetry_pb2_grpc
+from tests.support import FakeIngest, Server
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class Collector(telemetry_pb2_grpc.IngestServicer):
-    """Records every batch; acks the highest contiguous seq per boot (first on stream starts)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.batches: list[pb.Batch] = []
-        self.contiguous: dict[str, int] = {}
-        self.done: dict[str, set[int]] = {}
-
-    def Stream(self, request_iterator, context):
-        started: set[str] = set()
-        for batch in request_iterator:
-            with self.lock:
-                self.batches.append(batch)
-                done = self.done.setdefault(batch.boot_id, set())
-                done.add(batch.seq)
-                top = self.contiguous.get(batch.boot_id, 0)
-                if batch.boot_id not in started:
-                    started.add(batch.boot_id)
-                    top = max(top, batch.seq - 1)
-                while top + 1 in done:
-                    top += 1
-                self.contiguous[batch.boot_id] = top
-            yield pb.Ack(boot_id=batch.boot_id, acked_seq=top)
-
-    def seqs(self) -> dict[str, set[int]]:
-        with self.lock:
-            return {boot: set(s) for boot, s in self.done.items()}
-
-
 @pytest.fixture
-def collector() -> Iterator[tuple[Collector, str]]:
-    servicer = Collector()
-    server = grpc.server(ThreadPoolExecutor(max_workers=4))
-    telemetry_pb2_grpc.add_IngestServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield servicer, f"127.0.0.1:{port}"
-    server.stop(grace=None).wait(5)
+def collector() -> Iterator[tuple[FakeIngest, str]]:
+    server = Server(FakeIngest())
+    yield server.servicer, server.address
+    server.stop()
 
 
 def write_config(tmp_path: Path, collector_address: str, **extra: object) -> Path:
@@ -172,7 +134,7 @@ def test_agent_streams_and_exits_0_after_final_flush_on_sigterm(tmp_path, collec
     try:
         receive_until(sock, "READY=1")
         # Records flow, and verdicts once a window has passed.
-        wait_for(lambda: any(b.verdicts for b in servicer.batches), proc=proc)
+        wait_for(lambda: any(b.verdicts for b in servicer.received), proc=proc)
         code, err = stop(proc)
     finally:
         if proc.poll() is None:
@@ -182,10 +144,10 @@ def test_agent_streams_and_exits_0_after_final_flush_on_sigterm(tmp_path, collec
     assert any("STOPPING=1" in m for m in receive_until(sock, "STOPPING=1", timeout_s=2))
     sock.close()
 
-    (boot,) = servicer.seqs()
+    (boot,) = servicer.applied()
     # Every seq the agent made arrived: the final batch too (flushed before exit).
-    assert servicer.seqs()[boot] == set(range(1, last_seq(err) + 1))
-    batches = servicer.batches
+    assert servicer.applied()[boot] == set(range(1, last_seq(err) + 1))
+    batches = servicer.received
     assert all(b.agent_id == "node-test" for b in batches)
     assert {r.gpu.gpu_index for b in batches for r in b.records if r.HasField("gpu")} == {0, 1}
     assert {v.gpu_index for b in batches for v in b.verdicts} == {0, 1}
@@ -218,16 +180,16 @@ def test_agent_keeps_unacked_batches_and_resends_them_next_start(tmp_path, colle
     # Next start, with the collector there: the previous boot's batches go first.
     proc = spawn(write_config(tmp_path, address))
     try:
-        wait_for(lambda: len(servicer.seqs()) == 2, proc=proc)
+        wait_for(lambda: len(servicer.applied()) == 2, proc=proc)
         code, err = stop(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     assert code == 0, err
-    boots = servicer.seqs()
+    boots = servicer.applied()
     old = next(b for b in boots if boots[b] == set(range(1, first_boot_last + 1)))
-    assert servicer.batches[0].boot_id == old
+    assert servicer.received[0].boot_id == old
     assert Spool(tmp_path / "spool").stats().queued == 0
 
 
@@ -257,12 +219,12 @@ def test_agent_object_lifecycle_in_process(tmp_path, collector):
     agent = Agent(cfg, env={})
     agent.start()
     try:
-        wait_for(lambda: len(servicer.batches) >= 3)
+        wait_for(lambda: len(servicer.received) >= 3)
         assert agent.flush(5)
     finally:
         agent.shutdown(5)
         agent.shutdown(5)  # idempotent
-    assert servicer.seqs()[agent.boot_id] == set(range(1, agent.batcher.last_seq + 1))
+    assert servicer.applied()[agent.boot_id] == set(range(1, agent.batcher.last_seq + 1))
 
 
 def test_agent_refuses_without_collectors():

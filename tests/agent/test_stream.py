@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import random
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -18,104 +16,7 @@ from agent.spool import Spool
 from agent.stream import Batcher, Streamer, backoff_delay_s, channel_options, map_grpc_errors
 from protos.rooftop.v1 import telemetry_pb2 as pb
 from protos.rooftop.v1 import telemetry_pb2_grpc
-from tests.support import Proxy, free_port
-
-BOOT = "boot-1"
-
-
-class FakeIngest(telemetry_pb2_grpc.IngestServicer):
-    """Acks the highest contiguous seq per boot after each batch; can reject or refuse."""
-
-    def __init__(self, reject: set[int] | None = None, abort: grpc.StatusCode | None = None):
-        self.lock = threading.Lock()
-        self.received: list[pb.Batch] = []
-        self.done: dict[str, set[int]] = {}
-        self.contiguous: dict[str, int] = {}
-        self.reject = reject or set()
-        self.abort = abort
-        self.streams = 0
-
-    def Stream(self, request_iterator, context):
-        with self.lock:
-            self.streams += 1
-        if self.abort is not None:
-            context.abort(self.abort, "refused by the test")
-        first_on_stream: set[str] = set()
-        for batch in request_iterator:
-            with self.lock:
-                self.received.append(batch)
-                done = self.done.setdefault(batch.boot_id, set())
-                done.add(batch.seq)
-                top = self.contiguous.get(batch.boot_id, 0)
-                if batch.boot_id not in first_on_stream:
-                    # As the real collector does: a stream's first batch past the
-                    # contiguous seq starts there (what lies before went elsewhere).
-                    first_on_stream.add(batch.boot_id)
-                    top = max(top, batch.seq - 1)
-                while top + 1 in done:
-                    top += 1
-                self.contiguous[batch.boot_id] = top
-            ack = pb.Ack(boot_id=batch.boot_id, acked_seq=top)
-            if batch.seq in self.reject:
-                ack.rejected_seq = batch.seq
-                ack.error = "poison batch"
-            yield ack
-
-    def seqs(self, boot: str = BOOT) -> list[int]:
-        """Each received seq once, in first-arrival order."""
-        with self.lock:
-            seen: list[int] = []
-            for b in self.received:
-                if b.boot_id == boot and b.seq not in seen:
-                    seen.append(b.seq)
-            return seen
-
-    def count(self, seq: int, boot: str = BOOT) -> int:
-        with self.lock:
-            return sum(1 for b in self.received if b.boot_id == boot and b.seq == seq)
-
-
-class Server:
-    """A real grpc server; stop() and start() again keep the same port."""
-
-    def __init__(self, servicer: FakeIngest) -> None:
-        self.servicer = servicer
-        self.port = 0
-        self.server: grpc.Server | None = None
-        self.start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        server = grpc.server(
-            ThreadPoolExecutor(max_workers=8),
-            options=[
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 100),
-                ("grpc.http2.max_ping_strikes", 0),
-            ],
-        )
-        telemetry_pb2_grpc.add_IngestServicer_to_server(self.servicer, server)
-        port = server.add_insecure_port(f"127.0.0.1:{self.port}")
-        assert port, f"cannot bind 127.0.0.1:{self.port}"
-        self.port = port
-        server.start()
-        self.server = server
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop(grace=None).wait(5)
-            self.server = None
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
+from tests.support import BOOT, FakeIngest, Proxy, Server, free_port, wait_for
 
 
 @pytest.fixture
