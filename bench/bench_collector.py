@@ -13,7 +13,12 @@ come from /proc/<pid>. Two phases:
    sample → collector lag (it adds the ack's way back and the ack delay), which is
    what the agent's spool experiences.
 
+With ``--tls`` both phases run twice in the same run: once in plaintext, once with
+mTLS through the collector's TLS gate (a throwaway PKI made with the openssl CLI),
+and the CPU ratio mTLS / plaintext is printed.
+
 Usage: .venv/bin/python bench/bench_collector.py [--throughput-agents 4] [--lag-agents 50]
+       [--tls]
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ import queue
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -36,6 +43,8 @@ from agent.report import record_to_proto, timestamp
 from protos.rooftop.v1 import telemetry_pb2 as pb
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # tests.security.pki, for --tls
+
 WINDOW = 64  # the agent's default max_in_flight
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -127,13 +136,50 @@ class _Stream:
         self.reader.join(timeout=10)
 
 
-def throughput_agent(target: str, agent: int, duration_s: float, out: mp.Queue) -> None:
+@dataclass(frozen=True)
+class Tls:
+    """mTLS material: the CA, the collector's and an agent's certificate and key."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    agent_cert: Path
+    agent_key: Path
+
+    @classmethod
+    def make(cls, root: Path) -> Tls:
+        from tests.security.pki import Pki
+
+        pki = Pki(root)
+        ca = pki.ca("ca")
+        server = pki.issue("server", ca="ca", cn="localhost", sans=("IP:127.0.0.1",),
+                           usage="serverAuth")  # fmt: skip
+        agent = pki.issue("agent", ca="ca", cn="bench")
+        return cls(ca, server.cert, server.key, agent.cert, agent.key)
+
+    def channel(self, target: str, options: list[tuple[str, object]]) -> grpc.Channel:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes(),
+            private_key=self.agent_key.read_bytes(),
+            certificate_chain=self.agent_cert.read_bytes(),
+        )
+        return grpc.secure_channel(target, creds, options=options)
+
+
+def _channel(target: str, tls: Tls | None, **options: object) -> grpc.Channel:
+    opts = [(f"grpc.{k}", v) for k, v in options.items()]
+    return tls.channel(target, opts) if tls else grpc.insecure_channel(target, options=opts)
+
+
+def throughput_agent(
+    target: str, agent: int, duration_s: float, out: mp.Queue, tls: Tls | None = None
+) -> None:
     template = pb.Batch(agent_id=f"bench-{agent}", boot_id="boot", hostname=f"node-{agent}")
     now = time.time()
     for i in range(500):
         template.records.append(record_to_proto(_sample(i % 8, now + i * 0.01)))
     body = template.SerializeToString()
-    channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 4 << 20)])
+    channel = _channel(target, tls, max_send_message_length=4 << 20)
     stream = _Stream(channel, raw=True)
     deadline = time.monotonic() + duration_s
     seq = 0
@@ -148,9 +194,15 @@ def throughput_agent(target: str, agent: int, duration_s: float, out: mp.Queue) 
 
 
 def lag_agents(
-    target: str, first: int, count: int, duration_s: float, hz: float, out: mp.Queue
+    target: str,
+    first: int,
+    count: int,
+    duration_s: float,
+    hz: float,
+    out: mp.Queue,
+    tls: Tls | None = None,
 ) -> None:
-    channel = grpc.insecure_channel(target)
+    channel = _channel(target, tls)
     streams = [_Stream(channel, raw=False) for _ in range(count)]
     period_s = 1.0 / hz
     seqs = [0] * count
@@ -187,12 +239,21 @@ def lag_agents(
     out.put(("lag", first, lags))
 
 
-def start_collector() -> tuple[subprocess.Popen[str], str]:
+def start_collector(tls: Tls | None) -> tuple[subprocess.Popen[str], str]:
+    command = [sys.executable, "-m", "agent", "collector", "--listen", "127.0.0.1:0",
+               "--prometheus", "127.0.0.1:0"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOFTOP_")}
+    if tls is None:
+        command.append("--insecure")
+    else:
+        env.update(
+            ROOFTOP_COLLECTOR_TLS_CERT_FILE=str(tls.server_cert),
+            ROOFTOP_COLLECTOR_TLS_KEY_FILE=str(tls.server_key),
+            ROOFTOP_COLLECTOR_TLS_CLIENT_CA_FILE=str(tls.ca),
+        )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "collector", "--listen", "127.0.0.1:0",
-         "--prometheus", "127.0.0.1:0", "--insecure"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     port = re.search(r"ingest on 127\.0\.0\.1:(\d+)", line)
@@ -208,26 +269,28 @@ def _percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--throughput-agents", type=int, default=4)
-    parser.add_argument("--throughput-s", type=float, default=10.0)
-    parser.add_argument("--lag-agents", type=int, default=50)
-    parser.add_argument("--lag-s", type=float, default=15.0)
-    parser.add_argument("--hz", type=float, default=10.0)
-    args = parser.parse_args()
+@dataclass
+class Result:
+    samples_per_s: float
+    cpu_us_per_sample: float
+    lag_p99_ms: float
+    lag_cores: float
 
-    proc, target = start_collector()
+
+def run(args: argparse.Namespace, tls: Tls | None) -> Result:
+    """Both phases against one fresh collector; prints as it goes."""
+    mode = "mTLS through the TLS gate" if tls else "plaintext"
+    proc, target = start_collector(tls)
     ctx = mp.get_context("spawn")
     try:
         time.sleep(0.5)
         idle_rss, _ = _proc_rss_mib(proc.pid)
-        print(f"collector pid {proc.pid} on {target}; idle RSS {idle_rss:.0f} MiB")
+        print(f"\n=== {mode}: collector pid {proc.pid} on {target}; idle RSS {idle_rss:.0f} MiB")
 
         out: mp.Queue = ctx.Queue()
         cpu0, t0 = _proc_cpu_s(proc.pid), time.monotonic()
         workers = [
-            ctx.Process(target=throughput_agent, args=(target, a, args.throughput_s, out))
+            ctx.Process(target=throughput_agent, args=(target, a, args.throughput_s, out, tls))
             for a in range(args.throughput_agents)
         ]
         for w in workers:
@@ -249,13 +312,14 @@ def main() -> None:
         print(f"  collector RSS        {rss:.0f} MiB (peak {hwm:.0f} MiB)")
 
         per_proc = -(-args.lag_agents // 2)
-        cpu0, t0 = _proc_cpu_s(proc.pid), time.monotonic()
+        lag_cpu0, lag_t0 = _proc_cpu_s(proc.pid), time.monotonic()
         workers = []
         for first in range(0, args.lag_agents, per_proc):
             count = min(per_proc, args.lag_agents - first)
             workers.append(
                 ctx.Process(
-                    target=lag_agents, args=(target, first, count, args.lag_s, args.hz, out)
+                    target=lag_agents,
+                    args=(target, first, count, args.lag_s, args.hz, out, tls),
                 )
             )
         for w in workers:
@@ -263,11 +327,12 @@ def main() -> None:
         lags: list[float] = []
         for _ in workers:
             lags += out.get(timeout=args.lag_s + 120)[2]
-        cpu1, t1 = _proc_cpu_s(proc.pid), time.monotonic()
+        lag_cpu1, lag_t1 = _proc_cpu_s(proc.pid), time.monotonic()
         for w in workers:
             w.join()
         rate = args.lag_agents * 8 * args.hz
         rss, hwm = _proc_rss_mib(proc.pid)
+        lag_cores = (lag_cpu1 - lag_cpu0) / (lag_t1 - lag_t0)
         print(
             f"\n[lag] {args.lag_agents} agents x 8 GPUs at {args.hz:g} Hz = {rate:,.0f} samples/s,"
         )
@@ -276,14 +341,40 @@ def main() -> None:
         print(f"  sample -> ack p50    {_percentile(lags, 50) * 1000:.0f} ms")
         print(f"  sample -> ack p99    {_percentile(lags, 99) * 1000:.0f} ms")
         print(f"  sample -> ack max    {max(lags) * 1000:.0f} ms")
-        print(f"  collector CPU        {(cpu1 - cpu0) / (t1 - t0):.3f} cores")
+        print(f"  collector CPU        {lag_cores:.3f} cores")
         print(f"  collector RSS        {rss:.0f} MiB (peak {hwm:.0f} MiB)")
+        return Result(
+            samples / wall_s, cpu_s / samples * 1e6, _percentile(lags, 99) * 1000, lag_cores
+        )
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--throughput-agents", type=int, default=4)
+    parser.add_argument("--throughput-s", type=float, default=10.0)
+    parser.add_argument("--lag-agents", type=int, default=50)
+    parser.add_argument("--lag-s", type=float, default=15.0)
+    parser.add_argument("--hz", type=float, default=10.0)
+    parser.add_argument("--tls", action="store_true", help="also run with mTLS; print ratios")
+    args = parser.parse_args()
+    plain = run(args, None)
+    if not args.tls:
+        return
+    with tempfile.TemporaryDirectory(prefix="rooftop-bench-pki-") as root:
+        mtls = run(args, Tls.make(Path(root)))
+    print("\n=== mTLS / plaintext, same run")
+    print(f"  CPU per sample       {mtls.cpu_us_per_sample / plain.cpu_us_per_sample:.2f}x "
+          f"({plain.cpu_us_per_sample:.2f} -> {mtls.cpu_us_per_sample:.2f} µs)")  # fmt: skip
+    print(f"  ingest rate          {mtls.samples_per_s / plain.samples_per_s:.2f}x")
+    print(f"  lag phase CPU        {mtls.lag_cores / plain.lag_cores:.2f}x "
+          f"({plain.lag_cores:.3f} -> {mtls.lag_cores:.3f} cores)")  # fmt: skip
+    print(f"  lag p99              {plain.lag_p99_ms:.0f} -> {mtls.lag_p99_ms:.0f} ms")
 
 
 if __name__ == "__main__":

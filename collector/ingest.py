@@ -15,10 +15,11 @@ One long-lived bidi stream per agent. Each batch carries (agent_id, boot_id, seq
   (UNAUTHENTICATED). A read-only token may call ``Query`` but not ``Ingest``. Health
   checks need no token. Plaintext only with ``insecure``, and a token arriving over
   plaintext is refused. Refusals are counted (``rooftop.collector.refused``) and
-  logged once per peer. Certificates and token files are re-read when they change
-  (``ServerTls``, ``TokenFile``): rotation without a restart. TLS handshake failures
-  (no client certificate, an unknown CA, an expired certificate) end inside gRPC's
-  TLS layer before any call exists: Python never sees them, so they are not counted.
+  logged once per peer. TLS is terminated by the collector's own gate
+  (``collector.gate``) in front of the gRPC server on loopback, so handshake
+  refusals (no client certificate, an unknown CA, an expired certificate) are
+  counted and logged the same way. Certificates and token files are re-read when
+  they change (``ServerTls``, ``TokenFile``): rotation without a restart.
 - **Query**: ``rooftop.v1.Query`` (``collector.query``) on the same server and port.
 - **Gaps**: an agent sends oldest first on one ordered stream, so when the first
   batch of a (re)connected stream starts past the contiguous seq, the batches in
@@ -42,8 +43,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import logging
-import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -61,6 +62,7 @@ from agent.stream import AGENT_ID_METADATA
 from agent.watch import FileSignature, file_signature
 from collector.config import CollectorConfig
 from collector.fleet import BatchObserver, Fleet, PoisonBatch, decode_batch
+from collector.gate import HandshakeReason, Peer, ServerTls, TlsGate, listen_socket
 from collector.query import QUERY_SERVICE_NAME, QueryServicer
 from protos.rooftop.v1 import telemetry_pb2 as pb
 from protos.rooftop.v1 import telemetry_pb2_grpc
@@ -74,7 +76,6 @@ __all__ = [
     "RefuseReason",
     "Refusal",
     "Refusals",
-    "ServerTls",
     "TokenFile",
     "server_options",
 ]
@@ -213,6 +214,8 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         max_future_skew_s: sample times further ahead than this are clamped.
         require_identity: check ``agent_id`` against the client certificate (mTLS).
         refusals: where an identity refusal is counted and logged.
+        peers: who is behind a call's ``context.peer()`` (the TLS gate's ``peer``);
+            by default the address itself, with no certificate names.
     """
 
     def __init__(
@@ -226,9 +229,11 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         max_future_skew_s: float = 300.0,
         require_identity: bool = False,
         refusals: Refusals | None = None,
+        peers: PeerLookup | None = None,
     ) -> None:
         self._fleet = fleet
         self._refusals = refusals
+        self._peers = peers or direct_peer
         self._observers = tuple(observers)
         self._clock = clock
         self._ack_every = max(1, ack_every_batches)
@@ -248,7 +253,7 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         context: grpc.aio.ServicerContext[pb.Batch, pb.Ack],
     ) -> AsyncIterator[pb.Ack]:
         """One agent's stream: batches in, cumulative acks (and in-band rejections) out."""
-        identities = _peer_identities(context) if self._require_identity else None
+        identities = _peer_of(self._peers, context).names if self._require_identity else None
         out: asyncio.Queue[object] = asyncio.Queue()
         # Reading runs in its own task so batches keep being applied while acks are written.
         reader = asyncio.create_task(self._read(request_iterator, out, identities))
@@ -261,7 +266,8 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
                 if isinstance(item, _Abort):
                     if item.reason is not None and self._refusals is not None:
                         self._refusals.refused(
-                            context.peer(), Refusal(item.reason, item.code, item.details)
+                            _peer_of(self._peers, context).address,
+                            Refusal(item.reason, item.code, item.details),
                         )
                     await context.abort(item.code, item.details)
                 yield item  # type: ignore[misc]
@@ -378,12 +384,17 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         return contiguous
 
 
-def _peer_identities(context: grpc.aio.ServicerContext[Any, Any]) -> frozenset[str]:
-    auth = context.auth_context()
-    names: set[str] = set()
-    for prop in ("x509_common_name", "x509_subject_alternative_name"):
-        names.update(v.decode("utf-8", "replace") for v in auth.get(prop, ()))
-    return frozenset(names)
+PeerLookup: TypeAlias = Callable[[str], Peer | None]
+
+
+def direct_peer(address: str) -> Peer:
+    """A call's peer without the TLS gate: its own address, no certificate names."""
+    return Peer(address)
+
+
+def _peer_of(peers: PeerLookup, context: grpc.aio.ServicerContext[Any, Any]) -> Peer:
+    address = context.peer()
+    return peers(address) or Peer(address)
 
 
 # --- auth ----------------------------------------------------------------------------------
@@ -397,6 +408,7 @@ class RefuseReason(StrEnum):
     READ_ONLY_TOKEN = "read_only_token"  # the read-only token, on Ingest
     TOKEN_OVER_PLAINTEXT = "token_over_plaintext"  # the token travelled in the clear
     IDENTITY_MISMATCH = "identity_mismatch"  # claimed agent_id is not the certificate's
+    NOT_THROUGH_GATE = "not_through_gate"  # a loopback call around the TLS gate
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,22 +421,39 @@ class Refusal:
 
 
 class Refusals:
-    """Counts refused calls (``Fleet.count_refused``) and logs each peer once per reason.
+    """Counts refusals (``Fleet.count_refused``) and logs each peer once per reason.
 
-    Bounded: past ``max_peers`` (peer host, reason) pairs the least recently refused
-    is forgotten, so a flood of peers costs no memory (a forgotten one may log again).
+    Calls refused before their handler (``refused``, ``abort``) and TLS handshakes
+    the gate refused (``handshake_refused``) alike. Bounded: past ``max_peers`` (peer
+    host, reason) pairs the least recently refused is forgotten, so a flood of peers
+    costs no memory (a forgotten one may log again).
+
+    Args:
+        fleet: where refusals are counted.
+        peers: who is behind a call's ``context.peer()`` (the TLS gate's ``peer``).
+        max_peers: how many (peer host, reason) pairs are remembered as logged.
     """
 
-    def __init__(self, fleet: Fleet, *, max_peers: int = 4096) -> None:
+    def __init__(
+        self, fleet: Fleet, *, peers: PeerLookup | None = None, max_peers: int = 4096
+    ) -> None:
         self._fleet = fleet
+        self._peers = peers or direct_peer
         self._max_peers = max_peers
         self._logged: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
 
     def refused(self, peer: str, refusal: Refusal) -> None:
         """Count ``refusal``; log it unless this peer was refused so already."""
-        self._fleet.count_refused(refusal.reason.value)
-        key = (_peer_host(peer), refusal.reason.value)
+        self._note(peer, refusal.reason.value, f"{refusal.code.name}: {refusal.message}")
+
+    def handshake_refused(self, peer: str, reason: HandshakeReason, detail: str) -> None:
+        """Count a TLS handshake the gate refused; log it once per peer and reason."""
+        self._note(peer, reason.value, f"TLS handshake: {detail}")
+
+    def _note(self, peer: str, reason: str, what: str) -> None:
+        self._fleet.count_refused(reason)
+        key = (_peer_host(peer), reason)
         with self._lock:
             if key in self._logged:
                 self._logged.move_to_end(key)
@@ -433,16 +462,15 @@ class Refusals:
             if len(self._logged) > self._max_peers:
                 self._logged.popitem(last=False)
         log.warning(
-            "refused %s (%s): %s: %s [counted; not logged again for this peer and reason]",
+            "refused %s (%s): %s [counted; not logged again for this peer and reason]",
             key[0],
-            refusal.reason.value,
-            refusal.code.name,
-            refusal.message,
+            reason,
+            what,
         )
 
     async def abort(self, context: grpc.aio.ServicerContext[Any, Any], refusal: Refusal) -> None:
         """Count, log once, and end the call with the refusal's status (raises)."""
-        self.refused(context.peer(), refusal)
+        self.refused(_peer_of(self._peers, context).address, refusal)
         await context.abort(refusal.code, refusal.message)
 
 
@@ -511,89 +539,22 @@ class TokenFile:
         self._sig = sig
 
 
-class ServerTls:
-    """The collector's certificate, key and client CA, re-read when they change.
-
-    Served through ``grpc.dynamic_ssl_server_credentials``: gRPC calls ``fetch``
-    before every new connection's handshake. When a file changed (mtime, size or
-    inode) the set is read and checked (the key must match the certificate, the CA
-    must parse) before it is handed over; a set that fails is logged once and the
-    current one stays. Established connections (live streams) keep their session.
-
-    Raises:
-        ConfigError: the files are unusable at construction.
-    """
-
-    def __init__(self, cert_file: Path, key_file: Path, client_ca_file: Path | None) -> None:
-        self._paths = (cert_file, key_file, client_ca_file)
-        self._lock = threading.Lock()
-        self._sig = file_signature(self._paths)
-        self._bad_sig: FileSignature | None = None
-        try:
-            initial = self._load()
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise ConfigError(f"collector TLS files unusable: {exc}") from exc
-        self.credentials = grpc.dynamic_ssl_server_credentials(
-            initial,
-            # The stubs say the fetcher never returns None; gRPC reads None as "unchanged".
-            cast(Callable[[], grpc.ServerCertificateConfiguration], self.fetch),
-            require_client_authentication=client_ca_file is not None,
-        )
-
-    def _load(self) -> grpc.ServerCertificateConfiguration:
-        cert, key, ca = self._paths
-        check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        # Raises on a key that does not match the certificate (a half-done rotation)
-        # and, with the empty password, on an encrypted key gRPC could not use either.
-        check.load_cert_chain(cert, key, password="")
-        if ca is not None:
-            check.load_verify_locations(cafile=ca)
-        return grpc.ssl_server_certificate_configuration(
-            [(key.read_bytes(), cert.read_bytes())],
-            root_certificates=ca.read_bytes() if ca is not None else None,
-        )
-
-    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """The certificate fetcher: a new configuration when the files changed, else None."""
-        sig = file_signature(self._paths)
-        with self._lock:
-            if sig in (self._sig, self._bad_sig):
-                return None
-            problem: Exception | None = None
-            try:
-                config = self._load()
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                problem = exc
-            if problem is not None:
-                self._bad_sig = sig
-                log.error(
-                    "collector TLS files changed but are unusable (%s): keeping the current "
-                    "certificate",
-                    problem,
-                )
-                return None
-            if file_signature(self._paths) != sig:
-                return None  # changed again while being read: the next handshake retries
-            self._sig = sig
-        log.info("collector TLS files reloaded (%s)", self._paths[0])
-        return config
-
-
 # The stubs make these generic; at runtime they are plain classes.
 _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 _INGEST_PREFIX = f"/{SERVICE_NAME}/"
-_StreamBehavior: TypeAlias = Callable[
-    [AsyncIterator[Any], "grpc.aio.ServicerContext[Any, Any]"], AsyncIterator[Any]
-]
 
 
 class Authenticator(grpc.aio.ServerInterceptor):
-    """Checks every call's credentials before any handler runs; health checks are exempt.
+    """Checks every call's credentials before any handler runs.
 
+    - Behind the TLS gate (``peers`` given): a call on a loopback connection the gate
+      did not make went around TLS and is refused (UNAUTHENTICATED), health checks
+      included.
     - Plaintext server: a call carrying ``authorization`` is refused (the token
       travelled in the clear and must be considered leaked): UNAUTHENTICATED.
     - ``Ingest`` with ``token``: the token must match (UNAUTHENTICATED otherwise; the
-      read-only token gets PERMISSION_DENIED). ``Query`` accepts either token.
+      read-only token gets PERMISSION_DENIED). ``Query`` accepts either token. Health
+      checks need no token.
     - mTLS: a claimed ``x-rooftop-agent-id`` must be the client certificate's CN or a
       SAN, else PERMISSION_DENIED before the stream's handler starts. (Each batch's
       ``agent_id`` is checked again by ``IngestServicer``.)
@@ -609,12 +570,14 @@ class Authenticator(grpc.aio.ServerInterceptor):
         token: TokenFile | None = None,
         read_token: TokenFile | None = None,
         check_identity: bool = False,
+        peers: PeerLookup | None = None,
     ) -> None:
         self._refusals = refusals
         self._tls = tls
         self._token = token
         self._read_token = read_token
         self._check_identity = check_identity
+        self._peers = peers
 
     async def intercept_service(
         self,
@@ -623,21 +586,26 @@ class Authenticator(grpc.aio.ServerInterceptor):
     ) -> _Handler | None:
         """The call's own handler, or one that refuses it with the right status."""
         handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(_HEALTH_PREFIX):
+        if handler is None:
             return handler
-        authorization: bytes | None = None
-        claimed: str | None = None
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
-                authorization = value.encode() if isinstance(value, str) else value
-            elif key == AGENT_ID_METADATA:
-                claimed = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-        refusal = self._check_token(method.startswith(_INGEST_PREFIX), authorization)
-        if refusal is not None:
-            return self._refused(handler, refusal)
-        if self._check_identity and claimed is not None and method.startswith(_INGEST_PREFIX):
-            return self._identity_checked(handler, claimed)
+        method = handler_call_details.method
+        if not method.startswith(_HEALTH_PREFIX):
+            authorization: bytes | None = None
+            claimed: str | None = None
+            for key, value in handler_call_details.invocation_metadata or ():
+                if key == "authorization":
+                    authorization = value.encode() if isinstance(value, str) else value
+                elif key == AGENT_ID_METADATA:
+                    claimed = (
+                        value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+                    )
+            refusal = self._check_token(method.startswith(_INGEST_PREFIX), authorization)
+            if refusal is not None:
+                return _guarded(handler, self._refusals, lambda _peer: refusal)
+            if self._check_identity and claimed is not None and method.startswith(_INGEST_PREFIX):
+                return _guarded(handler, self._refusals, self._identity_check(claimed))
+        if self._peers is not None:
+            return _guarded(handler, self._refusals, self._gate_check)
         return handler
 
     def _check_token(self, ingest: bool, authorization: bytes | None) -> Refusal | None:
@@ -668,48 +636,85 @@ class Authenticator(grpc.aio.ServerInterceptor):
             )
         return Refusal(RefuseReason.BAD_TOKEN, unauthenticated, "invalid bearer token")
 
-    def _refused(self, handler: _Handler, refusal: Refusal) -> _Handler:
-        refusals = self._refusals
+    def _gate_check(self, address: str) -> Refusal | None:
+        if self._peers is None or self._peers(address) is not None:
+            return None
+        return Refusal(
+            RefuseReason.NOT_THROUGH_GATE,
+            grpc.StatusCode.UNAUTHENTICATED,
+            "this loopback port serves only the collector's TLS gate: connect to the TLS port",
+        )
 
-        async def deny(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def _identity_check(self, claimed: str) -> Callable[[str], Refusal | None]:
+        def check(address: str) -> Refusal | None:
+            refusal = self._gate_check(address)
+            if refusal is not None:
+                return refusal
+            peer = self._peers(address) if self._peers is not None else None
+            names = peer.names if peer is not None else frozenset()
+            if claimed in names:
+                return None
+            return Refusal(
+                RefuseReason.IDENTITY_MISMATCH,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"agent_id {claimed!r} does not match the client certificate "
+                f"({', '.join(sorted(names)) or 'no names'})",
+            )
+
+        return check
+
+
+def _guarded(
+    handler: _Handler, refusals: Refusals, check: Callable[[str], Refusal | None]
+) -> _Handler:
+    """``handler`` behind ``check(context.peer())``: a refusal ends the call before it runs.
+
+    The wrapper has the same shape as the behaviour it wraps (coroutine or async
+    generator), since grpc.aio picks how to drive a handler by that shape.
+    """
+
+    async def gate(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        refusal = check(context.peer())
+        if refusal is not None:
             await refusals.abort(context, refusal)
 
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+    kind = (handler.request_streaming, handler.response_streaming)
+    behavior = {
+        (False, False): handler.unary_unary,
+        (False, True): handler.unary_stream,
+        (True, False): handler.stream_unary,
+        (True, True): handler.stream_stream,
+    }[kind]
+    assert behavior is not None
+    # The stubs type behaviours for the sync server; these are grpc.aio's.
+    run = cast(Callable[..., Any], behavior)
+    if inspect.isasyncgenfunction(behavior):
 
-    def _identity_checked(self, handler: _Handler, claimed: str) -> _Handler:
-        if handler.stream_stream is None:
-            return handler
-        behavior = cast(_StreamBehavior, handler.stream_stream)
-        refusals = self._refusals
-
-        async def checked(
-            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            names = _peer_identities(context)
-            if claimed not in names:
-                await refusals.abort(
-                    context,
-                    Refusal(
-                        RefuseReason.IDENTITY_MISMATCH,
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        f"agent_id {claimed!r} does not match the client certificate "
-                        f"({', '.join(sorted(names)) or 'no names'})",
-                    ),
-                )
-            async for response in behavior(requests, context):
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await gate(context)
+            async for response in run(request, context):
                 yield response
 
-        return grpc.stream_stream_rpc_method_handler(
-            checked,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        wrapped: Callable[..., Any] = stream
+    else:
+
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await gate(context)
+            result = run(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+        wrapped = call
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[kind]
+    return make(
+        wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 # --- server --------------------------------------------------------------------------------
@@ -735,18 +740,24 @@ class IngestServer:
     ) -> None:
         self._config = config
         self._fleet = fleet
-        self._tls: ServerTls | None = None
+        tls: ServerTls | None = None
         if config.tls_cert_file is not None and config.tls_key_file is not None:
-            self._tls = ServerTls(
+            tls = ServerTls(
                 Path(config.tls_cert_file), Path(config.tls_key_file), config.tls_client_ca_file
             )
-        self._credentials = self._tls.credentials if self._tls is not None else None
-        if self._credentials is None and not config.insecure:
+        # With TLS the public port is the gate's; gRPC listens on loopback behind it.
+        self._gate = (
+            TlsGate(tls, lambda *refused: self.refusals.handshake_refused(*refused))
+            if tls is not None
+            else None
+        )
+        peers = self._gate.peer if self._gate is not None else None
+        if tls is None and not config.insecure:
             raise ConfigError(
                 "collector.insecure: no TLS certificate configured; set tls_cert_file and "
                 "tls_key_file, or ask for plaintext explicitly (insecure = true, --insecure)"
             )
-        if self._credentials is None and (config.token_file or config.read_token_file):
+        if tls is None and (config.token_file or config.read_token_file):
             raise ConfigError(
                 "collector.token_file: a bearer token needs TLS (tls_cert_file and "
                 "tls_key_file); over plaintext it would travel in the clear"
@@ -759,7 +770,7 @@ class IngestServer:
             if config.read_token_file
             else None
         )
-        self.refusals = Refusals(fleet)
+        self.refusals = Refusals(fleet, peers=peers)
         self.servicer = IngestServicer(
             fleet,
             observers=observers,
@@ -769,12 +780,14 @@ class IngestServer:
             max_future_skew_s=config.max_future_skew_s,
             require_identity=config.tls_client_ca_file is not None,
             refusals=self.refusals,
+            peers=peers,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._port = 0
+        self._loopback_port = 0
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._stopped = False
@@ -785,6 +798,11 @@ class IngestServer:
     def port(self) -> int:
         """The bound port (useful with port 0); 0 before ``start``."""
         return self._port
+
+    @property
+    def loopback_port(self) -> int:
+        """With TLS, gRPC's own port on 127.0.0.1 behind the gate (else 0)."""
+        return self._loopback_port
 
     def start(self) -> int:
         """Bind, start serving, report SERVING; returns the bound port.
@@ -829,12 +847,16 @@ class IngestServer:
             loop.close()
 
     async def _serve(self) -> None:
+        gate = self._gate
+        # Bound first, so a taken or bad address fails start() before anything runs.
+        public = listen_socket(self._config.listen) if gate is not None else None
         authenticator = Authenticator(
             self.refusals,
-            tls=self._credentials is not None,
+            tls=gate is not None,
             token=self._token,
             read_token=self._read_token,
             check_identity=self._config.tls_client_ca_file is not None,
+            peers=gate.peer if gate is not None else None,
         )
         server = grpc.aio.server(
             options=server_options(self._config.max_message_bytes), interceptors=[authenticator]
@@ -844,11 +866,17 @@ class IngestServer:
         telemetry_pb2_grpc.add_QueryServicer_to_server(query, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        if self._credentials is not None:
-            port = server.add_secure_port(self._config.listen, self._credentials)
+        if gate is not None and public is not None:
+            try:
+                self._loopback_port = server.add_insecure_port("127.0.0.1:0")
+                await server.start()
+                port = await gate.start(public, self._loopback_port)
+            except BaseException:
+                public.close()
+                raise
         else:
             port = server.add_insecure_port(self._config.listen)
-        await server.start()
+            await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set(QUERY_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -859,7 +887,11 @@ class IngestServer:
         # Graceful: health says NOT_SERVING first, so balancers stop sending new
         # streams, then open streams get ``grace_s`` to finish.
         await health_servicer.enter_graceful_shutdown()
+        if gate is not None:
+            gate.stop_accepting()
         await server.stop(grace=self._grace_s)
+        if gate is not None:
+            await gate.close()
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Nothing to flush: batches are applied and acked as they drain. True."""

@@ -159,8 +159,8 @@ def concrete(expr: str) -> str:
 
 
 def fed_collector() -> Collector:
-    """A started collector that has applied samples of every kind, a duplicate, a gap and
-    a poison batch, so every metric family it has is on /metrics."""
+    """A started collector that has applied samples of every kind, a duplicate, a gap, a
+    poison batch and refused a call, so every metric family it has is on /metrics."""
     config = CollectorConfig(listen="127.0.0.1:0", insecure=True, prometheus_listen="127.0.0.1:0")
     collector = Collector(config.validated())
     collector.start()
@@ -183,6 +183,12 @@ def fed_collector() -> Collector:
         with AgentStream(f"127.0.0.1:{collector.ingest.port}") as stream:
             stream.send(batch(4, records=[gpu(0)], verdicts=verdicts, stats=stats))
             stream.wait_acked(4)
+        # A token sent to this plaintext collector: refused before any handler, counted.
+        metadata = [("authorization", "Bearer leaked")]
+        with AgentStream(f"127.0.0.1:{collector.ingest.port}", metadata=metadata) as stream:
+            stream.send(batch(5, records=[gpu(0)]))
+            stream.wait_done()
+            assert stream.error is not None
     except BaseException:
         collector.shutdown(timeout_s=2)
         raise
@@ -210,6 +216,7 @@ def exported() -> tuple[set[str], set[str]]:
             names.add(sample.name)
             labels |= set(sample.labels)
     assert "rooftop_collector_rejected_total" in names  # the poison batch made it
+    assert "rooftop_collector_refused_total" in names  # and the refused call
     return names, labels
 
 
@@ -271,6 +278,7 @@ def test_dashboard_model():
         "rooftop_agent_lag_seconds",
         "rooftop_collector_rejected_total",
         "rooftop_collector_duplicates_total",
+        "rooftop_collector_refused_total",
     ):
         assert needed in every, f"the dashboard shows no {needed}"
 
@@ -434,6 +442,8 @@ def test_rules_fire_on_the_real_collector_output(live: tuple[Collector, str]):
     (rejected,) = wait_for("rejected", lambda: active("RooftopCollectorRejectingBatches"))
     assert rejected["labels"]["rooftop_reject_reason"] == "empty_record"
     assert rejected["state"] == "firing"
+    (refusing,) = wait_for("refused", lambda: active("RooftopCollectorRefusingCredentials"))
+    assert refusing["labels"]["rooftop_refuse_reason"] == "token_over_plaintext"
     assert not active("RooftopAgentSamplesDropped") and not active("RooftopAgentSilent")
 
     # The agent's spool overflows: its dropped counter rises from 0 to 3.

@@ -7,14 +7,15 @@ for an empty fleet afterwards (asked through the collector's own Query service),
 for being counted (``rooftop.collector.refused``) and logged once per peer.
 
 TLS handshake failures (no client certificate, an unknown CA, an expired
-certificate) never become a call: gRPC's TLS layer ends the connection, the client
-sees UNAVAILABLE, and Python code in the collector never runs, so they are checked
-for the client's error and the empty fleet, and are *not* counted (docs/SECURITY.md).
+certificate) never become a call: the collector's TLS gate ends the connection (the
+client sees UNAVAILABLE) and counts and logs them like the rest (docs/SECURITY.md).
 """
 
 from __future__ import annotations
 
 import re
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,22 +108,35 @@ def log_lines(collector: CollectorProc, reason: str) -> list[str]:
     return [line for line in collector.log().splitlines() if f"({reason})" in line]
 
 
-# --- TLS handshake refusals (gRPC's TLS layer; not a call, not counted) --------------------
+# --- TLS handshake refusals (the collector's TLS gate; counted, logged once per peer) -------
 
 
 @pytest.mark.parametrize(
-    ("client", "what"),
-    [(None, "no client certificate"), ("foreign", "wrong CA"), ("expired", "expired")],
+    ("client", "reason", "detail"),
+    [
+        (None, "tls_no_client_cert", "peer did not return a certificate"),
+        ("foreign", "tls_unknown_ca", "client certificate rejected: unable to get local issuer"),
+        ("expired", "tls_cert_expired", "client certificate rejected: certificate has expired"),
+    ],
 )
-def test_handshake_refusals_store_nothing(collector, certs, tokens, client, what):
+def test_handshake_refusals_are_counted_logged_once_and_store_nothing(
+    collector, certs, tokens, client, reason, detail
+):
     before = fleet(collector, certs, tokens)
-    error = attempt(collector.address, creds(certs, client), agent_md())
-    assert error.code() == grpc.StatusCode.UNAVAILABLE, what
-    print(f"\n{what}: {error.code().name}: {error.details()}")
+    for _ in range(3):
+        error = attempt(collector.address, creds(certs, client), agent_md())
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, reason
+    print(f"\n{reason}: client sees {error.code().name}: {error.details()}")
     after = fleet(collector, certs, tokens)
     assert after.collector.batches == before.collector.batches == 0
     assert not after.nodes
-    assert refused(after) == refused(before)  # before any call: nothing to count
+    # gRPC's client may retry the connection within one attempt: at least one each.
+    assert refused(after).get(reason, 0) - refused(before).get(reason, 0) >= 3
+    wait_for(lambda: log_lines(collector, reason), "the refusal in the log")
+    lines = log_lines(collector, reason)
+    assert len(lines) == 1, lines  # many handshakes, one line
+    assert "ipv4:127.0.0.1" in lines[0] and f"TLS handshake: {detail}" in lines[0], lines[0]
+    print(f"collector logs: {lines[0].split('] ', 1)[-1]}")
 
 
 def test_a_certificate_from_the_wrong_ca_cannot_even_query(collector, certs, tokens):
@@ -130,6 +144,46 @@ def test_a_certificate_from_the_wrong_ca_cannot_even_query(collector, certs, tok
                       key_file=certs.foreign.key, token_file=tokens["read"])  # fmt: skip
     with pytest.raises(Exception, match="UNAVAILABLE"):
         query_fleet_status(collector.address, auth, timeout_s=5)
+
+
+def test_plaintext_on_the_tls_port_is_refused_as_not_tls(collector, certs, tokens):
+    before = refused(fleet(collector, certs, tokens))
+    with grpc.insecure_channel(collector.address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            telemetry_pb2_grpc.QueryStub(channel).GetFleetStatus(pb.FleetStatusRequest(),
+                                                                 timeout=5)  # fmt: skip
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert refused(fleet(collector, certs, tokens))["tls_not_tls"] > before.get("tls_not_tls", 0)
+    wait_for(lambda: log_lines(collector, "tls_not_tls"), "the refusal in the log")
+    assert len(log_lines(collector, "tls_not_tls")) == 1
+
+
+def test_a_client_that_distrusts_the_collector_is_counted(collector, certs, tokens):
+    """An agent with the wrong ``ca_file`` refuses *our* certificate, with a TLS alert."""
+    before = refused(fleet(collector, certs, tokens))
+    wrong_trust = grpc.ssl_channel_credentials(
+        root_certificates=certs.wrong_ca.read_bytes(),
+        private_key=certs.agent1.key.read_bytes(),
+        certificate_chain=certs.agent1.cert.read_bytes(),
+    )
+    error = attempt(collector.address, wrong_trust, agent_md())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    after = refused(fleet(collector, certs, tokens))
+    reason = "tls_handshake_abandoned"
+    assert after.get(reason, 0) > before.get(reason, 0)
+    wait_for(lambda: log_lines(collector, reason), "the refusal in the log")
+    line = log_lines(collector, reason)[0]
+    assert "does it trust this collector's CA?" in line
+    print(f"\nclient distrusts us: {line}")
+
+
+def test_a_tcp_probe_is_not_a_refusal(collector, certs, tokens):
+    """Load balancers and the kubelet's tcpSocket probe connect and close: not counted."""
+    before = refused(fleet(collector, certs, tokens))
+    for _ in range(5):
+        socket.create_connection(("127.0.0.1", collector.port), timeout=5).close()
+    time.sleep(0.2)
+    assert refused(fleet(collector, certs, tokens)) == before
 
 
 # --- refusals before any handler (counted, logged once per peer) ----------------------------
