@@ -147,14 +147,16 @@ class Tls:
     agent_key: Path
 
     @classmethod
-    def make(cls, root: Path) -> Tls:
+    def make(cls, root: Path, agent_ids: list[str]) -> Tls:
+        """A PKI in ``root``; one client certificate naming every agent id (SANs)."""
         from tests.security.pki import Pki
 
         pki = Pki(root)
         ca = pki.ca("ca")
         server = pki.issue("server", ca="ca", cn="localhost", sans=("IP:127.0.0.1",),
                            usage="serverAuth")  # fmt: skip
-        agent = pki.issue("agent", ca="ca", cn="bench")
+        agent = pki.issue("agent", ca="ca", cn="bench",
+                          sans=tuple(f"DNS:{a}" for a in agent_ids))  # fmt: skip
         return cls(ca, server.cert, server.key, agent.cert, agent.key)
 
     def channel(self, target: str, options: list[tuple[str, object]]) -> grpc.Channel:
@@ -367,7 +369,10 @@ def main() -> None:
     if not args.tls:
         return
     with tempfile.TemporaryDirectory(prefix="rooftop-bench-pki-") as root:
-        mtls = run(args, Tls.make(Path(root)))
+        # mTLS checks each batch's agent_id against the certificate's names.
+        ids = [f"bench-{a}" for a in range(args.throughput_agents)]
+        ids += [f"lag-{a}" for a in range(args.lag_agents)]
+        mtls = run(args, Tls.make(Path(root), ids))
     print("\n=== mTLS / plaintext, same run")
     print(f"  CPU per sample       {mtls.cpu_us_per_sample / plain.cpu_us_per_sample:.2f}x "
           f"({plain.cpu_us_per_sample:.2f} -> {mtls.cpu_us_per_sample:.2f} µs)")  # fmt: skip
