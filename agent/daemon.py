@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import threading
@@ -51,7 +52,7 @@ from protos.rooftop.v1 import telemetry_pb2 as pb
 if TYPE_CHECKING:
     from agent.otlp import DirectExporter
 
-__all__ = ["Agent", "backend_from_spec", "run_agent", "sd_notify"]
+__all__ = ["Agent", "StopSignals", "backend_from_spec", "run_agent", "sd_notify"]
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,59 @@ def sd_notify(state: str, env: Mapping[str, str] | None = None) -> bool:
     return True
 
 
-# How often the main thread wakes to run a pending signal handler (see run()).
+# The longest a wait for SIGTERM / SIGINT goes unchecked (``StopSignals.wait``).
 _SIGNAL_POLL_S = 1.0
+
+
+class StopSignals:
+    """SIGTERM and SIGINT, waited for safely from the main thread (a context manager).
+
+    The handler only records the signal: no ``Event.set()``, no logging, since both
+    take locks. Python runs a handler in the main thread between two bytecodes,
+    wherever that thread is, even inside a lock the handler would take: an
+    ``Event.set()`` here once ran inside ``Event.wait()``, which held the Event's lock,
+    and waited for itself forever (SIGTERM hung the agent for good).
+
+    Waking: Python's C-level handler writes to a socketpair (``signal.set_wakeup_fd``)
+    in whichever thread the kernel gave the signal to, often one of gRPC's, where
+    nothing would interrupt the main thread's wait; ``wait`` selects on it. Off the
+    main thread (tests) no handler is installed and ``wait`` just waits.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[signal.Signals, Any] = {}
+        self._previous_fd: int | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_fd = signal.set_wakeup_fd(
+                self._wake_w.fileno(), warn_on_full_buffer=False
+            )
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        self.received.append(signum)
+
+    def wait(self, timeout_s: float | None = None) -> str | None:
+        """Wait up to ``timeout_s`` (default 1 s); the signal's name (``SIGTERM``) once one came."""
+        timeout_s = _SIGNAL_POLL_S if timeout_s is None else timeout_s
+        if not self.received and select.select([self._wake_r], [], [], timeout_s)[0]:
+            self._wake_r.recv(64)
+        return signal.Signals(self.received[0]).name if self.received else None
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self._previous_fd is not None:
+            signal.set_wakeup_fd(self._previous_fd)
+        self._wake_r.close()
+        self._wake_w.close()
 
 
 def watchdog_interval_s(env: Mapping[str, str]) -> float | None:
@@ -212,7 +264,6 @@ class Agent:
         self._watchdog_s = watchdog_interval_s(self._env)
         self._last_watchdog_s = -float("inf")
         self._stop = threading.Event()  # stops the sampler thread
-        self._signalled = threading.Event()  # SIGTERM / SIGINT seen
         self._thread: threading.Thread | None = None
         self._shut = False
 
@@ -292,24 +343,14 @@ class Agent:
 
     def run(self) -> int:
         """Start, wait for SIGTERM or SIGINT, shut down gracefully; the exit status."""
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("%s: shutting down", signal.Signals(signum).name)
-            self._signalled.set()
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            self.start()
-            # A timed wait, not an untimed one: SIGTERM may be delivered to one of gRPC's
-            # threads, and then nothing interrupts the main thread's lock wait, so the
-            # Python handler would never run (seen: an agent ignoring SIGTERM for 20 s).
-            # Waking once a second lets the interpreter run the pending handler.
-            while not self._signalled.wait(_SIGNAL_POLL_S):
-                pass
-        finally:
-            self.shutdown(self.config.shutdown_timeout_s)
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        with StopSignals() as signals:
+            try:
+                self.start()
+                while (name := signals.wait()) is None:
+                    pass
+                log.info("%s: shutting down", name)
+            finally:
+                self.shutdown(self.config.shutdown_timeout_s)
         return 0
 
     # --- the sampler thread ---------------------------------------------------------

@@ -652,6 +652,12 @@ class Streamer:
                 raise
             except Exception:  # loop boundary: log, reconnect, never die
                 log.exception("collector stream to %s failed", address)
+            if self._stopped.is_set():
+                # Shut down, though its cancel may never have reached us: grpc.aio passes
+                # it on to the call's _prepare_rpc task, which swallows it when the call
+                # has just failed, and the attempt ends in a plain Retryable (seen: a
+                # stream that went on reconnecting after shutdown).
+                return
             if session.progressed:
                 failed_rounds = tried = 0
             index = (index + 1) % len(self._collectors)

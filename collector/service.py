@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from types import FrameType
-from typing import Any
 
-from agent.daemon import sd_notify, watchdog_interval_s
+from agent.daemon import StopSignals, sd_notify, watchdog_interval_s
 from collector.config import CollectorConfig
 from collector.fleet import Fleet
 from collector.ingest import IngestServer
@@ -108,17 +105,20 @@ def run(
     env = os.environ if env is None else env
     watchdog_s = watchdog_interval_s(env)
     collector = Collector(config)
-    previous: dict[signal.Signals, Any] = {}
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        del frame
-        log.info("signal %d: shutting down", signum)
-        stop.set()
-
     # Handlers first: a SIGTERM during start-up still shuts down gracefully.
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, on_signal)
+    with StopSignals() as signals:
+        _serve(collector, config, echo, stop, signals, env, watchdog_s)
+
+
+def _serve(
+    collector: Collector,
+    config: CollectorConfig,
+    echo: Callable[[str], None],
+    stop: threading.Event,
+    signals: StopSignals,
+    env: Mapping[str, str],
+    watchdog_s: float | None,
+) -> None:
     try:
         collector.start()
         host = config.listen.rpartition(":")[0]
@@ -142,11 +142,13 @@ def run(
             if watchdog_s is not None and now_s - last_ping_s >= watchdog_s:
                 last_ping_s = now_s
                 sd_notify("WATCHDOG=1", env)
-            if stop.wait(wait_s):
+            name = signals.wait(wait_s)
+            if name is not None:
+                log.info("%s: shutting down", name)
+                break
+            if stop.is_set():
                 break
     finally:
         sd_notify("STOPPING=1", env)
         collector.shutdown()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         echo("rooftop collector: stopped")

@@ -213,6 +213,73 @@ def test_unknown_config_key_is_one_line_error(tmp_path):
     assert "a.toml:2: unknown key 'rate'" in result.stderr
 
 
+# Agent.run() in a process of its own, SIGTERM sent to one thread at a chosen moment.
+# A poll of 0 s spins the main thread through its wait for the signal, so the handler
+# runs at one spot of that loop or another, lock-holding ones included.
+_SIGNAL_SCRIPT = """
+import signal, sys, threading, time
+from pathlib import Path
+import agent.daemon as daemon
+from agent.config import load_config
+
+daemon._SIGNAL_POLL_S = {poll}
+for i in range(5):
+    overrides = dict(
+        backend="fake:h100", insecure=True, collectors=["127.0.0.1:9"], hook_socket="",
+        spool_dir=Path(sys.argv[1]) / str(i), shutdown_timeout_s=0,
+    )
+    agent = daemon.Agent(load_config(env={{}}, overrides=overrides), env={{}})
+    sent, stopping = [], []
+    shutdown = agent.shutdown
+    agent.shutdown = lambda timeout_s: (stopping.append(time.monotonic()), shutdown(timeout_s))
+
+    def send():
+        target = next(t for t in threading.enumerate() if t.name == "{thread}")
+        sent.append(time.monotonic())
+        signal.pthread_kill(target.ident, signal.SIGTERM)
+
+    threading.Timer(0.2, send).start()
+    assert agent.run() == 0
+    print(f"shutdown {{stopping[0] - sent[0]:.3f}} s after the signal", flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    ("thread", "poll_s"),
+    [
+        # The handler once called Event.set() and ran inside Event.wait(), holding that
+        # Event's lock: it waited for itself and SIGTERM hung the agent for good.
+        ("MainThread", 0.0),
+        # Delivered to another thread (gRPC's, the sampler), nothing interrupts the main
+        # thread's wait: the signal wakes it all the same, long before a 60 s poll would.
+        ("rooftop-sampler", 60.0),
+    ],
+)
+def test_sigterm_stops_run_whenever_and_wherever_it_lands(tmp_path, thread, poll_s):
+    script = _SIGNAL_SCRIPT.format(poll=poll_s, thread=thread)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOFTOP_")}
+    env["GRPC_VERBOSITY"] = "ERROR"
+    env["PYTHONFAULTHANDLER"] = "1"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # it no longer answers SIGTERM; faulthandler: stacks
+        out, err = proc.communicate()
+        raise AssertionError(f"Agent.run() hung after SIGTERM:\n{out}\n{err[-2000:]}") from None
+    assert proc.returncode == 0, err[-2000:]
+    delays = [float(d) for d in re.findall(r"shutdown (\S+) s after", out)]
+    assert len(delays) == 5, out
+    assert max(delays) < 20, delays  # woken by the signal, not by the 60 s poll
+
+
 def test_agent_object_lifecycle_in_process(tmp_path, collector):
     servicer, address = collector
     cfg = load_config(write_config(tmp_path, address), env={})

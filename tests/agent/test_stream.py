@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import socket
 import time
@@ -13,7 +15,14 @@ import pytest
 
 from agent.errors import Rejected, Retryable
 from agent.spool import Spool
-from agent.stream import Batcher, Streamer, backoff_delay_s, channel_options, map_grpc_errors
+from agent.stream import (
+    Batcher,
+    Streamer,
+    _Session,
+    backoff_delay_s,
+    channel_options,
+    map_grpc_errors,
+)
 from protos.rooftop.v1 import telemetry_pb2 as pb
 from protos.rooftop.v1 import telemetry_pb2_grpc
 from tests.support import BOOT, FakeIngest, Proxy, Server, free_port, wait_for
@@ -282,6 +291,23 @@ def test_channel_options_are_explicit():
     assert opts["grpc.keepalive_timeout_ms"] == 10_000
     assert opts["grpc.keepalive_permit_without_calls"] == 1
     assert opts["grpc.max_send_message_length"] == opts["grpc.max_receive_message_length"]
+
+
+def test_shutdown_stops_the_stream_even_when_its_cancel_is_swallowed(spool, monkeypatch):
+    """grpc.aio passes the shutdown's cancel on to the call's _prepare_rpc task, which
+    swallows it when the call has just failed: the attempt then ends in a plain
+    Retryable, as here, and the stream must not back off and reconnect."""
+
+    async def stream_swallowing_cancel(self: Streamer, session: _Session) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+        raise Retryable(f"{session.address}: UNAVAILABLE: failed to connect")
+
+    monkeypatch.setattr(Streamer, "_stream", stream_swallowing_cancel)
+    streamer = Streamer(spool, [f"127.0.0.1:{free_port()}"], backoff_base_s=30, backoff_max_s=30)
+    streamer.start()
+    streamer.shutdown(2)
+    assert streamer._thread is not None and not streamer._thread.is_alive()
 
 
 def test_flush_times_out_without_a_collector_and_shutdown_is_idempotent(spool):
