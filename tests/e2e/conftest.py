@@ -11,6 +11,9 @@
   bytes without closing anything: a silent partition).
 - ``Ledger``: the recorded batches, per (agent_id, boot_id), with the checks the
   scenarios share (contiguous, each once, holes).
+- ``e2e`` runs plaintext; parametrized indirectly with ``"mtls"`` the collector serves
+  mTLS (through its TLS gate) and every agent gets a certificate of its own from a
+  throwaway CA (``tests/security/pki.py``).
 
 Every process a test starts is killed at teardown if it is still running.
 """
@@ -33,6 +36,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.security.pki import OPENSSL, Pki
 from tests.support import Proxy
 from tests.support import subprocess_env as _env
 from tests.support import toml_value as _toml_value
@@ -338,16 +342,31 @@ class Harness:
     """Factories for the processes and proxies of one test; teardown kills leftovers."""
 
     tmp_path: Path
+    pki: Pki | None = None  # mTLS when set
     procs: list[_Proc] = field(default_factory=list)
     proxies: list[Proxy] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.pki is not None:
+            self.pki.ca("ca")
+            self.server = self.pki.issue("collector", ca="ca", cn="localhost",
+                                         sans=("IP:127.0.0.1",), usage="serverAuth")  # fmt: skip
+
     def collector(self, name: str = "collector", **collector: Any) -> CollectorProc:
+        if self.pki is not None:
+            collector = {"insecure": False, "tls_cert_file": self.server.cert,
+                         "tls_key_file": self.server.key,
+                         "tls_client_ca_file": self.pki.root / "ca.crt", **collector}  # fmt: skip
         proc = CollectorProc(self.tmp_path / name, **collector)
         self.procs.append(proc)
         return proc.start()
 
     def agent(self, agent_id: str, collector: str, *, start: bool = True, **config: Any
               ) -> AgentProc:  # fmt: skip
+        if self.pki is not None:
+            cert = self.pki.issue(agent_id, ca="ca", cn=agent_id)
+            config = {"insecure": False, "ca_file": self.pki.root / "ca.crt",
+                      "cert_file": cert.cert, "key_file": cert.key, **config}  # fmt: skip
         proc = AgentProc(self.tmp_path / agent_id, agent_id, collector, **config)
         self.procs.append(proc)
         return proc.start() if start else proc
@@ -365,9 +384,15 @@ class Harness:
 
 
 @pytest.fixture
-def e2e(tmp_path: Path) -> Iterator[Harness]:
-    """Real collector / agent processes and proxies, all cleaned up after the test."""
-    harness = Harness(tmp_path)
+def e2e(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Harness]:
+    """Real collector / agent processes and proxies, all cleaned up after the test.
+
+    Plaintext, or mTLS with ``@pytest.mark.parametrize("e2e", [...], indirect=True)``.
+    """
+    transport = getattr(request, "param", "plaintext")
+    if transport == "mtls" and OPENSSL is None:
+        pytest.skip("no openssl CLI to make certificates")
+    harness = Harness(tmp_path, Pki(tmp_path / "pki") if transport == "mtls" else None)
     try:
         yield harness
     finally:

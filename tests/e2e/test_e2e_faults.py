@@ -81,9 +81,14 @@ def health(address: str) -> int:
         return int(stub.Check(request, timeout=5).status)  # type: ignore[attr-defined]
 
 
+# The scenarios where the transport matters run plaintext and through the TLS gate.
+TRANSPORTS = pytest.mark.parametrize("e2e", ["plaintext", "mtls"], indirect=True)
+
+
 # --- (a) collector unreachable, then back ----------------------------------------------------
 
 
+@TRANSPORTS
 def test_a_collector_unreachable_then_back_loses_nothing_and_dedups(e2e: Harness):
     c = e2e.collector()
     proxy = e2e.proxy(c.port)
@@ -268,6 +273,7 @@ def test_d_corrupt_segment_is_skipped_and_counted_and_data_flows(e2e: Harness):
 # --- (e) silent partition --------------------------------------------------------------------
 
 
+@TRANSPORTS
 def test_e_silent_partition_is_detected_by_keepalive_and_loses_nothing(e2e: Harness):
     c = e2e.collector()
     proxy = e2e.proxy(c.port)
@@ -297,6 +303,7 @@ def test_e_silent_partition_is_detected_by_keepalive_and_loses_nothing(e2e: Harn
 # --- (f) collector restart -----------------------------------------------------------------
 
 
+@TRANSPORTS
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_f_collector_restart_misses_nothing(e2e: Harness, how: str):
     c = e2e.collector()
