@@ -457,9 +457,23 @@ class TlsGate:
             reason = classify_handshake_error(exc)
             self._on_refused(address, reason, describe_handshake_error(exc))
             return
+        except BaseException:  # cancelled by close(): no socket left behind
+            if raw is not None:
+                raw.close()
+            conn.close()
+            raise
         if tls is None:  # the connection was lost during the handshake
             raw.close()
             return
+        try:
+            await self._relay(tls, client, address)
+        except BaseException:
+            tls.close()
+            raise
+
+    async def _relay(self, tls: asyncio.Transport, client: _Relay, address: str) -> None:
+        """Connect the handshaken client to the gRPC server and relay both ways."""
+        loop = asyncio.get_running_loop()
         client.attach(tls)
         tls.pause_reading()  # until the gRPC side is connected
         names = certificate_names(tls.get_extra_info("peercert"))
