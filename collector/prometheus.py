@@ -246,9 +246,20 @@ def render(
         counter = family.kind == "counter"
         if counter:
             name = name.removesuffix("_total") + "_total"
-        lines = [f"{name}{_labels(p.attributes)} {format_value(p.value)}" for p in family.points()]
-        if not lines:
+        # One value per label set, as the SDK makes it: a gauge keeps the last value, a
+        # (up-down) counter the sum. Two nodes reporting the same host name and GPU
+        # uuid (clones, the demo's replays) would otherwise be duplicate series, which
+        # Prometheus drops.
+        series: dict[str, float] = {}
+        if family.kind == "gauge":
+            series = {_labels(p.attributes): p.value for p in family.points()}
+        else:
+            for p in family.points():
+                labels = _labels(p.attributes)
+                series[labels] = series.get(labels, 0) + p.value
+        if not series:
             continue
+        lines = [f"{name}{labels} {format_value(value)}" for labels, value in series.items()]
         if len(lines) > max_series:
             if family.name not in _warned:
                 _warned.add(family.name)

@@ -58,6 +58,12 @@ def fed_fleet() -> tuple[Fleet, list[tuple[object, float]]]:
         d = decode_batch(b, received_s=NOW_S)
         fleet.apply(d, received_s=NOW_S)
         decoded.append((d, NOW_S))
+    # A clone of node-1 (same host name, same GPU uuids) under another agent id: the
+    # same label sets twice, which must stay one series each, as the exporter makes them.
+    clone = batch(1, agent_id="agent-clone", hostname="node-1",
+                  records=[gpu(0, time_s=NOW_S - 1, power_w=300.0)],
+                  verdicts=[verdict(0, Bound.IDLE)])  # fmt: skip
+    fleet.apply(decode_batch(clone, received_s=NOW_S), received_s=NOW_S)
     fleet.count_refused("tls_cert_expired")
     fleet.count_refused("bad_token")
     return fleet, decoded
@@ -105,7 +111,10 @@ def test_the_endpoint_writes_exactly_what_the_opentelemetry_exporter_writes(pair
     telemetry, oracle = pair
     body, headers = scrape(telemetry)
     assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
-    native, native_meta = samples(body.decode())
+    text = body.decode()
+    series = [line.rsplit(" ", 1)[0] for line in text.splitlines() if not line.startswith("#")]
+    assert len(series) == len(set(series)), "a label set written twice"
+    native, native_meta = samples(text)
     expected, expected_meta = samples(generate_latest(oracle).decode())
     # The instance id is random per Resource; both come from the same one.
     assert native == expected
