@@ -98,7 +98,7 @@ def run(
     Args:
         config: a validated config.
         echo: where the bound addresses are announced (one line each).
-        stop: an event that ends the run (tests); signals set it too.
+        stop: an event that ends the run (tests), noticed within a second.
         env: where ``$NOTIFY_SOCKET`` and ``$WATCHDOG_USEC`` are read (``os.environ``).
     """
     stop = stop or threading.Event()
@@ -119,6 +119,7 @@ def _serve(
     env: Mapping[str, str],
     watchdog_s: float | None,
 ) -> None:
+    # Start, announce, feed the watchdog until a signal or ``stop``, then shut down.
     try:
         collector.start()
         host = config.listen.rpartition(":")[0]
