@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -258,3 +261,53 @@ def wait_for(cond: Callable[[], bool], timeout_s: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.01)
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+@contextlib.contextmanager
+def prometheus_server(
+    workdir: Path, target_port: int, *, rule_file: Path | None = None
+) -> Iterator[str]:
+    """A real Prometheus scraping 127.0.0.1:``target_port`` every second (job
+    ``rooftop``), evaluating ``rule_file`` every second; yields its base URL.
+
+    Needs ``PROMETHEUS`` (``.ci/install-prometheus.sh`` installs Debian's).
+    """
+    assert PROMETHEUS is not None, "no prometheus binary on PATH"
+    config = workdir / "prometheus.yml"
+    rules = f"rule_files: ['{rule_file}']\n" if rule_file is not None else ""
+    config.write_text(
+        "global:\n"
+        "  scrape_interval: 1s\n"
+        "  scrape_timeout: 1s\n"
+        "  evaluation_interval: 1s\n"
+        f"{rules}"
+        "scrape_configs:\n"
+        "  - job_name: rooftop\n"
+        "    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{target_port}']\n"
+    )
+    port = free_port()
+    with (workdir / "prometheus.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -6,8 +6,6 @@ Needs the ``prometheus`` binary (``.ci/install-prometheus.sh`` installs Debian's
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -20,9 +18,7 @@ from agent.model import Bound, Cause
 from collector.config import CollectorConfig
 from collector.service import Collector
 from tests.collector.helpers import AgentStream, batch, engine, gpu, verdict
-from tests.support import free_port
-
-PROMETHEUS = shutil.which("prometheus")
+from tests.support import PROMETHEUS, prometheus_server
 
 pytestmark = pytest.mark.skipif(
     PROMETHEUS is None,
@@ -43,39 +39,10 @@ def collector() -> Iterator[Collector]:
 
 @pytest.fixture
 def prometheus(collector: Collector, tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n"
-        "  scrape_interval: 1s\n"
-        "  scrape_timeout: 1s\n"
-        "scrape_configs:\n"
-        "  - job_name: rooftop\n"
-        "    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{collector.telemetry.prometheus_port}']\n"
-    )
-    log = (tmp_path / "prometheus.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            str(PROMETHEUS),
-            f"--config.file={config}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            "--log.level=warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    port = collector.telemetry.prometheus_port
+    assert port is not None
+    with prometheus_server(tmp_path, port) as base:
+        yield base
 
 
 def query(base: str, promql: str) -> list[dict]:

@@ -30,7 +30,7 @@ from collector.config import CollectorConfig
 from collector.service import Collector
 from protos.rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import AgentStream, batch, engine, gpu, verdict
-from tests.support import free_port
+from tests.support import PROMETHEUS, prometheus_server
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "rooftop.json"
@@ -38,7 +38,6 @@ RULES = REPO / "deploy" / "prometheus" / "rooftop-alerts.yml"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "rooftop-alerts.test.yml"
 
 PROMTOOL = shutil.which("promtool")
-PROMETHEUS = shutil.which("prometheus")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="no promtool on PATH (.ci/install-prometheus.sh installs Debian's)"
 )
@@ -364,40 +363,12 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Collector, 
     tmp = tmp_path_factory.mktemp("prometheus")
     collector = fed_collector()
     shutil.copy(RULES, tmp / RULES.name)
-    (tmp / "prometheus.yml").write_text(
-        "global:\n"
-        "  scrape_interval: 1s\n"
-        "  scrape_timeout: 1s\n"
-        "  evaluation_interval: 1s\n"
-        f"rule_files: ['{tmp / RULES.name}']\n"
-        "scrape_configs:\n"
-        "  - job_name: rooftop\n"
-        "    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{collector.telemetry.prometheus_port}']\n"
-    )
-    port = free_port()
-    log = (tmp / "prometheus.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            str(PROMETHEUS),
-            f"--config.file={tmp / 'prometheus.yml'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            f"--storage.tsdb.path={tmp / 'tsdb'}",
-            "--log.level=warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    port = collector.telemetry.prometheus_port
+    assert port is not None
     try:
-        yield collector, f"http://127.0.0.1:{port}"
+        with prometheus_server(tmp, port, rule_file=tmp / RULES.name) as base:
+            yield collector, base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
         collector.shutdown(timeout_s=2)
 
 
