@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -11,29 +9,20 @@ import pytest
 
 from collector.config import CollectorConfig
 from tests.collector.helpers import AgentStream, batch, start_server
+from tests.security.pki import OPENSSL, Pki
 
-OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="no openssl CLI to make certificates")
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run([str(OPENSSL), *args], cwd=cwd, check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout",
-             "ca.key", "-out", "ca.crt", "-subj", "/CN=rooftop-test-ca", cwd=d)  # fmt: skip
-    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    (d / "client.ext").write_text("subjectAltName=DNS:agent-1\n")
-    for name, subj in (("server", "/CN=localhost"), ("client", "/CN=agent-1")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
-                 "-out", f"{name}.csr", "-subj", subj, cwd=d)  # fmt: skip
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "2", "-out", f"{name}.crt",
-                 "-extfile", f"{name}.ext", cwd=d)  # fmt: skip
-    return d
+    """``ca.crt``; ``server.crt``/``.key`` (127.0.0.1, localhost); ``client`` for agent-1."""
+    pki = Pki(tmp_path_factory.mktemp("pki"))
+    pki.ca("ca")
+    pki.issue("server", ca="ca", cn="localhost", sans=("IP:127.0.0.1", "DNS:localhost"),
+              usage="serverAuth")  # fmt: skip
+    pki.issue("client", ca="ca", cn="agent-1", sans=("DNS:agent-1",))
+    return pki.root
 
 
 def _config(pki: Path, *, mtls: bool) -> CollectorConfig:
