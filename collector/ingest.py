@@ -566,14 +566,13 @@ class Authenticator(grpc.aio.ServerInterceptor):
         self,
         refusals: Refusals,
         *,
-        tls: bool,
         token: TokenFile | None = None,
         read_token: TokenFile | None = None,
         check_identity: bool = False,
         peers: PeerLookup | None = None,
     ) -> None:
         self._refusals = refusals
-        self._tls = tls
+        self._tls = peers is not None  # TLS is the gate's: no gate, plaintext
         self._token = token
         self._read_token = read_token
         self._check_identity = check_identity
@@ -852,7 +851,6 @@ class IngestServer:
         public = listen_socket(self._config.listen) if gate is not None else None
         authenticator = Authenticator(
             self.refusals,
-            tls=gate is not None,
             token=self._token,
             read_token=self._read_token,
             check_identity=self._config.tls_client_ca_file is not None,
