@@ -646,10 +646,9 @@ class Authenticator(grpc.aio.ServerInterceptor):
 
     def _identity_check(self, claimed: str) -> Callable[[str], Refusal | None]:
         def check(address: str) -> Refusal | None:
-            refusal = self._gate_check(address)
-            if refusal is not None:
-                return refusal
             peer = self._peers(address) if self._peers is not None else None
+            if peer is None and self._peers is not None:
+                return self._gate_check(address)
             names = peer.names if peer is not None else frozenset()
             if claimed in names:
                 return None
