@@ -270,8 +270,7 @@ class _Relay(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=_HIGH_WATER_BYTES)  # type: ignore[attr-defined]
+        self.attach(transport)  # type: ignore[arg-type]
 
     def attach(self, transport: asyncio.Transport) -> None:
         """Adopt a transport made elsewhere (``loop.start_tls`` makes no connection_made)."""

@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -192,7 +193,7 @@ class NativeHistogram:
     def record(self, value: float, attributes: Mapping[str, Any] | None = None) -> None:
         """Count one observation."""
         key = tuple(sorted((attributes or {}).items()))
-        bucket = next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))
+        bucket = bisect_left(self.bounds, value)  # the first bound >= value; past them: +Inf
         with self._lock:
             counts = self._series.get(key)
             if counts is None:
