@@ -311,3 +311,36 @@ def prometheus_server(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class NotifySocket:
+    """A systemd notify socket (``$NOTIFY_SOCKET``) recording what a daemon says."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.messages: list[str] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.5)
+
+    def wait_for_watchdogs(
+        self, proc: subprocess.Popen[Any], count: int = 2, timeout_s: float = 30.0
+    ) -> None:
+        """Record messages until ``count`` WATCHDOG=1 (or ``timeout_s``); ``proc`` must live."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.messages.count("WATCHDOG=1") < count:
+            try:
+                self.messages.append(self._sock.recv(4096).decode())
+            except TimeoutError:
+                assert proc.poll() is None, proc.communicate()[0]
+
+    def drain(self) -> None:
+        """Record what is left (until half a second of silence)."""
+        while True:
+            try:
+                self.messages.append(self._sock.recv(4096).decode())
+            except TimeoutError:
+                return
+
+    def close(self) -> None:
+        self._sock.close()

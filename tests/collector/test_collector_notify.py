@@ -13,36 +13,28 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from agent.daemon import watchdog_interval_s
+from tests.support import NotifySocket
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_ready_watchdog_and_stopping(tmp_path: Path) -> None:
-    notify = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(notify))
-    sock.settimeout(0.5)
+    notify = NotifySocket(tmp_path / "notify.sock")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ROOFTOP_", "WATCHDOG_"))}
-    env.update(NOTIFY_SOCKET=str(notify), WATCHDOG_USEC="1000000", PYTHONUNBUFFERED="1")
+    env.update(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="1000000", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent", "collector", "--insecure",
          "--listen", "127.0.0.1:0", "--prometheus", "127.0.0.1:0"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    messages: list[str] = []
+    messages = notify.messages
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and messages.count("WATCHDOG=1") < 2:
-            try:
-                messages.append(sock.recv(4096).decode())
-            except TimeoutError:
-                assert proc.poll() is None, proc.communicate()[0]
+        notify.wait_for_watchdogs(proc)
         ready = [m for m in messages if m.startswith("READY=1")]
         assert ready, messages
         # READY=1 means the ingest port is bound: connecting to it succeeds now.
@@ -51,16 +43,12 @@ def test_ready_watchdog_and_stopping(tmp_path: Path) -> None:
         socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=5).close()
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=30)[0]
-        while True:
-            try:
-                messages.append(sock.recv(4096).decode())
-            except TimeoutError:
-                break
+        notify.drain()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        sock.close()
+        notify.close()
     assert messages.index(ready[0]) < messages.index("WATCHDOG=1"), messages
     assert messages.count("WATCHDOG=1") >= 2, (messages, output)
     assert messages[-1] == "STOPPING=1", (messages, output)

@@ -10,10 +10,8 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from agent.config import load_config as load_agent_config
 from agent.hooks import DEFAULT_SOCKET_PATH
 from collector.config import load_config as load_collector_config
 from tests.security.pki import OPENSSL, Pki
+from tests.support import NotifySocket
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = REPO / "deploy" / "systemd"
@@ -250,13 +249,10 @@ def test_daemon_speaks_the_notify_protocol_the_unit_expects(tmp_path: Path):
     agent_cert = pki.issue("agent", ca="collector-ca", cn="deploy-test")
     token = tmp_path / "token"
     token.write_text("deploy-test-token\n")
-    notify = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(notify))
-    sock.settimeout(0.5)
+    notify = NotifySocket(tmp_path / "notify.sock")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROOFTOP_")}
     env.update(
-        NOTIFY_SOCKET=str(notify),
+        NOTIFY_SOCKET=str(notify.path),
         WATCHDOG_USEC="2000000",  # pings due every 1 s
         ROOFTOP_AGENT_ID="deploy-test",
         ROOFTOP_SPOOL_DIR=str(tmp_path / "spool"),
@@ -273,26 +269,17 @@ def test_daemon_speaks_the_notify_protocol_the_unit_expects(tmp_path: Path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    messages: list[str] = []
+    messages = notify.messages
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and sum(m == "WATCHDOG=1" for m in messages) < 2:
-            try:
-                messages.append(sock.recv(4096).decode())
-            except TimeoutError:
-                assert proc.poll() is None, proc.communicate()[0]
+        notify.wait_for_watchdogs(proc)
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=30)[0].decode()
-        while True:
-            try:
-                messages.append(sock.recv(4096).decode())
-            except TimeoutError:
-                break
+        notify.drain()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        sock.close()
+        notify.close()
     assert any(m.startswith("READY=1") for m in messages), (messages, output)
     assert messages.count("WATCHDOG=1") >= 2, (messages, output)
     assert "STOPPING=1" in messages, (messages, output)
