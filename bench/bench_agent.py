@@ -83,7 +83,7 @@ class Collector:
     def start(self) -> None:
         # With a record file: the same CLI through tests/e2e/recording_collector.py, which
         # appends (seq, samples, sample times, receive time) of every applied batch.
-        launcher = ["-m", "agent"]
+        launcher = ["-m", "rooftop"]
         if self.record is not None:
             launcher = ["-m", "tests.e2e.recording_collector", str(self.record)]
         self.proc = subprocess.Popen(
@@ -149,7 +149,7 @@ def start_agent(workdir: Path, collector_port: int, rate_hz: float, **extra: obj
     path.write_text("\n".join(lines) + "\n")
     log = (workdir / "agent.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "agent", "--config", str(path)],
+        [sys.executable, "-m", "rooftop", "agent", "--config", str(path)],
         cwd=REPO, env=env(), stdout=log, stderr=log,
     )  # fmt: skip
     log.close()

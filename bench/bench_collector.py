@@ -38,9 +38,9 @@ from pathlib import Path
 
 import grpc
 
-from agent.model import GpuSample
-from agent.report import record_to_proto, timestamp
-from protos.rooftop.v1 import telemetry_pb2 as pb
+from rooftop.common.codec import record_to_proto, timestamp
+from rooftop.common.model import GpuSample
+from rooftop.v1 import telemetry_pb2 as pb
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.security.pki, for --tls
@@ -242,7 +242,7 @@ def lag_agents(
 
 
 def start_collector(tls: Tls | None) -> tuple[subprocess.Popen[str], str]:
-    command = [sys.executable, "-m", "agent", "collector", "--listen", "127.0.0.1:0",
+    command = [sys.executable, "-m", "rooftop", "collector", "--listen", "127.0.0.1:0",
                "--prometheus", "127.0.0.1:0"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROOFTOP_")}
     if tls is None:

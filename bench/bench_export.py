@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO))
 from opentelemetry.exporter.prometheus import PrometheusMetricReader  # noqa: E402
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
-from collector.fleet import Fleet, decode_batch  # noqa: E402
-from collector.otel import Telemetry  # noqa: E402
+from rooftop.collector.fleet import Fleet, decode_batch  # noqa: E402
+from rooftop.collector.otel import Telemetry  # noqa: E402
 from tests.collector.helpers import batch, engine, gpu, verdict  # noqa: E402
 
 

@@ -26,8 +26,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client import CollectorRegistry, Histogram
 
-from agent.hooks import Aggregator
-from agent.hooks.hf import RooftopStreamer
+from rooftop.agent.hooks import Aggregator
+from rooftop.agent.hooks.hf import RooftopStreamer
 
 
 def best_ns(fn: Callable[[], object], number: int, repeat: int) -> float:

@@ -23,8 +23,8 @@ import time
 
 
 def child(backend_name: str, gpus: int, rate_hz: float, seconds: float, idle: bool) -> None:
-    from agent.diagnose import FakeSpec, diagnose_records, open_backend
-    from agent.sampler import Sampler
+    from rooftop.agent.diagnose import FakeSpec, diagnose_records, open_backend
+    from rooftop.agent.sampler import Sampler
 
     spec = FakeSpec("h100", ("decode",)) if backend_name == "fake" else None
     backend = open_backend(spec, gpus)

@@ -1,9 +1,12 @@
 """Regenerate the Python code for ``protos/`` — the only way to do it.
 
+``protos/rooftop/v1/telemetry.proto`` becomes ``rooftop/v1/telemetry_pb2*.py(i)``: the
+include root is ``protos/``, so the proto's path (``rooftop/v1/telemetry.proto``) is
+its Python import path (``rooftop.v1``) and its protobuf package (``rooftop.v1``).
 Run from the repository root::
 
-    python protos/generate.py            # writes next to the .proto files
-    python protos/generate.py --out DIR  # writes into DIR (the staleness test uses this)
+    python protos/generate.py            # writes rooftop/v1/ in the package
+    python protos/generate.py --out DIR  # writes DIR/rooftop/v1/ (the staleness test)
 
 The generator versions are pinned (pyproject ``dev`` extra) so that every machine emits
 byte-identical files; ``tests/protos/test_generated.py`` fails when the committed code is
@@ -19,7 +22,8 @@ from pathlib import Path
 
 PINNED = {"grpcio-tools": "1.85.1", "mypy-protobuf": "5.1.0"}
 ROOT = Path(__file__).resolve().parent.parent
-PROTOS = sorted((ROOT / "protos").rglob("*.proto"))
+PROTO_ROOT = ROOT / "protos"
+PROTOS = sorted(PROTO_ROOT.rglob("*.proto"))
 
 
 def check_pins() -> None:
@@ -41,7 +45,7 @@ def generate(out: Path) -> None:
     bin_dir = Path(sys.executable).parent
     args = [
         "protoc",
-        f"-I{ROOT}",
+        f"-I{PROTO_ROOT}",
         f"-I{include}",
         f"--python_out={out}",
         f"--grpc_python_out={out}",
@@ -49,7 +53,7 @@ def generate(out: Path) -> None:
         f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
         f"--mypy_out={out}",
         f"--mypy_grpc_out={out}",
-        *(str(p.relative_to(ROOT)) for p in PROTOS),
+        *(str(p.relative_to(PROTO_ROOT)) for p in PROTOS),
     ]
     rc = protoc.main(args)
     if rc != 0:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.trace import BUNDLED_RECORDINGS
+from rooftop.agent.trace import BUNDLED_RECORDINGS
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TRACES = REPO.parent / "shared" / "traces" / "h100-2026-11-22"

@@ -17,8 +17,8 @@ from typing import Any
 
 import grpc
 
-from protos.rooftop.v1 import telemetry_pb2 as pb
-from protos.rooftop.v1 import telemetry_pb2_grpc
+from rooftop.v1 import telemetry_pb2 as pb
+from rooftop.v1 import telemetry_pb2_grpc
 
 BOOT = "boot-1"
 

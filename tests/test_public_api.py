@@ -9,15 +9,13 @@ import sys
 
 import pytest
 
-import agent
-import collector
+import rooftop
 
 MODULES = sorted(
     m.name
-    for pkg in (agent, collector)
-    for m in pkgutil.walk_packages(pkg.__path__, prefix=pkg.__name__ + ".")
+    for m in pkgutil.walk_packages(rooftop.__path__, prefix="rooftop.")
     # __main__ runs the CLI on import; the vLLM plugin is tested on its own.
-    if m.name != "agent.__main__" and not m.name.startswith("agent.hooks.vllm")
+    if m.name != "rooftop.__main__" and not m.name.startswith("rooftop.agent.hooks.vllm")
 )
 
 
@@ -30,7 +28,7 @@ def test_all_names_exist(name: str):
 
 def test_replay_diagnosis_needs_neither_grpc_nor_the_otel_sdk():
     probe = (
-        "import sys; from agent.cli import main; from agent import diagnose, trace; "
+        "import sys; from rooftop.cli import main; from rooftop.agent import diagnose, trace; "
         "bad = [m for m in ('grpc', 'opentelemetry.sdk') if m in sys.modules]; "
         "assert not bad, bad"
     )

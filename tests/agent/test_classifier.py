@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from agent.classifier import (
+from rooftop.agent.classifier import (
     DEFAULT_THRESHOLDS,
     Hysteresis,
     Thresholds,
@@ -16,8 +16,9 @@ from agent.classifier import (
     explain_tick,
     is_active,
 )
-from agent.errors import ConfigError
-from agent.model import (
+from rooftop.agent.window import GpuWindow, Tick, build_window, summarize
+from rooftop.common.errors import ConfigError
+from rooftop.common.model import (
     Bound,
     Cause,
     EngineSample,
@@ -27,7 +28,6 @@ from agent.model import (
     Provenance,
     Verdict,
 )
-from agent.window import GpuWindow, Tick, build_window, summarize
 
 T0 = 1_800_000_000.0
 GEN5_X16 = 3.938e9 * 16

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from agent.cli import main
-from agent.trace import BUNDLED_RECORDINGS
+from rooftop.agent.trace import BUNDLED_RECORDINGS
+from rooftop.cli import main
 
 DATA = BUNDLED_RECORDINGS
 
@@ -136,7 +136,7 @@ def _nvml_works() -> bool:
 
 @pytest.mark.skipif(_nvml_works(), reason="an NVIDIA driver is present here")
 def test_no_driver_is_one_readable_line_pointing_at_replay():
-    proc = subprocess.run([sys.executable, "-m", "agent", "diagnose", "--seconds", "0.5"],
+    proc = subprocess.run([sys.executable, "-m", "rooftop", "diagnose", "--seconds", "0.5"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
@@ -148,7 +148,7 @@ def test_no_driver_is_one_readable_line_pointing_at_replay():
 
 def test_agentctl_help_and_version_run_as_a_module():
     for args in (["--help"], ["--version"]):
-        proc = subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "rooftop", *args], capture_output=True,
                               text=True, check=True)
         assert proc.stdout
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from agent import cli
-from agent.cli import main
-from agent.roofline import GPUS, MODELS, Dtype
+from rooftop import cli
+from rooftop.agent.roofline import GPUS, MODELS, Dtype
+from rooftop.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import CONFIG_ENV, ENV_VARS, AgentConfig, load_config
-from agent.errors import ConfigError
+from rooftop.agent.config import CONFIG_ENV, ENV_VARS, AgentConfig, load_config
+from rooftop.common.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

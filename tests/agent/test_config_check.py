@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from agent.cli import main
-from agent.config import AgentConfig
-from agent.config_check import EXAMPLES, detect_kind
-from collector.config import _SCHEMA
+from rooftop.agent.config import AgentConfig
+from rooftop.cli import main
+from rooftop.collector.config import _SCHEMA
+from rooftop.config_check import EXAMPLES, detect_kind
 
 
 def run(*args: str, env: dict[str, str] | None = None):
@@ -49,7 +49,7 @@ def test_example_prints_and_checks_clean(tmp_path: Path, kind: str):
 
 
 def test_agent_example_values_are_the_defaults(tmp_path: Path):
-    from agent.config import load_config
+    from rooftop.agent.config import load_config
 
     path = tmp_path / "agent.toml"
     path.write_text(EXAMPLES["agent"].read_text())

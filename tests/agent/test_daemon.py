@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from agent.cli import main
-from agent.config import load_config
-from agent.daemon import Agent, sd_notify
-from agent.errors import ConfigError
-from agent.spool import Spool
+from rooftop.agent.config import load_config
+from rooftop.agent.daemon import Agent, sd_notify
+from rooftop.agent.spool import Spool
+from rooftop.cli import main
+from rooftop.common.errors import ConfigError
 from tests.support import FakeIngest, Server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def spawn(config: Path, notify_path: str | None = None) -> subprocess.Popen[str]
         env["NOTIFY_SOCKET"] = notify_path
     env["GRPC_VERBOSITY"] = "ERROR"
     return subprocess.Popen(
-        [sys.executable, "-m", "agent", "agent", "--config", str(config)],
+        [sys.executable, "-m", "rooftop", "agent", "--config", str(config)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -219,8 +219,8 @@ def test_unknown_config_key_is_one_line_error(tmp_path):
 _SIGNAL_SCRIPT = """
 import signal, sys, threading, time
 from pathlib import Path
-import agent.daemon as daemon
-from agent.config import load_config
+import rooftop.agent.daemon as daemon
+from rooftop.agent.config import load_config
 
 daemon._SIGNAL_POLL_S = {poll}
 for i in range(5):

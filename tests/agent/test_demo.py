@@ -7,8 +7,8 @@ import urllib.request
 
 import pytest
 
-from agent.demo import DEMO_NODES, DemoNode, build_playlist, run_demo
-from agent.model import GpuSample
+from rooftop.common.model import GpuSample
+from rooftop.demo import DEMO_NODES, DemoNode, build_playlist, run_demo
 
 pytestmark = pytest.mark.slow
 

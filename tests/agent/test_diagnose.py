@@ -7,12 +7,12 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from agent.cli import main
-from agent.diagnose import FakeSpec, ModelContext, with_roofline
-from agent.errors import ConfigError
-from agent.model import Bound, Evidence, Provenance, Verdict
-from agent.roofline import find_model
-from agent.trace import BUNDLED_RECORDINGS
+from rooftop.agent.diagnose import FakeSpec, ModelContext, with_roofline
+from rooftop.agent.roofline import find_model
+from rooftop.agent.trace import BUNDLED_RECORDINGS
+from rooftop.cli import main
+from rooftop.common.errors import ConfigError
+from rooftop.common.model import Bound, Evidence, Provenance, Verdict
 
 DATA = BUNDLED_RECORDINGS
 LLAMA3_8B = ModelContext(find_model("llama-3-8b"))

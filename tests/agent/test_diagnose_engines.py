@@ -1,7 +1,7 @@
 """Live diagnose with engine figures: in-process hooks and /metrics scraping, end to end.
 
 Real processes: ``agentctl diagnose`` (fake GPUs) in a subprocess, a separate "engine"
-process emitting tokens through ``agent.hooks`` over the real unix socket, and a real
+process emitting tokens through ``rooftop.agent.hooks`` over the real unix socket, and a real
 local HTTP server serving vLLM-shaped ``/metrics``.
 """
 
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.engines.sources import EngineEndpoint
-from agent.errors import ConfigError
+from rooftop.agent.engines.sources import EngineEndpoint
+from rooftop.common.errors import ConfigError
 
 ENGINE = textwrap.dedent("""
     import sys, time
-    from agent.hooks import Aggregator
+    from rooftop.agent.hooks import Aggregator
     agg = Aggregator(engine_id="toy-engine", socket_path=sys.argv[1], interval_s=0.2,
                      gpu_indices=(0,))
     end = time.monotonic() + float(sys.argv[2])
@@ -39,7 +39,7 @@ ENGINE = textwrap.dedent("""
 
 
 def diagnose(*args: str, env: dict[str, str] | None = None) -> dict:
-    out = subprocess.run([sys.executable, "-m", "agent", "diagnose", "--json", *args],
+    out = subprocess.run([sys.executable, "-m", "rooftop", "diagnose", "--json", *args],
                          capture_output=True, text=True, check=True, timeout=60,
                          env={**os.environ, **(env or {})})
     return json.loads(out.stdout)

@@ -15,16 +15,16 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from agent.config import load_config
-from agent.daemon import Agent
-from agent.errors import ConfigError
-from agent.model import Bound, Cause
-from agent.otlp import DIRECT_METRICS, DirectExporter, otlp_export
-from collector.config import CollectorConfig, OtlpExport
-from collector.fleet import Fleet, decode_batch
-from collector.otel import METRICS, Telemetry
-from collector.service import Collector
-from protos.rooftop.v1 import telemetry_pb2 as pb
+from rooftop.agent.config import load_config
+from rooftop.agent.daemon import Agent
+from rooftop.agent.otlp import DIRECT_METRICS, DirectExporter, otlp_export
+from rooftop.collector.config import CollectorConfig, OtlpExport
+from rooftop.collector.fleet import Fleet, decode_batch
+from rooftop.collector.otel import METRICS, Telemetry
+from rooftop.collector.service import Collector
+from rooftop.common.errors import ConfigError
+from rooftop.common.model import Bound, Cause
+from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import batch, engine, gpu, verdict
 from tests.collector.otlp_receiver import GrpcOtlpReceiver, HttpOtlpReceiver, attributes
 

@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 
-from agent import roofline as rl
-from agent.errors import RooflineError
-from agent.models_catalog import _normalize, params_from_architecture
-from agent.roofline import (
+from rooftop.agent import roofline as rl
+from rooftop.agent.models_catalog import _normalize, params_from_architecture
+from rooftop.agent.roofline import (
     GPUS,
     MODELS,
     Dtype,
@@ -29,6 +28,7 @@ from agent.roofline import (
     ridge_point,
     tpot_floor_ms,
 )
+from rooftop.common.errors import RooflineError
 
 H100 = find_gpu("h100-sxm5")
 LLAMA3_8B = find_model("llama-3-8b")

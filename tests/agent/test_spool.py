@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError
-from agent.spool import MAGIC, Spool, frame_record
-from protos.rooftop.v1 import telemetry_pb2 as pb
+from rooftop.agent.spool import MAGIC, Spool, frame_record
+from rooftop.common.errors import ConfigError
+from rooftop.v1 import telemetry_pb2 as pb
 
 BOOT = "boot-a"
 

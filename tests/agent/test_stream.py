@@ -13,9 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.errors import Rejected, Retryable
-from agent.spool import Spool
-from agent.stream import (
+from rooftop.agent.spool import Spool
+from rooftop.agent.stream import (
     Batcher,
     Streamer,
     _Session,
@@ -23,8 +22,9 @@ from agent.stream import (
     channel_options,
     map_grpc_errors,
 )
-from protos.rooftop.v1 import telemetry_pb2 as pb
-from protos.rooftop.v1 import telemetry_pb2_grpc
+from rooftop.common.errors import Rejected, Retryable
+from rooftop.v1 import telemetry_pb2 as pb
+from rooftop.v1 import telemetry_pb2_grpc
 from tests.support import BOOT, FakeIngest, Proxy, Server, free_port, wait_for
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import TraceError
-from agent.model import EngineSample, GpuProcess, GpuSample, HostProcess, HostSample
-from agent.trace import TraceWriter, encode_line, read_trace
+from rooftop.agent.trace import TraceWriter, encode_line, read_trace
+from rooftop.common.errors import TraceError
+from rooftop.common.model import EngineSample, GpuProcess, GpuSample, HostProcess, HostSample
 
 GOOD_GPU = {"gpu": {"time": "2026-11-22T18:40:39.241113Z", "gpu_index": 0, "busy_pct": 50.0}}
 

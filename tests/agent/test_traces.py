@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.classifier import classify
-from agent.model import Bound, GpuSample, Provenance, Record, Verdict
-from agent.trace import read_trace
-from agent.window import build_windows
+from rooftop.agent.classifier import classify
+from rooftop.agent.trace import read_trace
+from rooftop.agent.window import build_windows
+from rooftop.common.model import Bound, GpuSample, Provenance, Record, Verdict
 
 # From ../shared/traces/h100-2026-11-22/README.md: what a correct diagnosis says.
 EXPECTED = {

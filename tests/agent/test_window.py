@@ -4,16 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.errors import ConfigError
-from agent.model import (
-    EngineSample,
-    GpuProcess,
-    GpuSample,
-    HostProcess,
-    HostSample,
-    Provenance,
-)
-from agent.window import (
+from rooftop.agent.window import (
     ENGINE_HOLD_DEFAULT_S,
     GpuWindow,
     Tick,
@@ -23,6 +14,15 @@ from agent.window import (
     pcie_link_bytes_per_s,
     summarize,
     time_weighted_mean,
+)
+from rooftop.common.errors import ConfigError
+from rooftop.common.model import (
+    EngineSample,
+    GpuProcess,
+    GpuSample,
+    HostProcess,
+    HostSample,
+    Provenance,
 )
 
 T0 = 1_800_000_000.0
@@ -320,8 +320,8 @@ def test_build_windows_no_gpu_samples():
 
 
 def test_gpm_gap_in_a_gpm_gpu_is_left_out_not_taken_as_proxy():
-    from agent.model import GpuSample as _S
-    from agent.window import derive_ticks as _derive
+    from rooftop.agent.window import derive_ticks as _derive
+    from rooftop.common.model import GpuSample as _S
 
     gap = _S(time_s=0.0, gpu_index=0, busy_pct=90.0, mem_ctrl_pct=95.0)
     full = [_S(time_s=0.1 * i, gpu_index=0, busy_pct=95.0, mem_ctrl_pct=97.0,

@@ -9,7 +9,11 @@ from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 
-from agent.model import (
+from rooftop.collector.config import CollectorConfig
+from rooftop.collector.fleet import Fleet
+from rooftop.collector.ingest import IngestServer
+from rooftop.common.codec import record_to_proto, timestamp, verdict_to_proto
+from rooftop.common.model import (
     Bound,
     EngineSample,
     Evidence,
@@ -18,12 +22,8 @@ from agent.model import (
     Provenance,
     Verdict,
 )
-from agent.report import record_to_proto, timestamp, verdict_to_proto
-from collector.config import CollectorConfig
-from collector.fleet import Fleet
-from collector.ingest import IngestServer
-from protos.rooftop.v1 import telemetry_pb2 as pb
-from protos.rooftop.v1 import telemetry_pb2_grpc
+from rooftop.v1 import telemetry_pb2 as pb
+from rooftop.v1 import telemetry_pb2_grpc
 
 H100 = "NVIDIA H100 80GB HBM3"
 

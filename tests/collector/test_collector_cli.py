@@ -12,7 +12,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from agent.cli import main
+from rooftop.cli import main
 from tests.collector.helpers import AgentStream, batch, gpu, verdict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ def test_runs_until_sigterm_and_stops_gracefully(tmp_path: Path):
     config.write_text('[collector]\nack_interval_s = 0.05\n[prometheus]\nlisten = "127.0.0.1:0"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROOFTOP_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "collector", "--config", str(config),
+        [sys.executable, "-m", "rooftop", "collector", "--config", str(config),
          "--listen", "127.0.0.1:0", "--insecure"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError
-from collector.config import CollectorConfig, OtlpExport, load_config
+from rooftop.collector.config import CollectorConfig, OtlpExport, load_config
+from rooftop.common.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon import watchdog_interval_s
+from rooftop.agent.daemon import watchdog_interval_s
 from tests.support import NotifySocket
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ def test_ready_watchdog_and_stopping(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ROOFTOP_", "WATCHDOG_"))}
     env.update(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="1000000", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "collector", "--insecure",
+        [sys.executable, "-m", "rooftop", "collector", "--insecure",
          "--listen", "127.0.0.1:0", "--prometheus", "127.0.0.1:0"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -61,7 +61,7 @@ def test_no_notify_socket_no_harm(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ROOFTOP_", "NOTIFY_"))}
     env.update(WATCHDOG_USEC="1000000", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "collector", "--insecure",
+        [sys.executable, "-m", "rooftop", "collector", "--insecure",
          "--listen", "127.0.0.1:0", "--prometheus", ""],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip

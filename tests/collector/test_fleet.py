@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from agent.model import (
+from rooftop.collector.fleet import Fleet, PoisonBatch, RejectReason, decode_batch
+from rooftop.common.codec import record_to_proto
+from rooftop.common.model import (
     PERCENT_FIELDS,
     Bound,
     EngineSample,
@@ -18,9 +20,7 @@ from agent.model import (
     HostSample,
     invalid_reason,
 )
-from agent.report import record_to_proto
-from collector.fleet import Fleet, PoisonBatch, RejectReason, decode_batch
-from protos.rooftop.v1 import telemetry_pb2 as pb
+from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import batch, engine, gpu, verdict
 
 NOW = 1_800_000_000.0

@@ -21,8 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from collector.config import CollectorConfig
-from collector.gate import (
+from rooftop.collector.config import CollectorConfig
+from rooftop.collector.gate import (
     HandshakeReason,
     Peer,
     ServerTls,
@@ -31,8 +31,8 @@ from collector.gate import (
     grpc_peer,
     listen_socket,
 )
-from protos.rooftop.v1 import telemetry_pb2 as pb
-from protos.rooftop.v1 import telemetry_pb2_grpc
+from rooftop.v1 import telemetry_pb2 as pb
+from rooftop.v1 import telemetry_pb2_grpc
 from tests.collector.helpers import start_server
 from tests.security.pki import OPENSSL, Cert, Pki
 

@@ -11,13 +11,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent.errors import ConfigError
-from agent.model import Bound
-from agent.report import verdict_to_proto
-from collector.config import CollectorConfig
-from collector.fleet import DecodedBatch, Fleet
-from collector.ingest import SERVICE_NAME, Deduplicator, IngestServer, server_options
-from protos.rooftop.v1 import telemetry_pb2 as pb
+from rooftop.collector.config import CollectorConfig
+from rooftop.collector.fleet import DecodedBatch, Fleet
+from rooftop.collector.ingest import SERVICE_NAME, Deduplicator, IngestServer, server_options
+from rooftop.common.codec import verdict_to_proto
+from rooftop.common.errors import ConfigError
+from rooftop.common.model import Bound
+from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import AgentStream, batch, engine, gpu, start_server, verdict
 
 

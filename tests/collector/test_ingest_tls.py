@@ -7,7 +7,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from collector.config import CollectorConfig
+from rooftop.collector.config import CollectorConfig
 from tests.collector.helpers import AgentStream, batch, start_server
 from tests.security.pki import OPENSSL, Pki
 

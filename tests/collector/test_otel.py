@@ -18,11 +18,11 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 
-from agent.model import Bound, Cause
-from collector.config import OtlpExport
-from collector.fleet import Fleet, decode_batch
-from collector.otel import METRICS, TPOT_BUCKETS_S, Telemetry, bound_value, engine_provider
-from protos.rooftop.v1 import telemetry_pb2 as pb
+from rooftop.collector.config import OtlpExport
+from rooftop.collector.fleet import Fleet, decode_batch
+from rooftop.collector.otel import METRICS, TPOT_BUCKETS_S, Telemetry, bound_value, engine_provider
+from rooftop.common.model import Bound, Cause
+from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import batch, engine, gpu, verdict
 from tests.collector.otlp_receiver import GrpcOtlpReceiver, HttpOtlpReceiver, attributes
 
@@ -317,7 +317,7 @@ def test_prometheus_endpoint_on_port_0():
 
 
 def test_prometheus_address_in_use_is_a_config_error():
-    from agent.errors import ConfigError
+    from rooftop.common.errors import ConfigError
 
     first = Telemetry(Fleet(), prometheus_listen="127.0.0.1:0")
     first.start()

@@ -19,11 +19,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
-from agent.model import Bound, Cause
-from collector.fleet import Fleet, decode_batch
-from collector.otel import Telemetry
-from collector.prometheus import Family, format_value, metric_name, render
-from protos.rooftop.v1 import telemetry_pb2 as pb
+from rooftop.collector.fleet import Fleet, decode_batch
+from rooftop.collector.otel import Telemetry
+from rooftop.collector.prometheus import Family, format_value, metric_name, render
+from rooftop.common.model import Bound, Cause
+from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import batch, engine, gpu, verdict
 
 NOW_S = 1_790_000_000.0
@@ -147,7 +147,7 @@ def test_gzip_when_asked_and_404_elsewhere(pair):
 
 
 def test_histograms_are_cumulative_with_count_and_sum():
-    from collector.prometheus import NativeHistogram
+    from rooftop.collector.prometheus import NativeHistogram
 
     h = NativeHistogram("rooftop.collector.batch.lag", "s", "lag", (0.1, 1.0))
     assert h.lines() == []  # nothing before the first observation, as the SDK does

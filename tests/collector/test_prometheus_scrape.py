@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.model import Bound, Cause
-from collector.config import CollectorConfig
-from collector.service import Collector
+from rooftop.collector.config import CollectorConfig
+from rooftop.collector.service import Collector
+from rooftop.common.model import Bound, Cause
 from tests.collector.helpers import AgentStream, batch, engine, gpu, verdict
 from tests.support import PROMETHEUS, prometheus_server
 

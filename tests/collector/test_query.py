@@ -1,4 +1,4 @@
-"""The fleet status: ``collector.query`` (pure and over gRPC) and the CLI that reads it."""
+"""The fleet status: ``rooftop.collector.query`` (pure and over gRPC) and the CLI that reads it."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import pytest
 from click.testing import CliRunner
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent.cli import main
-from agent.errors import Rejected, Retryable
-from agent.model import Bound, Cause
-from agent.status import STALE_AFTER_S, format_status, status_json
-from agent.stream import ClientAuth, query_fleet_status
-from collector.fleet import Fleet, decode_batch
-from collector.ingest import IngestServer
-from collector.query import QUERY_SERVICE_NAME, fleet_status
-from protos.rooftop.v1 import telemetry_pb2 as pb
+from rooftop.agent.status import STALE_AFTER_S, format_status, status_json
+from rooftop.agent.stream import ClientAuth, query_fleet_status
+from rooftop.cli import main
+from rooftop.collector.fleet import Fleet, decode_batch
+from rooftop.collector.ingest import IngestServer
+from rooftop.collector.query import QUERY_SERVICE_NAME, fleet_status
+from rooftop.common.errors import Rejected, Retryable
+from rooftop.common.model import Bound, Cause
+from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import AgentStream, batch, engine, gpu, start_server, verdict
 
 

@@ -16,8 +16,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from agent.config import load_config as load_agent_config
-from collector.config import load_config as load_collector_config
+from rooftop.agent.config import load_config as load_agent_config
+from rooftop.collector.config import load_config as load_collector_config
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"

@@ -25,10 +25,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.model import Bound, Cause
-from collector.config import CollectorConfig
-from collector.service import Collector
-from protos.rooftop.v1 import telemetry_pb2 as pb
+from rooftop.collector.config import CollectorConfig
+from rooftop.collector.service import Collector
+from rooftop.common.model import Bound, Cause
+from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import AgentStream, batch, engine, gpu, verdict
 from tests.support import PROMETHEUS, prometheus_server
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config as load_agent_config
-from agent.hooks import DEFAULT_SOCKET_PATH
-from collector.config import load_config as load_collector_config
+from rooftop.agent.config import load_config as load_agent_config
+from rooftop.agent.hooks import DEFAULT_SOCKET_PATH
+from rooftop.collector.config import load_config as load_collector_config
 from tests.security.pki import OPENSSL, Pki
 from tests.support import NotifySocket
 
@@ -184,7 +184,7 @@ def test_collector_unit_hardening():
     assert one(unit, "Service.ExecStart") == (
         f"{INSTALLED_AGENTCTL} collector --config /etc/rooftop/collector.toml"
     )
-    # collector/service.py speaks sd_notify (tests/collector/test_collector_notify.py).
+    # rooftop/collector/service.py speaks sd_notify (tests/collector/test_collector_notify.py).
     assert one(unit, "Service.Type") == "notify"
     assert one(unit, "Service.NotifyAccess") == "main"
     assert one(unit, "Service.WatchdogSec") == "30s"

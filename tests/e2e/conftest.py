@@ -3,7 +3,7 @@
 - ``CollectorProc``: ``agentctl collector`` in a subprocess (through
   ``tests/e2e/recording_collector.py``, which records every applied batch to a JSON
   Lines file), plaintext, on a free port, with its real Prometheus endpoint.
-- ``AgentProc``: ``python -m agent agent --config FILE`` with a temp TOML config
+- ``AgentProc``: ``python -m rooftop agent --config FILE`` with a temp TOML config
   (``insecure = true``, fake H100s, high rate, small batches, short backoff), its log
   in a file.
 - ``Proxy``: a TCP forwarder on loopback between the two that can *cut* (reset every
@@ -280,7 +280,7 @@ class CollectorProc(_Proc):
 
 
 class AgentProc(_Proc):
-    """A real ``python -m agent agent`` subprocess with a temp TOML config."""
+    """A real ``python -m rooftop agent`` subprocess with a temp TOML config."""
 
     name = "agent"
 
@@ -311,7 +311,7 @@ class AgentProc(_Proc):
         log = self.log_path.open("wb")
         self.started_s = time.time()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "agent", "--config", str(path)],
+            [sys.executable, "-m", "rooftop", "agent", "--config", str(path)],
             cwd=REPO, env=_env(), stdout=log, stderr=log,
         )  # fmt: skip
         log.close()

@@ -23,8 +23,8 @@ import os
 import sys
 from typing import Any
 
-from agent.cli import main
-from collector.fleet import DecodedBatch, Fleet
+from rooftop.cli import main
+from rooftop.collector.fleet import DecodedBatch, Fleet
 
 
 def install(path: str) -> None:

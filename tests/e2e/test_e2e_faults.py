@@ -23,9 +23,9 @@ import grpc  # noqa: TID251 — a raw client for poison / oversized messages and
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent.report import record_to_proto
-from agent.spool import Spool
-from protos.rooftop.v1 import telemetry_pb2 as pb
+from rooftop.agent.spool import Spool
+from rooftop.common.codec import record_to_proto
+from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import AgentStream, batch, gpu
 from tests.e2e.conftest import (
     AGENT_DEFAULTS,

@@ -1,7 +1,7 @@
 """Engine hooks on a real GPU: HF generate is host-bound, graph-captured decode is not.
 
 Marked ``gpu``: skipped without an NVIDIA GPU, torch and transformers. The workload runs
-in its own process and reports TPOT through ``agent.hooks`` to the socket that a live
+in its own process and reports TPOT through ``rooftop.agent.hooks`` to the socket that a live
 ``agentctl diagnose`` listens on (explicitly tied to GPU 0 by $ROOFTOP_ENGINE_GPUS).
 """
 
@@ -24,7 +24,7 @@ def live_diagnose_under(kind: str, tmp_path: Path, *extra: str) -> dict:
     env = {**os.environ, "ROOFTOP_HOOK_SOCKET": str(tmp_path / "hooks.sock"),
            "ROOFTOP_ENGINE_GPUS": "0", "ROOFTOP_HOOK_INTERVAL_S": "0.5"}
     diagnose = subprocess.Popen(
-        [sys.executable, "-m", "agent", "diagnose", "--seconds", "8", "--json", *extra],
+        [sys.executable, "-m", "rooftop", "diagnose", "--seconds", "8", "--json", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     work = subprocess.Popen([sys.executable, str(HERE / "workloads.py"), kind, "20"],
                             stdout=subprocess.PIPE, text=True, env=env)

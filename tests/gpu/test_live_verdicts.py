@@ -28,12 +28,12 @@ def run_under_diagnose(kind: str, tmp_path: Path) -> dict:
         assert work.stdout.readline().strip() == "ready"
         trace = tmp_path / f"{kind}.jsonl"
         rec = subprocess.run(
-            [sys.executable, "-m", "agent", "record", "--seconds", "4", "--out", str(trace)],
+            [sys.executable, "-m", "rooftop", "record", "--seconds", "4", "--out", str(trace)],
             capture_output=True, text=True, check=True,
         )
         assert trace.stat().st_size > 0, rec.stderr
         out = subprocess.run(
-            [sys.executable, "-m", "agent", "diagnose", "--replay", str(trace), "--json"],
+            [sys.executable, "-m", "rooftop", "diagnose", "--replay", str(trace), "--json"],
             capture_output=True, text=True, check=True,
         )
     finally:
@@ -62,7 +62,7 @@ def test_known_workload_gets_its_verdict(real_gpu, tmp_path, kind, verdict, caus
 
 
 def test_live_diagnose_json_covers_every_gpu(real_gpu):
-    out = subprocess.run([sys.executable, "-m", "agent", "diagnose", "--seconds", "1", "--json"],
+    out = subprocess.run([sys.executable, "-m", "rooftop", "diagnose", "--seconds", "1", "--json"],
                          capture_output=True, text=True, check=True)
     report = json.loads(out.stdout)
     import pynvml

@@ -2,7 +2,7 @@
 
     python tests/gpu/workloads.py gemv|gemm|host_stall|idle|hf_generate|graph_decode SECONDS
 
-The two engine-shaped ones report TPOT through ``agent.hooks`` (to $ROOFTOP_HOOK_SOCKET):
+The two engine-shaped ones report TPOT through ``rooftop.agent.hooks`` (to $ROOFTOP_HOOK_SOCKET):
 ``hf_generate`` is HF transformers ``generate`` of a random-weight Llama (1.1B shape) with
 the Rooftop streamer, batch 1; ``graph_decode`` is an 8B-Llama-shaped decode step with
 random bf16 weights, batch 1, captured in a CUDA graph and replayed — the memory-bound
@@ -72,7 +72,7 @@ def main() -> None:
 def hf_generate_step(torch, dev):  # noqa: ANN001, ANN201 — torch is imported lazily
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from agent.hooks.hf import RooftopStreamer
+    from rooftop.agent.hooks.hf import RooftopStreamer
 
     config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                          num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)
@@ -88,7 +88,7 @@ def hf_generate_step(torch, dev):  # noqa: ANN001, ANN201 — torch is imported 
 
 
 def graph_decode_step(torch, dev):  # noqa: ANN001, ANN201
-    from agent import hooks
+    from rooftop.agent import hooks
 
     hidden, inter, layers, vocab = 4096, 14336, 32, 128256
     kv_dim = 8 * 128

@@ -4,8 +4,8 @@
   (SAN ``IP:127.0.0.1``, ``DNS:localhost``); agent certificates for ``agent-1`` and
   ``agent-2`` (CN and SAN); an expired ``agent-1`` certificate; an ``agent-1``
   certificate from the wrong CA; an operator certificate (``ops``).
-- ``CollectorProc``: ``python -m agent collector --config FILE`` on 127.0.0.1, port 0.
-- ``AgentProc``: ``python -m agent agent --config FILE`` with fake H100s.
+- ``CollectorProc``: ``python -m rooftop collector --config FILE`` on 127.0.0.1, port 0.
+- ``AgentProc``: ``python -m rooftop agent --config FILE`` with fake H100s.
 - ``Proxy``: a TCP forwarder whose ``cut()`` resets every open connection (the agent
   then reconnects), used to prove rotated credentials on the next connection.
 """
@@ -88,7 +88,7 @@ class CollectorProc:
         config.write_text("\n".join(lines) + "\n")
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "collector", "--config", str(config)],
+                [sys.executable, "-m", "rooftop", "collector", "--config", str(config)],
                 cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=log, text=True,
             )  # fmt: skip
         lines_q: queue.Queue[str] = queue.Queue()
@@ -162,7 +162,7 @@ class AgentProc:
         path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in self.config.items()))
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "agent", "--config", str(path)],
+                [sys.executable, "-m", "rooftop", "agent", "--config", str(path)],
                 cwd=REPO, env=_env(), stdout=log, stderr=log,
             )  # fmt: skip
         return self

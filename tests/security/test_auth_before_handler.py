@@ -14,13 +14,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.stream import AGENT_ID_METADATA
-from collector.config import CollectorConfig
-from collector.fleet import Fleet
-from collector.ingest import IngestServer, IngestServicer, Refusal, Refusals, RefuseReason
-from collector.query import QueryServicer
-from protos.rooftop.v1 import telemetry_pb2 as pb
-from protos.rooftop.v1 import telemetry_pb2_grpc
+from rooftop.agent.stream import AGENT_ID_METADATA
+from rooftop.collector.config import CollectorConfig
+from rooftop.collector.fleet import Fleet
+from rooftop.collector.ingest import IngestServer, IngestServicer, Refusal, Refusals, RefuseReason
+from rooftop.collector.query import QueryServicer
+from rooftop.v1 import telemetry_pb2 as pb
+from rooftop.v1 import telemetry_pb2_grpc
 from tests.collector.helpers import AgentStream, batch, gpu, start_server
 from tests.security.conftest import Certs
 
@@ -133,7 +133,7 @@ def test_refusals_log_once_per_peer_and_reason_within_a_bound(caplog):
     refusals = Refusals(fleet, max_peers=2)
     bad = Refusal(RefuseReason.BAD_TOKEN, grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
     missing = Refusal(RefuseReason.MISSING_TOKEN, grpc.StatusCode.UNAUTHENTICATED, "missing")
-    with caplog.at_level(logging.WARNING, logger="collector.ingest"):
+    with caplog.at_level(logging.WARNING, logger="rooftop.collector.ingest"):
         for port in range(40000, 40010):  # one peer, ten connections: one line
             refusals.refused(f"ipv4:10.0.0.1:{port}", bad)
         refusals.refused("ipv4:10.0.0.1:1", missing)  # another reason: its own line

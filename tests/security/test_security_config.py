@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from agent.cli import main
-from agent.config import ENV_VARS, load_config
-from agent.daemon import Agent
-from agent.errors import ConfigError
-from collector.config import load_config as collector_config
+from rooftop.agent.config import ENV_VARS, load_config
+from rooftop.agent.daemon import Agent
+from rooftop.cli import main
+from rooftop.collector.config import load_config as collector_config
+from rooftop.common.errors import ConfigError
 from tests.security.conftest import Certs
 
 

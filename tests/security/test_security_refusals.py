@@ -23,12 +23,12 @@ import grpc
 import pytest
 from click.testing import CliRunner
 
-from agent.cli import main
-from agent.config import load_config
-from agent.errors import ConfigError, Rejected
-from agent.stream import AGENT_ID_METADATA, ClientAuth, query_fleet_status
-from protos.rooftop.v1 import telemetry_pb2 as pb
-from protos.rooftop.v1 import telemetry_pb2_grpc
+from rooftop.agent.config import load_config
+from rooftop.agent.stream import AGENT_ID_METADATA, ClientAuth, query_fleet_status
+from rooftop.cli import main
+from rooftop.common.errors import ConfigError, Rejected
+from rooftop.v1 import telemetry_pb2 as pb
+from rooftop.v1 import telemetry_pb2_grpc
 from tests.collector.helpers import AgentStream, batch, gpu, verdict
 from tests.security.conftest import AgentProc, Certs, CollectorProc, wait_for
 
@@ -340,7 +340,7 @@ def test_a_collector_with_a_token_needs_tls(tmp_path, tokens):
 
 
 def test_plaintext_binds_to_loopback_unless_told_otherwise():
-    from collector.config import load_config as collector_config
+    from rooftop.collector.config import load_config as collector_config
 
     assert collector_config(insecure=True).listen == "127.0.0.1:4850"
     assert collector_config(insecure=True, listen="0.0.0.0:4850").listen == "0.0.0.0:4850"

@@ -20,11 +20,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.errors import ConfigError
-from agent.stream import AGENT_ID_METADATA, ClientAuth, query_fleet_status
-from collector.config import CollectorConfig
-from collector.ingest import TokenFile
-from protos.rooftop.v1 import telemetry_pb2 as pb
+from rooftop.agent.stream import AGENT_ID_METADATA, ClientAuth, query_fleet_status
+from rooftop.collector.config import CollectorConfig
+from rooftop.collector.ingest import TokenFile
+from rooftop.common.errors import ConfigError
+from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import AgentStream, batch, gpu, start_server
 from tests.security.conftest import AgentProc, Certs, CollectorProc, Proxy, wait_for
 from tests.security.pki import Cert, replace_atomically
@@ -157,7 +157,7 @@ def test_a_half_done_rotation_keeps_the_current_certificate(certs, tmp_path, cap
         new = certs.issue(
             "server-3", cn="localhost", sans=("IP:127.0.0.1", "DNS:localhost"), usage="serverAuth"
         )
-        with caplog.at_level(logging.INFO, logger="collector.ingest"):
+        with caplog.at_level(logging.INFO, logger="rooftop.collector.ingest"):
             replace_atomically(server.cert, new.cert.read_bytes())  # the key is still the old one
             assert served_certificate(srv.port, certs.ca, certs.ops) == der(certs.server.cert)
             assert served_certificate(srv.port, certs.ca, certs.ops) == der(certs.server.cert)
@@ -182,7 +182,7 @@ def test_token_file_accepts_every_line_and_survives_a_bad_rewrite(tmp_path, capl
     assert tokens.matches(b"Bearer old") and tokens.matches(b"Bearer new")
     assert not tokens.matches(b"Bearer # comment") and not tokens.matches(b"old")
     path.write_text("")  # emptied mid-rotation: keep what worked
-    with caplog.at_level(logging.ERROR, logger="collector.ingest"):
+    with caplog.at_level(logging.ERROR, logger="rooftop.collector.ingest"):
         assert tokens.matches(b"Bearer old")
         assert tokens.matches(b"Bearer old")
     assert len(caplog.records) == 1

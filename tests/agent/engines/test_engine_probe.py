@@ -7,14 +7,14 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from agent.cli import main
-from agent.engines.probe import (
+from rooftop.agent.engines.probe import (
     ProbeError,
     ProbeResult,
     chat_completions_url,
     format_probe,
     probe,
 )
+from rooftop.cli import main
 
 
 def test_ttft_and_tpot_from_a_real_stream(sse_server):

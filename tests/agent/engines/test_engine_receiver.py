@@ -9,10 +9,10 @@ import stat
 
 import pytest
 
-from agent.engines.receiver import HookReceiver, summary_to_sample
-from agent.errors import ConfigError
-from agent.hooks import Aggregator
-from agent.hooks.wire import Distribution, HookSummary, encode_summary
+from rooftop.agent.engines.receiver import HookReceiver, summary_to_sample
+from rooftop.agent.hooks import Aggregator
+from rooftop.agent.hooks.wire import Distribution, HookSummary, encode_summary
+from rooftop.common.errors import ConfigError
 
 
 def summary(**kw) -> HookSummary:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from agent.engines.scrape import (
+from rooftop.agent.engines.scrape import (
     Scraper,
     detect_engine,
     fetch_metrics,

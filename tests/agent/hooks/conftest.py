@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.engines.receiver import HookReceiver
+from rooftop.agent.engines.receiver import HookReceiver
 
 
 class FakeClockNs:

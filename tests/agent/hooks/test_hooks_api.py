@@ -11,9 +11,9 @@ import warnings
 
 import pytest
 
-from agent import hooks
-from agent.engines.receiver import HookReceiver
-from agent.hooks import Aggregator
+from rooftop.agent import hooks
+from rooftop.agent.engines.receiver import HookReceiver
+from rooftop.agent.hooks import Aggregator
 
 
 def make_agg(sock_path, clock, **kw) -> Aggregator:
@@ -298,9 +298,11 @@ def test_defaults_without_environment(monkeypatch):
 def test_importing_hooks_pulls_in_no_heavy_dependency():
     code = (
         "import sys\n"
-        "import agent.hooks, agent.hooks.hf, agent.hooks.vllm, agent.hooks.wire\n"
+        "import rooftop.agent.hooks, rooftop.agent.hooks.hf, rooftop.agent.hooks.vllm\n"
+        "import rooftop.agent.hooks.wire\n"
         "bad = [m for m in ('grpc', 'pynvml', 'psutil', 'google.protobuf', 'prometheus_client',"
-        " 'opentelemetry', 'click', 'agent.model', 'agent.errors') if m in sys.modules]\n"
+        " 'opentelemetry', 'click', 'rooftop.common.model', 'rooftop.common.errors')"
+        " if m in sys.modules]\n"
         "assert not bad, bad\n"
         "assert not [t for t in __import__('threading').enumerate() if t.name == 'rooftop-hooks']\n"
     )

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from agent.hooks import Aggregator
-from agent.hooks.hf import RooftopStreamer
+from rooftop.agent.hooks import Aggregator
+from rooftop.agent.hooks.hf import RooftopStreamer
 
 
 class FakeTensor:
@@ -113,7 +113,7 @@ def test_garbage_puts_never_raise(receiver, sock_path, clock):
 
 
 def test_default_aggregator(monkeypatch, sock_path):
-    from agent import hooks
+    from rooftop.agent import hooks
 
     monkeypatch.setattr(hooks, "_default", None)
     agg = hooks.configure(socket_path=sock_path)
@@ -142,8 +142,8 @@ def test_subclasses_transformers_base_streamer_when_importable(tmp_path):
     code = textwrap.dedent(
         """
         from transformers.generation import BaseStreamer
-        from agent.hooks import Aggregator
-        from agent.hooks.hf import RooftopStreamer
+        from rooftop.agent.hooks import Aggregator
+        from rooftop.agent.hooks.hf import RooftopStreamer
         assert issubclass(RooftopStreamer, BaseStreamer)
         s = RooftopStreamer(Aggregator(socket_path="/nonexistent/x.sock", autostart=False))
         s.put([[1, 2]]); s.put([3]); s.end()
@@ -156,7 +156,7 @@ def test_subclasses_transformers_base_streamer_when_importable(tmp_path):
 def test_plain_class_without_transformers():
     code = (
         "import sys; sys.modules['transformers'] = None\n"  # import fails like an absent package
-        "from agent.hooks.hf import RooftopStreamer\n"
+        "from rooftop.agent.hooks.hf import RooftopStreamer\n"
         "assert [c.__name__ for c in RooftopStreamer.__mro__] == "
         "['RooftopStreamer', '_StreamerBase', 'object']\n"
     )

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.hooks import Aggregator
-from agent.hooks.vllm import RooftopStatLogger
+from rooftop.agent.hooks import Aggregator
+from rooftop.agent.hooks.vllm import RooftopStatLogger
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -221,7 +221,7 @@ def test_with_vllm_installed_it_is_a_stat_logger_base(tmp_path):
     code = textwrap.dedent(
         """
         from vllm.v1.metrics.loggers import StatLoggerBase
-        from agent.hooks.vllm import RooftopStatLogger
+        from rooftop.agent.hooks.vllm import RooftopStatLogger
         plugin_class = RooftopStatLogger
         # what vLLM's load_stat_logger_plugin_factories checks
         assert isinstance(plugin_class, type) and issubclass(plugin_class, StatLoggerBase)

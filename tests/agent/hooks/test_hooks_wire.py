@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from agent.hooks.wire import (
+from rooftop.agent.hooks.wire import (
     KIND,
     MAX_DATAGRAM_BYTES,
     Distribution,
@@ -108,13 +108,13 @@ def test_public_names_exist():
     import importlib
 
     for name in (
-        "agent.hooks",
-        "agent.hooks.wire",
-        "agent.hooks.hf",
-        "agent.hooks.vllm",
-        "agent.engines.receiver",
-        "agent.engines.scrape",
-        "agent.engines.probe",
+        "rooftop.agent.hooks",
+        "rooftop.agent.hooks.wire",
+        "rooftop.agent.hooks.hf",
+        "rooftop.agent.hooks.vllm",
+        "rooftop.agent.engines.receiver",
+        "rooftop.agent.engines.scrape",
+        "rooftop.agent.engines.probe",
     ):
         module = importlib.import_module(name)
         for attr in module.__all__:

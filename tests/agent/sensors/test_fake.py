@@ -6,8 +6,7 @@ import ctypes
 
 import pytest
 
-from agent.model import invalid_reason
-from agent.sensors.fake import (
+from rooftop.agent.sensors.fake import (
     FAKE_PID_BASE,
     FAKE_PROFILES,
     FAKE_WORKLOADS,
@@ -17,7 +16,8 @@ from agent.sensors.fake import (
     fake_backend,
     parse_workload,
 )
-from agent.sensors.nvml import NvmlBackend
+from rooftop.agent.sensors.nvml import NvmlBackend
+from rooftop.common.model import invalid_reason
 
 
 def test_names_exposed_for_the_cli():

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from agent.errors import DeviceLost
-from agent.sensors.fake import FakeNvmlLibrary
-from agent.sensors.gpm import GPM_METRIC_FIELDS, GpmReading, GpmSampler
-from agent.sensors.nvml import NvmlBackend
+from rooftop.agent.sensors.fake import FakeNvmlLibrary
+from rooftop.agent.sensors.gpm import GPM_METRIC_FIELDS, GpmReading, GpmSampler
+from rooftop.agent.sensors.nvml import NvmlBackend
+from rooftop.common.errors import DeviceLost
 
 MIB = 1024 * 1024
 

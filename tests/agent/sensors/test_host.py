@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from agent.sensors.base import HostSensor
-from agent.sensors.host import PsutilHostSensor
+from rooftop.agent.sensors.base import HostSensor
+from rooftop.agent.sensors.host import PsutilHostSensor
 
 SPIN = "import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end: pass\n"
 

@@ -6,10 +6,10 @@ import logging
 
 import pytest
 
-from agent.errors import DeviceLost, NvmlUnavailable, SensorError
-from agent.sensors.base import GpuBackend
-from agent.sensors.fake import FakeNvmlLibrary, fake_backend
-from agent.sensors.nvml import NvmlBackend, map_nvml_errors
+from rooftop.agent.sensors.base import GpuBackend
+from rooftop.agent.sensors.fake import FakeNvmlLibrary, fake_backend
+from rooftop.agent.sensors.nvml import NvmlBackend, map_nvml_errors
+from rooftop.common.errors import DeviceLost, NvmlUnavailable, SensorError
 
 GPM_FIELDS = (
     "sm_active_pct",
@@ -131,7 +131,7 @@ def test_not_supported_field_is_absent_and_logged_once(clock, caplog):
     lib = FakeNvmlLibrary("h100", workloads="gemv", clock=clock)
     lib.inject(0, "nvmlDeviceGetTemperature", "not_supported")
     backend = backend_over(lib, clock)
-    with caplog.at_level(logging.INFO, logger="agent.sensors.nvml"):
+    with caplog.at_level(logging.INFO, logger="rooftop.agent.sensors.nvml"):
         samples = [settled_read(backend, clock) for _ in range(3)]
     assert all(s.temperature_c is None for s in samples)
     assert all(s.busy_pct is not None and s.power_w is not None for s in samples)
@@ -147,7 +147,7 @@ def test_unexpected_error_is_absent_and_warned(clock, caplog):
     lib = FakeNvmlLibrary("h100", workloads="gemv", clock=clock)
     lib.inject(0, "nvmlDeviceGetPowerUsage", "unknown")
     backend = backend_over(lib, clock)
-    with caplog.at_level(logging.INFO, logger="agent.sensors.nvml"):
+    with caplog.at_level(logging.INFO, logger="rooftop.agent.sensors.nvml"):
         s = backend.read(0, 0.0)
     assert s.power_w is None
     assert [r.levelno for r in caplog.records if "PowerUsage" in r.getMessage()] == [

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from agent.errors import NvmlUnavailable
-from agent.sensors.nvml import NvmlBackend
+from rooftop.agent.sensors.nvml import NvmlBackend
+from rooftop.common.errors import NvmlUnavailable
 
 pytestmark = pytest.mark.gpu
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from agent.model import EngineSample, GpuSample
-from agent.sensors.replay import ReplayBackend
-from agent.trace import BUNDLED_RECORDINGS, read_trace
+from rooftop.agent.sensors.replay import ReplayBackend
+from rooftop.agent.trace import BUNDLED_RECORDINGS, read_trace
+from rooftop.common.model import EngineSample, GpuSample
 
 
 def backend(name: str = "hf_8b_b1") -> ReplayBackend:

@@ -1,5 +1,0 @@
-"""``python -m agent`` is ``agentctl``."""
-
-from agent.cli import main
-
-main()

@@ -1,1 +1,0 @@
-"""Generated protobuf code for the Rooftop telemetry schema (see protos/generate.py)."""

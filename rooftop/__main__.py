@@ -1,0 +1,5 @@
+"""``python -m rooftop`` is ``agentctl``."""
+
+from rooftop.cli import main
+
+main()

@@ -1,0 +1,337 @@
+"""The agent's configuration: a frozen ``AgentConfig`` from TOML, then ``ROOFTOP_*`` env.
+
+Precedence, lowest first: defaults, the TOML file, environment variables, explicit
+overrides (CLI flags). Every key is a top-level TOML key; its environment variable
+is ``ROOFTOP_`` + the key in capitals (``ENV_VARS`` lists them all, in one place).
+Lists from the environment are comma-separated; booleans are ``true/false/1/0/yes/no``.
+
+An unknown key or a value of the wrong type is a ``ConfigError`` naming the key (and
+the file and line where it is set), never a silent default::
+
+    agent_id = "gpu-node-17"
+    collectors = ["collector-a:7443", "collector-b:7443"]
+    ca_file = "/etc/rooftop/ca.crt"        # TLS: the CA that signed the collector's cert
+    cert_file = "/etc/rooftop/agent.crt"   # mTLS: this agent's certificate (CN/SAN = agent_id)
+    key_file = "/etc/rooftop/agent.key"
+    token_file = "/etc/rooftop/token"      # bearer token; never sent over plaintext
+    # insecure = true          # plaintext gRPC instead: only when asked for explicitly
+    backend = "nvml"           # or "fake:h100", "fake:a100", "replay:/path/trace.jsonl"
+    rate_hz = 1
+    spool_dir = "/var/lib/rooftop/spool"
+
+    [otlp]                     # direct OTLP export (no collector needed); otlp_* keys
+    endpoint = "http://127.0.0.1:4317"
+    protocol = "grpc"          # or "http" (OTLP/HTTP protobuf, .../v1/metrics)
+
+The one table, ``[otlp]``, is shorthand for the ``otlp_*`` keys (``[otlp] endpoint``
+is ``otlp_endpoint``, env ``ROOFTOP_OTLP_ENDPOINT``). TLS files and the token are
+re-read when they change, at the next (re)connect: rotate them without a restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rooftop.agent.hooks._core import DEFAULT_SOCKET_PATH
+from rooftop.common.errors import ConfigError
+
+__all__ = ["CONFIG_ENV", "ENV_PREFIX", "ENV_VARS", "AgentConfig", "load_config"]
+
+ENV_PREFIX = "ROOFTOP_"
+CONFIG_ENV = "ROOFTOP_CONFIG"  # path of the TOML file when --config is not given
+
+_MIB = 1024 * 1024
+_OTLP_PROTOCOLS = ("grpc", "http", "http/protobuf")
+_BACKEND = re.compile(r"^(nvml|fake:[A-Za-z0-9_-]+(:[A-Za-z0-9_,-]+)?|replay:.+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything ``agentctl agent`` needs to know; units are in the names."""
+
+    agent_id: str = field(default_factory=socket.gethostname)
+    collectors: tuple[str, ...] = ()  # host:port, tried in order, failover to the next
+    insecure: bool = False  # plaintext gRPC, asked for explicitly; excludes TLS keys and the token
+    ca_file: Path | None = None  # PEM roots to verify the collector with (TLS)
+    cert_file: Path | None = None  # PEM client certificate (mTLS); CN or a SAN = agent_id
+    key_file: Path | None = None  # its private key
+    token_file: Path | None = None  # bearer token (first non-comment line); TLS only
+    server_name: str = ""  # expected name in the collector's certificate, if not its address
+    backend: str = "nvml"  # "nvml" | "fake:PROFILE[:WORKLOAD,...]" | "replay:PATH"
+    fake_gpus: int = 1  # how many GPUs a fake:PROFILE backend has
+    host_sensor: bool = True  # host and per-process CPU via psutil, when available
+    rate_hz: float = 1.0
+    window_s: float = 5.0
+    hysteresis_windows: int = 2  # a changed verdict must win this many windows in a row
+    hook_socket: str = DEFAULT_SOCKET_PATH  # in-process engine hooks send here; "" disables
+    engine_urls: tuple[str, ...] = ()  # engines' /metrics to scrape: "URL[@GPU,...]"
+    spool_dir: Path = Path("/var/lib/rooftop/spool")
+    spool_max_bytes: int = 256 * _MIB
+    spool_segment_bytes: int = 16 * _MIB
+    fsync_interval_s: float = 0.5
+    batch_interval_s: float = 1.0  # a batch leaves at least this often (DESIGN §7: ≤ 1 s)
+    batch_max_bytes: int = 1 * _MIB
+    batch_max_samples: int = 500
+    max_message_bytes: int = 4 * _MIB
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    connect_timeout_s: float = 10.0
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 30.0
+    shutdown_timeout_s: float = 5.0  # final flush budget on SIGTERM (systemd waits 90 s)
+    otlp_endpoint: str = ""  # direct OTLP metrics export; "" = none
+    otlp_protocol: str = "grpc"  # "grpc" | "http" (OTLP/HTTP protobuf)
+    otlp_interval_s: float = 10.0
+    otlp_timeout_s: float = 10.0
+    otlp_insecure: bool = False  # OTLP/gRPC without TLS (an http:// endpoint implies it)
+    otlp_headers: tuple[str, ...] = ()  # "key=value" each
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AgentConfig))
+ENV_VARS: Mapping[str, str] = {key: ENV_PREFIX + key.upper() for key in KEYS}
+_TYPES: Mapping[str, str] = {f.name: str(f.type) for f in dataclasses.fields(AgentConfig)}
+
+
+def _positive(cfg: AgentConfig, *keys: str) -> None:
+    for key in keys:
+        value = getattr(cfg, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{key} must be > 0, not {value}")
+
+
+def _validate(cfg: AgentConfig) -> None:
+    if not cfg.agent_id.strip():
+        raise ConfigError("agent_id must not be empty")
+    for address in cfg.collectors:
+        if not address or any(c.isspace() for c in address):
+            raise ConfigError(f"collectors: {address!r} is not a host:port address")
+    if not _BACKEND.match(cfg.backend):
+        raise ConfigError(f"backend: {cfg.backend!r} is not one of nvml, fake:PROFILE, replay:PATH")
+    _positive(
+        cfg,
+        "rate_hz",
+        "window_s",
+        "spool_max_bytes",
+        "spool_segment_bytes",
+        "batch_interval_s",
+        "batch_max_bytes",
+        "batch_max_samples",
+        "max_message_bytes",
+        "keepalive_time_s",
+        "keepalive_timeout_s",
+        "connect_timeout_s",
+        "backoff_base_s",
+        "backoff_max_s",
+        "hysteresis_windows",
+        "fake_gpus",
+    )
+    if cfg.rate_hz > 100:
+        raise ConfigError(f"rate_hz must be ≤ 100, not {cfg.rate_hz}")
+    if cfg.window_s * cfg.rate_hz < 1:
+        raise ConfigError(
+            f"window_s ({cfg.window_s}) must hold at least one sample at rate_hz {cfg.rate_hz}"
+        )
+    if not (math.isfinite(cfg.fsync_interval_s) and cfg.fsync_interval_s >= 0):
+        raise ConfigError(f"fsync_interval_s must be ≥ 0, not {cfg.fsync_interval_s}")
+    if not (math.isfinite(cfg.shutdown_timeout_s) and cfg.shutdown_timeout_s >= 0):
+        raise ConfigError(f"shutdown_timeout_s must be ≥ 0, not {cfg.shutdown_timeout_s}")
+    if cfg.spool_segment_bytes > cfg.spool_max_bytes // 2:
+        raise ConfigError("spool_segment_bytes must be at most half of spool_max_bytes")
+    if cfg.batch_max_bytes + 64 * 1024 > cfg.max_message_bytes:
+        raise ConfigError("max_message_bytes must exceed batch_max_bytes by at least 64 KiB")
+    if cfg.backoff_max_s < cfg.backoff_base_s:
+        raise ConfigError("backoff_max_s must be ≥ backoff_base_s")
+    _validate_security(cfg)
+    _validate_otlp(cfg)
+
+
+def _validate_security(cfg: AgentConfig) -> None:
+    if (cfg.cert_file is None) != (cfg.key_file is None):
+        raise ConfigError("cert_file and key_file go together (mTLS)")
+    if cfg.insecure and cfg.token_file is not None:
+        raise ConfigError(
+            "token_file: a bearer token is never sent over plaintext; "
+            "drop insecure = true and configure TLS (ca_file)"
+        )
+    tls_keys = [k for k in ("ca_file", "cert_file", "key_file") if getattr(cfg, k) is not None]
+    tls_keys += ["server_name"] if cfg.server_name else []
+    if cfg.insecure and tls_keys:
+        raise ConfigError(f"insecure = true (plaintext) contradicts {', '.join(tls_keys)}")
+    if any(c.isspace() for c in cfg.server_name):
+        raise ConfigError(f"server_name: {cfg.server_name!r} is not a host name")
+
+
+def _validate_otlp(cfg: AgentConfig) -> None:
+    if cfg.otlp_protocol not in _OTLP_PROTOCOLS:
+        raise ConfigError(
+            f"otlp_protocol must be one of {', '.join(_OTLP_PROTOCOLS)}, not {cfg.otlp_protocol!r}"
+        )
+    _positive(cfg, "otlp_interval_s", "otlp_timeout_s")
+    for header in cfg.otlp_headers:
+        name, sep, _ = header.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"otlp_headers: {header!r} is not key=value")
+
+
+# --- converting one value -------------------------------------------------------------
+
+
+def _from_toml(key: str, value: Any) -> Any:
+    """A TOML value converted to the field's type; raises ``ValueError`` saying what was due."""
+    kind = _TYPES[key]
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ValueError("expected true or false")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError("expected an integer")
+    if kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError("expected a number")
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        raise ValueError("expected a string")
+    if kind in ("Path", "Path | None"):
+        if isinstance(value, str) and value:
+            return Path(value)
+        raise ValueError("expected a path (a string)")
+    if kind == "tuple[str, ...]":
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValueError("expected a list of strings")
+    raise AssertionError(f"no conversion for {key}: {kind}")  # a field added without one
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _from_env(key: str, text: str) -> Any:
+    """An environment string converted to the field's type; raises ``ValueError``."""
+    kind = _TYPES[key]
+    text = text.strip()
+    if kind == "bool":
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError("expected true or false")
+    if kind == "int":
+        try:
+            return int(text.replace("_", ""))
+        except ValueError:
+            raise ValueError("expected an integer") from None
+    if kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    if kind == "tuple[str, ...]":
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    return _from_toml(key, text)
+
+
+def line_of(text: str, key: str) -> int | None:
+    """The line where ``key`` is set (or opened as a table), for the error message."""
+    pattern = re.compile(
+        rf"""^[ \t]*(\[[ \t]*)?["']?{re.escape(key)}["']?[ \t]*(=|\]|\.)""", re.MULTILINE
+    )
+    match = pattern.search(text)
+    return None if match is None else text.count("\n", 0, match.start()) + 1
+
+
+def _read_toml(path: Path) -> tuple[dict[str, Any], str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc.reason}") from exc
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        # The message already says "(at line N, column M)".
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+# Tables allowed in the file, each shorthand for its prefixed keys: [otlp] endpoint = ...
+# is otlp_endpoint = ... (one flat key space keeps one ROOFTOP_<KEY> per key).
+_TABLES = ("otlp",)
+
+
+def _flatten_tables(data: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _TABLES and isinstance(value, dict):
+            flat.update({f"{key}_{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """Build the config from defaults, ``path`` (or ``$ROOFTOP_CONFIG``), env, overrides.
+
+    Args:
+        path: the TOML file; None reads ``$ROOFTOP_CONFIG`` if set, else no file.
+        env: the environment (``os.environ`` when None).
+        overrides: already-typed values (CLI flags), applied last.
+
+    Raises:
+        ConfigError: unreadable file, invalid TOML, unknown key, wrong type or an
+            out-of-range value; the message names the key (and file:line).
+    """
+    env = os.environ if env is None else env
+    if path is None and env.get(CONFIG_ENV):
+        path = Path(env[CONFIG_ENV])
+    values: dict[str, Any] = {}
+    if path is not None:
+        data, text = _read_toml(path)
+        for key, value in _flatten_tables(data).items():
+            line = line_of(text, key) or line_of(text, key.partition("_")[0])
+            where = f"{path}:{line}" if line else str(path)
+            if key not in _TYPES:
+                raise ConfigError(f"{where}: unknown key {key!r}")
+            try:
+                values[key] = _from_toml(key, value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {key}: {exc}, got {value!r}") from None
+    for key, name in ENV_VARS.items():
+        if name in env:
+            try:
+                values[key] = _from_env(key, env[name])
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}, got {env[name]!r}") from None
+    for key, value in (overrides or {}).items():
+        if key not in _TYPES:
+            raise ConfigError(f"unknown key {key!r}")
+        values[key] = value
+    try:
+        return AgentConfig(**values)
+    except ConfigError as exc:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {exc}") from None

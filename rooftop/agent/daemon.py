@@ -1,0 +1,445 @@
+"""Daemon: ``agentctl agent`` — wiring only; every decision lives in the stage modules.
+
+::
+
+    sampler thread, every 1/rate_hz:  Sampler.tick ──► records ─┬─► pending records
+                                                                 └─► this window's records
+        every window_s:        build_window per GPU ─► classify ─► Hysteresis ─► verdicts
+        every batch_interval_s: Batcher.make(records, verdicts) ─► Spool.append ─► wake
+    spool writer thread:  ring ─► disk segments (fsync ≤ fsync_interval_s)
+    stream thread:        spool ─► collector, acks ─► spool
+    with [otlp]:          each batch ─► direct OTLP (a local fleet) ─► OTLP, no collector needed
+
+TLS, mTLS and the bearer token come from the config (``ca_file``, ``cert_file``,
+``key_file``, ``token_file``) through ``stream.ClientAuth``, re-read at each reconnect.
+
+SIGTERM / SIGINT → stop sampling, spool what is buffered, wait for the collector's
+acks up to ``shutdown_timeout_s``, exit 0. What is not acked by then stays in the
+spool for the next start. With systemd (``Type=notify``) it says ``READY=1`` once
+running, ``WATCHDOG=1`` from the sampling loop and ``STOPPING=1`` on the way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from rooftop.agent.classifier import Hysteresis, classify
+from rooftop.agent.config import AgentConfig, load_config
+from rooftop.agent.diagnose import FakeSpec, open_backend, open_host_sensor
+from rooftop.agent.engines.sources import EngineEndpoint, EngineSources
+from rooftop.agent.sampler import Sampler
+from rooftop.agent.sensors.base import Clock, GpuBackend, HostSensor
+from rooftop.agent.sensors.replay import ReplayBackend
+from rooftop.agent.spool import Spool
+from rooftop.agent.stream import Batcher, ClientAuth, Streamer
+from rooftop.agent.window import build_window
+from rooftop.common.codec import record_to_proto, verdict_to_proto
+from rooftop.common.errors import ConfigError, RooftopError
+from rooftop.common.model import GpuSample, HostSample, Record
+from rooftop.v1 import telemetry_pb2 as pb
+
+if TYPE_CHECKING:
+    from rooftop.agent.otlp import DirectExporter
+
+__all__ = ["Agent", "StopSignals", "backend_from_spec", "run_agent", "sd_notify"]
+
+log = logging.getLogger(__name__)
+
+NOTIFY_SOCKET_ENV = "NOTIFY_SOCKET"
+WATCHDOG_USEC_ENV = "WATCHDOG_USEC"
+WATCHDOG_PID_ENV = "WATCHDOG_PID"
+
+
+def sd_notify(state: str, env: Mapping[str, str] | None = None) -> bool:
+    """Send ``state`` (e.g. ``"READY=1"``) to systemd's ``$NOTIFY_SOCKET``; False if none.
+
+    Stdlib only: one datagram on a Unix socket (``@name`` is the abstract namespace).
+    """
+    address = (os.environ if env is None else env).get(NOTIFY_SOCKET_ENV)
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.debug("sd_notify(%s): %s", state, exc)
+        return False
+    return True
+
+
+# The longest a wait for SIGTERM / SIGINT goes unchecked (``StopSignals.wait``).
+_SIGNAL_POLL_S = 1.0
+
+
+class StopSignals:
+    """SIGTERM and SIGINT, waited for safely from the main thread (a context manager).
+
+    The handler only records the signal: no ``Event.set()``, no logging, since both
+    take locks. Python runs a handler in the main thread between two bytecodes,
+    wherever that thread is, even inside a lock the handler would take: an
+    ``Event.set()`` here once ran inside ``Event.wait()``, which held the Event's lock,
+    and waited for itself forever (SIGTERM hung the agent for good).
+
+    Waking: Python's C-level handler writes to a socketpair (``signal.set_wakeup_fd``)
+    in whichever thread the kernel gave the signal to, often one of gRPC's, where
+    nothing would interrupt the main thread's wait; ``wait`` selects on it. Off the
+    main thread (tests) no handler is installed and ``wait`` just waits.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[signal.Signals, Any] = {}
+        self._previous_fd: int | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_fd = signal.set_wakeup_fd(
+                self._wake_w.fileno(), warn_on_full_buffer=False
+            )
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        self.received.append(signum)
+
+    def wait(self, timeout_s: float | None = None) -> str | None:
+        """Wait up to ``timeout_s`` (default 1 s); the signal's name (``SIGTERM``) once one came."""
+        timeout_s = _SIGNAL_POLL_S if timeout_s is None else timeout_s
+        if not self.received and select.select([self._wake_r], [], [], timeout_s)[0]:
+            self._wake_r.recv(64)
+        return signal.Signals(self.received[0]).name if self.received else None
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self._previous_fd is not None:
+            signal.set_wakeup_fd(self._previous_fd)
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def watchdog_interval_s(env: Mapping[str, str]) -> float | None:
+    """Half of systemd's ``WatchdogSec`` (as systemd advises), when it is set for us."""
+    usec = env.get(WATCHDOG_USEC_ENV, "")
+    pid = env.get(WATCHDOG_PID_ENV, "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+def backend_from_spec(spec: str, fake_gpus: int = 1) -> GpuBackend:
+    """The ``GpuBackend`` that ``backend`` in the config names.
+
+    Raises:
+        NvmlUnavailable: ``nvml`` without a driver.
+        ConfigError: an unknown backend.
+    """
+    if spec == "nvml":
+        return open_backend()
+    if spec.startswith("fake:"):
+        return open_backend(FakeSpec.parse(spec.removeprefix("fake:")), gpus=fake_gpus)
+    if spec.startswith("replay:"):
+        from rooftop.agent.trace import read_trace  # noqa: PLC0415
+
+        return ReplayBackend(read_trace(Path(spec.removeprefix("replay:"))))
+    raise ConfigError(f"backend: {spec!r} is not one of nvml, fake:PROFILE, replay:PATH")
+
+
+class Agent:
+    """The node agent: sampler, windows, verdicts, spool and stream, wired together.
+
+    Lifecycle: ``start()``, ``flush(timeout_s)``, ``shutdown(timeout_s)`` (idempotent);
+    ``run()`` does all three around waiting for SIGTERM / SIGINT.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        backend: GpuBackend | None = None,
+        host: HostSensor | None = None,
+        channel_credentials: Any = None,
+        boot_id: str | None = None,
+        clock: Clock = time.time,
+        monotonic: Clock = time.monotonic,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """Open everything the agent needs; nothing runs until ``start()``.
+
+        Raises:
+            ConfigError: no collector (nor OTLP endpoint), plaintext not explicitly
+                allowed, or unreadable TLS files or token.
+            NvmlUnavailable: the config says ``nvml`` and there is no driver.
+        """
+        if not config.collectors and not config.otlp_endpoint:
+            raise ConfigError(
+                "collectors: set at least one collector address (config file or "
+                "ROOFTOP_COLLECTORS), or an [otlp] endpoint to export directly"
+            )
+        tls_configured = any(
+            f is not None for f in (config.ca_file, config.cert_file, config.token_file)
+        )
+        if config.collectors and channel_credentials is None and not config.insecure:
+            if not tls_configured:
+                raise ConfigError(
+                    "insecure: TLS is not configured; set ca_file (cert_file and key_file for "
+                    "mTLS, token_file for a token), or insecure = true to stream in plaintext"
+                )
+        self.config = config
+        self.boot_id = boot_id or str(uuid.uuid4())
+        self._env = os.environ if env is None else env
+        self._monotonic = monotonic
+        self.backend = backend or backend_from_spec(config.backend, config.fake_gpus)
+        if host is None and config.host_sensor:
+            host = self._open_host_sensor(self.backend)
+        self.engines = EngineSources(
+            config.hook_socket or None,
+            [EngineEndpoint.parse(url) for url in config.engine_urls],
+            extra=[self.backend] if isinstance(self.backend, ReplayBackend) else (),
+        )
+        self.sampler = Sampler(self.backend, host, clock=clock, engines=self.engines)
+        # Direct OTLP export only (no collector): no spool, no stream.
+        self.spool: Spool | None = None
+        self.streamer: Streamer | None = None
+        if config.collectors:
+            self.spool = Spool(
+                config.spool_dir,
+                max_bytes=config.spool_max_bytes,
+                segment_bytes=config.spool_segment_bytes,
+                fsync_interval_s=config.fsync_interval_s,
+            )
+        self.batcher = Batcher(
+            config.agent_id,
+            self.boot_id,
+            max_batch_bytes=config.batch_max_bytes,
+            max_batch_samples=config.batch_max_samples,
+        )
+        if self.spool is not None:
+            self.streamer = Streamer(
+                self.spool,
+                config.collectors,
+                channel_credentials=channel_credentials,
+                # Given credentials are fixed (tests); else files re-read per connection.
+                auth=None if channel_credentials is not None else ClientAuth.from_config(config),
+                agent_id=config.agent_id,
+                keepalive_time_s=config.keepalive_time_s,
+                keepalive_timeout_s=config.keepalive_timeout_s,
+                connect_timeout_s=config.connect_timeout_s,
+                max_message_bytes=config.max_message_bytes,
+                backoff_base_s=config.backoff_base_s,
+                backoff_max_s=config.backoff_max_s,
+            )
+        self.otlp: DirectExporter | None = None
+        if config.otlp_endpoint:
+            # Imported only then: the OTel SDK and exporters add ~6 MiB of RSS (measured).
+            from rooftop.agent.otlp import DirectExporter, otlp_export  # noqa: PLC0415
+
+            self.otlp = DirectExporter(otlp_export(config))
+        self.hysteresis = Hysteresis(hold=config.hysteresis_windows)
+
+        self._lock = threading.Lock()  # the buffers below: sampler thread vs flush
+        self._records: list[pb.TraceRecord] = []
+        self._verdicts: list[pb.Verdict] = []
+        self._window: list[Record] = []
+        self._window_start_s = 0.0
+        self._last_batch_s = 0.0
+        self._watchdog_s = watchdog_interval_s(self._env)
+        self._last_watchdog_s = -float("inf")
+        self._stop = threading.Event()  # stops the sampler thread
+        self._thread: threading.Thread | None = None
+        self._shut = False
+
+    @staticmethod
+    def _open_host_sensor(backend: GpuBackend) -> HostSensor | None:
+        try:
+            return open_host_sensor(backend)
+        except (ImportError, RooftopError, OSError) as exc:
+            log.warning("host sensor unavailable (%s): verdicts will lack CPU evidence", exc)
+            return None
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the spool writer, the stream and the sampler (idempotent)."""
+        if self._thread is not None or self._shut:
+            return
+        if self.spool is not None and self.streamer is not None:
+            self.spool.start()
+            self.streamer.start()
+        if self.otlp is not None:
+            self.otlp.start()
+        self.engines.start()
+        for warning in self.engines.warnings:
+            log.warning("%s", warning)
+        now = self._monotonic()
+        self._window_start_s = self._last_batch_s = now
+        self._thread = threading.Thread(target=self._sample_loop, name="rooftop-sampler")
+        self._thread.start()
+        gpus = len(self.sampler.devices)
+        log.info(
+            "agent %s (boot %s): %d GPU(s) at %g Hz → %s",
+            self.config.agent_id,
+            self.boot_id,
+            gpus,
+            self.config.rate_hz,
+            ", ".join(self.config.collectors)
+            + (f" otlp {self.config.otlp_endpoint}" if self.otlp is not None else ""),
+        )
+        sd_notify(f"READY=1\nSTATUS=sampling {gpus} GPU(s)", self._env)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Spool what is buffered and wait until the collector acked it all."""
+        deadline = self._monotonic() + timeout_s
+        self._emit()
+        ok = True
+        if self.spool is not None and self.streamer is not None:
+            self.spool.flush(timeout_s)
+            ok = self.streamer.flush(max(0.0, deadline - self._monotonic()))
+        if self.otlp is not None:
+            ok = self.otlp.flush(max(0.0, deadline - self._monotonic())) and ok
+        return ok
+
+    def shutdown(self, timeout_s: float) -> None:
+        """Stop sampling, final flush, close everything (idempotent)."""
+        if self._shut:
+            return
+        self._shut = True
+        deadline = self._monotonic() + timeout_s
+        sd_notify("STOPPING=1", self._env)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - self._monotonic()))
+        self._emit()
+        if self.spool is not None and self.streamer is not None:
+            self.spool.flush(max(0.0, deadline - self._monotonic()))
+            self.streamer.shutdown(max(0.0, deadline - self._monotonic()))
+            self.spool.shutdown(max(0.0, deadline - self._monotonic()))
+        if self.otlp is not None:  # after the stream, which gets the shutdown budget first
+            self.otlp.shutdown(max(0.1, deadline - self._monotonic()))
+        self.engines.shutdown(max(0.1, deadline - self._monotonic()))
+        self.backend.close()
+        left = self.spool.stats() if self.spool is not None else None
+        if left is not None and left.queued:
+            log.warning("stopped with %d batch(es) unacked: kept in the spool", left.queued)
+        log.info("agent stopped (last seq %d)", self.batcher.last_seq)
+
+    def run(self) -> int:
+        """Start, wait for SIGTERM or SIGINT, shut down gracefully; the exit status."""
+        with StopSignals() as signals:
+            try:
+                self.start()
+                while (name := signals.wait()) is None:
+                    pass
+                log.info("%s: shutting down", name)
+            finally:
+                self.shutdown(self.config.shutdown_timeout_s)
+        return 0
+
+    # --- the sampler thread ---------------------------------------------------------
+
+    def _sample_loop(self) -> None:
+        period_s = 1.0 / self.config.rate_hz
+        start_s = self._monotonic()
+        ticks = 0
+        while not self._stop.is_set():
+            try:
+                self._on_tick(self.sampler.tick())
+            except Exception:  # thread boundary: one bad tick must not stop sampling
+                log.exception("sampling tick failed; going on")
+            self._watchdog()
+            ticks += 1
+            now_s = self._monotonic()
+            # Absolute deadlines keep the rate; after a stall, skip ticks, do not burst.
+            ticks = max(ticks, int((now_s - start_s) / period_s) + 1)
+            self._stop.wait(max(0.0, start_s + ticks * period_s - now_s))
+
+    def _on_tick(self, records: list[Record]) -> None:
+        now_s = self._monotonic()
+        with self._lock:
+            # The window closes before this tick's samples, which open the next one.
+            if self._window and now_s - self._window_start_s >= self.config.window_s - 1e-3:
+                self._window_start_s = now_s
+                window, self._window = self._window, []
+                self._verdicts.extend(self._classify(window))
+            self._records.extend(record_to_proto(r) for r in records)
+            self._window.extend(records)
+            due = now_s - self._last_batch_s >= self.config.batch_interval_s - 1e-3
+        if due or len(self._records) >= self.config.batch_max_samples:
+            self._last_batch_s = now_s
+            self._emit()
+
+    def _classify(self, records: list[Record]) -> list[pb.Verdict]:
+        by_gpu: dict[int, list[GpuSample]] = {}
+        hosts = [r for r in records if isinstance(r, HostSample)]
+        for r in records:
+            if isinstance(r, GpuSample):
+                by_gpu.setdefault(r.gpu_index, []).append(r)
+        verdicts = []
+        for _, samples in sorted(by_gpu.items()):
+            window = build_window(samples, (), hosts, sole_gpu=len(by_gpu) == 1)
+            verdicts.append(verdict_to_proto(self.hysteresis.update(classify(window))))
+        return verdicts
+
+    def _emit(self) -> None:
+        with self._lock:
+            records, self._records = self._records, []
+            verdicts, self._verdicts = self._verdicts, []
+            for batch in self.batcher.make(records, verdicts):
+                if self.otlp is not None:
+                    self.otlp.observe(batch)  # before the spool: the stream thread sets stats
+                if self.spool is not None:
+                    self.spool.append(batch)
+        if self.streamer is not None:
+            self.streamer.wake()
+
+    def _watchdog(self) -> None:
+        if self._watchdog_s is None:
+            return
+        now_s = self._monotonic()
+        if now_s - self._last_watchdog_s >= self._watchdog_s:
+            self._last_watchdog_s = now_s
+            sd_notify("WATCHDOG=1", self._env)
+
+
+def run_agent(
+    config_path: Path | None,
+    *,
+    fake: str | None = None,
+    fake_gpus: int | None = None,
+    log_level: str = "info",
+) -> int:
+    """``agentctl agent``: load the config, run until SIGTERM; the exit status.
+
+    Raises:
+        ConfigError: a bad config (one line, naming the key).
+        NvmlUnavailable: ``backend = "nvml"`` on a host without a driver.
+    """
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    overrides: dict[str, Any] = {}
+    if fake is not None:
+        overrides["backend"] = f"fake:{fake}"
+    if fake_gpus is not None:
+        overrides["fake_gpus"] = fake_gpus
+    config = load_config(config_path, overrides=overrides)
+    return Agent(config).run()

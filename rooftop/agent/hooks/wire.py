@@ -1,0 +1,259 @@
+"""The hook socket protocol: one JSON object per unix datagram, version 1.
+
+Encoding and decoding live here, apart from any socket, so both ends are tested
+without one (the engine side in :mod:`rooftop.agent.hooks`, the agent side in
+:mod:`rooftop.agent.engines.receiver`). Stdlib only: this module is imported inside engines.
+
+One datagram is one interval summary from one engine process::
+
+    {"v": 1, "kind": "rooftop.hooks.summary",
+     "pid": 4242, "engine_id": "vllm-4242-0", "model": "llama-3-8b",
+     "seq": 17,                  # per-process summary counter, starts at 1
+     "time_s": 1767225600.25,    # engine wall clock (informational; the agent stamps its own)
+     "interval_s": 1.002,        # span this summary covers
+     "requests_running": 3,      # null when unknown
+     "requests_waiting": 0,      # null when the engine did not say
+     "requests_started": 2, "requests_finished": 1,
+     "output_tokens": 512,
+     "tpot_ms": {"count": 4, "mean": 5.8, "p50": 5.7, "p99": 6.4},   # null: no sample
+     "ttft_ms": {"count": 2, "mean": 41.0, "p50": 40.2, "p99": 41.8},
+     "kv_cache_usage_ratio": 0.31,   # optional, 0-1 (vLLM plugin)
+     "dropped": 0, "errors": 0}  # cumulative: summaries dropped, hook errors swallowed
+
+TPOT samples are per request per interval: the decode time the request spent in
+the interval divided by the tokens it produced there. A request that starts and
+ends in one interval gives exactly (last token - first token) / (tokens - 1).
+Unknown keys are ignored by the reader, so fields can be added without a version bump.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "KIND",
+    "MAX_DATAGRAM_BYTES",
+    "VERSION",
+    "Distribution",
+    "HookSummary",
+    "decode_summary",
+    "encode_summary",
+    "summarize",
+]
+
+VERSION = 1
+KIND = "rooftop.hooks.summary"
+# Far above a real summary (~400 bytes) and below Linux's default datagram limit
+# (net.core.wmem_default, 208 KiB), so a summary never fails with EMSGSIZE.
+MAX_DATAGRAM_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Distribution:
+    """Mean and percentiles of one interval's samples (milliseconds)."""
+
+    count: int
+    mean: float
+    p50: float
+    p99: float
+
+
+@dataclass(frozen=True, slots=True)
+class HookSummary:
+    """One decoded interval summary from one engine process."""
+
+    pid: int
+    engine_id: str
+    seq: int
+    time_s: float
+    interval_s: float
+    model: str | None = None
+    requests_running: int | None = None
+    requests_waiting: int | None = None
+    requests_started: int = 0
+    requests_finished: int = 0
+    output_tokens: int = 0
+    tpot_ms: Distribution | None = None
+    ttft_ms: Distribution | None = None
+    kv_cache_usage_ratio: float | None = None
+    dropped: int = 0
+    errors: int = 0
+    gpu_indices: tuple[int, ...] = ()  # explicit attribution (ROOFTOP_ENGINE_GPUS)
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending sequence (no interpolation: few samples)."""
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summarize(values: Sequence[float]) -> Distribution | None:
+    """Count, mean, p50 and p99 of ``values``; None when there are none.
+
+    Args:
+        values: finite, non-negative samples (the caller filters garbage out).
+
+    Returns:
+        The distribution, or None for an empty sequence.
+    """
+    if not values:
+        return None
+    ordered = sorted(values)
+    return Distribution(
+        count=len(ordered),
+        mean=math.fsum(ordered) / len(ordered),
+        p50=_percentile(ordered, 0.50),
+        p99=_percentile(ordered, 0.99),
+    )
+
+
+def _dist_dict(dist: Distribution | None) -> dict[str, float] | None:
+    if dist is None:
+        return None
+    return {"count": dist.count, "mean": dist.mean, "p50": dist.p50, "p99": dist.p99}
+
+
+def encode_summary(summary: HookSummary) -> bytes:
+    """Serialize ``summary`` to one datagram payload (compact UTF-8 JSON).
+
+    Args:
+        summary: the interval summary.
+
+    Returns:
+        The bytes to send.
+    """
+    doc: dict[str, Any] = {
+        "v": VERSION,
+        "kind": KIND,
+        "pid": summary.pid,
+        "engine_id": summary.engine_id,
+        "model": summary.model,
+        "gpu_indices": list(summary.gpu_indices),
+        "seq": summary.seq,
+        "time_s": summary.time_s,
+        "interval_s": summary.interval_s,
+        "requests_running": summary.requests_running,
+        "requests_waiting": summary.requests_waiting,
+        "requests_started": summary.requests_started,
+        "requests_finished": summary.requests_finished,
+        "output_tokens": summary.output_tokens,
+        "tpot_ms": _dist_dict(summary.tpot_ms),
+        "ttft_ms": _dist_dict(summary.ttft_ms),
+        "dropped": summary.dropped,
+        "errors": summary.errors,
+    }
+    if summary.kv_cache_usage_ratio is not None:
+        doc["kv_cache_usage_ratio"] = summary.kv_cache_usage_ratio
+    # allow_nan=False: NaN is not JSON; the aggregator never produces it, so a
+    # ValueError here is a bug that the shipper counts rather than sends.
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _opt_int(doc: Mapping[str, Any], key: str) -> int | None:
+    value = doc.get(key)
+    if value is None:
+        return None
+    # bool is an int subclass; true/false is never a count.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _int(doc: Mapping[str, Any], key: str) -> int:
+    value = _opt_int(doc, key)
+    if value is None:
+        raise ValueError(f"{key} is missing")
+    return value
+
+
+def _opt_float(doc: Mapping[str, Any], key: str) -> float | None:
+    value = doc.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _float(doc: Mapping[str, Any], key: str) -> float:
+    value = _opt_float(doc, key)
+    if value is None:
+        raise ValueError(f"{key} is missing")
+    return value
+
+
+def _dist(doc: Mapping[str, Any], key: str) -> Distribution | None:
+    value = doc.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be an object or null")  # noqa: TRY004 - one error type
+    count = _int(value, "count")
+    if count == 0:
+        return None
+    mean, p50, p99 = (_float(value, name) for name in ("mean", "p50", "p99"))
+    if min(mean, p50, p99) < 0:
+        raise ValueError(f"{key} has a negative value")
+    return Distribution(count=count, mean=mean, p50=p50, p99=p99)
+
+
+def decode_summary(data: bytes) -> HookSummary:
+    """Parse and validate one datagram.
+
+    Args:
+        data: the datagram payload.
+
+    Returns:
+        The summary.
+
+    Raises:
+        ValueError: not JSON, not a version-1 summary, or a field of the wrong type
+            or out of range (negative counts, NaN).
+    """
+    if len(data) > MAX_DATAGRAM_BYTES:
+        raise ValueError(f"datagram of {len(data)} bytes is over {MAX_DATAGRAM_BYTES}")
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ValueError("a summary is a JSON object")  # noqa: TRY004 - one error type
+    if doc.get("kind") != KIND or doc.get("v") != VERSION:
+        raise ValueError(f"not a v{VERSION} {KIND}: kind={doc.get('kind')!r} v={doc.get('v')!r}")
+    engine_id = doc.get("engine_id")
+    if not isinstance(engine_id, str) or not engine_id:
+        raise ValueError("engine_id must be a non-empty string")
+    model = doc.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ValueError("model must be a string or null")
+    gpus = doc.get("gpu_indices") or []
+    if not isinstance(gpus, list) or not all(
+        isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 1024 for g in gpus
+    ):
+        raise ValueError("gpu_indices must be a list of GPU indices")
+    kv = _opt_float(doc, "kv_cache_usage_ratio")
+    if kv is not None and not 0.0 <= kv <= 1.0:
+        raise ValueError(f"kv_cache_usage_ratio must be within 0-1, got {kv}")
+    return HookSummary(
+        pid=_int(doc, "pid"),
+        engine_id=engine_id,
+        seq=_int(doc, "seq"),
+        time_s=_float(doc, "time_s"),
+        interval_s=_float(doc, "interval_s"),
+        model=model,
+        requests_running=_opt_int(doc, "requests_running"),
+        requests_waiting=_opt_int(doc, "requests_waiting"),
+        requests_started=_opt_int(doc, "requests_started") or 0,
+        requests_finished=_opt_int(doc, "requests_finished") or 0,
+        output_tokens=_opt_int(doc, "output_tokens") or 0,
+        tpot_ms=_dist(doc, "tpot_ms"),
+        ttft_ms=_dist(doc, "ttft_ms"),
+        kv_cache_usage_ratio=kv,
+        dropped=_opt_int(doc, "dropped") or 0,
+        errors=_opt_int(doc, "errors") or 0,
+        gpu_indices=tuple(gpus),
+    )

@@ -1,0 +1,588 @@
+"""Roofline and TPOT floor: will a model fit, and how fast can decode possibly go (DESIGN §4).
+
+Pure functions over the frozen specs in ``rooftop.agent.models_catalog``; only
+``plot_roofline`` touches the outside world (matplotlib, a file). The seed framing
+to keep in the user's face: decode at small batch sits far below the ridge point, so
+more FLOPS do not move TPOT; more bandwidth does.
+
+The exact definitions, since every "≈" hides a choice (bytes are decimal: 1 GB = 1e9):
+
+- ``weights_bytes`` = params × bytes/param (FP16/BF16 2, FP8 1, INT4 0.5): what must
+  sit in GPU memory. INT4 is idealized: real checkpoints add group scales (~3 %) and
+  often keep embeddings in 16 bit.
+- ``kv_cache_bytes`` = 2 (K and V) × layers × kv_heads × head_dim × context × batch ×
+  bytes/element, with every request holding ``context`` tokens: the end-of-context
+  worst case.
+- ``bytes_per_step`` = streamed weights + the whole KV cache. Streamed weights leave
+  out an untied input-embedding table: a decode step gathers ``batch`` rows of it and
+  does not stream it (Llama 3 8B: 0.53 of 8.03 B params). A tied table is read whole,
+  as the LM head.
+- ``flops_per_step`` = batch × (2 × streamed params + 4 × layers × heads × head_dim ×
+  context): one multiply-add per weight per token, plus attention's QKᵀ and PV over
+  the context.
+- ``arithmetic_intensity`` = flops_per_step / bytes_per_step, in FLOP/byte. For FP16
+  weights and a negligible KV cache this is exactly ``batch``.
+- ``ridge_point`` = peak FLOP/s / bandwidth, in FLOP/byte. The peak is dense (no
+  sparsity), FP8 when the weights are FP8 and the GPU has FP8 tensor cores, else FP16:
+  INT4 weights, and FP8 on an A100, are dequantized and multiplied in 16 bit.
+- ``tpot_floor`` = max(bytes_per_step / bandwidth, flops_per_step / peak): the slower
+  roof. Below the ridge, which is all ordinary decode, that is the bandwidth term.
+- ``tokens_per_s_ceiling`` = batch / tpot_floor.
+- ``fits`` = weights + KV cache ≤ the GPU's memory; activations, the CUDA context and
+  an engine's reserve are not counted, so "fits" is necessary, not sufficient.
+  ``gpus_needed`` = ⌈(weights + KV cache) / memory⌉, an ideal tensor-parallel split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from rooftop.agent.models_catalog import (
+    GPUS,
+    MODELS,
+    GpuSpec,
+    ModelSpec,
+    detect_gpu,
+    find_gpu,
+    find_model,
+    load_hf_config,
+)
+from rooftop.common.errors import RooflineError
+
+__all__ = [
+    "GPUS",
+    "MODELS",
+    "Dtype",
+    "GpuSpec",
+    "ModelSpec",
+    "RooflineResult",
+    "analyze",
+    "application_mbu",
+    "compare",
+    "compute_flops_per_s",
+    "default_kv_dtype",
+    "detect_gpu",
+    "find_gpu",
+    "find_model",
+    "format_report",
+    "kv_cache_bytes",
+    "load_hf_config",
+    "parse_dtype",
+    "plot_roofline",
+    "ridge_point",
+    "streamed_params",
+    "to_dict",
+    "tpot_floor_ms",
+    "weights_bytes",
+]
+
+
+class Dtype(StrEnum):
+    """Storage type of weights or of the KV cache."""
+
+    FP16 = "fp16"
+    BF16 = "bf16"
+    FP8 = "fp8"
+    INT4 = "int4"
+
+
+# Bits, not bytes, so INT4 stays in integer arithmetic.
+_BITS: dict[Dtype, int] = {Dtype.FP16: 16, Dtype.BF16: 16, Dtype.FP8: 8, Dtype.INT4: 4}
+
+
+def parse_dtype(value: str | Dtype) -> Dtype:
+    """Turn "fp16" / "BF16" / ``Dtype.FP8`` into a ``Dtype``.
+
+    Raises:
+        RooflineError: not one of fp16, bf16, fp8, int4.
+    """
+    try:
+        return Dtype(str(value).lower())
+    except ValueError:
+        known = ", ".join(d.value for d in Dtype)
+        raise RooflineError(f"unknown dtype {value!r}; known: {known}") from None
+
+
+def default_kv_dtype(dtype: Dtype) -> Dtype:
+    """The KV cache dtype an engine picks unless told (vLLM's "auto").
+
+    The KV cache holds activations, which stay 16-bit when only the weights are
+    quantized: FP16 weights keep an FP16 cache, anything else gets BF16.
+    """
+    return Dtype.FP16 if dtype is Dtype.FP16 else Dtype.BF16
+
+
+def _scaled_bytes(elements: int, dtype: Dtype) -> int:
+    return (elements * _BITS[dtype] + 7) // 8
+
+
+def weights_bytes(model: ModelSpec, dtype: Dtype) -> int:
+    """Bytes the weights occupy in GPU memory: params × bytes/param."""
+    return _scaled_bytes(model.params, dtype)
+
+
+def streamed_params(model: ModelSpec) -> int:
+    """Parameters a decode step reads whole: all but an untied input-embedding table.
+
+    The embedding lookup gathers one row per token; only a tied table, doubling as the
+    LM head, is streamed every step.
+    """
+    if model.tie_word_embeddings:
+        return model.params
+    return model.params - model.vocab_size * model.hidden_size
+
+
+def _check_shape(batch: int, context: int) -> None:
+    if batch < 1:
+        raise RooflineError(f"batch must be at least 1, got {batch}")
+    if context < 0:
+        raise RooflineError(f"context must be at least 0 tokens, got {context}")
+
+
+def kv_cache_bytes(model: ModelSpec, batch: int, context: int, kv_dtype: Dtype) -> int:
+    """KV cache size: 2 × layers × kv_heads × head_dim × context × batch × bytes/element.
+
+    Args:
+        model: the model.
+        batch: requests in flight.
+        context: tokens held per request (prompt plus generated so far).
+        kv_dtype: the cache's storage type.
+
+    Returns:
+        Bytes, for every request at ``context`` tokens.
+    """
+    _check_shape(batch, context)
+    elements = 2 * model.layers * model.kv_heads * model.head_dim * context * batch
+    return _scaled_bytes(elements, kv_dtype)
+
+
+def compute_flops_per_s(gpu: GpuSpec, dtype: Dtype) -> float:
+    """Dense tensor-core peak for weights of ``dtype``: FP8 where both sides have it, else FP16."""
+    if dtype is Dtype.FP8 and gpu.fp8_flops_per_s is not None:
+        return gpu.fp8_flops_per_s
+    return gpu.fp16_flops_per_s
+
+
+def ridge_point(gpu: GpuSpec, dtype: Dtype = Dtype.FP16) -> float:
+    """The roofline's ridge: peak FLOP/s ÷ bandwidth, in FLOP/byte.
+
+    H100 SXM5, dense FP16: 989e12 / 3.35e12 ≈ 295 FLOP/byte.
+    """
+    return compute_flops_per_s(gpu, dtype) / gpu.bandwidth_bytes_per_s
+
+
+@dataclass(frozen=True, slots=True)
+class RooflineResult:
+    """One model on one GPU at one batch and context: memory, TPOT floor, roofline position."""
+
+    model: ModelSpec
+    gpu: GpuSpec
+    batch: int
+    context_tokens: int
+    dtype: Dtype
+    kv_dtype: Dtype
+    weights_bytes: int
+    kv_cache_bytes: int
+    total_bytes: int  # weights + KV cache
+    fits: bool
+    gpus_needed: int
+    streamed_weights_bytes: int
+    bytes_per_step: int  # streamed weights + KV cache
+    flops_per_step: float
+    memory_time_ms: float  # bytes_per_step at peak bandwidth
+    compute_time_ms: float  # flops_per_step at dense peak
+    tpot_floor_ms: float  # the slower of the two
+    tokens_per_s_ceiling: float
+    arithmetic_intensity_flop_per_byte: float
+    ridge_point_flop_per_byte: float
+    compute_flops_per_s: float
+
+    @property
+    def memory_bound(self) -> bool:
+        """Whether the workload sits left of the ridge, where bandwidth sets TPOT."""
+        return self.arithmetic_intensity_flop_per_byte < self.ridge_point_flop_per_byte
+
+    @property
+    def tensor_parallel_tpot_floor_ms(self) -> float:
+        """The floor split ideally over ``gpus_needed`` GPUs (no all-reduce cost)."""
+        return self.tpot_floor_ms / self.gpus_needed
+
+
+def analyze(
+    model: ModelSpec,
+    gpu: GpuSpec,
+    batch: int = 1,
+    context: int = 0,
+    dtype: Dtype | str = Dtype.BF16,
+    kv_dtype: Dtype | str | None = None,
+) -> RooflineResult:
+    """Everything the roofline says about one model on one GPU (definitions: module doc).
+
+    Args:
+        model: the model.
+        gpu: the GPU.
+        batch: requests decoding together.
+        context: tokens in the KV cache per request.
+        dtype: weights' storage type.
+        kv_dtype: KV cache's storage type; ``None`` means ``default_kv_dtype(dtype)``.
+
+    Returns:
+        The result.
+
+    Raises:
+        RooflineError: batch < 1, context < 0, or an unknown dtype.
+    """
+    weights_dtype = parse_dtype(dtype)
+    cache_dtype = default_kv_dtype(weights_dtype) if kv_dtype is None else parse_dtype(kv_dtype)
+    kv = kv_cache_bytes(model, batch, context, cache_dtype)
+    weights = weights_bytes(model, weights_dtype)
+    total = weights + kv
+    streamed = _scaled_bytes(streamed_params(model), weights_dtype)
+    step_bytes = streamed + kv
+    attention_flops = 4 * model.layers * model.heads * model.head_dim * context
+    step_flops = float(batch * (2 * streamed_params(model) + attention_flops))
+    peak_flops = compute_flops_per_s(gpu, weights_dtype)
+    memory_time_ms = step_bytes / gpu.bandwidth_bytes_per_s * 1e3
+    compute_time_ms = step_flops / peak_flops * 1e3
+    floor_ms = max(memory_time_ms, compute_time_ms)
+    return RooflineResult(
+        model=model,
+        gpu=gpu,
+        batch=batch,
+        context_tokens=context,
+        dtype=weights_dtype,
+        kv_dtype=cache_dtype,
+        weights_bytes=weights,
+        kv_cache_bytes=kv,
+        total_bytes=total,
+        fits=total <= gpu.memory_bytes,
+        gpus_needed=max(1, math.ceil(total / gpu.memory_bytes)),
+        streamed_weights_bytes=streamed,
+        bytes_per_step=step_bytes,
+        flops_per_step=step_flops,
+        memory_time_ms=memory_time_ms,
+        compute_time_ms=compute_time_ms,
+        tpot_floor_ms=floor_ms,
+        tokens_per_s_ceiling=batch / (floor_ms / 1e3),
+        arithmetic_intensity_flop_per_byte=step_flops / step_bytes,
+        ridge_point_flop_per_byte=peak_flops / gpu.bandwidth_bytes_per_s,
+        compute_flops_per_s=peak_flops,
+    )
+
+
+def tpot_floor_ms(
+    model: ModelSpec,
+    gpu: GpuSpec,
+    batch: int = 1,
+    context: int = 0,
+    dtype: Dtype | str = Dtype.BF16,
+    kv_dtype: Dtype | str | None = None,
+) -> float:
+    """The fastest a decode step can be, in ms: the slower of bandwidth and compute roofs.
+
+    Llama 3 70B, FP16, batch 1, on an H100 SXM5: ≈ 139 GB / 3.35 TB/s ≈ 41.5 ms, whatever
+    the FLOPS. Arguments as for ``analyze``.
+
+    Returns:
+        The floor in milliseconds.
+    """
+    return analyze(model, gpu, batch, context, dtype, kv_dtype).tpot_floor_ms
+
+
+def application_mbu(floor_ms: float, measured_tpot_ms: float) -> float:
+    """Application-side memory-bandwidth utilization: TPOT floor ÷ measured TPOT.
+
+    DESIGN §4: an 8B decode at 5.84 ms against a 4.40 ms floor is 0.75, which GPM's
+    DRAM_BW_UTIL (74 %) confirms; HF eager decode of the same model, 96 ms, is 0.05:
+    host-bound. Not clamped: a value above 1 means the floor's inputs are wrong
+    (wrong GPU, dtype or batch), and hiding that would hide the mistake.
+
+    Args:
+        floor_ms: the TPOT floor (``tpot_floor_ms``).
+        measured_tpot_ms: the TPOT observed.
+
+    Returns:
+        A fraction, 1.0 being the bandwidth ceiling.
+
+    Raises:
+        RooflineError: either argument is not a positive finite number.
+    """
+    for label, value in (("floor_ms", floor_ms), ("measured_tpot_ms", measured_tpot_ms)):
+        if not math.isfinite(value) or value <= 0:
+            raise RooflineError(f"{label} must be a positive number of ms, got {value!r}")
+    return floor_ms / measured_tpot_ms
+
+
+def compare(
+    model: ModelSpec,
+    batch: int = 1,
+    context: int = 0,
+    dtype: Dtype | str = Dtype.BF16,
+    kv_dtype: Dtype | str | None = None,
+    gpus: tuple[GpuSpec, ...] = GPUS,
+) -> tuple[RooflineResult, ...]:
+    """``analyze`` the same workload on each GPU, in table order."""
+    return tuple(analyze(model, gpu, batch, context, dtype, kv_dtype) for gpu in gpus)
+
+
+def _result_dict(result: RooflineResult) -> dict[str, Any]:
+    return {
+        "gpu": result.gpu.key,
+        "gpu_name": result.gpu.name,
+        "gpu_memory_bytes": result.gpu.memory_bytes,
+        "bandwidth_bytes_per_s": result.gpu.bandwidth_bytes_per_s,
+        "compute_flops_per_s": result.compute_flops_per_s,
+        "weights_bytes": result.weights_bytes,
+        "kv_cache_bytes": result.kv_cache_bytes,
+        "total_bytes": result.total_bytes,
+        "fits": result.fits,
+        "gpus_needed": result.gpus_needed,
+        "bytes_per_step": result.bytes_per_step,
+        "flops_per_step": result.flops_per_step,
+        "memory_time_ms": result.memory_time_ms,
+        "compute_time_ms": result.compute_time_ms,
+        "tpot_floor_ms": result.tpot_floor_ms,
+        "tensor_parallel_tpot_floor_ms": result.tensor_parallel_tpot_floor_ms,
+        "tokens_per_s_ceiling": result.tokens_per_s_ceiling,
+        "arithmetic_intensity": result.arithmetic_intensity_flop_per_byte,
+        "ridge_point": result.ridge_point_flop_per_byte,
+        "bound": "memory" if result.memory_bound else "compute",
+    }
+
+
+def to_dict(result: RooflineResult, others: tuple[RooflineResult, ...] = ()) -> dict[str, Any]:
+    """A JSON-ready view of a result (and of the same workload on other GPUs).
+
+    ``arithmetic_intensity`` and ``ridge_point`` are in FLOP/byte; every other figure
+    carries its unit in its key.
+
+    Args:
+        result: the workload on the chosen GPU.
+        others: the same workload on other GPUs, listed under ``other_gpus``.
+
+    Returns:
+        Plain dicts, lists, strings and numbers.
+    """
+    model = result.model
+    return {
+        "model": model.key,
+        "model_name": model.name,
+        "params": model.params,
+        "batch": result.batch,
+        "context_tokens": result.context_tokens,
+        "dtype": result.dtype.value,
+        "kv_dtype": result.kv_dtype.value,
+        **_result_dict(result),
+        "other_gpus": [_result_dict(other) for other in others if other.gpu != result.gpu],
+    }
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:,.2f} GB"
+
+
+def _bytes_per_elem(dtype: Dtype) -> str:
+    return f"{_BITS[dtype] / 8:g} B"
+
+
+def _fit_cell(result: RooflineResult) -> str:
+    return "fits" if result.fits else f"needs {result.gpus_needed}"
+
+
+def _row(label: str, value: str, note: str) -> str:
+    return f"  {label:<21}{value:>12}   {note}"
+
+
+def format_report(result: RooflineResult, others: tuple[RooflineResult, ...] = ()) -> str:
+    """The human report: memory against VRAM, TPOT floor, roofline position, other GPUs.
+
+    Args:
+        result: the workload on the chosen GPU.
+        others: the same workload on the GPUs to list side by side (the chosen one,
+            if among them, is marked ``*``).
+
+    Returns:
+        Lines of text, no trailing newline.
+    """
+    model, gpu = result.model, result.gpu
+    fit = (
+        "fits"
+        if result.fits
+        else f"DOES NOT FIT, needs {result.gpus_needed} x {gpu.name} (tensor parallel)"
+    )
+    intensity = result.arithmetic_intensity_flop_per_byte
+    ridge = result.ridge_point_flop_per_byte
+    lines = [
+        f"{model.name} ({model.params / 1e9:.2f} B params) on {gpu.name}: batch {result.batch}, "
+        f"context {result.context_tokens:,} tokens, weights {result.dtype}, "
+        f"KV cache {result.kv_dtype}",
+        "",
+        "Memory (weights + KV cache only; activations and CUDA context come on top)",
+        _row(
+            "weights",
+            _gb(result.weights_bytes),
+            f"{model.params:,} params x {_bytes_per_elem(result.dtype)}",
+        ),
+        _row(
+            "KV cache",
+            _gb(result.kv_cache_bytes),
+            f"2 x {model.layers} layers x {model.kv_heads} KV heads x {model.head_dim} "
+            f"x {result.context_tokens:,} tokens x batch {result.batch} "
+            f"x {_bytes_per_elem(result.kv_dtype)}",
+        ),
+        _row("total", _gb(result.total_bytes), f"of {_gb(gpu.memory_bytes)}: {fit}"),
+        "",
+        "Decode step",
+        _row(
+            "bytes read",
+            _gb(result.bytes_per_step),
+            f"streamed weights {_gb(result.streamed_weights_bytes)} "
+            f"+ KV cache {_gb(result.kv_cache_bytes)}",
+        ),
+        _row(
+            "TPOT floor",
+            f"{result.tpot_floor_ms:.2f} ms",
+            f"memory {result.memory_time_ms:.2f} ms at "
+            f"{gpu.bandwidth_bytes_per_s / 1e12:.2f} TB/s, compute "
+            f"{result.compute_time_ms:.2f} ms at {result.compute_flops_per_s / 1e12:,.0f} TFLOP/s",
+        ),
+    ]
+    if not result.fits:
+        lines.append(
+            _row(
+                f"  on {result.gpus_needed} GPUs",
+                f"{result.tensor_parallel_tpot_floor_ms:.2f} ms",
+                "ideal tensor-parallel split, no all-reduce cost",
+            )
+        )
+    if result.memory_bound:
+        position = f"memory-bound, {ridge / intensity:,.0f}x below the ridge"
+        levers = ["more bandwidth"]
+        if result.dtype is not Dtype.INT4:
+            levers.append("INT4 weights" if result.dtype is Dtype.FP8 else "FP8/INT4 weights")
+        if _BITS[result.kv_dtype] > 8:
+            levers.append("an FP8 KV cache")
+        levers.append("a larger batch")
+        advice = (
+            "more FLOPS will not lower TPOT here; "
+            f"{', '.join(levers[:-1])} or {levers[-1]} will"
+        )
+    else:
+        position = f"compute-bound, {intensity / ridge:,.1f}x past the ridge"
+        advice = "past the ridge, more FLOPS (FP8, more GPUs) lower TPOT; bandwidth will not"
+    lines += [
+        _row(
+            "tokens/s ceiling",
+            f"{result.tokens_per_s_ceiling:,.0f}",
+            f"batch {result.batch} / TPOT floor",
+        ),
+        _row("arithmetic intensity", f"{intensity:,.1f}", "FLOP/byte per decode step"),
+        _row("ridge point", f"{ridge:,.1f}", f"FLOP/byte: {position}"),
+        f"  -> {advice}.",
+    ]
+    if others:
+        lines += [
+            "",
+            "Same workload on other GPUs",
+            f"    {'GPU':<16}{'memory':>8}{'bandwidth':>12}{'fits':>10}"
+            f"{'TPOT floor':>13}{'tok/s ceiling':>15}{'ridge':>8}",
+        ]
+        for other in others:
+            mark = "*" if other.gpu == gpu else " "
+            lines.append(
+                f"  {mark} {other.gpu.name:<16}{other.gpu.memory_bytes / 1e9:>5.0f} GB"
+                f"{other.gpu.bandwidth_bytes_per_s / 1e12:>7.2f} TB/s"
+                f"{_fit_cell(other):>10}{other.tpot_floor_ms:>10.2f} ms"
+                f"{other.tokens_per_s_ceiling:>15,.0f}{other.ridge_point_flop_per_byte:>8.0f}"
+            )
+    return "\n".join(lines)
+
+
+def plot_roofline(result: RooflineResult, path: Path) -> None:
+    """Draw the GPU's roofline (log axes) with the workload's point, to a PNG.
+
+    The two ceilings are the bandwidth slope (attainable FLOP/s = bandwidth × intensity)
+    and the compute roof (dense peak), meeting at the ridge point. The workload sits on
+    the slope at its arithmetic intensity.
+
+    Args:
+        result: the workload on the chosen GPU.
+        path: where to write the PNG.
+
+    Raises:
+        RooflineError: matplotlib is not installed, or the file cannot be written.
+    """
+    try:
+        # Lazy: matplotlib is an optional extra and slow to import; only --plot needs it.
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise RooflineError(
+            "plotting needs matplotlib: pip install 'rooftop[plot]'"
+        ) from exc
+
+    gpu = result.gpu
+    bandwidth = gpu.bandwidth_bytes_per_s
+    peak = result.compute_flops_per_s
+    ridge = result.ridge_point_flop_per_byte
+    intensity = result.arithmetic_intensity_flop_per_byte
+    attained = min(bandwidth * intensity, peak)
+    # Axes span two decades either side of whatever is on the chart.
+    x_lo = min(intensity, ridge) / 100
+    x_hi = max(intensity, ridge) * 100
+    xs = [x_lo, ridge, x_hi]
+    ys = [bandwidth * x_lo, peak, peak]
+
+    fig = Figure(figsize=(8, 5), dpi=120)
+    ax = fig.add_subplot()
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.plot(xs, ys, color="tab:blue", linewidth=2, label=f"{gpu.name} roofline")
+    ax.annotate(
+        f"bandwidth {bandwidth / 1e12:.2f} TB/s",
+        xy=(x_lo * 1.3, bandwidth * x_lo * 40),  # above the slope, clear of it
+        fontsize=8,
+        color="tab:blue",
+        va="bottom",
+    )
+    uses_fp8 = result.dtype is Dtype.FP8 and gpu.fp8_flops_per_s is not None
+    ax.annotate(
+        f"dense {'FP8' if uses_fp8 else 'FP16'} peak {peak / 1e12:,.0f} TFLOP/s",
+        xy=(ridge * 1.5, peak * 1.15),
+        fontsize=8,
+        color="tab:blue",
+    )
+    ax.axvline(ridge, color="grey", linestyle=":", linewidth=1)
+    ax.annotate(
+        f" ridge {ridge:,.0f} FLOP/B", xy=(ridge, bandwidth * x_lo * 2), fontsize=8, color="grey"
+    )
+    ax.plot(
+        [intensity],
+        [attained],
+        marker="o",
+        markersize=9,
+        color="tab:red",
+        linestyle="none",
+        label=(
+            f"{result.model.name}, batch {result.batch}: {intensity:,.1f} FLOP/B, "
+            f"TPOT floor {result.tpot_floor_ms:.2f} ms"
+        ),
+    )
+    ax.set_xlim(x_lo, x_hi)
+    ax.set_ylim(bandwidth * x_lo, peak * 4)
+    ax.set_xlabel("arithmetic intensity (FLOP/byte)")
+    ax.set_ylabel("attainable performance (FLOP/s)")
+    ax.set_title(
+        f"{result.model.name} on {gpu.name}: weights {result.dtype}, KV {result.kv_dtype}, "
+        f"context {result.context_tokens:,}"
+    )
+    ax.grid(True, which="both", linewidth=0.3)
+    ax.legend(loc="upper left", fontsize=8)  # above the slope: the one empty corner
+    fig.tight_layout()
+    try:
+        fig.savefig(path, format="png")
+    except OSError as exc:
+        raise RooflineError(f"{path}: cannot write the chart: {exc.strerror or exc}") from exc

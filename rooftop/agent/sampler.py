@@ -1,0 +1,103 @@
+"""The sampling tick: every GPU once, then the host, as records for the window.
+
+Shared by ``diagnose``, ``record`` and the daemon, so they all see the same data. A
+lost GPU becomes a ``GpuSample(lost=True)`` and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from rooftop.agent.sensors.base import Clock, GpuBackend, GpuInfo, HostSensor
+from rooftop.common.errors import DeviceLost, SensorError
+from rooftop.common.model import GpuSample, Record
+
+if TYPE_CHECKING:  # the engine sources pull in the scrapers; the sampler only drains
+    from rooftop.agent.engines.sources import Drainable
+
+__all__ = ["Sampler"]
+
+log = logging.getLogger(__name__)
+
+
+class Sampler:
+    """Reads all GPUs (and the host) once per ``tick``."""
+
+    def __init__(
+        self,
+        backend: GpuBackend,
+        host: HostSensor | None = None,
+        clock: Clock = time.time,
+        engines: Drainable | None = None,
+    ) -> None:
+        self.backend = backend
+        self.host = host
+        self.engines = engines
+        self.clock = clock
+        self.devices: tuple[GpuInfo, ...] = backend.devices()
+        self._lost: set[int] = set()
+        self.ticks = 0
+
+    def tick(self) -> list[Record]:
+        """One sample per GPU, one host sample, and the engine samples since the last tick."""
+        now_s = self.clock()
+        records: list[Record] = []
+        gpu_pids: dict[int, tuple[int, ...]] = {}
+        for info in self.devices:
+            try:
+                sample = self.backend.read(info.gpu_index, now_s)
+            except DeviceLost as exc:
+                if info.gpu_index not in self._lost:
+                    log.warning("%s; the other GPUs go on", exc)
+                    self._lost.add(info.gpu_index)
+                sample = GpuSample(
+                    time_s=now_s,
+                    gpu_index=info.gpu_index,
+                    gpu_uuid=info.gpu_uuid,
+                    gpu_name=info.gpu_name,
+                    lost=True,
+                )
+            records.append(sample)
+            for proc in sample.processes:
+                gpu_pids[proc.pid] = (*gpu_pids.get(proc.pid, ()), info.gpu_index)
+        if self.host is not None:
+            try:
+                records.append(self.host.read(now_s, gpu_pids))
+            except SensorError as exc:
+                log.warning("host sensor: %s", exc)
+        if self.engines is not None:
+            # After the GPUs: a replay hands over the engine samples up to this read.
+            records.extend(self.engines.drain())
+        self.ticks += 1
+        return records
+
+    def run(
+        self,
+        seconds: float,
+        rate_hz: float,
+        on_tick: Callable[[list[Record], float], None],
+        stop: threading.Event | None = None,
+        monotonic: Clock = time.monotonic,
+    ) -> None:
+        """Tick at ``rate_hz`` for ``seconds`` (or until ``stop``), calling ``on_tick``.
+
+        ``on_tick`` gets the records and the fraction of the run done (0-1). Ticks are
+        scheduled on absolute deadlines so a slow tick does not drift the rate.
+        """
+        stop = stop or threading.Event()
+        period_s = 1.0 / rate_hz
+        start = monotonic()
+        n = 0
+        while not stop.is_set():
+            records = self.tick()
+            n += 1
+            elapsed = monotonic() - start
+            on_tick(records, min(1.0, elapsed / seconds) if seconds > 0 else 1.0)
+            if elapsed >= seconds:
+                return
+            deadline = start + n * period_s
+            stop.wait(max(0.0, deadline - monotonic()))

@@ -1,0 +1,109 @@
+"""Replay backend: plays a trace-v1 recording back as if it were live GPUs.
+
+Used by ``agentctl demo``-style runs and tests of the live path without a GPU. The
+recording's timeline is mapped onto the caller's clock from the first ``read``; with
+``loop=True`` it starts over at the end. Samples come back re-stamped with the time
+they are read at, so downstream stages cannot tell a replay from NVML.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+
+from rooftop.agent.sensors.base import GpuInfo
+from rooftop.agent.trace import Trace
+from rooftop.common.errors import SensorError
+from rooftop.common.model import EngineSample, GpuSample
+
+__all__ = ["ReplayBackend"]
+
+
+class ReplayBackend:
+    """A ``GpuBackend`` over the GPU records of a trace."""
+
+    def __init__(self, trace: Trace, *, loop: bool = True) -> None:
+        by_gpu: dict[int, list[GpuSample]] = {}
+        for record in trace.records:
+            if isinstance(record, GpuSample):
+                by_gpu.setdefault(record.gpu_index, []).append(record)
+        if not by_gpu:
+            raise SensorError(f"{trace.path}: the recording holds no GPU samples to replay")
+        self._samples = {i: sorted(s, key=lambda r: r.time_s) for i, s in sorted(by_gpu.items())}
+        self._times = {i: [r.time_s for r in s] for i, s in self._samples.items()}
+        self._engines = sorted(
+            (r for r in trace.records if isinstance(r, EngineSample)), key=lambda r: r.time_s
+        )
+        self._t0 = min(t[0] for t in self._times.values())
+        self._duration_s = max(t[-1] for t in self._times.values()) - self._t0
+        self._loop = loop
+        self._start_s: float | None = None
+        self._last_read_s: float | None = None
+        self._drained_to_s: float | None = None
+        self.source = str(trace.path)
+
+    def devices(self) -> tuple[GpuInfo, ...]:
+        """One GpuInfo per GPU in the recording."""
+        infos = []
+        for index, samples in self._samples.items():
+            first = samples[0]
+            infos.append(
+                GpuInfo(
+                    gpu_index=index,
+                    gpu_uuid=first.gpu_uuid,
+                    gpu_name=first.gpu_name,
+                    has_gpm=first.dram_bw_pct is not None,
+                    mem_total_bytes=first.mem_total_bytes,
+                    pcie_link_gen_max=first.pcie_link_gen,
+                    pcie_link_width_max=first.pcie_link_width,
+                )
+            )
+        return tuple(infos)
+
+    def _offset_s(self, time_s: float) -> float:
+        if self._start_s is None:
+            self._start_s = time_s
+        elapsed = time_s - self._start_s
+        if self._loop and self._duration_s > 0:
+            elapsed %= self._duration_s
+        return min(elapsed, self._duration_s)
+
+    def read(self, gpu_index: int, time_s: float) -> GpuSample:
+        """The recorded sample at the same offset into the recording, stamped ``time_s``."""
+        try:
+            samples, times = self._samples[gpu_index], self._times[gpu_index]
+        except KeyError:
+            raise SensorError(f"GPU {gpu_index} is not in the recording") from None
+        self._last_read_s = time_s
+        at = self._t0 + self._offset_s(time_s)
+        i = max(0, bisect.bisect_right(times, at) - 1)
+        return dataclasses.replace(samples[i], time_s=time_s)
+
+    def drain(self) -> list[EngineSample]:
+        """Engine samples the recording holds between the previous drain and the last read.
+
+        Makes the replay an engine source too (``EngineSources(extra=...)``), so replayed
+        TPOT/TTFT reach the window as they would from hooks; re-stamped like the GPUs.
+        """
+        now_s = self._last_read_s
+        if now_s is None or not self._engines:
+            return []
+        since_s, self._drained_to_s = self._drained_to_s, now_s
+        if since_s is None:
+            since_s = now_s - 1.0  # the engine state just before the first read
+        lo, hi = self._offset_s(since_s), self._offset_s(now_s)
+        if hi < lo:  # the replay looped: the tail of the recording, then its head
+            spans = [(lo, self._duration_s + 1e-9), (-1e-9, hi)]
+        else:
+            spans = [(lo, hi)]
+        # A one-GPU recording's engine ran on that GPU: say so, as explicit config would.
+        sole = tuple(self._samples) if len(self._samples) == 1 else ()
+        return [
+            dataclasses.replace(e, time_s=now_s, gpu_indices=e.gpu_indices or sole)
+            for a, b in spans
+            for e in self._engines
+            if self._t0 + a < e.time_s <= self._t0 + b
+        ]
+
+    def close(self) -> None:
+        """Nothing to release."""

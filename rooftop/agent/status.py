@@ -1,0 +1,286 @@
+"""Pure rendering of the collector's fleet status (``agentctl status``, ``diagnose --collector``).
+
+Input is the ``rooftop.v1.FleetStatus`` the collector's Query service answers; output
+is text for people or JSON-ready dicts. "Seen 3s ago" is measured on the collector's
+clock (``taken_time``), so a skewed laptop clock cannot make a live node look stale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from rooftop.agent.render import format_table, grid, iso_time, verdict_json
+from rooftop.common.codec import timestamp_s, verdict_from_proto
+from rooftop.common.model import Evidence, Provenance, Verdict
+from rooftop.v1 import telemetry_pb2 as pb
+
+__all__ = [
+    "STALE_AFTER_S",
+    "diagnosis_json",
+    "format_diagnosis",
+    "format_status",
+    "node_verdicts",
+    "status_json",
+]
+
+# A node silent this long is flagged: agents send a batch at least every second.
+STALE_AFTER_S = 30.0
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _since_seen_s(fs: pb.FleetStatus, node: pb.NodeStatus) -> float:
+    return timestamp_s(fs.taken_time) - timestamp_s(node.last_seen_time)
+
+
+def _dropped(stats: pb.AgentStats) -> int:
+    return stats.dropped_spool_full + stats.dropped_corrupt + stats.dropped_invalid
+
+
+def _opt(msg: Any, name: str) -> Any:
+    return getattr(msg, name) if msg.HasField(name) else None
+
+
+def _lost(gpu: pb.GpuStatus) -> bool:
+    return gpu.HasField("sample") and gpu.sample.lost
+
+
+def _verdict_name(gpu: pb.GpuStatus) -> str:
+    if _lost(gpu):
+        return "lost"
+    return gpu.verdict.verdict if gpu.HasField("verdict") else "(no window yet)"
+
+
+def _engine_json(e: pb.EngineSample) -> dict[str, Any]:
+    return {
+        "engine_id": e.engine_id,
+        "model": _opt(e, "model"),
+        "tpot_ms": _opt(e, "tpot_ms"),
+        "ttft_ms": _opt(e, "ttft_ms"),
+        "requests_running": _opt(e, "requests_running"),
+        "requests_waiting": _opt(e, "requests_waiting"),
+        "gpu_indices": list(e.gpu_indices),
+        "time": iso_time(timestamp_s(e.time)),
+    }
+
+
+def _gpu_json(gpu: pb.GpuStatus) -> dict[str, Any]:
+    v = gpu.verdict if gpu.HasField("verdict") else None
+    engine = gpu.engine if gpu.HasField("engine") else None
+    return {
+        "gpu_index": gpu.gpu_index,
+        "gpu_uuid": gpu.gpu_uuid,
+        "gpu_name": gpu.gpu_name,
+        "verdict": _verdict_name(gpu) if v is not None or _lost(gpu) else None,
+        "cause": _opt(v, "cause") if v is not None else None,
+        "confidence": round(v.confidence, 3) if v is not None else None,
+        "rule": v.rule if v is not None else None,
+        "window_end": iso_time(timestamp_s(v.window_end)) if v is not None else None,
+        "lost": _lost(gpu),
+        "tpot_ms": _opt(engine, "tpot_ms") if engine is not None else None,
+        "ttft_ms": _opt(engine, "ttft_ms") if engine is not None else None,
+        "engine_id": engine.engine_id if engine is not None else None,
+        "updated": iso_time(timestamp_s(gpu.updated_time)),
+    }
+
+
+def _node_head(fs: pb.FleetStatus, node: pb.NodeStatus) -> dict[str, Any]:
+    since_s = _since_seen_s(fs, node)
+    return {
+        "agent_id": node.agent_id,
+        "hostname": node.hostname,
+        "boot_id": node.boot_id,
+        "last_seen": iso_time(timestamp_s(node.last_seen_time)),
+        "seconds_since_seen": round(since_s, 3),
+        "stale": since_s > STALE_AFTER_S,
+        "lag_s": _opt(node, "lag_s"),
+        "clock_offset_s": _opt(node, "clock_offset_s"),
+    }
+
+
+def _collector_json(c: pb.CollectorStatus) -> dict[str, Any]:
+    return {
+        "version": c.version,
+        "batches": c.batches,
+        "samples": c.samples,
+        "duplicates": c.duplicates,
+        "missing": c.missing,
+        "skewed": c.skewed,
+        "streams": c.streams,
+        "rejected": dict(sorted(c.rejected.items())),
+        "refused": dict(sorted(c.refused.items())),
+    }
+
+
+def status_json(fs: pb.FleetStatus, *, collector: str) -> dict[str, Any]:
+    """``agentctl status --json``: every node and GPU, with the collector's counters."""
+    nodes = []
+    for node in fs.nodes:
+        s = node.stats
+        nodes.append(
+            {
+                **_node_head(fs, node),
+                "acked_seq": node.acked_seq,
+                "batches": node.batches,
+                "samples": node.samples,
+                "queued": s.queued,
+                "dropped": _dropped(s),
+                "dropped_by_reason": {
+                    "spool_full": s.dropped_spool_full,
+                    "corrupt": s.dropped_corrupt,
+                    "invalid": s.dropped_invalid,
+                },
+                "rejected_batches": s.rejected_batches,
+                "reconnects": s.reconnects,
+                "gpus": [_gpu_json(g) for g in node.gpus],
+                "engines": [_engine_json(e) for e in node.engines],
+            }
+        )
+    return {
+        "collector": collector,
+        "taken_time": iso_time(timestamp_s(fs.taken_time)),
+        "collector_status": _collector_json(fs.collector),
+        "nodes": nodes,
+    }
+
+
+def _ms(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f} ms"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
+
+
+def format_status(fs: pb.FleetStatus, *, collector: str) -> str:
+    """``agentctl status``: one row per GPU, the node's figures on its first row."""
+    gpus = sum(len(n.gpus) for n in fs.nodes)
+    c = fs.collector
+    lines = [
+        f"Rooftop fleet — collector {collector} (rooftop {c.version or '?'}): "
+        f"{len(fs.nodes)} node(s), {gpus} GPU(s), {c.streams} stream(s) open"
+    ]
+    header = ["NODE", "AGENT", "SEEN", "LAG", "QUEUED", "DROPPED", "RECONN", "GPU", "VERDICT",
+              "CAUSE", "CONF", "TPOT", "TTFT"]  # fmt: skip
+    rows: list[list[str]] = []
+    for node in fs.nodes:
+        since_s = _since_seen_s(fs, node)
+        lag = _opt(node, "lag_s")
+        head = [
+            node.hostname,
+            node.agent_id,
+            _ago(since_s) + (" STALE" if since_s > STALE_AFTER_S else ""),
+            "-" if lag is None else f"{lag:.1f}s",
+            str(node.stats.queued),
+            str(_dropped(node.stats)),
+            str(node.stats.reconnects),
+        ]
+        blank = [""] * len(head)
+        if not node.gpus:
+            rows.append([*head, "-", "(no GPU reported)", "", "", "", ""])
+        for i, gpu in enumerate(node.gpus):
+            v = gpu.verdict if gpu.HasField("verdict") else None
+            engine = gpu.engine if gpu.HasField("engine") else None
+            rows.append(
+                [
+                    *(head if i == 0 else blank),
+                    str(gpu.gpu_index),
+                    _verdict_name(gpu),
+                    (_opt(v, "cause") or "-") if v is not None else "-",
+                    f"{v.confidence:.2f}" if v is not None and not _lost(gpu) else "-",
+                    _ms(_opt(engine, "tpot_ms") if engine is not None else None, 1),
+                    _ms(_opt(engine, "ttft_ms") if engine is not None else None, 0),
+                ]
+            )
+    if rows:
+        lines += grid(header, rows)
+    else:
+        lines.append("  no node has reported yet")
+    lines.append(
+        f"  collector: {c.batches} batches, {c.samples} samples, {c.duplicates} duplicate(s), "
+        f"{c.missing} missing; rejected: {_counts(dict(c.rejected))}; "
+        f"refused: {_counts(dict(c.refused))}"
+    )
+    if any(_since_seen_s(fs, n) > STALE_AFTER_S for n in fs.nodes):
+        lines.append(
+            f"  STALE = nothing heard for over {STALE_AFTER_S:g} s: the agent, its host or the "
+            "network is down (the collector forgets a node after forget_after_s)."
+        )
+    return "\n".join(lines)
+
+
+def node_verdicts(node: pb.NodeStatus) -> list[Verdict]:
+    """The node's latest verdicts, as ``diagnose`` shows them.
+
+    The engine's TPOT/TTFT are added as evidence where the verdict carries none: the
+    collector attributes engines to GPUs, the agent's window may not have.
+    """
+    out = []
+    for gpu in node.gpus:
+        if not gpu.HasField("verdict"):
+            continue
+        v = verdict_from_proto(gpu.verdict, gpu_name=gpu.gpu_name)
+        extra = []
+        if gpu.HasField("engine"):
+            for name in ("tpot_ms", "ttft_ms"):
+                value = _opt(gpu.engine, name)
+                if value is not None and v.evidence_value(name) is None:
+                    extra.append(Evidence(name, value, Provenance.ENGINE))
+        out.append(dataclasses.replace(v, evidence=(*v.evidence, *extra)) if extra else v)
+    return out
+
+
+def _node_source(fs: pb.FleetStatus, node: pb.NodeStatus, collector: str) -> str:
+    since_s = _since_seen_s(fs, node)
+    stale = " — STALE" if since_s > STALE_AFTER_S else ""
+    name = node.hostname if node.hostname == node.agent_id else f"{node.hostname} ({node.agent_id})"
+    return f"{name} via collector {collector}, last seen {_ago(since_s)} ago{stale}"
+
+
+def format_diagnosis(fs: pb.FleetStatus, *, collector: str) -> str:
+    """``agentctl diagnose --collector``: the diagnose table of every node (or one)."""
+    blocks = []
+    for node in fs.nodes:
+        verdicts = node_verdicts(node)
+        source = _node_source(fs, node, collector)
+        lines = (
+            [format_table(verdicts, source=source)]
+            if verdicts
+            else [f"Rooftop diagnosis — {source}"]
+        )
+        for gpu in node.gpus:
+            name = f"GPU {gpu.gpu_index} {gpu.gpu_name}".rstrip()
+            if _lost(gpu):
+                before = " (a verdict above is from before)" if gpu.HasField("verdict") else ""
+                lines.append(f"  {name}: LOST — NVML reports the GPU lost{before}")
+            elif not gpu.HasField("verdict"):
+                lines.append(f"  {name}: no verdict yet (its first window has not closed)")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) if blocks else f"no node has reported to collector {collector}"
+
+
+def diagnosis_json(fs: pb.FleetStatus, *, collector: str) -> dict[str, Any]:
+    """``agentctl diagnose --collector --json``: per node, ``diagnose --json``'s ``gpus``."""
+    return {
+        "source": f"collector {collector}",
+        "taken_time": iso_time(timestamp_s(fs.taken_time)),
+        "nodes": [
+            {
+                **_node_head(fs, node),
+                "gpus": [verdict_json(v) for v in node_verdicts(node)],
+                "lost_gpus": [g.gpu_index for g in node.gpus if _lost(g)],
+                "gpus_without_verdict": [
+                    g.gpu_index for g in node.gpus if not g.HasField("verdict")
+                ],
+            }
+            for node in fs.nodes
+        ],
+    }

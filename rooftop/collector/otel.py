@@ -1,0 +1,685 @@
+"""OpenTelemetry export: the collector's only ``opentelemetry.sdk`` importer.
+
+One ``MeterProvider`` with OTLP/gRPC and OTLP/HTTP readers (pushed periodically),
+plus any reader a test passes in (``InMemoryMetricReader``). The Prometheus
+endpoint (``rooftop.collector.prometheus``) writes the same instruments, names and labels
+from the same callbacks without the SDK, which costs ~60 µs per series there.
+
+GPU, agent and collector figures are **observable** instruments read from a
+``Fleet`` snapshot at collection time: one callback per instrument per collection,
+never one synchronous record per sample (the SDK's ``record`` costs 4.5-7 µs).
+Engine latencies are histograms fed once per engine sample (about 1 Hz per engine).
+
+Names follow DESIGN §6 exactly and are listed, one row each, in docs/METRICS.md
+(``METRICS`` below is the same list, checked against the doc by a test):
+
+- standard where one exists: ``hw.gpu.utilization`` (NVML util.gpu / 100, a duty
+  cycle), ``hw.gpu.memory.usage``/``.limit``, ``hw.power``, ``hw.temperature``,
+  ``gen_ai.server.time_per_output_token``/``time_to_first_token``;
+- Rooftop's own under ``rooftop.*``, activities as ratios 0-1 with a
+  ``rooftop.source`` attribute (``gpm``/``nvml``) and the DCGM field each matches;
+- the verdict as a state gauge in the ``hw.state`` pattern: ``rooftop.gpu.bound``
+  is 1 for the current state and 0 for the others.
+
+The collector's own host goes on the resource (``host.name``); each node's
+``host.name`` and each GPU's ``hw.id`` (uuid), ``hw.model`` and
+``rooftop.gpu.index`` are metric attributes, because one collector serves many
+hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+    OTLPMetricExporter as GrpcMetricExporter,
+)
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+    OTLPMetricExporter as HttpMetricExporter,
+)
+from opentelemetry.metrics import CallbackOptions, Histogram, Observation
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+
+from rooftop import __version__
+from rooftop.collector.config import OtlpExport
+from rooftop.collector.fleet import DecodedBatch, Fleet, FleetSnapshot, GpuState
+from rooftop.collector.prometheus import Family, NativeHistogram, PrometheusServer, render
+from rooftop.common.errors import ConfigError
+from rooftop.common.model import GPU_FIELD_PROVENANCE, Bound, EngineSample
+
+__all__ = [
+    "METRICS",
+    "MetricReader",
+    "TPOT_BUCKETS_S",
+    "TTFT_BUCKETS_S",
+    "MetricSpec",
+    "Telemetry",
+    "bound_value",
+    "engine_provider",
+]
+
+log = logging.getLogger(__name__)
+
+# H100 decode is 4-6 ms per token (measured); the semconv advisory buckets start at
+# 10 ms and would put every healthy token in the first bucket.
+TPOT_BUCKETS_S = (
+    0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.01, 0.0125, 0.015,
+    0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
+)  # fmt: skip
+TTFT_BUCKETS_S = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0,
+    1.5, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+)  # fmt: skip
+LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+
+# Engine aggregates do not tell chat from completions; both are text generation.
+GEN_AI_OPERATION = "text_completion"
+_KNOWN_ENGINES = ("vllm", "sglang", "tgi", "tensorrt-llm", "trtllm", "transformers", "llama.cpp")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """One exported metric: the row docs/METRICS.md must carry."""
+
+    name: str
+    instrument: str  # gauge | updowncounter | counter | histogram (OTel instrument kinds)
+    unit: str
+    description: str
+
+
+def _m(name: str, instrument: str, unit: str, description: str) -> MetricSpec:
+    return MetricSpec(name, instrument, unit, description)
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    # --- per GPU, standard names ---
+    _m("hw.gpu.utilization", "gauge", "1", "NVML util.gpu / 100: share of time a kernel ran"),
+    _m("hw.gpu.memory.usage", "updowncounter", "By", "GPU memory used"),
+    _m("hw.gpu.memory.limit", "updowncounter", "By", "GPU memory size"),
+    _m("hw.power", "gauge", "W", "GPU power draw"),
+    _m("hw.temperature", "gauge", "Cel", "GPU temperature"),
+    # --- per GPU, Rooftop's own ---
+    _m("rooftop.gpu.sm.activity", "gauge", "1", "share of SMs busy (GPM SM_UTIL)"),
+    _m("rooftop.gpu.sm.occupancy", "gauge", "1", "warps resident / max (GPM SM_OCCUPANCY)"),
+    _m("rooftop.gpu.tensor.activity", "gauge", "1", "tensor pipe activity (GPM ANY_TENSOR_UTIL)"),
+    _m("rooftop.gpu.pipe.activity", "gauge", "1", "FP16/FP32/FP64 pipe activity (GPM)"),
+    _m("rooftop.gpu.dram.activity", "gauge", "1", "DRAM bandwidth used / peak (GPM DRAM_BW_UTIL)"),
+    _m(
+        "rooftop.gpu.memory_controller.utilization",
+        "gauge",
+        "1",
+        "NVML util.memory / 100: memory-controller busy time (not capacity)",
+    ),
+    _m("rooftop.gpu.pcie.throughput", "gauge", "By/s", "PCIe traffic per direction (GPM)"),
+    _m("rooftop.gpu.sm.clock", "gauge", "Hz", "SM clock"),
+    _m("rooftop.gpu.bound", "gauge", "1", "1 for what bounds the GPU now, 0 for other states"),
+    _m("rooftop.gpu.bound.confidence", "gauge", "1", "confidence of the current verdict"),
+    # --- engines ---
+    _m(
+        "gen_ai.server.time_per_output_token",
+        "histogram",
+        "s",
+        "engine mean time per output token, one observation per engine interval",
+    ),
+    _m(
+        "gen_ai.server.time_to_first_token",
+        "histogram",
+        "s",
+        "engine mean time to first token, one observation per engine interval",
+    ),
+    _m("rooftop.engine.requests", "gauge", "{request}", "requests running / waiting"),
+    _m("rooftop.engine.time_per_output_token", "gauge", "s", "latest mean TPOT of an engine"),
+    _m("rooftop.engine.time_to_first_token", "gauge", "s", "latest mean TTFT of an engine"),
+    # --- agents (self-metrics carried in-band) ---
+    _m("rooftop.agent.queued", "gauge", "{batch}", "batches in the agent's spool, not acked"),
+    _m("rooftop.agent.sent", "counter", "{batch}", "batches the agent sent (per boot)"),
+    _m("rooftop.agent.acked", "counter", "{batch}", "batches the agent had acked (per boot)"),
+    _m("rooftop.agent.dropped", "counter", "{batch}", "batches the agent dropped, by reason"),
+    _m("rooftop.agent.rejected", "counter", "{batch}", "batches the collector refused (per boot)"),
+    _m("rooftop.agent.reconnects", "counter", "{reconnect}", "stream reconnects (per boot)"),
+    _m("rooftop.agent.lag", "gauge", "s", "collector receive time - newest sample time"),
+    _m("rooftop.agent.clock.offset", "gauge", "s", "collector receive time - agent send time"),
+    _m("rooftop.agent.staleness", "gauge", "s", "time since the agent's last batch"),
+    # --- the collector itself ---
+    _m("rooftop.collector.batches", "counter", "{batch}", "batches applied"),
+    _m("rooftop.collector.samples", "counter", "{sample}", "samples in applied batches"),
+    _m("rooftop.collector.duplicates", "counter", "{batch}", "resent batches dropped"),
+    _m("rooftop.collector.rejected", "counter", "{batch}", "poison batches refused, by reason"),
+    _m(
+        "rooftop.collector.refused",
+        "counter",
+        "{call}",
+        "calls refused by authentication before any handler ran, by reason",
+    ),
+    _m("rooftop.collector.skewed", "counter", "{sample}", "future-dated samples clamped"),
+    _m("rooftop.collector.missing", "counter", "{batch}", "seqs agents skipped (spool drops)"),
+    _m("rooftop.collector.streams", "updowncounter", "{stream}", "agent streams open"),
+    _m(
+        "rooftop.collector.batch.lag",
+        "histogram",
+        "s",
+        "per batch: receive time - its oldest sample time",
+    ),
+)
+_SPEC = {m.name: m for m in METRICS}
+
+# (GpuSample field, metric, scale, extra attributes)
+_GPU_RATIOS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("sm_active_pct", "rooftop.gpu.sm.activity", {}),
+    ("sm_occupancy_pct", "rooftop.gpu.sm.occupancy", {}),
+    ("tensor_active_pct", "rooftop.gpu.tensor.activity", {}),
+    ("fp16_active_pct", "rooftop.gpu.pipe.activity", {"rooftop.gpu.pipe": "fp16"}),
+    ("fp32_active_pct", "rooftop.gpu.pipe.activity", {"rooftop.gpu.pipe": "fp32"}),
+    ("fp64_active_pct", "rooftop.gpu.pipe.activity", {"rooftop.gpu.pipe": "fp64"}),
+    ("dram_bw_pct", "rooftop.gpu.dram.activity", {}),
+    ("mem_ctrl_pct", "rooftop.gpu.memory_controller.utilization", {}),
+)
+_BOUND_STATES = tuple(Bound)
+
+
+def bound_value(bound: Bound) -> str:
+    """The ``rooftop.bound`` attribute value: memory, compute, host, mixed, idle, lost."""
+    return bound.value.removesuffix("-bound")
+
+
+def engine_provider(engine_id: str) -> str:
+    """``gen_ai.provider.name`` for an engine id: its family (vllm, sglang, tgi, ...).
+
+    The id's leading word otherwise (``"myserver:9000"`` → ``"myserver"``).
+    """
+    low = engine_id.lower()
+    for known in _KNOWN_ENGINES:
+        if low.startswith(known):
+            return known
+    head = re.split(r"[:/@\s]", low, maxsplit=1)[0]
+    return head or "unknown"
+
+
+def _gpu_attrs(g: GpuState) -> dict[str, Any]:
+    return {
+        "host.name": g.hostname,
+        # uuid is globally unique; a GPU without one is named by its host and index.
+        "hw.id": g.gpu_uuid or f"{g.hostname}/gpu{g.gpu_index}",
+        "hw.model": g.gpu_name,
+        "rooftop.gpu.index": g.gpu_index,
+    }
+
+
+def _engine_attrs(e: EngineSample) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        "gen_ai.operation.name": GEN_AI_OPERATION,
+        "gen_ai.provider.name": engine_provider(e.engine_id),
+    }
+    if e.model:
+        attrs["gen_ai.request.model"] = e.model
+    return attrs
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _otlp_exporter(exp: OtlpExport) -> MetricExporter:
+    headers = dict(exp.headers) or None
+    if exp.protocol == "grpc":
+        return GrpcMetricExporter(
+            endpoint=exp.endpoint, insecure=exp.insecure, headers=headers, timeout=exp.timeout_s
+        )
+    endpoint = exp.endpoint
+    if not endpoint.rstrip("/").endswith("/v1/metrics"):
+        endpoint = endpoint.rstrip("/") + "/v1/metrics"
+    return HttpMetricExporter(endpoint=endpoint, headers=headers, timeout=exp.timeout_s)
+
+
+# Collecting a 1,000-node fleet takes seconds of SDK time (about 25 µs per point here):
+# the readers' default 10 s collection deadline is too short for the first scrape.
+COLLECT_TIMEOUT_S = 60.0
+
+
+class Telemetry:
+    """The collector's OpenTelemetry pipeline over a ``Fleet``.
+
+    Also a ``BatchObserver``: the ingest hands it every applied batch, from which it
+    records the engine latency histograms and the batch lag.
+
+    Args:
+        fleet: read at every collection.
+        prometheus_listen: HOST:PORT for the Prometheus endpoint (port 0 picks one;
+            see ``prometheus_port``); empty or None: no Prometheus endpoint.
+        otlp: OTLP destinations (gRPC or HTTP/protobuf), pushed periodically.
+        readers: extra readers (a test's ``InMemoryMetricReader``).
+        max_series_per_metric: the cardinality limit of every instrument (the SDK
+            default, 2,000, is far short of 1,000 nodes x 8 GPUs x 6 bound states).
+        host_name: the collector's ``host.name`` resource attribute.
+        clock: wall clock (Unix epoch seconds), for staleness.
+        service_name: the ``service.name`` resource attribute.
+        scope_name: the instrumentation scope (meter) name.
+        metrics: create only these instruments (names from ``METRICS``); None: all.
+            The agent's direct OTLP mode (``rooftop.agent.otlp``) leaves out the pipeline's own.
+    """
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        *,
+        prometheus_listen: str | None = None,
+        otlp: Sequence[OtlpExport] = (),
+        readers: Sequence[MetricReader] = (),
+        max_series_per_metric: int = 65_536,
+        host_name: str | None = None,
+        clock: Callable[[], float] = time.time,
+        service_name: str = "rooftop-collector",
+        scope_name: str = "rooftop.collector",
+        metrics: Collection[str] | None = None,
+    ) -> None:
+        unknown = set(metrics or ()) - set(_SPEC)
+        if unknown:
+            raise ValueError(f"not in METRICS: {sorted(unknown)}")
+        self._only = None if metrics is None else frozenset(metrics)
+        self._fleet = fleet
+        self._clock = clock
+        self._prometheus_listen = prometheus_listen or None
+        self._prometheus: PrometheusServer | None = None
+        self._prometheus_port: int | None = None
+        self._max_series = max_series_per_metric
+        # What the Prometheus endpoint writes: every observable instrument, and the
+        # histograms aggregated natively as they are recorded.
+        self._families: list[Family] = []
+        self._native: dict[str, NativeHistogram] = {}
+        self._lock = threading.Lock()
+        self._stopped = False
+        all_readers: list[MetricReader] = list(readers)
+        for exp in otlp:
+            all_readers.append(
+                PeriodicExportingMetricReader(
+                    _otlp_exporter(exp),
+                    export_interval_millis=exp.interval_s * 1000,
+                    # Covers the collection (seconds for a large fleet) and the export.
+                    export_timeout_millis=(COLLECT_TIMEOUT_S + exp.timeout_s) * 1000,
+                )
+            )
+        resource = Resource.create(
+            {
+                "service.name": service_name,
+                "service.version": __version__,
+                "host.name": host_name or socket.gethostname(),
+            }
+        )
+        self._resource = resource
+        self._provider = MeterProvider(
+            metric_readers=all_readers,
+            resource=resource,
+            views=_views(max_series_per_metric),
+            # Gauges read from fleet state carry no trace context: exemplars would only
+            # cost time at every collection.
+            exemplar_filter=AlwaysOffExemplarFilter(),
+            shutdown_on_exit=False,  # shutdown() is called by the service, once
+        )
+        self._meter = self._provider.get_meter(scope_name, __version__)
+        self._create_instruments()
+
+    # -- lifecycle --
+
+    @property
+    def prometheus_port(self) -> int | None:
+        """The Prometheus endpoint's bound port after ``start``; None without one."""
+        return self._prometheus_port
+
+    def start(self) -> None:
+        """Start the Prometheus HTTP endpoint (the OTLP readers run from construction).
+
+        Raises:
+            ConfigError: the Prometheus address cannot be bound.
+        """
+        if self._prometheus_listen is None or self._prometheus is not None:
+            return
+        host, port = _split_address(self._prometheus_listen)
+        try:
+            self._prometheus = PrometheusServer(host, port, self.prometheus_text)
+        except OSError as exc:
+            raise ConfigError(
+                f"prometheus.listen: cannot serve on {self._prometheus_listen}: {exc.strerror}"
+            ) from exc
+        self._prometheus_port = self._prometheus.port
+
+    def prometheus_text(self) -> str:
+        """What ``/metrics`` serves now (the text exposition format)."""
+        return render(
+            self._families,
+            list(self._native.values()),
+            resource=self._resource.attributes,
+            max_series=self._max_series,
+        )
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Export now through every push reader; True when all finished in time."""
+        return bool(self._provider.force_flush(timeout_millis=timeout_s * 1000))
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Final export, stop the readers and the Prometheus endpoint. Idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._provider.shutdown(timeout_millis=timeout_s * 1000)
+        if self._prometheus is not None:
+            self._prometheus.close()
+
+    # -- BatchObserver --
+
+    def observe_batch(self, batch: DecodedBatch, received_s: float) -> None:
+        """Record the engine latencies and the lag of one applied batch."""
+        for e in batch.engines:
+            if e.tpot_ms is None and e.ttft_ms is None:
+                continue
+            attrs = _engine_attrs(e)
+            if e.tpot_ms is not None:
+                self._record("gen_ai.server.time_per_output_token", e.tpot_ms / 1000.0, attrs)
+            if e.ttft_ms is not None:
+                self._record("gen_ai.server.time_to_first_token", e.ttft_ms / 1000.0, attrs)
+        if batch.oldest_sample_s is not None:
+            lag_s = max(0.0, received_s - batch.oldest_sample_s)
+            self._record("rooftop.collector.batch.lag", lag_s, {})
+
+    def _record(self, name: str, value: float, attrs: dict[str, Any]) -> None:
+        histogram = self._histograms.get(name)
+        if histogram is not None:
+            histogram.record(value, attrs)
+        native = self._native.get(name)
+        if native is not None:
+            native.record(value, attrs)
+
+    # -- instruments --
+
+    def _wanted(self, name: str) -> bool:
+        return self._only is None or name in self._only
+
+    def _histogram(self, name: str, bounds: Sequence[float]) -> None:
+        if not self._wanted(name):
+            return
+        spec = _SPEC[name]
+        self._histograms[name] = self._meter.create_histogram(
+            spec.name, spec.unit, spec.description, explicit_bucket_boundaries_advisory=bounds
+        )
+        if self._prometheus_listen:
+            self._native[name] = NativeHistogram(spec.name, spec.unit, spec.description, bounds)
+
+    def _gauge(self, name: str, callback: Callable[[FleetSnapshot], Iterable[Observation]]) -> None:
+        if not self._wanted(name):
+            return
+        spec = _SPEC[name]
+        cb = self._callback(callback)
+        self._families.append(
+            Family(
+                spec.name,
+                spec.instrument,
+                spec.unit,
+                spec.description,
+                lambda: callback(self._fleet.snapshot()),
+            )
+        )
+        if spec.instrument == "gauge":
+            self._meter.create_observable_gauge(name, [cb], spec.unit, spec.description)
+        elif spec.instrument == "counter":
+            self._meter.create_observable_counter(name, [cb], spec.unit, spec.description)
+        else:
+            self._meter.create_observable_up_down_counter(name, [cb], spec.unit, spec.description)
+
+    def _callback(
+        self, body: Callable[[FleetSnapshot], Iterable[Observation]]
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            del options
+            # A snapshot per callback: a shallow copy of frozen entries, ~µs per 1k GPUs.
+            return list(body(self._fleet.snapshot()))
+
+        return callback
+
+    def _create_instruments(self) -> None:
+        self._histograms: dict[str, Histogram] = {}
+        self._histogram("gen_ai.server.time_per_output_token", TPOT_BUCKETS_S)
+        self._histogram("gen_ai.server.time_to_first_token", TTFT_BUCKETS_S)
+        self._histogram("rooftop.collector.batch.lag", LAG_BUCKETS_S)
+
+        self._gauge(
+            "hw.gpu.utilization", _gpu_field("busy_pct", _ratio, {"hw.gpu.task": "general"})
+        )
+        self._gauge("hw.gpu.memory.usage", _gpu_field("mem_used_bytes", _same, {}))
+        self._gauge("hw.gpu.memory.limit", _gpu_field("mem_total_bytes", _same, {}))
+        self._gauge("hw.power", _gpu_field("power_w", _same, {"hw.type": "gpu"}))
+        self._gauge("hw.temperature", _gpu_field("temperature_c", _same, {"hw.type": "gpu"}))
+        self._gauge("rooftop.gpu.sm.clock", _gpu_field("sm_clock_mhz", _mhz_to_hz, {}))
+        by_metric: dict[str, list[tuple[str, dict[str, str]]]] = {}
+        for field, name, extra in _GPU_RATIOS:
+            source = GPU_FIELD_PROVENANCE.get(field)
+            attrs = {**extra, "rooftop.source": source.value if source else "nvml"}
+            by_metric.setdefault(name, []).append((field, attrs))
+        for name, fields in by_metric.items():
+            self._gauge(name, _gpu_fields(fields, _ratio))
+        self._gauge(
+            "rooftop.gpu.pcie.throughput",
+            _gpu_fields(
+                [
+                    (
+                        "pcie_rx_bytes_per_s",
+                        {"network.io.direction": "receive", "rooftop.source": "gpm"},
+                    ),
+                    (
+                        "pcie_tx_bytes_per_s",
+                        {"network.io.direction": "transmit", "rooftop.source": "gpm"},
+                    ),
+                ],
+                _same,
+            ),
+        )
+        self._gauge("rooftop.gpu.bound", _bound_states)
+        self._gauge("rooftop.gpu.bound.confidence", _bound_confidence)
+
+        self._gauge("rooftop.engine.requests", _engine_requests)
+        self._gauge("rooftop.engine.time_per_output_token", _engine_latency("tpot_ms"))
+        self._gauge("rooftop.engine.time_to_first_token", _engine_latency("ttft_ms"))
+
+        self._gauge("rooftop.agent.queued", _agent_stat("queued"))
+        self._gauge("rooftop.agent.sent", _agent_stat("sent"))
+        self._gauge("rooftop.agent.acked", _agent_stat("acked"))
+        self._gauge("rooftop.agent.rejected", _agent_stat("rejected_batches"))
+        self._gauge("rooftop.agent.reconnects", _agent_stat("reconnects"))
+        self._gauge("rooftop.agent.dropped", _agent_dropped)
+        self._gauge("rooftop.agent.lag", _agent_lag)
+        self._gauge("rooftop.agent.clock.offset", _agent_offset)
+        self._gauge("rooftop.agent.staleness", self._agent_staleness)
+
+        self._gauge("rooftop.collector.batches", _count("batches"))
+        self._gauge("rooftop.collector.samples", _count("samples"))
+        self._gauge("rooftop.collector.duplicates", _count("duplicates"))
+        self._gauge("rooftop.collector.skewed", _count("skewed"))
+        self._gauge("rooftop.collector.missing", _count("missing"))
+        self._gauge("rooftop.collector.streams", _count("streams"))
+        self._gauge("rooftop.collector.rejected", _rejected)
+        self._gauge("rooftop.collector.refused", _refused)
+
+    def _agent_staleness(self, snap: FleetSnapshot) -> Iterable[Observation]:
+        now_s = self._clock()
+        for a in snap.agents:
+            yield Observation(max(0.0, now_s - a.last_seen_s), _agent_attrs(a.hostname, a.agent_id))
+
+
+def _views(limit: int) -> list[View]:
+    # One view per instrument, by exact name: wildcard views would overlap and
+    # export a metric twice.
+    views: list[View] = []
+    for spec in METRICS:
+        buckets = {
+            "gen_ai.server.time_per_output_token": TPOT_BUCKETS_S,
+            "gen_ai.server.time_to_first_token": TTFT_BUCKETS_S,
+        }.get(spec.name)
+        if buckets is not None:
+            views.append(
+                View(
+                    instrument_name=spec.name,
+                    aggregation=ExplicitBucketHistogramAggregation(boundaries=buckets),
+                    aggregation_cardinality_limit=limit,
+                )
+            )
+        else:
+            views.append(View(instrument_name=spec.name, aggregation_cardinality_limit=limit))
+    return views
+
+
+# --- callbacks: pure functions of a snapshot -------------------------------------------------
+
+
+def _ratio(pct: float) -> float:
+    return pct / 100.0  # division, not * 0.01: 95.5 / 100 is exactly 0.955
+
+
+def _same(value: float) -> float:
+    return value
+
+
+def _mhz_to_hz(mhz: float) -> float:
+    return mhz * 1e6
+
+
+def _gpu_field(
+    field: str, convert: Callable[[float], float], extra: dict[str, str]
+) -> Callable[[FleetSnapshot], Iterable[Observation]]:
+    return _gpu_fields([(field, extra)], convert)
+
+
+def _gpu_fields(
+    fields: Sequence[tuple[str, dict[str, str]]], convert: Callable[[float], float]
+) -> Callable[[FleetSnapshot], Iterable[Observation]]:
+    def body(snap: FleetSnapshot) -> Iterable[Observation]:
+        for g in snap.gpus:
+            s = g.sample
+            if s is None or s.lost:
+                continue  # absent means "not measured", never 0
+            base = None
+            for field, extra in fields:
+                value = getattr(s, field)
+                if value is None:
+                    continue
+                base = base or _gpu_attrs(g)
+                yield Observation(convert(value), {**base, **extra})
+
+    return body
+
+
+def _current_bound(g: GpuState) -> Bound | None:
+    if g.sample is not None and g.sample.lost:
+        return Bound.LOST
+    return g.verdict.verdict if g.verdict is not None else None
+
+
+def _bound_states(snap: FleetSnapshot) -> Iterable[Observation]:
+    for g in snap.gpus:
+        current = _current_bound(g)
+        if current is None:
+            continue
+        base = _gpu_attrs(g)
+        cause = g.verdict.cause if g.verdict is not None and current is not Bound.LOST else None
+        for state in _BOUND_STATES:
+            attrs = {**base, "rooftop.bound": bound_value(state)}
+            if state is current and cause is not None:
+                # The cause rides on the one series that is 1, as hw.state's do.
+                attrs["rooftop.bound.cause"] = cause.value
+            yield Observation(1 if state is current else 0, attrs)
+
+
+def _bound_confidence(snap: FleetSnapshot) -> Iterable[Observation]:
+    for g in snap.gpus:
+        if g.verdict is None:
+            continue
+        attrs = {**_gpu_attrs(g), "rooftop.bound": bound_value(g.verdict.verdict)}
+        yield Observation(g.verdict.confidence, attrs)
+
+
+def _engine_base(hostname: str, e: EngineSample) -> dict[str, Any]:
+    return {"host.name": hostname, "rooftop.engine.id": e.engine_id, **_engine_attrs(e)}
+
+
+def _engine_requests(snap: FleetSnapshot) -> Iterable[Observation]:
+    for es in snap.engines:
+        e = es.engine
+        base = _engine_base(es.hostname, e)
+        for state, value in (("running", e.requests_running), ("waiting", e.requests_waiting)):
+            if value is not None:
+                yield Observation(value, {**base, "rooftop.engine.state": state})
+
+
+def _engine_latency(field: str) -> Callable[[FleetSnapshot], Iterable[Observation]]:
+    def body(snap: FleetSnapshot) -> Iterable[Observation]:
+        for es in snap.engines:
+            value = getattr(es.engine, field)
+            if value is not None:
+                yield Observation(value / 1000.0, _engine_base(es.hostname, es.engine))
+
+    return body
+
+
+def _agent_attrs(hostname: str, agent_id: str) -> dict[str, Any]:
+    return {"host.name": hostname, "rooftop.agent.id": agent_id}
+
+
+def _agent_stat(field: str) -> Callable[[FleetSnapshot], Iterable[Observation]]:
+    def body(snap: FleetSnapshot) -> Iterable[Observation]:
+        for a in snap.agents:
+            yield Observation(getattr(a.stats, field), _agent_attrs(a.hostname, a.agent_id))
+
+    return body
+
+
+def _agent_dropped(snap: FleetSnapshot) -> Iterable[Observation]:
+    for a in snap.agents:
+        base = _agent_attrs(a.hostname, a.agent_id)
+        for reason, value in (
+            ("spool_full", a.stats.dropped_spool_full),
+            ("corrupt", a.stats.dropped_corrupt),
+            ("invalid", a.stats.dropped_invalid),
+        ):
+            yield Observation(value, {**base, "rooftop.drop.reason": reason})
+
+
+def _agent_lag(snap: FleetSnapshot) -> Iterable[Observation]:
+    for a in snap.agents:
+        if a.lag_s is not None:
+            yield Observation(a.lag_s, _agent_attrs(a.hostname, a.agent_id))
+
+
+def _agent_offset(snap: FleetSnapshot) -> Iterable[Observation]:
+    for a in snap.agents:
+        if a.clock_offset_s is not None:
+            yield Observation(a.clock_offset_s, _agent_attrs(a.hostname, a.agent_id))
+
+
+def _count(field: str) -> Callable[[FleetSnapshot], Iterable[Observation]]:
+    def body(snap: FleetSnapshot) -> Iterable[Observation]:
+        yield Observation(getattr(snap.counts, field))
+
+    return body
+
+
+def _rejected(snap: FleetSnapshot) -> Iterable[Observation]:
+    for reason, value in snap.counts.rejected:
+        yield Observation(value, {"rooftop.reject.reason": reason})
+
+
+def _refused(snap: FleetSnapshot) -> Iterable[Observation]:
+    for reason, value in snap.counts.refused:
+        yield Observation(value, {"rooftop.refuse.reason": reason})

@@ -1,0 +1,182 @@
+"""Pure encoders between the agent's model and the protobuf schema (no I/O, no sockets).
+
+``record_to_proto`` / ``record_from_proto`` round-trip every sample kind; proto3
+``optional`` fields stay absent when the model says ``None``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from rooftop.common.model import (
+    Bound,
+    Cause,
+    EngineSample,
+    Evidence,
+    GpuProcess,
+    GpuSample,
+    HostProcess,
+    HostSample,
+    Provenance,
+    Record,
+    Verdict,
+)
+from rooftop.v1 import telemetry_pb2 as pb
+
+__all__ = [
+    "record_from_proto",
+    "record_to_proto",
+    "timestamp",
+    "timestamp_s",
+    "verdict_from_proto",
+    "verdict_to_proto",
+]
+
+_NESTED = {"processes", "gpu_indices", "time_s"}
+
+
+def timestamp(time_s: float) -> Timestamp:
+    """A protobuf Timestamp for Unix epoch seconds."""
+    # Microseconds: a float epoch carries no more, and round-trips then stay exact.
+    micros = round(time_s * 1e6)
+    return Timestamp(seconds=micros // 1_000_000, nanos=(micros % 1_000_000) * 1000)
+
+
+def timestamp_s(ts: Timestamp) -> float:
+    """Unix epoch seconds for a protobuf Timestamp."""
+    return float(ts.seconds) + ts.nanos / 1e9
+
+
+# Per class, once: dataclasses.fields() on every record was a measurable share of encoding.
+_SCALAR_NAMES: dict[type, tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls) if f.name not in _NESTED)
+    for cls in (GpuSample, EngineSample, HostSample, HostProcess)
+}
+
+
+def _scalars(obj: Any) -> dict[str, Any]:
+    values = {name: getattr(obj, name) for name in _SCALAR_NAMES[type(obj)]}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def record_to_proto(record: Record) -> pb.TraceRecord:
+    """Encode one sample as a ``TraceRecord``."""
+    if isinstance(record, GpuSample):
+        gpu = pb.GpuSample(time=timestamp(record.time_s), **_scalars(record))
+        gpu.processes.extend(
+            pb.GpuProcess(pid=p.pid, gpu_mem_bytes=p.gpu_mem_bytes) for p in record.processes
+        )
+        return pb.TraceRecord(gpu=gpu)
+    if isinstance(record, EngineSample):
+        engine = pb.EngineSample(
+            time=timestamp(record.time_s), gpu_indices=record.gpu_indices, **_scalars(record)
+        )
+        return pb.TraceRecord(engine=engine)
+    host = pb.HostSample(time=timestamp(record.time_s), cpu_pct=record.cpu_pct)
+    host.processes.extend(
+        pb.HostProcess(gpu_indices=p.gpu_indices, **_scalars(p)) for p in record.processes
+    )
+    return pb.TraceRecord(host=host)
+
+
+def _present(msg: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    return {n: getattr(msg, n) for n in names if msg.HasField(n)}
+
+
+def _optional_names(cls: type) -> tuple[str, ...]:
+    return tuple(
+        f.name for f in dataclasses.fields(cls) if f.name not in _NESTED and "None" in str(f.type)
+    )
+
+
+_GPU_OPTIONAL = _optional_names(GpuSample)
+_ENGINE_OPTIONAL = _optional_names(EngineSample)
+_HOST_PROC_OPTIONAL = _optional_names(HostProcess)
+
+
+def record_from_proto(msg: pb.TraceRecord) -> Record:
+    """Decode a ``TraceRecord``; raises ``ValueError`` when it holds no record."""
+    kind = msg.WhichOneof("record")
+    if kind == "gpu":
+        g = msg.gpu
+        return GpuSample(
+            time_s=timestamp_s(g.time),
+            gpu_index=g.gpu_index,
+            gpu_uuid=g.gpu_uuid,
+            gpu_name=g.gpu_name,
+            processes=tuple(
+                GpuProcess(p.pid, p.gpu_mem_bytes if p.HasField("gpu_mem_bytes") else None)
+                for p in g.processes
+            ),
+            lost=g.lost,
+            **_present(g, _GPU_OPTIONAL),
+        )
+    if kind == "engine":
+        e = msg.engine
+        return EngineSample(
+            time_s=timestamp_s(e.time),
+            engine_id=e.engine_id,
+            gpu_indices=tuple(e.gpu_indices),
+            **_present(e, _ENGINE_OPTIONAL),
+        )
+    if kind == "host":
+        h = msg.host
+        return HostSample(
+            time_s=timestamp_s(h.time),
+            cpu_pct=h.cpu_pct if h.HasField("cpu_pct") else None,
+            processes=tuple(
+                HostProcess(
+                    pid=p.pid, gpu_indices=tuple(p.gpu_indices), **_present(p, _HOST_PROC_OPTIONAL)
+                )
+                for p in h.processes
+            ),
+        )
+    raise ValueError("TraceRecord holds none of gpu, engine, host")
+
+
+def verdict_to_proto(v: Verdict) -> pb.Verdict:
+    """Encode a verdict for the stream."""
+    msg = pb.Verdict(
+        window_start=timestamp(v.window_start_s),
+        window_end=timestamp(v.window_end_s),
+        gpu_index=v.gpu_index,
+        gpu_uuid=v.gpu_uuid,
+        verdict=v.verdict.value,
+        confidence=v.confidence,
+        rule=v.rule,
+        recommendations=v.recommendations,
+        samples=v.samples,
+        active_samples=v.active_samples,
+    )
+    if v.cause is not None:
+        msg.cause = v.cause.value
+    msg.evidence.extend(
+        pb.Evidence(name=e.name, value=e.value, provenance=e.provenance.value) for e in v.evidence
+    )
+    msg.regimes.extend(pb.RegimeShare(regime=b.value, share=s) for b, s in v.regimes)
+    return msg
+
+
+def verdict_from_proto(msg: pb.Verdict, gpu_name: str = "") -> Verdict:
+    """Decode a verdict; raises ``ValueError`` on unknown enum strings."""
+    return Verdict(
+        gpu_index=msg.gpu_index,
+        gpu_uuid=msg.gpu_uuid,
+        gpu_name=gpu_name,
+        verdict=Bound(msg.verdict),
+        cause=Cause(msg.cause) if msg.HasField("cause") else None,
+        confidence=msg.confidence,
+        rule=msg.rule,
+        evidence=tuple(
+            Evidence(e.name, e.value, Provenance(e.provenance)) for e in msg.evidence
+        ),
+        recommendations=tuple(msg.recommendations),
+        regimes=tuple((Bound(r.regime), r.share) for r in msg.regimes),
+        samples=msg.samples,
+        active_samples=msg.active_samples,
+        window_start_s=timestamp_s(msg.window_start),
+        window_end_s=timestamp_s(msg.window_end),
+    )
