@@ -8,12 +8,16 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from rooftop import __version__
 from rooftop.common.errors import NvmlUnavailable, RooftopError
+
+if TYPE_CHECKING:
+    from rooftop.agent.daemon import BatchSink
+    from rooftop.common.otlp import OtlpExport
 
 __all__ = ["main"]
 
@@ -146,7 +150,8 @@ def _fleet_status(
     auth: dict[str, Any],
 ) -> Any:
     """Ask ``collector`` for the fleet's status (``rooftop.v1.Query``)."""
-    from rooftop.agent.stream import ClientAuth, query_fleet_status  # noqa: PLC0415 — grpc
+    from rooftop.agent.credentials import ClientAuth  # noqa: PLC0415 — grpc
+    from rooftop.agent.fleet_query import query_fleet_status  # noqa: PLC0415
 
     timeout_s = auth.pop("timeout_s")
     client = ClientAuth(**auth)
@@ -409,6 +414,7 @@ def roofline(
 ) -> None:
     """Will a model fit, and what TPOT floor does the GPU's bandwidth allow?"""
     from rooftop.agent import roofline as rl  # noqa: PLC0415 — keeps `agentctl --help` fast
+    from rooftop.agent import roofline_report  # noqa: PLC0415
     from rooftop.common.errors import RooflineError  # noqa: PLC0415
 
     try:
@@ -429,11 +435,11 @@ def roofline(
     result = rl.analyze(model, gpu, batch, context, dtype, kv_dtype)
     others = rl.compare(model, batch, context, dtype, kv_dtype)
     if plot_path is not None:
-        rl.plot_roofline(result, plot_path)
+        roofline_report.plot_roofline(result, plot_path)
     if as_json:
-        click.echo(json.dumps(rl.to_dict(result, others), indent=2))
+        click.echo(json.dumps(roofline_report.to_dict(result, others), indent=2))
     else:
-        click.echo(rl.format_report(result, others))
+        click.echo(roofline_report.format_report(result, others))
     if plot_path is not None:
         click.echo(f"wrote roofline chart to {plot_path}", err=True)
 
@@ -531,7 +537,23 @@ def agent_command(
     """Run the node agent: sample, classify and stream to the collector until SIGTERM."""
     from rooftop.agent.daemon import run_agent  # noqa: PLC0415 — keeps grpc off the other commands
 
-    sys.exit(run_agent(config_path, fake=fake, fake_gpus=fake_gpus, log_level=log_level))
+    sys.exit(
+        run_agent(
+            config_path,
+            fake=fake,
+            fake_gpus=fake_gpus,
+            log_level=log_level,
+            direct_otlp=direct_otlp_sink,
+        )
+    )
+
+
+def direct_otlp_sink(export: OtlpExport) -> BatchSink:
+    """The agent's ``[otlp]`` export: the collector's fleet and OTLP code, in this process."""
+    # Imported only then: the OTel SDK and exporters add ~6 MiB of RSS (measured).
+    from rooftop.collector.direct import DirectExporter  # noqa: PLC0415
+
+    return DirectExporter(export)
 
 
 # --- demo -----------------------------------------------------------------------------

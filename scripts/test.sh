@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the tests need (Python packages, a Prometheus server) and run
-# every check: ruff, mypy, then pytest. GPU tests skip themselves without a GPU.
+# every check: ruff, mypy, the import layering contracts, then pytest. GPU tests
+# skip themselves without a GPU.
 # Usage: scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,8 @@ echo "== ruff"
 .venv/bin/ruff check .
 echo "== mypy"
 .venv/bin/mypy
+echo "== import layering (import-linter)"
+.venv/bin/lint-imports --no-cache
 echo "== pytest"
 set +e
 .venv/bin/python -m pytest "$@"

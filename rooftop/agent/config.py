@@ -35,14 +35,15 @@ import math
 import os
 import re
 import socket
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rooftop.agent.hooks._core import DEFAULT_SOCKET_PATH
+from rooftop.common.configfile import line_of, read_toml
 from rooftop.common.errors import ConfigError
+from rooftop.common.otlp import OtlpExport
 
 __all__ = ["CONFIG_ENV", "ENV_PREFIX", "ENV_VARS", "AgentConfig", "load_config"]
 
@@ -249,29 +250,6 @@ def _from_env(key: str, text: str) -> Any:
     return _from_toml(key, text)
 
 
-def line_of(text: str, key: str) -> int | None:
-    """The line where ``key`` is set (or opened as a table), for the error message."""
-    pattern = re.compile(
-        rf"""^[ \t]*(\[[ \t]*)?["']?{re.escape(key)}["']?[ \t]*(=|\]|\.)""", re.MULTILINE
-    )
-    match = pattern.search(text)
-    return None if match is None else text.count("\n", 0, match.start()) + 1
-
-
-def _read_toml(path: Path) -> tuple[dict[str, Any], str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text: {exc.reason}") from exc
-    try:
-        return tomllib.loads(text), text
-    except tomllib.TOMLDecodeError as exc:
-        # The message already says "(at line N, column M)".
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-
-
 # Tables allowed in the file, each shorthand for its prefixed keys: [otlp] endpoint = ...
 # is otlp_endpoint = ... (one flat key space keeps one ROOFTOP_<KEY> per key).
 _TABLES = ("otlp",)
@@ -309,7 +287,7 @@ def load_config(
         path = Path(env[CONFIG_ENV])
     values: dict[str, Any] = {}
     if path is not None:
-        data, text = _read_toml(path)
+        data, text = read_toml(path)
         for key, value in _flatten_tables(data).items():
             line = line_of(text, key) or line_of(text, key.partition("_")[0])
             where = f"{path}:{line}" if line else str(path)
@@ -335,3 +313,22 @@ def load_config(
         if path is None:
             raise
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def otlp_export(config: AgentConfig) -> OtlpExport | None:
+    """The OTLP destination the agent config names; None when ``otlp_endpoint`` is empty."""
+    if not config.otlp_endpoint:
+        return None
+    headers = tuple(
+        sorted(
+            (k.strip(), v.strip()) for k, _, v in (h.partition("=") for h in config.otlp_headers)
+        )
+    )
+    return OtlpExport(
+        endpoint=config.otlp_endpoint,
+        protocol="grpc" if config.otlp_protocol == "grpc" else "http/protobuf",
+        interval_s=config.otlp_interval_s,
+        timeout_s=config.otlp_timeout_s,
+        insecure=config.otlp_insecure,
+        headers=headers,
+    )

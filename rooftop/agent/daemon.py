@@ -11,7 +11,7 @@
     with [otlp]:          each batch ─► direct OTLP (a local fleet) ─► OTLP, no collector needed
 
 TLS, mTLS and the bearer token come from the config (``ca_file``, ``cert_file``,
-``key_file``, ``token_file``) through ``stream.ClientAuth``, re-read at each reconnect.
+``key_file``, ``token_file``) through ``credentials.ClientAuth``, re-read at each reconnect.
 
 SIGTERM / SIGINT → stop sampling, spool what is buffered, wait for the collector's
 acks up to ``shutdown_timeout_s``, exit 0. What is not acked by then stays in the
@@ -23,127 +23,55 @@ from __future__ import annotations
 
 import logging
 import os
-import select
-import signal
-import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from rooftop.agent.batcher import Batcher
 from rooftop.agent.classifier import Hysteresis, classify
-from rooftop.agent.config import AgentConfig, load_config
+from rooftop.agent.config import AgentConfig, load_config, otlp_export
+from rooftop.agent.credentials import ClientAuth
 from rooftop.agent.diagnose import FakeSpec, open_backend, open_host_sensor
 from rooftop.agent.engines.sources import EngineEndpoint, EngineSources
 from rooftop.agent.sampler import Sampler
 from rooftop.agent.sensors.base import Clock, GpuBackend, HostSensor
 from rooftop.agent.sensors.replay import ReplayBackend
 from rooftop.agent.spool import Spool
-from rooftop.agent.stream import Batcher, ClientAuth, Streamer
+from rooftop.agent.stream import Streamer
 from rooftop.agent.window import build_window
 from rooftop.common.codec import record_to_proto, verdict_to_proto
 from rooftop.common.errors import ConfigError, RooftopError
 from rooftop.common.model import GpuSample, HostSample, Record
+from rooftop.common.otlp import OtlpExport
+from rooftop.common.systemd import StopSignals, sd_notify, watchdog_interval_s
 from rooftop.v1 import telemetry_pb2 as pb
 
-if TYPE_CHECKING:
-    from rooftop.agent.otlp import DirectExporter
-
-__all__ = ["Agent", "StopSignals", "backend_from_spec", "run_agent", "sd_notify"]
+__all__ = ["Agent", "BatchSink", "backend_from_spec", "run_agent"]
 
 log = logging.getLogger(__name__)
 
-NOTIFY_SOCKET_ENV = "NOTIFY_SOCKET"
-WATCHDOG_USEC_ENV = "WATCHDOG_USEC"
-WATCHDOG_PID_ENV = "WATCHDOG_PID"
 
+class BatchSink(Protocol):
+    """Where the daemon's batches also go, beside the spool: direct OTLP export.
 
-def sd_notify(state: str, env: Mapping[str, str] | None = None) -> bool:
-    """Send ``state`` (e.g. ``"READY=1"``) to systemd's ``$NOTIFY_SOCKET``; False if none.
-
-    Stdlib only: one datagram on a Unix socket (``@name`` is the abstract namespace).
-    """
-    address = (os.environ if env is None else env).get(NOTIFY_SOCKET_ENV)
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(state.encode())
-    except OSError as exc:
-        log.debug("sd_notify(%s): %s", state, exc)
-        return False
-    return True
-
-
-# The longest a wait for SIGTERM / SIGINT goes unchecked (``StopSignals.wait``).
-_SIGNAL_POLL_S = 1.0
-
-
-class StopSignals:
-    """SIGTERM and SIGINT, waited for safely from the main thread (a context manager).
-
-    The handler only records the signal: no ``Event.set()``, no logging, since both
-    take locks. Python runs a handler in the main thread between two bytecodes,
-    wherever that thread is, even inside a lock the handler would take: an
-    ``Event.set()`` here once ran inside ``Event.wait()``, which held the Event's lock,
-    and waited for itself forever (SIGTERM hung the agent for good).
-
-    Waking: Python's C-level handler writes to a socketpair (``signal.set_wakeup_fd``)
-    in whichever thread the kernel gave the signal to, often one of gRPC's, where
-    nothing would interrupt the main thread's wait; ``wait`` selects on it. Off the
-    main thread (tests) no handler is installed and ``wait`` just waits.
+    ``agentctl agent`` passes ``rooftop.collector.direct.DirectExporter``; the agent
+    does not import the collector, so the two roles stay apart.
     """
 
-    def __init__(self) -> None:
-        self.received: list[int] = []
-        self._previous: dict[signal.Signals, Any] = {}
-        self._previous_fd: int | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_w.setblocking(False)
+    def start(self) -> None:
+        """Begin exporting."""
 
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            self._previous_fd = signal.set_wakeup_fd(
-                self._wake_w.fileno(), warn_on_full_buffer=False
-            )
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._on_signal)
-        return self
+    def observe(self, batch: pb.Batch) -> None:
+        """Take one batch the daemon made (on the sampler thread; must not block)."""
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        del frame
-        self.received.append(signum)
+    def flush(self, timeout_s: float) -> bool:
+        """Export now; True when done within ``timeout_s``."""
 
-    def wait(self, timeout_s: float | None = None) -> str | None:
-        """Wait up to ``timeout_s`` (default 1 s); the signal's name (``SIGTERM``) once one came."""
-        timeout_s = _SIGNAL_POLL_S if timeout_s is None else timeout_s
-        if not self.received and select.select([self._wake_r], [], [], timeout_s)[0]:
-            self._wake_r.recv(64)
-        return signal.Signals(self.received[0]).name if self.received else None
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        if self._previous_fd is not None:
-            signal.set_wakeup_fd(self._previous_fd)
-        self._wake_r.close()
-        self._wake_w.close()
-
-
-def watchdog_interval_s(env: Mapping[str, str]) -> float | None:
-    """Half of systemd's ``WatchdogSec`` (as systemd advises), when it is set for us."""
-    usec = env.get(WATCHDOG_USEC_ENV, "")
-    pid = env.get(WATCHDOG_PID_ENV, "")
-    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
-        return None
-    return int(usec) / 2e6
-
+    def shutdown(self, timeout_s: float) -> None:
+        """Final export, then stop (idempotent)."""
 
 def backend_from_spec(spec: str, fake_gpus: int = 1) -> GpuBackend:
     """The ``GpuBackend`` that ``backend`` in the config names.
@@ -181,12 +109,16 @@ class Agent:
         clock: Clock = time.time,
         monotonic: Clock = time.monotonic,
         env: Mapping[str, str] | None = None,
+        direct_otlp: Callable[[OtlpExport], BatchSink] | None = None,
     ) -> None:
         """Open everything the agent needs; nothing runs until ``start()``.
 
+        ``direct_otlp`` makes the sink for an ``[otlp]`` endpoint in the config.
+
         Raises:
             ConfigError: no collector (nor OTLP endpoint), plaintext not explicitly
-                allowed, or unreadable TLS files or token.
+                allowed, or unreadable TLS files or token; an ``[otlp]`` endpoint
+                without ``direct_otlp``.
             NvmlUnavailable: the config says ``nvml`` and there is no driver.
         """
         if not config.collectors and not config.otlp_endpoint:
@@ -247,12 +179,15 @@ class Agent:
                 backoff_base_s=config.backoff_base_s,
                 backoff_max_s=config.backoff_max_s,
             )
-        self.otlp: DirectExporter | None = None
-        if config.otlp_endpoint:
-            # Imported only then: the OTel SDK and exporters add ~6 MiB of RSS (measured).
-            from rooftop.agent.otlp import DirectExporter, otlp_export  # noqa: PLC0415
-
-            self.otlp = DirectExporter(otlp_export(config))
+        self.otlp: BatchSink | None = None
+        export = otlp_export(config)
+        if export is not None:
+            if direct_otlp is None:
+                raise ConfigError(
+                    "otlp_endpoint: direct OTLP export is not available here "
+                    "(run the agent with agentctl agent)"
+                )
+            self.otlp = direct_otlp(export)
         self.hysteresis = Hysteresis(hold=config.hysteresis_windows)
 
         self._lock = threading.Lock()  # the buffers below: sampler thread vs flush
@@ -425,8 +360,11 @@ def run_agent(
     fake: str | None = None,
     fake_gpus: int | None = None,
     log_level: str = "info",
+    direct_otlp: Callable[[OtlpExport], BatchSink] | None = None,
 ) -> int:
     """``agentctl agent``: load the config, run until SIGTERM; the exit status.
+
+    ``direct_otlp`` makes the sink for an ``[otlp]`` endpoint (see ``Agent``).
 
     Raises:
         ConfigError: a bad config (one line, naming the key).
@@ -442,4 +380,4 @@ def run_agent(
     if fake_gpus is not None:
         overrides["fake_gpus"] = fake_gpus
     config = load_config(config_path, overrides=overrides)
-    return Agent(config).run()
+    return Agent(config, direct_otlp=direct_otlp).run()

@@ -32,6 +32,7 @@ restart resends little that the collector already has; it de-duplicates the rest
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
+from rooftop.common.counters import Counters
 from rooftop.common.errors import ConfigError
 from rooftop.v1 import telemetry_pb2 as pb
 
@@ -152,21 +154,21 @@ def _scan(data: bytes) -> tuple[list[tuple[int, int, str, int]], int]:
 
 @dataclass(frozen=True, slots=True)
 class SpoolStats:
-    """Counters of a spool at one moment."""
+    """Counters of a spool at one moment (the first two and the sizes are gauges)."""
 
-    queued: int  # batches not yet acked (ring and disk)
-    queued_bytes: int
-    appended: int
-    acked: int
-    recovered: int  # batches found on disk at start
-    dropped_full: int
-    dropped_corrupt: int
-    dropped_invalid: int  # could not be framed at all
-    segments: int
-    disk_bytes: int
-    ring_bytes: int
-    fsyncs: int
-    write_errors: int
+    queued: int = 0  # batches not yet acked (ring and disk)
+    queued_bytes: int = 0
+    appended: int = 0
+    acked: int = 0
+    recovered: int = 0  # batches found on disk at start
+    dropped_full: int = 0
+    dropped_corrupt: int = 0
+    dropped_invalid: int = 0  # could not be framed at all
+    segments: int = 0
+    disk_bytes: int = 0
+    ring_bytes: int = 0
+    fsyncs: int = 0
+    write_errors: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -262,14 +264,7 @@ class Spool:
         self._unsynced = False
         self._last_fsync_s = -math.inf
         self._last_error_log_s = -math.inf
-        self._appended = 0
-        self._acked_total = 0
-        self._recovered = 0
-        self._dropped_full = 0
-        self._dropped_corrupt = 0
-        self._dropped_invalid = 0
-        self._fsyncs = 0
-        self._write_errors = 0
+        self._counts = Counters(SpoolStats)
 
         self._work = threading.Event()  # appended since the writer last looked
         self._wake = threading.Event()  # write now: the ring is filling, or shutdown
@@ -316,12 +311,12 @@ class Spool:
                 data = path.read_bytes()
             except OSError as exc:
                 log.warning("spool: skipping unreadable segment %s: %s", path, exc)
-                self._dropped_corrupt += 1
+                self._counts.add(dropped_corrupt=1)
                 continue
             found, corrupt = _scan(data)
             if corrupt:
                 log.warning("spool: %s: skipped %d corrupt or torn record(s)", path, corrupt)
-                self._dropped_corrupt += corrupt
+                self._counts.add(dropped_corrupt=corrupt)
             segment = _Segment(index, path, size_bytes=len(data))
             for offset, size, boot_id, seq in found:
                 key = (boot_id, seq)
@@ -334,12 +329,12 @@ class Spool:
                 continue
             self._segments[index] = segment
             self._disk_bytes += segment.size_bytes
-        self._recovered = self._queued
+        self._counts.set(recovered=self._queued)
         boots = {e.boot_id for e in self._entries}
         self._acked = {b: s for b, s in acked.items() if b in boots}
         self._acks_dirty = self._acked != acked
-        if self._recovered:
-            log.info("spool %s: %d unacked batch(es) from before", self.directory, self._recovered)
+        if self._queued:
+            log.info("spool %s: %d unacked batch(es) from before", self.directory, self._queued)
 
     def _ordinal(self) -> int:
         self._next_ordinal += 1
@@ -375,24 +370,24 @@ class Spool:
         except (ValueError, struct.error) as exc:
             log.warning("spool: cannot frame batch %s/%d: %s", batch.boot_id, batch.seq, exc)
             with self._lock:
-                self._dropped_invalid += 1
+                self._counts.add(dropped_invalid=1)
             return
         with self._lock:
             if len(record) > min(self.ring_max_bytes, _RECORD_MAX_BYTES):
                 log.warning("spool: batch %d is %d bytes, over the ring", batch.seq, len(record))
-                self._dropped_invalid += 1
+                self._counts.add(dropped_invalid=1)
                 return
             entry = _Entry(self._ordinal(), batch.boot_id, batch.seq, len(record), record)
             self._add_entry(entry)
             self._ring.append(entry)
             self._ring_bytes += entry.size_bytes
-            self._appended += 1
+            self._counts.add(appended=1)
             self._work.set()
             while self._ring_bytes > self.ring_max_bytes and len(self._ring) > 1:
                 old = self._ring.popleft()
                 self._ring_bytes -= old.size_bytes
                 if self._mark_gone(old):
-                    self._dropped_full += 1
+                    self._counts.add(dropped_full=1)
             self._pop_front()
             if self._ring_bytes > self.ring_max_bytes // 2:
                 self._wake.set()  # write early rather than drop
@@ -450,7 +445,7 @@ class Spool:
             with self._lock:
                 for entry in corrupt:
                     if self._mark_gone(entry):
-                        self._dropped_corrupt += 1
+                        self._counts.add(dropped_corrupt=1)
                 self._pop_front()
         return batches
 
@@ -487,7 +482,7 @@ class Spool:
             for entry in settled:
                 self._queued -= 1
                 self._queued_bytes -= entry.size_bytes
-            self._acked_total += len(settled)
+            self._counts.add(acked=len(settled))
             self._pop_front()
             return len(settled)
 
@@ -629,7 +624,7 @@ class Spool:
                     for entry in self._entries[self._head :]:
                         if entry.segment == oldest.index and self._mark_gone(entry):
                             dropped += 1
-                    self._dropped_full += dropped
+                    self._counts.add(dropped_full=dropped)
                     self._pop_front()
                     if oldest.index in self._segments:
                         self._remove_segment(oldest)
@@ -672,7 +667,7 @@ class Spool:
 
     def _do_fsync(self, fd: int) -> None:
         self._fsync(fd)
-        self._fsyncs += 1
+        self._counts.add(fsyncs=1)
         self._unsynced = False
         self._last_fsync_s = self._clock()
 
@@ -690,7 +685,7 @@ class Spool:
 
     def _on_write_error(self, exc: OSError, unwritten: list[_Entry]) -> None:
         with self._lock:
-            self._write_errors += 1
+            self._counts.add(write_errors=1)
             # Back to the ring, oldest first: the stream can still send them from memory.
             for entry in reversed(unwritten):
                 if entry.data is not None and not entry.popped:
@@ -726,7 +721,7 @@ class Spool:
         except OSError as exc:
             with self._lock:
                 self._acks_dirty = True
-                self._write_errors += 1
+                self._counts.add(write_errors=1)
             log.debug("spool: cannot save acks: %s", exc)
 
     # --- lifecycle ------------------------------------------------------------------
@@ -795,18 +790,11 @@ class Spool:
     def stats(self) -> SpoolStats:
         """A snapshot of the counters."""
         with self._lock:
-            return SpoolStats(
+            return dataclasses.replace(
+                self._counts.get(),
                 queued=self._queued,
                 queued_bytes=self._queued_bytes,
-                appended=self._appended,
-                acked=self._acked_total,
-                recovered=self._recovered,
-                dropped_full=self._dropped_full,
-                dropped_corrupt=self._dropped_corrupt,
-                dropped_invalid=self._dropped_invalid,
                 segments=len(self._segments),
                 disk_bytes=self._disk_bytes,
                 ring_bytes=self._ring_bytes,
-                fsyncs=self._fsyncs,
-                write_errors=self._write_errors,
             )

@@ -1,80 +1,56 @@
-"""Stream: the agent's only network edge, and its only ``grpc`` importer (DESIGN §7).
+"""Stream: the agent's network edge to the collector (DESIGN §7).
 
 One long-lived bidi ``Ingest.Stream`` per agent::
 
     spool.pending ──► sender (grpc's request thread) ──► Batch ──► collector
     spool.ack     ◄── reader (the streamer's thread) ◄── Ack   ◄──┘  (cumulative)
 
-``Batcher`` numbers batches (agent_id, boot_id, seq 1, 2, 3 …) and keeps each within
-the transport limits (≤ 1 MiB, ≤ 500 samples) by splitting *before* a seq is given,
-so a split never collides with the collector's de-duplication. ``Streamer`` sends what
-the spool holds, oldest first, at most ``max_in_flight`` unacked; every batch carries
-the agent's self-metrics in ``Batch.stats``. An ``Ack.rejected_seq`` (a poison batch)
-is counted and consumed, never resent. On any failure it moves to the next collector
-address at once; after a full round of failures it backs off 1 s × 1.6ⁿ with ±20 %
-jitter, capped at 30 s. Delivery is at-least-once up to the spool's capacity.
+``Streamer`` sends what the spool holds, oldest first, at most ``max_in_flight``
+unacked; every batch carries the agent's self-metrics in ``Batch.stats``. An
+``Ack.rejected_seq`` (a poison batch) is counted and consumed, never resent. On any
+failure it moves to the next collector address at once; after a full round of
+failures it backs off 1 s × 1.6ⁿ with ±20 % jitter, capped at 30 s. Delivery is
+at-least-once up to the spool's capacity.
 
-``ClientAuth`` is what the agent (and ``agentctl status``) presents: TLS roots, an
-mTLS client certificate, a bearer token (``authorization: Bearer …``, never over
-plaintext). Each stream re-reads whichever of those files changed since the last
-one (mtime, size, inode), so certificates and tokens rotate without a restart; the
-agent also names itself in ``x-rooftop-agent-id`` so that the collector can refuse
-a claimed id that is not its certificate's before any handler runs.
-``query_fleet_status`` is the client of the collector's ``rooftop.v1.Query``.
+Batches come from ``batcher.Batcher``; what the agent presents (TLS, token) from
+``credentials.ClientAuth``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
-import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
+from rooftop.agent.batcher import STATS_MAX_BYTES
+from rooftop.agent.credentials import ClientAuth
 from rooftop.agent.spool import Key, Spool
 from rooftop.common.codec import timestamp
-from rooftop.common.errors import ConfigError, Rejected, Retryable, StreamError
-from rooftop.common.reloading import FileSignature, file_signature
+from rooftop.common.counters import Counters
+from rooftop.common.errors import Rejected, Retryable, StreamError
+from rooftop.common.wire import AGENT_ID_METADATA, DEFAULT_MAX_MESSAGE_BYTES
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
 
 __all__ = [
-    "AGENT_ID_METADATA",
-    "DEFAULT_MAX_BATCH_BYTES",
-    "DEFAULT_MAX_BATCH_SAMPLES",
-    "DEFAULT_MAX_MESSAGE_BYTES",
-    "Batcher",
-    "ClientAuth",
     "StreamStats",
     "Streamer",
     "backoff_delay_s",
     "channel_options",
     "map_grpc_errors",
-    "query_fleet_status",
 ]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
-DEFAULT_MAX_BATCH_SAMPLES = 500
-# Headroom over a batch for its stats and framing; the collector must accept this.
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-_BATCH_OVERHEAD_BYTES = 1024  # ids, seq, stats, sent_time: a few hundred bytes in practice
-_STATS_MAX_BYTES = 128  # AgentStats (8 varints) + sent_time, with room to spare
-_FIELD_OVERHEAD_BYTES = 6  # tag + length varint of one repeated element (≤ 1 MiB)
-# The agent's claimed id, as call metadata: checked against its client certificate
-# (mTLS) before the collector runs any handler. Each batch's agent_id is checked too.
-AGENT_ID_METADATA = "x-rooftop-agent-id"
-# A whole fleet's status (1,000 nodes x 8 GPUs with details) is several MiB.
-_QUERY_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # Transient by nature: reconnect. Everything else means the collector refused us.
 _RETRYABLE_CODES = frozenset(
@@ -160,256 +136,17 @@ def channel_options(
     ]
 
 
-def read_token(path: Path) -> str:
-    """The bearer token in ``path``: its first line that is neither blank nor a # comment.
-
-    Raises:
-        ConfigError: unreadable, empty, or not a valid header value.
-    """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"token_file {path}: cannot read: {exc}") from exc
-    for line in text.splitlines():
-        token = line.strip()
-        if token and not token.startswith("#"):
-            if not all(33 <= ord(c) < 127 for c in token):
-                raise ConfigError(f"token_file {path}: the token must be printable ASCII")
-            return token
-    raise ConfigError(f"token_file {path} holds no token")
-
-
-class ClientAuth:
-    """TLS roots, an mTLS client certificate and a bearer token, re-read when they change.
-
-    ``credentials()`` and ``metadata()`` are called once per stream (connection): a
-    file whose mtime, size or inode changed since is read again, so rotation needs
-    no restart. A file unreadable *during* a rotation keeps the last good material
-    (logged once per change); unreadable at construction is a ``ConfigError``.
-
-    Args:
-        ca_file: PEM roots for the collector's certificate; None: the system roots.
-        cert_file: PEM client certificate chain (mTLS), with ``key_file``.
-        key_file: its private key.
-        token_file: bearer token, sent as ``authorization: Bearer <token>``.
-        server_name: the name to expect in the collector's certificate when it is not
-            the address dialled (``grpc.ssl_target_name_override``).
-        insecure: plaintext. Refused together with a token: it would travel in the clear.
-    """
-
-    def __init__(
-        self,
-        *,
-        ca_file: Path | None = None,
-        cert_file: Path | None = None,
-        key_file: Path | None = None,
-        token_file: Path | None = None,
-        server_name: str = "",
-        insecure: bool = False,
-    ) -> None:
-        if (cert_file is None) != (key_file is None):
-            raise ConfigError("cert_file and key_file go together (mTLS)")
-        if insecure and token_file is not None:
-            raise ConfigError(
-                "token_file: a bearer token is never sent over plaintext (insecure); use TLS"
-            )
-        if insecure and (ca_file or cert_file or server_name):
-            raise ConfigError("insecure (plaintext) contradicts TLS files or server_name")
-        self.insecure = insecure
-        self._tls_paths = (ca_file, cert_file, key_file)
-        self._token_file = token_file
-        self._server_name = server_name
-        self._lock = threading.Lock()
-        self._tls_sig: FileSignature | None = None
-        self._credentials: grpc.ChannelCredentials | None = None
-        self._token_sig: FileSignature | None = None
-        self._token: str | None = None
-        self._warned: set[FileSignature] = set()
-        if not insecure:
-            self._reload_tls(strict=True)
-        if token_file is not None:
-            self._reload_token(strict=True)
-
-    @classmethod
-    def from_config(cls, config: object) -> ClientAuth:
-        """From anything with the agent config's ``ca_file`` … ``insecure`` attributes."""
-        return cls(
-            ca_file=getattr(config, "ca_file", None),
-            cert_file=getattr(config, "cert_file", None),
-            key_file=getattr(config, "key_file", None),
-            token_file=getattr(config, "token_file", None),
-            server_name=getattr(config, "server_name", ""),
-            insecure=bool(getattr(config, "insecure", False)),
-        )
-
-    def credentials(self) -> grpc.ChannelCredentials | None:
-        """Channel credentials from the current files; None for plaintext."""
-        if self.insecure:
-            return None
-        with self._lock:
-            self._reload_tls(strict=False)
-            return self._credentials
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        """``authorization`` metadata from the current token file; empty without one."""
-        if self._token_file is None:
-            return ()
-        with self._lock:
-            self._reload_token(strict=False)
-            return (("authorization", f"Bearer {self._token}"),)
-
-    def options(self) -> list[tuple[str, str]]:
-        """Channel options: the expected server name, when one is set."""
-        return [("grpc.ssl_target_name_override", self._server_name)] if self._server_name else []
-
-    def _reload_tls(self, *, strict: bool) -> None:
-        sig = file_signature(self._tls_paths)
-        if sig == self._tls_sig:
-            return
-        ca, cert, key = self._tls_paths
-        try:
-            roots = ca.read_bytes() if ca is not None else None
-            chain = cert.read_bytes() if cert is not None else None
-            private = key.read_bytes() if key is not None else None
-        except OSError as exc:
-            if strict:
-                raise ConfigError(f"TLS file unreadable: {exc}") from exc
-            self._warn_once(
-                sig, "TLS files changed but are unreadable (%s): keeping the old ones", exc
-            )
-            return
-        self._credentials = grpc.ssl_channel_credentials(
-            root_certificates=roots, private_key=private, certificate_chain=chain
-        )
-        if self._tls_sig is not None:
-            log.info("TLS files changed: the next connection uses the new ones")
-        self._tls_sig = sig
-
-    def _reload_token(self, *, strict: bool) -> None:
-        assert self._token_file is not None
-        sig = file_signature([self._token_file])
-        if sig == self._token_sig:
-            return
-        try:
-            token = read_token(self._token_file)
-        except ConfigError as exc:
-            if strict:
-                raise
-            self._warn_once(
-                sig, "token file changed but is unusable (%s): keeping the old token", exc
-            )
-            return
-        if self._token_sig is not None and token != self._token:
-            log.info("token file changed: the next connection presents the new token")
-        self._token, self._token_sig = token, sig
-
-    def _warn_once(self, sig: FileSignature, message: str, exc: object) -> None:
-        if sig not in self._warned:
-            self._warned = {sig} if len(self._warned) > 64 else self._warned | {sig}
-            log.warning(message, exc)
-
-
-def query_fleet_status(
-    address: str,
-    auth: ClientAuth,
-    *,
-    node: str = "",
-    detail: bool = False,
-    timeout_s: float = 10.0,
-) -> pb.FleetStatus:
-    """Ask the collector at ``address`` for the fleet's status (``rooftop.v1.Query``).
-
-    Raises:
-        Retryable: the collector is unreachable (UNAVAILABLE, DEADLINE_EXCEEDED, …).
-        Rejected: it refused (UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, …).
-    """
-    options: list[tuple[str, str | int]] = [
-        ("grpc.max_receive_message_length", _QUERY_MAX_MESSAGE_BYTES),
-        ("grpc.enable_retries", 0),
-        *auth.options(),
-    ]
-    credentials = auth.credentials()
-    channel = (
-        grpc.secure_channel(address, credentials, options=options)
-        if credentials is not None
-        else grpc.insecure_channel(address, options=options)
-    )
-    request = pb.FleetStatusRequest(node=node, detail=detail)
-    with channel, map_grpc_errors(address):
-        stub = telemetry_pb2_grpc.QueryStub(channel)
-        return stub.GetFleetStatus(request, metadata=auth.metadata(), timeout=timeout_s)
-
-
-class Batcher:
-    """Numbers batches per boot and keeps each within the transport limits."""
-
-    def __init__(
-        self,
-        agent_id: str,
-        boot_id: str,
-        *,
-        hostname: str | None = None,
-        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
-        max_batch_samples: int = DEFAULT_MAX_BATCH_SAMPLES,
-    ) -> None:
-        self.agent_id = agent_id
-        self.boot_id = boot_id
-        self.hostname = socket.gethostname() if hostname is None else hostname
-        self.max_batch_bytes = max_batch_bytes
-        self.max_batch_samples = max_batch_samples
-        self.last_seq = 0
-
-    def make(
-        self, records: Sequence[pb.TraceRecord], verdicts: Sequence[pb.Verdict] = ()
-    ) -> list[pb.Batch]:
-        """Batches holding ``records`` then ``verdicts``, each within both limits.
-
-        Records keep their order; verdicts ride with the last records (they describe
-        the window that just ended). Nothing in, nothing out: no empty batches.
-        """
-        budget = self.max_batch_bytes - _BATCH_OVERHEAD_BYTES
-        budget -= len(self.agent_id) + len(self.boot_id) + len(self.hostname)
-        parts: list[pb.Batch] = []
-        current: pb.Batch | None = None
-        size = samples = 0
-        items: list[pb.TraceRecord | pb.Verdict] = [*records, *verdicts]
-        for item in items:
-            item_bytes = item.ByteSize() + _FIELD_OVERHEAD_BYTES
-            is_sample = isinstance(item, pb.TraceRecord)
-            full = size + item_bytes > budget or (is_sample and samples >= self.max_batch_samples)
-            if current is None or (full and (size or samples)):
-                current = self._new()
-                parts.append(current)
-                size = samples = 0
-            if isinstance(item, pb.TraceRecord):
-                current.records.append(item)
-                samples += 1
-            else:
-                current.verdicts.append(item)
-            size += item_bytes
-        return parts
-
-    def _new(self) -> pb.Batch:
-        self.last_seq += 1
-        return pb.Batch(
-            agent_id=self.agent_id,
-            boot_id=self.boot_id,
-            seq=self.last_seq,
-            hostname=self.hostname,
-        )
-
-
 @dataclass(frozen=True, slots=True)
 class StreamStats:
     """The streamer's own counters (the spool's are in ``SpoolStats``)."""
 
-    sent: int  # batches written to a stream, resends included
-    acked: int  # batches settled by a collector ack
-    rejected_batches: int
-    dropped_invalid: int  # too large to ever send
-    reconnects: int
-    connected: bool
-    address: str | None
+    sent: int = 0  # batches written to a stream, resends included
+    acked: int = 0  # batches settled by a collector ack
+    rejected_batches: int = 0
+    dropped_invalid: int = 0  # too large to ever send
+    reconnects: int = 0
+    connected: bool = False
+    address: str | None = None
 
 
 _Call = grpc.aio.StreamStreamCall[pb.Batch, pb.Ack]
@@ -513,7 +250,6 @@ class Streamer:
         self._rng = rng or random.Random()
         self._wall_clock = wall_clock
 
-        self._lock = threading.Lock()  # counters, read from any thread
         self._stopped = threading.Event()  # for flush's waits, set on shutdown
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -521,11 +257,7 @@ class Streamer:
         self._wake: asyncio.Event | None = None  # loop-side; set via call_soon_threadsafe
         self._session: _Session | None = None
         self._shut = False
-        self._sent = 0
-        self._acked = 0
-        self._rejected = 0
-        self._dropped_invalid = 0
-        self._reconnects = 0
+        self._counts = Counters(StreamStats)
 
     # --- lifecycle (any thread) -----------------------------------------------------
 
@@ -581,31 +313,26 @@ class Streamer:
     def stats(self) -> StreamStats:
         """A snapshot of the streamer's counters."""
         session = self._session
-        with self._lock:
-            return StreamStats(
-                sent=self._sent,
-                acked=self._acked,
-                rejected_batches=self._rejected,
-                dropped_invalid=self._dropped_invalid,
-                reconnects=self._reconnects,
-                connected=session is not None and session.progressed,
-                address=session.address if session is not None else None,
-            )
+        return dataclasses.replace(
+            self._counts.get(),
+            connected=session is not None and session.progressed,
+            address=session.address if session is not None else None,
+        )
 
     def agent_stats(self) -> pb.AgentStats:
         """The self-metrics carried in-band on every batch."""
         spool = self._spool.stats()
-        with self._lock:
-            return pb.AgentStats(
-                queued=spool.queued,
-                sent=self._sent,
-                acked=self._acked,
-                dropped_spool_full=spool.dropped_full,
-                dropped_corrupt=spool.dropped_corrupt,
-                dropped_invalid=self._dropped_invalid + spool.dropped_invalid,
-                reconnects=self._reconnects,
-                rejected_batches=self._rejected,
-            )
+        own = self._counts.get()
+        return pb.AgentStats(
+            queued=spool.queued,
+            sent=own.sent,
+            acked=own.acked,
+            dropped_spool_full=spool.dropped_full,
+            dropped_corrupt=spool.dropped_corrupt,
+            dropped_invalid=own.dropped_invalid + spool.dropped_invalid,
+            reconnects=own.reconnects,
+            rejected_batches=own.rejected_batches,
+        )
 
     # --- the event loop thread ------------------------------------------------------
 
@@ -639,8 +366,7 @@ class Streamer:
         while True:
             address = self._collectors[index]
             if not first:
-                with self._lock:
-                    self._reconnects += 1
+                self._counts.add(reconnects=1)
             first = False
             session = _Session(address)
             try:
@@ -738,13 +464,11 @@ class Streamer:
             )
             self._spool.discard(boot_id, ack.rejected_seq)
             session.settled(boot_id, ack.rejected_seq, only=True)
-            with self._lock:
-                self._rejected += 1
+            self._counts.add(rejected_batches=1)
         if ack.acked_seq:
             settled = self._spool.ack(boot_id, ack.acked_seq)
             session.settled(boot_id, ack.acked_seq)
-            with self._lock:
-                self._acked += settled
+            self._counts.add(acked=settled)
         session.progressed = True
         if self._wake is not None:
             self._wake.set()  # room in flight: the sender may go on
@@ -774,17 +498,15 @@ class Streamer:
             for batch in batches:
                 key = (batch.boot_id, batch.seq)
                 session.cursor = key
-                size_bytes = batch.ByteSize() + _STATS_MAX_BYTES
+                size_bytes = batch.ByteSize() + STATS_MAX_BYTES
                 if size_bytes > self._max_message_bytes:
                     # Would fail the whole stream on every reconnect: drop it, counted.
                     log.error("batch %d is %d bytes, over the message cap", batch.seq, size_bytes)
                     self._spool.discard(*key)
-                    with self._lock:
-                        self._dropped_invalid += 1
+                    self._counts.add(dropped_invalid=1)
                     continue
                 session.in_flight.append(key)
-                with self._lock:
-                    self._sent += 1  # before the snapshot: "sent" includes this batch
+                self._counts.add(sent=1)  # before the snapshot: "sent" includes this batch
                 batch.stats.CopyFrom(self.agent_stats())
                 batch.sent_time.CopyFrom(timestamp(self._wall_clock()))
                 await call.write(batch)

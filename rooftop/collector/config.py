@@ -45,10 +45,11 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from rooftop.agent.config import line_of
+from rooftop.common.configfile import line_of
 from rooftop.common.errors import ConfigError
+from rooftop.common.otlp import OtlpExport
 
 __all__ = ["CollectorConfig", "OtlpExport", "load_config"]
 
@@ -57,21 +58,6 @@ DEFAULT_LISTEN = "0.0.0.0:4850"
 DEFAULT_INSECURE_LISTEN = "127.0.0.1:4850"
 DEFAULT_PROMETHEUS = "127.0.0.1:9464"
 MIB = 1024 * 1024
-
-OtlpProtocol = Literal["grpc", "http/protobuf"]
-
-
-@dataclass(frozen=True, slots=True)
-class OtlpExport:
-    """One OTLP metrics destination."""
-
-    endpoint: str
-    protocol: OtlpProtocol = "grpc"
-    interval_s: float = 10.0
-    timeout_s: float = 10.0
-    insecure: bool = False
-    headers: tuple[tuple[str, str], ...] = ()
-
 
 @dataclass(frozen=True, slots=True)
 class CollectorConfig:

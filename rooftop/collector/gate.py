@@ -15,7 +15,7 @@ terminates TLS itself (``ssl`` on asyncio), on the ingest server's event loop:
 - each relayed connection is registered by its loopback source port, so the gRPC
   side learns who is really calling (``peer``): the remote address and the client
   certificate's CN and SANs. A loopback connection the gate did not make is
-  unknown, and ``ingest.Authenticator`` refuses it.
+  unknown, and ``auth.Authenticator`` refuses it.
 
 Certificates are re-read when their files change (``ServerTls``): each new
 connection's handshake uses the current set; established ones keep their session.
@@ -27,15 +27,13 @@ import asyncio
 import logging
 import socket
 import ssl
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from rooftop.common.errors import ConfigError
-from rooftop.common.reloading import FileSignature, file_signature
+from rooftop.common.reloading import ReloadingFile
 
 __all__ = [
     "HandshakeReason",
@@ -205,54 +203,33 @@ class ServerTls:
     """
 
     def __init__(self, cert_file: Path, key_file: Path, client_ca_file: Path | None) -> None:
-        self._paths = (cert_file, key_file, client_ca_file)
         self.mutual = client_ca_file is not None
-        self._lock = threading.Lock()
-        self._sig = file_signature(self._paths)
-        self._bad_sig: FileSignature | None = None
-        try:
-            self._context = self._load()
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise ConfigError(f"collector TLS files unusable: {exc}") from exc
-
-    def _load(self) -> ssl.SSLContext:
-        cert, key, ca = self._paths
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        # Raises on a key that does not match the certificate (a half-done rotation);
-        # the empty password makes an encrypted key an error instead of a prompt.
-        context.load_cert_chain(cert, key, password="")
-        # gRPC clients insist on HTTP/2 by ALPN.
-        context.set_alpn_protocols(["h2"])
-        if ca is not None:
-            context.load_verify_locations(cafile=ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
+        self._file = ReloadingFile(
+            (cert_file, key_file, client_ca_file),
+            lambda: _server_context(cert_file, key_file, client_ca_file),
+            what="collector TLS files",
+            log=log,
+            describe=lambda old, new: f"reloaded ({cert_file}); new handshakes use them",
+            level=logging.ERROR,
+        )
 
     def context(self) -> ssl.SSLContext:
         """The SSL context for the next handshake: a new one when the files changed."""
-        sig = file_signature(self._paths)
-        with self._lock:
-            if sig in (self._sig, self._bad_sig):
-                return self._context
-            problem: Exception | None = None
-            try:
-                context = self._load()
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                problem = exc
-            if problem is not None:
-                self._bad_sig = sig
-                log.error(
-                    "collector TLS files changed but are unusable (%s): keeping the current "
-                    "certificate",
-                    problem,
-                )
-                return self._context
-            if file_signature(self._paths) != sig:
-                return self._context  # changed again while being read: the next one retries
-            self._sig, self._context = sig, context
-        log.info("collector TLS files reloaded (%s)", self._paths[0])
-        return context
+        return self._file.get()
+
+
+def _server_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Raises on a key that does not match the certificate (a half-done rotation);
+    # the empty password makes an encrypted key an error instead of a prompt.
+    context.load_cert_chain(cert, key, password="")
+    # gRPC clients insist on HTTP/2 by ALPN.
+    context.set_alpn_protocols(["h2"])
+    if ca is not None:
+        context.load_verify_locations(cafile=ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 class _Relay(asyncio.Protocol):

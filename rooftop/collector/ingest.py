@@ -2,14 +2,14 @@
 
 One long-lived bidi stream per agent. Each batch carries (agent_id, boot_id, seq):
 
-- **Dedup**: a seq already applied for that (agent_id, boot_id) is counted as a
+- **Dedup** (``dedup``): a seq already applied for that (agent_id, boot_id) is counted as a
   duplicate and not applied again (a resend after a lost ack).
 - **Cumulative acks**: after applying, the stream acks the highest contiguous seq.
   Acks are coalesced like TCP's delayed acks: one after ``ack_every_batches``
   applied batches, or ``ack_interval_s`` after the first unacked one, whichever
   comes first (per-message acks cost the client 2-3.5x CPU, measured). Keep
   ``ack_every_batches`` below the agent's in-flight window (64) so it never stalls.
-- **Auth** (``Authenticator``, before any handler): TLS, or mTLS where ``agent_id``
+- **Auth** (``auth.Authenticator``, before any handler): TLS, or mTLS where ``agent_id``
   must be the client certificate's CN or a SAN (else PERMISSION_DENIED); and/or a
   bearer token (``authorization: Bearer …`` metadata) checked in constant time
   (UNAUTHENTICATED). A read-only token may call ``Query`` but not ``Ingest``. Health
@@ -42,48 +42,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import inspect
 import logging
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias, cast
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from rooftop.agent.stream import AGENT_ID_METADATA
+from rooftop.collector.auth import (
+    Authenticator,
+    PeerLookup,
+    Refusal,
+    Refusals,
+    RefuseReason,
+    TokenFile,
+    direct_peer,
+    peer_of,
+)
 from rooftop.collector.config import CollectorConfig
+from rooftop.collector.dedup import Deduplicator
 from rooftop.collector.fleet import BatchObserver, Fleet, PoisonBatch, decode_batch
-from rooftop.collector.gate import HandshakeReason, Peer, ServerTls, TlsGate, listen_socket
-from rooftop.collector.query import QUERY_SERVICE_NAME, QueryServicer
+from rooftop.collector.gate import ServerTls, TlsGate, listen_socket
+from rooftop.collector.query import QueryServicer
 from rooftop.common.errors import ConfigError
-from rooftop.common.reloading import FileSignature, file_signature
+from rooftop.common.wire import INGEST_SERVICE, QUERY_SERVICE
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
 
-__all__ = [
-    "SERVICE_NAME",
-    "Authenticator",
-    "Deduplicator",
-    "IngestServer",
-    "IngestServicer",
-    "RefuseReason",
-    "Refusal",
-    "Refusals",
-    "TokenFile",
-    "server_options",
-]
+__all__ = ["IngestServer", "IngestServicer", "server_options"]
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "rooftop.v1.Ingest"
-_HEALTH_PREFIX = "/grpc.health.v1.Health/"
 # Acks are tiny; a whole fleet's status (Query) is several MiB for 1,000 nodes.
 _MAX_SEND_BYTES = 64 * 1024 * 1024
 
@@ -106,87 +99,6 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         # Two collectors must not share a port silently.
         ("grpc.so_reuseport", 0),
     ]
-
-
-# --- dedup ---------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Seqs:
-    contiguous: int = 0  # every seq <= this was applied (or skipped as missing)
-    ahead: set[int] = field(default_factory=set)  # applied seqs above a gap
-    last_used_s: float = 0.0
-
-
-class Deduplicator:
-    """Which seqs of each (agent_id, boot_id) were applied; pure, single-threaded.
-
-    Args:
-        max_ahead: applied seqs kept above a gap before the gap is given up on.
-        max_keys: (agent_id, boot_id) pairs remembered; the least recently used go.
-        clock: for least-recently-used bookkeeping.
-    """
-
-    def __init__(
-        self,
-        *,
-        max_ahead: int = 1024,
-        max_keys: int = 100_000,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._max_ahead = max_ahead
-        self._max_keys = max_keys
-        self._clock = clock
-        self._keys: dict[tuple[str, str], _Seqs] = {}
-
-    def is_duplicate(self, key: tuple[str, str], seq: int) -> bool:
-        """Whether ``seq`` of ``key`` was applied already."""
-        st = self._keys.get(key)
-        return st is not None and (seq <= st.contiguous or seq in st.ahead)
-
-    def acked(self, key: tuple[str, str]) -> int:
-        """The highest contiguous seq applied for ``key`` (0 when none)."""
-        st = self._keys.get(key)
-        return st.contiguous if st is not None else 0
-
-    def commit(self, key: tuple[str, str], seq: int, *, first_on_stream: bool) -> tuple[int, int]:
-        """Record ``seq`` as applied.
-
-        Args:
-            key: (agent_id, boot_id).
-            seq: the applied (or rejected, hence consumed) seq.
-            first_on_stream: no seq of ``key`` was committed on this stream yet: the
-                agent resumed from its oldest retained batch.
-
-        Returns:
-            (highest contiguous seq, seqs skipped as missing).
-        """
-        st = self._keys.get(key)
-        if st is None:
-            if len(self._keys) >= self._max_keys:
-                oldest = min(self._keys, key=lambda k: self._keys[k].last_used_s)
-                del self._keys[oldest]
-            st = self._keys[key] = _Seqs()
-        st.last_used_s = self._clock()
-        skipped = 0
-        if first_on_stream and seq > st.contiguous + 1 and not st.ahead:
-            # The agent resumes from its oldest retained batch: what lies between was
-            # dropped by its spool (or applied by a collector before a restart).
-            skipped = seq - 1 - st.contiguous
-            st.contiguous = seq - 1
-        if seq == st.contiguous + 1:
-            st.contiguous = seq
-        elif seq > st.contiguous:
-            st.ahead.add(seq)
-            if len(st.ahead) > self._max_ahead:
-                # The gap will not fill: stop holding every later ack back for it.
-                low = min(st.ahead)
-                skipped += low - 1 - st.contiguous
-                st.contiguous = low - 1
-        while st.contiguous + 1 in st.ahead:
-            st.contiguous += 1
-            st.ahead.discard(st.contiguous)
-        return st.contiguous, skipped
 
 
 # --- servicer ------------------------------------------------------------------------------
@@ -253,7 +165,7 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         context: grpc.aio.ServicerContext[pb.Batch, pb.Ack],
     ) -> AsyncIterator[pb.Ack]:
         """One agent's stream: batches in, cumulative acks (and in-band rejections) out."""
-        identities = _peer_of(self._peers, context).names if self._require_identity else None
+        identities = peer_of(self._peers, context).names if self._require_identity else None
         out: asyncio.Queue[object] = asyncio.Queue()
         # Reading runs in its own task so batches keep being applied while acks are written.
         reader = asyncio.create_task(self._read(request_iterator, out, identities))
@@ -266,7 +178,7 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
                 if isinstance(item, _Abort):
                     if item.reason is not None and self._refusals is not None:
                         self._refusals.refused(
-                            _peer_of(self._peers, context).address,
+                            peer_of(self._peers, context).address,
                             Refusal(item.reason, item.code, item.details),
                         )
                     await context.abort(item.code, item.details)
@@ -382,337 +294,6 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         if skipped:
             self._fleet.count_missing(skipped)
         return contiguous
-
-
-PeerLookup: TypeAlias = Callable[[str], Peer | None]
-
-
-def direct_peer(address: str) -> Peer:
-    """A call's peer without the TLS gate: its own address, no certificate names."""
-    return Peer(address)
-
-
-def _peer_of(peers: PeerLookup, context: grpc.aio.ServicerContext[Any, Any]) -> Peer:
-    address = context.peer()
-    return peers(address) or Peer(address)
-
-
-# --- auth ----------------------------------------------------------------------------------
-
-
-class RefuseReason(StrEnum):
-    """Why a call was refused before any handler ran (the ``rooftop.refuse.reason``)."""
-
-    MISSING_TOKEN = "missing_token"
-    BAD_TOKEN = "bad_token"
-    READ_ONLY_TOKEN = "read_only_token"  # the read-only token, on Ingest
-    TOKEN_OVER_PLAINTEXT = "token_over_plaintext"  # the token travelled in the clear
-    IDENTITY_MISMATCH = "identity_mismatch"  # claimed agent_id is not the certificate's
-    NOT_THROUGH_GATE = "not_through_gate"  # a loopback call around the TLS gate
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """A refused call: the status the client gets, and the reason it is counted under."""
-
-    reason: RefuseReason
-    code: grpc.StatusCode
-    message: str
-
-
-class Refusals:
-    """Counts refusals (``Fleet.count_refused``) and logs each peer once per reason.
-
-    Calls refused before their handler (``refused``, ``abort``) and TLS handshakes
-    the gate refused (``handshake_refused``) alike. Bounded: past ``max_peers`` (peer
-    host, reason) pairs the least recently refused is forgotten, so a flood of peers
-    costs no memory (a forgotten one may log again).
-
-    Args:
-        fleet: where refusals are counted.
-        peers: who is behind a call's ``context.peer()`` (the TLS gate's ``peer``).
-        max_peers: how many (peer host, reason) pairs are remembered as logged.
-    """
-
-    def __init__(
-        self, fleet: Fleet, *, peers: PeerLookup | None = None, max_peers: int = 4096
-    ) -> None:
-        self._fleet = fleet
-        self._peers = peers or direct_peer
-        self._max_peers = max_peers
-        self._logged: OrderedDict[tuple[str, str], None] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def refused(self, peer: str, refusal: Refusal) -> None:
-        """Count ``refusal``; log it unless this peer was refused so already."""
-        self._note(peer, refusal.reason.value, f"{refusal.code.name}: {refusal.message}")
-
-    def handshake_refused(self, peer: str, reason: HandshakeReason, detail: str) -> None:
-        """Count a TLS handshake the gate refused; log it once per peer and reason."""
-        self._note(peer, reason.value, f"TLS handshake: {detail}")
-
-    def _note(self, peer: str, reason: str, what: str) -> None:
-        self._fleet.count_refused(reason)
-        key = (_peer_host(peer), reason)
-        with self._lock:
-            if key in self._logged:
-                self._logged.move_to_end(key)
-                return
-            self._logged[key] = None
-            if len(self._logged) > self._max_peers:
-                self._logged.popitem(last=False)
-        log.warning(
-            "refused %s (%s): %s [counted; not logged again for this peer and reason]",
-            key[0],
-            reason,
-            what,
-        )
-
-    async def abort(self, context: grpc.aio.ServicerContext[Any, Any], refusal: Refusal) -> None:
-        """Count, log once, and end the call with the refusal's status (raises)."""
-        self.refused(_peer_of(self._peers, context).address, refusal)
-        await context.abort(refusal.code, refusal.message)
-
-
-def _peer_host(peer: str) -> str:
-    # "ipv4:10.0.0.7:51234", "ipv6:[::1]:51234": the port changes with every connection.
-    host, sep, port = peer.rpartition(":")
-    return host if sep and port.isdigit() else peer
-
-
-class TokenFile:
-    """Bearer tokens from a file, one per line (blank lines and ``#`` comments skipped).
-
-    Every line is accepted, which makes rotation refusal-free: add the new token,
-    roll it out to the agents, then remove the old one. The file is re-read when its
-    mtime, size or inode changes; unreadable or empty then, the previous tokens stay
-    (logged once). Compared in constant time (``hmac.compare_digest``), every token.
-
-    Raises:
-        ConfigError: unreadable or empty at construction.
-    """
-
-    def __init__(self, path: Path, *, key: str) -> None:
-        self._path = path
-        self._key = key
-        self._sig: FileSignature | None = None
-        self._bad_sig: FileSignature | None = None
-        self._tokens: tuple[bytes, ...] = ()
-        self._lock = threading.Lock()
-        self._reload(strict=True)
-
-    def matches(self, authorization: bytes) -> bool:
-        """Whether ``authorization`` is ``Bearer <one of the tokens>``."""
-        with self._lock:
-            self._reload(strict=False)
-            tokens = self._tokens
-        ok = False
-        for expected in tokens:
-            ok |= hmac.compare_digest(authorization, expected)
-        return ok
-
-    def _reload(self, *, strict: bool) -> None:
-        sig = file_signature([self._path])
-        if sig == self._sig:
-            return
-        tokens: list[str] = []
-        try:
-            text = self._path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            problem = f"unreadable: {exc}"
-        else:
-            tokens = [t.strip() for t in text.splitlines()]
-            tokens = [t for t in tokens if t and not t.startswith("#")]
-            problem = "" if tokens else "holds no token"
-        if problem:
-            if strict:
-                raise ConfigError(f"collector.{self._key} {self._path}: {problem}")
-            if sig != self._bad_sig:
-                self._bad_sig = sig
-                log.error(
-                    "collector.%s changed but %s: keeping the previous tokens", self._key, problem
-                )
-            return
-        if self._sig is not None:
-            log.info("collector.%s changed: %d token(s) accepted", self._key, len(tokens))
-        self._tokens = tuple(f"Bearer {t}".encode() for t in tokens)
-        self._sig = sig
-
-
-# The stubs make these generic; at runtime they are plain classes.
-_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-_INGEST_PREFIX = f"/{SERVICE_NAME}/"
-
-
-class Authenticator(grpc.aio.ServerInterceptor):
-    """Checks every call's credentials before any handler runs.
-
-    - Behind the TLS gate (``peers`` given): a call on a loopback connection the gate
-      did not make went around TLS and is refused (UNAUTHENTICATED), health checks
-      included.
-    - Plaintext server: a call carrying ``authorization`` is refused (the token
-      travelled in the clear and must be considered leaked): UNAUTHENTICATED.
-    - ``Ingest`` with ``token``: the token must match (UNAUTHENTICATED otherwise; the
-      read-only token gets PERMISSION_DENIED). ``Query`` accepts either token. Health
-      checks need no token.
-    - mTLS: a claimed ``x-rooftop-agent-id`` must be the client certificate's CN or a
-      SAN, else PERMISSION_DENIED before the stream's handler starts. (Each batch's
-      ``agent_id`` is checked again by ``IngestServicer``.)
-
-    Every refusal is counted by reason and logged once per peer (``Refusals``).
-    """
-
-    def __init__(
-        self,
-        refusals: Refusals,
-        *,
-        token: TokenFile | None = None,
-        read_token: TokenFile | None = None,
-        check_identity: bool = False,
-        peers: PeerLookup | None = None,
-    ) -> None:
-        self._refusals = refusals
-        self._tls = peers is not None  # TLS is the gate's: no gate, plaintext
-        self._token = token
-        self._read_token = read_token
-        self._check_identity = check_identity
-        self._peers = peers
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> _Handler | None:
-        """The call's own handler, or one that refuses it with the right status."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        if not method.startswith(_HEALTH_PREFIX):
-            authorization: bytes | None = None
-            claimed: str | None = None
-            for key, value in handler_call_details.invocation_metadata or ():
-                if key == "authorization":
-                    authorization = value.encode() if isinstance(value, str) else value
-                elif key == AGENT_ID_METADATA:
-                    claimed = (
-                        value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-                    )
-            refusal = self._check_token(method.startswith(_INGEST_PREFIX), authorization)
-            if refusal is not None:
-                return _guarded(handler, self._refusals, lambda _peer: refusal)
-            if self._check_identity and claimed is not None and method.startswith(_INGEST_PREFIX):
-                return _guarded(handler, self._refusals, self._identity_check(claimed))
-        if self._peers is not None:
-            return _guarded(handler, self._refusals, self._gate_check)
-        return handler
-
-    def _check_token(self, ingest: bool, authorization: bytes | None) -> Refusal | None:
-        unauthenticated = grpc.StatusCode.UNAUTHENTICATED
-        if not self._tls:
-            if authorization is None:
-                return None
-            return Refusal(
-                RefuseReason.TOKEN_OVER_PLAINTEXT,
-                unauthenticated,
-                "a bearer token over plaintext is refused: it travelled in the clear, "
-                "rotate it; tokens need TLS",
-            )
-        full, read = self._token, self._read_token
-        if (full is None) if ingest else (full is None and read is None):
-            return None  # no token required for this service
-        if authorization is None:
-            return Refusal(RefuseReason.MISSING_TOKEN, unauthenticated, "missing bearer token")
-        if full is not None and full.matches(authorization):
-            return None
-        if read is not None and read.matches(authorization):
-            if not ingest:
-                return None
-            return Refusal(
-                RefuseReason.READ_ONLY_TOKEN,
-                grpc.StatusCode.PERMISSION_DENIED,
-                "the read-only token may call Query, not Ingest",
-            )
-        return Refusal(RefuseReason.BAD_TOKEN, unauthenticated, "invalid bearer token")
-
-    def _gate_check(self, address: str) -> Refusal | None:
-        if self._peers is None or self._peers(address) is not None:
-            return None
-        return Refusal(
-            RefuseReason.NOT_THROUGH_GATE,
-            grpc.StatusCode.UNAUTHENTICATED,
-            "this loopback port serves only the collector's TLS gate: connect to the TLS port",
-        )
-
-    def _identity_check(self, claimed: str) -> Callable[[str], Refusal | None]:
-        def check(address: str) -> Refusal | None:
-            peer = self._peers(address) if self._peers is not None else None
-            if peer is None and self._peers is not None:
-                return self._gate_check(address)
-            names = peer.names if peer is not None else frozenset()
-            if claimed in names:
-                return None
-            return Refusal(
-                RefuseReason.IDENTITY_MISMATCH,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"agent_id {claimed!r} does not match the client certificate "
-                f"({', '.join(sorted(names)) or 'no names'})",
-            )
-
-        return check
-
-
-def _guarded(
-    handler: _Handler, refusals: Refusals, check: Callable[[str], Refusal | None]
-) -> _Handler:
-    """``handler`` behind ``check(context.peer())``: a refusal ends the call before it runs.
-
-    The wrapper has the same shape as the behaviour it wraps (coroutine or async
-    generator), since grpc.aio picks how to drive a handler by that shape.
-    """
-
-    async def gate(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        refusal = check(context.peer())
-        if refusal is not None:
-            await refusals.abort(context, refusal)
-
-    kind = (handler.request_streaming, handler.response_streaming)
-    behavior = {
-        (False, False): handler.unary_unary,
-        (False, True): handler.unary_stream,
-        (True, False): handler.stream_unary,
-        (True, True): handler.stream_stream,
-    }[kind]
-    assert behavior is not None
-    # The stubs type behaviours for the sync server; these are grpc.aio's.
-    run = cast(Callable[..., Any], behavior)
-    if inspect.isasyncgenfunction(behavior):
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await gate(context)
-            async for response in run(request, context):
-                yield response
-
-        wrapped: Callable[..., Any] = stream
-    else:
-
-        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await gate(context)
-            result = run(request, context)
-            return await result if inspect.isawaitable(result) else result
-
-        wrapped = call
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[kind]
-    return make(
-        wrapped,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
 
 
 # --- server --------------------------------------------------------------------------------
@@ -875,8 +456,8 @@ class IngestServer:
             port = server.add_insecure_port(self._config.listen)
             await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        await health_servicer.set(QUERY_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(INGEST_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(QUERY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self._server, self._health, self._port = server, health_servicer, port
         self._stop_requested = asyncio.Event()
         self._started.set()

@@ -27,9 +27,8 @@ from rooftop.common.codec import record_to_proto, timestamp, verdict_to_proto
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
 
-__all__ = ["QUERY_SERVICE_NAME", "QueryServicer", "fleet_status"]
+__all__ = ["QueryServicer", "fleet_status"]
 
-QUERY_SERVICE_NAME = "rooftop.v1.Query"
 
 Acked = Callable[[tuple[str, str]], int]
 

@@ -13,11 +13,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from rooftop.agent.daemon import StopSignals, sd_notify, watchdog_interval_s
 from rooftop.collector.config import CollectorConfig
 from rooftop.collector.fleet import Fleet
 from rooftop.collector.ingest import IngestServer
 from rooftop.collector.otel import MetricReader, Telemetry
+from rooftop.common.systemd import StopSignals, sd_notify, watchdog_interval_s
 
 __all__ = ["Collector", "run", "security_summary"]
 

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from rooftop.agent.config import load_config
-from rooftop.agent.daemon import Agent, sd_notify
+from rooftop.agent.daemon import Agent
 from rooftop.agent.spool import Spool
 from rooftop.cli import main
 from rooftop.common.errors import ConfigError
@@ -156,6 +156,7 @@ def test_agent_streams_and_exits_0_after_final_flush_on_sigterm(tmp_path, collec
     assert Spool(tmp_path / "spool").stats().queued == 0
 
 
+@pytest.mark.slow
 def test_agent_keeps_unacked_batches_and_resends_them_next_start(tmp_path, collector):
     servicer, address = collector
     dead = socket.socket()
@@ -220,9 +221,10 @@ _SIGNAL_SCRIPT = """
 import signal, sys, threading, time
 from pathlib import Path
 import rooftop.agent.daemon as daemon
+import rooftop.common.systemd as systemd
 from rooftop.agent.config import load_config
 
-daemon._SIGNAL_POLL_S = {poll}
+systemd._SIGNAL_POLL_S = {poll}
 for i in range(5):
     overrides = dict(
         backend="fake:h100", insecure=True, collectors=["127.0.0.1:9"], hook_socket="",
@@ -298,21 +300,3 @@ def test_agent_refuses_without_collectors():
     cfg = load_config(env={}, overrides={"backend": "fake:h100", "insecure": True})
     with pytest.raises(ConfigError, match="collectors"):
         Agent(cfg, env={})
-
-
-def test_sd_notify_datagram(tmp_path):
-    sock, path = notify_socket(tmp_path)
-    with sock:
-        assert sd_notify("READY=1", {"NOTIFY_SOCKET": path})
-        assert sock.recv(100) == b"READY=1"
-    assert not sd_notify("READY=1", {})
-    assert not sd_notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "absent")})
-
-
-def test_sd_notify_abstract_namespace():
-    name = f"rooftop-test-{os.getpid()}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind("\0" + name)
-        sock.settimeout(2)
-        assert sd_notify("WATCHDOG=1", {"NOTIFY_SOCKET": "@" + name})
-        assert sock.recv(100) == b"WATCHDOG=1"

@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from rooftop.agent.batcher import Batcher
 from rooftop.agent.spool import Spool
 from rooftop.agent.stream import (
-    Batcher,
     Streamer,
     _Session,
     backoff_delay_s,
@@ -227,13 +227,6 @@ def test_oversize_batch_is_split_and_fully_delivered(spool, make_streamer, serve
     got = [b for b in server.servicer.received]
     assert sum(len(b.records) for b in got) == 1200 + 25
     assert server.servicer.seqs() == list(range(1, len(parts) + len(big_parts) + 1))
-
-
-def test_batcher_makes_no_empty_batches():
-    batcher = Batcher("node-1", BOOT)
-    assert batcher.make([]) == []
-    (only,) = batcher.make([], [pb.Verdict(gpu_index=1)])
-    assert only.seq == 1 and len(only.verdicts) == 1
 
 
 def test_batch_over_the_message_cap_is_dropped_counted(spool, make_streamer, servers):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rooftop.agent.daemon import watchdog_interval_s
+from rooftop.common.systemd import watchdog_interval_s
 from tests.support import NotifySocket
 
 REPO = Path(__file__).resolve().parents[2]

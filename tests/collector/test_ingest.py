@@ -12,11 +12,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rooftop.collector.config import CollectorConfig
+from rooftop.collector.dedup import Deduplicator
 from rooftop.collector.fleet import DecodedBatch, Fleet
-from rooftop.collector.ingest import SERVICE_NAME, Deduplicator, IngestServer, server_options
+from rooftop.collector.ingest import IngestServer, server_options
 from rooftop.common.codec import verdict_to_proto
 from rooftop.common.errors import ConfigError
 from rooftop.common.model import Bound
+from rooftop.common.wire import INGEST_SERVICE
 from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import AgentStream, batch, engine, gpu, start_server, verdict
 
@@ -196,7 +198,7 @@ def test_health_reports_serving_for_the_server_and_ingest(served):
     server, _ = served
     with grpc.insecure_channel(target(server)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        for service in ("", SERVICE_NAME):
+        for service in ("", INGEST_SERVICE):
             resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as err:

@@ -11,14 +11,16 @@ import pytest
 from click.testing import CliRunner
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rooftop.agent.credentials import ClientAuth
+from rooftop.agent.fleet_query import query_fleet_status
 from rooftop.agent.status import STALE_AFTER_S, format_status, status_json
-from rooftop.agent.stream import ClientAuth, query_fleet_status
 from rooftop.cli import main
 from rooftop.collector.fleet import Fleet, decode_batch
 from rooftop.collector.ingest import IngestServer
-from rooftop.collector.query import QUERY_SERVICE_NAME, fleet_status
+from rooftop.collector.query import fleet_status
 from rooftop.common.errors import Rejected, Retryable
 from rooftop.common.model import Bound, Cause
+from rooftop.common.wire import QUERY_SERVICE
 from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import AgentStream, batch, engine, gpu, start_server, verdict
 
@@ -109,7 +111,7 @@ def test_query_over_grpc_and_health(served):
         query_fleet_status(address, ClientAuth(insecure=True), node="nope")
     with grpc.insecure_channel(address) as channel:
         check = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=QUERY_SERVICE_NAME), timeout=5
+            health_pb2.HealthCheckRequest(service=QUERY_SERVICE), timeout=5
         )
     assert check.status == health_pb2.HealthCheckResponse.SERVING
 

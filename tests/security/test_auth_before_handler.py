@@ -14,11 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from rooftop.agent.stream import AGENT_ID_METADATA
+from rooftop.collector.auth import Refusal, Refusals, RefuseReason
 from rooftop.collector.config import CollectorConfig
 from rooftop.collector.fleet import Fleet
-from rooftop.collector.ingest import IngestServer, IngestServicer, Refusal, Refusals, RefuseReason
+from rooftop.collector.ingest import IngestServer, IngestServicer
 from rooftop.collector.query import QueryServicer
+from rooftop.common.wire import AGENT_ID_METADATA
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
 from tests.collector.helpers import AgentStream, batch, gpu, start_server

@@ -24,9 +24,11 @@ import pytest
 from click.testing import CliRunner
 
 from rooftop.agent.config import load_config
-from rooftop.agent.stream import AGENT_ID_METADATA, ClientAuth, query_fleet_status
+from rooftop.agent.credentials import ClientAuth
+from rooftop.agent.fleet_query import query_fleet_status
 from rooftop.cli import main
 from rooftop.common.errors import ConfigError, Rejected
+from rooftop.common.wire import AGENT_ID_METADATA
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
 from tests.collector.helpers import AgentStream, batch, gpu, verdict
@@ -249,6 +251,7 @@ def test_an_agent_claiming_another_agents_id_is_refused(collector, certs, tokens
     assert len(log_lines(collector, "identity_mismatch")) == 1
 
 
+@pytest.mark.slow
 def test_real_agents_with_bad_credentials_lose_nothing_and_store_nothing(
     collector, certs, tokens, tmp_path, procs
 ):

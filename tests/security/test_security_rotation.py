@@ -20,10 +20,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from rooftop.agent.stream import AGENT_ID_METADATA, ClientAuth, query_fleet_status
+from rooftop.agent.credentials import ClientAuth
+from rooftop.agent.fleet_query import query_fleet_status
+from rooftop.collector.auth import TokenFile
 from rooftop.collector.config import CollectorConfig
-from rooftop.collector.ingest import TokenFile
 from rooftop.common.errors import ConfigError
+from rooftop.common.wire import AGENT_ID_METADATA
 from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import AgentStream, batch, gpu, start_server
 from tests.security.conftest import AgentProc, Certs, CollectorProc, Proxy, wait_for
@@ -140,7 +142,7 @@ def test_rotation_under_a_live_stream_loses_nothing(certs: Certs, tmp_path: Path
     # The one refusal is this test's old-token probe: the agent never sent a stale token.
     assert dict(final.collector.refused) == {"bad_token": 1}
     assert "kept in the spool" not in agent.log()
-    assert "collector TLS files reloaded" in collector.log()
+    assert "collector TLS files changed: reloaded" in collector.log()
     assert "collector.token_file changed" in collector.log()
     assert "TLS files changed: the next connection uses the new ones" in agent.log()
     assert "token file changed: the next connection presents the new token" in agent.log()

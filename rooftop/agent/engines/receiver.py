@@ -10,6 +10,7 @@ nothing an engine sends can stop the receiver.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import select
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rooftop.agent.hooks.wire import MAX_DATAGRAM_BYTES, HookSummary, decode_summary
+from rooftop.common.counters import Counters
 from rooftop.common.errors import ConfigError
 from rooftop.common.model import EngineSample, invalid_reason
 
@@ -40,12 +42,12 @@ _DEFAULT_MAX_SAMPLES = 10_000
 class ReceiverStats:
     """What the receiver has seen (cumulative)."""
 
-    received: int  # datagrams read
-    accepted: int  # turned into samples
-    malformed: int  # not a valid summary (bad JSON, wrong version, wrong types)
-    invalid: int  # well-formed but impossible (model.invalid_reason)
-    overflowed: int  # oldest samples dropped because nobody drained
-    engines: int  # distinct (engine_id, pid) seen
+    received: int = 0  # datagrams read
+    accepted: int = 0  # turned into samples
+    malformed: int = 0  # not a valid summary (bad JSON, wrong version, wrong types)
+    invalid: int = 0  # well-formed but impossible (model.invalid_reason)
+    overflowed: int = 0  # oldest samples dropped because nobody drained
+    engines: int = 0  # distinct (engine_id, pid) seen
 
 
 def summary_to_sample(summary: HookSummary, time_s: float) -> EngineSample:
@@ -104,7 +106,8 @@ class HookReceiver:
         self._mode = socket_mode
         self._samples: deque[EngineSample] = deque()
         self._max_samples = max_samples
-        self._lock = threading.Lock()  # samples and counters
+        self._lock = threading.Lock()  # samples and engines
+        self._counts = Counters(ReceiverStats)
         self._io_lock = threading.Lock()  # reading the socket: the thread or flush()
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
@@ -112,8 +115,6 @@ class HookReceiver:
         self._wake_r = self._wake_w = -1
         self._shut = False
         self._engines: set[tuple[str, int]] = set()
-        self._received = self._accepted = self._malformed = 0
-        self._invalid = self._overflowed = 0
 
     @property
     def _abstract(self) -> bool:
@@ -210,24 +211,24 @@ class HookReceiver:
     def _handle(self, data: bytes) -> None:
         now_s = self._clock()
         with self._lock:
-            self._received += 1
+            self._counts.add(received=1)
             try:
                 summary = decode_summary(data)
             except ValueError as exc:
-                self._malformed += 1
-                if self._malformed == 1:
+                self._counts.add(malformed=1)
+                if self._counts.get().malformed == 1:
                     _log.warning("hook receiver: malformed datagram (%s); counting the rest", exc)
                 return
             sample = summary_to_sample(summary, now_s)
             if invalid_reason(sample) is not None:
-                self._invalid += 1
+                self._counts.add(invalid=1)
                 return
             self._engines.add((summary.engine_id, summary.pid))
             if len(self._samples) >= self._max_samples:
                 self._samples.popleft()
-                self._overflowed += 1
+                self._counts.add(overflowed=1)
             self._samples.append(sample)
-            self._accepted += 1
+            self._counts.add(accepted=1)
 
     def flush(self, timeout_s: float = 1.0) -> None:
         """Process every datagram already queued on the socket before returning.
@@ -258,14 +259,7 @@ class HookReceiver:
     def stats(self) -> ReceiverStats:
         """Counters of what was received, accepted and dropped."""
         with self._lock:
-            return ReceiverStats(
-                received=self._received,
-                accepted=self._accepted,
-                malformed=self._malformed,
-                invalid=self._invalid,
-                overflowed=self._overflowed,
-                engines=len(self._engines),
-            )
+            return dataclasses.replace(self._counts.get(), engines=len(self._engines))
 
     def shutdown(self, timeout_s: float = 1.0) -> None:
         """Stop receiving, process what is queued, remove the socket file (idempotent)."""

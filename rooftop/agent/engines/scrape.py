@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from rooftop.common.counters import Counters
 from rooftop.common.model import EngineSample, invalid_reason
 
 __all__ = [
@@ -135,13 +136,13 @@ class ScrapeResult:
 class ScraperStats:
     """Cumulative scrape outcomes."""
 
-    scrapes: int
-    ok: int
-    unreachable: int  # connection refused, timeout, HTTP error status
-    malformed: int  # the body is not Prometheus text
-    unrecognized: int  # Prometheus text, but no vLLM / SGLang / TGI metric in it
-    resets: int  # a cumulative metric went down: the engine restarted
-    last_error: str | None
+    scrapes: int = 0
+    ok: int = 0
+    unreachable: int = 0  # connection refused, timeout, HTTP error status
+    malformed: int = 0  # the body is not Prometheus text
+    unrecognized: int = 0  # Prometheus text, but no vLLM / SGLang / TGI metric in it
+    resets: int = 0  # a cumulative metric went down: the engine restarted
+    last_error: str | None = None
 
 
 def parse_samples(text: str) -> Samples:
@@ -322,10 +323,8 @@ class Scraper:
         self._scrape_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._scrapes = self._ok = self._unreachable = 0
-        self._malformed = self._unrecognized = self._resets = 0
+        self._counts = Counters(ScraperStats)
         self._reset_seen = False
-        self._last_error: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -372,15 +371,7 @@ class Scraper:
 
     def stats(self) -> ScraperStats:
         """Counters of scrape outcomes."""
-        return ScraperStats(
-            scrapes=self._scrapes,
-            ok=self._ok,
-            unreachable=self._unreachable,
-            malformed=self._malformed,
-            unrecognized=self._unrecognized,
-            resets=self._resets,
-            last_error=self._last_error,
-        )
+        return self._counts.get()
 
     # -- one scrape ----------------------------------------------------------------
 
@@ -392,31 +383,31 @@ class Scraper:
             its text malformed or unrecognized (``error`` says which).
         """
         with self._scrape_lock:
-            self._scrapes += 1
+            self._counts.add(scrapes=1)
             now_s = self._clock()
             try:
                 text = self._fetch(self.url, self.timeout_s)
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                self._unreachable += 1
+                self._counts.add(unreachable=1)
                 return self._fail(f"{self.url}: {exc}")
             try:
                 samples = parse_samples(text)
             except ValueError as exc:
-                self._malformed += 1
+                self._counts.add(malformed=1)
                 # repr: the parser quotes the offending text, which may hold control bytes.
                 return self._fail(f"{self.url}: malformed metrics text: {str(exc)[:200]!r}")
             spec = self._spec or detect_engine(samples)
             if spec is None:
-                self._unrecognized += 1
+                self._counts.add(unrecognized=1)
                 return self._fail(f"{self.url}: no vLLM, SGLang or TGI metrics")
             result = self._interpret(spec, samples, now_s)
             if result.sample is not None:
-                self._ok += 1
+                self._counts.add(ok=1)
                 self._samples.append(result.sample)
             return result
 
     def _fail(self, error: str) -> ScrapeResult:
-        self._last_error = error
+        self._counts.set(last_error=error)
         return ScrapeResult(sample=None, error=error)
 
     def _interpret(self, spec: EngineMetrics, samples: Samples, now_s: float) -> ScrapeResult:
@@ -442,12 +433,13 @@ class Scraper:
             ttft_p99_ms=_ms(ttft.p99_s) if ttft else None,
         )
         if self._reset_seen:
-            self._resets += 1  # one restart, however many metrics showed it
+            self._counts.add(resets=1)  # one restart, however many metrics showed it
         reason = invalid_reason(sample)
         if reason is not None:
-            self._malformed += 1
-            self._last_error = f"{self.url}: impossible value: {reason}"
-            return ScrapeResult(sample=None, kind=spec.kind, error=self._last_error)
+            error = f"{self.url}: impossible value: {reason}"
+            self._counts.add(malformed=1)
+            self._counts.set(last_error=error)
+            return ScrapeResult(sample=None, kind=spec.kind, error=error)
         return ScrapeResult(
             sample=sample,
             kind=spec.kind,

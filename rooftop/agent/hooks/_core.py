@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from rooftop.agent.hooks.wire import HookSummary, encode_summary, summarize
+from rooftop.common.counters import Counters
 
 __all__ = [
     "DEFAULT_INTERVAL_S",
@@ -80,10 +81,10 @@ _NS_PER_MS = 1_000_000
 class HookStats:
     """What the hook has done so far (cumulative over the process)."""
 
-    sent: int  # summaries handed to the socket
-    dropped: int  # summaries that could not be sent: no agent listening, its buffer full
-    errors: int  # exceptions caught on the caller's side or in the shipper
-    last_error: str | None  # the most recent send or internal error, for humans
+    sent: int = 0  # summaries handed to the socket
+    dropped: int = 0  # summaries that could not be sent: no agent listening, its buffer full
+    errors: int = 0  # exceptions caught on the caller's side or in the shipper
+    last_error: str | None = None  # the most recent send or internal error, for humans
 
 
 class Request:
@@ -272,8 +273,7 @@ class Aggregator:
         self._running: object = None
         self._waiting: object = None
         self._kv_usage: object = None
-        self._errors = 0
-        self._last_error: str | None = None
+        self._counts = Counters(HookStats)
 
         # The shipper's side.
         self._lock = threading.Lock()
@@ -283,8 +283,6 @@ class Aggregator:
         self._closed = False
         self._sock: socket.socket | None = None
         self._seq = 0
-        self._sent = 0
-        self._dropped = 0
         self._seen_tokens_added = 0
         self._seen_started = 0
         self._seen_ended = 0
@@ -339,14 +337,14 @@ class Aggregator:
 
     def _note_error(self, where: str) -> None:
         # Must not raise either: it runs inside the except clauses above.
-        self._errors += 1
-        self._last_error = f"exception in {where}"
+        self._counts.add(errors=1)
+        self._counts.set(last_error=f"exception in {where}")
 
     # -- shipper's side ------------------------------------------------------------
 
     def stats(self) -> HookStats:
         """Counters: summaries sent and dropped, errors swallowed."""
-        return HookStats(self._sent, self._dropped, self._errors, self._last_error)
+        return self._counts.get()
 
     def start(self) -> None:
         """Start the shipper thread (idempotent; a no-op after shutdown)."""
@@ -405,10 +403,11 @@ class Aggregator:
         try:
             data = encode_summary(self._collect())
         except Exception as exc:  # noqa: BLE001 - thread boundary: count, log once, go on
-            self._errors += 1
-            self._last_error = f"building a summary: {exc!r}"
-            if self._errors == 1:
-                _log.warning("rooftop hook: %s", self._last_error)
+            error = f"building a summary: {exc!r}"
+            self._counts.add(errors=1)
+            self._counts.set(last_error=error)
+            if self._counts.get().errors == 1:
+                _log.warning("rooftop hook: %s", error)
             return False
         return self._send(data)
 
@@ -426,14 +425,15 @@ class Aggregator:
         except (OSError, AttributeError) as exc:
             # No listener (ENOENT, ECONNREFUSED), buffer full (EAGAIN), no AF_UNIX on
             # this platform (AttributeError): all the same to the engine.
-            self._dropped += 1
-            self._last_error = f"send to {self.socket_path}: {exc}"
+            self._counts.add(dropped=1)
+            self._counts.set(last_error=f"send to {self.socket_path}: {exc}")
             return False
-        self._sent += 1
+        self._counts.add(sent=1)
         return True
 
     def _collect(self) -> HookSummary:
         now_ns = self._clock()
+        counts = self._counts.get()
         got = _Collected()
         finished: list[Request] = []
         with contextlib.suppress(IndexError):
@@ -476,8 +476,8 @@ class Aggregator:
             tpot_ms=summarize(got.tpot_ms),
             ttft_ms=summarize(got.ttft_ms),
             kv_cache_usage_ratio=kv if kv is not None and kv <= 1.0 else None,
-            dropped=self._dropped,
-            errors=self._errors,
+            dropped=counts.dropped,
+            errors=counts.errors,
         )
 
     @staticmethod

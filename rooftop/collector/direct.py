@@ -1,10 +1,12 @@
-"""Direct OTLP: the agent exports its metrics itself, with no Rooftop collector.
+"""Direct OTLP: the collector's fleet and export, inside the agent, with no collector process.
 
 For sites that run an OpenTelemetry Collector on every node (``[otlp]`` in the
-agent's config, see ``rooftop.agent.config``). The names, units and attributes are exactly
-the collector's, because they come from the same code: the daemon's own batches are
-applied to a local ``rooftop.collector.fleet.Fleet`` and exported by
-``rooftop.collector.otel.Telemetry``, whose ``METRICS`` is the one table (docs/METRICS.md).
+agent's config, see ``rooftop.agent.config``). The names, units and attributes are
+exactly the collector's, because they come from the same code: the daemon's own
+batches are applied to a local ``fleet.Fleet`` and exported by ``otel.Telemetry``,
+whose ``METRICS`` is the one table (docs/METRICS.md). The agent does not import this
+module: ``agentctl agent`` hands ``DirectExporter`` to the daemon as its ``BatchSink``
+factory, which keeps the two roles apart.
 Left out are the metrics of the agent → collector pipeline itself
 (``rooftop.agent.*``, ``rooftop.collector.*``): there is no such pipeline here.
 
@@ -19,13 +21,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from rooftop.agent.config import AgentConfig
-from rooftop.collector.config import OtlpExport
 from rooftop.collector.fleet import Fleet, PoisonBatch, decode_batch
 from rooftop.collector.otel import METRICS, MetricReader, Telemetry
+from rooftop.common.otlp import OtlpExport
 from rooftop.v1 import telemetry_pb2 as pb
 
-__all__ = ["DIRECT_METRICS", "DirectExporter", "otlp_export"]
+__all__ = ["DIRECT_METRICS", "DirectExporter"]
 
 log = logging.getLogger(__name__)
 
@@ -33,25 +34,6 @@ log = logging.getLogger(__name__)
 DIRECT_METRICS: tuple[str, ...] = tuple(
     m.name for m in METRICS if not m.name.startswith(("rooftop.agent.", "rooftop.collector."))
 )
-
-
-def otlp_export(config: AgentConfig) -> OtlpExport | None:
-    """The OTLP destination the agent config names; None when ``otlp_endpoint`` is empty."""
-    if not config.otlp_endpoint:
-        return None
-    headers = tuple(
-        sorted(
-            (k.strip(), v.strip()) for k, _, v in (h.partition("=") for h in config.otlp_headers)
-        )
-    )
-    return OtlpExport(
-        endpoint=config.otlp_endpoint,
-        protocol="grpc" if config.otlp_protocol == "grpc" else "http/protobuf",
-        interval_s=config.otlp_interval_s,
-        timeout_s=config.otlp_timeout_s,
-        insecure=config.otlp_insecure,
-        headers=headers,
-    )
 
 
 class DirectExporter:

@@ -15,15 +15,17 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from rooftop.agent.config import load_config
+from rooftop.agent.config import load_config, otlp_export
 from rooftop.agent.daemon import Agent
-from rooftop.agent.otlp import DIRECT_METRICS, DirectExporter, otlp_export
-from rooftop.collector.config import CollectorConfig, OtlpExport
+from rooftop.cli import direct_otlp_sink
+from rooftop.collector.config import CollectorConfig
+from rooftop.collector.direct import DIRECT_METRICS, DirectExporter
 from rooftop.collector.fleet import Fleet, decode_batch
 from rooftop.collector.otel import METRICS, Telemetry
 from rooftop.collector.service import Collector
 from rooftop.common.errors import ConfigError
 from rooftop.common.model import Bound, Cause
+from rooftop.common.otlp import OtlpExport
 from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import batch, engine, gpu, verdict
 from tests.collector.otlp_receiver import GrpcOtlpReceiver, HttpOtlpReceiver, attributes
@@ -118,7 +120,7 @@ def test_a_real_agent_exports_what_its_collector_exports(tmp_path):
         address = f"127.0.0.1:{collector.ingest.port}"
         agent = Agent(_agent_config(tmp_path, collectors=[address], insecure=True,
                                     otlp_endpoint=direct.endpoint, otlp_insecure=True),
-                      env={})  # fmt: skip
+                      env={}, direct_otlp=direct_otlp_sink)  # fmt: skip
         agent.start()
         for receiver in (direct, via_collector):
             receiver.wait_for(lambda _r, rec=receiver: "rooftop.gpu.bound" in rec.metrics())
@@ -146,7 +148,8 @@ def test_a_real_agent_exports_what_its_collector_exports(tmp_path):
 def test_direct_only_over_http_without_a_collector(tmp_path):
     receiver = HttpOtlpReceiver()
     agent = Agent(_agent_config(tmp_path, otlp_endpoint=f"http://127.0.0.1:{receiver.port}",
-                                otlp_protocol="http"), env={})  # fmt: skip
+                                otlp_protocol="http"), env={},
+                  direct_otlp=direct_otlp_sink)  # fmt: skip
     try:
         assert agent.spool is None and agent.streamer is None  # nothing to stream to
         agent.start()
@@ -184,3 +187,9 @@ def test_otlp_table_in_the_agent_config(tmp_path):
         load_config(path, env={})
     with pytest.raises(ConfigError, match="collectors.*or an \\[otlp\\] endpoint"):
         Agent(load_config(env={}, overrides={"backend": "fake:h100"}), env={})
+
+
+def test_the_agent_refuses_an_otlp_endpoint_without_a_sink_to_export_it(tmp_path):
+    cfg = _agent_config(tmp_path, otlp_endpoint="127.0.0.1:4317", otlp_insecure=True)
+    with pytest.raises(ConfigError, match="direct OTLP export is not available"):
+        Agent(cfg, env={})

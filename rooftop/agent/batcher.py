@@ -1,0 +1,80 @@
+"""Batcher: numbers the agent's batches and keeps each within the transport limits.
+
+Batches are numbered per boot (agent_id, boot_id, seq 1, 2, 3 …) and split to stay
+within ≤ 1 MiB and ≤ 500 samples *before* a seq is given, so a split never collides
+with the collector's de-duplication by (agent, boot, seq). Pure: protobuf in and out.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+
+from rooftop.v1 import telemetry_pb2 as pb
+
+__all__ = ["DEFAULT_MAX_BATCH_BYTES", "DEFAULT_MAX_BATCH_SAMPLES", "STATS_MAX_BYTES", "Batcher"]
+
+DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
+DEFAULT_MAX_BATCH_SAMPLES = 500
+_BATCH_OVERHEAD_BYTES = 1024  # ids, seq, stats, sent_time: a few hundred bytes in practice
+STATS_MAX_BYTES = 128  # AgentStats (8 varints) + sent_time, with room to spare
+_FIELD_OVERHEAD_BYTES = 6  # tag + length varint of one repeated element (≤ 1 MiB)
+
+
+class Batcher:
+    """Numbers batches per boot and keeps each within the transport limits."""
+
+    def __init__(
+        self,
+        agent_id: str,
+        boot_id: str,
+        *,
+        hostname: str | None = None,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        max_batch_samples: int = DEFAULT_MAX_BATCH_SAMPLES,
+    ) -> None:
+        self.agent_id = agent_id
+        self.boot_id = boot_id
+        self.hostname = socket.gethostname() if hostname is None else hostname
+        self.max_batch_bytes = max_batch_bytes
+        self.max_batch_samples = max_batch_samples
+        self.last_seq = 0
+
+    def make(
+        self, records: Sequence[pb.TraceRecord], verdicts: Sequence[pb.Verdict] = ()
+    ) -> list[pb.Batch]:
+        """Batches holding ``records`` then ``verdicts``, each within both limits.
+
+        Records keep their order; verdicts ride with the last records (they describe
+        the window that just ended). Nothing in, nothing out: no empty batches.
+        """
+        budget = self.max_batch_bytes - _BATCH_OVERHEAD_BYTES
+        budget -= len(self.agent_id) + len(self.boot_id) + len(self.hostname)
+        parts: list[pb.Batch] = []
+        current: pb.Batch | None = None
+        size = samples = 0
+        items: list[pb.TraceRecord | pb.Verdict] = [*records, *verdicts]
+        for item in items:
+            item_bytes = item.ByteSize() + _FIELD_OVERHEAD_BYTES
+            is_sample = isinstance(item, pb.TraceRecord)
+            full = size + item_bytes > budget or (is_sample and samples >= self.max_batch_samples)
+            if current is None or (full and (size or samples)):
+                current = self._new()
+                parts.append(current)
+                size = samples = 0
+            if isinstance(item, pb.TraceRecord):
+                current.records.append(item)
+                samples += 1
+            else:
+                current.verdicts.append(item)
+            size += item_bytes
+        return parts
+
+    def _new(self) -> pb.Batch:
+        self.last_seq += 1
+        return pb.Batch(
+            agent_id=self.agent_id,
+            boot_id=self.boot_id,
+            seq=self.last_seq,
+            hostname=self.hostname,
+        )

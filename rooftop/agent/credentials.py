@@ -1,0 +1,141 @@
+"""What the agent (and ``agentctl status``) presents to a collector, re-read when it changes.
+
+TLS roots, an mTLS client certificate, a bearer token (``authorization: Bearer …``,
+never over plaintext). Each stream asks for them again, and whichever file changed
+since (mtime, size, inode) is read again (``rooftop.common.reloading``), so
+certificates and tokens rotate without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+
+from rooftop.common.errors import ConfigError
+from rooftop.common.reloading import ReloadingFile
+
+__all__ = ["ClientAuth", "read_token"]
+
+log = logging.getLogger(__name__)
+
+
+def read_token(path: Path) -> str:
+    """The bearer token in ``path``: its first line that is neither blank nor a # comment.
+
+    Raises:
+        ConfigError: unreadable, empty, or not a valid header value.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"token_file {path}: cannot read: {exc}") from exc
+    for line in text.splitlines():
+        token = line.strip()
+        if token and not token.startswith("#"):
+            if not all(33 <= ord(c) < 127 for c in token):
+                raise ConfigError(f"token_file {path}: the token must be printable ASCII")
+            return token
+    raise ConfigError(f"token_file {path} holds no token")
+
+
+class ClientAuth:
+    """TLS roots, an mTLS client certificate and a bearer token, re-read when they change.
+
+    ``credentials()`` and ``metadata()`` are called once per stream (connection): a
+    file whose mtime, size or inode changed since is read again, so rotation needs
+    no restart. A file unusable *during* a rotation keeps the last good material
+    (logged once per change); unusable at construction is a ``ConfigError``.
+
+    Args:
+        ca_file: PEM roots for the collector's certificate; None: the system roots.
+        cert_file: PEM client certificate chain (mTLS), with ``key_file``.
+        key_file: its private key.
+        token_file: bearer token, sent as ``authorization: Bearer <token>``.
+        server_name: the name to expect in the collector's certificate when it is not
+            the address dialled (``grpc.ssl_target_name_override``).
+        insecure: plaintext. Refused together with a token: it would travel in the clear.
+    """
+
+    def __init__(
+        self,
+        *,
+        ca_file: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+        token_file: Path | None = None,
+        server_name: str = "",
+        insecure: bool = False,
+    ) -> None:
+        if (cert_file is None) != (key_file is None):
+            raise ConfigError("cert_file and key_file go together (mTLS)")
+        if insecure and token_file is not None:
+            raise ConfigError(
+                "token_file: a bearer token is never sent over plaintext (insecure); use TLS"
+            )
+        if insecure and (ca_file or cert_file or server_name):
+            raise ConfigError("insecure (plaintext) contradicts TLS files or server_name")
+        self.insecure = insecure
+        self._server_name = server_name
+        tls_paths = (ca_file, cert_file, key_file)
+        self._tls: ReloadingFile[grpc.ChannelCredentials] | None = None
+        if not insecure:
+            self._tls = ReloadingFile(
+                tls_paths,
+                lambda: _channel_credentials(*tls_paths),
+                what="TLS files",
+                log=log,
+                describe=lambda old, new: "the next connection uses the new ones",
+            )
+        self._token: ReloadingFile[str] | None = None
+        if token_file is not None:
+            self._token = ReloadingFile(
+                (token_file,),
+                lambda: read_token(token_file),
+                what="token file",
+                log=log,
+                describe=lambda old, new: (
+                    "the next connection presents the new token" if new != old else None
+                ),
+            )
+
+    @classmethod
+    def from_config(cls, config: object) -> ClientAuth:
+        """From anything with the agent config's ``ca_file`` … ``insecure`` attributes."""
+        return cls(
+            ca_file=getattr(config, "ca_file", None),
+            cert_file=getattr(config, "cert_file", None),
+            key_file=getattr(config, "key_file", None),
+            token_file=getattr(config, "token_file", None),
+            server_name=getattr(config, "server_name", ""),
+            insecure=bool(getattr(config, "insecure", False)),
+        )
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """Channel credentials from the current files; None for plaintext."""
+        return None if self._tls is None else self._tls.get()
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """``authorization`` metadata from the current token file; empty without one."""
+        if self._token is None:
+            return ()
+        return (("authorization", f"Bearer {self._token.get()}"),)
+
+    def options(self) -> list[tuple[str, str]]:
+        """Channel options: the expected server name, when one is set."""
+        return [("grpc.ssl_target_name_override", self._server_name)] if self._server_name else []
+
+
+def _channel_credentials(
+    ca: Path | None, cert: Path | None, key: Path | None
+) -> grpc.ChannelCredentials:
+    try:
+        roots = ca.read_bytes() if ca is not None else None
+        chain = cert.read_bytes() if cert is not None else None
+        private = key.read_bytes() if key is not None else None
+    except OSError as exc:
+        raise ConfigError(f"TLS file unreadable: {exc}") from exc
+    return grpc.ssl_channel_credentials(
+        root_certificates=roots, private_key=private, certificate_chain=chain
+    )
