@@ -1,12 +1,34 @@
 #!/usr/bin/env bash
 # Install a real Prometheus server for tests/collector/test_prometheus_scrape.py.
 #
-# Idempotent: does nothing when a `prometheus` binary is already on PATH. Uses Debian's
-# package (the only registry reachable from CI besides PyPI/npm) and never starts the
-# systemd unit: the test runs its own server on a loopback port with a temp config.
+# Idempotent: does nothing when `prometheus` and `promtool` are already on PATH. Uses
+# Debian's package (the only registry reachable from CI besides PyPI/npm) and never
+# starts the systemd unit: the test runs its own server on a loopback port with a temp
+# config.
+#
+# Under CI (env CI set, as the CI runner does) a Prometheus that cannot be installed is
+# an error: this exits non-zero, and the tests that need it fail rather than skip
+# (tests/support.py require_tool). Elsewhere it warns and the tests skip, saying why.
 set -euo pipefail
 
-if command -v prometheus >/dev/null 2>&1; then
+in_ci() {
+    case "$(printf '%s' "${CI:-}" | tr '[:upper:]' '[:lower:]')" in
+        ""|0|false|no) return 1 ;;
+        *) return 0 ;;
+    esac
+}
+
+# Could not install: fatal under CI, a loud warning elsewhere.
+give_up() {
+    if in_ci; then
+        echo "install-prometheus: ERROR: $*; CI must run the real-Prometheus tests" >&2
+        exit 1
+    fi
+    echo "install-prometheus: WARNING: $*; the tests that need Prometheus will skip" >&2
+    exit 0
+}
+
+if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
     echo "prometheus already installed: $(command -v prometheus)"
     exit 0
 fi
@@ -16,8 +38,7 @@ if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1; then
         SUDO="sudo"
     else
-        echo "install-prometheus: not root and no sudo; skipping (the test will skip)" >&2
-        exit 0
+        give_up "not root and no sudo"
     fi
 fi
 
@@ -36,14 +57,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A mirror hiccup must not fail the whole suite: the Prometheus test then skips,
-# saying why, and this says so loudly.
+# Outside CI a mirror hiccup must not fail the whole suite: the Prometheus tests then
+# skip, saying why, and this says so loudly. Under CI it fails the run.
 if ! $SUDO apt-get update -qq || \
    ! $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; then
-    echo "install-prometheus: WARNING: apt-get could not install prometheus;" \
-         "tests/collector/test_prometheus_scrape.py will skip" >&2
-    exit 0
+    give_up "apt-get could not install prometheus"
 fi
+for tool in prometheus promtool; do
+    command -v "$tool" >/dev/null 2>&1 || give_up "the prometheus package installed no $tool"
+done
 
 # Belt and braces: if a systemd is running, make sure the packaged service is not.
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then

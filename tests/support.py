@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
@@ -264,6 +265,25 @@ def wait_for(cond: Callable[[], bool], timeout_s: float = 15.0) -> None:
 
 
 PROMETHEUS = shutil.which("prometheus")
+PROMTOOL = shutil.which("promtool")
+
+
+def in_ci() -> bool:
+    """Whether this run is CI's (the runner sets ``CI=true``)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_tool(name: str, path: str | None) -> str:
+    """``path`` of the ``name`` binary, or stop the test: skip it with the reason, but
+    under CI (``CI`` set) FAIL it, so a missing tool cannot turn CI green with the
+    tests that need it skipped (.ci/install-prometheus.sh installs Debian's
+    ``prometheus``, which has ``prometheus`` and ``promtool``)."""
+    if path is not None:
+        return path
+    reason = f"no {name} binary on PATH (.ci/install-prometheus.sh installs it)"
+    if in_ci():
+        pytest.fail(f"{reason}; CI must run the tests that need it", pytrace=False)
+    pytest.skip(reason)
 
 
 @contextlib.contextmanager
@@ -275,7 +295,7 @@ def prometheus_server(
 
     Needs ``PROMETHEUS`` (``.ci/install-prometheus.sh`` installs Debian's).
     """
-    assert PROMETHEUS is not None, "no prometheus binary on PATH"
+    prometheus = require_tool("prometheus", PROMETHEUS)
     config = workdir / "prometheus.yml"
     rules = f"rule_files: ['{rule_file}']\n" if rule_file is not None else ""
     config.write_text(
@@ -293,7 +313,7 @@ def prometheus_server(
     with (workdir / "prometheus.log").open("wb") as log:
         proc = subprocess.Popen(
             [
-                PROMETHEUS,
+                prometheus,
                 f"--config.file={config}",
                 f"--web.listen-address=127.0.0.1:{port}",
                 f"--storage.tsdb.path={workdir / 'tsdb'}",

@@ -243,6 +243,7 @@ def test_rejections_are_counted_by_reason():
     assert value(rejected, **{"rooftop.reject.reason": "bad_enum"}) == 1
 
 
+@pytest.mark.slow
 def test_cardinality_limit_covers_a_large_fleet():
     # 2,500 GPUs: past the SDK's default 2,000 series per instrument.
     reader = InMemoryMetricReader()

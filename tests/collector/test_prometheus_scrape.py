@@ -18,12 +18,13 @@ from rooftop.collector.config import CollectorConfig
 from rooftop.collector.service import Collector
 from rooftop.common.model import Bound, Cause
 from tests.collector.helpers import AgentStream, batch, engine, gpu, verdict
-from tests.support import PROMETHEUS, prometheus_server
+from tests.support import PROMETHEUS, prometheus_server, require_tool
 
-pytestmark = pytest.mark.skipif(
-    PROMETHEUS is None,
-    reason="no prometheus binary on PATH (run .ci/install-prometheus.sh to install Debian's)",
-)
+
+@pytest.fixture(autouse=True)
+def _needs_prometheus() -> None:
+    """Skips without a prometheus binary; FAILS under CI (tests.support.require_tool)."""
+    require_tool("prometheus", PROMETHEUS)
 
 
 @pytest.fixture
@@ -66,6 +67,7 @@ def wait_query(base: str, promql: str, timeout_s: float = 30.0) -> list[dict]:
     raise AssertionError(f"prometheus returned nothing for {promql!r} in {timeout_s} s")
 
 
+@pytest.mark.slow
 def test_prometheus_scrapes_verdicts_from_the_collector(collector: Collector, prometheus: str):
     with AgentStream(f"127.0.0.1:{collector.ingest.port}") as stream:
         stream.send(

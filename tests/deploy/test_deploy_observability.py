@@ -30,20 +30,27 @@ from rooftop.collector.service import Collector
 from rooftop.common.model import Bound, Cause
 from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import AgentStream, batch, engine, gpu, verdict
-from tests.support import PROMETHEUS, prometheus_server
+from tests.support import PROMETHEUS, PROMTOOL, prometheus_server, require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "rooftop.json"
 RULES = REPO / "deploy" / "prometheus" / "rooftop-alerts.yml"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "rooftop-alerts.test.yml"
 
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="no promtool on PATH (.ci/install-prometheus.sh installs Debian's)"
-)
-needs_prometheus = pytest.mark.skipif(
-    PROMETHEUS is None, reason="no prometheus on PATH (.ci/install-prometheus.sh installs it)"
-)
+
+# Without the binary a test skips, saying why; under CI it FAILS (tests.support.require_tool).
+@pytest.fixture
+def _needs_promtool() -> None:
+    require_tool("promtool", PROMTOOL)
+
+
+@pytest.fixture
+def _needs_prometheus() -> None:
+    require_tool("prometheus", PROMETHEUS)
+
+
+needs_promtool = pytest.mark.usefixtures("_needs_promtool")
+needs_prometheus = pytest.mark.usefixtures("_needs_prometheus")
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -358,8 +365,7 @@ def wait_for(what: str, fn: Any, timeout_s: float = 30.0) -> Any:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Collector, str]]:
     """A fed collector scraped every second by a real Prometheus loaded with the rules."""
-    if PROMETHEUS is None:
-        pytest.skip("no prometheus on PATH (.ci/install-prometheus.sh installs it)")
+    require_tool("prometheus", PROMETHEUS)
     tmp = tmp_path_factory.mktemp("prometheus")
     collector = fed_collector()
     shutil.copy(RULES, tmp / RULES.name)

@@ -10,6 +10,7 @@ from rooftop.agent.sensors.base import GpuBackend
 from rooftop.agent.sensors.fake import FakeNvmlLibrary, fake_backend
 from rooftop.agent.sensors.nvml import NvmlBackend, map_nvml_errors
 from rooftop.common.errors import DeviceLost, NvmlUnavailable, SensorError
+from rooftop.common.model import GpuSample
 
 GPM_FIELDS = (
     "sm_active_pct",
@@ -39,9 +40,22 @@ def settled_read(backend, clock, gpu=0):
     return backend.read(gpu, time_s=1.7e9)
 
 
+def read_every_gpu(backend: GpuBackend, time_s: float) -> list[GpuSample]:
+    """What the sampler does with any ``GpuBackend``: one read per device it lists."""
+    return [backend.read(info.gpu_index, time_s) for info in backend.devices()]
+
+
 def test_is_a_gpu_backend(clock):
-    backend = fake_backend("h100", clock=clock)
-    assert isinstance(backend, GpuBackend)
+    """Used only through the protocol's methods, it gives one ``GpuSample`` per device,
+    stamped with the caller's time and named as ``devices()`` names the GPU."""
+    backend = fake_backend("h100", gpus=2, clock=clock)
+    infos = backend.devices()
+    samples = read_every_gpu(backend, time_s=1.7e9)
+    assert [type(s) for s in samples] == [GpuSample, GpuSample]
+    got = [(s.gpu_index, s.gpu_uuid, s.gpu_name, s.mem_total_bytes, s.time_s) for s in samples]
+    assert got == [(i.gpu_index, i.gpu_uuid, i.gpu_name, i.mem_total_bytes, 1.7e9) for i in infos]
+    assert samples[0].gpu_uuid != samples[1].gpu_uuid
+    backend.close()
 
 
 def test_devices_static_info(clock):
