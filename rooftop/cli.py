@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from rooftop import __version__
-from rooftop.common.errors import NvmlUnavailable, RooftopError
+from rooftop.common.errors import ConfigError, NvmlUnavailable, RooftopError
 
 if TYPE_CHECKING:
     from rooftop.agent.daemon import BatchSink
@@ -27,23 +27,110 @@ F = TypeVar("F", bound=Callable[..., Any])
 TIMELINE_DEFAULT_WINDOW_S = 1.0
 
 
+# Exit statuses, as click's own: a usage error (bad option, bad value) is 2, raised as
+# click.UsageError / BadParameter (option values are checked while parsing, see
+# _checked_by); a failure while running (no GPU, unreachable collector, bad file) is 1.
+EXIT_FAILURE = 1
+
+# What each command that can need a GPU accepts instead of one: only its own options.
+NO_GPU_HINTS: dict[str, str] = {
+    "diagnose": "--replay FILE (a recording) or --fake h100",
+    "record": "--fake h100",
+    "agent": '--fake h100, or backend = "replay:FILE" in the config',
+}
+
+
 def friendly_errors(fn: F) -> F:
-    """Turn a ``RooftopError`` into one line on stderr and exit 1: no tracebacks for users."""
+    """Turn a runtime failure into one line on stderr and exit 1: no tracebacks for users.
+
+    A ``RooftopError`` or an ``OSError`` (a file, a socket) is a runtime failure; click's
+    usage errors never reach here (click exits 2 for them).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except NvmlUnavailable as exc:
-            click.echo(f"agentctl: {exc}", err=True)
-            click.echo("agentctl: no GPU needed for: --replay FILE (a recording) or --fake h100",
-                       err=True)
-            sys.exit(1)
+            # One line: the reason, then only the options this command accepts.
+            ctx = click.get_current_context(silent=True)
+            hint = NO_GPU_HINTS.get(ctx.info_name or "", "") if ctx is not None else ""
+            also = f"; without a GPU: {hint}" if hint else ""
+            click.echo(f"agentctl: error: {exc.reason}{also}", err=True)
+            sys.exit(EXIT_FAILURE)
         except RooftopError as exc:
             click.echo(f"agentctl: error: {exc}", err=True)
-            sys.exit(1)
+            sys.exit(EXIT_FAILURE)
+        except OSError as exc:
+            click.echo(f"agentctl: error: {exc}", err=True)
+            sys.exit(EXIT_FAILURE)
 
     return wrapper  # type: ignore[return-value]
+
+
+_Callback = Callable[[click.Context, click.Parameter, Any], Any]
+
+
+def _checked_by(check: Callable[[str], object]) -> _Callback:
+    """A click callback: ``check`` each value given, keep the values as they are.
+
+    A ``RooftopError`` from ``check`` becomes a usage error (exit 2) naming the option.
+    """
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        for item in value if isinstance(value, tuple) else (value,):
+            if item is None:
+                continue
+            try:
+                check(item)
+            except RooftopError as exc:
+                message = str(exc)
+                for opt in param.opts:  # the option is named once, by click
+                    message = message.removeprefix(opt).lstrip(": ") or message
+                raise click.BadParameter(message, ctx=ctx, param=param) from None
+        return value
+
+    return callback
+
+
+def _check_fake(text: str) -> None:
+    from rooftop.agent.diagnose import FakeSpec  # noqa: PLC0415 — keeps `agentctl --help` fast
+
+    FakeSpec.parse(text).check()
+
+
+def _check_engine_url(text: str) -> None:
+    from rooftop.agent.engines.sources import EngineEndpoint  # noqa: PLC0415
+
+    EngineEndpoint.parse(text)
+
+
+def _check_model(name: str) -> None:
+    from rooftop.agent.roofline import find_model  # noqa: PLC0415
+
+    find_model(name)
+
+
+def _check_probe_url(url: str) -> None:
+    from rooftop.agent.engines.probe import chat_completions_url  # noqa: PLC0415
+
+    chat_completions_url(url)
+
+
+def _check_address(text: str) -> None:
+    """``HOST:PORT`` (port 0..65535), as the collector's config requires of its addresses.
+
+    Checked while parsing, so that a typo is a usage error (2), not a failed start (1).
+    """
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9464)")
+
+
+def _check_address_or_none(text: str) -> None:
+    """``HOST:PORT``, or "" for none (the Prometheus endpoint can be turned off)."""
+    if text:
+        _check_address(text)
 
 
 class _Progress:
@@ -80,6 +167,7 @@ def _engine_options(fn: F) -> F:
         help="Receive in-process engine hooks on $ROOFTOP_HOOK_SOCKET while sampling.")(fn)
     return click.option(
         "--engine-url", "engine_urls", multiple=True, metavar="URL[@GPU,...]",
+        callback=_checked_by(_check_engine_url),
         help="Scrape an engine's /metrics (vLLM, SGLang, TGI) while sampling; @0,1 ties it "
              "to GPUs 0 and 1 (repeatable).")(fn)
 
@@ -150,6 +238,9 @@ def _fleet_status(
     auth: dict[str, Any],
 ) -> Any:
     """Ask ``collector`` for the fleet's status (``rooftop.v1.Query``)."""
+    # gRPC's C core logs a failed handshake on stderr by itself (absl, INFO) beside our
+    # one-line error; it reads GRPC_VERBOSITY once, when grpc is first imported: below.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from rooftop.agent.credentials import ClientAuth  # noqa: PLC0415 — grpc
     from rooftop.agent.fleet_query import query_fleet_status  # noqa: PLC0415
 
@@ -188,6 +279,7 @@ def status(collector: str | None, node: str | None, as_json: bool, **auth: Any) 
 _fake_option = click.option(
     "--fake",
     metavar="PROFILE[:WORKLOAD,...]",
+    callback=_checked_by(_check_fake),
     help="Use the shipped fake NVML (h100 or a100) instead of a GPU, e.g. h100:gemv,gemm.",
 )
 _gpus_option = click.option("--gpus", default=1, show_default=True, type=click.IntRange(1, 64),
@@ -205,7 +297,7 @@ _gpus_option = click.option("--gpus", default=1, show_default=True, type=click.I
 @click.option("--window", "window_s", type=click.FloatRange(min=0.1),
               help="Window length in seconds (default: the whole run is one window).")
 @click.option("--timeline", is_flag=True, help="Print the verdict of every window.")
-@click.option("--model", "model_name", metavar="NAME",
+@click.option("--model", "model_name", metavar="NAME", callback=_checked_by(_check_model),
               help="Served model (e.g. llama-3-8b) for the TPOT floor and application MBU.")
 @click.option("--model-config", type=click.Path(path_type=Path, exists=True),
               help="HuggingFace config.json of the served model (instead of --model).")
@@ -335,9 +427,10 @@ def _model_context(
 
 
 @main.command()
-@click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(min=0.1))
+@click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="How long to record.")
 @click.option("--rate", "rate_hz", default=10.0, show_default=True,
-              type=click.FloatRange(min=0.1, max=10.0))
+              type=click.FloatRange(min=0.1, max=10.0), help="Samples per second (GPM needs ≤ 10).")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Trace file to write (trace format v1, JSON Lines); '-' for stdout.")
 @_engine_options
@@ -399,7 +492,7 @@ _ROOFLINE_DTYPES = ("fp16", "bf16", "fp8", "int4")
               help="KV cache's storage type [default: the weights' if 16-bit, else bf16].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, nothing else.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="Also draw the roofline chart to this PNG (needs rooftop[plot]).")
+              help="Also draw the roofline chart to this PNG (needs matplotlib).")
 @friendly_errors
 def roofline(
     model_name: str | None,
@@ -448,7 +541,7 @@ def roofline(
 
 
 @main.command()
-@click.argument("url")
+@click.argument("url", callback=_checked_by(_check_probe_url))
 @click.option("--model", "-m", "model_name", required=True, help="Model name to request.")
 @click.option("--prompt", default=None,
               help="User message [default: one that makes the model emit many tokens].")
@@ -487,9 +580,10 @@ def probe(
 @click.option("--config", "config_path", default=None,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Collector TOML config [default: built-in defaults].")
-@click.option("--listen", default=None, metavar="ADDR",
+@click.option("--listen", default=None, metavar="ADDR", callback=_checked_by(_check_address),
               help="gRPC ingest HOST:PORT, overriding the config (port 0 picks one).")
 @click.option("--prometheus", "prometheus_listen", default=None, metavar="ADDR",
+              callback=_checked_by(_check_address_or_none),
               help='Prometheus endpoint HOST:PORT, overriding the config ("" disables).')
 @click.option("--insecure", is_flag=True, default=False,
               help="Accept agents over plaintext gRPC (no TLS, no token): ask for it explicitly. "
@@ -563,7 +657,8 @@ def direct_otlp_sink(export: OtlpExport) -> BatchSink:
 @click.option("--seconds", type=click.FloatRange(min=1), default=None,
               help="Stop after this long (default: until Ctrl-C).")
 @click.option("--prometheus", "prometheus_listen", default="127.0.0.1:9464", show_default=True,
-              help="Where the collector serves /metrics (port 0: any free port).")
+              callback=_checked_by(_check_address_or_none),
+              help='Where the collector serves /metrics (port 0: any free port; "" none).')
 @friendly_errors
 def demo(seconds: float | None, prometheus_listen: str) -> None:
     """Collector + two agents replaying real H100 recordings, with a live fleet view. No GPU."""
@@ -594,7 +689,8 @@ def config_check(path: Path, kind: str | None, quiet: bool) -> None:
 
     detected, summary = check_config(path, kind, dict(os.environ))  # type: ignore[arg-type]
     if not quiet:
-        click.echo(f"{path}: valid {detected} configuration; effective settings:")
+        # A TOML comment: the whole output is a file that loads to the same settings.
+        click.echo(f"# {path}: valid {detected} configuration; effective settings:")
         click.echo(summary)
 
 

@@ -1,5 +1,14 @@
 """``agentctl config check`` and ``config example``: one place for both daemons' files.
 
+The check is the daemon's own: it loads the file as the daemon does (environment
+included), then runs the daemon's start-up checks — for the agent
+``rooftop.agent.daemon.startup_checks`` (somewhere to send, TLS or explicit plaintext,
+TLS files and token readable), for the collector
+``rooftop.collector.ingest.IngestCredentials.load`` (certificate and key load, token
+files hold tokens). Only what needs the host itself is left to the start: the NVIDIA
+driver and the spool directory (systemd creates it). The effective configuration is
+printed as TOML that loads back to the same settings; header values are redacted.
+
 The commented examples ship in ``rooftop/data/config``; a test keeps every key of
 ``AgentConfig`` and of the collector's schema documented there.
 """
@@ -7,14 +16,19 @@ The commented examples ship in ``rooftop/data/config``; a test keeps every key o
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rooftop.common.errors import ConfigError
 
-__all__ = ["EXAMPLES", "Kind", "check_config", "detect_kind", "example_text"]
+if TYPE_CHECKING:
+    from rooftop.agent.config import AgentConfig
+    from rooftop.collector.config import CollectorConfig
+
+__all__ = ["EXAMPLES", "Kind", "check_config", "detect_kind", "example_text", "to_toml"]
 
 Kind = Literal["agent", "collector"]
 EXAMPLES: Mapping[str, Path] = {
@@ -36,9 +50,10 @@ def detect_kind(text: str) -> Kind:
 
 
 def check_config(path: Path, kind: Kind | None, env: Mapping[str, str]) -> tuple[Kind, str]:
-    """Load ``path`` as the daemon would (environment included); a summary, or ConfigError.
+    """Load ``path`` and run the daemon's start-up checks; the effective config as TOML.
 
-    Returns the kind and ``key = value`` lines of the effective configuration.
+    Raises:
+        ConfigError: what the daemon would refuse to start with, naming the key.
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -47,12 +62,64 @@ def check_config(path: Path, kind: Kind | None, env: Mapping[str, str]) -> tuple
     kind = kind or detect_kind(text)
     if kind == "agent":
         from rooftop.agent.config import load_config as load_agent  # noqa: PLC0415
+        from rooftop.agent.daemon import startup_checks  # noqa: PLC0415
 
-        config: Any = load_agent(path, env=env)
-    else:
-        from rooftop.collector.config import load_config as load_collector  # noqa: PLC0415
+        agent = load_agent(path, env=env)
+        startup_checks(agent)
+        return kind, to_toml(agent)
+    from rooftop.collector.config import load_config as load_collector  # noqa: PLC0415
+    from rooftop.collector.ingest import IngestCredentials  # noqa: PLC0415
 
-        config = load_collector(path, env=env)
-    lines = [f"{f.name} = {getattr(config, f.name)!r}"
-             for f in dataclasses.fields(config)]
-    return kind, "\n".join(lines)
+    collector = load_collector(path, env=env)
+    IngestCredentials.load(collector)
+    return kind, to_toml(collector)
+
+
+# ---- printing a configuration as TOML ----------------------------------------------
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # finite: both configs refuse nan and inf
+    if isinstance(value, (str, Path)):
+        # A JSON string is a TOML basic string: the same escapes.
+        return json.dumps(str(value), ensure_ascii=False)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{json.dumps(str(k))} = {_value(v)}" for k, v in value.items())
+        return "{ " + items + " }" if items else "{}"
+    raise TypeError(f"no TOML for {type(value).__name__}")  # a field type added without one
+
+
+def _lines(values: Mapping[str, Any]) -> list[str]:
+    return [f"{k} = {_value(v)}" if v is not None else f"# {k}: not set"
+            for k, v in values.items()]
+
+
+def to_toml(config: AgentConfig | CollectorConfig) -> str:
+    """``config`` as the TOML file that loads to it (OTLP header values redacted)."""
+    from rooftop.agent.config import AgentConfig  # noqa: PLC0415
+
+    if isinstance(config, AgentConfig):
+        top = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+               if f.name != "otlp"}
+        lines = _lines(top)
+        if config.otlp is None:
+            lines.append("# [otlp]: none (no direct OTLP export)")
+        else:
+            lines += ["", "[otlp]", *_lines(config.otlp.as_table())]
+        return "\n".join(lines)
+    from rooftop.collector.config import _SCHEMA  # noqa: PLC0415
+
+    lines = []
+    for section, schema in _SCHEMA.items():
+        lines += [f"[{section}]", *_lines({key: getattr(config, name)
+                                           for key, (name, _) in schema.items()}), ""]
+    for exp in config.otlp:
+        lines += ["[[otlp]]", *_lines(exp.as_table()), ""]
+    if not config.otlp:
+        lines.append("# [[otlp]]: none")
+    return "\n".join(lines).rstrip("\n")

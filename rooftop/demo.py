@@ -5,6 +5,11 @@ subprocesses, each replaying a playlist of the real H100 recordings shipped in
 ``rooftop/agent/data`` (idle, GEMV, GEMM, host stall, HF generate...) so the fleet's verdicts
 change as the workloads do. The collector's Prometheus endpoint is served as usual,
 and the terminal shows the fleet view (the same one ``agentctl status`` prints).
+
+Each demo node reports its agent id as its host name and its replayed GPU gets a
+UUID of its own (the recordings' are anonymised to zeros), so ``/metrics`` shows two
+GPUs as the screen does. Ctrl-C, SIGTERM or ``--seconds`` stop the agents and remove
+the temporary directory alike.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 from rooftop.agent.trace import BUNDLED_RECORDINGS, TraceWriter, read_trace
 from rooftop.common.model import Record
+from rooftop.common.systemd import StopSignals
 
 __all__ = ["DEMO_NODES", "DemoNode", "build_playlist", "run_demo"]
 
@@ -59,6 +65,8 @@ def build_playlist(names: Sequence[str], directory: Path = BUNDLED_RECORDINGS) -
 def _agent_config(node: DemoNode, collector: str, trace: Path, spool: Path) -> str:
     return "\n".join([
         f'agent_id = "{node.agent_id}"',
+        # Both agents run on this machine: its host name would merge their series.
+        f'hostname = "{node.agent_id}"',
         f'collectors = ["{collector}"]',
         "insecure = true  # loopback only, this machine",
         f'backend = "replay:{trace}"',
@@ -85,7 +93,9 @@ def run_demo(
 ) -> int:
     """Run collector + agents, showing the fleet view until ``seconds`` pass or Ctrl-C.
 
-    Returns the number of fleet views shown. The agents are stopped with SIGTERM.
+    SIGTERM stops it as Ctrl-C (SIGINT) does. Returns the number of fleet views shown.
+    The agents are stopped with SIGTERM (killed if still running 15 s later) and the
+    temporary directory is removed, however the demo stops.
     """
     # Imported here: the collector (OTel SDK, grpc) is not needed by other commands.
     from rooftop.agent.status import format_status  # noqa: PLC0415
@@ -95,46 +105,59 @@ def run_demo(
 
     config = CollectorConfig(listen="127.0.0.1:0", insecure=True,
                              prometheus_listen=prometheus_listen).validated()
-    collector = Collector(config)
-    collector.start()
-    address = f"127.0.0.1:{collector.ingest.port}"
     procs: list[subprocess.Popen[bytes]] = []
     shown = 0
-    with tempfile.TemporaryDirectory(prefix="rooftop-demo-") as tmp:
+    # SIGTERM, like Ctrl-C, must end in the cleanup below: its default action would
+    # kill this process on the spot and leave the agents and the directory behind.
+    with StopSignals() as signals:
+        collector = Collector(config)
+        collector.start()
+        address = f"127.0.0.1:{collector.ingest.port}"
         try:
-            for node in nodes:
-                trace = Path(tmp) / f"{node.agent_id}.jsonl"
-                with trace.open("w", encoding="utf-8") as f:
-                    TraceWriter(f).write(build_playlist(node.recordings))
-                cfg = Path(tmp) / f"{node.agent_id}.toml"
-                cfg.write_text(_agent_config(node, address, trace, Path(tmp) / node.agent_id))
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "rooftop", "agent", "--config", str(cfg),
-                     "--log-level", "warning"],
-                    stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
-            port = collector.telemetry.prometheus_port
-            banner = (
-                "Rooftop demo — a REPLAY of real H100 recordings "
-                "(rooftop/agent/data/h100-2026-11-22), not live GPUs.\n"
-                f"collector {address}; Prometheus endpoint "
-                f"{f'http://127.0.0.1:{port}/metrics' if port else 'off'}; Ctrl-C stops.\n"
-            )
-            deadline = None if seconds is None else time.monotonic() + seconds
-            while deadline is None or time.monotonic() < deadline:
-                time.sleep(refresh_s)
-                view = format_status(fleet_status(collector.fleet.snapshot()),
-                                     collector=address)
-                echo(("\033[2J\033[H" if clear_screen else "") + banner + view)
-                shown += 1
-        except KeyboardInterrupt:
-            pass
-        finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
+            with tempfile.TemporaryDirectory(prefix="rooftop-demo-") as tmp:
                 try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                    for node in nodes:
+                        trace = Path(tmp) / f"{node.agent_id}.jsonl"
+                        with trace.open("w", encoding="utf-8") as f:
+                            TraceWriter(f).write(build_playlist(node.recordings))
+                        cfg = Path(tmp) / f"{node.agent_id}.toml"
+                        cfg.write_text(
+                            _agent_config(node, address, trace, Path(tmp) / node.agent_id))
+                        procs.append(subprocess.Popen(
+                            [sys.executable, "-m", "rooftop", "agent", "--config", str(cfg),
+                             "--log-level", "warning"],
+                            stdin=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+                    port = collector.telemetry.prometheus_port
+                    banner = (
+                        "Rooftop demo — a REPLAY of real H100 recordings "
+                        "(rooftop/agent/data/h100-2026-11-22), not live GPUs.\n"
+                        f"collector {address}; Prometheus endpoint "
+                        f"{f'http://127.0.0.1:{port}/metrics' if port else 'off'}; "
+                        "Ctrl-C stops.\n"
+                    )
+                    deadline = None if seconds is None else time.monotonic() + seconds
+                    while deadline is None or time.monotonic() < deadline:
+                        if signals.wait(refresh_s) is not None:
+                            break
+                        view = format_status(fleet_status(collector.fleet.snapshot()),
+                                             collector=address)
+                        echo(("\033[2J\033[H" if clear_screen else "") + banner + view)
+                        shown += 1
+                finally:
+                    _stop_agents(procs)
+        finally:
             collector.shutdown(timeout_s=5.0)
     return shown
+
+
+def _stop_agents(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every agent (they flush to the collector, still up), then reap them."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

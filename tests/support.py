@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -364,3 +365,10 @@ class NotifySocket:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def nvml_works() -> bool:
+    """Whether a real NVIDIA driver answers here (probed in a child: init is process-wide)."""
+    probe = "import pynvml; pynvml.nvmlInit()"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True,
+                          check=False).returncode == 0

@@ -51,7 +51,10 @@ class Thresholds:
     cpu_cause_pct: float = 90.0  # of ONE core
     proxy_confidence: float = 0.7  # factor when dram/compute are NVML proxies (no GPM)
     decisive_share: float = 0.9  # a regime share this high is not marginal
-    full_confidence_samples: int = 10  # fewer samples lower the confidence
+    # The sample factor of a one-sample window; n samples: 1 - (1 - this) / n. At the
+    # agent's defaults (1 Hz x 5 s) a clean window is 0.9: high, yet under the 0.95 at
+    # which Hysteresis lets a change through at once, so hysteresis_windows still holds.
+    single_sample_confidence: float = 0.5
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -59,13 +62,11 @@ class Thresholds:
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"thresholds.{f.name} must be a finite number ≥ 0, not {value}")
         for name in ("regime_share", "starved_active_share", "starved_queue_empty_share",
-                     "proxy_confidence", "decisive_share"):
+                     "proxy_confidence", "decisive_share", "single_sample_confidence"):
             if getattr(self, name) > 1:
                 raise ConfigError(f"thresholds.{name} is a share (0-1), not {getattr(self, name)}")
         if self.dominance_ratio < 1:
             raise ConfigError(f"thresholds.dominance_ratio must be ≥ 1, not {self.dominance_ratio}")
-        if self.full_confidence_samples < 1:
-            raise ConfigError("thresholds.full_confidence_samples must be ≥ 1")
 
 
 DEFAULT_THRESHOLDS = Thresholds()
@@ -140,8 +141,10 @@ def _pct(share: float) -> str:
 
 
 def _sample_factor(n: int, th: Thresholds) -> float:
-    # One sample is a glimpse, ten at 10 Hz a second of evidence.
-    return min(1.0, 0.5 + 0.5 * n / th.full_confidence_samples)
+    # Each sample shrinks the doubt: one is a glimpse (0.5), the agent's default window
+    # of five 0.9, ten 0.95, fifty (diagnose's 5 s at 10 Hz) 0.99. A count, not a
+    # duration: the share a verdict rests on is estimated from this many samples.
+    return 1.0 - (1.0 - th.single_sample_confidence) / max(n, 1)
 
 
 def _confidence(share: float, n: int, proxy: bool, th: Thresholds) -> float:
@@ -166,6 +169,8 @@ def _evidence(window: GpuWindow, active_share: float) -> tuple[Evidence, ...]:
             ("tpot_ms", window.engine.tpot_ms, Provenance.ENGINE),
             ("ttft_ms", window.engine.ttft_ms, Provenance.ENGINE),
             ("requests", window.engine.requests_in_flight, Provenance.ENGINE),
+            # The decode batch: the roofline's (diagnose --model); waiting ones are not in it.
+            ("requests_running", window.engine.requests_running, Provenance.ENGINE),
         ]
     items.append(("active_share", active_share, Provenance.NVML))
     return tuple(

@@ -19,13 +19,16 @@ the file and line where it is set), never a silent default::
     rate_hz = 1
     spool_dir = "/var/lib/rooftop/spool"
 
-    [otlp]                     # direct OTLP export (no collector needed); otlp_* keys
+    [otlp]                     # direct OTLP export (no collector needed)
     endpoint = "http://127.0.0.1:4317"
-    protocol = "grpc"          # or "http" (OTLP/HTTP protobuf, .../v1/metrics)
+    protocol = "grpc"          # or "http/protobuf" (OTLP/HTTP, .../v1/metrics)
 
-The one table, ``[otlp]``, is shorthand for the ``otlp_*`` keys (``[otlp] endpoint``
-is ``otlp_endpoint``, env ``ROOFTOP_OTLP_ENDPOINT``). TLS files and the token are
-re-read when they change, at the next (re)connect: rotate them without a restart.
+The one table, ``[otlp]``, is the collector's ``[[otlp]]``: the same keys and values,
+parsed by ``rooftop.common.otlp``. Its environment is the standard
+``OTEL_EXPORTER_OTLP_*`` variables, which fill in what the table leaves out (and with
+no table, ``OTEL_EXPORTER_OTLP_ENDPOINT`` alone enables the export); there are no
+``ROOFTOP_OTLP_*`` variables. TLS files and the token are re-read when they change,
+at the next (re)connect: rotate them without a restart.
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from rooftop.agent.hooks._core import DEFAULT_SOCKET_PATH
-from rooftop.common.configfile import line_of, read_toml
+from rooftop.common.configfile import line_of, located, read_toml
 from rooftop.common.errors import ConfigError
-from rooftop.common.otlp import OtlpExport
+from rooftop.common.otlp import OtlpExport, otlp_exports
 
 __all__ = ["CONFIG_ENV", "ENV_PREFIX", "ENV_VARS", "AgentConfig", "load_config"]
 
@@ -51,7 +54,6 @@ ENV_PREFIX = "ROOFTOP_"
 CONFIG_ENV = "ROOFTOP_CONFIG"  # path of the TOML file when --config is not given
 
 _MIB = 1024 * 1024
-_OTLP_PROTOCOLS = ("grpc", "http", "http/protobuf")
 _BACKEND = re.compile(r"^(nvml|fake:[A-Za-z0-9_-]+(:[A-Za-z0-9_,-]+)?|replay:.+)$")
 
 
@@ -60,6 +62,7 @@ class AgentConfig:
     """Everything ``agentctl agent`` needs to know; units are in the names."""
 
     agent_id: str = field(default_factory=socket.gethostname)
+    hostname: str = ""  # host name reported to the collector (host.name); "" = this machine's
     collectors: tuple[str, ...] = ()  # host:port, tried in order, failover to the next
     insecure: bool = False  # plaintext gRPC, asked for explicitly; excludes TLS keys and the token
     ca_file: Path | None = None  # PEM roots to verify the collector with (TLS)
@@ -89,19 +92,16 @@ class AgentConfig:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 30.0
     shutdown_timeout_s: float = 5.0  # final flush budget on SIGTERM (systemd waits 90 s)
-    otlp_endpoint: str = ""  # direct OTLP metrics export; "" = none
-    otlp_protocol: str = "grpc"  # "grpc" | "http" (OTLP/HTTP protobuf)
-    otlp_interval_s: float = 10.0
-    otlp_timeout_s: float = 10.0
-    otlp_insecure: bool = False  # OTLP/gRPC without TLS (an http:// endpoint implies it)
-    otlp_headers: tuple[str, ...] = ()  # "key=value" each
+    otlp: OtlpExport | None = None  # the [otlp] table: direct OTLP metrics export; None = none
 
     def __post_init__(self) -> None:
         _validate(self)
 
 
 KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AgentConfig))
-ENV_VARS: Mapping[str, str] = {key: ENV_PREFIX + key.upper() for key in KEYS}
+# The [otlp] table is the one key without a ROOFTOP_ variable: OTEL_EXPORTER_OTLP_* set it.
+ENV_VARS: Mapping[str, str] = {key: ENV_PREFIX + key.upper() for key in KEYS if key != "otlp"}
+_RETIRED_ENV_PREFIX = ENV_PREFIX + "OTLP_"
 _TYPES: Mapping[str, str] = {f.name: str(f.type) for f in dataclasses.fields(AgentConfig)}
 
 
@@ -115,6 +115,8 @@ def _positive(cfg: AgentConfig, *keys: str) -> None:
 def _validate(cfg: AgentConfig) -> None:
     if not cfg.agent_id.strip():
         raise ConfigError("agent_id must not be empty")
+    if cfg.hostname != cfg.hostname.strip() or any(c.isspace() for c in cfg.hostname):
+        raise ConfigError(f"hostname: {cfg.hostname!r} is not a host name (no spaces)")
     for address in cfg.collectors:
         if not address or any(c.isspace() for c in address):
             raise ConfigError(f"collectors: {address!r} is not a host:port address")
@@ -155,7 +157,8 @@ def _validate(cfg: AgentConfig) -> None:
     if cfg.backoff_max_s < cfg.backoff_base_s:
         raise ConfigError("backoff_max_s must be ≥ backoff_base_s")
     _validate_security(cfg)
-    _validate_otlp(cfg)
+    if cfg.otlp is not None and not isinstance(cfg.otlp, OtlpExport):
+        raise ConfigError(f"otlp must be an OtlpExport or None, not {type(cfg.otlp).__name__}")
 
 
 def _validate_security(cfg: AgentConfig) -> None:
@@ -172,18 +175,6 @@ def _validate_security(cfg: AgentConfig) -> None:
         raise ConfigError(f"insecure = true (plaintext) contradicts {', '.join(tls_keys)}")
     if any(c.isspace() for c in cfg.server_name):
         raise ConfigError(f"server_name: {cfg.server_name!r} is not a host name")
-
-
-def _validate_otlp(cfg: AgentConfig) -> None:
-    if cfg.otlp_protocol not in _OTLP_PROTOCOLS:
-        raise ConfigError(
-            f"otlp_protocol must be one of {', '.join(_OTLP_PROTOCOLS)}, not {cfg.otlp_protocol!r}"
-        )
-    _positive(cfg, "otlp_interval_s", "otlp_timeout_s")
-    for header in cfg.otlp_headers:
-        name, sep, _ = header.partition("=")
-        if not sep or not name.strip():
-            raise ConfigError(f"otlp_headers: {header!r} is not key=value")
 
 
 # --- converting one value -------------------------------------------------------------
@@ -250,21 +241,6 @@ def _from_env(key: str, text: str) -> Any:
     return _from_toml(key, text)
 
 
-# Tables allowed in the file, each shorthand for its prefixed keys: [otlp] endpoint = ...
-# is otlp_endpoint = ... (one flat key space keeps one ROOFTOP_<KEY> per key).
-_TABLES = ("otlp",)
-
-
-def _flatten_tables(data: dict[str, Any]) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in _TABLES and isinstance(value, dict):
-            flat.update({f"{key}_{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
-
-
 def load_config(
     path: Path | None = None,
     *,
@@ -278,6 +254,9 @@ def load_config(
         env: the environment (``os.environ`` when None).
         overrides: already-typed values (CLI flags), applied last.
 
+    The ``[otlp]`` table comes from the file, what it leaves out from the standard
+    ``OTEL_EXPORTER_OTLP_*`` variables (``rooftop.common.otlp``), or an override.
+
     Raises:
         ConfigError: unreadable file, invalid TOML, unknown key, wrong type or an
             out-of-range value; the message names the key (and file:line).
@@ -285,11 +264,22 @@ def load_config(
     env = os.environ if env is None else env
     if path is None and env.get(CONFIG_ENV):
         path = Path(env[CONFIG_ENV])
+    retired = sorted(name for name in env if name.startswith(_RETIRED_ENV_PREFIX))
+    if retired:
+        standard = "OTEL_EXPORTER_OTLP_" + retired[0].removeprefix(_RETIRED_ENV_PREFIX)
+        raise ConfigError(
+            f"{retired[0]} is no longer read: [otlp] takes the standard OpenTelemetry "
+            f"variables ({standard}, ...; docs/METRICS.md)"
+        )
     values: dict[str, Any] = {}
+    data: dict[str, Any] = {}
+    text = ""
     if path is not None:
         data, text = read_toml(path)
-        for key, value in _flatten_tables(data).items():
-            line = line_of(text, key) or line_of(text, key.partition("_")[0])
+        for key, value in data.items():
+            if key == "otlp":
+                continue  # below, with the environment
+            line = line_of(text, key)
             where = f"{path}:{line}" if line else str(path)
             if key not in _TYPES:
                 raise ConfigError(f"{where}: unknown key {key!r}")
@@ -303,6 +293,12 @@ def load_config(
                 values[key] = _from_env(key, env[name])
             except ValueError as exc:
                 raise ConfigError(f"{name}: {exc}, got {env[name]!r}") from None
+    if "otlp" not in (overrides or {}):
+        try:
+            exports = otlp_exports(data.get("otlp"), env=env, many=False)
+        except ConfigError as exc:
+            raise located(exc, path, text) from None
+        values["otlp"] = exports[0] if exports else None
     for key, value in (overrides or {}).items():
         if key not in _TYPES:
             raise ConfigError(f"unknown key {key!r}")
@@ -313,22 +309,3 @@ def load_config(
         if path is None:
             raise
         raise ConfigError(f"{path}: {exc}") from None
-
-
-def otlp_export(config: AgentConfig) -> OtlpExport | None:
-    """The OTLP destination the agent config names; None when ``otlp_endpoint`` is empty."""
-    if not config.otlp_endpoint:
-        return None
-    headers = tuple(
-        sorted(
-            (k.strip(), v.strip()) for k, _, v in (h.partition("=") for h in config.otlp_headers)
-        )
-    )
-    return OtlpExport(
-        endpoint=config.otlp_endpoint,
-        protocol="grpc" if config.otlp_protocol == "grpc" else "http/protobuf",
-        interval_s=config.otlp_interval_s,
-        timeout_s=config.otlp_timeout_s,
-        insecure=config.otlp_insecure,
-        headers=headers,
-    )

@@ -127,15 +127,21 @@ class ClientAuth:
         return [("grpc.ssl_target_name_override", self._server_name)] if self._server_name else []
 
 
+def _read_pem(key: str, path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key} {path}: cannot read: {exc.strerror or exc}") from exc
+
+
 def _channel_credentials(
     ca: Path | None, cert: Path | None, key: Path | None
 ) -> grpc.ChannelCredentials:
-    try:
-        roots = ca.read_bytes() if ca is not None else None
-        chain = cert.read_bytes() if cert is not None else None
-        private = key.read_bytes() if key is not None else None
-    except OSError as exc:
-        raise ConfigError(f"TLS file unreadable: {exc}") from exc
+    roots = _read_pem("ca_file", ca)
+    chain = _read_pem("cert_file", cert)
+    private = _read_pem("key_file", key)
     return grpc.ssl_channel_credentials(
         root_certificates=roots, private_key=private, certificate_chain=chain
     )

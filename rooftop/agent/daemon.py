@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from rooftop.agent.batcher import Batcher
 from rooftop.agent.classifier import Hysteresis, classify
-from rooftop.agent.config import AgentConfig, load_config, otlp_export
+from rooftop.agent.config import AgentConfig, load_config
 from rooftop.agent.credentials import ClientAuth
 from rooftop.agent.diagnose import FakeSpec, open_backend, open_host_sensor
 from rooftop.agent.engines.sources import EngineEndpoint, EngineSources
@@ -44,12 +44,12 @@ from rooftop.agent.stream import Streamer
 from rooftop.agent.window import build_window
 from rooftop.common.codec import record_to_proto, verdict_to_proto
 from rooftop.common.errors import ConfigError, RooftopError
-from rooftop.common.model import GpuSample, HostSample, Record
+from rooftop.common.model import EngineSample, GpuSample, HostSample, Record
 from rooftop.common.otlp import OtlpExport
 from rooftop.common.systemd import StopSignals, sd_notify, watchdog_interval_s
 from rooftop.v1 import telemetry_pb2 as pb
 
-__all__ = ["Agent", "BatchSink", "backend_from_spec", "run_agent"]
+__all__ = ["Agent", "BatchSink", "backend_from_spec", "run_agent", "startup_checks"]
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,11 @@ class BatchSink(Protocol):
     def shutdown(self, timeout_s: float) -> None:
         """Final export, then stop (idempotent)."""
 
-def backend_from_spec(spec: str, fake_gpus: int = 1) -> GpuBackend:
+def backend_from_spec(spec: str, fake_gpus: int = 1, node: str = "") -> GpuBackend:
     """The ``GpuBackend`` that ``backend`` in the config names.
+
+    ``node`` (the agent id) gives a replayed GPU recorded without a real UUID one of
+    its own, so that nodes replaying the same recording stay distinct GPUs.
 
     Raises:
         NvmlUnavailable: ``nvml`` without a driver.
@@ -87,8 +90,55 @@ def backend_from_spec(spec: str, fake_gpus: int = 1) -> GpuBackend:
     if spec.startswith("replay:"):
         from rooftop.agent.trace import read_trace  # noqa: PLC0415
 
-        return ReplayBackend(read_trace(Path(spec.removeprefix("replay:"))))
+        return ReplayBackend(read_trace(Path(spec.removeprefix("replay:"))), node=node)
     raise ConfigError(f"backend: {spec!r} is not one of nvml, fake:PROFILE, replay:PATH")
+
+
+def startup_checks(config: AgentConfig, *, channel_credentials: Any = None) -> ClientAuth | None:
+    """What the agent refuses to start without, beyond the config's own validation.
+
+    ``Agent`` runs these first, and ``agentctl config check`` runs exactly these, so a
+    file the check calls valid is one the agent starts with: somewhere to send (a
+    collector or an ``[otlp]`` endpoint); TLS, or plaintext asked for explicitly; the
+    TLS files and the token readable now (``ClientAuth`` loads them strictly); a
+    ``replay:`` recording readable. Not checked: the driver (``nvml``), which the check
+    may run without, and the spool directory, which systemd creates at start.
+
+    Args:
+        config: the loaded configuration.
+        channel_credentials: fixed gRPC credentials (tests): TLS files are not used.
+
+    Returns:
+        The ``ClientAuth`` the stream presents (None without collectors, or with
+        ``channel_credentials``).
+
+    Raises:
+        ConfigError: naming the key and what is wrong.
+    """
+    if not config.collectors and config.otlp is None:
+        raise ConfigError(
+            "collectors: set at least one collector address (config file or "
+            "ROOFTOP_COLLECTORS), or an [otlp] endpoint to export directly"
+        )
+    tls_configured = any(
+        f is not None for f in (config.ca_file, config.cert_file, config.token_file)
+    )
+    if config.collectors and channel_credentials is None and not config.insecure:
+        if not tls_configured:
+            raise ConfigError(
+                "insecure: TLS is not configured; set ca_file (cert_file and key_file for "
+                "mTLS, token_file for a token), or insecure = true to stream in plaintext"
+            )
+    if config.backend.startswith("replay:"):
+        recording = Path(config.backend.removeprefix("replay:"))
+        try:
+            with recording.open("rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"backend: {recording}: cannot read: {exc.strerror}") from None
+    if not config.collectors or channel_credentials is not None:
+        return None
+    return ClientAuth.from_config(config)
 
 
 class Agent:
@@ -121,25 +171,14 @@ class Agent:
                 without ``direct_otlp``.
             NvmlUnavailable: the config says ``nvml`` and there is no driver.
         """
-        if not config.collectors and not config.otlp_endpoint:
-            raise ConfigError(
-                "collectors: set at least one collector address (config file or "
-                "ROOFTOP_COLLECTORS), or an [otlp] endpoint to export directly"
-            )
-        tls_configured = any(
-            f is not None for f in (config.ca_file, config.cert_file, config.token_file)
-        )
-        if config.collectors and channel_credentials is None and not config.insecure:
-            if not tls_configured:
-                raise ConfigError(
-                    "insecure: TLS is not configured; set ca_file (cert_file and key_file for "
-                    "mTLS, token_file for a token), or insecure = true to stream in plaintext"
-                )
+        auth = startup_checks(config, channel_credentials=channel_credentials)
         self.config = config
         self.boot_id = boot_id or str(uuid.uuid4())
         self._env = os.environ if env is None else env
         self._monotonic = monotonic
-        self.backend = backend or backend_from_spec(config.backend, config.fake_gpus)
+        self.backend = backend or backend_from_spec(
+            config.backend, config.fake_gpus, config.agent_id
+        )
         if host is None and config.host_sensor:
             host = self._open_host_sensor(self.backend)
         self.engines = EngineSources(
@@ -161,6 +200,7 @@ class Agent:
         self.batcher = Batcher(
             config.agent_id,
             self.boot_id,
+            hostname=config.hostname or None,
             max_batch_bytes=config.batch_max_bytes,
             max_batch_samples=config.batch_max_samples,
         )
@@ -170,7 +210,7 @@ class Agent:
                 config.collectors,
                 channel_credentials=channel_credentials,
                 # Given credentials are fixed (tests); else files re-read per connection.
-                auth=None if channel_credentials is not None else ClientAuth.from_config(config),
+                auth=auth,
                 agent_id=config.agent_id,
                 keepalive_time_s=config.keepalive_time_s,
                 keepalive_timeout_s=config.keepalive_timeout_s,
@@ -180,20 +220,20 @@ class Agent:
                 backoff_max_s=config.backoff_max_s,
             )
         self.otlp: BatchSink | None = None
-        export = otlp_export(config)
-        if export is not None:
+        if config.otlp is not None:
             if direct_otlp is None:
                 raise ConfigError(
-                    "otlp_endpoint: direct OTLP export is not available here "
+                    "otlp: direct OTLP export is not available here "
                     "(run the agent with agentctl agent)"
                 )
-            self.otlp = direct_otlp(export)
+            self.otlp = direct_otlp(config.otlp)
         self.hysteresis = Hysteresis(hold=config.hysteresis_windows)
 
         self._lock = threading.Lock()  # the buffers below: sampler thread vs flush
         self._records: list[pb.TraceRecord] = []
         self._verdicts: list[pb.Verdict] = []
         self._window: list[Record] = []
+        self._held_engines: list[EngineSample] = []
         self._window_start_s = 0.0
         self._last_batch_s = 0.0
         self._watchdog_s = watchdog_interval_s(self._env)
@@ -236,7 +276,7 @@ class Agent:
             gpus,
             self.config.rate_hz,
             ", ".join(self.config.collectors)
-            + (f" otlp {self.config.otlp_endpoint}" if self.otlp is not None else ""),
+            + (f" otlp {self.config.otlp.endpoint}" if self.config.otlp is not None else ""),
         )
         sd_notify(f"READY=1\nSTATUS=sampling {gpus} GPU(s)", self._env)
 
@@ -324,12 +364,18 @@ class Agent:
     def _classify(self, records: list[Record]) -> list[pb.Verdict]:
         by_gpu: dict[int, list[GpuSample]] = {}
         hosts = [r for r in records if isinstance(r, HostSample)]
+        engines = [r for r in records if isinstance(r, EngineSample)]
         for r in records:
             if isinstance(r, GpuSample):
                 by_gpu.setdefault(r.gpu_index, []).append(r)
+        # An engine reports once per its interval, which may straddle the window's
+        # start: the previous window's reports let a held state cover that edge.
+        with_held = [*self._held_engines, *engines]
+        if engines:
+            self._held_engines = engines
         verdicts = []
         for _, samples in sorted(by_gpu.items()):
-            window = build_window(samples, (), hosts, sole_gpu=len(by_gpu) == 1)
+            window = build_window(samples, with_held, hosts, sole_gpu=len(by_gpu) == 1)
             verdicts.append(verdict_to_proto(self.hysteresis.update(classify(window))))
         return verdicts
 

@@ -73,6 +73,25 @@ class FakeSpec:
             workloads.append(item)
         return cls(profile.strip().lower(), tuple(workloads))
 
+    def check(self) -> FakeSpec:
+        """This spec, once its profile and workloads are known ones; opens nothing.
+
+        Raises:
+            ConfigError: the unknown profile or workload, as ``open_backend`` would.
+        """
+        from rooftop.agent.sensors.fake import FAKE_PROFILES, parse_workload  # noqa: PLC0415
+
+        if self.profile not in FAKE_PROFILES:
+            raise ConfigError(
+                f"unknown fake profile {self.profile!r}; known: {', '.join(FAKE_PROFILES)}"
+            )
+        for workload in self.workloads:
+            try:
+                parse_workload(workload)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        return self
+
 
 def open_backend(fake: FakeSpec | None = None, gpus: int = 1) -> GpuBackend:
     """The NVML backend, or the shipped fake one; raises ``NvmlUnavailable`` without a driver."""
@@ -165,8 +184,10 @@ def with_roofline(verdict: Verdict, ctx: ModelContext) -> Verdict:
     gpu = detect_gpu(verdict.gpu_name)
     if tpot is None or tpot.value <= 0 or gpu is None:
         return verdict
-    requests = verdict.evidence_value("requests")
-    batch = max(1, round(requests.value)) if requests is not None else 1
+    # The decode step holds the running requests only: waiting ones (queued for a KV
+    # slot or prefill) add neither weight reads nor KV traffic to it.
+    running = verdict.evidence_value("requests_running")
+    batch = max(1, round(running.value)) if running is not None else 1
     result = analyze(ctx.model, gpu, batch=batch, context=ctx.context_tokens,
                      dtype=ctx.dtype, kv_dtype=ctx.kv_dtype)
     mbu_pct = 100 * application_mbu(result.tpot_floor_ms, tpot.value)

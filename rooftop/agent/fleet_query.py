@@ -10,6 +10,7 @@ import grpc
 
 from rooftop.agent.credentials import ClientAuth
 from rooftop.agent.stream import map_grpc_errors
+from rooftop.common.errors import Retryable
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
 
@@ -17,6 +18,8 @@ __all__ = ["query_fleet_status"]
 
 # A whole fleet's status (1,000 nodes x 8 GPUs with details) is several MiB.
 _QUERY_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# BoringSSL's word for a first answer that is no TLS record: a plaintext (HTTP/2) server.
+_PLAINTEXT_PEER = "WRONG_VERSION_NUMBER"
 
 
 def query_fleet_status(
@@ -30,7 +33,8 @@ def query_fleet_status(
     """Ask the collector at ``address`` for the fleet's status (``rooftop.v1.Query``).
 
     Raises:
-        Retryable: the collector is unreachable (UNAVAILABLE, DEADLINE_EXCEEDED, …).
+        Retryable: the collector is unreachable (UNAVAILABLE, DEADLINE_EXCEEDED, …), or
+            speaks plaintext to a TLS client (the message says to add ``--insecure``).
         Rejected: it refused (UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, …).
     """
     options: list[tuple[str, str | int]] = [
@@ -45,6 +49,16 @@ def query_fleet_status(
         else grpc.insecure_channel(address, options=options)
     )
     request = pb.FleetStatusRequest(node=node, detail=detail)
-    with channel, map_grpc_errors(address):
-        stub = telemetry_pb2_grpc.QueryStub(channel)
-        return stub.GetFleetStatus(request, metadata=auth.metadata(), timeout=timeout_s)
+    with channel:
+        try:
+            with map_grpc_errors(address):
+                stub = telemetry_pb2_grpc.QueryStub(channel)
+                return stub.GetFleetStatus(request, metadata=auth.metadata(), timeout=timeout_s)
+        except Retryable as exc:
+            # gRPC words it as a TLS handshake failure; what the user needs is the flag.
+            if credentials is not None and _PLAINTEXT_PEER in str(exc):
+                raise Retryable(
+                    f"the collector at {address} speaks plaintext, not TLS: add --insecure "
+                    "(or set ROOFTOP_INSECURE=1)"
+                ) from exc
+            raise

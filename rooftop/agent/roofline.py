@@ -30,7 +30,11 @@ The exact definitions, since every "≈" hides a choice (bytes are decimal: 1 GB
 - ``tokens_per_s_ceiling`` = batch / tpot_floor.
 - ``fits`` = weights + KV cache ≤ the GPU's memory; activations, the CUDA context and
   an engine's reserve are not counted, so "fits" is necessary, not sufficient.
-  ``gpus_needed`` = ⌈(weights + KV cache) / memory⌉, an ideal tensor-parallel split.
+  ``gpus_needed`` = ⌈(weights + KV cache) / memory⌉, what memory alone asks for.
+- ``tensor_parallel_gpus`` = the smallest tensor-parallel degree ≥ ``gpus_needed`` that
+  divides both the attention heads and the KV heads (each GPU holds whole heads:
+  64 heads and 8 KV heads allow 1, 2, 4 or 8, so 3 GPUs' worth of memory means 4);
+  ``None`` when no degree up to the head count does.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ __all__ = [
     "parse_dtype",
     "ridge_point",
     "streamed_params",
+    "tensor_parallel_degree",
     "tpot_floor_ms",
     "weights_bytes",
 ]
@@ -132,6 +137,21 @@ def streamed_params(model: ModelSpec) -> int:
     return model.params - model.vocab_size * model.hidden_size
 
 
+def tensor_parallel_degree(model: ModelSpec, at_least: int = 1) -> int | None:
+    """The smallest tensor-parallel degree ≥ ``at_least`` that splits ``model`` evenly.
+
+    Tensor parallelism gives each GPU whole attention heads and whole KV heads, so the
+    degree must divide both counts (Llama 3 70B, 64 and 8: 1, 2, 4 or 8).
+
+    Returns:
+        The degree, or None when none from ``at_least`` up to the head count divides both.
+    """
+    for degree in range(max(1, at_least), model.heads + 1):
+        if model.heads % degree == 0 and model.kv_heads % degree == 0:
+            return degree
+    return None
+
+
 def _check_shape(batch: int, context: int) -> None:
     if batch < 1:
         raise RooflineError(f"batch must be at least 1, got {batch}")
@@ -185,7 +205,8 @@ class RooflineResult:
     kv_cache_bytes: int
     total_bytes: int  # weights + KV cache
     fits: bool
-    gpus_needed: int
+    gpus_needed: int  # by memory alone: ⌈total / GPU memory⌉
+    tensor_parallel_gpus: int | None  # ≥ gpus_needed, divides heads and KV heads; None: none
     streamed_weights_bytes: int
     bytes_per_step: int  # streamed weights + KV cache
     flops_per_step: float
@@ -203,9 +224,11 @@ class RooflineResult:
         return self.arithmetic_intensity_flop_per_byte < self.ridge_point_flop_per_byte
 
     @property
-    def tensor_parallel_tpot_floor_ms(self) -> float:
-        """The floor split ideally over ``gpus_needed`` GPUs (no all-reduce cost)."""
-        return self.tpot_floor_ms / self.gpus_needed
+    def tensor_parallel_tpot_floor_ms(self) -> float | None:
+        """The floor split ideally over ``tensor_parallel_gpus`` (no all-reduce cost)."""
+        if self.tensor_parallel_gpus is None:
+            return None
+        return self.tpot_floor_ms / self.tensor_parallel_gpus
 
 
 def analyze(
@@ -245,6 +268,7 @@ def analyze(
     memory_time_ms = step_bytes / gpu.bandwidth_bytes_per_s * 1e3
     compute_time_ms = step_flops / peak_flops * 1e3
     floor_ms = max(memory_time_ms, compute_time_ms)
+    gpus_needed = max(1, math.ceil(total / gpu.memory_bytes))
     return RooflineResult(
         model=model,
         gpu=gpu,
@@ -256,7 +280,8 @@ def analyze(
         kv_cache_bytes=kv,
         total_bytes=total,
         fits=total <= gpu.memory_bytes,
-        gpus_needed=max(1, math.ceil(total / gpu.memory_bytes)),
+        gpus_needed=gpus_needed,
+        tensor_parallel_gpus=tensor_parallel_degree(model, gpus_needed),
         streamed_weights_bytes=streamed,
         bytes_per_step=step_bytes,
         flops_per_step=step_flops,

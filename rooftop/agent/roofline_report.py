@@ -6,6 +6,7 @@ is the one function that touches the outside world (matplotlib, a file).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ def _result_dict(result: RooflineResult) -> dict[str, Any]:
         "total_bytes": result.total_bytes,
         "fits": result.fits,
         "gpus_needed": result.gpus_needed,
+        "tensor_parallel_gpus": result.tensor_parallel_gpus,
         "bytes_per_step": result.bytes_per_step,
         "flops_per_step": result.flops_per_step,
         "memory_time_ms": result.memory_time_ms,
@@ -79,8 +81,32 @@ def _bytes_per_elem(dtype: Dtype) -> str:
     return f"{BITS[dtype] / 8:g} B"
 
 
+# The fits column's word for "no tensor-parallel degree splits the heads that far".
+_NO_TP = "no TP"
+
+
 def _fit_cell(result: RooflineResult) -> str:
-    return "fits" if result.fits else f"needs {result.gpus_needed}"
+    if result.fits:
+        return "fits"
+    if result.tensor_parallel_gpus is None:
+        return _NO_TP
+    return f"needs {result.tensor_parallel_gpus}"
+
+
+def _fit_verdict(result: RooflineResult) -> str:
+    """Whether it fits, else how many GPUs a tensor-parallel split needs, and why."""
+    model, gpu, needed = result.model, result.gpu, result.gpus_needed
+    heads = f"{model.heads} attention heads and {model.kv_heads} KV heads"
+    if result.fits:
+        return "fits"
+    if result.tensor_parallel_gpus is None:
+        return (f"DOES NOT FIT, needs {needed} x {gpu.name} for memory, but no tensor-parallel "
+                f"degree from {needed} to {model.heads} divides its {heads}: add pipeline "
+                "parallelism or use a larger GPU")
+    if result.tensor_parallel_gpus == needed:
+        return f"DOES NOT FIT, needs {needed} x {gpu.name} (tensor parallel)"
+    return (f"DOES NOT FIT, needs {result.tensor_parallel_gpus} x {gpu.name} (tensor parallel: "
+            f"memory asks for {needed}, the degree must divide its {heads})")
 
 
 def _row(label: str, value: str, note: str) -> str:
@@ -99,11 +125,7 @@ def format_report(result: RooflineResult, others: tuple[RooflineResult, ...] = (
         Lines of text, no trailing newline.
     """
     model, gpu = result.model, result.gpu
-    fit = (
-        "fits"
-        if result.fits
-        else f"DOES NOT FIT, needs {result.gpus_needed} x {gpu.name} (tensor parallel)"
-    )
+    fit = _fit_verdict(result)
     intensity = result.arithmetic_intensity_flop_per_byte
     ridge = result.ridge_point_flop_per_byte
     lines = [
@@ -141,11 +163,12 @@ def format_report(result: RooflineResult, others: tuple[RooflineResult, ...] = (
             f"{result.compute_time_ms:.2f} ms at {result.compute_flops_per_s / 1e12:,.0f} TFLOP/s",
         ),
     ]
-    if not result.fits:
+    tp_floor_ms = result.tensor_parallel_tpot_floor_ms
+    if not result.fits and result.tensor_parallel_gpus is not None and tp_floor_ms is not None:
         lines.append(
             _row(
-                f"  on {result.gpus_needed} GPUs",
-                f"{result.tensor_parallel_tpot_floor_ms:.2f} ms",
+                f"  on {result.tensor_parallel_gpus} GPUs",
+                f"{tp_floor_ms:.2f} ms",
                 "ideal tensor-parallel split, no all-reduce cost",
             )
         )
@@ -189,6 +212,12 @@ def format_report(result: RooflineResult, others: tuple[RooflineResult, ...] = (
                 f"{_fit_cell(other):>10}{other.tpot_floor_ms:>10.2f} ms"
                 f"{other.tokens_per_s_ceiling:>15,.0f}{other.ridge_point_flop_per_byte:>8.0f}"
             )
+        if any(_fit_cell(other) == _NO_TP for other in others):
+            lines.append(
+                f"  {_NO_TP}: memory needs more GPUs than the largest tensor-parallel degree, "
+                f"{math.gcd(model.heads, model.kv_heads)} (it must divide the {model.heads} "
+                f"attention and {model.kv_heads} KV heads)"
+            )
     return "\n".join(lines)
 
 
@@ -211,7 +240,8 @@ def plot_roofline(result: RooflineResult, path: Path) -> None:
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise RooflineError(
-            "plotting needs matplotlib: pip install 'rooftop[plot]'"
+            "plotting needs matplotlib: pip install matplotlib (or scripts/setup.sh, "
+            "which installs Rooftop with its plot extra)"
         ) from exc
 
     gpu = result.gpu

@@ -64,7 +64,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # ≈ 12 h of 8 GPUs at 10 Hz (DESIGN §7)
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # ≈ 20 h of 8 GPUs at 1 Hz, ≈ 3 h at 10 Hz (DESIGN §7.2)
 DEFAULT_FSYNC_INTERVAL_S = 0.5
 DEFAULT_RING_MAX_BYTES = 8 * 1024 * 1024
 _SEGMENT_MAX_DEFAULT_BYTES = 16 * 1024 * 1024

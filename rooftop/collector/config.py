@@ -21,7 +21,7 @@
 
     [[otlp]]                         # or a single [otlp] table; none by default
     endpoint = "http://otel-collector:4317"
-    protocol = "grpc"                # or "http/protobuf" (endpoint .../v1/metrics)
+    protocol = "grpc"                # or "http/protobuf" (/v1/metrics is appended)
     interval_s = 10
     timeout_s = 10
     insecure = true
@@ -29,6 +29,10 @@
 
     [metrics]
     max_series_per_metric = 65536    # fits 1,000 nodes x 8 GPUs x 6 bound states
+
+``[[otlp]]`` takes the agent's ``[otlp]`` keys and values (``rooftop.common.otlp``);
+the standard ``OTEL_EXPORTER_OTLP_*`` variables fill in what a table leaves out, and
+with no table ``OTEL_EXPORTER_OTLP_ENDPOINT`` alone adds one export.
 
 An unknown section or key is a ``ConfigError`` naming it: a typo must not silently
 fall back to a default. Certificates, keys and token files are re-read when they
@@ -40,16 +44,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rooftop.common.configfile import line_of
+from rooftop.common.configfile import located
 from rooftop.common.errors import ConfigError
-from rooftop.common.otlp import OtlpExport
+from rooftop.common.otlp import OtlpExport, otlp_exports
 
 __all__ = ["CollectorConfig", "OtlpExport", "load_config"]
 
@@ -115,15 +118,7 @@ class CollectorConfig:
         _check_address("collector.listen", self.listen)
         if self.prometheus_listen:
             _check_address("prometheus.listen", self.prometheus_listen)
-        for i, exp in enumerate(self.otlp):
-            if not exp.endpoint:
-                raise ConfigError(f"otlp[{i}].endpoint is empty")
-            if exp.protocol not in ("grpc", "http/protobuf"):
-                raise ConfigError(
-                    f"otlp[{i}].protocol must be 'grpc' or 'http/protobuf' (got {exp.protocol!r})"
-                )
-            if exp.interval_s <= 0 or exp.timeout_s <= 0:
-                raise ConfigError(f"otlp[{i}].interval_s and timeout_s must be positive")
+        # Each OtlpExport checked itself when it was made.
         return self
 
 
@@ -152,14 +147,6 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     "prometheus": {"listen": ("prometheus_listen", str)},
     "metrics": {"max_series_per_metric": ("max_series_per_metric", int)},
 }
-_OTLP_KEYS: dict[str, type | tuple[type, ...]] = {
-    "endpoint": str,
-    "protocol": str,
-    "interval_s": (int, float),
-    "timeout_s": (int, float),
-    "insecure": bool,
-    "headers": dict,
-}
 _PATHS = {"tls_cert_file", "tls_key_file", "tls_client_ca_file", "token_file", "read_token_file"}
 
 
@@ -173,40 +160,26 @@ def _typed(key: str, value: Any, typ: type | tuple[type, ...]) -> Any:
     return float(value) if isinstance(value, int) and typ == (int, float) else value
 
 
-def _otlp(key: str, table: Any) -> OtlpExport:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{key} must be a table")
-    values: dict[str, Any] = {}
-    for name, value in table.items():
-        if name not in _OTLP_KEYS:
-            raise ConfigError(f"unknown key {key}.{name}")
-        values[name] = _typed(f"{key}.{name}", value, _OTLP_KEYS[name])
-    if "endpoint" not in values:
-        raise ConfigError(f"{key}.endpoint is required")
-    headers = values.pop("headers", {})
-    for h, v in headers.items():
-        _typed(f"{key}.headers.{h}", v, str)
-    return OtlpExport(headers=tuple(sorted(headers.items())), **values)
-
-
-def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> CollectorConfig:
+def parse_config(
+    data: dict[str, Any],
+    *,
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> CollectorConfig:
     """Build a config from parsed TOML (not yet ``validated``).
 
     Args:
         data: the TOML document.
         base_dir: relative file paths are resolved against it (the config's folder).
+        env: the ``OTEL_EXPORTER_OTLP_*`` variables for ``[[otlp]]``; None: none.
 
     Raises:
         ConfigError: an unknown section or key, or a value of the wrong type.
     """
     values: dict[str, Any] = {}
-    otlp: list[OtlpExport] = []
+    otlp = otlp_exports(data.get("otlp"), env=env or {}, many=True)
     for section, table in data.items():
         if section == "otlp":
-            tables = table if isinstance(table, list) else [table]
-            otlp += [
-                _otlp(f"otlp[{i}]" if len(tables) > 1 else "otlp", t) for i, t in enumerate(tables)
-            ]
             continue
         schema = _SCHEMA.get(section)
         if schema is None:
@@ -224,7 +197,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Colle
                     (base_dir / path) if base_dir is not None and not path.is_absolute() else path
                 )
             values[name] = value
-    return CollectorConfig(otlp=tuple(otlp), **values)
+    return CollectorConfig(otlp=otlp, **values)
 
 
 ENV_PREFIX = "ROOFTOP_"
@@ -262,15 +235,6 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
                 table[key] = value
 
 
-def _located(exc: ConfigError, path: Path | None, text: str) -> ConfigError:
-    """``exc`` with ``file:line`` where the key it names is set, when it can be found."""
-    match = re.search(r"(?:key |section \[)([\w.]+)", str(exc))
-    if path is None or match is None:
-        return exc
-    line = line_of(text, match[1].rsplit(".", 1)[-1])
-    return ConfigError(f"{path}:{line}: {exc}" if line else f"{path}: {exc}")
-
-
 def load_config(
     path: Path | None = None,
     *,
@@ -282,7 +246,8 @@ def load_config(
     """Read ``path`` (defaults when None), then the environment, then flags; validate.
 
     Environment variables are ``ROOFTOP_<SECTION>_<KEY>`` (``ROOFTOP_COLLECTOR_LISTEN``,
-    ``ROOFTOP_PROMETHEUS_LISTEN``, ...), typed as the key in the file.
+    ``ROOFTOP_PROMETHEUS_LISTEN``, ...), typed as the key in the file, and for
+    ``[[otlp]]`` the standard ``OTEL_EXPORTER_OTLP_*`` ones (``rooftop.common.otlp``).
 
     Plaintext (``insecure``) without a listen address given in the file or as
     ``listen`` binds to ``DEFAULT_INSECURE_LISTEN`` (loopback), not every interface.
@@ -303,12 +268,15 @@ def load_config(
             raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
     section = data.get("collector")
     explicit_listen |= isinstance(section, dict) and "listen" in section
-    explicit_listen |= ENV_PREFIX + "COLLECTOR_LISTEN" in (os.environ if env is None else env)
-    _apply_env(data, os.environ if env is None else env)
+    env = os.environ if env is None else env
+    explicit_listen |= ENV_PREFIX + "COLLECTOR_LISTEN" in env
+    _apply_env(data, env)
     try:
-        config = parse_config(data, base_dir=Path(path).resolve().parent if path else None)
+        config = parse_config(
+            data, base_dir=Path(path).resolve().parent if path else None, env=env
+        )
     except ConfigError as exc:
-        raise _located(exc, path, text) from None
+        raise located(exc, path, text) from None
     overrides: dict[str, Any] = {}
     if listen is not None:
         overrides["listen"] = listen

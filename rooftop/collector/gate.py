@@ -33,6 +33,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from rooftop.common.errors import ConfigError
 from rooftop.common.reloading import ReloadingFile
 
 __all__ = [
@@ -219,6 +220,17 @@ class ServerTls:
 
 
 def _server_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
+    # ssl's own errors do not say which file: name the key and the path first.
+    files = {"tls_cert_file": cert, "tls_key_file": key, "tls_client_ca_file": ca}
+    for name, path in files.items():
+        if path is not None:
+            try:
+                with path.open("rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(
+                    f"collector.{name} {path}: cannot read: {exc.strerror or exc}"
+                ) from exc
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # Raises on a key that does not match the certificate (a half-done rotation);

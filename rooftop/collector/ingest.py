@@ -73,7 +73,7 @@ from rooftop.common.wire import INGEST_SERVICE, QUERY_SERVICE
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
 
-__all__ = ["IngestServer", "IngestServicer", "server_options"]
+__all__ = ["IngestCredentials", "IngestServer", "IngestServicer", "server_options"]
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +299,51 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
 # --- server --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class IngestCredentials:
+    """The collector's TLS files and token files, loaded (and re-read when they change)."""
+
+    tls: ServerTls | None
+    token: TokenFile | None
+    read_token: TokenFile | None
+
+    @classmethod
+    def load(cls, config: CollectorConfig) -> IngestCredentials:
+        """What the collector checks before it listens; ``agentctl config check`` too.
+
+        The certificate must load with its key (and the client CA parse), every token
+        file must be readable and hold a token; plaintext only when asked for, and
+        never with a token.
+
+        Raises:
+            ConfigError: naming the key and the file.
+        """
+        tls: ServerTls | None = None
+        if config.tls_cert_file is not None and config.tls_key_file is not None:
+            tls = ServerTls(
+                Path(config.tls_cert_file), Path(config.tls_key_file), config.tls_client_ca_file
+            )
+        if tls is None and not config.insecure:
+            raise ConfigError(
+                "collector.insecure: no TLS certificate configured; set tls_cert_file and "
+                "tls_key_file, or ask for plaintext explicitly (insecure = true, --insecure)"
+            )
+        if tls is None and (config.token_file or config.read_token_file):
+            raise ConfigError(
+                "collector.token_file: a bearer token needs TLS (tls_cert_file and "
+                "tls_key_file); over plaintext it would travel in the clear"
+            )
+        token = (
+            TokenFile(Path(config.token_file), key="token_file") if config.token_file else None
+        )
+        read_token = (
+            TokenFile(Path(config.read_token_file), key="read_token_file")
+            if config.read_token_file
+            else None
+        )
+        return cls(tls, token, read_token)
+
+
 class IngestServer:
     """The gRPC server (Ingest + health) on its own event loop thread.
 
@@ -319,11 +364,8 @@ class IngestServer:
     ) -> None:
         self._config = config
         self._fleet = fleet
-        tls: ServerTls | None = None
-        if config.tls_cert_file is not None and config.tls_key_file is not None:
-            tls = ServerTls(
-                Path(config.tls_cert_file), Path(config.tls_key_file), config.tls_client_ca_file
-            )
+        credentials = IngestCredentials.load(config)
+        tls = credentials.tls
         # With TLS the public port is the gate's; gRPC listens on loopback behind it.
         self._gate = (
             TlsGate(tls, lambda *refused: self.refusals.handshake_refused(*refused))
@@ -331,24 +373,8 @@ class IngestServer:
             else None
         )
         peers = self._gate.peer if self._gate is not None else None
-        if tls is None and not config.insecure:
-            raise ConfigError(
-                "collector.insecure: no TLS certificate configured; set tls_cert_file and "
-                "tls_key_file, or ask for plaintext explicitly (insecure = true, --insecure)"
-            )
-        if tls is None and (config.token_file or config.read_token_file):
-            raise ConfigError(
-                "collector.token_file: a bearer token needs TLS (tls_cert_file and "
-                "tls_key_file); over plaintext it would travel in the clear"
-            )
-        self._token = (
-            TokenFile(Path(config.token_file), key="token_file") if config.token_file else None
-        )
-        self._read_token = (
-            TokenFile(Path(config.read_token_file), key="read_token_file")
-            if config.read_token_file
-            else None
-        )
+        self._token = credentials.token
+        self._read_token = credentials.read_token
         self.refusals = Refusals(fleet, peers=peers)
         self.servicer = IngestServicer(
             fleet,

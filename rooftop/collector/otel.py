@@ -55,11 +55,11 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 from opentelemetry.sdk.resources import Resource
 
 from rooftop import __version__
-from rooftop.collector.config import OtlpExport
 from rooftop.collector.fleet import DecodedBatch, Fleet, FleetSnapshot, GpuState
 from rooftop.collector.prometheus import Family, NativeHistogram, PrometheusServer, render
 from rooftop.common.errors import ConfigError
 from rooftop.common.model import GPU_FIELD_PROVENANCE, Bound, EngineSample
+from rooftop.common.otlp import OtlpExport
 
 __all__ = [
     "METRICS",
@@ -235,15 +235,15 @@ def _split_address(address: str) -> tuple[str, int]:
 
 
 def _otlp_exporter(exp: OtlpExport) -> MetricExporter:
+    # Settings arrive resolved (file, then OTEL_EXPORTER_OTLP_*; rooftop.common.otlp): the
+    # endpoint is the exact URL, so nothing is appended here. The exporter still reads
+    # the TLS file and compression variables itself.
     headers = dict(exp.headers) or None
     if exp.protocol == "grpc":
         return GrpcMetricExporter(
-            endpoint=exp.endpoint, insecure=exp.insecure, headers=headers, timeout=exp.timeout_s
+            endpoint=exp.endpoint, insecure=exp.plaintext, headers=headers, timeout=exp.timeout_s
         )
-    endpoint = exp.endpoint
-    if not endpoint.rstrip("/").endswith("/v1/metrics"):
-        endpoint = endpoint.rstrip("/") + "/v1/metrics"
-    return HttpMetricExporter(endpoint=endpoint, headers=headers, timeout=exp.timeout_s)
+    return HttpMetricExporter(endpoint=exp.endpoint, headers=headers, timeout=exp.timeout_s)
 
 
 # Collecting a 1,000-node fleet takes seconds of SDK time (about 25 µs per point here):

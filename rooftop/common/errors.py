@@ -43,7 +43,16 @@ class SensorError(RooftopError):
 
 
 class NvmlUnavailable(SensorError):
-    """NVML cannot be used: no driver, no library, or init failed."""
+    """NVML cannot be used: no driver, no library, or init failed.
+
+    ``reason`` says why; ``hint`` how to go on without a GPU. They are apart so that
+    each command can replace the hint with the options it really accepts.
+    """
+
+    def __init__(self, reason: str, hint: str = "") -> None:
+        self.reason = reason
+        self.hint = hint
+        super().__init__(f"{reason}; {hint}" if hint else reason)
 
 
 class DeviceLost(SensorError):

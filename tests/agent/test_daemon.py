@@ -17,9 +17,12 @@ from click.testing import CliRunner
 
 from rooftop.agent.config import load_config
 from rooftop.agent.daemon import Agent
+from rooftop.agent.diagnose import diagnose_records, overall
 from rooftop.agent.spool import Spool
+from rooftop.agent.trace import BUNDLED_RECORDINGS, read_trace
 from rooftop.cli import main
 from rooftop.common.errors import ConfigError
+from rooftop.common.model import Bound
 from tests.support import FakeIngest, Server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -300,3 +303,59 @@ def test_agent_refuses_without_collectors():
     cfg = load_config(env={}, overrides={"backend": "fake:h100", "insecure": True})
     with pytest.raises(ConfigError, match="collectors"):
         Agent(cfg, env={})
+
+
+def test_daemon_verdicts_carry_the_engine_tpot_like_diagnose(tmp_path, collector):
+    # The daemon once classified GPU and host samples only: its verdicts lacked the
+    # engines' TPOT (and so the "starved" cause) that `agentctl diagnose` reports.
+    servicer, address = collector
+    recording = BUNDLED_RECORDINGS / "hf_1b_b1.jsonl"
+    cfg = load_config(write_config(tmp_path, address, backend=f"replay:{recording}",
+                                   fake_gpus=1, window_s=1.0, hook_socket=""), env={})  # fmt: skip
+    agent = Agent(cfg, env={})
+    agent.start()
+    try:
+        wait_for(lambda: any(b.verdicts for b in servicer.received), timeout_s=20)
+    finally:
+        agent.shutdown(5)
+    verdicts = [v for b in servicer.received for v in b.verdicts]
+    expected = overall(diagnose_records(read_trace(recording).records))[0]
+    assert expected.verdict == Bound.HOST
+    for v in verdicts:
+        evidence = {e.name: e.value for e in v.evidence}
+        assert v.verdict == "host-bound"
+        assert evidence["tpot_ms"] == pytest.approx(78.3, abs=0.1)
+
+
+def test_agent_reports_the_configured_hostname_and_a_uuid_of_its_own_for_a_zero_uuid_replay(
+    tmp_path, collector
+):
+    """Two agents on one machine replaying the same anonymised recording must not look like
+    one GPU to the collector: ``hostname`` sets Batch.hostname, and the all-zero recorded
+    UUID becomes one derived from the agent id (the same at each start)."""
+    servicer, address = collector
+    recording = BUNDLED_RECORDINGS / "gemm_8192.jsonl"
+    zero = "GPU-00000000-0000-0000-0000-000000000000"
+    assert {r.gpu_uuid for r in read_trace(recording).records} == {zero}  # type: ignore[union-attr]
+    uuids: dict[str, set[str]] = {}
+    for run, agent_id in enumerate(("replay-a", "replay-b", "replay-a")):
+        (tmp_path / str(run)).mkdir()
+        cfg = load_config(write_config(tmp_path / str(run), address, agent_id=agent_id,
+                                       hostname=f"host-{agent_id}", backend=f"replay:{recording}",
+                                       fake_gpus=1, hook_socket="", host_sensor=False),
+                          env={})  # fmt: skip
+        agent = Agent(cfg, env={})
+        agent.start()
+        try:
+            wait_for(lambda boot=agent.boot_id: any(
+                b.records for b in list(servicer.received) if b.boot_id == boot))
+        finally:
+            agent.shutdown(5)
+        batches = [b for b in servicer.received if b.boot_id == agent.boot_id]
+        assert {b.hostname for b in batches} == {f"host-{agent_id}"}
+        uuids.setdefault(agent_id, set()).update(
+            r.gpu.gpu_uuid for b in batches for r in b.records if r.HasField("gpu"))
+    # One UUID per node across its two starts, another for the other node; none all-zero.
+    assert len(uuids["replay-a"]) == len(uuids["replay-b"]) == 1, uuids
+    assert uuids["replay-a"] != uuids["replay-b"]
+    assert zero not in uuids["replay-a"] | uuids["replay-b"]

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from rooftop.agent.diagnose import FakeSpec, ModelContext, with_roofline
-from rooftop.agent.roofline import find_model
+from rooftop.agent.roofline import analyze, find_gpu, find_model
 from rooftop.agent.trace import BUNDLED_RECORDINGS
 from rooftop.cli import main
 from rooftop.common.errors import ConfigError
@@ -18,10 +18,11 @@ DATA = BUNDLED_RECORDINGS
 LLAMA3_8B = ModelContext(find_model("llama-3-8b"))
 
 
-def verdict(bound: Bound, *, tpot_ms: float | None, dram: float, requests: float = 1.0,
-            gpu_name: str = "NVIDIA H100 80GB HBM3") -> Verdict:
+def verdict(bound: Bound, *, tpot_ms: float | None, dram: float, running: float = 1.0,
+            waiting: float = 0.0, gpu_name: str = "NVIDIA H100 80GB HBM3") -> Verdict:
     evidence = [Evidence("dram_pct", dram, Provenance.GPM),
-                Evidence("requests", requests, Provenance.ENGINE)]
+                Evidence("requests", running + waiting, Provenance.ENGINE),
+                Evidence("requests_running", running, Provenance.ENGINE)]
     if tpot_ms is not None:
         evidence.append(Evidence("tpot_ms", tpot_ms, Provenance.ENGINE))
     return Verdict(0, "GPU-0", gpu_name, bound, None, 0.9, "rule", tuple(evidence),
@@ -58,13 +59,41 @@ def test_without_engine_tpot_or_known_gpu_the_verdict_is_unchanged():
     assert with_roofline(unknown_gpu, LLAMA3_8B) is unknown_gpu
 
 
-def test_batch_comes_from_requests_in_flight():
-    one = with_roofline(verdict(Bound.MEMORY, tpot_ms=10.0, dram=50.0), LLAMA3_8B)
-    many = with_roofline(verdict(Bound.MEMORY, tpot_ms=10.0, dram=50.0, requests=64),
-                         ModelContext(find_model("llama-3-8b"), context_tokens=2048))
-    floor_one = one.evidence_value("tpot_floor_ms")
-    floor_many = many.evidence_value("tpot_floor_ms")
-    assert floor_one and floor_many and floor_many.value > floor_one.value  # KV of 64 requests
+def test_roofline_batch_is_the_running_requests_not_running_plus_waiting():
+    """8 decoding and 56 queued: the decode step reads 8 requests' KV, not 64."""
+    ctx = ModelContext(find_model("llama-3-8b"), context_tokens=2048)
+    v = with_roofline(verdict(Bound.MEMORY, tpot_ms=10.0, dram=50.0, running=8, waiting=56), ctx)
+    floor = v.evidence_value("tpot_floor_ms")
+    h100 = find_gpu("h100-sxm5")
+    assert floor is not None
+    assert floor.value == pytest.approx(analyze(ctx.model, h100, 8, 2048).tpot_floor_ms)
+    assert floor.value != pytest.approx(analyze(ctx.model, h100, 64, 2048).tpot_floor_ms)
+    assert "batch 8 on H100 SXM5" in v.rule
+    one = with_roofline(verdict(Bound.MEMORY, tpot_ms=10.0, dram=50.0, running=1), ctx)
+    assert one.evidence_value("tpot_floor_ms").value < floor.value  # KV of 1 request, not 8
+
+
+def test_cli_roofline_batch_counts_only_the_engines_running_requests(tmp_path):
+    """Through the real pipeline: a recording whose engine runs 16 requests with 48 waiting
+    gets the floor of batch 16 (the decode step), not of the 64 in flight."""
+    lines = []
+    for line in (DATA / "hf_8b_b64.jsonl").read_text().splitlines():
+        doc = json.loads(line)
+        if "engine" in doc:
+            doc["engine"].update(requests_running=16, requests_waiting=48)
+        lines.append(json.dumps(doc))
+    trace = tmp_path / "queued.jsonl"
+    trace.write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(main, ["diagnose", "--replay", str(trace), "--model",
+                                       "llama-3-8b", "--context", "1024", "--json"])
+    assert result.exit_code == 0, result.output
+    gpu = json.loads(result.stdout)["gpus"][0]
+    assert gpu["evidence"]["requests"]["value"] == pytest.approx(64)
+    assert gpu["evidence"]["requests_running"]["value"] == pytest.approx(16)
+    batch_16 = analyze(find_model("llama-3-8b"), find_gpu("h100-sxm5"), 16, 1024)
+    assert gpu["evidence"]["tpot_floor_ms"]["value"] == pytest.approx(batch_16.tpot_floor_ms,
+                                                                      abs=1e-3)  # JSON: 3 places
+    assert "batch 16 on H100 SXM5" in gpu["rule"]
 
 
 def test_cli_diagnose_with_model_reports_floor_and_mbu_on_the_hf_trace():
@@ -77,10 +106,10 @@ def test_cli_diagnose_with_model_reports_floor_and_mbu_on_the_hf_trace():
     assert gpu["evidence"]["app_mbu_pct"]["value"] == pytest.approx(4.6, abs=0.5)
 
 
-def test_cli_unknown_model_lists_the_known_ones():
+def test_cli_unknown_model_is_a_usage_error_listing_the_known_ones():
     result = CliRunner().invoke(main, ["diagnose", "--replay", str(DATA / "idle.jsonl"),
                                        "--model", "gpt-17"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # as `agentctl roofline --model gpt-17`
     assert "llama-3-8b" in result.stderr
 
 

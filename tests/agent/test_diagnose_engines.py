@@ -45,6 +45,7 @@ def diagnose(*args: str, env: dict[str, str] | None = None) -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow
 def test_hooks_in_another_process_give_tpot_in_live_diagnose(tmp_path: Path):
     sock = str(tmp_path / "hooks.sock")
     engine = subprocess.Popen([sys.executable, "-c", ENGINE, sock, "6"])
@@ -102,6 +103,7 @@ def vllm_server() -> Iterator[str]:
         server.server_close()
 
 
+@pytest.mark.slow
 def test_scraped_vllm_tpot_is_tied_to_the_named_gpu(vllm_server: str, tmp_path: Path):
     report = diagnose("--fake", "h100:decode,idle", "--seconds", "3", "--no-hooks",
                       "--engine-url", f"{vllm_server}@0")

@@ -220,17 +220,52 @@ def test_tokens_per_s_ceiling_is_batch_over_floor():
     assert result.tokens_per_s_ceiling == pytest.approx(8 / (result.tpot_floor_ms / 1e3))
 
 
-def test_70b_fp16_does_not_fit_one_24gb_card():
+def test_70b_fp16_does_not_fit_one_24gb_card_and_needs_a_tp_degree_dividing_its_heads():
     result = analyze(LLAMA3_70B, find_gpu("rtx-4090"), 1, 0, "fp16")
     assert not result.fits
     assert result.gpus_needed == math.ceil(LLAMA3_70B.params * 2 / 24e9) == 6
-    assert result.tensor_parallel_tpot_floor_ms == pytest.approx(result.tpot_floor_ms / 6)
+    # 64 attention heads, 8 KV heads: TP 6 would split no head evenly; 8 does.
+    assert (LLAMA3_70B.heads, LLAMA3_70B.kv_heads) == (64, 8)
+    assert result.tensor_parallel_gpus == 8
+    assert result.tensor_parallel_tpot_floor_ms == pytest.approx(result.tpot_floor_ms / 8)
+
+
+def test_70b_needing_3_h100s_of_memory_gets_tensor_parallel_4():
+    result = analyze(LLAMA3_70B, H100, 8, 8192, "fp16")
+    assert (result.gpus_needed, result.tensor_parallel_gpus) == (3, 4)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "at_least", "degree"), [
+    (64, 8, 1, 1),
+    (64, 8, 3, 4),
+    (64, 8, 5, 8),
+    (64, 8, 9, None),  # 16 divides the heads but not the 8 KV heads
+    (32, 32, 3, 4),  # plain multi-head: only the heads count
+    (40, 8, 3, 4),
+    (40, 40, 6, 8),
+    (28, 4, 3, 4),
+    (24, 8, 5, 8),  # 6 divides 24 but not 8
+    (7, 7, 2, 7),
+    (7, 7, 8, None),  # more GPUs than heads
+])
+def test_tensor_parallel_degree_is_the_smallest_at_least_n_dividing_both_head_counts(
+    heads, kv_heads, at_least, degree
+):
+    model = replace(LLAMA3_70B, heads=heads, kv_heads=kv_heads)
+    assert rl.tensor_parallel_degree(model, at_least) == degree
+
+
+def test_no_tensor_parallel_degree_leaves_the_split_floor_unknown():
+    result = analyze(find_model("llama-3.1-405b"), H100, 1, 4096, "bf16")
+    assert result.gpus_needed == 11 and not result.fits
+    assert result.tensor_parallel_gpus is None  # 128 heads, 8 KV heads: at most TP 8
+    assert result.tensor_parallel_tpot_floor_ms is None
 
 
 def test_8b_fits_an_h100_and_needs_one_gpu():
     result = analyze(LLAMA3_8B, H100, 1, 8192, "bf16")
     assert result.fits
-    assert result.gpus_needed == 1
+    assert result.gpus_needed == result.tensor_parallel_gpus == 1
     assert result.total_bytes == result.weights_bytes + result.kv_cache_bytes
 
 

@@ -73,7 +73,7 @@ max_series_per_metric = 100000
     assert config.otlp == (
         OtlpExport(endpoint="127.0.0.1:4317", protocol="grpc", interval_s=5.0, insecure=True),
         OtlpExport(
-            endpoint="http://127.0.0.1:4318",
+            endpoint="http://127.0.0.1:4318/v1/metrics",  # the base URL + the metrics path
             protocol="http/protobuf",
             headers=(("x-api-key", "k"),),
         ),
@@ -112,7 +112,7 @@ def test_single_otlp_table_and_overrides(tmp_path: Path):
         ("[collector]\ninsecure = true\nlisten = 'nohost'\n", "collector.listen must be HOST:PORT"),
         ("[collector]\ninsecure = true\nmax_message_bytes = 0\n", "must be positive"),
         ("[collector]\ninsecure = true\n[otlp]\nendpoint = 'x:1'\nprotocol = 'udp'\n", "protocol"),
-        ("[collector]\ninsecure = true\n[otlp]\ninterval_s = 5\n", "otlp.endpoint is required"),
+        ("[collector]\ninsecure = true\n[otlp]\ninterval_s = 5\n", "otlp.endpoint: required"),
         ("[collector]\ntls_cert_file = 'a.crt'\n", "go together"),
         ("[collector\n", "invalid TOML"),
     ],

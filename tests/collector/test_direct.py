@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from rooftop.agent.config import load_config, otlp_export
+from rooftop.agent.config import load_config
 from rooftop.agent.daemon import Agent
 from rooftop.cli import direct_otlp_sink
 from rooftop.collector.config import CollectorConfig
@@ -93,7 +93,6 @@ def _agent_config(tmp_path: Path, **overrides: Any) -> Any:
         "window_s": 0.5,
         "batch_interval_s": 0.1,
         "spool_dir": tmp_path / "spool",
-        "otlp_interval_s": 0.3,
         **overrides,
     }
     return load_config(env={}, overrides=values)
@@ -119,7 +118,8 @@ def test_a_real_agent_exports_what_its_collector_exports(tmp_path):
     try:
         address = f"127.0.0.1:{collector.ingest.port}"
         agent = Agent(_agent_config(tmp_path, collectors=[address], insecure=True,
-                                    otlp_endpoint=direct.endpoint, otlp_insecure=True),
+                                    otlp=OtlpExport(direct.endpoint, interval_s=0.3,
+                                                    insecure=True)),
                       env={}, direct_otlp=direct_otlp_sink)  # fmt: skip
         agent.start()
         for receiver in (direct, via_collector):
@@ -147,8 +147,8 @@ def test_a_real_agent_exports_what_its_collector_exports(tmp_path):
 
 def test_direct_only_over_http_without_a_collector(tmp_path):
     receiver = HttpOtlpReceiver()
-    agent = Agent(_agent_config(tmp_path, otlp_endpoint=f"http://127.0.0.1:{receiver.port}",
-                                otlp_protocol="http"), env={},
+    otlp = OtlpExport(receiver.endpoint, protocol="http/protobuf", interval_s=0.3)
+    agent = Agent(_agent_config(tmp_path, otlp=otlp), env={},
                   direct_otlp=direct_otlp_sink)  # fmt: skip
     try:
         assert agent.spool is None and agent.streamer is None  # nothing to stream to
@@ -165,31 +165,26 @@ def test_direct_only_over_http_without_a_collector(tmp_path):
 def test_otlp_table_in_the_agent_config(tmp_path):
     path = tmp_path / "agent.toml"
     path.write_text(
-        'agent_id = "n"\n[otlp]\nendpoint = "http://127.0.0.1:4318"\nprotocol = "http"\n'
-        'interval_s = 5\nheaders = ["x-api-key=abc", "x-tenant = t1"]\n'
+        'agent_id = "n"\n[otlp]\nendpoint = "http://127.0.0.1:4318"\nprotocol = "http/protobuf"\n'
+        'interval_s = 5\nheaders = { "x-api-key" = "abc", "X-Tenant" = "t1" }\n'
     )
     cfg = load_config(path, env={})
-    assert (cfg.otlp_endpoint, cfg.otlp_protocol, cfg.otlp_interval_s) == (
-        "http://127.0.0.1:4318", "http", 5.0
+    assert cfg.otlp == OtlpExport(
+        "http://127.0.0.1:4318/v1/metrics", protocol="http/protobuf", interval_s=5.0,
+        headers=(("x-api-key", "abc"), ("x-tenant", "t1")),
     )  # fmt: skip
-    exp = otlp_export(cfg)
-    assert exp is not None and exp.protocol == "http/protobuf"
-    assert exp.headers == (("x-api-key", "abc"), ("x-tenant", "t1"))
-    env = {"ROOFTOP_OTLP_ENDPOINT": "127.0.0.1:4317", "ROOFTOP_OTLP_INSECURE": "true"}
-    cfg = load_config(env=env)
-    assert cfg.otlp_endpoint == "127.0.0.1:4317" and cfg.otlp_insecure
-    assert otlp_export(load_config(env={})) is None
+    assert load_config(env={}).otlp is None
     path.write_text('[otlp]\nendpoint = "x:1"\nprotocol = "thrift"\n')
-    with pytest.raises(ConfigError, match=r"otlp_protocol must be one of grpc, http"):
+    with pytest.raises(ConfigError, match=r"agent\.toml:3: otlp\.protocol: 'thrift' is not"):
         load_config(path, env={})
     path.write_text('[otlp]\nendpiont = "x:1"\n')
-    with pytest.raises(ConfigError, match=r"agent\.toml:1: unknown key 'otlp_endpiont'"):
+    with pytest.raises(ConfigError, match=r"agent\.toml:2: unknown key otlp\.endpiont"):
         load_config(path, env={})
     with pytest.raises(ConfigError, match="collectors.*or an \\[otlp\\] endpoint"):
         Agent(load_config(env={}, overrides={"backend": "fake:h100"}), env={})
 
 
 def test_the_agent_refuses_an_otlp_endpoint_without_a_sink_to_export_it(tmp_path):
-    cfg = _agent_config(tmp_path, otlp_endpoint="127.0.0.1:4317", otlp_insecure=True)
+    cfg = _agent_config(tmp_path, otlp=OtlpExport("127.0.0.1:4317", insecure=True))
     with pytest.raises(ConfigError, match="direct OTLP export is not available"):
         Agent(cfg, env={})

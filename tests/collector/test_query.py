@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -119,6 +122,26 @@ def test_query_over_grpc_and_health(served):
 def test_query_of_an_unreachable_collector_is_retryable():
     with pytest.raises(Retryable, match="UNAVAILABLE"):
         query_fleet_status("127.0.0.1:1", ClientAuth(insecure=True), timeout_s=2)
+
+
+@pytest.mark.parametrize("command", [["status", "--collector"], ["diagnose", "--collector"]],
+                         ids=["status", "diagnose --collector"])
+def test_tls_query_of_a_plaintext_collector_says_to_add_insecure_without_grpc_logs(
+    served, command: list[str]
+):
+    """Without --insecure the CLI speaks TLS; a plaintext collector answers in HTTP/2. The
+    user once got gRPC's C-core handshake log line; now one line saying what to add."""
+    _server, address = served
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ROOFTOP_", "GRPC_"))}
+    proc = subprocess.run([sys.executable, "-m", "rooftop", *command, address, "--timeout", "5"],
+                          capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"agentctl: error: the collector at {address} speaks plaintext, "
+                           "not TLS: add --insecure (or set ROOFTOP_INSECURE=1)\n")
+    assert proc.stdout == ""
+    again = subprocess.run([sys.executable, "-m", "rooftop", *command, address, "--insecure"],
+                           capture_output=True, text=True, env=env, check=False)
+    assert again.returncode == 0, again.stderr  # and the advice works
 
 
 def test_agentctl_status(served, monkeypatch):

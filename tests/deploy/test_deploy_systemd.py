@@ -236,6 +236,7 @@ def test_agent_config_names_the_units_credentials():
     assert all(src.parent == Path("/etc/rooftop/credentials/agent") for src in ids.values())
 
 
+@pytest.mark.slow
 def test_daemon_speaks_the_notify_protocol_the_unit_expects(tmp_path: Path):
     """Type=notify + WatchdogSec: the real daemon, run on the shipped agent.toml, says
     READY=1, pings WATCHDOG=1 within WatchdogSec/2 and STOPPING=1 on SIGTERM.

@@ -52,17 +52,13 @@ _LOST_CODES = frozenset({pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_RESET_
 
 _INIT_MESSAGES = {
     pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: (
-        f"NVIDIA driver not found (libnvidia-ml.so.1 could not be loaded); {_NO_GPU_HINT}"
+        "NVIDIA driver not found (libnvidia-ml.so.1 could not be loaded)"
     ),
-    pynvml.NVML_ERROR_DRIVER_NOT_LOADED: (
-        f"NVIDIA driver is not loaded (NVML: Driver Not Loaded); {_NO_GPU_HINT}"
-    ),
-    pynvml.NVML_ERROR_NO_PERMISSION: (
-        f"no permission to use NVML (check access to /dev/nvidia*); {_NO_GPU_HINT}"
-    ),
+    pynvml.NVML_ERROR_DRIVER_NOT_LOADED: "NVIDIA driver is not loaded (NVML: Driver Not Loaded)",
+    pynvml.NVML_ERROR_NO_PERMISSION: "no permission to use NVML (check access to /dev/nvidia*)",
     pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH: (
         "NVML library and NVIDIA kernel driver versions differ (driver updated without a "
-        f"reboot?); {_NO_GPU_HINT}"
+        "reboot?)"
     ),
 }
 
@@ -92,10 +88,8 @@ def map_nvml_errors(gpu_index: int | None = None) -> Iterator[None]:
         code = err.value
         if gpu_index is not None and code in _LOST_CODES:
             raise DeviceLost(gpu_index, str(err)) from err
-        message = _INIT_MESSAGES.get(code)
-        if message is None:
-            message = f"NVML failed: {err} (NVML error {code}); {_NO_GPU_HINT}"
-        raise NvmlUnavailable(message) from err
+        reason = _INIT_MESSAGES.get(code) or f"NVML failed: {err} (NVML error {code})"
+        raise NvmlUnavailable(reason, _NO_GPU_HINT) from err
 
 
 class _DeviceCall:

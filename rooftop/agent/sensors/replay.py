@@ -4,31 +4,67 @@ Used by ``agentctl demo``-style runs and tests of the live path without a GPU. T
 recording's timeline is mapped onto the caller's clock from the first ``read``; with
 ``loop=True`` it starts over at the end. Samples come back re-stamped with the time
 they are read at, so downstream stages cannot tell a replay from NVML.
+
+A recording whose GPU UUID is missing or all zeros (the shipped ones are anonymised)
+would make every node replaying it report the *same* GPU, and the collector would
+merge them. Such a GPU gets a stable UUID of its own instead, derived from ``node``
+(the agent replaying it) and its index: distinct across nodes, the same at each
+restart. A real recorded UUID is kept as it is.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import uuid
 
 from rooftop.agent.sensors.base import GpuInfo
 from rooftop.agent.trace import Trace
 from rooftop.common.errors import SensorError
 from rooftop.common.model import EngineSample, GpuSample
 
-__all__ = ["ReplayBackend"]
+__all__ = ["ReplayBackend", "replay_gpu_uuid"]
+
+# uuid5 namespace of replayed GPUs' UUIDs (any fixed value; changing it renames them all).
+_REPLAY_NAMESPACE = uuid.UUID("5d0c8a52-6f0e-4f7e-9a59-0f6f4c1d2b8e")
+
+
+def _is_placeholder(gpu_uuid: str) -> bool:
+    """No UUID, or an anonymised one: only zeros once the ``GPU-`` prefix and dashes go."""
+    digits = gpu_uuid.removeprefix("GPU-").replace("-", "")
+    return not digits.strip("0")
+
+
+def replay_gpu_uuid(node: str, gpu_index: int) -> str:
+    """The stable NVML-style UUID of GPU ``gpu_index`` replayed by ``node``."""
+    return f"GPU-{uuid.uuid5(_REPLAY_NAMESPACE, f'{node}/gpu{gpu_index}')}"
 
 
 class ReplayBackend:
     """A ``GpuBackend`` over the GPU records of a trace."""
 
-    def __init__(self, trace: Trace, *, loop: bool = True) -> None:
+    def __init__(self, trace: Trace, *, loop: bool = True, node: str = "") -> None:
+        """Replay ``trace``'s GPUs (and engines); ``node`` names the replaying host.
+
+        ``node`` (the agent id) seeds the UUID of a GPU recorded without a real one;
+        when empty, the recording's file name does.
+        """
         by_gpu: dict[int, list[GpuSample]] = {}
         for record in trace.records:
             if isinstance(record, GpuSample):
                 by_gpu.setdefault(record.gpu_index, []).append(record)
         if not by_gpu:
             raise SensorError(f"{trace.path}: the recording holds no GPU samples to replay")
+        seed = node or trace.path.name
+        for index, samples in by_gpu.items():
+            if any(_is_placeholder(s.gpu_uuid) for s in samples):
+                # One identity per GPU: a real UUID recorded for it anywhere wins.
+                real = (s.gpu_uuid for s in samples if not _is_placeholder(s.gpu_uuid))
+                own = next(real, None) or replay_gpu_uuid(seed, index)
+                by_gpu[index] = [
+                    dataclasses.replace(s, gpu_uuid=own) if _is_placeholder(s.gpu_uuid) else s
+                    for s in samples
+                ]
         self._samples = {i: sorted(s, key=lambda r: r.time_s) for i, s in sorted(by_gpu.items())}
         self._times = {i: [r.time_s for r in s] for i, s in self._samples.items()}
         self._engines = sorted(

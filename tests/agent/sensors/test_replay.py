@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from rooftop.agent.sensors.replay import ReplayBackend
+import dataclasses
+import re
+
+from rooftop.agent.sensors.replay import ReplayBackend, replay_gpu_uuid
 from rooftop.agent.trace import BUNDLED_RECORDINGS, read_trace
 from rooftop.common.model import EngineSample, GpuSample
 
@@ -48,3 +51,39 @@ def test_drain_is_empty_for_a_recording_without_engines():
     replay.read(0, 0.0)
     replay.read(0, 5.0)
     assert replay.drain() == []
+
+
+def test_an_all_zero_recorded_uuid_becomes_a_stable_one_per_node():
+    trace = read_trace(BUNDLED_RECORDINGS / "gemv_b1.jsonl")
+    zero = next(r for r in trace.records if isinstance(r, GpuSample)).gpu_uuid
+    assert zero == "GPU-00000000-0000-0000-0000-000000000000"  # anonymised on recording
+
+    def uuid_of(node: str) -> str:
+        replay = ReplayBackend(trace, node=node)
+        (info,) = replay.devices()
+        assert replay.read(0, 0.0).gpu_uuid == replay.read(0, 3.0).gpu_uuid == info.gpu_uuid
+        return info.gpu_uuid
+
+    a, b = uuid_of("node-a"), uuid_of("node-b")
+    assert a != b and zero not in (a, b)
+    assert a == uuid_of("node-a") == replay_gpu_uuid("node-a", 0)  # the same at each start
+    assert re.fullmatch(r"GPU-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", a)
+
+
+def test_a_missing_recorded_uuid_is_derived_from_the_recording_without_a_node():
+    trace = read_trace(BUNDLED_RECORDINGS / "gemv_b1.jsonl")
+    blank = dataclasses.replace(trace, records=tuple(
+        dataclasses.replace(r, gpu_uuid="") if isinstance(r, GpuSample) else r
+        for r in trace.records))
+    (info,) = ReplayBackend(blank).devices()
+    assert info.gpu_uuid == replay_gpu_uuid("gemv_b1.jsonl", 0)
+
+
+def test_a_real_recorded_uuid_is_kept():
+    trace = read_trace(BUNDLED_RECORDINGS / "gemv_b1.jsonl")
+    real = "GPU-5e1f8a3c-93b2-4c1e-8f7d-2a6b9c0d1e2f"
+    renamed = dataclasses.replace(trace, records=tuple(
+        dataclasses.replace(r, gpu_uuid=real) if isinstance(r, GpuSample) else r
+        for r in trace.records))
+    replay = ReplayBackend(renamed, node="node-a")
+    assert replay.devices()[0].gpu_uuid == replay.read(0, 1.0).gpu_uuid == real

@@ -53,7 +53,7 @@ def test_text_report_has_the_figures():
     assert result.exit_code == 0, result.output
     out = result.stdout
     for figure in ("Llama 3 70B", "H100 SXM5", "141.11 GB", "21.47 GB", "162.58 GB",
-                   "of 80.00 GB", "DOES NOT FIT, needs 3", "TPOT floor", "47.90 ms",
+                   "of 80.00 GB", "DOES NOT FIT, needs 4 x H100 SXM5", "TPOT floor", "47.90 ms",
                    "tokens/s ceiling", "167", "arithmetic intensity", "ridge point", "295.2",
                    "memory-bound"):
         assert figure in out, figure
@@ -71,7 +71,8 @@ def test_json_carries_the_required_keys_and_values():
     assert data["weights_bytes"] == 70_553_706_496 * 2
     assert data["kv_cache_bytes"] == 21_474_836_480
     assert data["fits"] is False
-    assert data["gpus_needed"] == 3
+    assert data["gpus_needed"] == 3  # by memory; tensor parallelism must split 64 heads
+    assert data["tensor_parallel_gpus"] == 4
     assert data["tpot_floor_ms"] == pytest.approx(47.9, abs=0.05)
     assert data["ridge_point"] == pytest.approx(295.2, abs=0.1)
     assert 7 < data["arithmetic_intensity"] < 9
@@ -84,11 +85,11 @@ def test_70b_fp16_on_one_24gb_card_does_not_fit_and_says_how_many():
     data = roofline_json("--model", "llama3-70b", "--gpu", "rtx-4090", "--dtype", "fp16",
                          "--context", "0")
     assert data["fits"] is False
-    assert data["gpus_needed"] == 6
+    assert (data["gpus_needed"], data["tensor_parallel_gpus"]) == (6, 8)
     text = roofline("--model", "llama3-70b", "--gpu", "rtx-4090", "--dtype", "fp16",
                     "--context", "0").stdout
-    assert "DOES NOT FIT, needs 6 x RTX 4090" in text
-    assert "on 6 GPUs" in text
+    assert "DOES NOT FIT, needs 8 x RTX 4090 (tensor parallel: memory asks for 6" in text
+    assert "on 8 GPUs" in text and "on 6 GPUs" not in text
 
 
 def test_8b_fits_an_h100():
@@ -179,7 +180,7 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):
     out = tmp_path / "roofline.png"
     result = roofline("--model", "llama-3-8b", "--gpu", "h100", "--plot", str(out))
     assert result.exit_code == 1
-    assert "pip install 'rooftop[plot]'" in result.stderr
+    assert "pip install matplotlib" in result.stderr
     assert not out.exists()
 
 
