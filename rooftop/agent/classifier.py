@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from statistics import fmean
 
 from rooftop.agent.window import GpuWindow, Tick
-from rooftop.common.errors import ConfigError
+from rooftop.common.errors import ConfigError, inaccessible_text
 from rooftop.common.model import Bound, Cause, Evidence, Provenance, Verdict
 
 __all__ = [
@@ -76,24 +76,35 @@ DEFAULT_THRESHOLDS = Thresholds()
 
 
 def is_active(tick: Tick, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> bool:
-    """Work is present: a kernel ran (busy above the idle bar) or requests are in flight.
+    """Work is present: a kernel ran, GPM saw activity, or requests are in flight.
 
-    A process merely holding a CUDA context reads busy 0 and is not work. Without
-    util.gpu, GPM activity above the idle bar stands in for it.
+    Each of busy (util.gpu), GPM DRAM bandwidth, the busiest GPM pipe and GPM SM
+    activity above the idle bar is work. util.gpu refreshes every 200 ms while GPM
+    covers each tick's own interval, so busy can still read 0 for a tick whose GPM
+    figures show a kernel ran (a GEMV's first tick: DRAM 67 %). A process merely holding
+    a CUDA context reads 0 on all of them and is not work. The NVML proxies for dram
+    and compute (util.memory, util.gpu) count only when util.gpu itself is unknown.
     """
     if tick.requests_in_flight:
         return True
-    if tick.busy_pct is not None:
-        return tick.busy_pct > thresholds.idle_busy_pct
-    gpm = [v for v in (tick.dram_pct, tick.compute_pct) if v is not None]
-    return bool(gpm) and max(gpm) > thresholds.idle_busy_pct
+    bar = thresholds.idle_busy_pct
+    if tick.busy_pct is not None and tick.busy_pct > bar:
+        return True
+    signals = [tick.sm_active_pct]
+    for value, provenance in ((tick.dram_pct, tick.dram_provenance),
+                              (tick.compute_pct, tick.compute_provenance)):
+        if provenance is Provenance.GPM or tick.busy_pct is None:
+            signals.append(value)
+    return any(v is not None and v > bar for v in signals)
 
 
 def explain_tick(tick: Tick, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> tuple[Bound, str]:
     """The regime of one sample and the branch of the tree that fired, in words."""
     th = thresholds
     if not is_active(tick, th):
-        return Bound.IDLE, f"busy ≤ {th.idle_busy_pct:g} and no request in flight"
+        return Bound.IDLE, (
+            f"busy and GPM activity ≤ {th.idle_busy_pct:g} and no request in flight"
+        )
     dram, compute = tick.dram_pct, tick.compute_pct
     if dram is None or compute is None:
         return Bound.MIXED, "dram or compute not measured"
@@ -324,6 +335,16 @@ def classify(window: GpuWindow, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> 
             window_end_s=window.end_s,
         )
 
+    if window.lost and window.inaccessible is not None:
+        # Not lost: NVML will not let this user open it. The verdict stays "lost" (no
+        # data, the wire's word for it) but says why and never advises a reset.
+        index = window.gpu_index
+        return verdict(Bound.LOST, None, 1.0, inaccessible_text(index, window.inaccessible),
+                       (f"Give the agent's user access to the GPU: /dev/nvidia{index} (file "
+                        "permissions or group), or the device in the container's device list",
+                        "The GPU itself may be healthy and busy: a permission problem, not a "
+                        "hardware fault"),
+                       (), 0, 0.0)
     if window.lost:
         return verdict(Bound.LOST, None, 1.0, "NVML reports the GPU lost (GpuIsLost)",
                        ("Drain the node and reset the GPU",
@@ -345,8 +366,8 @@ def classify(window: GpuWindow, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> 
 
     if n_active == 0:
         return verdict(Bound.IDLE, None, _confidence(1.0, n, False, th),
-                       f"no active sample (busy ≤ {th.idle_busy_pct:g}) and no request "
-                       f"in flight in {n} samples", (), (), 0, 0.0)
+                       f"no active sample (busy and GPM activity ≤ {th.idle_busy_pct:g}) "
+                       f"and no request in flight in {n} samples", (), (), 0, 0.0)
 
     queue_empty_share = sum(1 for t in ticks if t.queue_empty) / n
     if (active_share < th.starved_active_share

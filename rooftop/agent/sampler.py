@@ -1,7 +1,8 @@
 """The sampling tick: every GPU once, then the host, as records for the window.
 
 Shared by ``diagnose``, ``record`` and the daemon, so they all see the same data. A
-lost GPU becomes a ``GpuSample(lost=True)`` and the others go on.
+lost GPU becomes a ``GpuSample(lost=True)``, one this user may not open a
+``GpuSample(lost=True, inaccessible=<NVML error>)``, and the others go on.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rooftop.agent.sensors.base import Clock, GpuBackend, GpuInfo, HostSensor
-from rooftop.common.errors import DeviceLost, SensorError
+from rooftop.common.errors import DeviceInaccessible, DeviceLost, SensorError
 from rooftop.common.model import GpuSample, Record
 
 if TYPE_CHECKING:  # the engine sources pull in the scrapers; the sampler only drains
@@ -50,16 +51,18 @@ class Sampler:
         for info in self.devices:
             try:
                 sample = self.backend.read(info.gpu_index, now_s)
-            except DeviceLost as exc:
+            except (DeviceLost, DeviceInaccessible) as exc:
                 if info.gpu_index not in self._lost:
                     log.warning("%s; the other GPUs go on", exc)
                     self._lost.add(info.gpu_index)
+                # No data either way; the sample says whether it is loss or access.
                 sample = GpuSample(
                     time_s=now_s,
                     gpu_index=info.gpu_index,
                     gpu_uuid=info.gpu_uuid,
                     gpu_name=info.gpu_name,
                     lost=True,
+                    inaccessible=exc.error if isinstance(exc, DeviceInaccessible) else None,
                 )
             records.append(sample)
             for proc in sample.processes:

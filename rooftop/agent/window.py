@@ -84,6 +84,7 @@ class Tick:
     process_cpu_pct: float | None = None  # busiest process of this GPU, % of ONE core
     host_cpu_pct: float | None = None
     lost: bool = False
+    inaccessible: str | None = None  # NVML's error when this user may not open the GPU
 
     @property
     def requests_in_flight(self) -> int | None:
@@ -143,6 +144,9 @@ class GpuWindow:
     host_cpu_pct: float | None = None
     engine: EngineSummary | None = None
     lost: bool = False
+    # Set (NVML's error name) when every lost tick was a GPU this user may not open:
+    # a permission problem, not a lost GPU.
+    inaccessible: str | None = None
 
     @property
     def samples(self) -> int:
@@ -269,8 +273,12 @@ def derive_ticks(
     if any(s.dram_bw_pct is not None for s in samples):
         # A GPM GPU's sample without GPM figures is a gap (the first tick, before two GPM
         # samples 100 ms apart exist), not a GPU without GPM: leave it out rather than
-        # let util.memory stand in as a proxy and lower the verdict's confidence.
-        samples = [s for s in samples if s.dram_bw_pct is not None or s.lost]
+        # let util.memory stand in as a proxy and lower the verdict's confidence. So is
+        # a stale one (GPM asked again within 100 ms, at 10 Hz with jitter about a third
+        # of ticks): its figures repeat the previous tick's, and counting them again
+        # would weigh that interval twice.
+        samples = [s for s in samples
+                   if (s.dram_bw_pct is not None and not s.gpm_stale) or s.lost]
     if not samples:
         return ()
     gpu = samples[0].gpu_index
@@ -317,6 +325,7 @@ def derive_ticks(
             process_cpu_pct=max(cpus) if cpus else None,
             host_cpu_pct=None if host is None else host.cpu_pct,
             lost=s.lost,
+            inaccessible=s.inaccessible,
         ))
     return tuple(ticks)
 
@@ -373,7 +382,15 @@ def summarize(
         host_cpu_pct=_tw_mean(ticks, "host_cpu_pct"),
         engine=engine,
         lost=any(t.lost for t in ticks),
+        inaccessible=_inaccessible(ticks),
     )
+
+
+def _inaccessible(ticks: Sequence[Tick]) -> str | None:
+    lost = [t for t in ticks if t.lost]
+    if not lost or any(t.inaccessible is None for t in lost):
+        return None  # a truly lost tick outweighs any permission problem
+    return lost[-1].inaccessible
 
 
 def _identity(samples: Sequence[GpuSample]) -> tuple[str, str]:

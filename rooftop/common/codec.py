@@ -112,6 +112,7 @@ def record_from_proto(msg: pb.TraceRecord) -> Record:
                 for p in g.processes
             ),
             lost=g.lost,
+            gpm_stale=g.gpm_stale,
             **_present(g, _GPU_OPTIONAL),
         )
     if kind == "engine":

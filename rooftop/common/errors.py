@@ -5,7 +5,8 @@
     RooftopError
      ├── SensorError              a sensor could not produce a reading
      │    ├── NvmlUnavailable     no NVIDIA driver / libnvidia-ml, or NVML init failed
-     │    └── DeviceLost          one GPU fell off the bus (NVMLError_GpuIsLost)
+     │    ├── DeviceLost          one GPU fell off the bus (NVMLError_GpuIsLost)
+     │    └── DeviceInaccessible  NVML refuses this user one GPU (NVMLError_NoPermission)
      ├── TraceError               a recording is unreadable (names file and line)
      ├── StreamError              talking to the collector failed
      │    ├── Retryable           transient: reconnect with backoff
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "DeviceInaccessible",
     "DeviceLost",
     "NvmlUnavailable",
     "ProbeError",
@@ -31,6 +33,7 @@ __all__ = [
     "SensorError",
     "StreamError",
     "TraceError",
+    "inaccessible_text",
 ]
 
 
@@ -61,6 +64,32 @@ class DeviceLost(SensorError):
     def __init__(self, gpu_index: int, detail: str = "") -> None:
         self.gpu_index = gpu_index
         super().__init__(f"GPU {gpu_index} is lost{': ' + detail if detail else ''}")
+
+
+class DeviceInaccessible(SensorError):
+    """NVML refuses this user one GPU (no handle: NoPermission); the other GPUs go on.
+
+    Not a lost GPU: the GPU may be healthy and busy, the agent just may not open it, so
+    the remedy is access (the GPU's ``/dev/nvidia*`` node, a container's device list),
+    never a reset. ``error`` is NVML's error name, e.g. ``"NO_PERMISSION"``.
+    """
+
+    def __init__(self, gpu_index: int, error: str) -> None:
+        self.gpu_index = gpu_index
+        self.error = error
+        super().__init__(inaccessible_text(gpu_index, error))
+
+
+def inaccessible_text(gpu_index: int, error: str) -> str:
+    """The one line that says GPU ``gpu_index`` cannot be opened by this user, and what to do.
+
+    The device node is named by index as a hint only: ``/dev/nvidiaN`` is numbered by the
+    GPU's minor number, which usually, not always, equals its NVML index.
+    """
+    return (
+        f"GPU {gpu_index} is not accessible to this user (NVML {error}): run the agent with "
+        f"access to /dev/nvidia{gpu_index} (the GPU's device node; see ls -l /dev/nvidia*)"
+    )
 
 
 class TraceError(RooftopError):

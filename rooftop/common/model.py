@@ -95,7 +95,13 @@ class GpuSample:
     temperature_c: float | None = None
     clock_event_reasons: int | None = None
     processes: tuple[GpuProcess, ...] = ()
-    lost: bool = False
+    lost: bool = False  # no data from the GPU: NVML said lost, or see ``inaccessible``
+    # NVML's error name when it refuses this user the GPU ("NO_PERMISSION"); ``lost`` is
+    # set too (no data), but the GPU is not lost: it needs access, never a reset.
+    inaccessible: str | None = None
+    # The GPM fields repeat the previous reading (this tick came < 100 ms after the last
+    # GPM sample): the latest value for a gauge, never a new measurement for a window.
+    gpm_stale: bool = False
 
 
 # Where each GpuSample metric comes from when measured.

@@ -55,6 +55,8 @@ class GpuSample(_message.Message):
     CLOCK_EVENT_REASONS_FIELD_NUMBER: _builtins.int
     PROCESSES_FIELD_NUMBER: _builtins.int
     LOST_FIELD_NUMBER: _builtins.int
+    INACCESSIBLE_FIELD_NUMBER: _builtins.int
+    GPM_STALE_FIELD_NUMBER: _builtins.int
     gpu_index: _builtins.int
     gpu_uuid: _builtins.str
     gpu_name: _builtins.str
@@ -87,7 +89,18 @@ class GpuSample(_message.Message):
     temperature_c: _builtins.float
     clock_event_reasons: _builtins.int
     lost: _builtins.bool
-    """True when NVML reported the GPU lost (NVMLError_GpuIsLost); metrics are absent then."""
+    """True when no data came from the GPU, metrics absent: NVML reported it lost
+    (NVMLError_GpuIsLost), or `inaccessible` says why it could not be opened.
+    """
+    inaccessible: _builtins.str
+    """Set when NVML refuses this user the GPU, to NVML's error name ("NO_PERMISSION"):
+    the GPU is not lost and needs access (its /dev/nvidia* node), never a reset.
+    """
+    gpm_stale: _builtins.bool
+    """True when the GPM fields repeat the previous reading: this tick came sooner than
+    GPM's 100 ms minimum after the last GPM sample. Windows skip such ticks; a gauge may
+    show them as the latest value.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -122,10 +135,12 @@ class GpuSample(_message.Message):
         clock_event_reasons: _builtins.int | None = ...,
         processes: _abc.Iterable[Global___GpuProcess] | None = ...,
         lost: _builtins.bool = ...,
+        inaccessible: _builtins.str | None = ...,
+        gpm_stale: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct", "_clock_event_reasons", b"_clock_event_reasons", "_dram_bw_pct", b"_dram_bw_pct", "_fp16_active_pct", b"_fp16_active_pct", "_fp32_active_pct", b"_fp32_active_pct", "_fp64_active_pct", b"_fp64_active_pct", "_mem_ctrl_pct", b"_mem_ctrl_pct", "_mem_total_bytes", b"_mem_total_bytes", "_mem_used_bytes", b"_mem_used_bytes", "_pcie_link_gen", b"_pcie_link_gen", "_pcie_link_width", b"_pcie_link_width", "_pcie_rx_bytes_per_s", b"_pcie_rx_bytes_per_s", "_pcie_tx_bytes_per_s", b"_pcie_tx_bytes_per_s", "_power_w", b"_power_w", "_sm_active_pct", b"_sm_active_pct", "_sm_clock_mhz", b"_sm_clock_mhz", "_sm_occupancy_pct", b"_sm_occupancy_pct", "_temperature_c", b"_temperature_c", "_tensor_active_pct", b"_tensor_active_pct", "busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "dram_bw_pct", b"dram_bw_pct", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "power_w", b"power_w", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct", "_clock_event_reasons", b"_clock_event_reasons", "_dram_bw_pct", b"_dram_bw_pct", "_fp16_active_pct", b"_fp16_active_pct", "_fp32_active_pct", b"_fp32_active_pct", "_fp64_active_pct", b"_fp64_active_pct", "_inaccessible", b"_inaccessible", "_mem_ctrl_pct", b"_mem_ctrl_pct", "_mem_total_bytes", b"_mem_total_bytes", "_mem_used_bytes", b"_mem_used_bytes", "_pcie_link_gen", b"_pcie_link_gen", "_pcie_link_width", b"_pcie_link_width", "_pcie_rx_bytes_per_s", b"_pcie_rx_bytes_per_s", "_pcie_tx_bytes_per_s", b"_pcie_tx_bytes_per_s", "_power_w", b"_power_w", "_sm_active_pct", b"_sm_active_pct", "_sm_clock_mhz", b"_sm_clock_mhz", "_sm_occupancy_pct", b"_sm_occupancy_pct", "_temperature_c", b"_temperature_c", "_tensor_active_pct", b"_tensor_active_pct", "busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "dram_bw_pct", b"dram_bw_pct", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "inaccessible", b"inaccessible", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "power_w", b"power_w", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct", "_clock_event_reasons", b"_clock_event_reasons", "_dram_bw_pct", b"_dram_bw_pct", "_fp16_active_pct", b"_fp16_active_pct", "_fp32_active_pct", b"_fp32_active_pct", "_fp64_active_pct", b"_fp64_active_pct", "_mem_ctrl_pct", b"_mem_ctrl_pct", "_mem_total_bytes", b"_mem_total_bytes", "_mem_used_bytes", b"_mem_used_bytes", "_pcie_link_gen", b"_pcie_link_gen", "_pcie_link_width", b"_pcie_link_width", "_pcie_rx_bytes_per_s", b"_pcie_rx_bytes_per_s", "_pcie_tx_bytes_per_s", b"_pcie_tx_bytes_per_s", "_power_w", b"_power_w", "_sm_active_pct", b"_sm_active_pct", "_sm_clock_mhz", b"_sm_clock_mhz", "_sm_occupancy_pct", b"_sm_occupancy_pct", "_temperature_c", b"_temperature_c", "_tensor_active_pct", b"_tensor_active_pct", "busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "dram_bw_pct", b"dram_bw_pct", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "gpu_index", b"gpu_index", "gpu_name", b"gpu_name", "gpu_uuid", b"gpu_uuid", "lost", b"lost", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "power_w", b"power_w", "processes", b"processes", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct", "_clock_event_reasons", b"_clock_event_reasons", "_dram_bw_pct", b"_dram_bw_pct", "_fp16_active_pct", b"_fp16_active_pct", "_fp32_active_pct", b"_fp32_active_pct", "_fp64_active_pct", b"_fp64_active_pct", "_inaccessible", b"_inaccessible", "_mem_ctrl_pct", b"_mem_ctrl_pct", "_mem_total_bytes", b"_mem_total_bytes", "_mem_used_bytes", b"_mem_used_bytes", "_pcie_link_gen", b"_pcie_link_gen", "_pcie_link_width", b"_pcie_link_width", "_pcie_rx_bytes_per_s", b"_pcie_rx_bytes_per_s", "_pcie_tx_bytes_per_s", b"_pcie_tx_bytes_per_s", "_power_w", b"_power_w", "_sm_active_pct", b"_sm_active_pct", "_sm_clock_mhz", b"_sm_clock_mhz", "_sm_occupancy_pct", b"_sm_occupancy_pct", "_temperature_c", b"_temperature_c", "_tensor_active_pct", b"_tensor_active_pct", "busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "dram_bw_pct", b"dram_bw_pct", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "gpm_stale", b"gpm_stale", "gpu_index", b"gpu_index", "gpu_name", b"gpu_name", "gpu_uuid", b"gpu_uuid", "inaccessible", b"inaccessible", "lost", b"lost", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "power_w", b"power_w", "processes", b"processes", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__busy_pct: _TypeAlias = _typing.Literal["busy_pct"]  # noqa: Y015
     _WhichOneofArgType__busy_pct: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct"]  # noqa: Y015
@@ -139,6 +154,8 @@ class GpuSample(_message.Message):
     _WhichOneofArgType__fp32_active_pct: _TypeAlias = _typing.Literal["_fp32_active_pct", b"_fp32_active_pct"]  # noqa: Y015
     _WhichOneofReturnType__fp64_active_pct: _TypeAlias = _typing.Literal["fp64_active_pct"]  # noqa: Y015
     _WhichOneofArgType__fp64_active_pct: _TypeAlias = _typing.Literal["_fp64_active_pct", b"_fp64_active_pct"]  # noqa: Y015
+    _WhichOneofReturnType__inaccessible: _TypeAlias = _typing.Literal["inaccessible"]  # noqa: Y015
+    _WhichOneofArgType__inaccessible: _TypeAlias = _typing.Literal["_inaccessible", b"_inaccessible"]  # noqa: Y015
     _WhichOneofReturnType__mem_ctrl_pct: _TypeAlias = _typing.Literal["mem_ctrl_pct"]  # noqa: Y015
     _WhichOneofArgType__mem_ctrl_pct: _TypeAlias = _typing.Literal["_mem_ctrl_pct", b"_mem_ctrl_pct"]  # noqa: Y015
     _WhichOneofReturnType__mem_total_bytes: _TypeAlias = _typing.Literal["mem_total_bytes"]  # noqa: Y015
@@ -177,6 +194,8 @@ class GpuSample(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__fp32_active_pct) -> _WhichOneofReturnType__fp32_active_pct | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__fp64_active_pct) -> _WhichOneofReturnType__fp64_active_pct | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__inaccessible) -> _WhichOneofReturnType__inaccessible | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__mem_ctrl_pct) -> _WhichOneofReturnType__mem_ctrl_pct | None: ...
     @_typing.overload

@@ -79,7 +79,7 @@ def test_bad_thresholds_are_a_config_error(bad):
 
 
 @pytest.mark.parametrize(("dram", "compute", "busy", "expected"), [
-    # idle: busy ≈ 0 (≤ 0.5) and no request in flight, whatever GPM says
+    # idle: busy ≈ 0 (≤ 0.5), no GPM activity and no request in flight
     (0.0, 0.0, 0.0, Bound.IDLE),
     (0.0, 0.0, 0.5, Bound.IDLE),
     (0.0, 0.0, 1.0, Bound.HOST),  # host_stall: busy 1, nothing else
@@ -122,6 +122,36 @@ def test_requests_in_flight_are_work_even_at_busy_zero():
 def test_without_busy_gpm_activity_is_work():
     assert is_active(tick(85.0, 2.0, busy=None))
     assert not is_active(tick(0.0, 0.0, busy=None))
+
+
+@pytest.mark.parametrize(("dram", "compute", "sm_active", "expected"), [
+    # gemv_b1.jsonl's first sample: util.gpu (refreshed every 200 ms) still 0.
+    (67.1, 1.77, 63.4, Bound.MEMORY),
+    (0.0, 91.9, 94.7, Bound.COMPUTE),  # tensor pipes busy
+    (1.2, 0.04, 1.4, Bound.HOST),  # hf_1b_b1.jsonl's gaps: a little DRAM and SM
+    (0.0, 0.0, 0.75, Bound.HOST),  # SM activity alone (a one-block kernel)
+    (0.0006, 0.0, 0.0, Bound.IDLE),  # a CUDA context and nothing else: idle
+    (0.4, 0.3, 0.5, Bound.IDLE),  # at or under the idle bar
+])
+def test_gpm_activity_is_work_while_util_gpu_reads_zero(dram, compute, sm_active, expected):
+    t = tick(dram, compute, busy=0.0, sm_active_pct=sm_active)
+    assert classify_tick(t) is expected
+    assert is_active(t) is (expected is not Bound.IDLE)
+
+
+def test_nvml_proxies_do_not_overrule_util_gpu():
+    # Without GPM, util.memory is the dram proxy; it refreshes with util.gpu, so a
+    # busy 0 beside it is not a lagging counter.
+    assert not is_active(tick(30.0, 0.0, busy=0.0, prov=PROXY))
+
+
+def test_a_window_counts_the_lagging_first_sample_as_work():
+    ticks = [tick(67.1, 1.77, busy=0.0, sm_active_pct=63.4),
+             *series(9, 85.0, 2.2, start=0.1)]
+    v = classify(window(ticks))
+    assert v.verdict is Bound.MEMORY
+    assert (v.samples, v.active_samples) == (10, 10)
+    assert dict(v.regimes) == {Bound.MEMORY: 1.0}
 
 
 def test_unmeasured_dram_or_compute_is_mixed():
@@ -269,6 +299,25 @@ def test_lost_gpu():
     assert v.verdict is Bound.LOST
     assert v.confidence == 1.0
     assert "lost" in v.rule
+    assert v.recommendations[0] == "Drain the node and reset the GPU"
+
+
+def test_inaccessible_gpu_says_so_and_never_advises_a_reset():
+    w = build_window([dataclasses.replace(sample(t), gpu_index=3, lost=True,
+                                          inaccessible="NO_PERMISSION") for t in (0, 1)])
+    v = classify(w)
+    assert v.rule.startswith(
+        "GPU 3 is not accessible to this user (NVML NO_PERMISSION): run the agent with "
+        "access to /dev/nvidia3")
+    assert v.confidence == 1.0 and v.verdict is Bound.LOST  # no data: the wire's "lost"
+    text = " ".join(v.recommendations).lower()
+    assert "/dev/nvidia3" in text
+    assert "reset" not in text and "drain" not in text
+
+
+def test_a_truly_lost_sample_outweighs_a_permission_problem():
+    w = build_window([sample(0, lost=True, inaccessible="NO_PERMISSION"), sample(1, lost=True)])
+    assert classify(w).recommendations[0] == "Drain the node and reset the GPU"
 
 
 def test_empty_window_is_idle_with_no_confidence():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rooftop.agent.classifier import classify
+from rooftop.agent.classifier import classify, classify_tick
 from rooftop.agent.trace import read_trace
 from rooftop.agent.window import build_windows
 from rooftop.common.model import Bound, GpuSample, Provenance, Record, Verdict
@@ -128,3 +128,19 @@ def test_timeline_holds_engine_state_through_gpu_gaps(shared_traces):
     (windows,) = build_windows(records(shared_traces, "hf_8b_b1.jsonl"), window_s=1.0).values()
     assert len(windows) == 10
     assert {classify(w).verdict for w in windows} == {Bound.HOST}
+
+
+def test_gpm_activity_at_util_gpu_zero_is_work(shared_traces):
+    """util.gpu refreshes every 200 ms, GPM every tick: 3 of the 495 recorded samples read
+    busy 0 with GPM activity over their interval (gemv_b1's first, two in hf_1b_b1's
+    gaps). They are work, classified by the tree; the verdicts above stay as they are."""
+    lagging = {}
+    for name in EXPECTED:
+        (window,) = build_windows(records(shared_traces, name))[0]
+        for t in window.ticks:
+            if t.busy_pct == 0 and max(t.dram_pct or 0, t.compute_pct or 0,
+                                       t.sm_active_pct or 0) > 0.5:
+                lagging[(name, round(t.time_s, 3))] = classify_tick(t)
+    assert sorted(lagging.values()) == [Bound.HOST, Bound.HOST, Bound.MEMORY]
+    gemv = verdict(records(shared_traces, "gemv_b1.jsonl"))
+    assert gemv.active_samples == gemv.samples == 35  # 34 before: the first read idle

@@ -1,8 +1,9 @@
 """Known workloads on a real GPU, diagnosed by the live sensors through the real CLI.
 
-Marked ``gpu``: skipped cleanly on machines without an NVIDIA GPU (CI). On the H100 each
-workload runs in its own process while ``agentctl diagnose --json`` samples it, and the
-verdict must match what the workload is known to be.
+Marked ``gpu``: skipped cleanly on machines without an NVIDIA GPU (CI); on a GPU host
+without torch they fail (see conftest). On the H100 each workload runs in its own
+process on the GPU under test (picked by UUID) while ``agentctl record`` samples every
+GPU, and that GPU's verdict must match what the workload is known to be.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ HERE = Path(__file__).resolve().parent
 WORKLOAD_S = 12.0
 
 
-def run_under_diagnose(kind: str, tmp_path: Path) -> dict:
+def run_under_diagnose(gpu, kind: str, tmp_path: Path) -> dict:
     work = subprocess.Popen([sys.executable, str(HERE / "workloads.py"), kind, str(WORKLOAD_S)],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, env=gpu.env())
     try:
         assert work.stdout is not None
         assert work.stdout.readline().strip() == "ready"
@@ -40,7 +41,8 @@ def run_under_diagnose(kind: str, tmp_path: Path) -> dict:
         work.kill()
         work.wait()
     report = json.loads(out.stdout)
-    return next(g for g in report["gpus"] if g["gpu_index"] == 0)
+    # By UUID: the GPU the workload ran on, whatever index either numbering gives it.
+    return next(g for g in report["gpus"] if g["gpu_uuid"] == gpu.uuid)
 
 
 @pytest.mark.parametrize(
@@ -53,12 +55,13 @@ def run_under_diagnose(kind: str, tmp_path: Path) -> dict:
     ],
 )
 def test_known_workload_gets_its_verdict(real_gpu, tmp_path, kind, verdict, cause):
-    gpu0 = run_under_diagnose(kind, tmp_path)
-    assert gpu0["verdict"] == verdict, gpu0
+    loaded = run_under_diagnose(real_gpu, kind, tmp_path)
+    assert loaded["gpu_index"] == real_gpu.nvml_index, loaded
+    assert loaded["verdict"] == verdict, loaded
     if cause is not None:
-        assert gpu0["cause"] == cause, gpu0
+        assert loaded["cause"] == cause, loaded
     if kind in ("gemv", "gemm"):
-        assert gpu0["evidence"]["dram_pct"]["provenance"] == "gpm"
+        assert loaded["evidence"]["dram_pct"]["provenance"] == "gpm"
 
 
 def test_live_diagnose_json_covers_every_gpu(real_gpu):

@@ -8,16 +8,25 @@ the Rooftop streamer, batch 1; ``graph_decode`` is an 8B-Llama-shaped decode ste
 random bf16 weights, batch 1, captured in a CUDA graph and replayed — the memory-bound
 decode DESIGN §4 measured at 75 % of the roofline.
 
+Run it with ``CUDA_VISIBLE_DEVICES=<GPU UUID>`` (as the tests do): it loads ``cuda:0``,
+and only the UUID makes that the GPU NVML samples under the same name; CUDA's own
+numbering (fastest first) need not match NVML's (PCI bus order).
+
 Prints "ready" once warmed up, then runs until SECONDS have passed.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 
 def main() -> None:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if not visible.startswith(("GPU-", "MIG-")) or "," in visible:
+        sys.exit("workloads.py: set CUDA_VISIBLE_DEVICES to one GPU's UUID (GPU-...): CUDA "
+                 f"and NVML number GPUs differently (it is {visible!r})")
     import torch
 
     kind, seconds = sys.argv[1], float(sys.argv[2])

@@ -15,8 +15,10 @@ the time-weighted mean of the workload between the two samples, as real GPM coun
 deltas are, so a schedule or a ``set_workload`` mid-interval blends honestly.
 
 Errors: ``inject(gpu, "nvmlDeviceGetTemperature", "not_supported")``, ``"gpu_is_lost"``
-(``"*"`` for every call on that GPU), ``inject_gpm_metric`` for one metric's own
-``nvmlReturn``, and ``driver_missing=True`` for ``NVMLError_LibraryNotFound`` at init.
+(``"*"`` for every call on that GPU), an exception instance to raise as it is (pynvml's
+``NVMLLibraryMismatchError``), ``times=1`` for a transient error, ``inject_gpm_metric``
+for one metric's own ``nvmlReturn``, and ``driver_missing=True`` for
+``NVMLError_LibraryNotFound`` at init.
 
 Processes on a busy fake GPU get pids above Linux's PID_MAX_LIMIT (2**22), so they
 never collide with a real process; ``FakeHostSensor`` reports their CPU use (a
@@ -251,6 +253,7 @@ _ERRORS: Mapping[str, int] = MappingProxyType(
         "function_not_found": pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
         "reset_required": pynvml.NVML_ERROR_RESET_REQUIRED,
         "unknown": pynvml.NVML_ERROR_UNKNOWN,
+        "timeout": pynvml.NVML_ERROR_TIMEOUT,
     }
 )
 
@@ -364,7 +367,10 @@ class FakeNvmlLibrary:
         self._timeline: list[list[tuple[float, str | Schedule]]] = [
             [(self._boot_s, parse_workload(spec))] for spec in specs
         ]
-        self._injected: dict[tuple[int, str], int] = {}
+        # (gpu, function) -> NVML error code, or the exception to raise as it is;
+        # with a count in _injected_left, only that many calls fail (a transient error).
+        self._injected: dict[tuple[int, str], int | Exception] = {}
+        self._injected_left: dict[tuple[int, str], int] = {}
         self._metric_errors: dict[tuple[int, int], int] = {}
         self._gpm_samples: dict[int, _GpmSample] = {}
         self.calls: Counter[str] = Counter()
@@ -403,21 +409,33 @@ class FakeNvmlLibrary:
         with self._lock:
             return self._active(gpu, self._clock())[0]
 
-    def inject(self, gpu: int, function_name: str, error: str | int) -> None:
+    def inject(
+        self, gpu: int, function_name: str, error: str | int | Exception, times: int | None = None
+    ) -> None:
         """Make ``function_name`` (``"*"``: every call) on ``gpu`` raise ``error``.
 
         Args:
             gpu: the GPU index.
             function_name: a pynvml function name the fake implements, or ``"*"``.
             error: ``"not_supported"``, ``"gpu_is_lost"``, ``"no_permission"``,
-                ``"function_not_found"``, ``"reset_required"``, ``"unknown"``, or an
-                ``NVML_ERROR_*`` code.
+                ``"function_not_found"``, ``"reset_required"``, ``"unknown"``,
+                ``"timeout"``, an ``NVML_ERROR_*`` code, or an exception to raise as it
+                is (pynvml raises more than ``NVMLError``: ``NVMLLibraryMismatchError``).
+            times: fail only the next ``times`` calls, then answer again (a transient
+                error); ``None``: until ``clear_injections``.
         """
         if function_name != "*" and not callable(getattr(type(self), function_name, None)):
             raise ValueError(f"FakeNvmlLibrary does not implement {function_name!r}")
+        if times is not None and times < 1:
+            raise ValueError("times must be >= 1 (or None: every call)")
         with self._lock:
             self._gpu(gpu)
-            self._injected[(gpu, function_name)] = self._error_code(error)
+            key = (gpu, function_name)
+            self._injected[key] = error if isinstance(error, Exception) else self._error_code(error)
+            if times is None:
+                self._injected_left.pop(key, None)
+            else:
+                self._injected_left[key] = times
 
     def inject_gpm_metric(self, gpu: int, metric_id: int, error: str | int) -> None:
         """Make one GPM metric of ``gpu`` come back with its own ``nvmlReturn`` = ``error``."""
@@ -430,6 +448,9 @@ class FakeNvmlLibrary:
         with self._lock:
             self._injected = {
                 k: v for k, v in self._injected.items() if gpu is not None and k[0] != gpu
+            }
+            self._injected_left = {
+                k: v for k, v in self._injected_left.items() if k in self._injected
             }
             self._metric_errors = {
                 k: v for k, v in self._metric_errors.items() if gpu is not None and k[0] != gpu
@@ -581,11 +602,24 @@ class FakeNvmlLibrary:
         """GPU temperature in °C."""
         with self._lock:
             gpu = self._check("nvmlDeviceGetTemperature", handle)
-            if sensor != pynvml.NVML_TEMPERATURE_GPU:
-                raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-            p = self.profile
-            frac = WORKLOADS[self._active(gpu, self._clock())[0]].power_frac
-            return round(p.temperature_idle_c + frac * (p.temperature_max_c - p.temperature_idle_c))
+            return self._temperature_c(gpu, sensor)
+
+    def _temperature_c(self, gpu: int, sensor: int) -> int:
+        if sensor != pynvml.NVML_TEMPERATURE_GPU:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        p = self.profile
+        frac = WORKLOADS[self._active(gpu, self._clock())[0]].power_frac
+        return round(p.temperature_idle_c + frac * (p.temperature_max_c - p.temperature_idle_c))
+
+    def nvmlDeviceGetTemperatureV(
+        self, handle: _Handle, sensor: int, version: int = pynvml.nvmlTemperature_v1
+    ) -> int:
+        """GPU temperature in °C through ``nvmlTemperature_t`` (replaces the deprecated call)."""
+        with self._lock:
+            self._check("nvmlDeviceGetTemperatureV", handle)
+            if version != pynvml.nvmlTemperature_v1:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+            return self._temperature_c(handle.index, sensor)
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: _Handle) -> int:
         """Why clocks are below max now (bitmask of ``nvmlClocksEventReason*``)."""
@@ -743,9 +777,19 @@ class FakeNvmlLibrary:
         return gpu
 
     def _raise_injected(self, gpu: int, fn_name: str) -> None:
-        code = self._injected.get((gpu, fn_name), self._injected.get((gpu, "*")))
-        if code is not None:
-            raise pynvml.NVMLError(code)
+        key = (gpu, fn_name) if (gpu, fn_name) in self._injected else (gpu, "*")
+        error = self._injected.get(key)
+        if error is None:
+            return
+        left = self._injected_left.get(key)
+        if left is not None:
+            if left <= 1:
+                del self._injected[key], self._injected_left[key]
+            else:
+                self._injected_left[key] = left - 1
+        if isinstance(error, Exception):
+            raise error.with_traceback(None)  # the same instance again: no growing traceback
+        raise pynvml.NVMLError(error)
 
     def _sample(self, pointer: Any) -> _GpmSample:
         address = ctypes.cast(pointer, ctypes.c_void_p).value

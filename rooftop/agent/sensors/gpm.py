@@ -2,9 +2,12 @@
 
 GPM metrics are computed from two counter samples taken some time apart. NVML does
 not enforce a minimum gap, but metrics from samples closer than ~100 ms are noise,
-so ``GpmSampler`` enforces it: asked again too soon, it hands back the previous
-result instead of computing from too-close samples. The two sample buffers are
-used ping-pong: the newer sample of one computation is the older of the next.
+so ``GpmSampler`` enforces it: asked again too soon, it takes no sample and hands
+back the previous reading marked ``stale``. At the CLI's 10 Hz, tick jitter puts
+about a third of ticks under 100 ms; unmarked, a repeated reading under a new
+timestamp would enter a window as a new measurement (windows skip stale ticks, a
+gauge may show them as the latest value). The two sample buffers are used ping-pong:
+the newer sample of one computation is the older of the next.
 
 Call sequence (DESIGN §2): ``nvmlGpmSampleAlloc`` ×2, ``nvmlGpmSampleGet``, fill
 ``c_nvmlGpmMetricsGet_t``, ``nvmlGpmMetricsGet``, read ``.value`` only where that
@@ -14,6 +17,7 @@ metric's own ``nvmlReturn`` is 0, ``nvmlGpmSampleFree`` on close.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -72,7 +76,11 @@ def _direct_call(fn: Callable[..., T], /, *args: Any) -> T | None:
 
 @dataclass(frozen=True, slots=True)
 class GpmReading:
-    """GPM metrics over one interval; ``None`` where GPM did not return that metric."""
+    """GPM metrics over one interval; ``None`` where GPM did not return that metric.
+
+    ``stale``: a repeat of the previous reading (asked too soon for a new one), not a
+    new measurement.
+    """
 
     interval_s: float
     sm_active_pct: float | None = None
@@ -84,6 +92,7 @@ class GpmReading:
     dram_bw_pct: float | None = None
     pcie_rx_bytes_per_s: float | None = None
     pcie_tx_bytes_per_s: float | None = None
+    stale: bool = False
 
 
 class GpmSampler:
@@ -136,12 +145,14 @@ class GpmSampler:
         return len(self._samples) == 2 and not self._closed
 
     def read(self) -> GpmReading | None:
-        """Take a GPM sample and return metrics since the previous one.
+        """Take a GPM sample and return the metrics since the previous one.
 
         Returns:
-            The metrics over the interval between the two newest samples. Called
-            less than ``min_interval_s`` after the last sample, no sample is taken
-            and the previous result is returned (``None`` on the first call).
+            Fresh metrics over the interval between the two newest samples, each
+            interval handed out fresh once. Called less than ``min_interval_s`` after
+            the last sample, no sample is taken and the previous reading comes back
+            marked ``stale`` (the next fresh one covers the whole gap); ``None`` on the
+            first call and after a failed sample.
         """
         with self._lock:
             if not self.usable:
@@ -150,7 +161,8 @@ class GpmSampler:
             if self._newest_time_s is not None and now_s - self._newest_time_s < (
                 self._min_interval_s
             ):
-                return self._last
+                last = self._last
+                return None if last is None else dataclasses.replace(last, stale=True)
             older = self._newest
             newer = 1 - older
             got = self._call(self._nvml.nvmlGpmSampleGet, self._handle, self._samples[newer])
@@ -179,7 +191,7 @@ class GpmSampler:
         result = self._call(self._nvml.nvmlGpmMetricsGet, request)
         if result is None:
             return None
-        values: dict[str, float] = {}
+        values: dict[str, Any] = {}  # floats, by GpmReading field name
         for i in range(len(GPM_METRIC_FIELDS)):
             metric = result.metrics[i]
             # Each metric carries its own status: one unsupported metric must not

@@ -3,7 +3,16 @@
 Every NVML getter goes through one choke point, ``NvmlBackend._call`` (nvitop's
 ``nvmlQuery``): a field the GPU cannot measure (NotSupported, NoPermission,
 FunctionNotFound) comes back ``None`` — absent, never 0 — and is logged once per
-(function, error); a lost GPU raises ``DeviceLost`` for that GPU only.
+(function, error); so does any other exception the library raises (pynvml's
+``NVMLLibraryMismatchError`` is not an ``NVMLError``): one call costs its field, never
+the tick. A lost GPU raises ``DeviceLost`` for that GPU only; a GPU this user may not
+open (NoPermission on its handle) raises ``DeviceInaccessible``.
+
+Where a newer NVML API has an older equivalent (memory info v2 / v1, clock-event /
+throttle reasons, ``nvmlDeviceGetTemperatureV`` / ``nvmlDeviceGetTemperature``), the
+newer one is preferred; only the driver saying it lacks it (NotSupported,
+FunctionNotFound, ArgumentVersionMismatch) makes the older one stick. After any other
+error the older one stands in and the newer one is tried again ``RETRY_NEWER_S`` later.
 
 ``read()`` is the fast loop, so it makes only cheap scalar calls (1-22 µs each on an
 H100) and one GPM sample (43-258 µs). Slow calls — ``nvmlDeviceGetPcieThroughput``
@@ -15,21 +24,24 @@ H100) and one GPM sample (43-258 µs). Slow calls — ``nvmlDeviceGetPcieThrough
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pynvml
 
 from rooftop.agent.sensors.base import Clock, GpuInfo
 from rooftop.agent.sensors.gpm import GpmSampler
-from rooftop.common.errors import DeviceLost, NvmlUnavailable, SensorError
+from rooftop.common.errors import DeviceInaccessible, DeviceLost, NvmlUnavailable, SensorError
 from rooftop.common.model import GpuProcess, GpuSample
 
-__all__ = ["NvmlBackend", "map_nvml_errors"]
+__all__ = ["RETRY_NEWER_S", "NvmlBackend", "map_nvml_errors"]
 
 T = TypeVar("T")
 
@@ -49,6 +61,21 @@ _ABSENT_CODES = frozenset(
 # A GPU that fell off the bus, or needs a reset before it answers again, yields no
 # data at all: report it lost rather than as a GPU whose every field is absent.
 _LOST_CODES = frozenset({pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_RESET_REQUIRED})
+# No handle because this user may not open the GPU: it is not lost, it needs access.
+_INACCESSIBLE_CODES = {pynvml.NVML_ERROR_NO_PERMISSION: "NO_PERMISSION"}
+# The driver or GPU does not have this API: no point asking again. Every other error
+# (Unknown, Timeout, a busy driver...) may pass, so a fallback it causes must not stick.
+_PERMANENT_CODES = frozenset(
+    {
+        pynvml.NVML_ERROR_NOT_SUPPORTED,
+        pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
+        pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH,
+    }
+)
+# After a transient error, how long the older API stands in before the newer is retried:
+# long enough that a persisting error costs one extra call per GPU every 10 s, short
+# enough that a window or two later the better figure is back.
+RETRY_NEWER_S = 10.0
 
 _INIT_MESSAGES = {
     pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: (
@@ -106,15 +133,23 @@ class _DeviceCall:
 
 
 @dataclass(slots=True)
+class _Newer:
+    """A newer NVML API tried before its older equivalent, on one GPU."""
+
+    missing: bool = False  # the driver said it lacks it: the older API for good
+    retry_at_s: float = -math.inf  # after a transient error: the older API until then
+
+
+@dataclass(slots=True)
 class _Device:
     info: GpuInfo
     handle: Any
     call: _DeviceCall
     gpm: GpmSampler | None = None
+    gpm_retry_at_s: float | None = None  # GPM support query failed transiently: ask again
     lost_detail: str | None = None  # set when the GPU was lost at startup
-    # Newer NVML APIs first; fall back for good once the driver says no.
-    memory_v2: bool = True
-    clock_event_reasons: bool = True
+    inaccessible: str | None = None  # NVML's error name when this user may not open it
+    newer: dict[str, _Newer] = field(default_factory=dict)  # keyed by API ("memory", ...)
 
 
 class NvmlBackend:
@@ -133,7 +168,7 @@ class NvmlBackend:
     def __init__(self, nvml: Any = None, clock: Clock = time.monotonic) -> None:
         self._nvml: Any = pynvml if nvml is None else nvml
         self._clock = clock
-        self._logged: set[tuple[str, int]] = set()
+        self._errors: Counter[tuple[str, str]] = Counter()
         self._logged_lock = threading.Lock()
         self._closed = False
         with map_nvml_errors():
@@ -166,64 +201,113 @@ class NvmlBackend:
         """Call one NVML getter for ``gpu_index``.
 
         Returns:
-            The value, or ``None`` where NVML cannot give it (logged once per
-            function and error).
+            The value, or ``None`` where NVML cannot give it, for whatever reason
+            (counted per function and error type, logged once).
 
         Raises:
             DeviceLost: NVML says the GPU is lost.
         """
-        try:
-            return fn(*args)
-        except pynvml.NVMLError as err:
-            code = err.value
-            if code in _LOST_CODES:
-                raise DeviceLost(gpu_index, str(err)) from err
-            self._log_once(getattr(fn, "__name__", repr(fn)), code, err)
-            return None
+        return self._attempt(gpu_index, fn, *args)[0]
 
-    def _log_once(self, fn_name: str, code: int, err: pynvml.NVMLError) -> None:
-        # NVMLError instances define __eq__ without __hash__: key by the code.
-        key = (fn_name, code)
+    def _attempt(
+        self, gpu_index: int, fn: Callable[..., T], /, *args: Any
+    ) -> tuple[T | None, Exception | None]:
+        """``_call``, also handing back the error that made the value ``None``."""
+        try:
+            return fn(*args), None
+        except pynvml.NVMLError as err:
+            if err.value in _LOST_CODES:
+                raise DeviceLost(gpu_index, str(err)) from err
+            self._count_error(_fn_name(fn), err)
+            return None, err
+        except Exception as err:  # noqa: BLE001 — the library boundary, see below
+            # pynvml raises more than NVMLError (NVMLLibraryMismatchError from
+            # nvmlDeviceGetComputeRunningProcesses on a driver without _v3; a ctypes or
+            # struct error on a driver it does not know): one call's failure costs its
+            # field, never the whole tick of every GPU.
+            self._count_error(_fn_name(fn), err)
+            return None, err
+
+    @property
+    def errors(self) -> dict[tuple[str, str], int]:
+        """Failed calls so far, per (function, error type): what made fields absent."""
         with self._logged_lock:
-            if key in self._logged or len(self._logged) >= _MAX_LOGGED:
-                return
-            self._logged.add(key)
-        level = logging.INFO if code in _ABSENT_CODES else logging.WARNING
-        logger.log(level, "NVML %s: %s (error %d); field reported absent", fn_name, err, code)
+            return dict(self._errors)
+
+    def _count_error(self, fn_name: str, err: Exception) -> None:
+        key = (fn_name, _error_name(err))
+        with self._logged_lock:
+            first = key not in self._errors
+            if first and len(self._errors) >= _MAX_LOGGED:
+                return  # bounded: a pathological library must not grow memory
+            self._errors[key] += 1
+        if not first:
+            return
+        if isinstance(err, pynvml.NVMLError):
+            level = logging.INFO if err.value in _ABSENT_CODES else logging.WARNING
+            logger.log(
+                level, "NVML %s: %s (error %d); field reported absent", fn_name, err, err.value
+            )
+        else:
+            logger.warning(
+                "NVML %s raised %s: %s; field reported absent", fn_name, type(err).__name__, err
+            )
+
+    def _newer_first(
+        self,
+        device: _Device,
+        api: str,
+        newer: tuple[Callable[..., Any] | None, tuple[Any, ...]],
+        older: tuple[Callable[..., Any] | None, tuple[Any, ...]],
+    ) -> Any:
+        """The newer API's value; the older API's while the newer is missing or failing.
+
+        Only a permanent error (the driver lacks the API) retires the newer API; after
+        any other error it is tried again ``RETRY_NEWER_S`` later.
+        """
+        gpu_index = device.info.gpu_index
+        state = device.newer.setdefault(api, _Newer())
+        newer_fn, newer_args = newer
+        if newer_fn is not None and not state.missing:
+            now_s = self._clock()
+            if now_s >= state.retry_at_s:
+                value, error = self._attempt(gpu_index, newer_fn, *newer_args)
+                if value is not None:
+                    return value
+                if _permanent(error):
+                    state.missing = True
+                else:
+                    state.retry_at_s = now_s + RETRY_NEWER_S
+        older_fn, older_args = older
+        return self._attempt(gpu_index, older_fn, *older_args)[0] if older_fn else None
 
     # -- discovery ---------------------------------------------------------------
 
     def _open(self, gpu_index: int) -> _Device:
         nvml = self._nvml
         call = _DeviceCall(self, gpu_index)
+        unknown = GpuInfo(gpu_index, "", "", False)
         try:
-            handle = call(nvml.nvmlDeviceGetHandleByIndex, gpu_index)
+            handle, error = self._attempt(gpu_index, nvml.nvmlDeviceGetHandleByIndex, gpu_index)
         except DeviceLost as err:
-            return _Device(GpuInfo(gpu_index, "", "", False), None, call, lost_detail=str(err))
+            return _Device(unknown, None, call, lost_detail=str(err))
         if handle is None:
-            return _Device(
-                GpuInfo(gpu_index, "", "", False), None, call, lost_detail="no NVML handle"
-            )
-        device = _Device(GpuInfo(gpu_index, "", "", False), handle, call)
+            code = error.value if isinstance(error, pynvml.NVMLError) else None
+            if code in _INACCESSIBLE_CODES:
+                return _Device(unknown, None, call, inaccessible=_INACCESSIBLE_CODES[code])
+            return _Device(unknown, None, call, lost_detail="no NVML handle")
+        device = _Device(unknown, handle, call)
         try:
             uuid = _text(call(nvml.nvmlDeviceGetUUID, handle))
             name = _text(call(nvml.nvmlDeviceGetName, handle))
             device.info = GpuInfo(gpu_index, uuid, name, False)
             memory = self._memory_info(device)
-            query = getattr(nvml, "nvmlGpmQueryDeviceSupport", None)
-            support = call(query, handle) if query is not None else None
-            has_gpm = bool(support is not None and support.isSupportedDevice)
-            if has_gpm:
-                device.gpm = GpmSampler(nvml, handle, call=call, clock=self._clock)
-                has_gpm = device.gpm.usable
-                # Prime: the first sample is taken now, so the first read() at least
-                # 100 ms from now already has metrics.
-                device.gpm.read()
+            self._start_gpm(device)
             device.info = GpuInfo(
                 gpu_index=gpu_index,
                 gpu_uuid=uuid,
                 gpu_name=name,
-                has_gpm=has_gpm,
+                has_gpm=device.gpm is not None,
                 mem_total_bytes=int(memory.total) if memory is not None else None,
                 pcie_link_gen_max=_int(call(nvml.nvmlDeviceGetMaxPcieLinkGeneration, handle)),
                 pcie_link_width_max=_int(call(nvml.nvmlDeviceGetMaxPcieLinkWidth, handle)),
@@ -234,6 +318,39 @@ class NvmlBackend:
                 device.gpm = None
             device.lost_detail = str(err)
         return device
+
+    def _start_gpm(self, device: _Device) -> None:
+        """Set up GPM if the GPU has it; after a transient error, plan to ask again."""
+        nvml, handle = self._nvml, device.handle
+        device.gpm_retry_at_s = None
+        query = getattr(nvml, "nvmlGpmQueryDeviceSupport", None)
+        if query is None:
+            return
+        support, error = self._attempt(device.info.gpu_index, query, handle)
+        if support is None:
+            # One Unknown or Timeout at startup must not leave a Hopper GPU on proxies
+            # for the agent's whole life.
+            if not (isinstance(error, pynvml.NVMLError) and error.value in _PERMANENT_CODES):
+                device.gpm_retry_at_s = self._clock() + RETRY_NEWER_S
+            return
+        if not support.isSupportedDevice:
+            return
+        gpm = GpmSampler(nvml, handle, call=device.call, clock=self._clock)
+        if not gpm.usable:
+            gpm.close()
+            return
+        device.gpm = gpm
+        # Prime: the first sample is taken now, so the first read() at least 100 ms from
+        # now already has metrics.
+        gpm.read()
+
+    def _retry_gpm(self, device: _Device) -> None:
+        if device.gpm_retry_at_s is None or self._clock() < device.gpm_retry_at_s:
+            return
+        self._start_gpm(device)
+        if device.gpm is not None:
+            device.info = dataclasses.replace(device.info, has_gpm=True)
+            self._infos = tuple(d.info for d in self._devices)
 
     def devices(self) -> tuple[GpuInfo, ...]:
         """The GPUs on this host, in index order (read once, at construction)."""
@@ -250,7 +367,9 @@ class NvmlBackend:
 
         Returns:
             The sample; fields the GPU cannot measure are ``None``. GPM fields are
-            ``None`` without GPM and until two GPM samples ≥ 100 ms apart exist.
+            ``None`` without GPM and until two GPM samples ≥ 100 ms apart exist; read
+            sooner than 100 ms after the last GPM sample, they repeat the previous
+            reading and ``gpm_stale`` is set.
 
         Raises:
             DeviceLost: the GPU is lost; the other GPUs can still be read.
@@ -263,18 +382,21 @@ class NvmlBackend:
         device = self._devices[gpu_index]
         if device.lost_detail is not None:
             raise DeviceLost(gpu_index, device.lost_detail)
+        if device.inaccessible is not None:
+            raise DeviceInaccessible(gpu_index, device.inaccessible)
         nvml, call, handle = self._nvml, device.call, device.handle
 
+        self._retry_gpm(device)
         gpm = device.gpm.read() if device.gpm is not None else None
         util = call(nvml.nvmlDeviceGetUtilizationRates, handle)
         memory = self._memory_info(device)
         sm_clock_mhz = call(nvml.nvmlDeviceGetClockInfo, handle, nvml.NVML_CLOCK_SM)
         power_mw = call(nvml.nvmlDeviceGetPowerUsage, handle)
-        temperature_c = call(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
+        temperature_c = self._temperature(device)
         reasons = self._clock_event_reasons(device)
         link_gen = call(nvml.nvmlDeviceGetCurrPcieLinkGeneration, handle)
         link_width = call(nvml.nvmlDeviceGetCurrPcieLinkWidth, handle)
-        processes = call(nvml.nvmlDeviceGetComputeRunningProcesses, handle)
+        processes = self._compute_processes(device)
 
         info = device.info
         return GpuSample(
@@ -299,33 +421,57 @@ class NvmlBackend:
             sm_clock_mhz=_float(sm_clock_mhz),
             mem_used_bytes=int(memory.used) if memory is not None else None,
             mem_total_bytes=int(memory.total) if memory is not None else info.mem_total_bytes,
-            temperature_c=_float(temperature_c),
-            clock_event_reasons=_int(reasons),
+            temperature_c=temperature_c,
+            clock_event_reasons=reasons,
             processes=_processes(processes),
+            gpm_stale=gpm.stale if gpm else False,
         )
 
     def _memory_info(self, device: _Device) -> Any:
-        nvml, call = self._nvml, device.call
+        nvml, handle = self._nvml, device.handle
         version = getattr(nvml, "nvmlMemory_v2", None)
-        if device.memory_v2 and version is not None:
-            # v2 separates driver-reserved memory from "used"; v1 lumps it in.
-            memory = call(nvml.nvmlDeviceGetMemoryInfo, device.handle, version)
-            if memory is not None:
-                return memory
-        device.memory_v2 = False
-        return call(nvml.nvmlDeviceGetMemoryInfo, device.handle)
+        # v2 separates driver-reserved memory from "used"; v1 lumps it in.
+        return self._newer_first(
+            device,
+            "memory",
+            (nvml.nvmlDeviceGetMemoryInfo if version is not None else None, (handle, version)),
+            (nvml.nvmlDeviceGetMemoryInfo, (handle,)),
+        )
 
     def _clock_event_reasons(self, device: _Device) -> int | None:
-        nvml, call = self._nvml, device.call
+        nvml, handle = self._nvml, device.handle
         # Renamed in NVML 12.x; the old "throttle" name goes away in CUDA 14.
-        events = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
-        if device.clock_event_reasons and events is not None:
-            reasons: int | None = call(events, device.handle)
-            if reasons is not None:
-                return reasons
-        device.clock_event_reasons = False
-        throttle = getattr(nvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
-        return call(throttle, device.handle) if throttle is not None else None
+        reasons = self._newer_first(
+            device,
+            "clock_event_reasons",
+            (getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None), (handle,)),
+            (getattr(nvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None), (handle,)),
+        )
+        return _int(reasons)
+
+    def _compute_processes(self, device: _Device) -> Any:
+        nvml, handle = self._nvml, device.handle
+        # pynvml's unversioned call resolves only the _v3 symbol (R510+); on R455-R495
+        # it raises NVMLLibraryMismatchError, and those drivers answer through _v2.
+        return self._newer_first(
+            device,
+            "processes",
+            (nvml.nvmlDeviceGetComputeRunningProcesses, (handle,)),
+            (getattr(nvml, "nvmlDeviceGetComputeRunningProcesses_v2", None), (handle,)),
+        )
+
+    def _temperature(self, device: _Device) -> float | None:
+        nvml, handle = self._nvml, device.handle
+        sensor = nvml.NVML_TEMPERATURE_GPU
+        # nvmlDeviceGetTemperature is deprecated and goes away in CUDA 14; drivers before
+        # nvmlDeviceGetTemperatureV (nvmlTemperature_t) have only the old one.
+        temperature = self._newer_first(
+            device,
+            "temperature",
+            (getattr(nvml, "nvmlDeviceGetTemperatureV", None), (handle, sensor)),
+            (getattr(nvml, "nvmlDeviceGetTemperature", None), (handle, sensor)),
+        )
+        return _float(temperature)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -342,6 +488,19 @@ class NvmlBackend:
             self._nvml.nvmlShutdown()
 
 
+def _fn_name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__name__", repr(fn))
+
+
+def _error_name(err: Exception) -> str:
+    # pynvml maps each known code to its own class (NVMLError_NotSupported); a code it
+    # does not know stays a bare NVMLError, so the code tells those apart.
+    name = type(err).__name__
+    if isinstance(err, pynvml.NVMLError) and type(err) is pynvml.NVMLError:
+        return f"{name}({err.value})"
+    return name
+
+
 def _text(value: Any) -> str:
     # pynvml before 11.5 returned bytes for strings.
     if value is None:
@@ -355,6 +514,13 @@ def _int(value: Any) -> int | None:
 
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _permanent(error: BaseException | None) -> bool:
+    """Whether ``error`` says the driver lacks an API (so asking again is pointless)."""
+    if isinstance(error, pynvml.NVMLLibraryMismatchError):
+        return True  # pynvml wants a versioned symbol this driver does not export
+    return isinstance(error, pynvml.NVMLError) and error.value in _PERMANENT_CODES
 
 
 def _processes(processes: Any) -> tuple[GpuProcess, ...]:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
 
+from rooftop.agent.sampler import Sampler
 from rooftop.agent.sensors.fake import FakeNvmlLibrary
 from rooftop.agent.sensors.gpm import GPM_METRIC_FIELDS, GpmReading, GpmSampler
 from rooftop.agent.sensors.nvml import NvmlBackend
+from rooftop.agent.window import build_windows
 from rooftop.common.errors import DeviceLost
+from rooftop.common.model import GpuSample
 
 MIB = 1024 * 1024
 
@@ -38,7 +42,7 @@ def test_requests_every_metric_rooftop_uses(clock):
     assert reading.fp64_active_pct == 0.0
 
 
-def test_too_soon_returns_previous_without_sampling(clock):
+def test_too_soon_is_stale_without_sampling(clock):
     lib, handle = open_lib(clock)
     sampler = GpmSampler(lib, handle, clock=clock)
     sampler.read()
@@ -48,10 +52,16 @@ def test_too_soon_returns_previous_without_sampling(clock):
     clock.advance(0.002)  # past 100 ms: allowed
     first = sampler.read()
     assert first is not None
+    assert not first.stale
     clock.advance(0.05)
-    assert sampler.read() is first
+    # Too soon: the previous reading again, marked stale, never passed off as new.
+    assert sampler.read() == dataclasses.replace(first, stale=True)
     assert lib.calls["nvmlGpmSampleGet"] == 2
     assert lib.calls["nvmlGpmMetricsGet"] == 1
+    clock.advance(0.06)
+    second = sampler.read()  # the next fresh reading covers the whole gap
+    assert second is not None and not second.stale
+    assert second.interval_s == pytest.approx(0.11)
 
 
 def test_buffers_ping_pong(clock):
@@ -161,3 +171,31 @@ def test_unusable_when_allocation_refused(clock):
     assert backend.devices()[0].has_gpm is False
     clock.advance(0.2)
     assert backend.read(0, 0.0).sm_active_pct is None
+
+
+def test_at_10_hz_with_jitter_no_reading_enters_a_window_twice(clock):
+    """The CLI's default rate: ticks ~100 ms apart, jittered around GPM's minimum gap.
+
+    A sample's GPM figures are fresh (one NVML metrics computation each, never shared
+    with another fresh sample) or marked stale, and the window holds only fresh ones.
+    """
+    lib = FakeNvmlLibrary("h100", workloads="gemv", clock=clock)
+    backend = NvmlBackend(lib, clock=clock)
+    sampler = Sampler(backend, clock=lambda: 1.7e9 + clock())
+    rng = random.Random(11)
+    samples = []
+    for _ in range(100):
+        clock.advance(0.1 + rng.uniform(-0.005, 0.005))
+        samples += [r for r in sampler.tick() if isinstance(r, GpuSample)]
+    (window,) = build_windows(samples)[0]
+    in_window = [(t.dram_pct, t.compute_pct, t.sm_active_pct) for t in window.ticks]
+    assert len(in_window) == len(set(in_window))  # before the fix: a third were repeats
+    assert len(in_window) == len(lib.gpm_intervals)  # one tick per fresh computation
+    assert window.dram_pct == pytest.approx(84.8, abs=2)
+    fresh = [s for s in samples if s.dram_bw_pct is not None and not s.gpm_stale]
+    assert [t.time_s for t in window.ticks] == [s.time_s for s in fresh]
+    stale = [s for s in samples if s.gpm_stale]
+    assert 0.2 < len(stale) / len(samples) < 0.5  # the jitter did bite
+    readings = {(s.dram_bw_pct, s.sm_active_pct) for s in fresh}
+    # A stale sample repeats a fresh one, and says so.
+    assert {(s.dram_bw_pct, s.sm_active_pct) for s in stale} <= readings

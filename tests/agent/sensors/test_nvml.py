@@ -6,11 +6,17 @@ import logging
 
 import pytest
 
+from rooftop.agent.classifier import classify
+from rooftop.agent.diagnose import diagnose_records
+from rooftop.agent.diagnose import sample as diagnose_sample
+from rooftop.agent.sampler import Sampler
 from rooftop.agent.sensors.base import GpuBackend
-from rooftop.agent.sensors.fake import FakeNvmlLibrary, fake_backend
-from rooftop.agent.sensors.nvml import NvmlBackend, map_nvml_errors
+from rooftop.agent.sensors.fake import FakeHostSensor, FakeNvmlLibrary, fake_backend
+from rooftop.agent.sensors.nvml import RETRY_NEWER_S, NvmlBackend, map_nvml_errors
+from rooftop.agent.window import build_windows
+from rooftop.common.codec import record_from_proto, record_to_proto
 from rooftop.common.errors import DeviceLost, NvmlUnavailable, SensorError
-from rooftop.common.model import GpuSample
+from rooftop.common.model import Bound, GpuSample, HostSample
 
 GPM_FIELDS = (
     "sm_active_pct",
@@ -143,18 +149,19 @@ def test_a100_has_util_but_no_gpm(clock):
 
 def test_not_supported_field_is_absent_and_logged_once(clock, caplog):
     lib = FakeNvmlLibrary("h100", workloads="gemv", clock=clock)
-    lib.inject(0, "nvmlDeviceGetTemperature", "not_supported")
+    lib.inject(0, "nvmlDeviceGetPowerUsage", "not_supported")
     backend = backend_over(lib, clock)
     with caplog.at_level(logging.INFO, logger="rooftop.agent.sensors.nvml"):
         samples = [settled_read(backend, clock) for _ in range(3)]
-    assert all(s.temperature_c is None for s in samples)
-    assert all(s.busy_pct is not None and s.power_w is not None for s in samples)
+    assert all(s.power_w is None for s in samples)
+    assert all(s.busy_pct is not None and s.temperature_c is not None for s in samples)
     assert all(s.dram_bw_pct is not None for s in samples)
     messages = [
-        r.getMessage() for r in caplog.records if "nvmlDeviceGetTemperature" in r.getMessage()
+        r.getMessage() for r in caplog.records if "nvmlDeviceGetPowerUsage" in r.getMessage()
     ]
     assert len(messages) == 1
-    assert lib.calls["nvmlDeviceGetTemperature"] == 3  # asked each time, logged once
+    assert lib.calls["nvmlDeviceGetPowerUsage"] == 3  # asked each time, logged once
+    assert backend.errors == {("nvmlDeviceGetPowerUsage", "NVMLError_NotSupported"): 3}
 
 
 def test_unexpected_error_is_absent_and_warned(clock, caplog):
@@ -249,9 +256,10 @@ def test_gpm_waits_100ms_between_samples(clock):
     assert first.dram_bw_pct is not None
     assert lib.calls["nvmlGpmMetricsGet"] == 1
     clock.advance(0.010)
-    again = backend.read(0, 0.0)  # too soon: the previous metrics, not new ones
+    again = backend.read(0, 0.0)  # too soon: the previous metrics, marked stale
     assert lib.calls["nvmlGpmMetricsGet"] == 1
-    assert again.dram_bw_pct == first.dram_bw_pct
+    assert (again.dram_bw_pct, again.gpm_stale) == (first.dram_bw_pct, True)
+    assert first.gpm_stale is False
     for _ in range(20):
         clock.advance(0.03)
         backend.read(0, 0.0)
@@ -391,3 +399,182 @@ def test_real_pynvml_without_a_driver_says_so_in_one_line():
         return
     backend.close()
     pytest.skip("an NVIDIA driver is present here (covered by test_nvml_gpu.py)")
+
+
+# ---- issue 11 item 2: no NVML call takes a tick down ---------------------------------
+
+
+def _mismatch(lib):
+    # What pynvml 13.x raises from nvmlDeviceGetComputeRunningProcesses on a driver
+    # without _v3: not an NVMLError.
+    return lib.NVMLLibraryMismatchError(
+        "Unversioned function called and the pyNVML version does not match the NVML lib "
+        "version. Either use matching pyNVML and NVML lib versions or use a versioned "
+        "function such as nvmlDeviceGetComputeRunningProcesses_v2"
+    )
+
+
+def _runtime_error(lib):
+    return RuntimeError("a library bug")
+
+
+@pytest.mark.parametrize(("make_error", "error_name"), [
+    (_mismatch, "NVMLLibraryMismatchError"),
+    (_runtime_error, "RuntimeError"),
+])
+def test_any_library_exception_costs_its_field_not_the_tick(clock, caplog, make_error,
+                                                            error_name):
+    lib = FakeNvmlLibrary("h100", gpus=2, workloads="gemv", clock=clock)
+    backend = backend_over(lib, clock)
+    lib.inject(1, "nvmlDeviceGetPowerUsage", make_error(lib))
+    sampler = Sampler(backend, FakeHostSensor(lib), clock=lambda: 1.7e9 + clock())
+    ticks = []
+    with caplog.at_level(logging.INFO, logger="rooftop.agent.sensors.nvml"):
+        for _ in range(3):
+            clock.advance(0.2)
+            ticks.append(sampler.tick())  # raised on GPU 1 before the fix: no tick at all
+    for records in ticks:
+        gpu0, gpu1, host = records
+        assert isinstance(host, HostSample)
+        assert gpu0.power_w is not None
+        assert gpu1.power_w is None  # the one field that failed: absent
+        assert not gpu1.lost
+        assert gpu1.busy_pct is not None and gpu1.dram_bw_pct is not None
+        assert [p.pid for p in gpu1.processes] == [lib.fake_pid(1)]
+        assert gpu1.temperature_c is not None and gpu1.mem_used_bytes is not None
+    messages = [r.getMessage() for r in caplog.records
+                if "nvmlDeviceGetPowerUsage" in r.getMessage()]
+    assert len(messages) == 1 and error_name in messages[0]
+    assert backend.errors == {("nvmlDeviceGetPowerUsage", error_name): 3}
+
+
+def test_a_driver_without_v3_process_queries_is_asked_once_then_not_again(clock, caplog):
+    # pynvml's unversioned process query raises NVMLLibraryMismatchError where the driver
+    # lacks _v3: that is permanent, so the backend stops asking (and uses _v2 where the
+    # library has it: tests/agent/sensors/test_nvml_standin.py, R470).
+    lib = FakeNvmlLibrary("h100", gpus=1, workloads="gemv", clock=clock)
+    backend = backend_over(lib, clock)
+    lib.inject(0, "nvmlDeviceGetComputeRunningProcesses", _mismatch(lib))
+    sampler = Sampler(backend, FakeHostSensor(lib), clock=lambda: 1.7e9 + clock())
+    for _ in range(3):
+        clock.advance(20.0)  # past every retry interval
+        gpu0, _host = sampler.tick()
+        assert gpu0.processes == () and gpu0.busy_pct is not None
+    assert backend.errors == {("nvmlDeviceGetComputeRunningProcesses",
+                               "NVMLLibraryMismatchError"): 1}
+
+
+def test_diagnose_survives_a_library_exception():
+    backend = fake_backend("h100", gpus=1, workloads="gemv")
+    lib = backend.library
+    lib.inject(0, "nvmlDeviceGetComputeRunningProcesses", _mismatch(lib))
+    records = diagnose_sample(backend, FakeHostSensor(lib), seconds=0.45, rate_hz=10)
+    backend.close()
+    samples = [r for r in records if isinstance(r, GpuSample)]
+    assert len(samples) >= 4 and all(not s.lost and s.processes == () for s in samples)
+    (verdicts,) = diagnose_records(records).values()
+    assert verdicts[-1].verdict is Bound.MEMORY
+
+
+def test_no_permission_gpu_is_inaccessible_not_lost(clock, caplog):
+    lib = FakeNvmlLibrary("h100", gpus=2, workloads="gemm", clock=clock)
+    lib.inject(1, "nvmlDeviceGetHandleByIndex", "no_permission")
+    backend = backend_over(lib, clock)
+    sampler = Sampler(backend, clock=lambda: 1.7e9 + clock())
+    records = []
+    with caplog.at_level(logging.WARNING, logger="rooftop.agent.sampler"):
+        for _ in range(5):
+            clock.advance(0.2)
+            records += sampler.tick()
+    windows = build_windows(records)
+    good, denied = classify(windows[0][0]), classify(windows[1][0])
+    assert good.verdict is Bound.COMPUTE
+    assert "GPU 1 is not accessible to this user (NVML NO_PERMISSION)" in denied.rule
+    assert "/dev/nvidia1" in denied.rule
+    assert "lost" not in denied.rule
+    advice = " ".join(denied.recommendations).lower()
+    assert "reset" not in advice and "drain" not in advice
+    assert "/dev/nvidia1" in advice
+    # The sampler says it once, in the same words.
+    warnings = [r.getMessage() for r in caplog.records if "GPU 1" in r.getMessage()]
+    assert len(warnings) == 1 and "not accessible to this user" in warnings[0]
+    # The sample says why there is no data, and so do recordings and the stream.
+    sample = next(r for r in records if isinstance(r, GpuSample) and r.gpu_index == 1)
+    assert (sample.lost, sample.inaccessible) == (True, "NO_PERMISSION")
+    assert record_from_proto(record_to_proto(sample)) == sample
+
+
+def test_lost_gpu_still_advises_a_reset(clock):
+    lib = FakeNvmlLibrary("h100", gpus=1, workloads="gemm", clock=clock)
+    lib.inject(0, "nvmlDeviceGetHandleByIndex", "gpu_is_lost")
+    sampler = Sampler(backend_over(lib, clock), clock=lambda: 1.7e9 + clock())
+    (window,) = build_windows(sampler.tick())[0]
+    v = classify(window)
+    assert v.verdict is Bound.LOST and "GpuIsLost" in v.rule
+    assert any("reset" in r for r in v.recommendations)
+
+
+def test_memory_v2_comes_back_after_a_transient_error(clock):
+    lib = FakeNvmlLibrary("h100", workloads="idle", clock=clock)
+    backend = backend_over(lib, clock)
+    reserved = lib.profile.mem_reserved_bytes
+    assert backend.read(0, 0.0).mem_used_bytes == 0  # v2: reserved apart
+    lib.inject(0, "nvmlDeviceGetMemoryInfo", "unknown", times=1)
+    assert backend.read(0, 0.0).mem_used_bytes == reserved  # v2 failed once: v1 stands in
+    clock.advance(1.0)
+    assert backend.read(0, 0.0).mem_used_bytes == reserved  # not retried at once
+    clock.advance(RETRY_NEWER_S)
+    assert backend.read(0, 0.0).mem_used_bytes == 0  # v2 again, for good
+    clock.advance(RETRY_NEWER_S)
+    assert backend.read(0, 0.0).mem_used_bytes == 0
+
+
+def test_clock_event_reasons_come_back_after_a_transient_error(clock):
+    lib = FakeNvmlLibrary("h100", workloads="gemm", clock=clock)
+    backend = backend_over(lib, clock)
+    lib.inject(0, "nvmlDeviceGetCurrentClocksEventReasons", "timeout", times=1)
+    power_cap = lib.nvmlClocksEventReasonSwPowerCap
+    assert backend.read(0, 0.0).clock_event_reasons == power_cap  # from throttle reasons
+    clock.advance(RETRY_NEWER_S)
+    assert backend.read(0, 0.0).clock_event_reasons == power_cap
+    clock.advance(RETRY_NEWER_S)
+    backend.read(0, 0.0)
+    assert lib.calls["nvmlDeviceGetCurrentClocksEventReasons"] == 3  # 1 failed, 2 answered
+    assert lib.calls["nvmlDeviceGetCurrentClocksThrottleReasons"] == 1  # only in between
+
+
+def test_gpm_comes_back_after_a_transient_error_at_startup(clock):
+    lib = FakeNvmlLibrary("h100", workloads="gemv", clock=clock)
+    lib.inject(0, "nvmlGpmQueryDeviceSupport", "unknown", times=1)
+    backend = backend_over(lib, clock)
+    assert backend.devices()[0].has_gpm is False
+    assert settled_read(backend, clock).dram_bw_pct is None
+    clock.advance(RETRY_NEWER_S)
+    backend.read(0, 0.0)  # GPM set up again, first sample taken
+    assert settled_read(backend, clock).dram_bw_pct == pytest.approx(84.8, abs=2)
+    assert backend.devices()[0].has_gpm is True
+
+
+def test_temperature_comes_from_temperature_v(clock):
+    # A CUDA 14 driver: the deprecated nvmlDeviceGetTemperature is gone.
+    lib = FakeNvmlLibrary("h100", workloads="gemm", clock=clock)
+    lib.inject(0, "nvmlDeviceGetTemperature", "function_not_found")
+    backend = backend_over(lib, clock)
+    temperatures = [settled_read(backend, clock).temperature_c for _ in range(2)]
+    handle = lib.nvmlDeviceGetHandleByIndex(0)
+    expected = lib.nvmlDeviceGetTemperatureV(handle, lib.NVML_TEMPERATURE_GPU)
+    assert temperatures == [expected, expected]
+    assert expected > lib.profile.temperature_idle_c
+    assert lib.calls["nvmlDeviceGetTemperature"] == 0
+
+
+def test_temperature_falls_back_where_the_driver_lacks_temperature_v(clock):
+    lib = FakeNvmlLibrary("h100", workloads="gemm", clock=clock)
+    lib.inject(0, "nvmlDeviceGetTemperatureV", "function_not_found")
+    backend = backend_over(lib, clock)
+    first = backend.read(0, 0.0).temperature_c
+    clock.advance(RETRY_NEWER_S)
+    second = backend.read(0, 0.0).temperature_c
+    assert first == second and first is not None and first > lib.profile.temperature_idle_c
+    assert lib.calls["nvmlDeviceGetTemperatureV"] == 1  # the driver lacks it: not again
+    assert lib.calls["nvmlDeviceGetTemperature"] == 2
