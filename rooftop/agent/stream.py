@@ -355,8 +355,12 @@ class Streamer:
             pass  # shutdown
         # grpc hands a closed call's last events to this loop a moment later, through
         # another loop when the process has one (a collector beside us in tests): let
-        # them land before asyncio.run closes this one.
-        await asyncio.sleep(0.1)
+        # them land before asyncio.run closes this one. Shutdown's cancel may land here
+        # too, when the stream had already ended on its own: it must not escape.
+        end_s = self._loop.time() + 0.1
+        while (left_s := end_s - self._loop.time()) > 0:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(left_s)
 
     async def _connect_loop(self) -> None:
         index = 0
