@@ -341,6 +341,11 @@ def diagnose(
     With --collector: the latest verdicts of every node (or --node) from the collector.
     """
     from rooftop.agent import diagnose as dx  # noqa: PLC0415 — keeps `agentctl --help` fast
+    from rooftop.agent.health_report import (  # noqa: PLC0415
+        format_health,
+        health_json,
+        health_of,
+    )
     from rooftop.agent.render import format_table, format_timeline, verdict_json  # noqa: PLC0415
     from rooftop.agent.trace import read_trace  # noqa: PLC0415
 
@@ -381,18 +386,24 @@ def diagnose(
         per_window = {i: [dx.with_roofline(v, model_ctx) for v in vs]
                       for i, vs in per_window.items()}
     latest = dx.overall(per_window)
+    # A GPU that needs a reset (XID 79, 48...) is said before any verdict.
+    health = health_of(records)
     if as_json:
         out: dict[str, Any] = {
             "source": source,
+            "health": health_json(health),
             "skipped_records": sum(skipped.values()),
             "skipped_reasons": skipped,
             "gpus": [verdict_json(v) for v in latest],
         }
         if timeline:
-            out["timeline"] = {str(i): [verdict_json(v) for v in vs]
+            # Keyed "0", or "0/MIG-..." for a MIG instance of GPU 0.
+            out["timeline"] = {i.label(): [verdict_json(v) for v in vs]
                                for i, vs in timeline_windows.items()}
         click.echo(json.dumps(out, indent=2))
         return
+    for line in format_health(health):
+        click.echo(line)
     click.echo(format_table(latest, source=source, skipped=skipped))
     if window_s is not None and not timeline:
         n = max(len(vs) for vs in per_window.values())

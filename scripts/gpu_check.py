@@ -76,6 +76,10 @@ SYSTEM = "system"  # the per-GPU key of calls that concern no one GPU (init, cou
 METRIC_FIELDS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(GpuSample)
     if isinstance(f.type, str) and f.type in ("float | None", "int | None")
+    # Absent by this check's own choice: it runs the backend without the XID thread.
+    and f.name != "xid_count"
+    # MIG identity, not a measurement: absent on every GPU outside MIG.
+    and f.name not in ("gpu_instance_id", "compute_instance_id")
 )
 GPM_FIELDS: tuple[str, ...] = tuple(GPM_METRIC_FIELDS.values())
 # Errors that mean "this GPU/driver has no such value": absent fields, not a fault.
@@ -466,7 +470,9 @@ def measure(library: Any, ticks: int, rate_hz: float, gpm_seconds: float) -> dic
     """
     nvml = TimedNvml(library)
     started = time.perf_counter()
-    backend = NvmlBackend(nvml)
+    # The XID thread's blocking event waits (a timeout each 100 ms) are not calls of the
+    # sampling loop: timed here, they would read as slow calls and timeout "errors".
+    backend = NvmlBackend(nvml, xid_events=False)
     init_ms = (time.perf_counter() - started) * 1000.0
     timed = TimedBackend(backend, nvml)
     try:

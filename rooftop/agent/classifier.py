@@ -333,6 +333,9 @@ def classify(window: GpuWindow, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> 
             active_samples=active,
             window_start_s=window.start_s,
             window_end_s=window.end_s,
+            mig_uuid=window.mig_uuid,
+            gpu_instance_id=window.gpu_instance_id,
+            compute_instance_id=window.compute_instance_id,
         )
 
     if window.lost and window.inaccessible is not None:
@@ -364,6 +367,18 @@ def classify(window: GpuWindow, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> 
     ranked = sorted(((b, k / n_active) for b, k in counts.items()),
                     key=lambda bs: (-bs[1], order.index(bs[0])))
 
+    if n_active == 0 and not any(_has_activity_signal(t) for t in ticks):
+        # Nothing measured activity (an A100 MIG instance): "idle" would be a guess.
+        where = "this MIG instance" if window.mig_uuid else "this GPU"
+        return verdict(Bound.UNKNOWN, None, 0.0,
+                       f"no activity signal: util.gpu not supported and no GPM on {where} "
+                       f"in {n} samples",
+                       ("Activity of a MIG instance needs GPM (Hopper or later); on this GPU "
+                        "the engine's own metrics (--engine) are the only activity signal"
+                        if window.mig_uuid else
+                        "A GPU in MIG mode reports activity per instance: see the verdicts "
+                        "of its MIG instances",),
+                       (), 0, 0.0)
     if n_active == 0:
         return verdict(Bound.IDLE, None, _confidence(1.0, n, False, th),
                        f"no active sample (busy and GPM activity ≤ {th.idle_busy_pct:g}) "
@@ -416,6 +431,12 @@ def classify(window: GpuWindow, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> 
     return verdict(Bound.MIXED, None, confidence, rule, advice, ranked, n_active, active_share)
 
 
+def _has_activity_signal(tick: Tick) -> bool:
+    """Whether anything measured the GPU's activity in ``tick`` (util.gpu or GPM)."""
+    return any(v is not None for v in (tick.busy_pct, tick.sm_active_pct, tick.dram_pct,
+                                       tick.compute_pct))
+
+
 # ---- across windows (daemon) ----------------------------------------------------
 
 
@@ -436,7 +457,8 @@ class Hysteresis:
     A new verdict (bound and cause) replaces the held one once it has won ``hold``
     consecutive windows, or at once when its confidence is at least ``confident``
     (a lost GPU is certain and shows at once). The same verdict as the held one
-    refreshes it. One instance serves every GPU, keyed by ``gpu_index``.
+    refreshes it. One instance serves every GPU, keyed by ``gpu_index`` (and the MIG
+    UUID, for a MIG instance).
     """
 
     def __init__(self, hold: int = 2, confident: float = 0.95) -> None:
@@ -444,23 +466,24 @@ class Hysteresis:
             raise ConfigError(f"hysteresis hold must be ≥ 1 window, not {hold}")
         self.hold = hold
         self.confident = confident
-        self._held: dict[int, _Held] = {}
+        self._held: dict[tuple[int, str], _Held] = {}
 
-    def held(self, gpu_index: int) -> Verdict | None:
-        """The verdict now reported for ``gpu_index``, if any."""
-        state = self._held.get(gpu_index)
+    def held(self, gpu_index: int, mig_uuid: str = "") -> Verdict | None:
+        """The verdict now reported for ``gpu_index`` (or its MIG instance), if any."""
+        state = self._held.get((gpu_index, mig_uuid))
         return None if state is None else state.verdict
 
     def update(self, verdict: Verdict) -> Verdict:
         """Feed the newest window's verdict; returns the verdict to report."""
-        state = self._held.get(verdict.gpu_index)
+        device = (verdict.gpu_index, verdict.mig_uuid)
+        state = self._held.get(device)
         if state is None or _key(verdict) == _key(state.verdict):
-            self._held[verdict.gpu_index] = _Held(verdict)
+            self._held[device] = _Held(verdict)
             return verdict
         key = _key(verdict)
         state.wins = state.wins + 1 if key == state.candidate else 1
         state.candidate = key
         if state.wins >= self.hold or verdict.confidence >= self.confident:
-            self._held[verdict.gpu_index] = _Held(verdict)
+            self._held[device] = _Held(verdict)
             return verdict
         return state.verdict

@@ -41,7 +41,7 @@ from rooftop.agent.sensors.base import Clock, GpuBackend, HostSensor
 from rooftop.agent.sensors.replay import ReplayBackend
 from rooftop.agent.spool import Spool
 from rooftop.agent.stream import Streamer
-from rooftop.agent.window import build_window
+from rooftop.agent.window import DeviceKey, build_window
 from rooftop.common.codec import record_to_proto, verdict_to_proto
 from rooftop.common.errors import ConfigError, RooftopError
 from rooftop.common.model import EngineSample, GpuSample, HostSample, Record
@@ -362,12 +362,13 @@ class Agent:
             self._emit()
 
     def _classify(self, records: list[Record]) -> list[pb.Verdict]:
-        by_gpu: dict[int, list[GpuSample]] = {}
+        # By device: each MIG instance is judged on its own, apart from its parent.
+        by_gpu: dict[DeviceKey, list[GpuSample]] = {}
         hosts = [r for r in records if isinstance(r, HostSample)]
         engines = [r for r in records if isinstance(r, EngineSample)]
         for r in records:
             if isinstance(r, GpuSample):
-                by_gpu.setdefault(r.gpu_index, []).append(r)
+                by_gpu.setdefault(DeviceKey.of(r), []).append(r)
         # An engine reports once per its interval, which may straddle the window's
         # start: the previous window's reports let a held state cover that edge.
         with_held = [*self._held_engines, *engines]

@@ -7,7 +7,7 @@ records → windows per GPU → one verdict per window.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from rooftop.agent.classifier import DEFAULT_THRESHOLDS, Thresholds, classify
@@ -15,7 +15,7 @@ from rooftop.agent.engines.sources import EngineSources
 from rooftop.agent.roofline import Dtype, ModelSpec, analyze, application_mbu, detect_gpu
 from rooftop.agent.sampler import Sampler
 from rooftop.agent.sensors.base import GpuBackend, HostSensor
-from rooftop.agent.window import build_windows
+from rooftop.agent.window import DeviceKey, build_windows
 from rooftop.common.errors import ConfigError
 from rooftop.common.model import Bound, Evidence, Provenance, Record, Verdict
 
@@ -153,14 +153,20 @@ def diagnose_records(
     records: Iterable[Record],
     window_s: float | None = None,
     thresholds: Thresholds = DEFAULT_THRESHOLDS,
-) -> dict[int, list[Verdict]]:
-    """Per GPU index, the verdict of each window (one window when ``window_s`` is None)."""
+) -> dict[DeviceKey, list[Verdict]]:
+    """Per device (GPU, or MIG instance), the verdict of each window.
+
+    One window when ``window_s`` is None.
+    """
     windows = build_windows(records, window_s=window_s)
     return {i: [classify(w, thresholds) for w in ws] for i, ws in sorted(windows.items())}
 
 
-def overall(timeline: dict[int, list[Verdict]]) -> Sequence[Verdict]:
-    """The last window's verdict of every GPU (the whole-run verdict when unwindowed)."""
+def overall(timeline: Mapping[DeviceKey, list[Verdict]]) -> Sequence[Verdict]:
+    """The last window's verdict of every GPU and MIG instance.
+
+    The whole-run verdict when unwindowed.
+    """
     return [verdicts[-1] for _, verdicts in sorted(timeline.items()) if verdicts]
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from rooftop.common.model import Verdict
 
-__all__ = ["format_table", "format_timeline", "grid", "iso_time", "verdict_json"]
+__all__ = ["device_label", "format_table", "format_timeline", "grid", "iso_time",
+           "verdict_json"]
 
 # Evidence shown in the table, in this order, as (evidence name, column header).
 _COLUMNS = (("dram_pct", "dram"), ("compute_pct", "compute"), ("busy_pct", "busy"))
@@ -20,12 +21,27 @@ def iso_time(time_s: float) -> str:
     return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def device_label(v: Verdict) -> str:
+    """``"0"`` for GPU 0; ``"0/MIG-..."`` for a MIG instance of it."""
+    return f"{v.gpu_index}/{v.mig_uuid}" if v.mig_uuid else str(v.gpu_index)
+
+
 def verdict_json(v: Verdict) -> dict[str, Any]:
-    """A verdict as a JSON-ready dict (the ``gpus`` items of ``diagnose --json``)."""
+    """A verdict as a JSON-ready dict (the ``gpus`` items of ``diagnose --json``).
+
+    A MIG instance is an item of its own, with ``mig_uuid`` and its GPU / compute
+    instance ids (``gpu_index``/``gpu_uuid`` are its parent's); they are absent for
+    a whole GPU.
+    """
+    mig: dict[str, Any] = {}
+    if v.mig_uuid:
+        mig = {"mig_uuid": v.mig_uuid, "gpu_instance_id": v.gpu_instance_id,
+               "compute_instance_id": v.compute_instance_id}
     return {
         "gpu_index": v.gpu_index,
         "gpu_uuid": v.gpu_uuid,
         "gpu_name": v.gpu_name,
+        **mig,
         "verdict": v.verdict.value,
         "cause": v.cause.value if v.cause else None,
         "confidence": round(v.confidence, 3),
@@ -68,7 +84,7 @@ def format_table(
     for v in verdicts:
         tpot, ttft = v.evidence_value("tpot_ms"), v.evidence_value("ttft_ms")
         rows.append([
-            f"{v.gpu_index}",
+            device_label(v),
             v.verdict.value,
             v.cause.value if v.cause else "-",
             f"{v.confidence:.2f}",
@@ -79,7 +95,7 @@ def format_table(
         ])
     lines = [f"Rooftop diagnosis — {source}", *grid(header, rows)]
     for v in verdicts:
-        lines.append(f"  GPU {v.gpu_index} {v.gpu_name}: {v.rule}")
+        lines.append(f"  GPU {device_label(v)} {v.gpu_name}: {v.rule}")
     if any(e.provenance.value == "proxy" for v in verdicts for e in v.evidence):
         lines.append("  proxy = no GPM on this GPU: util.memory stands in for DRAM bandwidth and "
                      "util.gpu for compute; confidence is lowered.")
@@ -90,11 +106,14 @@ def format_table(
     return "\n".join(lines)
 
 
-def format_timeline(windows: Mapping[int, Sequence[Verdict]]) -> str:
-    """Per GPU, one line per window: how the regime moved within the recording."""
+def format_timeline(windows: Mapping[Any, Sequence[Verdict]]) -> str:
+    """Per GPU (or MIG instance), one line per window: how the regime moved.
+
+    Keyed by GPU index or ``DeviceKey``; the heading names the device of the verdicts.
+    """
     lines = []
-    for gpu_index, verdicts in sorted(windows.items()):
-        lines.append(f"GPU {gpu_index} timeline:")
+    for key, verdicts in sorted(windows.items()):
+        lines.append(f"GPU {device_label(verdicts[0]) if verdicts else key} timeline:")
         t0 = verdicts[0].window_start_s if verdicts else 0.0
         for v in verdicts:
             cause = f" ({v.cause.value})" if v.cause else ""

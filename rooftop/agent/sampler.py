@@ -2,7 +2,8 @@
 
 Shared by ``diagnose``, ``record`` and the daemon, so they all see the same data. A
 lost GPU becomes a ``GpuSample(lost=True)``, one this user may not open a
-``GpuSample(lost=True, inaccessible=<NVML error>)``, and the others go on.
+``GpuSample(lost=True, inaccessible=<NVML error>)``, and the others go on. A MIG
+instance (``GpuInfo.mig_uuid`` set) is read as a device of its own.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rooftop.agent.sensors.base import Clock, GpuBackend, GpuInfo, HostSensor
 from rooftop.common.errors import DeviceInaccessible, DeviceLost, SensorError
@@ -40,7 +41,7 @@ class Sampler:
         self.engines = engines
         self.clock = clock
         self.devices: tuple[GpuInfo, ...] = backend.devices()
-        self._lost: set[int] = set()
+        self._lost: set[tuple[int, str]] = set()  # (gpu_index, mig_uuid) warned about
         self.ticks = 0
 
     def tick(self) -> list[Record]:
@@ -49,12 +50,18 @@ class Sampler:
         records: list[Record] = []
         gpu_pids: dict[int, tuple[int, ...]] = {}
         for info in self.devices:
+            key = (info.gpu_index, info.mig_uuid)
             try:
-                sample = self.backend.read(info.gpu_index, now_s)
+                if info.mig_uuid:
+                    # Only MIG-aware backends list instances, and they take mig_uuid.
+                    read: Any = self.backend.read
+                    sample = read(info.gpu_index, now_s, mig_uuid=info.mig_uuid)
+                else:
+                    sample = self.backend.read(info.gpu_index, now_s)
             except (DeviceLost, DeviceInaccessible) as exc:
-                if info.gpu_index not in self._lost:
+                if key not in self._lost:
                     log.warning("%s; the other GPUs go on", exc)
-                    self._lost.add(info.gpu_index)
+                    self._lost.add(key)
                 # No data either way; the sample says whether it is loss or access.
                 sample = GpuSample(
                     time_s=now_s,
@@ -63,6 +70,12 @@ class Sampler:
                     gpu_name=info.gpu_name,
                     lost=True,
                     inaccessible=exc.error if isinstance(exc, DeviceInaccessible) else None,
+                    mig_uuid=info.mig_uuid,
+                    gpu_instance_id=info.gpu_instance_id,
+                    compute_instance_id=info.compute_instance_id,
+                    # XID 79 arrives as the GPU falls off the bus: the lost sample must
+                    # still carry it (a backend without an XID thread has no tally).
+                    **({} if info.mig_uuid else self._xids(info.gpu_index)),
                 )
             records.append(sample)
             for proc in sample.processes:
@@ -77,6 +90,13 @@ class Sampler:
             records.extend(self.engines.drain())
         self.ticks += 1
         return records
+
+    def _xids(self, gpu_index: int) -> dict[str, Any]:
+        tally = getattr(self.backend, "xid_tally", None)
+        if tally is None:
+            return {}
+        codes, count = tally(gpu_index)
+        return {"xid_codes": codes, "xid_count": count}
 
     def run(
         self,

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from rooftop.agent.health_report import format_health, health_of
 from rooftop.agent.render import format_table, grid, iso_time, verdict_json
-from rooftop.common.codec import timestamp_s, verdict_from_proto
-from rooftop.common.model import Evidence, Provenance, Verdict
+from rooftop.common.codec import record_from_proto, timestamp_s, verdict_from_proto
+from rooftop.common.model import Evidence, GpuSample, Provenance, Verdict
 from rooftop.v1 import telemetry_pb2 as pb
 
 __all__ = [
@@ -72,6 +73,11 @@ def _engine_json(e: pb.EngineSample) -> dict[str, Any]:
     }
 
 
+def _device(gpu: pb.GpuStatus) -> str:
+    """``"0"`` for GPU 0, ``"0/MIG-..."`` for a MIG instance of it."""
+    return f"{gpu.gpu_index}/{gpu.mig_uuid}" if gpu.mig_uuid else str(gpu.gpu_index)
+
+
 def _gpu_json(gpu: pb.GpuStatus) -> dict[str, Any]:
     v = gpu.verdict if gpu.HasField("verdict") else None
     engine = gpu.engine if gpu.HasField("engine") else None
@@ -79,6 +85,7 @@ def _gpu_json(gpu: pb.GpuStatus) -> dict[str, Any]:
         "gpu_index": gpu.gpu_index,
         "gpu_uuid": gpu.gpu_uuid,
         "gpu_name": gpu.gpu_name,
+        "mig_uuid": gpu.mig_uuid or None,  # a MIG instance of gpu_index
         "verdict": _verdict_name(gpu) if v is not None or _lost(gpu) else None,
         "cause": _opt(v, "cause") if v is not None else None,
         "confidence": round(v.confidence, 3) if v is not None else None,
@@ -192,7 +199,7 @@ def format_status(fs: pb.FleetStatus, *, collector: str) -> str:
             rows.append(
                 [
                     *(head if i == 0 else blank),
-                    str(gpu.gpu_index),
+                    _device(gpu),
                     _verdict_name(gpu),
                     (_opt(v, "cause") or "-") if v is not None else "-",
                     f"{v.confidence:.2f}" if v is not None and not _lost(gpu) else "-",
@@ -257,14 +264,31 @@ def format_diagnosis(fs: pb.FleetStatus, *, collector: str) -> str:
             else [f"Rooftop diagnosis — {source}"]
         )
         for gpu in node.gpus:
-            name = f"GPU {gpu.gpu_index} {gpu.gpu_name}".rstrip()
+            name = f"GPU {_device(gpu)} {gpu.gpu_name}".rstrip()
             if _lost(gpu):
                 before = " (a verdict above is from before)" if gpu.HasField("verdict") else ""
                 lines.append(f"  {name}: LOST — NVML reports the GPU lost{before}")
             elif not gpu.HasField("verdict"):
                 lines.append(f"  {name}: no verdict yet (its first window has not closed)")
+        # A GPU that needs a reset (XID 79, 48...) is said before the verdicts.
+        lines[:0] = _health_lines(node)
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) if blocks else f"no node has reported to collector {collector}"
+
+
+def _health_lines(node: pb.NodeStatus) -> list[str]:
+    """Each GPU of ``node`` that is not healthy, failed first, from its newest sample.
+
+    A lost GPU with no XID to name is left to its LOST line.
+    """
+    samples = []
+    for gpu in node.gpus:
+        if not gpu.HasField("sample"):
+            continue  # no detail asked: no sample, no health
+        sample = record_from_proto(pb.TraceRecord(gpu=gpu.sample))
+        if isinstance(sample, GpuSample) and (sample.xid_codes or not sample.lost):
+            samples.append(sample)
+    return format_health(health_of(samples))
 
 
 def diagnosis_json(fs: pb.FleetStatus, *, collector: str) -> dict[str, Any]:

@@ -10,16 +10,21 @@ Attribution of engines and host processes to a GPU: the record names the GPU
 (``gpu_indices``), or its pid is in the GPU's NVML process list, or, when the
 recording has exactly one GPU, a record that carries no attribution at all applies
 to it.
+
+A MIG instance is a device of its own: windows are keyed by ``DeviceKey`` (the GPU
+index and, for an instance, its MIG UUID), so two instances of one GPU never mix.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby, pairwise
 from statistics import fmean
+from typing import NamedTuple
 
 from rooftop.common.errors import ConfigError
 from rooftop.common.model import EngineSample, GpuSample, HostSample, Provenance, Record
@@ -27,6 +32,7 @@ from rooftop.common.model import EngineSample, GpuSample, HostSample, Provenance
 __all__ = [
     "ENGINE_HOLD_DEFAULT_S",
     "PCIE_LANE_BYTES_PER_S",
+    "DeviceKey",
     "EngineSummary",
     "GpuWindow",
     "Tick",
@@ -37,6 +43,22 @@ __all__ = [
     "summarize",
     "time_weighted_mean",
 ]
+
+class DeviceKey(NamedTuple):
+    """What tells devices apart: a GPU's index, plus its MIG UUID for a MIG instance."""
+
+    gpu_index: int
+    mig_uuid: str = ""
+
+    @classmethod
+    def of(cls, sample: GpuSample) -> DeviceKey:
+        """The device ``sample`` came from."""
+        return cls(sample.gpu_index, sample.mig_uuid)
+
+    def label(self) -> str:
+        """``"0"`` for GPU 0, ``"0/MIG-..."`` for one of its MIG instances."""
+        return f"{self.gpu_index}/{self.mig_uuid}" if self.mig_uuid else str(self.gpu_index)
+
 
 # Usable bandwidth of one lane, per direction, after line coding (gen1/2 8b/10b,
 # gen3-5 128b/130b, gen6 FLIT): gen5 x16 = 63 GB/s per direction.
@@ -147,6 +169,10 @@ class GpuWindow:
     # Set (NVML's error name) when every lost tick was a GPU this user may not open:
     # a permission problem, not a lost GPU.
     inaccessible: str | None = None
+    # MIG identity (see GpuSample): empty / None for a whole GPU.
+    mig_uuid: str = ""
+    gpu_instance_id: int | None = None
+    compute_instance_id: int | None = None
 
     @property
     def samples(self) -> int:
@@ -268,8 +294,8 @@ def derive_ticks(
         ValueError: the samples belong to more than one GPU.
     """
     samples = sorted(gpu_samples, key=lambda s: s.time_s)
-    if len({s.gpu_index for s in samples}) > 1:
-        raise ValueError("derive_ticks takes the samples of one GPU")
+    if len({DeviceKey.of(s) for s in samples}) > 1:
+        raise ValueError("derive_ticks takes the samples of one GPU (or one MIG instance)")
     if any(s.dram_bw_pct is not None for s in samples):
         # A GPM GPU's sample without GPM figures is a gap (the first tick, before two GPM
         # samples 100 ms apart exist), not a GPU without GPM: leave it out rather than
@@ -350,8 +376,14 @@ def summarize(
     gpu_name: str = "",
     start_s: float | None = None,
     end_s: float | None = None,
+    mig_uuid: str = "",
+    gpu_instance_id: int | None = None,
+    compute_instance_id: int | None = None,
 ) -> GpuWindow:
-    """A ``GpuWindow`` over ``ticks`` (time order); bounds default to the first/last tick."""
+    """A ``GpuWindow`` over ``ticks`` (time order); bounds default to the first/last tick.
+
+    ``mig_uuid`` and the instance ids name the MIG instance the ticks came from.
+    """
     if not ticks and (start_s is None or end_s is None):
         raise ValueError("an empty window needs explicit bounds")
     engine_ticks = [t for t in ticks if t.engine_ids]
@@ -383,6 +415,9 @@ def summarize(
         engine=engine,
         lost=any(t.lost for t in ticks),
         inaccessible=_inaccessible(ticks),
+        mig_uuid=mig_uuid,
+        gpu_instance_id=gpu_instance_id,
+        compute_instance_id=compute_instance_id,
     )
 
 
@@ -397,6 +432,16 @@ def _identity(samples: Sequence[GpuSample]) -> tuple[str, str]:
     uuid = next((s.gpu_uuid for s in reversed(samples) if s.gpu_uuid), "")
     name = next((s.gpu_name for s in reversed(samples) if s.gpu_name), "")
     return uuid, name
+
+
+def _with_mig(window: GpuWindow, samples: Sequence[GpuSample]) -> GpuWindow:
+    """``window`` carrying the MIG identity of its samples (of one device)."""
+    last = samples[-1]
+    if not last.mig_uuid:
+        return window
+    return dataclasses.replace(window, mig_uuid=last.mig_uuid,
+                               gpu_instance_id=last.gpu_instance_id,
+                               compute_instance_id=last.compute_instance_id)
 
 
 def build_window(
@@ -418,13 +463,14 @@ def build_window(
         raise ValueError("a window needs at least one GPU sample")
     ticks = derive_ticks(gpu_samples, engine_samples, host_samples, sole_gpu=sole_gpu)
     uuid, name = _identity(gpu_samples)
-    return summarize(gpu_samples[0].gpu_index, ticks, gpu_uuid=uuid, gpu_name=name)
+    window = summarize(gpu_samples[0].gpu_index, ticks, gpu_uuid=uuid, gpu_name=name)
+    return _with_mig(window, gpu_samples)
 
 
 def build_windows(
     records: Iterable[Record], window_s: float | None = None
-) -> dict[int, list[GpuWindow]]:
-    """Per GPU index, its windows in time order.
+) -> dict[DeviceKey, list[GpuWindow]]:
+    """Per device (GPU index, MIG UUID for an instance), its windows in time order.
 
     Args:
         records: samples of any kind, in any order (a recording, a sampler's output).
@@ -437,12 +483,12 @@ def build_windows(
     """
     if window_s is not None and not (math.isfinite(window_s) and window_s > 0):
         raise ConfigError(f"window_s must be a positive number of seconds, not {window_s}")
-    by_gpu: dict[int, list[GpuSample]] = {}
+    by_gpu: dict[DeviceKey, list[GpuSample]] = {}
     engines: list[EngineSample] = []
     hosts: list[HostSample] = []
     for r in records:
         if isinstance(r, GpuSample):
-            by_gpu.setdefault(r.gpu_index, []).append(r)
+            by_gpu.setdefault(DeviceKey.of(r), []).append(r)
         elif isinstance(r, EngineSample):
             engines.append(r)
         else:
@@ -451,19 +497,20 @@ def build_windows(
         return {}
     t0 = min(s.time_s for samples in by_gpu.values() for s in samples)
     sole_gpu = len(by_gpu) == 1
-    out: dict[int, list[GpuWindow]] = {}
-    for gpu, samples in sorted(by_gpu.items()):
+    out: dict[DeviceKey, list[GpuWindow]] = {}
+    for key, samples in sorted(by_gpu.items()):
+        gpu = key.gpu_index
         samples.sort(key=lambda s: s.time_s)
         uuid, name = _identity(samples)
         # Ticks over the whole recording first, so engine hold crosses window edges.
         ticks = derive_ticks(samples, engines, hosts, sole_gpu=sole_gpu)
         if window_s is None:
-            out[gpu] = [summarize(gpu, ticks, gpu_uuid=uuid, gpu_name=name)]
+            out[key] = [_with_mig(summarize(gpu, ticks, gpu_uuid=uuid, gpu_name=name), samples)]
             continue
         step_s = window_s
-        out[gpu] = [
-            summarize(gpu, tuple(group), gpu_uuid=uuid, gpu_name=name,
-                      start_s=t0 + k * step_s, end_s=t0 + (k + 1) * step_s)
+        out[key] = [
+            _with_mig(summarize(gpu, tuple(group), gpu_uuid=uuid, gpu_name=name,
+                                start_s=t0 + k * step_s, end_s=t0 + (k + 1) * step_s), samples)
             for k, group in groupby(ticks, key=lambda t: int((t.time_s - t0) // step_s))
         ]
     return out

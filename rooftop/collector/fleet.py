@@ -69,7 +69,8 @@ _GPU_DOUBLES = [f.name for f in pb.GpuSample.DESCRIPTOR.fields if f.cpp_type in 
 _GPU_PCT = attrgetter(*(n for n in _GPU_DOUBLES if n in _PCT))
 _GPU_REST = attrgetter(*(n for n in _GPU_DOUBLES if n not in _PCT))
 _SECONDS = attrgetter("time.seconds")
-_GPU_INDEX = attrgetter("gpu_index")
+# A device: a GPU, or one MIG instance of it (its index is the parent's).
+_GPU_DEVICE = attrgetter("gpu_index", "mig_uuid")
 
 
 class RejectReason(StrEnum):
@@ -270,9 +271,10 @@ def decode_batch(
         t_s = _ts_s(t)
         return received_s if t_s > limit_s else t_s
 
-    # The newest sample of each GPU is its last in the batch: the agent's batcher
-    # appends samples as it takes them. Only those are decoded: 8 of a 500-sample batch.
-    indices: list[int | None] = list(map(_GPU_INDEX, gpu_msgs))
+    # The newest sample of each GPU (and MIG instance) is its last in the batch: the
+    # agent's batcher appends samples as it takes them. Only those are decoded: 8 of a
+    # 500-sample batch.
+    indices: list[tuple[int, str] | None] = list(map(_GPU_DEVICE, gpu_msgs))
     not_gpu = {i for i in others if not records[i].HasField("gpu")}
     for i in not_gpu:
         indices[i] = None
@@ -361,6 +363,9 @@ class GpuState:
     verdict: Verdict | None
     engine: EngineSample | None
     updated_s: float  # collector clock
+    # Set for a MIG instance of ``gpu_index``: its "MIG-..." UUID (``gpu_uuid`` is the
+    # parent's), which keys it apart from the parent and the parent's other instances.
+    mig_uuid: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,11 +404,12 @@ class FleetSnapshot:
     counts: CollectorCounts
 
 
-_GpuKey = tuple[str, str]  # (agent_id, gpu uuid or "#<index>")
+_GpuKey = tuple[str, str]  # (agent_id, MIG uuid, else gpu uuid, else "#<index>")
 
 
-def _gpu_key(agent_id: str, uuid: str, index: int) -> _GpuKey:
-    return (agent_id, uuid or f"#{index}")
+def _gpu_key(agent_id: str, uuid: str, index: int, mig_uuid: str = "") -> _GpuKey:
+    # A MIG instance shares its parent's index and uuid; its own MIG uuid is unique.
+    return (agent_id, mig_uuid or uuid or f"#{index}")
 
 
 class Fleet:
@@ -507,7 +513,7 @@ class Fleet:
         )
 
     def _apply_gpu(self, batch: DecodedBatch, sample: GpuSample, received_s: float) -> None:
-        key = _gpu_key(batch.agent_id, sample.gpu_uuid, sample.gpu_index)
+        key = _gpu_key(batch.agent_id, sample.gpu_uuid, sample.gpu_index, sample.mig_uuid)
         prev = self._gpus.get(key)
         if prev is not None and prev.sample is not None and prev.sample.time_s > sample.time_s:
             return  # an outage drain delivers old samples after newer ones: keep the newest
@@ -522,20 +528,23 @@ class Fleet:
             verdict=prev.verdict if prev else None,
             engine=prev.engine if prev else None,
             updated_s=received_s,
+            mig_uuid=sample.mig_uuid,
         )
 
-    def _find_gpu(self, agent_id: str, uuid: str, index: int) -> _GpuKey:
-        key = _gpu_key(agent_id, uuid, index)
-        if key in self._gpus or uuid:
+    def _find_gpu(self, agent_id: str, uuid: str, index: int, mig_uuid: str = "") -> _GpuKey:
+        key = _gpu_key(agent_id, uuid, index, mig_uuid)
+        if key in self._gpus or uuid or mig_uuid:
             return key
-        # A verdict or engine naming only an index: find that GPU's uuid-keyed entry.
+        # A verdict or engine naming only an index: find that GPU's uuid-keyed entry
+        # (the GPU's own, never one of its MIG instances).
         for k in self._agent_gpus.get(agent_id, ()):
-            if self._gpus[k].gpu_index == index:
+            if self._gpus[k].gpu_index == index and not self._gpus[k].mig_uuid:
                 return k
         return key
 
     def _apply_verdict(self, batch: DecodedBatch, verdict: Verdict, received_s: float) -> None:
-        key = self._find_gpu(batch.agent_id, verdict.gpu_uuid, verdict.gpu_index)
+        key = self._find_gpu(batch.agent_id, verdict.gpu_uuid, verdict.gpu_index,
+                             verdict.mig_uuid)
         prev = self._gpus.get(key)
         if prev is not None and prev.verdict is not None:
             if prev.verdict.window_end_s > verdict.window_end_s:
@@ -552,6 +561,7 @@ class Fleet:
             verdict=dataclasses.replace(verdict, gpu_name=name),
             engine=prev.engine if prev else None,
             updated_s=received_s,
+            mig_uuid=verdict.mig_uuid,
         )
 
     def _apply_engine(self, batch: DecodedBatch, engine: EngineSample, received_s: float) -> None:

@@ -14,7 +14,9 @@ Names follow DESIGN §6 exactly and are listed, one row each, in docs/METRICS.md
 (``METRICS`` below is the same list, checked against the doc by a test):
 
 - standard where one exists: ``hw.gpu.utilization`` (NVML util.gpu / 100, a duty
-  cycle), ``hw.gpu.memory.usage``/``.limit``, ``hw.power``, ``hw.temperature``,
+  cycle), ``hw.gpu.memory.usage``/``.limit``/``.utilization``, ``hw.power``,
+  ``hw.temperature``, ``hw.errors`` (``error.type``), ``hw.status`` (``hw.state``
+  ok / degraded / failed, from ``rooftop.common.health.assess``),
   ``gen_ai.server.time_per_output_token``/``time_to_first_token``;
 - Rooftop's own under ``rooftop.*``, activities as ratios 0-1 with a
   ``rooftop.source`` attribute (``gpm``/``nvml``) and the DCGM field each matches;
@@ -22,7 +24,7 @@ Names follow DESIGN §6 exactly and are listed, one row each, in docs/METRICS.md
   is 1 for the current state and 0 for the others.
 
 The collector's own host goes on the resource (``host.name``); each node's
-``host.name`` and each GPU's ``hw.id`` (uuid), ``hw.model`` and
+``host.name`` and each GPU's ``hw.type`` (``gpu``), ``hw.id`` (uuid), ``hw.model`` and
 ``rooftop.gpu.index`` are metric attributes, because one collector serves many
 hosts.
 """
@@ -58,6 +60,7 @@ from rooftop import __version__
 from rooftop.collector.fleet import DecodedBatch, Fleet, FleetSnapshot, GpuState
 from rooftop.collector.prometheus import Family, NativeHistogram, PrometheusServer, render
 from rooftop.common.errors import ConfigError
+from rooftop.common.health import HealthState, assess
 from rooftop.common.model import GPU_FIELD_PROVENANCE, Bound, EngineSample
 from rooftop.common.otlp import OtlpExport
 
@@ -112,6 +115,25 @@ METRICS: tuple[MetricSpec, ...] = (
     _m("hw.gpu.memory.limit", "updowncounter", "By", "GPU memory size"),
     _m("hw.power", "gauge", "W", "GPU power draw"),
     _m("hw.temperature", "gauge", "Cel", "GPU temperature"),
+    _m(
+        "hw.gpu.memory.utilization",
+        "gauge",
+        "1",
+        "GPU memory used / size: capacity, not bandwidth (see rooftop.gpu.dram.activity)",
+    ),
+    _m(
+        "hw.errors",
+        "counter",
+        "{error}",
+        "GPU errors by error.type: xid (critical XID events this agent run), ecc_corrected "
+        "and ecc_uncorrected (the GPU's lifetime)",
+    ),
+    _m(
+        "hw.status",
+        "updowncounter",
+        "1",
+        "1 for the GPU's health (hw.state ok, degraded or failed), 0 for the other states",
+    ),
     # --- per GPU, Rooftop's own ---
     _m("rooftop.gpu.sm.activity", "gauge", "1", "share of SMs busy (GPM SM_UTIL)"),
     _m("rooftop.gpu.sm.occupancy", "gauge", "1", "warps resident / max (GPM SM_OCCUPANCY)"),
@@ -192,7 +214,7 @@ _BOUND_STATES = tuple(Bound)
 
 
 def bound_value(bound: Bound) -> str:
-    """The ``rooftop.bound`` attribute value: memory, compute, host, mixed, idle, lost."""
+    """The ``rooftop.bound`` attribute value: memory, compute, host, mixed, idle, lost, unknown."""
     return bound.value.removesuffix("-bound")
 
 
@@ -210,13 +232,23 @@ def engine_provider(engine_id: str) -> str:
 
 
 def _gpu_attrs(g: GpuState) -> dict[str, Any]:
-    return {
+    attrs: dict[str, Any] = {
         "host.name": g.hostname,
+        # The hardware semantic conventions require hw.type on every hw.* metric; it
+        # rides on Rooftop's GPU metrics too, so one selector finds all of a GPU's.
+        "hw.type": "gpu",
         # uuid is globally unique; a GPU without one is named by its host and index.
         "hw.id": g.gpu_uuid or f"{g.hostname}/gpu{g.gpu_index}",
         "hw.model": g.gpu_name,
         "rooftop.gpu.index": g.gpu_index,
     }
+    if g.mig_uuid:
+        # A MIG instance shares its parent's index and uuid: its own MIG uuid is its
+        # hw.id (else two instances would be one series), hw.parent the GPU's.
+        attrs["hw.id"] = g.mig_uuid
+        attrs["hw.parent"] = g.gpu_uuid or f"{g.hostname}/gpu{g.gpu_index}"
+        attrs["rooftop.gpu.mig"] = g.mig_uuid
+    return attrs
 
 
 def _engine_attrs(e: EngineSample) -> dict[str, Any]:
@@ -461,8 +493,11 @@ class Telemetry:
         )
         self._gauge("hw.gpu.memory.usage", _gpu_field("mem_used_bytes", _same, {}))
         self._gauge("hw.gpu.memory.limit", _gpu_field("mem_total_bytes", _same, {}))
-        self._gauge("hw.power", _gpu_field("power_w", _same, {"hw.type": "gpu"}))
-        self._gauge("hw.temperature", _gpu_field("temperature_c", _same, {"hw.type": "gpu"}))
+        self._gauge("hw.power", _gpu_field("power_w", _same, {}))
+        self._gauge("hw.temperature", _gpu_field("temperature_c", _same, {}))
+        self._gauge("hw.gpu.memory.utilization", _memory_utilization)
+        self._gauge("hw.errors", _gpu_errors)
+        self._gauge("hw.status", _health_states)
         self._gauge("rooftop.gpu.sm.clock", _gpu_field("sm_clock_mhz", _mhz_to_hz, {}))
         by_metric: dict[str, list[tuple[str, dict[str, str]]]] = {}
         for field, name, extra in _GPU_RATIOS:
@@ -579,6 +614,46 @@ def _gpu_fields(
                 yield Observation(convert(value), {**base, **extra})
 
     return body
+
+
+def _memory_utilization(snap: FleetSnapshot) -> Iterable[Observation]:
+    for g in snap.gpus:
+        s = g.sample
+        if s is None or s.lost or s.mem_used_bytes is None or not s.mem_total_bytes:
+            continue
+        yield Observation(s.mem_used_bytes / s.mem_total_bytes, _gpu_attrs(g))
+
+
+# (GpuSample field, error.type): each a count that only grows while its source lives.
+_ERROR_COUNTS = (
+    ("xid_count", "xid"),
+    ("ecc_corrected_aggregate", "ecc_corrected"),
+    ("ecc_uncorrected_aggregate", "ecc_uncorrected"),
+)
+
+
+def _gpu_errors(snap: FleetSnapshot) -> Iterable[Observation]:
+    for g in snap.gpus:
+        if g.sample is None:
+            continue
+        base = None
+        for field, error_type in _ERROR_COUNTS:
+            value = getattr(g.sample, field)
+            if value is None:
+                continue  # not measured (no ECC, no XID events): absent, never 0
+            base = base or _gpu_attrs(g)
+            yield Observation(value, {**base, "error.type": error_type})
+
+
+def _health_states(snap: FleetSnapshot) -> Iterable[Observation]:
+    for g in snap.gpus:
+        s = g.sample
+        if s is None or s.inaccessible is not None:
+            continue  # no data: its health is unknown, not ok
+        current = assess(s).state
+        base = _gpu_attrs(g)
+        for state in HealthState:
+            yield Observation(1 if state is current else 0, {**base, "hw.state": state.value})
 
 
 def _current_bound(g: GpuState) -> Bound | None:

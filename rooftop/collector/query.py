@@ -39,6 +39,7 @@ def _gpu_status(g: GpuState, *, detail: bool) -> pb.GpuStatus:
         gpu_uuid=g.gpu_uuid,
         gpu_name=g.gpu_name,
         updated_time=timestamp(g.updated_s),
+        mig_uuid=g.mig_uuid,
     )
     if g.verdict is not None:
         out.verdict.CopyFrom(verdict_to_proto(g.verdict))
@@ -56,6 +57,7 @@ def _gpu_status(g: GpuState, *, detail: bool) -> pb.GpuStatus:
                     gpu_index=g.gpu_index,
                     gpu_uuid=g.gpu_uuid,
                     lost=True,
+                    mig_uuid=g.mig_uuid,
                 )
             )
     if g.engine is not None:
@@ -122,7 +124,8 @@ def fleet_status(
             n.lag_s = a.lag_s
         if a.clock_offset_s is not None:
             n.clock_offset_s = a.clock_offset_s
-        for g in sorted(gpus.get(a.agent_id, ()), key=lambda g: (g.gpu_index, g.gpu_uuid)):
+        for g in sorted(gpus.get(a.agent_id, ()),
+                        key=lambda g: (g.gpu_index, g.gpu_uuid, g.mig_uuid)):
             n.gpus.append(_gpu_status(g, detail=detail))
         for e in sorted(engines.get(a.agent_id, ()), key=lambda e: e.engine.engine_id):
             n.engines.append(record_to_proto(e.engine).engine)

@@ -35,7 +35,7 @@ __all__ = [
     "verdict_to_proto",
 ]
 
-_NESTED = {"processes", "gpu_indices", "time_s"}
+_NESTED = {"processes", "gpu_indices", "time_s", "xid_codes"}
 
 
 def timestamp(time_s: float) -> Timestamp:
@@ -65,7 +65,9 @@ def _scalars(obj: Any) -> dict[str, Any]:
 def record_to_proto(record: Record) -> pb.TraceRecord:
     """Encode one sample as a ``TraceRecord``."""
     if isinstance(record, GpuSample):
-        gpu = pb.GpuSample(time=timestamp(record.time_s), **_scalars(record))
+        gpu = pb.GpuSample(
+            time=timestamp(record.time_s), xid_codes=record.xid_codes, **_scalars(record)
+        )
         gpu.processes.extend(
             pb.GpuProcess(pid=p.pid, gpu_mem_bytes=p.gpu_mem_bytes) for p in record.processes
         )
@@ -113,6 +115,8 @@ def record_from_proto(msg: pb.TraceRecord) -> Record:
             ),
             lost=g.lost,
             gpm_stale=g.gpm_stale,
+            xid_codes=tuple(g.xid_codes),
+            mig_uuid=g.mig_uuid,
             **_present(g, _GPU_OPTIONAL),
         )
     if kind == "engine":
@@ -151,9 +155,14 @@ def verdict_to_proto(v: Verdict) -> pb.Verdict:
         recommendations=v.recommendations,
         samples=v.samples,
         active_samples=v.active_samples,
+        mig_uuid=v.mig_uuid,
     )
     if v.cause is not None:
         msg.cause = v.cause.value
+    if v.gpu_instance_id is not None:
+        msg.gpu_instance_id = v.gpu_instance_id
+    if v.compute_instance_id is not None:
+        msg.compute_instance_id = v.compute_instance_id
     msg.evidence.extend(
         pb.Evidence(name=e.name, value=e.value, provenance=e.provenance.value) for e in v.evidence
     )
@@ -180,4 +189,9 @@ def verdict_from_proto(msg: pb.Verdict, gpu_name: str = "") -> Verdict:
         active_samples=msg.active_samples,
         window_start_s=timestamp_s(msg.window_start),
         window_end_s=timestamp_s(msg.window_end),
+        mig_uuid=msg.mig_uuid,
+        gpu_instance_id=msg.gpu_instance_id if msg.HasField("gpu_instance_id") else None,
+        compute_instance_id=(
+            msg.compute_instance_id if msg.HasField("compute_instance_id") else None
+        ),
     )

@@ -49,6 +49,9 @@ class Bound(StrEnum):
     HOST = "host-bound"
     MIXED = "mixed"
     LOST = "lost"
+    # No activity signal at all (an A100 MIG instance: util.gpu not supported, no GPM):
+    # the GPU may be busy or idle, and saying "idle" would be a guess.
+    UNKNOWN = "unknown"
 
 
 class Cause(StrEnum):
@@ -102,6 +105,27 @@ class GpuSample:
     # The GPM fields repeat the previous reading (this tick came < 100 ms after the last
     # GPM sample): the latest value for a gauge, never a new measurement for a window.
     gpm_stale: bool = False
+    # MIG identity, set only for a MIG instance: ``gpu_index``/``gpu_uuid`` stay the
+    # parent GPU's, so the instance is told apart by its own "MIG-..." UUID.
+    mig_uuid: str = ""
+    gpu_instance_id: int | None = None
+    compute_instance_id: int | None = None
+    # Health (rooftop.common.health.assess reads these). Critical XIDs the NVML event
+    # thread saw since the agent started: distinct codes (sticky) and how many events.
+    xid_codes: tuple[int, ...] = ()
+    xid_count: int | None = None  # None: XID events not available on this GPU/driver
+    # ECC error counts (None: no ECC, e.g. consumer GPUs). Volatile: since the driver
+    # loaded; aggregate: the GPU's lifetime (kept in its InfoROM).
+    ecc_corrected_volatile: int | None = None
+    ecc_uncorrected_volatile: int | None = None
+    ecc_corrected_aggregate: int | None = None
+    ecc_uncorrected_aggregate: int | None = None
+    # Row remapping (Ampere+; None before): rows remapped for correctable and
+    # uncorrectable errors, a remap waiting for the next reset, a remap that failed.
+    remapped_rows_corrected: int | None = None
+    remapped_rows_uncorrected: int | None = None
+    remap_pending: bool | None = None
+    remap_failed: bool | None = None
 
 
 # Where each GpuSample metric comes from when measured.
@@ -242,6 +266,10 @@ class Verdict:
     active_samples: int
     window_start_s: float
     window_end_s: float
+    # MIG identity of the instance judged (empty / None for a whole GPU): see GpuSample.
+    mig_uuid: str = ""
+    gpu_instance_id: int | None = None
+    compute_instance_id: int | None = None
 
     def evidence_value(self, name: str) -> Evidence | None:
         """The evidence item called ``name``, if present."""

@@ -57,6 +57,19 @@ class GpuSample(_message.Message):
     LOST_FIELD_NUMBER: _builtins.int
     INACCESSIBLE_FIELD_NUMBER: _builtins.int
     GPM_STALE_FIELD_NUMBER: _builtins.int
+    XID_CODES_FIELD_NUMBER: _builtins.int
+    XID_COUNT_FIELD_NUMBER: _builtins.int
+    ECC_CORRECTED_VOLATILE_FIELD_NUMBER: _builtins.int
+    ECC_UNCORRECTED_VOLATILE_FIELD_NUMBER: _builtins.int
+    ECC_CORRECTED_AGGREGATE_FIELD_NUMBER: _builtins.int
+    ECC_UNCORRECTED_AGGREGATE_FIELD_NUMBER: _builtins.int
+    REMAPPED_ROWS_CORRECTED_FIELD_NUMBER: _builtins.int
+    REMAPPED_ROWS_UNCORRECTED_FIELD_NUMBER: _builtins.int
+    REMAP_PENDING_FIELD_NUMBER: _builtins.int
+    REMAP_FAILED_FIELD_NUMBER: _builtins.int
+    MIG_UUID_FIELD_NUMBER: _builtins.int
+    GPU_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    COMPUTE_INSTANCE_ID_FIELD_NUMBER: _builtins.int
     gpu_index: _builtins.int
     gpu_uuid: _builtins.str
     gpu_name: _builtins.str
@@ -101,11 +114,39 @@ class GpuSample(_message.Message):
     GPM's 100 ms minimum after the last GPM sample. Windows skip such ticks; a gauge may
     show them as the latest value.
     """
+    xid_count: _builtins.int
+    ecc_corrected_volatile: _builtins.int
+    """ECC error counts; absent without ECC. Volatile: since the driver loaded;
+    aggregate: the GPU's lifetime.
+    """
+    ecc_uncorrected_volatile: _builtins.int
+    ecc_corrected_aggregate: _builtins.int
+    ecc_uncorrected_aggregate: _builtins.int
+    remapped_rows_corrected: _builtins.int
+    """Row remapping (Ampere+; absent before)."""
+    remapped_rows_uncorrected: _builtins.int
+    remap_pending: _builtins.bool
+    """applied at the next GPU reset"""
+    remap_failed: _builtins.bool
+    mig_uuid: _builtins.str
+    """MIG identity (numbered from 60, apart from other additions), set only for a MIG
+    instance: gpu_index and gpu_uuid stay its parent GPU's, mig_uuid ("MIG-...")
+    names the instance.
+    """
+    gpu_instance_id: _builtins.int
+    compute_instance_id: _builtins.int
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def processes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuProcess]:
         """Compute processes on this GPU (from NVML's process list)."""
+
+    @_builtins.property
+    def xid_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Health (numbered from 40, apart from other additions). Critical XIDs the agent's
+        NVML event thread saw since it started: the distinct codes and the event count
+        (absent: XID events not available).
+        """
 
     def __init__(
         self,
@@ -137,23 +178,48 @@ class GpuSample(_message.Message):
         lost: _builtins.bool = ...,
         inaccessible: _builtins.str | None = ...,
         gpm_stale: _builtins.bool = ...,
+        xid_codes: _abc.Iterable[_builtins.int] | None = ...,
+        xid_count: _builtins.int | None = ...,
+        ecc_corrected_volatile: _builtins.int | None = ...,
+        ecc_uncorrected_volatile: _builtins.int | None = ...,
+        ecc_corrected_aggregate: _builtins.int | None = ...,
+        ecc_uncorrected_aggregate: _builtins.int | None = ...,
+        remapped_rows_corrected: _builtins.int | None = ...,
+        remapped_rows_uncorrected: _builtins.int | None = ...,
+        remap_pending: _builtins.bool | None = ...,
+        remap_failed: _builtins.bool | None = ...,
+        mig_uuid: _builtins.str = ...,
+        gpu_instance_id: _builtins.int | None = ...,
+        compute_instance_id: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct", "_clock_event_reasons", b"_clock_event_reasons", "_dram_bw_pct", b"_dram_bw_pct", "_fp16_active_pct", b"_fp16_active_pct", "_fp32_active_pct", b"_fp32_active_pct", "_fp64_active_pct", b"_fp64_active_pct", "_inaccessible", b"_inaccessible", "_mem_ctrl_pct", b"_mem_ctrl_pct", "_mem_total_bytes", b"_mem_total_bytes", "_mem_used_bytes", b"_mem_used_bytes", "_pcie_link_gen", b"_pcie_link_gen", "_pcie_link_width", b"_pcie_link_width", "_pcie_rx_bytes_per_s", b"_pcie_rx_bytes_per_s", "_pcie_tx_bytes_per_s", b"_pcie_tx_bytes_per_s", "_power_w", b"_power_w", "_sm_active_pct", b"_sm_active_pct", "_sm_clock_mhz", b"_sm_clock_mhz", "_sm_occupancy_pct", b"_sm_occupancy_pct", "_temperature_c", b"_temperature_c", "_tensor_active_pct", b"_tensor_active_pct", "busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "dram_bw_pct", b"dram_bw_pct", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "inaccessible", b"inaccessible", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "power_w", b"power_w", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct", "_clock_event_reasons", b"_clock_event_reasons", "_compute_instance_id", b"_compute_instance_id", "_dram_bw_pct", b"_dram_bw_pct", "_ecc_corrected_aggregate", b"_ecc_corrected_aggregate", "_ecc_corrected_volatile", b"_ecc_corrected_volatile", "_ecc_uncorrected_aggregate", b"_ecc_uncorrected_aggregate", "_ecc_uncorrected_volatile", b"_ecc_uncorrected_volatile", "_fp16_active_pct", b"_fp16_active_pct", "_fp32_active_pct", b"_fp32_active_pct", "_fp64_active_pct", b"_fp64_active_pct", "_gpu_instance_id", b"_gpu_instance_id", "_inaccessible", b"_inaccessible", "_mem_ctrl_pct", b"_mem_ctrl_pct", "_mem_total_bytes", b"_mem_total_bytes", "_mem_used_bytes", b"_mem_used_bytes", "_pcie_link_gen", b"_pcie_link_gen", "_pcie_link_width", b"_pcie_link_width", "_pcie_rx_bytes_per_s", b"_pcie_rx_bytes_per_s", "_pcie_tx_bytes_per_s", b"_pcie_tx_bytes_per_s", "_power_w", b"_power_w", "_remap_failed", b"_remap_failed", "_remap_pending", b"_remap_pending", "_remapped_rows_corrected", b"_remapped_rows_corrected", "_remapped_rows_uncorrected", b"_remapped_rows_uncorrected", "_sm_active_pct", b"_sm_active_pct", "_sm_clock_mhz", b"_sm_clock_mhz", "_sm_occupancy_pct", b"_sm_occupancy_pct", "_temperature_c", b"_temperature_c", "_tensor_active_pct", b"_tensor_active_pct", "_xid_count", b"_xid_count", "busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "compute_instance_id", b"compute_instance_id", "dram_bw_pct", b"dram_bw_pct", "ecc_corrected_aggregate", b"ecc_corrected_aggregate", "ecc_corrected_volatile", b"ecc_corrected_volatile", "ecc_uncorrected_aggregate", b"ecc_uncorrected_aggregate", "ecc_uncorrected_volatile", b"ecc_uncorrected_volatile", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "gpu_instance_id", b"gpu_instance_id", "inaccessible", b"inaccessible", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "power_w", b"power_w", "remap_failed", b"remap_failed", "remap_pending", b"remap_pending", "remapped_rows_corrected", b"remapped_rows_corrected", "remapped_rows_uncorrected", b"remapped_rows_uncorrected", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time", b"time", "xid_count", b"xid_count"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct", "_clock_event_reasons", b"_clock_event_reasons", "_dram_bw_pct", b"_dram_bw_pct", "_fp16_active_pct", b"_fp16_active_pct", "_fp32_active_pct", b"_fp32_active_pct", "_fp64_active_pct", b"_fp64_active_pct", "_inaccessible", b"_inaccessible", "_mem_ctrl_pct", b"_mem_ctrl_pct", "_mem_total_bytes", b"_mem_total_bytes", "_mem_used_bytes", b"_mem_used_bytes", "_pcie_link_gen", b"_pcie_link_gen", "_pcie_link_width", b"_pcie_link_width", "_pcie_rx_bytes_per_s", b"_pcie_rx_bytes_per_s", "_pcie_tx_bytes_per_s", b"_pcie_tx_bytes_per_s", "_power_w", b"_power_w", "_sm_active_pct", b"_sm_active_pct", "_sm_clock_mhz", b"_sm_clock_mhz", "_sm_occupancy_pct", b"_sm_occupancy_pct", "_temperature_c", b"_temperature_c", "_tensor_active_pct", b"_tensor_active_pct", "busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "dram_bw_pct", b"dram_bw_pct", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "gpm_stale", b"gpm_stale", "gpu_index", b"gpu_index", "gpu_name", b"gpu_name", "gpu_uuid", b"gpu_uuid", "inaccessible", b"inaccessible", "lost", b"lost", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "power_w", b"power_w", "processes", b"processes", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct", "_clock_event_reasons", b"_clock_event_reasons", "_compute_instance_id", b"_compute_instance_id", "_dram_bw_pct", b"_dram_bw_pct", "_ecc_corrected_aggregate", b"_ecc_corrected_aggregate", "_ecc_corrected_volatile", b"_ecc_corrected_volatile", "_ecc_uncorrected_aggregate", b"_ecc_uncorrected_aggregate", "_ecc_uncorrected_volatile", b"_ecc_uncorrected_volatile", "_fp16_active_pct", b"_fp16_active_pct", "_fp32_active_pct", b"_fp32_active_pct", "_fp64_active_pct", b"_fp64_active_pct", "_gpu_instance_id", b"_gpu_instance_id", "_inaccessible", b"_inaccessible", "_mem_ctrl_pct", b"_mem_ctrl_pct", "_mem_total_bytes", b"_mem_total_bytes", "_mem_used_bytes", b"_mem_used_bytes", "_pcie_link_gen", b"_pcie_link_gen", "_pcie_link_width", b"_pcie_link_width", "_pcie_rx_bytes_per_s", b"_pcie_rx_bytes_per_s", "_pcie_tx_bytes_per_s", b"_pcie_tx_bytes_per_s", "_power_w", b"_power_w", "_remap_failed", b"_remap_failed", "_remap_pending", b"_remap_pending", "_remapped_rows_corrected", b"_remapped_rows_corrected", "_remapped_rows_uncorrected", b"_remapped_rows_uncorrected", "_sm_active_pct", b"_sm_active_pct", "_sm_clock_mhz", b"_sm_clock_mhz", "_sm_occupancy_pct", b"_sm_occupancy_pct", "_temperature_c", b"_temperature_c", "_tensor_active_pct", b"_tensor_active_pct", "_xid_count", b"_xid_count", "busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "compute_instance_id", b"compute_instance_id", "dram_bw_pct", b"dram_bw_pct", "ecc_corrected_aggregate", b"ecc_corrected_aggregate", "ecc_corrected_volatile", b"ecc_corrected_volatile", "ecc_uncorrected_aggregate", b"ecc_uncorrected_aggregate", "ecc_uncorrected_volatile", b"ecc_uncorrected_volatile", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "gpm_stale", b"gpm_stale", "gpu_index", b"gpu_index", "gpu_instance_id", b"gpu_instance_id", "gpu_name", b"gpu_name", "gpu_uuid", b"gpu_uuid", "inaccessible", b"inaccessible", "lost", b"lost", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "mig_uuid", b"mig_uuid", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "power_w", b"power_w", "processes", b"processes", "remap_failed", b"remap_failed", "remap_pending", b"remap_pending", "remapped_rows_corrected", b"remapped_rows_corrected", "remapped_rows_uncorrected", b"remapped_rows_uncorrected", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time", b"time", "xid_codes", b"xid_codes", "xid_count", b"xid_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__busy_pct: _TypeAlias = _typing.Literal["busy_pct"]  # noqa: Y015
     _WhichOneofArgType__busy_pct: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct"]  # noqa: Y015
     _WhichOneofReturnType__clock_event_reasons: _TypeAlias = _typing.Literal["clock_event_reasons"]  # noqa: Y015
     _WhichOneofArgType__clock_event_reasons: _TypeAlias = _typing.Literal["_clock_event_reasons", b"_clock_event_reasons"]  # noqa: Y015
+    _WhichOneofReturnType__compute_instance_id: _TypeAlias = _typing.Literal["compute_instance_id"]  # noqa: Y015
+    _WhichOneofArgType__compute_instance_id: _TypeAlias = _typing.Literal["_compute_instance_id", b"_compute_instance_id"]  # noqa: Y015
     _WhichOneofReturnType__dram_bw_pct: _TypeAlias = _typing.Literal["dram_bw_pct"]  # noqa: Y015
     _WhichOneofArgType__dram_bw_pct: _TypeAlias = _typing.Literal["_dram_bw_pct", b"_dram_bw_pct"]  # noqa: Y015
+    _WhichOneofReturnType__ecc_corrected_aggregate: _TypeAlias = _typing.Literal["ecc_corrected_aggregate"]  # noqa: Y015
+    _WhichOneofArgType__ecc_corrected_aggregate: _TypeAlias = _typing.Literal["_ecc_corrected_aggregate", b"_ecc_corrected_aggregate"]  # noqa: Y015
+    _WhichOneofReturnType__ecc_corrected_volatile: _TypeAlias = _typing.Literal["ecc_corrected_volatile"]  # noqa: Y015
+    _WhichOneofArgType__ecc_corrected_volatile: _TypeAlias = _typing.Literal["_ecc_corrected_volatile", b"_ecc_corrected_volatile"]  # noqa: Y015
+    _WhichOneofReturnType__ecc_uncorrected_aggregate: _TypeAlias = _typing.Literal["ecc_uncorrected_aggregate"]  # noqa: Y015
+    _WhichOneofArgType__ecc_uncorrected_aggregate: _TypeAlias = _typing.Literal["_ecc_uncorrected_aggregate", b"_ecc_uncorrected_aggregate"]  # noqa: Y015
+    _WhichOneofReturnType__ecc_uncorrected_volatile: _TypeAlias = _typing.Literal["ecc_uncorrected_volatile"]  # noqa: Y015
+    _WhichOneofArgType__ecc_uncorrected_volatile: _TypeAlias = _typing.Literal["_ecc_uncorrected_volatile", b"_ecc_uncorrected_volatile"]  # noqa: Y015
     _WhichOneofReturnType__fp16_active_pct: _TypeAlias = _typing.Literal["fp16_active_pct"]  # noqa: Y015
     _WhichOneofArgType__fp16_active_pct: _TypeAlias = _typing.Literal["_fp16_active_pct", b"_fp16_active_pct"]  # noqa: Y015
     _WhichOneofReturnType__fp32_active_pct: _TypeAlias = _typing.Literal["fp32_active_pct"]  # noqa: Y015
     _WhichOneofArgType__fp32_active_pct: _TypeAlias = _typing.Literal["_fp32_active_pct", b"_fp32_active_pct"]  # noqa: Y015
     _WhichOneofReturnType__fp64_active_pct: _TypeAlias = _typing.Literal["fp64_active_pct"]  # noqa: Y015
     _WhichOneofArgType__fp64_active_pct: _TypeAlias = _typing.Literal["_fp64_active_pct", b"_fp64_active_pct"]  # noqa: Y015
+    _WhichOneofReturnType__gpu_instance_id: _TypeAlias = _typing.Literal["gpu_instance_id"]  # noqa: Y015
+    _WhichOneofArgType__gpu_instance_id: _TypeAlias = _typing.Literal["_gpu_instance_id", b"_gpu_instance_id"]  # noqa: Y015
     _WhichOneofReturnType__inaccessible: _TypeAlias = _typing.Literal["inaccessible"]  # noqa: Y015
     _WhichOneofArgType__inaccessible: _TypeAlias = _typing.Literal["_inaccessible", b"_inaccessible"]  # noqa: Y015
     _WhichOneofReturnType__mem_ctrl_pct: _TypeAlias = _typing.Literal["mem_ctrl_pct"]  # noqa: Y015
@@ -172,6 +238,14 @@ class GpuSample(_message.Message):
     _WhichOneofArgType__pcie_tx_bytes_per_s: _TypeAlias = _typing.Literal["_pcie_tx_bytes_per_s", b"_pcie_tx_bytes_per_s"]  # noqa: Y015
     _WhichOneofReturnType__power_w: _TypeAlias = _typing.Literal["power_w"]  # noqa: Y015
     _WhichOneofArgType__power_w: _TypeAlias = _typing.Literal["_power_w", b"_power_w"]  # noqa: Y015
+    _WhichOneofReturnType__remap_failed: _TypeAlias = _typing.Literal["remap_failed"]  # noqa: Y015
+    _WhichOneofArgType__remap_failed: _TypeAlias = _typing.Literal["_remap_failed", b"_remap_failed"]  # noqa: Y015
+    _WhichOneofReturnType__remap_pending: _TypeAlias = _typing.Literal["remap_pending"]  # noqa: Y015
+    _WhichOneofArgType__remap_pending: _TypeAlias = _typing.Literal["_remap_pending", b"_remap_pending"]  # noqa: Y015
+    _WhichOneofReturnType__remapped_rows_corrected: _TypeAlias = _typing.Literal["remapped_rows_corrected"]  # noqa: Y015
+    _WhichOneofArgType__remapped_rows_corrected: _TypeAlias = _typing.Literal["_remapped_rows_corrected", b"_remapped_rows_corrected"]  # noqa: Y015
+    _WhichOneofReturnType__remapped_rows_uncorrected: _TypeAlias = _typing.Literal["remapped_rows_uncorrected"]  # noqa: Y015
+    _WhichOneofArgType__remapped_rows_uncorrected: _TypeAlias = _typing.Literal["_remapped_rows_uncorrected", b"_remapped_rows_uncorrected"]  # noqa: Y015
     _WhichOneofReturnType__sm_active_pct: _TypeAlias = _typing.Literal["sm_active_pct"]  # noqa: Y015
     _WhichOneofArgType__sm_active_pct: _TypeAlias = _typing.Literal["_sm_active_pct", b"_sm_active_pct"]  # noqa: Y015
     _WhichOneofReturnType__sm_clock_mhz: _TypeAlias = _typing.Literal["sm_clock_mhz"]  # noqa: Y015
@@ -182,18 +256,32 @@ class GpuSample(_message.Message):
     _WhichOneofArgType__temperature_c: _TypeAlias = _typing.Literal["_temperature_c", b"_temperature_c"]  # noqa: Y015
     _WhichOneofReturnType__tensor_active_pct: _TypeAlias = _typing.Literal["tensor_active_pct"]  # noqa: Y015
     _WhichOneofArgType__tensor_active_pct: _TypeAlias = _typing.Literal["_tensor_active_pct", b"_tensor_active_pct"]  # noqa: Y015
+    _WhichOneofReturnType__xid_count: _TypeAlias = _typing.Literal["xid_count"]  # noqa: Y015
+    _WhichOneofArgType__xid_count: _TypeAlias = _typing.Literal["_xid_count", b"_xid_count"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__busy_pct) -> _WhichOneofReturnType__busy_pct | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__clock_event_reasons) -> _WhichOneofReturnType__clock_event_reasons | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__compute_instance_id) -> _WhichOneofReturnType__compute_instance_id | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dram_bw_pct) -> _WhichOneofReturnType__dram_bw_pct | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ecc_corrected_aggregate) -> _WhichOneofReturnType__ecc_corrected_aggregate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ecc_corrected_volatile) -> _WhichOneofReturnType__ecc_corrected_volatile | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ecc_uncorrected_aggregate) -> _WhichOneofReturnType__ecc_uncorrected_aggregate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ecc_uncorrected_volatile) -> _WhichOneofReturnType__ecc_uncorrected_volatile | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__fp16_active_pct) -> _WhichOneofReturnType__fp16_active_pct | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__fp32_active_pct) -> _WhichOneofReturnType__fp32_active_pct | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__fp64_active_pct) -> _WhichOneofReturnType__fp64_active_pct | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gpu_instance_id) -> _WhichOneofReturnType__gpu_instance_id | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__inaccessible) -> _WhichOneofReturnType__inaccessible | None: ...
     @_typing.overload
@@ -213,6 +301,14 @@ class GpuSample(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__power_w) -> _WhichOneofReturnType__power_w | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remap_failed) -> _WhichOneofReturnType__remap_failed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remap_pending) -> _WhichOneofReturnType__remap_pending | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remapped_rows_corrected) -> _WhichOneofReturnType__remapped_rows_corrected | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remapped_rows_uncorrected) -> _WhichOneofReturnType__remapped_rows_uncorrected | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__sm_active_pct) -> _WhichOneofReturnType__sm_active_pct | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__sm_clock_mhz) -> _WhichOneofReturnType__sm_clock_mhz | None: ...
@@ -222,6 +318,8 @@ class GpuSample(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature_c) -> _WhichOneofReturnType__temperature_c | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__tensor_active_pct) -> _WhichOneofReturnType__tensor_active_pct | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__xid_count) -> _WhichOneofReturnType__xid_count | None: ...
 
 Global___GpuSample: _TypeAlias = GpuSample  # noqa: Y015
 
@@ -537,18 +635,27 @@ class Verdict(_message.Message):
     REGIMES_FIELD_NUMBER: _builtins.int
     SAMPLES_FIELD_NUMBER: _builtins.int
     ACTIVE_SAMPLES_FIELD_NUMBER: _builtins.int
+    MIG_UUID_FIELD_NUMBER: _builtins.int
+    GPU_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    COMPUTE_INSTANCE_ID_FIELD_NUMBER: _builtins.int
     gpu_index: _builtins.int
     gpu_uuid: _builtins.str
     verdict: _builtins.str
     """idle | memory-bound | compute-bound | host-bound | mixed | lost"""
     cause: _builtins.str
-    """pcie | cpu | starved (host-bound only)"""
+    """| unknown (no activity signal: util.gpu and GPM both absent)
+    pcie | cpu | starved (host-bound only)
+    """
     confidence: _builtins.float
     """0-1"""
     rule: _builtins.str
     """which rule of the decision tree fired"""
     samples: _builtins.int
     active_samples: _builtins.int
+    mig_uuid: _builtins.str
+    """MIG identity of the instance judged (numbered from 20): see GpuSample."""
+    gpu_instance_id: _builtins.int
+    compute_instance_id: _builtins.int
     @_builtins.property
     def window_start(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -575,14 +682,26 @@ class Verdict(_message.Message):
         regimes: _abc.Iterable[Global___RegimeShare] | None = ...,
         samples: _builtins.int = ...,
         active_samples: _builtins.int = ...,
+        mig_uuid: _builtins.str = ...,
+        gpu_instance_id: _builtins.int | None = ...,
+        compute_instance_id: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cause", b"_cause", "cause", b"cause", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cause", b"_cause", "_compute_instance_id", b"_compute_instance_id", "_gpu_instance_id", b"_gpu_instance_id", "cause", b"cause", "compute_instance_id", b"compute_instance_id", "gpu_instance_id", b"gpu_instance_id", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cause", b"_cause", "active_samples", b"active_samples", "cause", b"cause", "confidence", b"confidence", "evidence", b"evidence", "gpu_index", b"gpu_index", "gpu_uuid", b"gpu_uuid", "recommendations", b"recommendations", "regimes", b"regimes", "rule", b"rule", "samples", b"samples", "verdict", b"verdict", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cause", b"_cause", "_compute_instance_id", b"_compute_instance_id", "_gpu_instance_id", b"_gpu_instance_id", "active_samples", b"active_samples", "cause", b"cause", "compute_instance_id", b"compute_instance_id", "confidence", b"confidence", "evidence", b"evidence", "gpu_index", b"gpu_index", "gpu_instance_id", b"gpu_instance_id", "gpu_uuid", b"gpu_uuid", "mig_uuid", b"mig_uuid", "recommendations", b"recommendations", "regimes", b"regimes", "rule", b"rule", "samples", b"samples", "verdict", b"verdict", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cause: _TypeAlias = _typing.Literal["cause"]  # noqa: Y015
     _WhichOneofArgType__cause: _TypeAlias = _typing.Literal["_cause", b"_cause"]  # noqa: Y015
+    _WhichOneofReturnType__compute_instance_id: _TypeAlias = _typing.Literal["compute_instance_id"]  # noqa: Y015
+    _WhichOneofArgType__compute_instance_id: _TypeAlias = _typing.Literal["_compute_instance_id", b"_compute_instance_id"]  # noqa: Y015
+    _WhichOneofReturnType__gpu_instance_id: _TypeAlias = _typing.Literal["gpu_instance_id"]  # noqa: Y015
+    _WhichOneofArgType__gpu_instance_id: _TypeAlias = _typing.Literal["_gpu_instance_id", b"_gpu_instance_id"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__cause) -> _WhichOneofReturnType__cause | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__compute_instance_id) -> _WhichOneofReturnType__compute_instance_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gpu_instance_id) -> _WhichOneofReturnType__gpu_instance_id | None: ...
 
 Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
 
@@ -749,9 +868,12 @@ class GpuStatus(_message.Message):
     SAMPLE_FIELD_NUMBER: _builtins.int
     ENGINE_FIELD_NUMBER: _builtins.int
     UPDATED_TIME_FIELD_NUMBER: _builtins.int
+    MIG_UUID_FIELD_NUMBER: _builtins.int
     gpu_index: _builtins.int
     gpu_uuid: _builtins.str
     gpu_name: _builtins.str
+    mig_uuid: _builtins.str
+    """set for a MIG instance of gpu_index"""
     @_builtins.property
     def verdict(self) -> Global___Verdict:
         """absent until the agent's first window closed"""
@@ -778,10 +900,11 @@ class GpuStatus(_message.Message):
         sample: Global___GpuSample | None = ...,
         engine: Global___EngineSample | None = ...,
         updated_time: _timestamp_pb2.Timestamp | None = ...,
+        mig_uuid: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "sample", b"sample", "updated_time", b"updated_time", "verdict", b"verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "gpu_index", b"gpu_index", "gpu_name", b"gpu_name", "gpu_uuid", b"gpu_uuid", "sample", b"sample", "updated_time", b"updated_time", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "gpu_index", b"gpu_index", "gpu_name", b"gpu_name", "gpu_uuid", b"gpu_uuid", "mig_uuid", b"mig_uuid", "sample", b"sample", "updated_time", b"updated_time", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -36,8 +36,8 @@ def records(traces: Path, name: str) -> tuple[Record, ...]:
 
 def verdict(recs: tuple[Record, ...]) -> Verdict:
     windows = build_windows(recs)
-    assert list(windows) == [0]
-    (window,) = windows[0]
+    assert list(windows) == [(0, "")]
+    (window,) = windows[0, ""]
     return classify(window)
 
 
@@ -136,7 +136,7 @@ def test_gpm_activity_at_util_gpu_zero_is_work(shared_traces):
     gaps). They are work, classified by the tree; the verdicts above stay as they are."""
     lagging = {}
     for name in EXPECTED:
-        (window,) = build_windows(records(shared_traces, name))[0]
+        (window,) = build_windows(records(shared_traces, name))[0, ""]
         for t in window.ticks:
             if t.busy_pct == 0 and max(t.dram_pct or 0, t.compute_pct or 0,
                                        t.sm_active_pct or 0) > 0.5:

@@ -270,43 +270,44 @@ def test_summarize_empty_needs_bounds():
 def test_build_windows_whole_recording_is_one_window_per_gpu():
     records = [gemv(t / 10, index=i) for t in range(30) for i in (0, 1)]
     windows = build_windows(reversed(records))  # order does not matter
-    assert sorted(windows) == [0, 1]
+    assert sorted(windows) == [(0, ""), (1, "")]
     assert [len(ws) for ws in windows.values()] == [1, 1]
-    assert windows[1][0].samples == 30
-    assert [t.time_s for t in windows[1][0].ticks] == sorted(t.time_s for t in windows[1][0].ticks)
+    assert windows[1, ""][0].samples == 30
+    ticks = windows[1, ""][0].ticks
+    assert [t.time_s for t in ticks] == sorted(t.time_s for t in ticks)
 
 
 def test_build_windows_fixed_windows_from_the_first_sample():
     records = [gemv(t / 10) for t in range(35)] + [gemv(1.0 + t / 10, index=1) for t in range(5)]
     windows = build_windows(records, window_s=1.0)
-    assert [w.samples for w in windows[0]] == [10, 10, 10, 5]
-    assert [(w.start_s - T0, w.end_s - T0) for w in windows[0]] == [
+    assert [w.samples for w in windows[0, ""]] == [10, 10, 10, 5]
+    assert [(w.start_s - T0, w.end_s - T0) for w in windows[0, ""]] == [
         (0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 4.0)]
     # GPU 1 starts later: its window is the shared 1-2 s one, not its own.
-    assert [(w.start_s - T0, w.samples) for w in windows[1]] == [(1.0, 5)]
+    assert [(w.start_s - T0, w.samples) for w in windows[1, ""]] == [(1.0, 5)]
 
 
 def test_build_windows_skips_windows_without_samples():
     windows = build_windows([gemv(0.0), gemv(0.5), gemv(3.2)], window_s=1.0)
-    assert [round(w.start_s - T0) for w in windows[0]] == [0, 3]
+    assert [round(w.start_s - T0) for w in windows[0, ""]] == [0, 3]
 
 
 def test_engine_hold_crosses_window_edges():
     records = [gemv(0.0), engine(0.95, running=5), *[gemv(1.0 + t / 10) for t in range(5)]]
     windows = build_windows(records, window_s=1.0)
-    assert windows[0][0].ticks[0].requests_running is None
-    assert all(t.requests_running == 5 for t in windows[0][1].ticks)
+    assert windows[0, ""][0].ticks[0].requests_running is None
+    assert all(t.requests_running == 5 for t in windows[0, ""][1].ticks)
 
 
 def test_build_windows_unattributed_engine_with_two_gpus_is_ignored():
     records = [gemv(0, index=0), gemv(0, index=1), engine(0, running=3)]
     windows = build_windows(records)
-    assert windows[0][0].engine is None and windows[1][0].engine is None
+    assert windows[0, ""][0].engine is None and windows[1, ""][0].engine is None
 
 
 def test_build_windows_lost_gpu():
     windows = build_windows([gemv(0), gpu(0.1, lost=True)])
-    assert windows[0][0].lost
+    assert windows[0, ""][0].lost
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])

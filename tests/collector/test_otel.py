@@ -43,8 +43,16 @@ def fleet_batch(seq: int = 1) -> pb.Batch:
     return batch(
         seq,
         records=[
-            gpu(0),
-            gpu(1, busy_pct=99.0, sm_active_pct=0.75, dram_bw_pct=0.0, mem_ctrl_pct=0.0),
+            gpu(0, xid_count=0, ecc_corrected_aggregate=2, ecc_uncorrected_aggregate=0),
+            gpu(
+                1,
+                busy_pct=99.0,
+                sm_active_pct=0.75,
+                dram_bw_pct=0.0,
+                mem_ctrl_pct=0.0,
+                xid_codes=(79,),
+                xid_count=1,
+            ),
             gpu(2, lost=True),
             # An A100: no GPM, so no SM/tensor/DRAM activity at all.
             gpu(
@@ -136,6 +144,7 @@ def test_standard_gpu_metrics(exported):
     assert p.value == pytest.approx(0.955)
     assert dict(p.attributes) == {
         "host.name": "gpu-node-1",
+        "hw.type": "gpu",  # the hardware semconv require it on every hw.* metric
         "hw.id": UUID0,
         "hw.model": "NVIDIA H100 80GB HBM3",
         "rooftop.gpu.index": 0,
@@ -144,8 +153,9 @@ def test_standard_gpu_metrics(exported):
     assert value(exported["hw.gpu.memory.usage"], **{"hw.id": UUID0}) == 70 * 2**30
     assert value(exported["hw.gpu.memory.limit"], **{"hw.id": UUID0}) == 80 * 2**30
     assert value(exported["hw.power"], **{"hw.id": UUID0, "hw.type": "gpu"}) == 650.0
-    # NVML util.memory is memory-controller busy time, never hw.gpu.memory.utilization.
-    assert "hw.gpu.memory.utilization" not in exported
+    # NVML util.memory is memory-controller busy time, never hw.gpu.memory.utilization,
+    # which is capacity: used / total.
+    assert value(exported["hw.gpu.memory.utilization"], **{"hw.id": UUID0}) == 70 / 80
     mc = exported["rooftop.gpu.memory_controller.utilization"]
     assert value(mc, **{"hw.id": UUID0, "rooftop.source": "nvml"}) == pytest.approx(0.971)
 
@@ -172,7 +182,8 @@ def test_rooftop_activity_ratios_carry_their_source(exported):
 def test_bound_is_a_state_gauge(exported):
     bound = exported["rooftop.gpu.bound"]
     gpu0 = {p.attributes["rooftop.bound"]: p.value for p in points(bound, **{"hw.id": UUID0})}
-    assert gpu0 == {"memory": 1, "compute": 0, "host": 0, "mixed": 0, "idle": 0, "lost": 0}
+    assert gpu0 == {"memory": 1, "compute": 0, "host": 0, "mixed": 0, "idle": 0, "lost": 0,
+                    "unknown": 0}
     host = points(bound, **{"rooftop.gpu.index": 1, "rooftop.bound": "host"})[0]
     assert host.value == 1 and host.attributes["rooftop.bound.cause"] == "cpu"
     others = points(bound, **{"rooftop.gpu.index": 1})
@@ -283,7 +294,7 @@ def test_forgotten_gpus_disappear_from_the_export():
 
 def test_bound_values_and_engine_providers():
     assert [bound_value(b) for b in Bound] == [
-        "idle", "memory", "compute", "host", "mixed", "lost",
+        "idle", "memory", "compute", "host", "mixed", "lost", "unknown",
     ]  # fmt: skip
     assert engine_provider("vllm:8000") == "vllm"
     assert engine_provider("sglang-0") == "sglang"
@@ -374,3 +385,47 @@ def test_docs_metrics_table_matches_the_catalog():
     documented = {name: (instrument, unit) for name, instrument, unit in rows}
     assert len(rows) == len(documented), "each metric documented once"
     assert documented == {m.name: (m.instrument, m.unit) for m in METRICS}
+
+
+def test_gpu_health_is_exported_as_hw_errors_and_hw_status(exported):
+    errors = exported["hw.errors"]
+    assert errors.unit == "{error}" and errors.data.is_monotonic
+    assert value(errors, **{"hw.id": UUID0, "error.type": "ecc_corrected"}) == 2
+    assert value(errors, **{"hw.id": UUID0, "error.type": "ecc_uncorrected"}) == 0
+    assert value(errors, **{"hw.id": UUID0, "error.type": "xid"}) == 0
+    assert value(errors, **{"hw.id": "GPU-0001-uuid", "error.type": "xid"}) == 1
+    # Not measured (no ECC figures in the sample) is no series, never 0.
+    assert not points(errors, **{"hw.id": "GPU-0003-uuid"})
+    assert all(p.attributes["hw.type"] == "gpu" for p in errors.data.data_points)
+
+    status = exported["hw.status"]
+    assert not status.data.is_monotonic
+
+    def states(uuid: str) -> dict[str, int]:
+        return {p.attributes["hw.state"]: p.value for p in points(status, **{"hw.id": uuid})}
+
+    assert states(UUID0) == {"ok": 1, "degraded": 0, "failed": 0}
+    assert states("GPU-0001-uuid") == {"ok": 0, "degraded": 0, "failed": 1}  # XID 79
+    assert states("GPU-0002-uuid")["failed"] == 1  # lost
+
+
+def test_gpu_health_on_the_prometheus_endpoint():
+    fleet = Fleet()
+    telemetry = Telemetry(fleet, prometheus_listen="127.0.0.1:0", host_name="collector-host")
+    try:
+        telemetry.start()
+        feed(fleet, telemetry, fleet_batch())
+        port = telemetry.prometheus_port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        telemetry.shutdown()
+    assert re.search(
+        r'^hw_errors_total\{.*error_type="xid".*hw_id="GPU-0001-uuid".*\} 1(\.0)?$', text, re.M
+    )
+    assert re.search(
+        r'^hw_status\{.*hw_id="GPU-0001-uuid".*hw_state="failed".*\} 1(\.0)?$', text, re.M
+    )
+    assert re.search(r'^hw_gpu_memory_utilization\{.*hw_id="GPU-0000-uuid".*\} 0\.875$', text, re.M)
+    # hw.type rides on every GPU series.
+    gpu_lines = [ln for ln in text.splitlines() if 'hw_id="' in ln]
+    assert gpu_lines and all('hw_type="gpu"' in ln for ln in gpu_lines)

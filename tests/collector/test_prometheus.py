@@ -40,7 +40,9 @@ def fed_fleet() -> tuple[Fleet, list[tuple[object, float]]]:
     for n, host in enumerate(hosts):
         t = NOW_S - 1 - n
         records = [
-            gpu(0, time_s=t),
+            # Health: ECC and XID counts (hw.errors), a failed GPU 0 on node-3 (hw.status).
+            gpu(0, time_s=t, xid_count=n, xid_codes=(79,) if n == 2 else (),
+                ecc_corrected_aggregate=5 * n, ecc_uncorrected_aggregate=0),
             gpu(1, time_s=t, dram_bw_pct=20.0, busy_pct=12.5, sm_clock_mhz=1410.0),
             gpu(2, time_s=t, lost=True) if n == 1 else gpu(2, time_s=t, tensor_active_pct=None),
             engine(time_s=t, engine_id=f"vllm:{8000 + n}", tpot_ms=4.0 + n, ttft_ms=30.0 * n),

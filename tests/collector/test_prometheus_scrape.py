@@ -97,7 +97,7 @@ def test_prometheus_scrapes_verdicts_from_the_collector(collector: Collector, pr
 
     zeros = wait_query(prometheus, 'rooftop_gpu_bound{hw_id="GPU-0000-uuid"} == 0')
     assert {r["metric"]["rooftop_bound"] for r in zeros} == {
-        "idle", "compute", "host", "mixed", "lost",
+        "idle", "compute", "host", "mixed", "lost", "unknown",
     }  # fmt: skip
 
     util = wait_query(prometheus, 'hw_gpu_utilization{hw_id="GPU-0000-uuid"}')

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rooftop.agent.credentials import ClientAuth
 from rooftop.agent.fleet_query import query_fleet_status
-from rooftop.agent.status import STALE_AFTER_S, format_status, status_json
+from rooftop.agent.status import STALE_AFTER_S, format_diagnosis, format_status, status_json
 from rooftop.cli import main
 from rooftop.collector.fleet import Fleet, decode_batch
 from rooftop.collector.ingest import IngestServer
@@ -82,6 +82,20 @@ def test_detail_and_node_filter():
     assert n.gpus[0].verdict.recommendations == ["FP8 KV cache"]
     assert [n.agent_id for n in fleet_status(snap, node="agent-2").nodes] == ["agent-2"]
     assert not fleet_status(snap, node="nope").nodes
+
+
+def test_diagnose_from_the_collector_says_a_failed_gpu_first():
+    failing = batch(
+        1,
+        records=[gpu(0), gpu(1, xid_codes=(79,), xid_count=1), gpu(2, lost=True)],
+        verdicts=[verdict(0, Bound.MEMORY), verdict(1, Bound.IDLE)],
+    )
+    fs = fleet_status(applied(failing).snapshot(), detail=True)
+    lines = format_diagnosis(fs, collector="c:1").splitlines()
+    assert lines[0] == "GPU 1 (NVIDIA H100 80GB HBM3) FAILED: XID 79: GPU has fallen off the bus"
+    assert lines[1].startswith("Rooftop diagnosis — ")
+    # A plain lost GPU keeps its LOST line, not a second one.
+    assert sum("GPU 2" in line for line in lines) == 1
 
 
 def test_format_status_marks_stale_nodes():

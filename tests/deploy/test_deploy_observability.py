@@ -173,7 +173,9 @@ def fed_collector() -> Collector:
     try:
         records = [
             gpu(0),  # graph-captured decode: DRAM 0.848, tensor 0.022
-            gpu(1, dram_bw_pct=20.0, tensor_active_pct=5.0, busy_pct=30.0),
+            # ... with a row remap pending: health degraded (hw.status), ECC counted.
+            gpu(1, dram_bw_pct=20.0, tensor_active_pct=5.0, busy_pct=30.0,
+                remap_pending=True, ecc_corrected_aggregate=3, xid_count=0),
             engine(),  # 8 running, 2 waiting
         ]
         verdicts = [verdict(0, Bound.MEMORY), verdict(1, Bound.HOST, cause=Cause.CPU)]

@@ -30,6 +30,12 @@ class GpuInfo:
     mem_total_bytes: int | None = None
     pcie_link_gen_max: int | None = None
     pcie_link_width_max: int | None = None
+    # MIG: ``mig_mode`` on a parent GPU in MIG mode. A MIG instance is a device of its
+    # own: ``gpu_index``/``gpu_uuid`` are its parent's, ``mig_uuid`` ("MIG-...") names it.
+    mig_mode: bool = False
+    mig_uuid: str = ""
+    gpu_instance_id: int | None = None
+    compute_instance_id: int | None = None
 
 
 @runtime_checkable
@@ -37,11 +43,14 @@ class GpuBackend(Protocol):
     """Source of GPU samples."""
 
     def devices(self) -> tuple[GpuInfo, ...]:
-        """The GPUs on this host, in index order."""
+        """The GPUs on this host, in index order; a MIG parent's instances follow it."""
         ...
 
     def read(self, gpu_index: int, time_s: float) -> GpuSample:
         """One consistent snapshot of ``gpu_index``, stamped ``time_s`` (epoch seconds).
+
+        A backend that lists MIG instances also takes ``mig_uuid=`` (keyword) to read
+        one instance; the sampler passes it only for devices whose ``mig_uuid`` is set.
 
         Raises ``DeviceLost`` when the GPU fell off the bus; other GPUs go on.
         Fields the GPU cannot measure are ``None``.

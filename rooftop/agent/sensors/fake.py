@@ -6,7 +6,14 @@ shaped like pynvml's (the real ctypes structs where pynvml returns them), raisin
 real ``pynvml.NVMLError`` instances and filling the real ``c_nvmlGpmMetricsGet_t``.
 Only NVML is faked: every line of the backend runs as it would on a GPU.
 
-Profiles: ``h100`` (GPM, PCIe gen5 x16) and ``a100`` (no GPM, gen4 x16). Workloads
+Profiles: ``h100`` (GPM, PCIe gen5 x16) and ``a100`` (no GPM, gen4 x16); ``a100-mig``
+and ``h100-mig`` are the same GPUs in MIG mode with two 3g.40gb instances each
+(GPU instances 1 and 2). In MIG mode util rates are NotSupported on the GPU and its
+instances, board-level calls (power, clocks, temperature, PCIe) on an instance handle
+are NotSupported, and GPM (H100 only) is per GPU instance through
+``nvmlGpmMigSampleGet``. Workloads, ``set_workload``, ``fake_pid`` and GPM samples
+address *units*: a GPU, or on a MIG profile one instance (unit = gpu × instances +
+slot); a MIG parent's board figures follow its first instance. Workloads
 reproduce the H100 measurements of DESIGN §2 (``gemv``, ``gemm``, ``host_stall``,
 ``decode``, ``prefill``, ``pcie_copy``, ``hf_generate``, ``spin``, ``idle``) with
 small seeded noise. A workload spec is a name (``"gemv"``) or a repeating schedule
@@ -20,6 +27,11 @@ Errors: ``inject(gpu, "nvmlDeviceGetTemperature", "not_supported")``, ``"gpu_is_
 for one metric's own ``nvmlReturn``, and ``driver_missing=True`` for
 ``NVMLError_LibraryNotFound`` at init.
 
+Health: ECC counters and row remapping answer on every profile (zero until
+``add_ecc_errors`` / ``set_remapped_rows``); ``raise_xid(gpu, 79)`` delivers a critical
+XID event to every event set that registered the GPU (``nvmlEventSetWait_v2`` really
+blocks, up to its timeout, on a condition of its own).
+
 Processes on a busy fake GPU get pids above Linux's PID_MAX_LIMIT (2**22), so they
 never collide with a real process; ``FakeHostSensor`` reports their CPU use (a
 ``host_stall`` process spins at ~100 % of one core).
@@ -28,6 +40,7 @@ never collide with a real process; ``FakeHostSensor`` reports their CPU use (a
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 import random
 import threading
@@ -36,6 +49,7 @@ import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from types import MappingProxyType
 from typing import Any
 
@@ -53,6 +67,7 @@ __all__ = [
     "PROFILES",
     "WORKLOADS",
     "FakeHostSensor",
+    "FakeMigInstance",
     "FakeNvmlLibrary",
     "FakeProfile",
     "FakeWorkload",
@@ -66,6 +81,15 @@ FAKE_PID_BASE = 2**22 + 1000
 
 _GiB = 1024**3
 _MiB = 1024**2
+
+
+@dataclass(frozen=True, slots=True)
+class FakeMigInstance:
+    """One MIG instance of a fake GPU in MIG mode (one compute instance, id 0)."""
+
+    name: str  # the MIG profile, e.g. "3g.40gb"
+    gpu_instance_id: int
+    mem_total_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +110,35 @@ class FakeProfile:
     power_max_w: float
     temperature_idle_c: float
     temperature_max_c: float
+    mig_instances: tuple[FakeMigInstance, ...] = ()  # non-empty: the GPU is in MIG mode
+
+
+_MIG_3G_40GB = (
+    FakeMigInstance("3g.40gb", gpu_instance_id=1, mem_total_bytes=40_768_634_880),
+    FakeMigInstance("3g.40gb", gpu_instance_id=2, mem_total_bytes=40_768_634_880),
+)
+# Real NVML allows up to 7 MIG devices per GPU; unused slots answer NotFound.
+_MIG_SLOTS = 7
+_NOT_MIG = 0xFFFFFFFF  # gpuInstanceId / computeInstanceId of a process outside MIG
+# On a MIG instance handle these answer NotSupported: they belong to the whole board.
+_BOARD_ONLY = frozenset(
+    {
+        "nvmlDeviceGetClockInfo",
+        "nvmlDeviceGetPowerUsage",
+        "nvmlDeviceGetTemperature",
+        "nvmlDeviceGetTemperatureV",
+        "nvmlDeviceGetCurrentClocksEventReasons",
+        "nvmlDeviceGetCurrentClocksThrottleReasons",
+        "nvmlDeviceGetCurrPcieLinkGeneration",
+        "nvmlDeviceGetCurrPcieLinkWidth",
+        "nvmlDeviceGetMaxPcieLinkGeneration",
+        "nvmlDeviceGetMaxPcieLinkWidth",
+        "nvmlDeviceGetPcieThroughput",
+        "nvmlDeviceGetTotalEnergyConsumption",
+        "nvmlDeviceGetMigMode",
+        "nvmlDeviceGetMaxMigDeviceCount",
+    }
+)
 
 
 PROFILES: Mapping[str, FakeProfile] = MappingProxyType(
@@ -122,6 +175,13 @@ PROFILES: Mapping[str, FakeProfile] = MappingProxyType(
             temperature_idle_c=30.0,
             temperature_max_c=66.0,
         ),
+    }
+)
+PROFILES = MappingProxyType(
+    {
+        **PROFILES,
+        "a100-mig": dataclasses.replace(PROFILES["a100"], mig_instances=_MIG_3G_40GB),
+        "h100-mig": dataclasses.replace(PROFILES["h100"], mig_instances=_MIG_3G_40GB),
     }
 )
 FAKE_PROFILES: tuple[str, ...] = tuple(PROFILES)
@@ -295,9 +355,30 @@ def _check_workload(name: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class _Handle:
-    """A fake ``nvmlDevice_t``."""
+    """A fake ``nvmlDevice_t``: a GPU, or (``mig`` set) the MIG device in that slot."""
 
     index: int
+    mig: int | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _EventSet:
+    """A fake ``nvmlEventSet_t``: per GPU, the event types registered; events to hand out."""
+
+    types: dict[int, int] = dataclass_field(default_factory=dict)
+    handles: dict[int, _Handle] = dataclass_field(default_factory=dict)
+    pending: list[tuple[int, int]] = dataclass_field(default_factory=list)  # (gpu, xid)
+
+
+@dataclass(frozen=True, slots=True)
+class _EventData:
+    """What ``nvmlEventSetWait_v2`` returns (pynvml's ``c_nvmlEventData_t`` fields)."""
+
+    device: _Handle
+    eventType: int  # noqa: N815 — pynvml's field name
+    eventData: int  # noqa: N815 — the XID for nvmlEventTypeXidCriticalError
+    gpuInstanceId: int = 0xFFFFFFFF  # noqa: N815 — not MIG
+    computeInstanceId: int = 0xFFFFFFFF  # noqa: N815
 
 
 @dataclass(slots=True)
@@ -311,10 +392,10 @@ class FakeNvmlLibrary:
     """The subset of ``pynvml`` that Rooftop uses, over simulated GPUs.
 
     Args:
-        profile: a key of ``PROFILES`` (``"h100"``, ``"a100"``).
+        profile: a key of ``PROFILES`` (``"h100"``, ``"a100"``, ``"a100-mig"``, ...).
         gpus: how many GPUs.
-        workloads: one spec for every GPU, or one per GPU (see ``parse_workload``);
-            default idle.
+        workloads: one spec for every GPU, or one per GPU (see ``parse_workload``), or
+            on a MIG profile one per unit (instance); default idle.
         seed: seeds the measurement noise (per GPU), so runs repeat.
         clock: monotonic seconds; share it with the backend so GPM intervals agree.
         driver_missing: ``nvmlInit`` raises ``NVMLError_LibraryNotFound``.
@@ -344,24 +425,33 @@ class FakeNvmlLibrary:
             raise ValueError("gpus must be >= 0")
         self.profile = PROFILES[profile]
         self.gpus = gpus
+        self._per_gpu = max(1, len(self.profile.mig_instances))
+        self.units = gpus * self._per_gpu
         self.driver_missing = driver_missing
         self._clock = clock
         self._noise = noise
         self._lock = threading.RLock()
         self._init_count = 0
-        self._rngs = [random.Random(seed * 1_000_003 + i) for i in range(gpus)]
+        self._rngs = [random.Random(seed * 1_000_003 + i) for i in range(self.units)]
         self._uuids = [
             f"GPU-{uuid.UUID(int=random.Random(f'uuid:{seed}:{i}').getrandbits(128), version=4)}"
             for i in range(gpus)
         ]
+        self._mig_uuids = [
+            f"MIG-{uuid.UUID(int=random.Random(f'mig:{seed}:{u}').getrandbits(128), version=4)}"
+            for u in range(self.units)
+        ]
         self._boot_s = clock()
         if workloads is None:
-            specs: Sequence[str] = ["idle"] * gpus
+            specs: Sequence[str] = ["idle"] * self.units
         elif isinstance(workloads, str):
-            specs = [workloads] * gpus
+            specs = [workloads] * self.units
         else:
             specs = list(workloads)
-            if len(specs) != gpus:
+            if len(specs) == gpus and self.units != gpus:
+                # One per GPU on a MIG profile: every instance of a GPU runs its spec.
+                specs = [spec for spec in specs for _ in range(self._per_gpu)]
+            if len(specs) != self.units:
                 raise ValueError(f"{len(specs)} workloads given for {gpus} GPUs")
         # Per GPU: (start time, workload name or schedule), in time order.
         self._timeline: list[list[tuple[float, str | Schedule]]] = [
@@ -375,6 +465,14 @@ class FakeNvmlLibrary:
         self._gpm_samples: dict[int, _GpmSample] = {}
         self.calls: Counter[str] = Counter()
         self.gpm_intervals: list[tuple[int, float, float]] = []
+        # Health. ECC counts per GPU: [corrected, uncorrected] x [volatile, aggregate];
+        # row remapping per GPU: (corrected, uncorrected, pending, failed).
+        self._ecc: list[dict[tuple[int, int], int]] = [{} for _ in range(gpus)]
+        self._remap: list[tuple[int, int, bool, bool]] = [(0, 0, False, False)] * gpus
+        # XID events: each event set's registered GPUs and its undelivered events. The
+        # condition has its own lock: a waiting event thread must never hold _lock.
+        self._event_cond = threading.Condition()
+        self._event_sets: dict[int, _EventSet] = {}
 
     def __getattr__(self, name: str) -> Any:
         # Constants (NVML_*), ctypes structs (c_*) and error classes (NVMLError*) are
@@ -387,10 +485,10 @@ class FakeNvmlLibrary:
     # -- steering ----------------------------------------------------------------
 
     def set_workload(self, gpu: int, spec: str) -> None:
-        """From now on, run ``spec`` (a workload name or schedule) on ``gpu``."""
+        """From now on, run ``spec`` (a workload name or schedule) on unit ``gpu``."""
         parsed = parse_workload(spec)
         with self._lock:
-            self._gpu(gpu)
+            self._unit(gpu)
             now_s = self._clock()
             timeline = self._timeline[gpu]
             # Keep only what a live GPM sample may still need to integrate over.
@@ -405,8 +503,9 @@ class FakeNvmlLibrary:
             timeline.append((now_s, parsed))
 
     def workload(self, gpu: int) -> str:
-        """The name of the workload running on ``gpu`` now."""
+        """The name of the workload running on unit ``gpu`` now."""
         with self._lock:
+            self._unit(gpu)
             return self._active(gpu, self._clock())[0]
 
     def inject(
@@ -456,6 +555,45 @@ class FakeNvmlLibrary:
                 k: v for k, v in self._metric_errors.items() if gpu is not None and k[0] != gpu
             }
 
+    def raise_xid(self, gpu: int, xid: int) -> None:
+        """Deliver a critical XID event (``79``: fell off the bus) for ``gpu``.
+
+        Every event set that registered ``gpu`` for ``nvmlEventTypeXidCriticalError``
+        gets it; a waiting ``nvmlEventSetWait_v2`` returns it at once.
+        """
+        self._gpu(gpu)
+        with self._event_cond:
+            for event_set in self._event_sets.values():
+                if event_set.types.get(gpu, 0) & pynvml.nvmlEventTypeXidCriticalError:
+                    event_set.pending.append((gpu, xid))
+            self._event_cond.notify_all()
+
+    def add_ecc_errors(self, gpu: int, corrected: int = 0, uncorrected: int = 0) -> None:
+        """Count ECC errors on ``gpu``: volatile and aggregate counters both grow."""
+        with self._lock:
+            self._gpu(gpu)
+            counts = self._ecc[gpu]
+            for kind, n in (
+                (pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, corrected),
+                (pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, uncorrected),
+            ):
+                for counter in (pynvml.NVML_VOLATILE_ECC, pynvml.NVML_AGGREGATE_ECC):
+                    counts[(kind, counter)] = counts.get((kind, counter), 0) + n
+
+    def set_remapped_rows(
+        self,
+        gpu: int,
+        corrected: int = 0,
+        uncorrected: int = 0,
+        *,
+        pending: bool = False,
+        failed: bool = False,
+    ) -> None:
+        """Set what ``nvmlDeviceGetRemappedRows`` answers for ``gpu``."""
+        with self._lock:
+            self._gpu(gpu)
+            self._remap[gpu] = (corrected, uncorrected, pending, failed)
+
     @property
     def live_gpm_samples(self) -> int:
         """GPM sample buffers allocated and not yet freed."""
@@ -475,7 +613,7 @@ class FakeNvmlLibrary:
         """CPU use (% of one core) of a fake GPU process now; None if not running."""
         gpu = pid - FAKE_PID_BASE
         with self._lock:
-            if not 0 <= gpu < self.gpus:
+            if not 0 <= gpu < self.units:
                 return None
             workload = WORKLOADS[self._active(gpu, self._clock())[0]]
             if workload.process_cpu_pct is None:
@@ -511,35 +649,100 @@ class FakeNvmlLibrary:
             return _Handle(index)
 
     def nvmlDeviceGetUUID(self, handle: _Handle) -> str:
-        """``GPU-<uuid>``, stable for a seed."""
+        """``GPU-<uuid>`` (``MIG-<uuid>`` for a MIG device), stable for a seed."""
         with self._lock:
-            return self._uuids[self._check("nvmlDeviceGetUUID", handle)]
+            unit = self._check("nvmlDeviceGetUUID", handle)
+            return self._mig_uuids[unit] if handle.mig is not None else self._uuids[handle.index]
 
     def nvmlDeviceGetName(self, handle: _Handle) -> str:
-        """Product name."""
+        """Product name; a MIG device's names its MIG profile, as NVML does."""
         with self._lock:
             self._check("nvmlDeviceGetName", handle)
+            if handle.mig is not None:
+                return f"{self.profile.name} MIG {self.profile.mig_instances[handle.mig].name}"
             return self.profile.name
+
+    # -- MIG ---------------------------------------------------------------------
+
+    def nvmlDeviceGetMigMode(self, handle: _Handle) -> list[int]:
+        """``[current, pending]``: 1 on a MIG profile, else 0."""
+        with self._lock:
+            self._check("nvmlDeviceGetMigMode", handle)
+            mode = pynvml.NVML_DEVICE_MIG_ENABLE if self.profile.mig_instances else 0
+            return [mode, mode]
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: _Handle) -> int:
+        """MIG device slots: 7 on a MIG-capable GPU (some may be empty)."""
+        with self._lock:
+            self._check("nvmlDeviceGetMaxMigDeviceCount", handle)
+            return _MIG_SLOTS
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, device: _Handle, index: int) -> _Handle:
+        """The MIG device in slot ``index``; NotFound for an empty slot."""
+        with self._lock:
+            self._check("nvmlDeviceGetMigDeviceHandleByIndex", device)
+            if device.mig is not None or not self.profile.mig_instances:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            if not 0 <= index < len(self.profile.mig_instances):
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+            return _Handle(device.index, index)
+
+    def nvmlDeviceIsMigDeviceHandle(self, device: _Handle) -> bool:
+        """Whether ``device`` is a MIG device handle."""
+        with self._lock:
+            self._check("nvmlDeviceIsMigDeviceHandle", device)
+            return device.mig is not None
+
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, migDevice: _Handle) -> _Handle:  # noqa: N803
+        """The parent GPU of a MIG device."""
+        with self._lock:
+            self._check("nvmlDeviceGetDeviceHandleFromMigDeviceHandle", migDevice)
+            if migDevice.mig is None:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            return _Handle(migDevice.index)
+
+    def nvmlDeviceGetGpuInstanceId(self, device: _Handle) -> int:
+        """The GPU instance of a MIG device."""
+        with self._lock:
+            self._check("nvmlDeviceGetGpuInstanceId", device)
+            if device.mig is None:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            return self.profile.mig_instances[device.mig].gpu_instance_id
+
+    def nvmlDeviceGetComputeInstanceId(self, device: _Handle) -> int:
+        """The compute instance of a MIG device (one per GPU instance here: 0)."""
+        with self._lock:
+            self._check("nvmlDeviceGetComputeInstanceId", device)
+            if device.mig is None:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            return 0
 
     def nvmlDeviceGetMemoryInfo(self, handle: _Handle, version: int | None = None) -> Any:
         """Memory info: ``c_nvmlMemory_t``, or ``c_nvmlMemory_v2_t`` given a version."""
         with self._lock:
-            gpu = self._check("nvmlDeviceGetMemoryInfo", handle)
+            unit = self._check("nvmlDeviceGetMemoryInfo", handle)
             p = self.profile
-            used = WORKLOADS[self._active(gpu, self._clock())[0]].mem_used_bytes
-            used += 4 * _MiB if used else 0  # a CUDA context's own allocations
+            total, reserved = p.mem_total_bytes, p.mem_reserved_bytes
+            if handle.mig is not None:
+                total, reserved = p.mig_instances[handle.mig].mem_total_bytes, 0
+                units = [unit]
+            else:
+                # A MIG parent's memory holds every instance's.
+                units = [handle.index * self._per_gpu + k for k in range(self._per_gpu)]
+            used = 0
+            for u in units:
+                used_u = WORKLOADS[self._active(u, self._clock())[0]].mem_used_bytes
+                used += used_u + (4 * _MiB if used_u else 0)  # a CUDA context's own
             if not version:
-                used_v1 = used + p.mem_reserved_bytes  # v1 counts reserved as used
-                return pynvml.c_nvmlMemory_t(
-                    total=p.mem_total_bytes, free=p.mem_total_bytes - used_v1, used=used_v1
-                )
+                used_v1 = used + reserved  # v1 counts reserved as used
+                return pynvml.c_nvmlMemory_t(total=total, free=total - used_v1, used=used_v1)
             if version != pynvml.nvmlMemory_v2:
                 raise pynvml.NVMLError(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
             return pynvml.c_nvmlMemory_v2_t(
                 version=version,
-                total=p.mem_total_bytes,
-                reserved=p.mem_reserved_bytes,
-                free=p.mem_total_bytes - p.mem_reserved_bytes - used,
+                total=total,
+                reserved=reserved,
+                free=total - reserved - used,
                 used=used,
             )
 
@@ -574,6 +777,9 @@ class FakeNvmlLibrary:
         """``c_nvmlUtilization_t``: integer ``gpu`` and ``memory`` percentages."""
         with self._lock:
             gpu = self._check("nvmlDeviceGetUtilizationRates", handle)
+            if self.profile.mig_instances:
+                # NVML has no util rates in MIG mode, on the GPU or on an instance.
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
             w = WORKLOADS[self._active(gpu, self._clock())[0]]
             return pynvml.c_nvmlUtilization_t(
                 gpu=round(self._noisy(gpu, w.busy_pct)),
@@ -616,10 +822,10 @@ class FakeNvmlLibrary:
     ) -> int:
         """GPU temperature in °C through ``nvmlTemperature_t`` (replaces the deprecated call)."""
         with self._lock:
-            self._check("nvmlDeviceGetTemperatureV", handle)
+            unit = self._check("nvmlDeviceGetTemperatureV", handle)
             if version != pynvml.nvmlTemperature_v1:
                 raise pynvml.NVMLError(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
-            return self._temperature_c(handle.index, sensor)
+            return self._temperature_c(unit, sensor)
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: _Handle) -> int:
         """Why clocks are below max now (bitmask of ``nvmlClocksEventReason*``)."""
@@ -638,18 +844,102 @@ class FakeNvmlLibrary:
         with self._lock:
             gpu = self._check("nvmlDeviceGetComputeRunningProcesses", handle)
             w = WORKLOADS[self._active(gpu, self._clock())[0]]
-            if w.process_cpu_pct is None:
+            if w.process_cpu_pct is None or (self.profile.mig_instances and handle.mig is None):
+                # On a MIG profile a process is listed on the instance it runs in.
                 return []
+            mig = self.profile.mig_instances[handle.mig] if handle.mig is not None else None
             return [
                 pynvml.nvmlFriendlyObject(
                     {
                         "pid": self.fake_pid(gpu),
                         "usedGpuMemory": w.mem_used_bytes + 4 * _MiB,
-                        "gpuInstanceId": 0xFFFFFFFF,  # not MIG
-                        "computeInstanceId": 0xFFFFFFFF,
+                        "gpuInstanceId": mig.gpu_instance_id if mig else _NOT_MIG,
+                        "computeInstanceId": 0 if mig else _NOT_MIG,
                     }
                 )
             ]
+
+    # -- health -------------------------------------------------------------------
+
+    def nvmlDeviceGetTotalEccErrors(
+        self,
+        handle: _Handle,
+        errorType: int,  # noqa: N803
+        counterType: int,  # noqa: N803
+    ) -> int:
+        """ECC errors of one kind (corrected / uncorrected) and counter (volatile / aggregate)."""
+        with self._lock:
+            gpu = self._check("nvmlDeviceGetTotalEccErrors", handle)
+            return self._ecc[gpu].get((errorType, counterType), 0)
+
+    def nvmlDeviceGetRemappedRows(self, handle: _Handle) -> tuple[int, int, int, int]:
+        """``(corrRows, uncRows, isPending, failureOccurred)``, as pynvml returns them."""
+        with self._lock:
+            gpu = self._check("nvmlDeviceGetRemappedRows", handle)
+            corrected, uncorrected, pending, failed = self._remap[gpu]
+            return corrected, uncorrected, int(pending), int(failed)
+
+    def nvmlEventSetCreate(self) -> _EventSet:
+        """A new, empty event set."""
+        with self._lock:
+            self._check("nvmlEventSetCreate")
+        event_set = _EventSet()
+        with self._event_cond:
+            self._event_sets[id(event_set)] = event_set
+        return event_set
+
+    def nvmlDeviceRegisterEvents(
+        self,
+        handle: _Handle,
+        eventTypes: int,  # noqa: N803
+        eventSet: _EventSet,  # noqa: N803
+    ) -> None:
+        """Have ``eventSet`` receive ``eventTypes`` events of the GPU."""
+        with self._lock:
+            gpu = self._check("nvmlDeviceRegisterEvents", handle)
+        with self._event_cond:
+            if id(eventSet) not in self._event_sets:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            eventSet.types[gpu] = eventSet.types.get(gpu, 0) | eventTypes
+            eventSet.handles[gpu] = handle
+
+    def nvmlEventSetWait_v2(self, eventSet: _EventSet, timeoutms: int) -> _EventData:  # noqa: N803
+        """The next event, waiting up to ``timeoutms``; ``NVMLError_Timeout`` when none came.
+
+        Not counted in ``calls``: it runs on the backend's event thread at its own pace,
+        and counting it would make ``calls`` race with whatever a test reads in the loop.
+        """
+        deadline_s = time.monotonic() + timeoutms / 1000.0
+        with self._event_cond:
+            while True:
+                if id(eventSet) not in self._event_sets:
+                    raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+                if eventSet.pending:
+                    gpu, xid = eventSet.pending.pop(0)
+                    return _EventData(
+                        device=eventSet.handles[gpu],
+                        eventType=pynvml.nvmlEventTypeXidCriticalError,
+                        eventData=xid,
+                    )
+                left_s = deadline_s - time.monotonic()
+                if left_s <= 0:
+                    raise pynvml.NVMLError(pynvml.NVML_ERROR_TIMEOUT)
+                self._event_cond.wait(left_s)
+
+    def nvmlEventSetFree(self, eventSet: _EventSet) -> None:  # noqa: N803
+        """Free an event set."""
+        with self._lock:
+            self._check("nvmlEventSetFree")
+        with self._event_cond:
+            if self._event_sets.pop(id(eventSet), None) is None:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            self._event_cond.notify_all()
+
+    @property
+    def live_event_sets(self) -> int:
+        """Event sets created and not yet freed."""
+        with self._event_cond:
+            return len(self._event_sets)
 
     # -- slow getters: implemented (and counted) so a test can prove read() avoids them
 
@@ -706,10 +996,26 @@ class FakeNvmlLibrary:
         """Record ``device``'s counters now into ``gpmSample``."""
         with self._lock:
             gpu = self._check("nvmlGpmSampleGet", device)
-            if not self.profile.has_gpm:
+            # The fake models GPM in MIG mode per GPU instance only (nvmlGpmMigSampleGet).
+            if not self.profile.has_gpm or self.profile.mig_instances:
                 raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
             sample = self._sample(gpmSample)
             sample.gpu, sample.time_s = gpu, self._clock()
+            return gpmSample
+
+    def nvmlGpmMigSampleGet(self, device: _Handle, gpuInstanceId: int, gpmSample: Any) -> Any:  # noqa: N803
+        """Record the counters of GPU instance ``gpuInstanceId`` of ``device`` now."""
+        with self._lock:
+            self._check("nvmlGpmMigSampleGet", device)
+            if not self.profile.has_gpm:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            slots = [k for k, m in enumerate(self.profile.mig_instances)
+                     if m.gpu_instance_id == gpuInstanceId]
+            if device.mig is not None or not slots:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            sample = self._sample(gpmSample)
+            sample.gpu = device.index * self._per_gpu + slots[0]
+            sample.time_s = self._clock()
             return gpmSample
 
     def nvmlGpmMetricsGet(self, metricsGet: Any) -> Any:  # noqa: N803
@@ -725,7 +1031,7 @@ class FakeNvmlLibrary:
                 raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
             gpu = s1.gpu
             # Injected errors apply to the GPU the samples came from.
-            self._raise_injected(gpu, "nvmlGpmMetricsGet")
+            self._raise_injected(gpu // self._per_gpu, "nvmlGpmMetricsGet")
             self.gpm_intervals.append((gpu, s1.time_s, s2.time_s))
             means = self._mean(gpu, s1.time_s, s2.time_s)
             link = self.profile.pcie_link_bytes_per_s
@@ -752,6 +1058,10 @@ class FakeNvmlLibrary:
         if not 0 <= gpu < self.gpus:
             raise ValueError(f"no fake GPU {gpu} (there are {self.gpus})")
 
+    def _unit(self, unit: int) -> None:
+        if not 0 <= unit < self.units:
+            raise ValueError(f"no fake GPU or MIG instance {unit} (there are {self.units})")
+
     @staticmethod
     def _error_code(error: str | int) -> int:
         if isinstance(error, int):
@@ -761,20 +1071,29 @@ class FakeNvmlLibrary:
         return _ERRORS[error]
 
     def _check(self, fn_name: str, handle: _Handle | None = None, *, gpu: int | None = None) -> int:
-        """Count the call, enforce init, validate the handle, raise injected errors."""
+        """Count the call, enforce init, validate the handle, raise injected errors.
+
+        Returns the unit the handle addresses (the GPU; on a MIG profile an instance,
+        the first one for the GPU's own handle); -1 for a call on no device.
+        """
         self.calls[fn_name] += 1
         if self._init_count <= 0:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_UNINITIALIZED)
+        mig = None
         if handle is not None:
             if not isinstance(handle, _Handle):
                 raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-            gpu = handle.index
+            gpu, mig = handle.index, handle.mig
         if gpu is None:
             return -1
         if not 0 <= gpu < self.gpus:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if mig is not None and not 0 <= mig < len(self.profile.mig_instances):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         self._raise_injected(gpu, fn_name)
-        return gpu
+        if mig is not None and fn_name in _BOARD_ONLY:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return gpu * self._per_gpu + (mig or 0)
 
     def _raise_injected(self, gpu: int, fn_name: str) -> None:
         key = (gpu, fn_name) if (gpu, fn_name) in self._injected else (gpu, "*")
@@ -884,7 +1203,7 @@ def fake_backend(
     """The real ``NvmlBackend`` over a ``FakeNvmlLibrary``.
 
     Args:
-        profile: ``"h100"`` or ``"a100"``.
+        profile: ``"h100"``, ``"a100"``, or in MIG mode ``"h100-mig"``, ``"a100-mig"``.
         gpus: how many GPUs.
         workloads: one spec for all GPUs or one per GPU (``"gemv"``,
             ``"gemv:2,gemm:2"``, ...); default idle.

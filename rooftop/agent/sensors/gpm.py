@@ -105,6 +105,8 @@ class GpmSampler:
             maps NotSupported to ``None`` and GpuIsLost to ``DeviceLost``).
         clock: monotonic seconds; injectable for tests.
         min_interval_s: the smallest gap between the two samples of a computation.
+        gpu_instance_id: sample this MIG GPU instance of ``handle`` (the parent GPU)
+            with ``nvmlGpmMigSampleGet``, instead of the whole GPU.
     """
 
     def __init__(
@@ -115,8 +117,10 @@ class GpmSampler:
         call: NvmlCall = _direct_call,
         clock: Clock = time.monotonic,
         min_interval_s: float = GPM_MIN_INTERVAL_S,
+        gpu_instance_id: int | None = None,
     ) -> None:
         self._nvml = nvml
+        self._gpu_instance_id = gpu_instance_id
         self._handle = handle
         self._call = call
         self._clock = clock
@@ -165,7 +169,11 @@ class GpmSampler:
                 return None if last is None else dataclasses.replace(last, stale=True)
             older = self._newest
             newer = 1 - older
-            got = self._call(self._nvml.nvmlGpmSampleGet, self._handle, self._samples[newer])
+            if self._gpu_instance_id is None:
+                got = self._call(self._nvml.nvmlGpmSampleGet, self._handle, self._samples[newer])
+            else:
+                got = self._call(self._nvml.nvmlGpmMigSampleGet, self._handle,
+                                 self._gpu_instance_id, self._samples[newer])
             if got is None:
                 # No sample: the buffers no longer hold a usable pair; start over.
                 self._newest_time_s = None

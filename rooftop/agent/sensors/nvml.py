@@ -19,6 +19,14 @@ H100) and one GPM sample (43-258 µs). Slow calls — ``nvmlDeviceGetPcieThrough
 (21.7 ms: it measures a 20 ms window), process utilization (2.5-5.5 ms), total energy
 (6 ms) — are never made here; PCIe rates come from GPM. Nothing shells out to
 ``nvidia-smi``.
+
+MIG: a GPU in MIG mode is listed with ``mig_mode`` set, followed by one device per MIG
+instance (``nvmlDeviceGetMigDeviceHandleByIndex``), named by its ``MIG-...`` UUID and
+read with ``read(gpu_index, time_s, mig_uuid=...)``. An instance answers util rates
+(NotSupported on A100 and H100), memory and processes; board-level figures (power,
+clocks, temperature, PCIe) belong to the parent. On Hopper+ GPM is sampled per GPU
+instance (``nvmlGpmMigSampleGet`` on the parent handle); the parent in MIG mode runs
+no GPM of its own, its activity being its instances'.
 """
 
 from __future__ import annotations
@@ -38,10 +46,11 @@ import pynvml
 
 from rooftop.agent.sensors.base import Clock, GpuInfo
 from rooftop.agent.sensors.gpm import GpmSampler
+from rooftop.agent.sensors.xid import XidWatcher
 from rooftop.common.errors import DeviceInaccessible, DeviceLost, NvmlUnavailable, SensorError
 from rooftop.common.model import GpuProcess, GpuSample
 
-__all__ = ["RETRY_NEWER_S", "NvmlBackend", "map_nvml_errors"]
+__all__ = ["HEALTH_EVERY_S", "RETRY_NEWER_S", "NvmlBackend", "map_nvml_errors"]
 
 T = TypeVar("T")
 
@@ -76,6 +85,16 @@ _PERMANENT_CODES = frozenset(
 # long enough that a persisting error costs one extra call per GPU every 10 s, short
 # enough that a window or two later the better figure is back.
 RETRY_NEWER_S = 10.0
+# ECC and row-remap counters are read this often per GPU, not every tick: they change
+# on a scale of hours, and five more calls per GPU per tick would buy nothing.
+HEALTH_EVERY_S = 5.0
+# (GpuSample field, nvmlMemoryErrorType_t, nvmlEccCounterType_t) by pynvml constant name.
+_ECC_COUNTERS = (
+    ("ecc_corrected_volatile", "NVML_MEMORY_ERROR_TYPE_CORRECTED", "NVML_VOLATILE_ECC"),
+    ("ecc_uncorrected_volatile", "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", "NVML_VOLATILE_ECC"),
+    ("ecc_corrected_aggregate", "NVML_MEMORY_ERROR_TYPE_CORRECTED", "NVML_AGGREGATE_ECC"),
+    ("ecc_uncorrected_aggregate", "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", "NVML_AGGREGATE_ECC"),
+)
 
 _INIT_MESSAGES = {
     pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: (
@@ -150,6 +169,7 @@ class _Device:
     lost_detail: str | None = None  # set when the GPU was lost at startup
     inaccessible: str | None = None  # NVML's error name when this user may not open it
     newer: dict[str, _Newer] = field(default_factory=dict)  # keyed by API ("memory", ...)
+    parent_handle: Any = None  # a MIG instance's parent GPU: GPM is sampled through it
 
 
 class NvmlBackend:
@@ -160,12 +180,17 @@ class NvmlBackend:
             as ``rooftop.agent.sensors.fake.FakeNvmlLibrary``; it must raise
             ``pynvml.NVMLError`` instances.
         clock: monotonic seconds, used to space GPM samples; injectable for tests.
+        xid_events: wait for critical XID events on a thread of their own
+            (``rooftop.agent.sensors.xid``); off for a caller that times every NVML
+            call of the loop and must not see the thread's blocking waits.
 
     Raises:
         NvmlUnavailable: no driver or library, or NVML init failed.
     """
 
-    def __init__(self, nvml: Any = None, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, nvml: Any = None, clock: Clock = time.monotonic, *, xid_events: bool = True
+    ) -> None:
         self._nvml: Any = pynvml if nvml is None else nvml
         self._clock = clock
         self._errors: Counter[tuple[str, str]] = Counter()
@@ -177,12 +202,38 @@ class NvmlBackend:
             with map_nvml_errors():
                 count = int(self._nvml.nvmlDeviceGetCount())
             self._devices = tuple(self._open(i) for i in range(count))
+            # MIG instances, by MIG UUID, in enumeration order under their parent.
+            self._mig: dict[str, _Device] = {}
+            for parent in self._devices:
+                if parent.info.mig_mode:
+                    for instance in self._open_mig(parent):
+                        self._mig[instance.info.mig_uuid] = instance
         except BaseException:
             # Init is reference-counted: a failed constructor must not leak a count.
             with contextlib.suppress(pynvml.NVMLError):
                 self._nvml.nvmlShutdown()
             raise
-        self._infos = tuple(d.info for d in self._devices)
+        self._infos = self._all_infos()
+        # ECC and row-remap counters change rarely: read every HEALTH_EVERY_S, per GPU.
+        self._health_cache: dict[int, tuple[float, dict[str, Any]]] = {}
+        self._xid: XidWatcher | None = None
+        if xid_events:
+            readable = [
+                (d.info.gpu_index, d.handle)
+                for d in self._devices
+                if d.handle is not None and d.lost_detail is None and d.inaccessible is None
+            ]
+            self._xid = XidWatcher(self._nvml, readable, self._attempt, self._count_error)
+
+    def _all_infos(self) -> tuple[GpuInfo, ...]:
+        """Every device in index order, each MIG parent followed by its instances."""
+        out: list[GpuInfo] = []
+        for device in self._devices:
+            out.append(device.info)
+            out.extend(
+                m.info for m in self._mig.values() if m.info.gpu_index == device.info.gpu_index
+            )
+        return tuple(out)
 
     @property
     def library(self) -> Any:
@@ -302,7 +353,10 @@ class NvmlBackend:
             name = _text(call(nvml.nvmlDeviceGetName, handle))
             device.info = GpuInfo(gpu_index, uuid, name, False)
             memory = self._memory_info(device)
-            self._start_gpm(device)
+            mig_mode = _mig_enabled(call(getattr(nvml, "nvmlDeviceGetMigMode", _no_mig), handle))
+            if not mig_mode:
+                # In MIG mode GPM is read per GPU instance (see the module docstring).
+                self._start_gpm(device)
             device.info = GpuInfo(
                 gpu_index=gpu_index,
                 gpu_uuid=uuid,
@@ -311,6 +365,7 @@ class NvmlBackend:
                 mem_total_bytes=int(memory.total) if memory is not None else None,
                 pcie_link_gen_max=_int(call(nvml.nvmlDeviceGetMaxPcieLinkGeneration, handle)),
                 pcie_link_width_max=_int(call(nvml.nvmlDeviceGetMaxPcieLinkWidth, handle)),
+                mig_mode=mig_mode,
             )
         except DeviceLost as err:
             if device.gpm is not None:
@@ -319,9 +374,56 @@ class NvmlBackend:
             device.lost_detail = str(err)
         return device
 
+    def _open_mig(self, parent: _Device) -> list[_Device]:
+        """The MIG instances of ``parent`` (a GPU in MIG mode); none if it was lost."""
+        nvml, call, handle = self._nvml, parent.call, parent.handle
+        out: list[_Device] = []
+        try:
+            slots = _int(call(nvml.nvmlDeviceGetMaxMigDeviceCount, handle)) or 0
+            for slot in range(slots):
+                mig_handle = call(_mig_handle, nvml, handle, slot)
+                if mig_handle is None:
+                    continue  # an empty slot: instances need not be contiguous
+                mig_uuid = _text(call(nvml.nvmlDeviceGetUUID, mig_handle))
+                if not mig_uuid:
+                    continue  # without its UUID the instance cannot be named or read
+                info = GpuInfo(
+                    gpu_index=parent.info.gpu_index,
+                    gpu_uuid=parent.info.gpu_uuid,
+                    gpu_name=_text(call(nvml.nvmlDeviceGetName, mig_handle)),
+                    has_gpm=False,
+                    mig_uuid=mig_uuid,
+                    gpu_instance_id=_int(call(nvml.nvmlDeviceGetGpuInstanceId, mig_handle)),
+                    compute_instance_id=_int(
+                        call(nvml.nvmlDeviceGetComputeInstanceId, mig_handle)
+                    ),
+                )
+                device = _Device(info, mig_handle, call, parent_handle=handle)
+                memory = self._memory_info(device)
+                self._start_gpm(device)
+                device.info = dataclasses.replace(
+                    info,
+                    has_gpm=device.gpm is not None,
+                    mem_total_bytes=int(memory.total) if memory is not None else None,
+                )
+                out.append(device)
+        except DeviceLost:
+            for device in out:
+                if device.gpm is not None:
+                    device.gpm.close()
+            parent.lost_detail = parent.lost_detail or "lost while listing its MIG instances"
+            return []
+        return out
+
     def _start_gpm(self, device: _Device) -> None:
         """Set up GPM if the GPU has it; after a transient error, plan to ask again."""
         nvml, handle = self._nvml, device.handle
+        gpu_instance_id: int | None = None
+        if device.parent_handle is not None:
+            # A MIG instance: GPM is per GPU instance, sampled through the parent.
+            handle, gpu_instance_id = device.parent_handle, device.info.gpu_instance_id
+            if gpu_instance_id is None or not hasattr(nvml, "nvmlGpmMigSampleGet"):
+                return
         device.gpm_retry_at_s = None
         query = getattr(nvml, "nvmlGpmQueryDeviceSupport", None)
         if query is None:
@@ -335,7 +437,9 @@ class NvmlBackend:
             return
         if not support.isSupportedDevice:
             return
-        gpm = GpmSampler(nvml, handle, call=device.call, clock=self._clock)
+        gpm = GpmSampler(
+            nvml, handle, call=device.call, clock=self._clock, gpu_instance_id=gpu_instance_id
+        )
         if not gpm.usable:
             gpm.close()
             return
@@ -350,20 +454,24 @@ class NvmlBackend:
         self._start_gpm(device)
         if device.gpm is not None:
             device.info = dataclasses.replace(device.info, has_gpm=True)
-            self._infos = tuple(d.info for d in self._devices)
+            self._infos = self._all_infos()
 
     def devices(self) -> tuple[GpuInfo, ...]:
-        """The GPUs on this host, in index order (read once, at construction)."""
+        """The GPUs on this host, in index order, each MIG parent followed by its instances.
+
+        Read once, at construction.
+        """
         return self._infos
 
     # -- the fast loop -----------------------------------------------------------
 
-    def read(self, gpu_index: int, time_s: float) -> GpuSample:
+    def read(self, gpu_index: int, time_s: float, mig_uuid: str = "") -> GpuSample:
         """One consistent snapshot of ``gpu_index``, stamped ``time_s`` (epoch seconds).
 
         Args:
-            gpu_index: NVML index of the GPU.
+            gpu_index: NVML index of the GPU (a MIG instance's parent).
             time_s: the sample's timestamp (Unix epoch seconds).
+            mig_uuid: read this MIG instance of ``gpu_index`` instead of the GPU.
 
         Returns:
             The sample; fields the GPU cannot measure are ``None``. GPM fields are
@@ -384,6 +492,11 @@ class NvmlBackend:
             raise DeviceLost(gpu_index, device.lost_detail)
         if device.inaccessible is not None:
             raise DeviceInaccessible(gpu_index, device.inaccessible)
+        if mig_uuid:
+            instance = self._mig.get(mig_uuid)
+            if instance is None or instance.info.gpu_index != gpu_index:
+                raise SensorError(f"no MIG instance {mig_uuid} on GPU {gpu_index}")
+            return self._read_mig(instance, time_s)
         nvml, call, handle = self._nvml, device.call, device.handle
 
         self._retry_gpm(device)
@@ -425,7 +538,77 @@ class NvmlBackend:
             clock_event_reasons=reasons,
             processes=_processes(processes),
             gpm_stale=gpm.stale if gpm else False,
+            **self._health(device),
         )
+
+    def _read_mig(self, device: _Device, time_s: float) -> GpuSample:
+        """A MIG instance's snapshot: activity and memory only (the rest is the parent's)."""
+        nvml, call, handle, info = self._nvml, device.call, device.handle, device.info
+        self._retry_gpm(device)
+        gpm = device.gpm.read() if device.gpm is not None else None
+        # NotSupported on A100 and H100 instances alike; asked so a driver that adds it
+        # is used, and absent (never 0) until then.
+        util = call(nvml.nvmlDeviceGetUtilizationRates, handle)
+        memory = self._memory_info(device)
+        processes = self._compute_processes(device)
+        return GpuSample(
+            time_s=time_s,
+            gpu_index=info.gpu_index,
+            gpu_uuid=info.gpu_uuid,
+            gpu_name=info.gpu_name,
+            busy_pct=_float(util.gpu) if util is not None else None,
+            mem_ctrl_pct=_float(util.memory) if util is not None else None,
+            sm_active_pct=gpm.sm_active_pct if gpm else None,
+            sm_occupancy_pct=gpm.sm_occupancy_pct if gpm else None,
+            tensor_active_pct=gpm.tensor_active_pct if gpm else None,
+            fp16_active_pct=gpm.fp16_active_pct if gpm else None,
+            fp32_active_pct=gpm.fp32_active_pct if gpm else None,
+            fp64_active_pct=gpm.fp64_active_pct if gpm else None,
+            dram_bw_pct=gpm.dram_bw_pct if gpm else None,
+            mem_used_bytes=int(memory.used) if memory is not None else None,
+            mem_total_bytes=int(memory.total) if memory is not None else info.mem_total_bytes,
+            processes=_processes(processes),
+            gpm_stale=gpm.stale if gpm else False,
+            mig_uuid=info.mig_uuid,
+            gpu_instance_id=info.gpu_instance_id,
+            compute_instance_id=info.compute_instance_id,
+        )
+
+    def xid_tally(self, gpu_index: int) -> tuple[tuple[int, ...], int | None]:
+        """Critical XID codes seen on ``gpu_index`` and their count (None: not watched).
+
+        Also for a GPU that can no longer be read: XID 79 comes just before NVML
+        calls the GPU lost, and the sampler's lost sample must still say so.
+        """
+        return self._xid.tally(gpu_index) if self._xid is not None else ((), None)
+
+    def _health(self, device: _Device) -> dict[str, Any]:
+        """The GpuSample health fields: XIDs now, ECC / row remapping as last read."""
+        gpu_index = device.info.gpu_index
+        codes, count = self.xid_tally(gpu_index)
+        now_s = self._clock()
+        cached = self._health_cache.get(gpu_index)
+        if cached is None or now_s - cached[0] >= HEALTH_EVERY_S:
+            cached = (now_s, self._read_health_counters(device))
+            self._health_cache[gpu_index] = cached
+        return {"xid_codes": codes, "xid_count": count, **cached[1]}
+
+    def _read_health_counters(self, device: _Device) -> dict[str, Any]:
+        nvml, call, handle = self._nvml, device.call, device.handle
+        out: dict[str, Any] = {}
+        ecc = getattr(nvml, "nvmlDeviceGetTotalEccErrors", None)
+        if ecc is not None:
+            for name, kind, counter in _ECC_COUNTERS:
+                out[name] = _int(call(ecc, handle, getattr(nvml, kind), getattr(nvml, counter)))
+        remapped = getattr(nvml, "nvmlDeviceGetRemappedRows", None)
+        rows = call(remapped, handle) if remapped is not None else None
+        if rows is not None:
+            corrected, uncorrected, pending, failed = rows
+            out["remapped_rows_corrected"] = int(corrected)
+            out["remapped_rows_uncorrected"] = int(uncorrected)
+            out["remap_pending"] = bool(pending)
+            out["remap_failed"] = bool(failed)
+        return out
 
     def _memory_info(self, device: _Device) -> Any:
         nvml, handle = self._nvml, device.handle
@@ -480,9 +663,11 @@ class NvmlBackend:
         if self._closed:
             return
         self._closed = True
-        for device in self._devices:
+        for device in (*self._devices, *self._mig.values()):
             if device.gpm is not None:
                 device.gpm.close()
+        if self._xid is not None:
+            self._xid.close()  # its event set goes before NVML does
         # Shutdown is reference-counted in NVML; a failure here changes nothing.
         with contextlib.suppress(pynvml.NVMLError):
             self._nvml.nvmlShutdown()
@@ -499,6 +684,33 @@ def _error_name(err: Exception) -> str:
     if isinstance(err, pynvml.NVMLError) and type(err) is pynvml.NVMLError:
         return f"{name}({err.value})"
     return name
+
+
+def _no_mig(handle: Any) -> None:
+    """Stands in for ``nvmlDeviceGetMigMode`` in a library without it: no MIG."""
+    return None
+
+
+def _mig_enabled(mode: Any) -> bool:
+    """Whether ``nvmlDeviceGetMigMode``'s [current, pending] says MIG is on now."""
+    if mode is None:
+        return False
+    current = mode[0] if isinstance(mode, (list, tuple)) else mode
+    return bool(int(current) == pynvml.NVML_DEVICE_MIG_ENABLE)
+
+
+def _mig_handle(nvml: Any, parent: Any, slot: int) -> Any:
+    """The MIG device in ``slot`` of ``parent``; ``None`` for an empty slot.
+
+    NotFound is NVML's ordinary answer for a slot no instance occupies, so it is no
+    error to count or log.
+    """
+    try:
+        return nvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, slot)
+    except pynvml.NVMLError as err:
+        if err.value == pynvml.NVML_ERROR_NOT_FOUND:
+            return None
+        raise
 
 
 def _text(value: Any) -> str:

@@ -41,7 +41,11 @@ function                                               since    first nvml.h
 ``...GetUtilizationRates``, ``...GetClockInfo``,
 ``...GetPowerUsage``, ``...GetTemperature``,
 ``...GetCurrentClocksThrottleReasons``,
-``...GetComputeRunningProcesses`` (v1 struct)
+``...GetTotalEccErrors``, ``...GetRemappedRows``,
+``nvmlEventSetCreate``, ``...RegisterEvents``,
+``nvmlEventSetWait_v2``, ``nvmlEventSetFree``,
+``...GetComputeRunningProcesses`` (v1 struct),
+``...GetMigMode`` (MIG came with the A100, R450)
 ``nvmlDeviceGetComputeRunningProcesses_v2``            R455     CUDA 11.1 (7dce688)
 ``nvmlDeviceGetMemoryInfo_v2``,                        R510     CUDA 11.6 (7dd9b38)
 ``nvmlDeviceGetComputeRunningProcesses_v3``
@@ -160,7 +164,14 @@ NVML_FUNCTIONS: Mapping[str, NvmlFunction] = MappingProxyType(
             "nvmlDeviceGetPowerUsage",
             "nvmlDeviceGetTemperature",
             "nvmlDeviceGetCurrentClocksThrottleReasons",
+            "nvmlDeviceGetTotalEccErrors",
+            "nvmlDeviceGetRemappedRows",
+            "nvmlEventSetCreate",
+            "nvmlDeviceRegisterEvents",
+            "nvmlEventSetWait_v2",
+            "nvmlEventSetFree",
             "nvmlDeviceGetComputeRunningProcesses",
+            "nvmlDeviceGetMigMode",
         ),
         **_functions(455, "11.1", "nvmlDeviceGetComputeRunningProcesses_v2"),
         **_functions(
@@ -229,6 +240,16 @@ class _Memory_v2(ctypes.Structure):  # nvmlMemory_v2_t
         ("reserved", ctypes.c_ulonglong),
         ("free", ctypes.c_ulonglong),
         ("used", ctypes.c_ulonglong),
+    ]
+
+
+class _EventData(ctypes.Structure):  # nvmlEventData_t (CUDA 11.0 header, 695db45)
+    _fields_ = [
+        ("device", ctypes.c_void_p),
+        ("eventType", ctypes.c_ulonglong),
+        ("eventData", ctypes.c_ulonglong),
+        ("gpuInstanceId", ctypes.c_uint),
+        ("computeInstanceId", ctypes.c_uint),
     ]
 
 
@@ -403,6 +424,9 @@ class NvmlLibraryStandIn:
         self._callbacks: list[Any] = []  # ctypes must keep each callback alive
         self._device_structs: dict[int, ctypes.Array[ctypes.c_char]] = {}
         self._handles: dict[int, Any] = {}  # device struct address -> the model's handle
+        # nvmlEventSet_t address -> the model's event set (and the buffer it points at)
+        self._event_sets: dict[int, Any] = {}
+        self._event_structs: dict[int, ctypes.Array[ctypes.c_char]] = {}
         self._error_strings: dict[int, ctypes.Array[ctypes.c_char]] = {}
 
     @property
@@ -552,6 +576,14 @@ class NvmlLibraryStandIn:
     def _c_nvmlDeviceGetCurrPcieLinkWidth(self, device: int | None, width: int | None) -> None:
         self._uint(width, self.model.nvmlDeviceGetCurrPcieLinkWidth(self._device(device)))
 
+    @_c_function(_PTR, _PTR, _PTR)
+    def _c_nvmlDeviceGetMigMode(
+        self, device: int | None, current: int | None, pending: int | None
+    ) -> None:
+        mode = self.model.nvmlDeviceGetMigMode(self._device(device))
+        self._uint(current, mode[0])
+        self._uint(pending, mode[1])
+
     # -- the fast getters --------------------------------------------------------
 
     @_c_function(_PTR, _PTR)
@@ -641,6 +673,74 @@ class NvmlLibraryStandIn:
         self, device: int | None, count: int | None, infos: int | None
     ) -> None:
         self._processes(device, count, infos, _ProcessInfo_v2)
+
+    # -- health: ECC, row remapping, XID events ----------------------------------
+
+    @_c_function(_PTR, _UINT, _UINT, _PTR)
+    def _c_nvmlDeviceGetTotalEccErrors(
+        self, device: int | None, error_type: int, counter_type: int, count: int | None
+    ) -> None:
+        value = self.model.nvmlDeviceGetTotalEccErrors(
+            self._device(device), error_type, counter_type
+        )
+        _at(count, ctypes.c_ulonglong).value = value
+
+    @_c_function(_PTR, _PTR, _PTR, _PTR, _PTR)
+    def _c_nvmlDeviceGetRemappedRows(
+        self,
+        device: int | None,
+        corrected: int | None,
+        uncorrected: int | None,
+        pending: int | None,
+        failed: int | None,
+    ) -> None:
+        rows = self.model.nvmlDeviceGetRemappedRows(self._device(device))
+        for address, value in zip((corrected, uncorrected, pending, failed), rows, strict=True):
+            self._uint(address, value)
+
+    def _event_set(self, address: int | None) -> Any:
+        event_set = self._event_sets.get(address) if address else None
+        if event_set is None:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return event_set
+
+    @_c_function(_PTR)
+    def _c_nvmlEventSetCreate(self, out: int | None) -> None:
+        target = _at(out, ctypes.c_void_p)
+        event_set = self.model.nvmlEventSetCreate()
+        # The opaque nvmlEventSet_t points at a struct of the driver's: a buffer here.
+        struct = ctypes.create_string_buffer(8)
+        address = ctypes.addressof(struct)
+        self._event_sets[address] = event_set
+        self._event_structs[address] = struct
+        target.value = address
+
+    @_c_function(_PTR, ctypes.c_ulonglong, _PTR)
+    def _c_nvmlDeviceRegisterEvents(
+        self, device: int | None, event_types: int, event_set: int | None
+    ) -> None:
+        self.model.nvmlDeviceRegisterEvents(
+            self._device(device), event_types, self._event_set(event_set)
+        )
+
+    @_c_function(_PTR, _PTR, _UINT)
+    def _c_nvmlEventSetWait_v2(
+        self, event_set: int | None, data: int | None, timeout_ms: int
+    ) -> None:
+        out = _at(data, _EventData)
+        got = self.model.nvmlEventSetWait_v2(self._event_set(event_set), timeout_ms)
+        out.device = self._device_address(got.device.index, got.device)
+        out.eventType = got.eventType
+        out.eventData = got.eventData
+        out.gpuInstanceId = got.gpuInstanceId
+        out.computeInstanceId = got.computeInstanceId
+
+    @_c_function(_PTR)
+    def _c_nvmlEventSetFree(self, event_set: int | None) -> None:
+        self.model.nvmlEventSetFree(self._event_set(event_set))
+        assert event_set is not None  # _event_set refused NULL
+        del self._event_sets[event_set]
+        self._event_structs.pop(event_set, None)
 
     # -- GPM ---------------------------------------------------------------------
 

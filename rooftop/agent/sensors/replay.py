@@ -49,19 +49,20 @@ class ReplayBackend:
         ``node`` (the agent id) seeds the UUID of a GPU recorded without a real one;
         when empty, the recording's file name does.
         """
-        by_gpu: dict[int, list[GpuSample]] = {}
+        # By device: a GPU, or one MIG instance of it (its index is the parent's).
+        by_gpu: dict[tuple[int, str], list[GpuSample]] = {}
         for record in trace.records:
             if isinstance(record, GpuSample):
-                by_gpu.setdefault(record.gpu_index, []).append(record)
+                by_gpu.setdefault((record.gpu_index, record.mig_uuid), []).append(record)
         if not by_gpu:
             raise SensorError(f"{trace.path}: the recording holds no GPU samples to replay")
         seed = node or trace.path.name
-        for index, samples in by_gpu.items():
+        for key, samples in by_gpu.items():
             if any(_is_placeholder(s.gpu_uuid) for s in samples):
                 # One identity per GPU: a real UUID recorded for it anywhere wins.
                 real = (s.gpu_uuid for s in samples if not _is_placeholder(s.gpu_uuid))
-                own = next(real, None) or replay_gpu_uuid(seed, index)
-                by_gpu[index] = [
+                own = next(real, None) or replay_gpu_uuid(seed, key[0])
+                by_gpu[key] = [
                     dataclasses.replace(s, gpu_uuid=own) if _is_placeholder(s.gpu_uuid) else s
                     for s in samples
                 ]
@@ -79,9 +80,9 @@ class ReplayBackend:
         self.source = str(trace.path)
 
     def devices(self) -> tuple[GpuInfo, ...]:
-        """One GpuInfo per GPU in the recording."""
+        """One GpuInfo per GPU (and MIG instance) in the recording."""
         infos = []
-        for index, samples in self._samples.items():
+        for (index, mig_uuid), samples in self._samples.items():
             first = samples[0]
             infos.append(
                 GpuInfo(
@@ -92,6 +93,9 @@ class ReplayBackend:
                     mem_total_bytes=first.mem_total_bytes,
                     pcie_link_gen_max=first.pcie_link_gen,
                     pcie_link_width_max=first.pcie_link_width,
+                    mig_uuid=mig_uuid,
+                    gpu_instance_id=first.gpu_instance_id,
+                    compute_instance_id=first.compute_instance_id,
                 )
             )
         return tuple(infos)
@@ -104,12 +108,17 @@ class ReplayBackend:
             elapsed %= self._duration_s
         return min(elapsed, self._duration_s)
 
-    def read(self, gpu_index: int, time_s: float) -> GpuSample:
-        """The recorded sample at the same offset into the recording, stamped ``time_s``."""
+    def read(self, gpu_index: int, time_s: float, mig_uuid: str = "") -> GpuSample:
+        """The recorded sample at the same offset into the recording, stamped ``time_s``.
+
+        ``mig_uuid`` picks one recorded MIG instance of ``gpu_index``.
+        """
+        key = (gpu_index, mig_uuid)
         try:
-            samples, times = self._samples[gpu_index], self._times[gpu_index]
+            samples, times = self._samples[key], self._times[key]
         except KeyError:
-            raise SensorError(f"GPU {gpu_index} is not in the recording") from None
+            what = f"MIG instance {mig_uuid} of GPU {gpu_index}" if mig_uuid else f"GPU {gpu_index}"
+            raise SensorError(f"{what} is not in the recording") from None
         self._last_read_s = time_s
         at = self._t0 + self._offset_s(time_s)
         i = max(0, bisect.bisect_right(times, at) - 1)
@@ -133,7 +142,7 @@ class ReplayBackend:
         else:
             spans = [(lo, hi)]
         # A one-GPU recording's engine ran on that GPU: say so, as explicit config would.
-        sole = tuple(self._samples) if len(self._samples) == 1 else ()
+        sole = tuple(i for i, _ in self._samples) if len(self._samples) == 1 else ()
         return [
             dataclasses.replace(e, time_s=now_s, gpu_indices=e.gpu_indices or sole)
             for a, b in spans

@@ -187,7 +187,7 @@ def test_at_10_hz_with_jitter_no_reading_enters_a_window_twice(clock):
     for _ in range(100):
         clock.advance(0.1 + rng.uniform(-0.005, 0.005))
         samples += [r for r in sampler.tick() if isinstance(r, GpuSample)]
-    (window,) = build_windows(samples)[0]
+    (window,) = build_windows(samples)[0, ""]
     in_window = [(t.dram_pct, t.compute_pct, t.sm_active_pct) for t in window.ticks]
     assert len(in_window) == len(set(in_window))  # before the fix: a third were repeats
     assert len(in_window) == len(lib.gpm_intervals)  # one tick per fresh computation

@@ -487,7 +487,7 @@ def test_no_permission_gpu_is_inaccessible_not_lost(clock, caplog):
             clock.advance(0.2)
             records += sampler.tick()
     windows = build_windows(records)
-    good, denied = classify(windows[0][0]), classify(windows[1][0])
+    good, denied = classify(windows[0, ""][0]), classify(windows[1, ""][0])
     assert good.verdict is Bound.COMPUTE
     assert "GPU 1 is not accessible to this user (NVML NO_PERMISSION)" in denied.rule
     assert "/dev/nvidia1" in denied.rule
@@ -508,7 +508,7 @@ def test_lost_gpu_still_advises_a_reset(clock):
     lib = FakeNvmlLibrary("h100", gpus=1, workloads="gemm", clock=clock)
     lib.inject(0, "nvmlDeviceGetHandleByIndex", "gpu_is_lost")
     sampler = Sampler(backend_over(lib, clock), clock=lambda: 1.7e9 + clock())
-    (window,) = build_windows(sampler.tick())[0]
+    (window,) = build_windows(sampler.tick())[0, ""]
     v = classify(window)
     assert v.verdict is Bound.LOST and "GpuIsLost" in v.rule
     assert any("reset" in r for r in v.recommendations)

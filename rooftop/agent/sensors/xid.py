@@ -1,0 +1,189 @@
+"""Critical XID errors from NVML events, on their own thread, never in the sampling loop.
+
+``XidWatcher`` registers every GPU for ``nvmlEventTypeXidCriticalError`` in one NVML
+event set and waits on it (``nvmlEventSetWait_v2``) on a daemon thread. Each event
+lands in a bounded queue of ``XidEvent`` (gpu, xid, time) and in the GPU's tally:
+the distinct codes seen (sticky: a GPU that fell off the bus stays so until the agent
+restarts) and the event count. ``NvmlBackend.read`` copies the tally into each sample;
+the sampling loop never blocks on an event.
+
+Nothing on the thread may raise: a failed wait is counted through the backend's
+choke point (``count_error``), logged once, and the thread backs off and waits again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["MAX_CODES", "WAIT_MS", "XID_CRITICAL_ERROR", "XidEvent", "XidWatcher"]
+
+logger = logging.getLogger(__name__)
+
+# nvml.h's nvmlEventTypeXidCriticalError (0x8, unchanged since CUDA 11.0); pynvml is
+# imported by nvml.py alone, and a library stand-in need not carry event constants.
+XID_CRITICAL_ERROR = 0x8
+# How long one wait blocks: the longest close() waits for the thread to notice.
+WAIT_MS = 100
+# After an error other than a timeout, the thread sleeps this long before waiting again,
+# so a broken event set costs a call a second, not a busy loop.
+_BACKOFF_S = 1.0
+# Distinct XID codes kept per GPU (a GPU spewing every code must not grow memory).
+MAX_CODES = 16
+_QUEUE_LEN = 256
+
+
+@dataclass(frozen=True, slots=True)
+class XidEvent:
+    """One critical XID event, as received (``time_s``: Unix epoch seconds)."""
+
+    gpu_index: int
+    xid: int
+    time_s: float
+
+
+def _handle_key(handle: Any) -> Any:
+    """A hashable key for a device handle: its address for a ctypes pointer.
+
+    pynvml hands back a new pointer object in each event, equal only by address.
+    """
+    if isinstance(handle, ctypes._Pointer):
+        return ctypes.cast(handle, ctypes.c_void_p).value
+    return handle
+
+
+class XidWatcher:
+    """Waits for critical XID events of ``devices`` on a daemon thread.
+
+    Args:
+        nvml: the NVML library (``pynvml`` or a fake with its API).
+        devices: (gpu_index, handle) of each GPU that can be read.
+        attempt: the backend's choke point, ``(gpu_index, fn, *args) -> (value,
+            error)``; set creation and registration go through it (counted, logged once).
+        count_error: counts a failed wait under its function's name.
+        clock: wall clock for the events' times.
+    """
+
+    def __init__(
+        self,
+        nvml: Any,
+        devices: Sequence[tuple[int, Any]],
+        attempt: Callable[..., tuple[Any, Exception | None]],
+        count_error: Callable[[str, Exception], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._nvml = nvml
+        self._count_error = count_error
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._codes: dict[int, list[int]] = {}
+        self._counts: dict[int, int] = {}
+        self.events: deque[XidEvent] = deque(maxlen=_QUEUE_LEN)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._set: Any = None
+        self._gpus: dict[Any, int] = {}
+        create = getattr(nvml, "nvmlEventSetCreate", None)
+        register = getattr(nvml, "nvmlDeviceRegisterEvents", None)
+        if create is None or register is None or not devices:
+            return
+        try:
+            event_set, _ = attempt(devices[0][0], create)
+        except Exception:  # noqa: BLE001 — the choke point's DeviceLost: no events, no harm
+            return
+        if event_set is None:
+            return
+        for gpu_index, handle in devices:
+            try:
+                _, error = attempt(
+                    gpu_index, register, handle, XID_CRITICAL_ERROR, event_set
+                )
+            except Exception:  # noqa: BLE001 — lost meanwhile: its reads will say so
+                continue
+            if error is None:
+                self._gpus[_handle_key(handle)] = gpu_index
+                self._counts[gpu_index] = 0
+        self._set = event_set
+        if not self._gpus:
+            self._free()
+            return
+        self._thread = threading.Thread(target=self._run, name="rooftop-xid", daemon=True)
+        self._thread.start()
+
+    def watching(self, gpu_index: int) -> bool:
+        """Whether XID events of ``gpu_index`` are being received."""
+        with self._lock:
+            return gpu_index in self._counts
+
+    def tally(self, gpu_index: int) -> tuple[tuple[int, ...], int | None]:
+        """The distinct XID codes seen on ``gpu_index`` and the event count.
+
+        The count is None when the GPU is not watched: "no XID" would be a guess.
+        """
+        with self._lock:
+            if gpu_index not in self._counts:
+                return (), None
+            return tuple(self._codes.get(gpu_index, ())), self._counts[gpu_index]
+
+    def _run(self) -> None:
+        wait = self._nvml.nvmlEventSetWait_v2
+        timeout_code = self._nvml.NVML_ERROR_TIMEOUT
+        while not self._stop.is_set():
+            try:
+                data = wait(self._set, WAIT_MS)
+            except Exception as err:  # noqa: BLE001 — nothing may escape this thread
+                if getattr(err, "value", None) != timeout_code:  # NVMLError_Timeout: no event
+                    self._failed(err)
+                continue
+            try:
+                self._record(data)
+            except Exception as err:  # noqa: BLE001 — a malformed event costs itself only
+                self._failed(err)
+
+    def _failed(self, err: Exception) -> None:
+        self._count_error("nvmlEventSetWait_v2", err)
+        self._stop.wait(_BACKOFF_S)
+
+    def _record(self, data: Any) -> None:
+        if not int(data.eventType) & XID_CRITICAL_ERROR:
+            return
+        gpu_index = self._gpus.get(_handle_key(data.device))
+        if gpu_index is None:
+            return
+        xid = int(data.eventData)
+        event = XidEvent(gpu_index, xid, self._clock())
+        with self._lock:
+            self.events.append(event)
+            self._counts[gpu_index] += 1
+            codes = self._codes.setdefault(gpu_index, [])
+            if xid not in codes and len(codes) < MAX_CODES:
+                codes.append(xid)
+        logger.warning("GPU %d: XID %d (critical error event from NVML)", gpu_index, xid)
+
+    def close(self) -> None:
+        """Stop the thread and free the event set (idempotent); before ``nvmlShutdown``."""
+        self._stop.set()
+        if self._thread is not None:
+            # A wait returns within WAIT_MS; freeing the set under a waiting thread
+            # would be undefined in NVML, so the thread goes first.
+            self._thread.join(timeout=WAIT_MS / 1000.0 + 5.0)
+            if self._thread.is_alive():
+                logger.warning("XID event thread did not stop; its event set is not freed")
+                return
+            self._thread = None
+        self._free()
+
+    def _free(self) -> None:
+        if self._set is None:
+            return
+        event_set, self._set = self._set, None
+        try:
+            self._nvml.nvmlEventSetFree(event_set)
+        except Exception as err:  # noqa: BLE001 — shutting down: nothing to do about it
+            self._count_error("nvmlEventSetFree", err)
