@@ -27,7 +27,9 @@ NVIDIA/go-nvml vendored at ``gen/nvml/nvml.h`` from CUDA 11.0 to 13.3 was search
 ships with the first driver of one branch (11.0 GA: 450.36.06, 11.1: 455.23, 11.4:
 470.42.01, 11.6: 510.39.01, 11.8: 520.61.05, 12.2: 535.54.03, 12.8: 570.x, 13.0:
 580.65.06), as the CUDA release notes' driver table says; only 13.0's line was
-re-checked for this module, the others are as remembered.
+re-checked for this module, the others are as remembered (12.0: 525.60.13). The MIG
+entry points were re-checked in the go-nvml clone: all seven are in 695db45 (11.0);
+``nvmlGpmMigSampleGet`` is absent from 9adb740 (11.8) and first in 399f8e0 (12.0).
 
 =====================================================  =======  ==================
 function                                               since    first nvml.h
@@ -45,13 +47,19 @@ function                                               since    first nvml.h
 ``nvmlEventSetCreate``, ``...RegisterEvents``,
 ``nvmlEventSetWait_v2``, ``nvmlEventSetFree``,
 ``...GetComputeRunningProcesses`` (v1 struct),
-``...GetMigMode`` (MIG came with the A100, R450)
+``...GetMigMode``, ``...GetMaxMigDeviceCount``,
+``...GetMigDeviceHandleByIndex``,
+``...IsMigDeviceHandle``, ``...GetGpuInstanceId``,
+``...GetComputeInstanceId``,
+``...GetDeviceHandleFromMigDeviceHandle``
+(MIG came with the A100, R450)
 ``nvmlDeviceGetComputeRunningProcesses_v2``            R455     CUDA 11.1 (7dce688)
 ``nvmlDeviceGetMemoryInfo_v2``,                        R510     CUDA 11.6 (7dd9b38)
 ``nvmlDeviceGetComputeRunningProcesses_v3``
 ``nvmlGpmQueryDeviceSupport``,                         R520     CUDA 11.8 (9adb740)
 ``nvmlGpmSampleAlloc``, ``nvmlGpmSampleFree``,
 ``nvmlGpmSampleGet``, ``nvmlGpmMetricsGet``
+``nvmlGpmMigSampleGet``                                R525     CUDA 12.0 (399f8e0)
 ``nvmlDeviceGetCurrentClocksEventReasons``             R535     CUDA 12.2 (075f45f)
 ``nvmlDeviceGetTemperatureV``                          R570     CUDA 12.8 (f420a32)
 =====================================================  =======  ==================
@@ -78,7 +86,7 @@ import ctypes
 import functools
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -112,6 +120,7 @@ HEADER_COMMITS: Mapping[str, str] = MappingProxyType(
         "11.4": "15056a1f03a90db949a4e7403e9db2c6c085973b",
         "11.6": "7dd9b38bcb8c787eea0201e9a16beeb212c99bf8",
         "11.8": "9adb740457e7f46224ff0e3363bdac33c39025c2",
+        "12.0": "399f8e02186d7f8e478af933a5a64d798b900be9",
         "12.2": "075f45fd6a7be7b050f19b142a4631582010d719",
         "12.8": "f420a3285a89be0f8c68649f1e2dae2b7ea9b74d",
         "13.0": "9da9e13ce380e93732a0aa8ff7f8162c7fc11413",
@@ -172,6 +181,12 @@ NVML_FUNCTIONS: Mapping[str, NvmlFunction] = MappingProxyType(
             "nvmlEventSetFree",
             "nvmlDeviceGetComputeRunningProcesses",
             "nvmlDeviceGetMigMode",
+            "nvmlDeviceGetMaxMigDeviceCount",
+            "nvmlDeviceGetMigDeviceHandleByIndex",
+            "nvmlDeviceIsMigDeviceHandle",
+            "nvmlDeviceGetGpuInstanceId",
+            "nvmlDeviceGetComputeInstanceId",
+            "nvmlDeviceGetDeviceHandleFromMigDeviceHandle",
         ),
         **_functions(455, "11.1", "nvmlDeviceGetComputeRunningProcesses_v2"),
         **_functions(
@@ -186,6 +201,7 @@ NVML_FUNCTIONS: Mapping[str, NvmlFunction] = MappingProxyType(
             "nvmlGpmSampleGet",
             "nvmlGpmMetricsGet",
         ),
+        **_functions(525, "12.0", "nvmlGpmMigSampleGet"),
         **_functions(535, "12.2", "nvmlDeviceGetCurrentClocksEventReasons"),
         **_functions(570, "12.8", "nvmlDeviceGetTemperatureV"),
     }
@@ -422,8 +438,10 @@ class NvmlLibraryStandIn:
         self._lock = threading.Lock()
         self._pointers: dict[str, Any] = {}
         self._callbacks: list[Any] = []  # ctypes must keep each callback alive
-        self._device_structs: dict[int, ctypes.Array[ctypes.c_char]] = {}
+        # GPU index, or (parent address, slot) of a MIG device -> its driver struct
+        self._device_structs: dict[Hashable, ctypes.Array[ctypes.c_char]] = {}
         self._handles: dict[int, Any] = {}  # device struct address -> the model's handle
+        self._mig_parents: dict[int, int] = {}  # MIG device address -> its parent's
         # nvmlEventSet_t address -> the model's event set (and the buffer it points at)
         self._event_sets: dict[int, Any] = {}
         self._event_structs: dict[int, ctypes.Array[ctypes.c_char]] = {}
@@ -483,11 +501,16 @@ class NvmlLibraryStandIn:
 
     # -- handles -----------------------------------------------------------------
 
-    def _device_address(self, index: int, handle: Any) -> int:
-        struct = self._device_structs.get(index)
+    def _device_address(self, key: Hashable, handle: Any) -> int:
+        """The ``nvmlDevice_t`` of ``key`` (a GPU index; a MIG device's (parent, slot)).
+
+        Each device, MIG devices included, has its own driver struct, so a MIG device's
+        handle is never its parent's, and asking twice gives the same handle, as in C.
+        """
+        struct = self._device_structs.get(key)
         if struct is None:
             # The driver's per-device struct the opaque nvmlDevice_t points at.
-            struct = self._device_structs[index] = ctypes.create_string_buffer(8)
+            struct = self._device_structs[key] = ctypes.create_string_buffer(8)
         address = ctypes.addressof(struct)
         self._handles[address] = handle
         return address
@@ -583,6 +606,46 @@ class NvmlLibraryStandIn:
         mode = self.model.nvmlDeviceGetMigMode(self._device(device))
         self._uint(current, mode[0])
         self._uint(pending, mode[1])
+
+    @_c_function(_PTR, _PTR)
+    def _c_nvmlDeviceGetMaxMigDeviceCount(self, device: int | None, count: int | None) -> None:
+        self._uint(count, self.model.nvmlDeviceGetMaxMigDeviceCount(self._device(device)))
+
+    @_c_function(_PTR, _UINT, _PTR)
+    def _c_nvmlDeviceGetMigDeviceHandleByIndex(
+        self, device: int | None, index: int, mig_device: int | None
+    ) -> None:
+        out = _at(mig_device, ctypes.c_void_p)
+        parent = self._device(device)
+        # NVML_ERROR_NOT_FOUND for an empty slot comes from the model, as an NVMLError.
+        mig = self.model.nvmlDeviceGetMigDeviceHandleByIndex(parent, index)
+        assert device is not None  # _device refused NULL
+        address = self._device_address((device, index), mig)
+        self._mig_parents[address] = device
+        out.value = address
+
+    @_c_function(_PTR, _PTR)
+    def _c_nvmlDeviceIsMigDeviceHandle(self, device: int | None, is_mig: int | None) -> None:
+        self._uint(is_mig, bool(self.model.nvmlDeviceIsMigDeviceHandle(self._device(device))))
+
+    @_c_function(_PTR, _PTR)
+    def _c_nvmlDeviceGetGpuInstanceId(self, device: int | None, gpu_id: int | None) -> None:
+        self._uint(gpu_id, self.model.nvmlDeviceGetGpuInstanceId(self._device(device)))
+
+    @_c_function(_PTR, _PTR)
+    def _c_nvmlDeviceGetComputeInstanceId(self, device: int | None, ci_id: int | None) -> None:
+        self._uint(ci_id, self.model.nvmlDeviceGetComputeInstanceId(self._device(device)))
+
+    @_c_function(_PTR, _PTR)
+    def _c_nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
+        self, mig_device: int | None, device: int | None
+    ) -> None:
+        out = _at(device, ctypes.c_void_p)
+        # The model refuses a handle that is no MIG device (NVML_ERROR_INVALID_ARGUMENT).
+        self.model.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self._device(mig_device))
+        assert mig_device is not None  # _device refused NULL
+        # The parent's own nvmlDevice_t: the handle nvmlDeviceGetHandleByIndex gave.
+        out.value = self._mig_parents[mig_device]
 
     # -- the fast getters --------------------------------------------------------
 
@@ -764,6 +827,14 @@ class NvmlLibraryStandIn:
     @_c_function(_PTR, _PTR)
     def _c_nvmlGpmSampleGet(self, device: int | None, sample: int | None) -> None:
         self.model.nvmlGpmSampleGet(self._device(device), ctypes.c_void_p(sample))
+
+    @_c_function(_PTR, _UINT, _PTR)
+    def _c_nvmlGpmMigSampleGet(
+        self, device: int | None, gpu_instance_id: int, sample: int | None
+    ) -> None:
+        self.model.nvmlGpmMigSampleGet(
+            self._device(device), gpu_instance_id, ctypes.c_void_p(sample)
+        )
 
     @_c_function(_PTR)
     def _c_nvmlGpmMetricsGet(self, metrics_get: int | None) -> None:

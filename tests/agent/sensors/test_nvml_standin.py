@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from rooftop.agent.classifier import classify
+from rooftop.agent.sampler import Sampler
 from rooftop.agent.sensors.fake import FakeNvmlLibrary
 from rooftop.agent.sensors.nvml import NvmlBackend
 from rooftop.agent.sensors.nvml_standin import (
@@ -29,7 +31,9 @@ from rooftop.agent.sensors.nvml_standin import (
     NvmlLibraryStandIn,
     installed,
 )
+from rooftop.agent.window import build_windows
 from rooftop.common.errors import DeviceLost
+from rooftop.common.model import Bound, GpuSample
 
 _GiB = 1024**3
 _MiB = 1024**2
@@ -87,6 +91,11 @@ def host(clock):
         assert standin.failures == []
 
 
+def address(handle: Any) -> int | None:
+    """Where an ``nvmlDevice_t`` (pynvml's pointer type) points."""
+    return ctypes.cast(handle, ctypes.c_void_p).value
+
+
 def settled_read(backend, clock, gpu=0):
     """A read 200 ms after the previous GPM sample, so GPM metrics are fresh."""
     clock.advance(0.2)
@@ -109,6 +118,7 @@ def test_each_branch_adds_the_functions_its_nvml_h_first_declares():
         "nvmlDeviceGetComputeRunningProcesses_v3",
     }
     assert r535 - r510 == {
+        "nvmlGpmMigSampleGet",  # CUDA 12.0 (R525), not 11.8 with the rest of GPM
         "nvmlGpmQueryDeviceSupport",
         "nvmlGpmSampleAlloc",
         "nvmlGpmSampleFree",
@@ -384,6 +394,128 @@ def test_a_gpm_metric_id_past_the_drivers_max_fails_alone(host, clock, driver, m
     assert request.metrics[1].nvmlReturn == getattr(nvml, expected)
     for sample in samples:
         nvml.nvmlGpmSampleFree(sample)
+
+
+# -- MIG -----------------------------------------------------------------------------
+
+
+def test_mig_handles_have_c_semantics(host, clock):
+    model = FakeNvmlLibrary("h100-mig", workloads=["gemv", "idle"], clock=clock)
+    h = host("r580", model, backend=False)
+    nvml, parent = h.nvml, h.handle()
+    assert nvml.nvmlDeviceGetMigMode(parent) == [1, 1]  # current, pending
+    assert nvml.nvmlDeviceGetMaxMigDeviceCount(parent) == 7
+    first, second = (nvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, i) for i in (0, 1))
+    assert len({address(parent), address(first), address(second)}) == 3  # a handle of its own
+    assert address(nvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, 0)) == address(first)
+    with pytest.raises(nvml.NVMLError_NotFound):  # an empty slot
+        nvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, 2)
+    with pytest.raises(nvml.NVMLError_InvalidArgument):  # a MIG device has no MIG devices
+        nvml.nvmlDeviceGetMigDeviceHandleByIndex(first, 0)
+    assert nvml.nvmlDeviceIsMigDeviceHandle(first).value == 1
+    assert nvml.nvmlDeviceIsMigDeviceHandle(parent).value == 0
+    assert [nvml.nvmlDeviceGetGpuInstanceId(m) for m in (first, second)] == [1, 2]
+    assert nvml.nvmlDeviceGetComputeInstanceId(second) == 0
+    with pytest.raises(nvml.NVMLError_InvalidArgument):
+        nvml.nvmlDeviceGetGpuInstanceId(parent)
+    back = nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(second)
+    assert address(back) == address(parent)  # the parent's own nvmlDevice_t
+    with pytest.raises(nvml.NVMLError_InvalidArgument):
+        nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(parent)
+    mig_uuids = [
+        model.nvmlDeviceGetUUID(
+            model.nvmlDeviceGetMigDeviceHandleByIndex(model.nvmlDeviceGetHandleByIndex(0), i)
+        )
+        for i in (0, 1)
+    ]
+    assert [nvml.nvmlDeviceGetUUID(m) for m in (first, second)] == mig_uuids
+    assert all(u.startswith("MIG-") for u in mig_uuids)
+    assert nvml.nvmlDeviceGetName(first) == "NVIDIA H100 80GB HBM3 MIG 3g.40gb"
+    assert nvml.nvmlDeviceGetMemoryInfo(first, nvml.nvmlMemory_v2).total == 40_768_634_880
+    with pytest.raises(nvml.NVMLError_NotSupported):  # no util rates in MIG mode
+        nvml.nvmlDeviceGetUtilizationRates(first)
+    (process,) = nvml.nvmlDeviceGetComputeRunningProcesses(first)
+    assert (process.pid, process.gpuInstanceId, process.computeInstanceId) == (
+        model.fake_pid(0),
+        1,
+        0,
+    )
+    assert nvml.nvmlDeviceGetComputeRunningProcesses(second) == []
+    # GPM: per GPU instance, through the parent; a GPU instance id it lacks is refused
+    sample = nvml.nvmlGpmSampleAlloc()
+    with pytest.raises(nvml.NVMLError_InvalidArgument):
+        nvml.nvmlGpmMigSampleGet(parent, 7, sample)
+    nvml.nvmlGpmMigSampleGet(parent, 2, sample)
+    nvml.nvmlGpmSampleFree(sample)
+    assert h.standin.calls["nvmlGpmMigSampleGet"] == 2
+
+
+@pytest.mark.parametrize("driver", ["r535", "r580"])
+@pytest.mark.parametrize("profile", ["a100-mig", "h100-mig"])
+def test_mig_instances_read_what_the_python_api_fake_reads(host, clock, driver, profile):
+    """MIG enumeration and reads through pynvml's C layer equal the pynvml-shaped fake's,
+    field for field: the parent and each instance by its MIG UUID."""
+    workloads = ["gemv", "gemm"]
+    direct = NvmlBackend(FakeNvmlLibrary(profile, 1, workloads, clock=clock), clock=clock)
+    h = host(driver, FakeNvmlLibrary(profile, 1, workloads, clock=clock))
+    infos = h.backend.devices()
+    assert infos == direct.devices()
+    parent, *instances = infos
+    assert parent.mig_mode and not parent.mig_uuid
+    model_parent = h.model.nvmlDeviceGetHandleByIndex(0)
+    assert [i.mig_uuid for i in instances] == [
+        h.model.nvmlDeviceGetUUID(h.model.nvmlDeviceGetMigDeviceHandleByIndex(model_parent, k))
+        for k in (0, 1)
+    ]
+    assert [(i.gpu_instance_id, i.compute_instance_id) for i in instances] == [(1, 0), (2, 0)]
+    assert {(i.gpu_index, i.gpu_uuid) for i in instances} == {(0, parent.gpu_uuid)}
+    assert all(i.has_gpm is (profile == "h100-mig") for i in instances)
+    # all 7 slots asked once; the 5 empty ones answered NotFound, which is no error
+    assert h.standin.calls["nvmlDeviceGetMigDeviceHandleByIndex"] == 7
+    assert not any(fn == "_mig_handle" for fn, _ in h.backend.errors)
+    for _ in range(3):
+        clock.advance(0.2)
+        for mig_uuid in ("", *(i.mig_uuid for i in instances)):
+            assert h.backend.read(0, 1.7e9, mig_uuid) == direct.read(0, 1.7e9, mig_uuid)
+    if profile == "h100-mig":
+        # GPM per GPU instance, sampled through the parent; the parent samples none
+        assert h.standin.calls["nvmlGpmMigSampleGet"] >= 2 * 4
+        assert h.standin.calls["nvmlGpmSampleGet"] == 0
+        gemv, gemm = (h.backend.read(0, 1.7e9, i.mig_uuid) for i in instances)
+        assert gemv.dram_bw_pct is not None and gemv.dram_bw_pct > 80
+        assert gemm.tensor_active_pct is not None and gemm.tensor_active_pct > 80
+    else:
+        assert h.standin.calls["nvmlGpmMigSampleGet"] == 0
+    direct.close()
+
+
+def test_a100_mig_instance_through_real_pynvml_is_unknown(host, clock):
+    h = host("r580", FakeNvmlLibrary("a100-mig", workloads="gemv", clock=clock))
+    sampler = Sampler(h.backend, clock=lambda: 1.7e9 + clock())
+    records = []
+    for _ in range(10):
+        clock.advance(0.2)
+        records += sampler.tick()
+    instance = next(s for s in records if isinstance(s, GpuSample) and s.mig_uuid)
+    assert instance.busy_pct is None  # util rates: NVML_ERROR_NOT_SUPPORTED
+    assert all(getattr(instance, f) is None for f in GPM_FIELDS)
+    windows = build_windows(records)
+    key = next(k for k in windows if k.mig_uuid)
+    verdict = classify(windows[key][0])
+    assert verdict.verdict is Bound.UNKNOWN
+    assert verdict.rule.startswith("no activity signal: util.gpu not supported")
+    assert h.standin.calls["nvmlDeviceGetUtilizationRates"] >= 10
+
+
+def test_before_r525_mig_instances_have_no_gpm(host, clock):
+    h = host("r510", FakeNvmlLibrary("h100-mig", workloads="gemv", clock=clock))
+    _, *instances = h.backend.devices()
+    assert [i.gpu_instance_id for i in instances] == [1, 2]
+    assert not any(i.has_gpm for i in instances)
+    clock.advance(0.2)
+    sample = h.backend.read(0, 1.7e9, instances[0].mig_uuid)
+    assert sample.mem_total_bytes == 40_768_634_880 and sample.dram_bw_pct is None
+    assert "nvmlGpmMigSampleGet" not in h.standin.calls
 
 
 # -- installing --------------------------------------------------------------------
