@@ -25,7 +25,9 @@ Errors: ``inject(gpu, "nvmlDeviceGetTemperature", "not_supported")``, ``"gpu_is_
 (``"*"`` for every call on that GPU), an exception instance to raise as it is (pynvml's
 ``NVMLLibraryMismatchError``), ``times=1`` for a transient error, ``inject_gpm_metric``
 for one metric's own ``nvmlReturn``, and ``driver_missing=True`` for
-``NVMLError_LibraryNotFound`` at init.
+``NVMLError_LibraryNotFound`` at init. ``unprivileged=True`` is a non-root agent on a
+host with profiling restricted to admins (the driver default): GPM samples and a MIG
+parent's memory info answer NoPermission (``_UNPRIVILEGED_DENIED``).
 
 Health: ECC counters and row remapping answer on every profile (zero until
 ``add_ecc_errors`` / ``set_remapped_rows``); ``raise_xid(gpu, 79)`` delivers a critical
@@ -121,6 +123,11 @@ _MIG_3G_40GB = (
 _MIG_SLOTS = 7
 _NOT_MIG = 0xFFFFFFFF  # gpuInstanceId / computeInstanceId of a process outside MIG
 # On a MIG instance handle these answer NotSupported: they belong to the whole board.
+# What a non-root agent is refused where the driver restricts profiling to admins
+# (RmProfilingAdminOnly, the default): GPM counter samples. A MIG parent's memory
+# info is refused too (handled in _check: it depends on the handle).
+_UNPRIVILEGED_DENIED = frozenset({"nvmlGpmSampleGet", "nvmlGpmMigSampleGet"})
+
 _BOARD_ONLY = frozenset(
     {
         "nvmlDeviceGetClockInfo",
@@ -400,6 +407,8 @@ class FakeNvmlLibrary:
         clock: monotonic seconds; share it with the backend so GPM intervals agree.
         driver_missing: ``nvmlInit`` raises ``NVMLError_LibraryNotFound``.
         noise: scale of the noise (0 for exact table values).
+        unprivileged: answer as NVML does a non-root user on a host that restricts
+            profiling to admins: NoPermission for GPM samples and MIG-parent memory.
 
     ``calls`` counts every call by function name; ``gpm_intervals`` lists the
     (gpu, sample1 time, sample2 time) of every GPM metrics computation.
@@ -418,6 +427,7 @@ class FakeNvmlLibrary:
         clock: Clock = time.monotonic,
         driver_missing: bool = False,
         noise: float = 1.0,
+        unprivileged: bool = False,
     ) -> None:
         if profile not in PROFILES:
             raise ValueError(f"unknown fake profile {profile!r}; known: {', '.join(FAKE_PROFILES)}")
@@ -428,6 +438,7 @@ class FakeNvmlLibrary:
         self._per_gpu = max(1, len(self.profile.mig_instances))
         self.units = gpus * self._per_gpu
         self.driver_missing = driver_missing
+        self.unprivileged = unprivileged
         self._clock = clock
         self._noise = noise
         self._lock = threading.RLock()
@@ -1091,6 +1102,11 @@ class FakeNvmlLibrary:
         if mig is not None and not 0 <= mig < len(self.profile.mig_instances):
             raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         self._raise_injected(gpu, fn_name)
+        if self.unprivileged and (
+            fn_name in _UNPRIVILEGED_DENIED
+            or (fn_name == "nvmlDeviceGetMemoryInfo" and mig is None and self._per_gpu > 1)
+        ):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
         if mig is not None and fn_name in _BOARD_ONLY:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
         return gpu * self._per_gpu + (mig or 0)

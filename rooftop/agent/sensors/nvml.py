@@ -8,6 +8,14 @@ FunctionNotFound) comes back ``None`` — absent, never 0 — and is logged once
 the tick. A lost GPU raises ``DeviceLost`` for that GPU only; a GPU this user may not
 open (NoPermission on its handle) raises ``DeviceInaccessible``.
 
+Unprivileged (the systemd unit and the k8s manifest run the agent as a non-root user
+with no capabilities): NoPermission on one call is logged once as a WARNING naming the
+privilege that call needs (``_privilege_for``) and costs that field only. GPM denied
+(the driver's ``RmProfilingAdminOnly``, set by ``NVreg_RestrictProfilingToAdminUsers``)
+turns GPM off for that GPU for good — it comes back only with a module reload and an
+agent restart — so its windows use NVML proxies at lower confidence, never a verdict
+built from missing GPM fields.
+
 Where a newer NVML API has an older equivalent (memory info v2 / v1, clock-event /
 throttle reasons, ``nvmlDeviceGetTemperatureV`` / ``nvmlDeviceGetTemperature``), the
 newer one is preferred; only the driver saying it lacks it (NotSupported,
@@ -45,7 +53,7 @@ from typing import Any, TypeVar
 import pynvml
 
 from rooftop.agent.sensors.base import Clock, GpuInfo
-from rooftop.agent.sensors.gpm import GpmSampler
+from rooftop.agent.sensors.gpm import GpmReading, GpmSampler, NvmlCall
 from rooftop.agent.sensors.xid import XidWatcher
 from rooftop.common.errors import DeviceInaccessible, DeviceLost, NvmlUnavailable, SensorError
 from rooftop.common.model import GpuProcess, GpuSample
@@ -107,6 +115,28 @@ _INIT_MESSAGES = {
         "reboot?)"
     ),
 }
+
+# What NoPermission on an NVML call means the agent lacks, by function-name prefix
+# (first match wins); the one-time warning names it so the operator knows the fix.
+_GPM_PRIVILEGE = (
+    "CAP_SYS_ADMIN, or the nvidia module option NVreg_RestrictProfilingToAdminUsers=0 "
+    "(RmProfilingAdminOnly: 1 in /proc/driver/nvidia/params); GPM is off for this GPU "
+    "until the agent restarts after the fix, and its verdicts use NVML proxies at lower "
+    "confidence"
+)
+_PRIVILEGES = (
+    ("nvmlGpm", _GPM_PRIVILEGE),
+    (
+        "nvmlDeviceGetComputeRunningProcesses",
+        "root, or the agent in the host pid namespace (hostPID), to list other users' "
+        "processes and their GPU memory",
+    ),
+    (
+        "nvmlDeviceGetMemoryInfo",
+        "root to read a MIG parent's memory (its instances still report their own)",
+    ),
+)
+_DEFAULT_PRIVILEGE = "read/write access to /dev/nvidiactl and /dev/nvidiaN"
 
 # Beyond this many distinct (function, error) pairs, stop remembering (and logging).
 _MAX_LOGGED = 256
@@ -170,6 +200,7 @@ class _Device:
     inaccessible: str | None = None  # NVML's error name when this user may not open it
     newer: dict[str, _Newer] = field(default_factory=dict)  # keyed by API ("memory", ...)
     parent_handle: Any = None  # a MIG instance's parent GPU: GPM is sampled through it
+    gpm_denied: bool = False  # a GPM call said NoPermission: no GPM until a restart
 
 
 class NvmlBackend:
@@ -294,7 +325,14 @@ class NvmlBackend:
             self._errors[key] += 1
         if not first:
             return
-        if isinstance(err, pynvml.NVMLError):
+        if _no_permission(err):
+            logger.warning(
+                "NVML %s: no permission (NVML NO_PERMISSION) as this user; field reported "
+                "absent. It needs %s",
+                fn_name,
+                _privilege_for(fn_name),
+            )
+        elif isinstance(err, pynvml.NVMLError):
             level = logging.INFO if err.value in _ABSENT_CODES else logging.WARNING
             logger.log(
                 level, "NVML %s: %s (error %d); field reported absent", fn_name, err, err.value
@@ -314,7 +352,8 @@ class NvmlBackend:
         """The newer API's value; the older API's while the newer is missing or failing.
 
         Only a permanent error (the driver lacks the API) retires the newer API; after
-        any other error it is tried again ``RETRY_NEWER_S`` later.
+        any other error it is tried again ``RETRY_NEWER_S`` later. NoPermission on the
+        newer gives ``None`` without asking the older (it needs the same privilege).
         """
         gpu_index = device.info.gpu_index
         state = device.newer.setdefault(api, _Newer())
@@ -325,6 +364,11 @@ class NvmlBackend:
                 value, error = self._attempt(gpu_index, newer_fn, *newer_args)
                 if value is not None:
                     return value
+                if _no_permission(error):
+                    # The older call needs the same privilege: asking it would only
+                    # add a second warning for the same missing right.
+                    state.retry_at_s = now_s + RETRY_NEWER_S
+                    return None
                 if _permanent(error):
                     state.missing = True
                 else:
@@ -429,6 +473,9 @@ class NvmlBackend:
         if query is None:
             return
         support, error = self._attempt(device.info.gpu_index, query, handle)
+        if _no_permission(error):
+            device.gpm_denied = True  # profiling restricted: asking again cannot help
+            return
         if support is None:
             # One Unknown or Timeout at startup must not leave a Hopper GPU on proxies
             # for the agent's whole life.
@@ -438,7 +485,11 @@ class NvmlBackend:
         if not support.isSupportedDevice:
             return
         gpm = GpmSampler(
-            nvml, handle, call=device.call, clock=self._clock, gpu_instance_id=gpu_instance_id
+            nvml,
+            handle,
+            call=self._gpm_call(device),
+            clock=self._clock,
+            gpu_instance_id=gpu_instance_id,
         )
         if not gpm.usable:
             gpm.close()
@@ -447,6 +498,42 @@ class NvmlBackend:
         # Prime: the first sample is taken now, so the first read() at least 100 ms from
         # now already has metrics.
         gpm.read()
+        self._drop_denied_gpm(device)
+
+    def _gpm_call(self, device: _Device) -> NvmlCall:
+        """The choke point for ``device``'s GPM calls, noting a NoPermission answer."""
+        gpu_index = device.info.gpu_index
+
+        def call(fn: Callable[..., T], /, *args: Any) -> T | None:
+            value, error = self._attempt(gpu_index, fn, *args)
+            if _no_permission(error):
+                device.gpm_denied = True
+            return value
+
+        return call
+
+    def _drop_denied_gpm(self, device: _Device) -> None:
+        """Turn GPM off for good on a GPU whose GPM calls this user may not make.
+
+        Profiling restricted to admins holds until the nvidia module is reloaded, so
+        retrying would cost a failed call per tick and buy nothing; without GPM the
+        windows fall back to NVML proxies (lower confidence, ``proxy`` provenance).
+        """
+        if not device.gpm_denied or device.gpm is None:
+            return
+        device.gpm.close()
+        device.gpm = None
+        if device.info.has_gpm:
+            device.info = dataclasses.replace(device.info, has_gpm=False)
+            self._infos = self._all_infos()
+
+    def _read_gpm(self, device: _Device) -> GpmReading | None:
+        """This tick's GPM reading; ``None`` without GPM, or once GPM was denied."""
+        gpm = device.gpm.read() if device.gpm is not None else None
+        if device.gpm_denied:
+            self._drop_denied_gpm(device)
+            return None
+        return gpm
 
     def _retry_gpm(self, device: _Device) -> None:
         if device.gpm_retry_at_s is None or self._clock() < device.gpm_retry_at_s:
@@ -500,7 +587,7 @@ class NvmlBackend:
         nvml, call, handle = self._nvml, device.call, device.handle
 
         self._retry_gpm(device)
-        gpm = device.gpm.read() if device.gpm is not None else None
+        gpm = self._read_gpm(device)
         util = call(nvml.nvmlDeviceGetUtilizationRates, handle)
         memory = self._memory_info(device)
         sm_clock_mhz = call(nvml.nvmlDeviceGetClockInfo, handle, nvml.NVML_CLOCK_SM)
@@ -545,7 +632,7 @@ class NvmlBackend:
         """A MIG instance's snapshot: activity and memory only (the rest is the parent's)."""
         nvml, call, handle, info = self._nvml, device.call, device.handle, device.info
         self._retry_gpm(device)
-        gpm = device.gpm.read() if device.gpm is not None else None
+        gpm = self._read_gpm(device)
         # NotSupported on A100 and H100 instances alike; asked so a driver that adds it
         # is used, and absent (never 0) until then.
         util = call(nvml.nvmlDeviceGetUtilizationRates, handle)
@@ -733,6 +820,19 @@ def _permanent(error: BaseException | None) -> bool:
     if isinstance(error, pynvml.NVMLLibraryMismatchError):
         return True  # pynvml wants a versioned symbol this driver does not export
     return isinstance(error, pynvml.NVMLError) and error.value in _PERMANENT_CODES
+
+
+def _no_permission(error: BaseException | None) -> bool:
+    """Whether ``error`` is NVML saying this user lacks the privilege for the call."""
+    return isinstance(error, pynvml.NVMLError) and error.value == pynvml.NVML_ERROR_NO_PERMISSION
+
+
+def _privilege_for(fn_name: str) -> str:
+    """The privilege an NVML call denied with NoPermission needs, for the operator."""
+    for prefix, privilege in _PRIVILEGES:
+        if fn_name.startswith(prefix):
+            return privilege
+    return _DEFAULT_PRIVILEGE
 
 
 def _processes(processes: Any) -> tuple[GpuProcess, ...]:
