@@ -604,15 +604,7 @@ class NvmlBackend:
             gpu_index=gpu_index,
             gpu_uuid=info.gpu_uuid,
             gpu_name=info.gpu_name,
-            busy_pct=_float(util.gpu) if util is not None else None,
-            mem_ctrl_pct=_float(util.memory) if util is not None else None,
-            sm_active_pct=gpm.sm_active_pct if gpm else None,
-            sm_occupancy_pct=gpm.sm_occupancy_pct if gpm else None,
-            tensor_active_pct=gpm.tensor_active_pct if gpm else None,
-            fp16_active_pct=gpm.fp16_active_pct if gpm else None,
-            fp32_active_pct=gpm.fp32_active_pct if gpm else None,
-            fp64_active_pct=gpm.fp64_active_pct if gpm else None,
-            dram_bw_pct=gpm.dram_bw_pct if gpm else None,
+            **_activity(util, gpm),
             pcie_rx_bytes_per_s=gpm.pcie_rx_bytes_per_s if gpm else None,
             pcie_tx_bytes_per_s=gpm.pcie_tx_bytes_per_s if gpm else None,
             pcie_link_gen=_int(link_gen),
@@ -624,7 +616,6 @@ class NvmlBackend:
             temperature_c=temperature_c,
             clock_event_reasons=reasons,
             processes=_processes(processes),
-            gpm_stale=gpm.stale if gpm else False,
             **self._health(device),
         )
 
@@ -643,19 +634,10 @@ class NvmlBackend:
             gpu_index=info.gpu_index,
             gpu_uuid=info.gpu_uuid,
             gpu_name=info.gpu_name,
-            busy_pct=_float(util.gpu) if util is not None else None,
-            mem_ctrl_pct=_float(util.memory) if util is not None else None,
-            sm_active_pct=gpm.sm_active_pct if gpm else None,
-            sm_occupancy_pct=gpm.sm_occupancy_pct if gpm else None,
-            tensor_active_pct=gpm.tensor_active_pct if gpm else None,
-            fp16_active_pct=gpm.fp16_active_pct if gpm else None,
-            fp32_active_pct=gpm.fp32_active_pct if gpm else None,
-            fp64_active_pct=gpm.fp64_active_pct if gpm else None,
-            dram_bw_pct=gpm.dram_bw_pct if gpm else None,
+            **_activity(util, gpm),
             mem_used_bytes=int(memory.used) if memory is not None else None,
             mem_total_bytes=int(memory.total) if memory is not None else info.mem_total_bytes,
             processes=_processes(processes),
-            gpm_stale=gpm.stale if gpm else False,
             mig_uuid=info.mig_uuid,
             gpu_instance_id=info.gpu_instance_id,
             compute_instance_id=info.compute_instance_id,
@@ -833,6 +815,26 @@ def _privilege_for(fn_name: str) -> str:
         if fn_name.startswith(prefix):
             return privilege
     return _DEFAULT_PRIVILEGE
+
+
+def _activity(util: Any, gpm: Any) -> dict[str, Any]:
+    """The activity fields of a sample, from NVML's utilization rates and a GPM reading.
+
+    Shared by a whole GPU's read and a MIG instance's (whose PCIe is its parent's, so
+    PCIe stays with the whole-GPU read); absent (None) where unmeasured.
+    """
+    return {
+        "busy_pct": _float(util.gpu) if util is not None else None,
+        "mem_ctrl_pct": _float(util.memory) if util is not None else None,
+        "sm_active_pct": gpm.sm_active_pct if gpm else None,
+        "sm_occupancy_pct": gpm.sm_occupancy_pct if gpm else None,
+        "tensor_active_pct": gpm.tensor_active_pct if gpm else None,
+        "fp16_active_pct": gpm.fp16_active_pct if gpm else None,
+        "fp32_active_pct": gpm.fp32_active_pct if gpm else None,
+        "fp64_active_pct": gpm.fp64_active_pct if gpm else None,
+        "dram_bw_pct": gpm.dram_bw_pct if gpm else None,
+        "gpm_stale": gpm.stale if gpm else False,
+    }
 
 
 def _processes(processes: Any) -> tuple[GpuProcess, ...]:
