@@ -755,16 +755,20 @@ def _interpreter_for(
 def degraded(privileged: dict[str, Any], child: dict[str, Any]) -> list[str]:
     """What the unprivileged run lost: new call errors, absent fields, GPM, GPUs."""
     out: list[str] = []
-    mine, theirs = privileged["timing"]["calls"], child["timing"]["calls"]
-    for name in sorted(set(mine) | set(theirs)):
-        had = mine.get(name, {}).get("per_gpu", {})
-        for gpu, entry in sorted(theirs.get(name, {}).get("per_gpu", {}).items()):
-            new = {e: n for e, n in entry.get("errors", {}).items()
-                   if e not in had.get(gpu, {}).get("errors", {})}
-            for error, n in sorted(new.items()):
-                out.append(f"{name} on GPU {gpu}: {error} ×{n}")
-        if name in mine and name not in theirs:
-            out.append(f"{name}: no longer called")
+    # A refusal at start-up (the backend primes GPM there) is as much a loss as one in
+    # the sampling loop.
+    for step, where in (("calls", ""), ("init_calls", " (start-up)")):
+        mine = privileged["timing"].get(step, {})
+        theirs = child["timing"].get(step, {})
+        for name in sorted(set(mine) | set(theirs)):
+            had = mine.get(name, {}).get("per_gpu", {})
+            for gpu, entry in sorted(theirs.get(name, {}).get("per_gpu", {}).items()):
+                new = {e: n for e, n in entry.get("errors", {}).items()
+                       if e not in had.get(gpu, {}).get("errors", {})}
+                for error, n in sorted(new.items()):
+                    out.append(f"{name} on GPU {gpu}: {error} ×{n}{where}")
+            if step == "calls" and name in mine and name not in theirs:
+                out.append(f"{name}: no longer called")
     for gpu, absent in sorted(child["fields_absent"].items()):
         lost = sorted(set(absent) - set(privileged["fields_absent"].get(gpu, [])))
         if lost:
