@@ -54,6 +54,15 @@ def _lost(gpu: pb.GpuStatus) -> bool:
     return gpu.HasField("sample") and gpu.sample.lost
 
 
+def _lost_line(gpu: pb.GpuStatus) -> str:
+    # NO_PERMISSION is not a lost GPU: it needs access for the agent, never a reset.
+    why = gpu.sample.inaccessible if gpu.sample.HasField("inaccessible") else ""
+    if why:
+        return (f"NOT ACCESSIBLE to the agent (NVML {why}) — give the agent access to "
+                f"/dev/nvidia{gpu.gpu_index}; the GPU itself may be fine")
+    return "LOST — NVML reports the GPU lost"
+
+
 def _verdict_name(gpu: pb.GpuStatus) -> str:
     if _lost(gpu):
         return "lost"
@@ -267,7 +276,7 @@ def format_diagnosis(fs: pb.FleetStatus, *, collector: str) -> str:
             name = f"GPU {_device(gpu)} {gpu.gpu_name}".rstrip()
             if _lost(gpu):
                 before = " (a verdict above is from before)" if gpu.HasField("verdict") else ""
-                lines.append(f"  {name}: LOST — NVML reports the GPU lost{before}")
+                lines.append(f"  {name}: {_lost_line(gpu)}{before}")
             elif not gpu.HasField("verdict"):
                 lines.append(f"  {name}: no verdict yet (its first window has not closed)")
         # A GPU that needs a reset (XID 79, 48...) is said before the verdicts.

@@ -215,3 +215,14 @@ def test_diagnose_collector_usage_errors(served):
                                        "--node", "nope"])  # fmt: skip
     assert result.exit_code == 1
     assert result.stderr.startswith(f"agentctl: error: {address}: NOT_FOUND: no node 'nope'")
+
+
+def test_an_inaccessible_gpu_is_said_so_never_lost_with_reset_advice():
+    inaccessible = gpu(3, lost=True, inaccessible="NO_PERMISSION")
+    lost = gpu(2, lost=True)
+    fleet = applied(batch(1, records=[gpu(0), lost, inaccessible]))
+    out = format_diagnosis(fleet_status(fleet.snapshot(), detail=True), collector="c:1")
+    line3 = next(line for line in out.splitlines() if "GPU 3" in line)
+    assert "NOT ACCESSIBLE to the agent (NVML NO_PERMISSION)" in line3
+    assert "/dev/nvidia3" in line3 and "LOST" not in line3
+    assert any("GPU 2" in line and "LOST" in line for line in out.splitlines())
