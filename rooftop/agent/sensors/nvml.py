@@ -523,9 +523,7 @@ class NvmlBackend:
             return
         device.gpm.close()
         device.gpm = None
-        if device.info.has_gpm:
-            device.info = dataclasses.replace(device.info, has_gpm=False)
-            self._infos = self._all_infos()
+        self._set_has_gpm(device, False)
 
     def _read_gpm(self, device: _Device) -> GpmReading | None:
         """This tick's GPM reading; ``None`` without GPM, or once GPM was denied."""
@@ -540,7 +538,12 @@ class NvmlBackend:
             return
         self._start_gpm(device)
         if device.gpm is not None:
-            device.info = dataclasses.replace(device.info, has_gpm=True)
+            self._set_has_gpm(device, True)
+
+    def _set_has_gpm(self, device: _Device, has_gpm: bool) -> None:
+        """Record that ``device`` gained or lost GPM, in what ``devices()`` reports."""
+        if device.info.has_gpm != has_gpm:
+            device.info = dataclasses.replace(device.info, has_gpm=has_gpm)
             self._infos = self._all_infos()
 
     def devices(self) -> tuple[GpuInfo, ...]:

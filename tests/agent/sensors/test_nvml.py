@@ -12,23 +12,15 @@ from rooftop.agent.diagnose import sample as diagnose_sample
 from rooftop.agent.sampler import Sampler
 from rooftop.agent.sensors.base import GpuBackend
 from rooftop.agent.sensors.fake import FakeHostSensor, FakeNvmlLibrary, fake_backend
+from rooftop.agent.sensors.gpm import GPM_METRIC_FIELDS
 from rooftop.agent.sensors.nvml import RETRY_NEWER_S, NvmlBackend, map_nvml_errors
 from rooftop.agent.window import build_windows
 from rooftop.common.codec import record_from_proto, record_to_proto
 from rooftop.common.errors import DeviceLost, NvmlUnavailable, SensorError
 from rooftop.common.model import Bound, GpuSample, HostSample
 
-GPM_FIELDS = (
-    "sm_active_pct",
-    "sm_occupancy_pct",
-    "tensor_active_pct",
-    "fp16_active_pct",
-    "fp32_active_pct",
-    "fp64_active_pct",
-    "dram_bw_pct",
-    "pcie_rx_bytes_per_s",
-    "pcie_tx_bytes_per_s",
-)
+# Every field GPM fills, as gpm.py names them.
+GPM_FIELDS = tuple(GPM_METRIC_FIELDS.values())
 SLOW_FUNCTIONS = (
     "nvmlDeviceGetPcieThroughput",
     "nvmlDeviceGetProcessUtilization",

@@ -19,6 +19,7 @@ import pytest
 from rooftop.agent.classifier import classify
 from rooftop.agent.sampler import Sampler
 from rooftop.agent.sensors.fake import FakeNvmlLibrary
+from rooftop.agent.sensors.gpm import GPM_METRIC_FIELDS
 from rooftop.agent.sensors.nvml import NvmlBackend
 from rooftop.agent.sensors.nvml_standin import (
     DRIVERS,
@@ -37,17 +38,8 @@ from rooftop.common.model import Bound, GpuSample
 
 _GiB = 1024**3
 _MiB = 1024**2
-GPM_FIELDS = (
-    "sm_active_pct",
-    "sm_occupancy_pct",
-    "tensor_active_pct",
-    "fp16_active_pct",
-    "fp32_active_pct",
-    "fp64_active_pct",
-    "dram_bw_pct",
-    "pcie_rx_bytes_per_s",
-    "pcie_tx_bytes_per_s",
-)
+# Every field GPM fills, as gpm.py names them.
+GPM_FIELDS = tuple(GPM_METRIC_FIELDS.values())
 
 
 @dataclass
