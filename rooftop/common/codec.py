@@ -20,6 +20,7 @@ from rooftop.common.model import (
     GpuSample,
     HostProcess,
     HostSample,
+    PodRef,
     Provenance,
     Record,
     Verdict,
@@ -35,7 +36,7 @@ __all__ = [
     "verdict_to_proto",
 ]
 
-_NESTED = {"processes", "gpu_indices", "time_s", "xid_codes"}
+_NESTED = {"processes", "gpu_indices", "time_s", "xid_codes", "pods"}
 
 
 def timestamp(time_s: float) -> Timestamp:
@@ -71,6 +72,8 @@ def record_to_proto(record: Record) -> pb.TraceRecord:
         gpu.processes.extend(
             pb.GpuProcess(pid=p.pid, gpu_mem_bytes=p.gpu_mem_bytes) for p in record.processes
         )
+        if record.pods:
+            gpu.pods.extend(_pods_to_proto(record.pods))
         return pb.TraceRecord(gpu=gpu)
     if isinstance(record, EngineSample):
         engine = pb.EngineSample(
@@ -82,6 +85,14 @@ def record_to_proto(record: Record) -> pb.TraceRecord:
         pb.HostProcess(gpu_indices=p.gpu_indices, **_scalars(p)) for p in record.processes
     )
     return pb.TraceRecord(host=host)
+
+
+def _pods_to_proto(pods: tuple[PodRef, ...]) -> list[pb.PodRef]:
+    return [pb.PodRef(pod=p.pod, namespace=p.namespace, container=p.container) for p in pods]
+
+
+def _pods_from_proto(msgs: Any) -> tuple[PodRef, ...]:
+    return tuple(PodRef(m.pod, m.namespace, m.container) for m in msgs)
 
 
 def _present(msg: Any, names: tuple[str, ...]) -> dict[str, Any]:
@@ -117,6 +128,7 @@ def record_from_proto(msg: pb.TraceRecord) -> Record:
             gpm_stale=g.gpm_stale,
             xid_codes=tuple(g.xid_codes),
             mig_uuid=g.mig_uuid,
+            pods=_pods_from_proto(g.pods),
             **_present(g, _GPU_OPTIONAL),
         )
     if kind == "engine":
@@ -167,6 +179,8 @@ def verdict_to_proto(v: Verdict) -> pb.Verdict:
         pb.Evidence(name=e.name, value=e.value, provenance=e.provenance.value) for e in v.evidence
     )
     msg.regimes.extend(pb.RegimeShare(regime=b.value, share=s) for b, s in v.regimes)
+    if v.pods:
+        msg.pods.extend(_pods_to_proto(v.pods))
     return msg
 
 
@@ -194,4 +208,5 @@ def verdict_from_proto(msg: pb.Verdict, gpu_name: str = "") -> Verdict:
         compute_instance_id=(
             msg.compute_instance_id if msg.HasField("compute_instance_id") else None
         ),
+        pods=_pods_from_proto(msg.pods),
     )

@@ -22,6 +22,7 @@ __all__ = [
     "GpuSample",
     "HostProcess",
     "HostSample",
+    "PodRef",
     "Provenance",
     "Record",
     "Verdict",
@@ -68,6 +69,15 @@ class GpuProcess:
 
     pid: int
     gpu_mem_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PodRef:
+    """A Kubernetes container that holds a GPU or MIG instance (kubelet pod-resources)."""
+
+    pod: str
+    namespace: str
+    container: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +136,9 @@ class GpuSample:
     remapped_rows_uncorrected: int | None = None
     remap_pending: bool | None = None
     remap_failed: bool | None = None
+    # Kubernetes containers the kubelet assigned this GPU (or MIG instance) to; a shared
+    # GPU lists every one. Empty outside Kubernetes or with no pod-resources socket.
+    pods: tuple[PodRef, ...] = ()
 
 
 # Where each GpuSample metric comes from when measured.
@@ -270,6 +283,8 @@ class Verdict:
     mig_uuid: str = ""
     gpu_instance_id: int | None = None
     compute_instance_id: int | None = None
+    # The containers holding the GPU over the window (see GpuSample.pods).
+    pods: tuple[PodRef, ...] = ()
 
     def evidence_value(self, name: str) -> Evidence | None:
         """The evidence item called ``name``, if present."""

@@ -70,6 +70,7 @@ class GpuSample(_message.Message):
     MIG_UUID_FIELD_NUMBER: _builtins.int
     GPU_INSTANCE_ID_FIELD_NUMBER: _builtins.int
     COMPUTE_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    PODS_FIELD_NUMBER: _builtins.int
     gpu_index: _builtins.int
     gpu_uuid: _builtins.str
     gpu_name: _builtins.str
@@ -148,6 +149,10 @@ class GpuSample(_message.Message):
         (absent: XID events not available).
         """
 
+    @_builtins.property
+    def pods(self) -> _containers.RepeatedCompositeFieldContainer[Global___PodRef]:
+        """Kubernetes containers holding this GPU / MIG instance"""
+
     def __init__(
         self,
         *,
@@ -191,10 +196,11 @@ class GpuSample(_message.Message):
         mig_uuid: _builtins.str = ...,
         gpu_instance_id: _builtins.int | None = ...,
         compute_instance_id: _builtins.int | None = ...,
+        pods: _abc.Iterable[Global___PodRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct", "_clock_event_reasons", b"_clock_event_reasons", "_compute_instance_id", b"_compute_instance_id", "_dram_bw_pct", b"_dram_bw_pct", "_ecc_corrected_aggregate", b"_ecc_corrected_aggregate", "_ecc_corrected_volatile", b"_ecc_corrected_volatile", "_ecc_uncorrected_aggregate", b"_ecc_uncorrected_aggregate", "_ecc_uncorrected_volatile", b"_ecc_uncorrected_volatile", "_fp16_active_pct", b"_fp16_active_pct", "_fp32_active_pct", b"_fp32_active_pct", "_fp64_active_pct", b"_fp64_active_pct", "_gpu_instance_id", b"_gpu_instance_id", "_inaccessible", b"_inaccessible", "_mem_ctrl_pct", b"_mem_ctrl_pct", "_mem_total_bytes", b"_mem_total_bytes", "_mem_used_bytes", b"_mem_used_bytes", "_pcie_link_gen", b"_pcie_link_gen", "_pcie_link_width", b"_pcie_link_width", "_pcie_rx_bytes_per_s", b"_pcie_rx_bytes_per_s", "_pcie_tx_bytes_per_s", b"_pcie_tx_bytes_per_s", "_power_w", b"_power_w", "_remap_failed", b"_remap_failed", "_remap_pending", b"_remap_pending", "_remapped_rows_corrected", b"_remapped_rows_corrected", "_remapped_rows_uncorrected", b"_remapped_rows_uncorrected", "_sm_active_pct", b"_sm_active_pct", "_sm_clock_mhz", b"_sm_clock_mhz", "_sm_occupancy_pct", b"_sm_occupancy_pct", "_temperature_c", b"_temperature_c", "_tensor_active_pct", b"_tensor_active_pct", "_xid_count", b"_xid_count", "busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "compute_instance_id", b"compute_instance_id", "dram_bw_pct", b"dram_bw_pct", "ecc_corrected_aggregate", b"ecc_corrected_aggregate", "ecc_corrected_volatile", b"ecc_corrected_volatile", "ecc_uncorrected_aggregate", b"ecc_uncorrected_aggregate", "ecc_uncorrected_volatile", b"ecc_uncorrected_volatile", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "gpu_instance_id", b"gpu_instance_id", "inaccessible", b"inaccessible", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "power_w", b"power_w", "remap_failed", b"remap_failed", "remap_pending", b"remap_pending", "remapped_rows_corrected", b"remapped_rows_corrected", "remapped_rows_uncorrected", b"remapped_rows_uncorrected", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time", b"time", "xid_count", b"xid_count"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct", "_clock_event_reasons", b"_clock_event_reasons", "_compute_instance_id", b"_compute_instance_id", "_dram_bw_pct", b"_dram_bw_pct", "_ecc_corrected_aggregate", b"_ecc_corrected_aggregate", "_ecc_corrected_volatile", b"_ecc_corrected_volatile", "_ecc_uncorrected_aggregate", b"_ecc_uncorrected_aggregate", "_ecc_uncorrected_volatile", b"_ecc_uncorrected_volatile", "_fp16_active_pct", b"_fp16_active_pct", "_fp32_active_pct", b"_fp32_active_pct", "_fp64_active_pct", b"_fp64_active_pct", "_gpu_instance_id", b"_gpu_instance_id", "_inaccessible", b"_inaccessible", "_mem_ctrl_pct", b"_mem_ctrl_pct", "_mem_total_bytes", b"_mem_total_bytes", "_mem_used_bytes", b"_mem_used_bytes", "_pcie_link_gen", b"_pcie_link_gen", "_pcie_link_width", b"_pcie_link_width", "_pcie_rx_bytes_per_s", b"_pcie_rx_bytes_per_s", "_pcie_tx_bytes_per_s", b"_pcie_tx_bytes_per_s", "_power_w", b"_power_w", "_remap_failed", b"_remap_failed", "_remap_pending", b"_remap_pending", "_remapped_rows_corrected", b"_remapped_rows_corrected", "_remapped_rows_uncorrected", b"_remapped_rows_uncorrected", "_sm_active_pct", b"_sm_active_pct", "_sm_clock_mhz", b"_sm_clock_mhz", "_sm_occupancy_pct", b"_sm_occupancy_pct", "_temperature_c", b"_temperature_c", "_tensor_active_pct", b"_tensor_active_pct", "_xid_count", b"_xid_count", "busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "compute_instance_id", b"compute_instance_id", "dram_bw_pct", b"dram_bw_pct", "ecc_corrected_aggregate", b"ecc_corrected_aggregate", "ecc_corrected_volatile", b"ecc_corrected_volatile", "ecc_uncorrected_aggregate", b"ecc_uncorrected_aggregate", "ecc_uncorrected_volatile", b"ecc_uncorrected_volatile", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "gpm_stale", b"gpm_stale", "gpu_index", b"gpu_index", "gpu_instance_id", b"gpu_instance_id", "gpu_name", b"gpu_name", "gpu_uuid", b"gpu_uuid", "inaccessible", b"inaccessible", "lost", b"lost", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "mig_uuid", b"mig_uuid", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "power_w", b"power_w", "processes", b"processes", "remap_failed", b"remap_failed", "remap_pending", b"remap_pending", "remapped_rows_corrected", b"remapped_rows_corrected", "remapped_rows_uncorrected", b"remapped_rows_uncorrected", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time", b"time", "xid_codes", b"xid_codes", "xid_count", b"xid_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct", "_clock_event_reasons", b"_clock_event_reasons", "_compute_instance_id", b"_compute_instance_id", "_dram_bw_pct", b"_dram_bw_pct", "_ecc_corrected_aggregate", b"_ecc_corrected_aggregate", "_ecc_corrected_volatile", b"_ecc_corrected_volatile", "_ecc_uncorrected_aggregate", b"_ecc_uncorrected_aggregate", "_ecc_uncorrected_volatile", b"_ecc_uncorrected_volatile", "_fp16_active_pct", b"_fp16_active_pct", "_fp32_active_pct", b"_fp32_active_pct", "_fp64_active_pct", b"_fp64_active_pct", "_gpu_instance_id", b"_gpu_instance_id", "_inaccessible", b"_inaccessible", "_mem_ctrl_pct", b"_mem_ctrl_pct", "_mem_total_bytes", b"_mem_total_bytes", "_mem_used_bytes", b"_mem_used_bytes", "_pcie_link_gen", b"_pcie_link_gen", "_pcie_link_width", b"_pcie_link_width", "_pcie_rx_bytes_per_s", b"_pcie_rx_bytes_per_s", "_pcie_tx_bytes_per_s", b"_pcie_tx_bytes_per_s", "_power_w", b"_power_w", "_remap_failed", b"_remap_failed", "_remap_pending", b"_remap_pending", "_remapped_rows_corrected", b"_remapped_rows_corrected", "_remapped_rows_uncorrected", b"_remapped_rows_uncorrected", "_sm_active_pct", b"_sm_active_pct", "_sm_clock_mhz", b"_sm_clock_mhz", "_sm_occupancy_pct", b"_sm_occupancy_pct", "_temperature_c", b"_temperature_c", "_tensor_active_pct", b"_tensor_active_pct", "_xid_count", b"_xid_count", "busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "compute_instance_id", b"compute_instance_id", "dram_bw_pct", b"dram_bw_pct", "ecc_corrected_aggregate", b"ecc_corrected_aggregate", "ecc_corrected_volatile", b"ecc_corrected_volatile", "ecc_uncorrected_aggregate", b"ecc_uncorrected_aggregate", "ecc_uncorrected_volatile", b"ecc_uncorrected_volatile", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "gpm_stale", b"gpm_stale", "gpu_index", b"gpu_index", "gpu_instance_id", b"gpu_instance_id", "gpu_name", b"gpu_name", "gpu_uuid", b"gpu_uuid", "inaccessible", b"inaccessible", "lost", b"lost", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "mig_uuid", b"mig_uuid", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "pods", b"pods", "power_w", b"power_w", "processes", b"processes", "remap_failed", b"remap_failed", "remap_pending", b"remap_pending", "remapped_rows_corrected", b"remapped_rows_corrected", "remapped_rows_uncorrected", b"remapped_rows_uncorrected", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time", b"time", "xid_codes", b"xid_codes", "xid_count", b"xid_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__busy_pct: _TypeAlias = _typing.Literal["busy_pct"]  # noqa: Y015
     _WhichOneofArgType__busy_pct: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct"]  # noqa: Y015
@@ -322,6 +328,33 @@ class GpuSample(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__xid_count) -> _WhichOneofReturnType__xid_count | None: ...
 
 Global___GpuSample: _TypeAlias = GpuSample  # noqa: Y015
+
+@_typing.final
+class PodRef(_message.Message):
+    """A Kubernetes container the kubelet's pod-resources API assigns a GPU or MIG device to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POD_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    CONTAINER_FIELD_NUMBER: _builtins.int
+    pod: _builtins.str
+    namespace: _builtins.str
+    container: _builtins.str
+    def __init__(
+        self,
+        *,
+        pod: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        container: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container", b"container", "namespace", b"namespace", "pod", b"pod"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PodRef: _TypeAlias = PodRef  # noqa: Y015
 
 @_typing.final
 class GpuProcess(_message.Message):
@@ -638,6 +671,7 @@ class Verdict(_message.Message):
     MIG_UUID_FIELD_NUMBER: _builtins.int
     GPU_INSTANCE_ID_FIELD_NUMBER: _builtins.int
     COMPUTE_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    PODS_FIELD_NUMBER: _builtins.int
     gpu_index: _builtins.int
     gpu_uuid: _builtins.str
     verdict: _builtins.str
@@ -666,6 +700,10 @@ class Verdict(_message.Message):
     def recommendations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def regimes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegimeShare]: ...
+    @_builtins.property
+    def pods(self) -> _containers.RepeatedCompositeFieldContainer[Global___PodRef]:
+        """Kubernetes containers holding the GPU over the window"""
+
     def __init__(
         self,
         *,
@@ -685,10 +723,11 @@ class Verdict(_message.Message):
         mig_uuid: _builtins.str = ...,
         gpu_instance_id: _builtins.int | None = ...,
         compute_instance_id: _builtins.int | None = ...,
+        pods: _abc.Iterable[Global___PodRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cause", b"_cause", "_compute_instance_id", b"_compute_instance_id", "_gpu_instance_id", b"_gpu_instance_id", "cause", b"cause", "compute_instance_id", b"compute_instance_id", "gpu_instance_id", b"gpu_instance_id", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cause", b"_cause", "_compute_instance_id", b"_compute_instance_id", "_gpu_instance_id", b"_gpu_instance_id", "active_samples", b"active_samples", "cause", b"cause", "compute_instance_id", b"compute_instance_id", "confidence", b"confidence", "evidence", b"evidence", "gpu_index", b"gpu_index", "gpu_instance_id", b"gpu_instance_id", "gpu_uuid", b"gpu_uuid", "mig_uuid", b"mig_uuid", "recommendations", b"recommendations", "regimes", b"regimes", "rule", b"rule", "samples", b"samples", "verdict", b"verdict", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cause", b"_cause", "_compute_instance_id", b"_compute_instance_id", "_gpu_instance_id", b"_gpu_instance_id", "active_samples", b"active_samples", "cause", b"cause", "compute_instance_id", b"compute_instance_id", "confidence", b"confidence", "evidence", b"evidence", "gpu_index", b"gpu_index", "gpu_instance_id", b"gpu_instance_id", "gpu_uuid", b"gpu_uuid", "mig_uuid", b"mig_uuid", "pods", b"pods", "recommendations", b"recommendations", "regimes", b"regimes", "rule", b"rule", "samples", b"samples", "verdict", b"verdict", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cause: _TypeAlias = _typing.Literal["cause"]  # noqa: Y015
     _WhichOneofArgType__cause: _TypeAlias = _typing.Literal["_cause", b"_cause"]  # noqa: Y015
