@@ -3,6 +3,13 @@
 ``protos/rooftop/v1/telemetry.proto`` becomes ``rooftop/v1/telemetry_pb2*.py(i)``: the
 include root is ``protos/``, so the proto's path (``rooftop/v1/telemetry.proto``) is
 its Python import path (``rooftop.v1``) and its protobuf package (``rooftop.v1``).
+
+Vendored protos keep their upstream text: ``protos/k8s/`` (the kubelet's pod-resources
+API, protobuf package ``v1``, which the kubelet serves as ``v1.PodResourcesLister``) is
+mapped to the virtual path ``rooftop/v1/k8s/`` (protoc's ``-IVIRTUAL=DIR``), so its code
+lands in ``rooftop/v1/k8s/podresources/v1/`` with absolute imports that resolve there,
+without a Python package option the upstream file does not have.
+
 Run from the repository root::
 
     python protos/generate.py            # writes rooftop/v1/ in the package
@@ -23,7 +30,19 @@ from pathlib import Path
 PINNED = {"grpcio-tools": "1.85.1", "mypy-protobuf": "5.1.0"}
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-PROTOS = sorted(PROTO_ROOT.rglob("*.proto"))
+VENDORED = {"k8s": "rooftop/v1/k8s"}  # protos/<dir> -> the import path its code gets
+PROTOS = sorted(
+    p for p in PROTO_ROOT.rglob("*.proto") if p.relative_to(PROTO_ROOT).parts[0] not in VENDORED
+)
+
+
+def vendored_protos() -> list[str]:
+    """The vendored protos, as the virtual paths protoc sees (and the code is named by)."""
+    return sorted(
+        f"{virtual}/{p.relative_to(PROTO_ROOT / top).as_posix()}"
+        for top, virtual in VENDORED.items()
+        for p in (PROTO_ROOT / top).rglob("*.proto")
+    )
 
 
 def check_pins() -> None:
@@ -45,6 +64,7 @@ def generate(out: Path) -> None:
     bin_dir = Path(sys.executable).parent
     args = [
         "protoc",
+        *(f"-I{virtual}={PROTO_ROOT / top}" for top, virtual in VENDORED.items()),
         f"-I{PROTO_ROOT}",
         f"-I{include}",
         f"--python_out={out}",
@@ -54,10 +74,21 @@ def generate(out: Path) -> None:
         f"--mypy_out={out}",
         f"--mypy_grpc_out={out}",
         *(str(p.relative_to(PROTO_ROOT)) for p in PROTOS),
+        *vendored_protos(),
     ]
     rc = protoc.main(args)
     if rc != 0:
         sys.exit(f"protoc failed with exit code {rc}")
+    # The vendored code's directories become packages (protoc writes no __init__.py).
+    for virtual in vendored_protos():
+        package = out / Path(virtual).parent
+        while package != out / "rooftop" / "v1":
+            init = package / "__init__.py"
+            if not init.exists():
+                init.write_text(
+                    '"""Generated protobuf code (protos/generate.py; do not edit)."""\n'
+                )
+            package = package.parent
 
 
 def main() -> None:

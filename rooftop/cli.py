@@ -199,8 +199,12 @@ def _sample_live(
         for warning in engines.warnings:
             click.echo(f"agentctl: warning: {warning}", err=True)
         progress.label = progress.label.format(gpus=len(backend.devices()))
-        return dx.sample(backend, dx.open_host_sensor(backend), seconds, rate_hz, progress,
-                         on_records, engines=engines)
+        records = dx.sample(backend, dx.open_host_sensor(backend), seconds, rate_hz, progress,
+                            on_records, engines=engines)
+        # A dead or wrong --engine-url would otherwise only be a "-" under TPOT.
+        for warning in engines.scrape_warnings():
+            click.echo(f"agentctl: warning: {warning}", err=True)
+        return records
     finally:
         progress.close()
         engines.shutdown()
@@ -250,6 +254,26 @@ def _fleet_status(
                               timeout_s=timeout_s)
 
 
+_by_option = click.option(
+    "--by", type=click.Choice(["workload", "namespace", "node"]), default=None,
+    help="One row per workload (model, else pod owner, else process), namespace or node: "
+         "GPUs, verdict mix, TPOT p50/p99 against the roofline floor, what to do first.")
+
+
+def _print_workloads(
+    address: str, node: str | None, by: str, as_json: bool, auth: dict[str, Any]
+) -> None:
+    """``--by``: the fleet grouped by workload, namespace or node."""
+    from rooftop.agent.workload_view import format_workloads, workloads_json  # noqa: PLC0415
+
+    # Detail: the newest samples carry the pods and processes, the verdicts their advice.
+    fs = _fleet_status(address, node, True, auth)
+    if as_json:
+        click.echo(json.dumps(workloads_json(fs, collector=address, by=by), indent=2))
+    else:
+        click.echo(format_workloads(fs, collector=address, by=by))
+
+
 def _collector_address(collector: str | None) -> str:
     address = collector or os.environ.get(COLLECTOR_ENV, "")
     if not address:
@@ -262,13 +286,19 @@ def _collector_address(collector: str | None) -> str:
               help=f"The collector's ingest address [default: ${COLLECTOR_ENV}].")
 @click.option("--node", metavar="NAME", help="Only this node (agent_id or hostname).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, nothing else.")
+@_by_option
 @_collector_auth_options
 @friendly_errors
-def status(collector: str | None, node: str | None, as_json: bool, **auth: Any) -> None:
+def status(
+    collector: str | None, node: str | None, as_json: bool, by: str | None, **auth: Any
+) -> None:
     """Every node and GPU the collector knows: verdict, last seen, lag, drops."""
     from rooftop.agent.status import format_status, status_json  # noqa: PLC0415
 
     address = _collector_address(collector)
+    if by is not None:
+        _print_workloads(address, node, by, as_json, auth)
+        return
     fs = _fleet_status(address, node, False, auth)
     if as_json:
         click.echo(json.dumps(status_json(fs, collector=address), indent=2))
@@ -311,6 +341,7 @@ _gpus_option = click.option("--gpus", default=1, show_default=True, type=click.I
               help="Show the latest verdicts the collector holds for every node instead "
                    f"(alone: ${COLLECTOR_ENV}); for incidents, from anywhere.")
 @click.option("--node", metavar="NAME", help="With --collector: only this node.")
+@_by_option
 @_collector_auth_options
 @_engine_options
 @_fake_option
@@ -334,6 +365,7 @@ def diagnose(
     gpus: int,
     collector: str | None,
     node: str | None,
+    by: str | None,
     **auth: Any,
 ) -> None:
     """Say what bounds each GPU on this host: memory, compute or the host.
@@ -355,6 +387,9 @@ def diagnose(
         from rooftop.agent.status import diagnosis_json, format_diagnosis  # noqa: PLC0415
 
         address = _collector_address(collector)
+        if by is not None:
+            _print_workloads(address, node, by, as_json, auth)
+            return
         fs = _fleet_status(address, node, True, auth)
         if as_json:
             click.echo(json.dumps(diagnosis_json(fs, collector=address), indent=2))
@@ -363,6 +398,8 @@ def diagnose(
         return
     if node is not None:
         raise click.UsageError("--node needs --collector")
+    if by is not None:
+        raise click.UsageError("--by needs --collector: it groups the fleet's GPUs")
     skipped: dict[str, int] = {}
     if replay is not None:
         trace = read_trace(replay)
@@ -599,6 +636,10 @@ def probe(
 @click.option("--insecure", is_flag=True, default=False,
               help="Accept agents over plaintext gRPC (no TLS, no token): ask for it explicitly. "
                    "Binds to 127.0.0.1 unless --listen or the config gives an address.")
+@click.option("--allow-unauthenticated", is_flag=True, default=False,
+              help="Serve a mode that authenticates no agent (plaintext, or TLS with neither "
+                   "client certificates nor a token) on a non-loopback address "
+                   "(allow_unauthenticated = true); refused without it.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @friendly_errors
@@ -607,6 +648,7 @@ def collector_command(
     listen: str | None,
     prometheus_listen: str | None,
     insecure: bool,
+    allow_unauthenticated: bool = False,
     log_level: str = "info",
 ) -> None:
     """Run the fleet collector until SIGTERM: agents stream in, OTLP and Prometheus out."""
@@ -616,7 +658,8 @@ def collector_command(
     from rooftop.collector.service import run
 
     config = load_config(config_path, listen=listen, prometheus_listen=prometheus_listen,
-                         insecure=True if insecure else None)
+                         insecure=True if insecure else None,
+                         allow_unauthenticated=True if allow_unauthenticated else None)
     # Refusals (once per peer), certificate and token reloads are logged on stderr.
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(levelname)s %(name)s: %(message)s")
@@ -659,6 +702,20 @@ def direct_otlp_sink(export: OtlpExport) -> BatchSink:
     from rooftop.collector.direct import DirectExporter  # noqa: PLC0415
 
     return DirectExporter(export)
+
+
+@main.command("alive")
+@click.argument("heartbeat_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--max-age-s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Fail when the last sampling tick is older than this [default: 30].")
+def alive_command(heartbeat_file: Path, max_age_s: float | None) -> None:
+    """Exit 0 if the agent's sampling loop ticked recently (an exec probe; heartbeat_file)."""
+    from rooftop.agent.heartbeat import DEFAULT_MAX_AGE_S, heartbeat_problem  # noqa: PLC0415
+
+    problem = heartbeat_problem(heartbeat_file, max_age_s or DEFAULT_MAX_AGE_S)
+    if problem is not None:
+        click.echo(f"agentctl: not alive: {problem}", err=True)
+        sys.exit(EXIT_FAILURE)
 
 
 # --- demo -----------------------------------------------------------------------------

@@ -3,11 +3,15 @@
 The check is the daemon's own: it loads the file as the daemon does (environment
 included), then runs the daemon's start-up checks — for the agent
 ``rooftop.agent.daemon.startup_checks`` (somewhere to send, TLS or explicit plaintext,
-TLS files and token readable), for the collector
-``rooftop.collector.ingest.IngestCredentials.load`` (certificate and key load, token
-files hold tokens). Only what needs the host itself is left to the start: the NVIDIA
-driver and the spool directory (systemd creates it). The effective configuration is
-printed as TOML that loads back to the same settings; header values are redacted.
+TLS files and token readable, the key matching the certificate), for the collector
+its loader's checks (no mode that authenticates nobody off loopback unless
+``allow_unauthenticated``, bounded ``max_message_bytes``, finite intervals) and
+``rooftop.collector.ingest.IngestCredentials.load`` (certificate and key load and
+match, token files hold tokens). A file that is not UTF-8 or not TOML is one line
+naming it (and the line and byte offset). Only what needs the host itself is left to
+the start: the NVIDIA driver and the spool directory (systemd creates it). The
+effective configuration is printed as TOML that loads back to the same settings;
+header values are redacted.
 
 The commented examples ship in ``rooftop/data/config``; a test keeps every key of
 ``AgentConfig`` and of the collector's schema documented there.
@@ -22,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from rooftop.common.errors import ConfigError
+from rooftop.common.configfile import read_toml
 
 if TYPE_CHECKING:
     from rooftop.agent.config import AgentConfig
@@ -55,10 +59,7 @@ def check_config(path: Path, kind: Kind | None, env: Mapping[str, str]) -> tuple
     Raises:
         ConfigError: what the daemon would refuse to start with, naming the key.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    _, text = read_toml(path)  # unreadable, not UTF-8, not TOML: one line, for both kinds
     kind = kind or detect_kind(text)
     if kind == "agent":
         from rooftop.agent.config import load_config as load_agent  # noqa: PLC0415

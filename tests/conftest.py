@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from rooftop.agent.trace import BUNDLED_RECORDINGS
+from tests.kubelet_standin import KubeletStandin
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TRACES = REPO.parent / "shared" / "traces" / "h100-2026-11-22"
@@ -17,11 +20,25 @@ DATA = Path(__file__).resolve().parent / "data"
 
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No ROOFTOP_* variable from the caller's shell leaks into a test."""
+    """No ROOFTOP_* variable (nor a CI pod's NODE_NAME) from the caller's shell leaks in."""
     for name in list(os.environ):
-        if name.startswith("ROOFTOP_"):
+        if name.startswith("ROOFTOP_") or name == "NODE_NAME":
             monkeypatch.delenv(name)
     yield
+
+
+@pytest.fixture
+def kubelet() -> Iterator[KubeletStandin]:
+    """A started stand-in kubelet (tests/kubelet_standin.py) on a short unix socket path."""
+    # Unix socket paths are limited to 107 bytes, which a deep tmp_path can exceed.
+    directory = Path(tempfile.mkdtemp(prefix="kubelet-", dir="/tmp"))
+    standin = KubeletStandin(directory / "kubelet.sock")
+    standin.start()
+    try:
+        yield standin
+    finally:
+        standin.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 DATA_TRACES = BUNDLED_RECORDINGS

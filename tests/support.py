@@ -289,26 +289,40 @@ def require_tool(name: str, path: str | None) -> str:
 
 @contextlib.contextmanager
 def prometheus_server(
-    workdir: Path, target_port: int, *, rule_file: Path | None = None
+    workdir: Path,
+    target_port: int | None,
+    *,
+    rule_file: Path | None = None,
+    remote_write_receiver: bool = False,
+    out_of_order_window: str | None = None,
 ) -> Iterator[str]:
     """A real Prometheus scraping 127.0.0.1:``target_port`` every second (job
-    ``rooftop``), evaluating ``rule_file`` every second; yields its base URL.
+    ``rooftop``; None: no scraping), evaluating ``rule_file`` every second; yields its
+    base URL. ``remote_write_receiver`` serves ``/api/v1/write``;
+    ``out_of_order_window`` (``"30m"``) accepts samples older than a series' newest.
 
     Needs ``PROMETHEUS`` (``.ci/install-prometheus.sh`` installs Debian's).
     """
     prometheus = require_tool("prometheus", PROMETHEUS)
     config = workdir / "prometheus.yml"
     rules = f"rule_files: ['{rule_file}']\n" if rule_file is not None else ""
+    if out_of_order_window is not None:
+        rules += f"storage:\n  tsdb:\n    out_of_order_time_window: {out_of_order_window}\n"
+    scrape = (
+        "scrape_configs:\n"
+        "  - job_name: rooftop\n"
+        "    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{target_port}']\n"
+        if target_port is not None
+        else ""
+    )
     config.write_text(
         "global:\n"
         "  scrape_interval: 1s\n"
         "  scrape_timeout: 1s\n"
         "  evaluation_interval: 1s\n"
         f"{rules}"
-        "scrape_configs:\n"
-        "  - job_name: rooftop\n"
-        "    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{target_port}']\n"
+        f"{scrape}"
     )
     port = free_port()
     with (workdir / "prometheus.log").open("wb") as log:
@@ -319,6 +333,7 @@ def prometheus_server(
                 f"--web.listen-address=127.0.0.1:{port}",
                 f"--storage.tsdb.path={workdir / 'tsdb'}",
                 "--log.level=warn",
+                *(["--web.enable-remote-write-receiver"] if remote_write_receiver else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

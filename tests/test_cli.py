@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 import rooftop
+from rooftop.agent.status import format_status, status_json
 from rooftop.agent.trace import BUNDLED_RECORDINGS
 from rooftop.cli import main
+from rooftop.collector.fleet import decode_batch
+from rooftop.common.model import Bound
+from rooftop.v1 import telemetry_pb2 as pb
+from tests.collector.helpers import AgentStream, batch, gpu, start_server, verdict
 
 DATA = BUNDLED_RECORDINGS
 
@@ -183,3 +190,62 @@ def test_fake_alternating_gemv_gemm_is_mixed_not_host_bound():
     gpu = diagnose_json("--fake", "h100:gemv@0.5+gemm@0.5", "--seconds", "3")["gpus"][0]
     assert gpu["verdict"] == "mixed"
     assert set(gpu["regimes"]) >= {"memory-bound", "compute-bound"}
+
+
+# ---- peer-supplied strings reach the terminal escaped ---------------------------------
+
+HOSTILE_HOST = "gpu-node\x1b]0;pwned\x07\r\nINFO forged"
+
+
+@pytest.fixture
+def hostile_collector():
+    """A real collector holding a host name with an OSC sequence, CR and LF (as a
+    collector that did not validate identities would) and, through its real ingest, a
+    verdict whose free-text rule and advice carry escape sequences."""
+    server, fleet = start_server()
+    address = f"127.0.0.1:{server.port}"
+    clean = batch(1, agent_id="agent-x", boot_id="bx", hostname="placeholder",
+                  records=[gpu(0)], verdicts=[verdict(0, Bound.MEMORY)])  # fmt: skip
+    now = time.time()
+    decoded = decode_batch(clean, received_s=now)
+    fleet.apply(dataclasses.replace(decoded, hostname=HOSTILE_HOST), received_s=now)
+    with AgentStream(address) as stream:
+        stream.send(batch(1, agent_id="agent-y", boot_id="by", hostname="gpu-node-2",
+                          records=[gpu(0)],
+                          verdicts=[verdict(0, Bound.MEMORY, rule="dram > 80\x1b[2J\rX",
+                                            recommendations=("FP8\x1b]0;t\x07 KV",))])
+                     )  # fmt: skip
+        stream.wait(lambda acks: any(a.acked_seq for a in acks))
+    yield address
+    server.shutdown(timeout_s=1)
+
+
+@pytest.mark.parametrize("command", ["status", "diagnose"])
+def test_peer_strings_are_printed_escaped_by_status_and_diagnose_collector(
+    hostile_collector, command
+):
+    # color=True: click strips nothing, as on a terminal.
+    result = CliRunner().invoke(
+        main, [command, "--collector", hostile_collector, "--insecure"], color=True
+    )
+    assert result.exit_code == 0, result.output
+    out = result.output
+    # Before: the raw bytes reached the terminal (retitled it, cleared it, forged a line).
+    assert not any(c in out for c in "\x1b\x07\r"), repr(out)
+    assert "gpu-node\\x1b]0;pwned\\x07\\r\\nINFO forged" in out
+    assert not any(line.startswith("INFO forged") for line in out.splitlines())
+    if command == "diagnose":
+        assert "dram > 80\\x1b[2J\\rX" in out
+        assert "FP8\\x1b]0;t\\x07 KV" in out
+
+
+def test_a_time_no_datetime_can_hold_is_shown_as_seconds_not_a_traceback():
+    # An older collector passed absurd times through; rendering one raised ValueError.
+    fs = pb.FleetStatus()
+    fs.taken_time.seconds = 1_800_000_000
+    node = fs.nodes.add(agent_id="a", hostname="h")
+    node.last_seen_time.seconds = -10**13  # before year 1
+    node.gpus.add(gpu_index=0).updated_time.seconds = 10**15
+    assert "out of range" in status_json(fs, collector="c")["nodes"][0]["last_seen"]
+    assert "out of range" in status_json(fs, collector="c")["nodes"][0]["gpus"][0]["updated"]
+    assert format_status(fs, collector="c").count("\n") >= 2

@@ -101,6 +101,11 @@ def test_collector_example_checks_once_its_certificate_exists(tmp_path: Path):
     pki = Pki(tmp_path)
     pki.ca("ca")
     pki.issue("collector", ca="ca", cn="localhost", usage="serverAuth")
+    # A certificate beside it is not enough: the example asks agents for a token.
+    no_token = run("config", "check", str(path))
+    assert no_token.exit_code == 1
+    assert f"collector.token_file {tmp_path / 'token'}: unreadable" in no_token.stderr
+    (tmp_path / "token").write_text("s3cret\n")
     ok = run("config", "check", str(path))
     assert ok.exit_code == 0, ok.output
     assert "valid collector configuration" in ok.stdout
@@ -142,8 +147,12 @@ def test_agent_check_refuses_what_the_agent_refuses(tmp_path: Path, text: str, m
 
 COLLECTOR_REFUSALS = [
     ("[collector]\n", "collector.insecure: no TLS certificate configured"),
-    ('[collector]\ntls_cert_file = "c.crt"\ntls_key_file = "c.key"\n',
+    ('[collector]\nlisten = "127.0.0.1:4850"\ntls_cert_file = "c.crt"\ntls_key_file = "c.key"\n',
      "collector.tls_cert_file {d}/c.crt: cannot read: No such file or directory"),
+    ('[collector]\ntls_cert_file = "c.crt"\ntls_key_file = "c.key"\n',
+     "collector.listen: TLS authenticates no agent, and 0.0.0.0:4850 is not loopback"),
+    ('[collector]\ninsecure = true\nlisten = "10.0.0.5:4850"\n',
+     "collector.listen: plaintext authenticates no agent, and 10.0.0.5:4850 is not loopback"),
 ]
 
 
@@ -154,11 +163,12 @@ def test_collector_check_refuses_what_the_collector_refuses(tmp_path: Path, text
     message = message.format(d=tmp_path)
     checked = run("config", "check", str(path))
     assert checked.exit_code == 1
-    assert checked.stderr.startswith(f"agentctl: error: {message}")
+    assert checked.stderr.startswith("agentctl: error: ") and checked.stderr.count("\n") == 1
+    assert message in checked.stderr
     # The daemon loads the same file and builds its ingest server: the same words.
     with pytest.raises(ConfigError) as daemon:
         IngestServer(Fleet(), load_collector(path, env={}))
-    assert str(daemon.value).startswith(message)
+    assert message in str(daemon.value)
 
 
 @pytest.mark.skipif(OPENSSL is None, reason="needs the openssl CLI")
@@ -166,7 +176,8 @@ def test_collector_check_refuses_a_missing_or_empty_token_file(tmp_path: Path):
     pki = Pki(tmp_path)
     pki.ca("ca")
     pki.issue("server", ca="ca", cn="localhost", usage="serverAuth")
-    head = '[collector]\ntls_cert_file = "server.crt"\ntls_key_file = "server.key"\n'
+    head = ('[collector]\nlisten = "127.0.0.1:0"\n'
+            'tls_cert_file = "server.crt"\ntls_key_file = "server.key"\n')
     missing = write(tmp_path, "a.toml", head + 'token_file = "token"\n')
     assert (f"collector.token_file {tmp_path / 'token'}: unreadable"
             in run("config", "check", str(missing)).stderr)
@@ -241,3 +252,90 @@ def test_check_applies_collector_environment_overrides(tmp_path: Path):
     assert tomllib.loads(result.stdout)["prometheus"]["listen"] == "127.0.0.1:19464"
     bad = run("config", "check", str(path), env={"ROOFTOP_COLLECTOR_INSECURE": "maybe"})
     assert bad.exit_code == 1 and "ROOFTOP_COLLECTOR_INSECURE" in bad.stderr
+
+
+# ---- no accidental open door; configs fail at check time, clearly (issue 14) ------------
+
+
+@pytest.fixture(scope="module")
+def server_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``server.crt``/``server.key`` for localhost and an unrelated ``other.key``."""
+    if OPENSSL is None:
+        pytest.skip("needs the openssl CLI")
+    root = tmp_path_factory.mktemp("pki")
+    pki = Pki(root)
+    pki.ca("ca")
+    pki.issue("server", ca="ca", cn="localhost", usage="serverAuth")
+    pki.issue("other", ca="ca", cn="other")
+    return root
+
+
+def test_example_without_a_token_refuses_to_open_the_door(tmp_path: Path, server_pki: Path):
+    # The report: the example config, a certificate beside it and no token served TLS on
+    # 0.0.0.0 to anyone. Drop the example's token_file: config check and start refuse.
+    text = run("config", "example", "collector").stdout
+    assert re.search(r"^token_file = ", text, re.M)  # the example itself asks for a token
+    path = write(tmp_path, "collector.toml", re.sub(r"^token_file = .*$", "", text, flags=re.M)
+                 .replace('"collector.crt"', f'"{server_pki / "server.crt"}"')
+                 .replace('"collector.key"', f'"{server_pki / "server.key"}"'))
+    expected = "collector.listen: TLS authenticates no agent, and 0.0.0.0:4850 is not loopback"
+    for result in (run("config", "check", str(path)), run("collector", "--config", str(path))):
+        assert result.exit_code == 1
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+        assert f"agentctl: error: {path}:8: {expected}" in result.stderr
+        assert "allow_unauthenticated = true (--allow-unauthenticated)" in result.stderr
+    allowed = run("config", "check", str(path),
+                  env={"ROOFTOP_COLLECTOR_ALLOW_UNAUTHENTICATED": "true"})
+    assert allowed.exit_code == 0, allowed.output
+    assert "allow_unauthenticated = true" in allowed.stdout
+
+
+@pytest.mark.parametrize("kind", ["agent", "collector"])
+def test_a_non_utf8_file_is_one_line_naming_the_byte_offset(tmp_path: Path, kind: str):
+    path = tmp_path / f"{kind}.toml"
+    head = b'collectors = ["c:1"]\n' if kind == "agent" else b"[collector]\n"
+    path.write_bytes(head + b"# \xff\n")
+    expected = (f"agentctl: error: {path}:2: not UTF-8 text (byte offset {len(head) + 2}: "
+                "invalid start byte); save the file as UTF-8\n")
+    assert run("config", "check", str(path)).stderr == expected
+    assert run(kind, "--config", str(path)).stderr == expected
+
+
+def test_check_refuses_a_key_that_does_not_match_the_certificate(tmp_path: Path,
+                                                                server_pki: Path):
+    crt, other = server_pki / "server.crt", server_pki / "other.key"
+    collector = write(tmp_path, "c.toml", f'[collector]\nlisten = "127.0.0.1:0"\n'
+                      f'tls_cert_file = "{crt}"\ntls_key_file = "{other}"\n')
+    checked = run("config", "check", str(collector))
+    assert checked.exit_code == 1
+    assert checked.stderr == (f"agentctl: error: collector.tls_key_file {other} does not match "
+                              f"tls_cert_file {crt}\n")
+    agent = write(tmp_path, "a.toml", f'collectors = ["c:4850"]\ncert_file = "{crt}"\n'
+                  f'key_file = "{other}"\n')
+    checked = run("config", "check", str(agent))
+    assert checked.exit_code == 1
+    assert checked.stderr == f"agentctl: error: key_file {other} does not match cert_file {crt}\n"
+
+
+def test_a_missing_token_file_names_key_and_path_without_errno(tmp_path: Path,
+                                                              server_pki: Path):
+    agent = write(tmp_path, "a.toml", f'collectors = ["c:4850"]\ntoken_file = "{tmp_path}/t"\n')
+    collector = write(tmp_path, "c.toml", f'[collector]\ntls_cert_file = "{server_pki}/server.crt"'
+                      f'\ntls_key_file = "{server_pki}/server.key"\ntoken_file = "t"\n')
+    for path, key in ((agent, "token_file"), (collector, "collector.token_file")):
+        stderr = run("config", "check", str(path)).stderr
+        assert stderr.startswith(f"agentctl: error: {key} {tmp_path}/t: ")
+        assert stderr.endswith("No such file or directory\n") and "Errno" not in stderr
+
+
+def test_check_refuses_an_absurd_max_message_bytes_naming_the_key(tmp_path: Path):
+    collector = write(tmp_path, "c.toml", "[collector]\ninsecure = true\n"
+                      "max_message_bytes = 99999999999999\n")
+    checked = run("config", "check", str(collector))
+    assert checked.exit_code == 1
+    assert f"{collector}:3: collector.max_message_bytes must be 65536" in checked.stderr
+    agent = write(tmp_path, "a.toml", 'collectors = ["c:1"]\ninsecure = true\n'
+                  "max_message_bytes = 99999999999999\n")
+    checked = run("config", "check", str(agent))
+    assert checked.exit_code == 1
+    assert f"{agent}:3: max_message_bytes must be at most 1073741824" in checked.stderr

@@ -74,3 +74,16 @@ def test_documented_missing_driver_line_is_what_agentctl_diagnose_prints():
     assert all(block == printed for block in shown.values()), (printed, shown)
     runbook = (ROOT / "docs" / "RUNBOOK.md").read_text(encoding="utf-8")
     assert f"`{printed.splitlines()[0]}`" in " ".join(runbook.split())  # quoted in prose
+
+
+def test_security_mode_table_has_a_row_for_every_mode_the_collector_starts_in():
+    from rooftop.collector.config import SecurityMode  # noqa: PLC0415
+
+    text = (ROOT / "docs" / "SECURITY.md").read_text(encoding="utf-8")
+    table = text.split("| mode | collector | agents |", 1)[1].split("\n\n", 1)[0]
+    rows = {re.sub(r"\*\*|\s*\(recommended\)", "", line.split("|")[1]).strip():
+            line.split("|")[-2].strip()
+            for line in table.splitlines()[2:] if line.startswith("|")}
+    assert set(rows) == {mode.value for mode in SecurityMode}
+    for mode in SecurityMode:  # the last column: what happens off loopback
+        assert (rows[mode.value] == "starts") == mode.authenticates, (mode, rows[mode.value])

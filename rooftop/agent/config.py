@@ -48,12 +48,17 @@ from rooftop.common.configfile import line_of, located, read_toml
 from rooftop.common.errors import ConfigError
 from rooftop.common.otlp import OtlpExport, otlp_exports
 
-__all__ = ["CONFIG_ENV", "ENV_PREFIX", "ENV_VARS", "AgentConfig", "load_config"]
+__all__ = ["CONFIG_ENV", "ENV_PREFIX", "ENV_VARS", "NODE_NAME_ENV", "AgentConfig", "load_config"]
 
 ENV_PREFIX = "ROOFTOP_"
 CONFIG_ENV = "ROOFTOP_CONFIG"  # path of the TOML file when --config is not given
+# The node's name from the downward API (deploy/k8s/base/agent.yaml): host.name and the
+# default agent_id in a pod, whose own host name is the pod's generated name.
+NODE_NAME_ENV = "NODE_NAME"
 
 _MIB = 1024 * 1024
+# gRPC takes message limits as a C int; anything near that is a typo, not a batch size.
+MAX_MESSAGE_BYTES = 1024 * _MIB
 _BACKEND = re.compile(r"^(nvml|fake:[A-Za-z0-9_-]+(:[A-Za-z0-9_,-]+)?|replay:.+)$")
 
 
@@ -78,6 +83,10 @@ class AgentConfig:
     hysteresis_windows: int = 2  # a changed verdict must win this many windows in a row
     hook_socket: str = DEFAULT_SOCKET_PATH  # in-process engine hooks send here; "" disables
     engine_urls: tuple[str, ...] = ()  # engines' /metrics to scrape: "URL[@GPU,...]"
+    # Kubernetes: the kubelet's pod-resources API, read for GPU -> pod attribution; ""
+    # disables it, and a node without the socket just has no pod attributes.
+    pod_resources_socket: str = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    pod_resources_refresh_s: float = 10.0  # seconds between List calls (API v1 has no Watch)
     spool_dir: Path = Path("/var/lib/rooftop/spool")
     spool_max_bytes: int = 256 * _MIB
     spool_segment_bytes: int = 16 * _MIB
@@ -92,6 +101,8 @@ class AgentConfig:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 30.0
     shutdown_timeout_s: float = 5.0  # final flush budget on SIGTERM (systemd waits 90 s)
+    # touched after each sampling tick; `agentctl alive FILE` probes it (Kubernetes)
+    heartbeat_file: Path | None = None
     otlp: OtlpExport | None = None  # the [otlp] table: direct OTLP metrics export; None = none
 
     def __post_init__(self) -> None:
@@ -139,7 +150,13 @@ def _validate(cfg: AgentConfig) -> None:
         "backoff_max_s",
         "hysteresis_windows",
         "fake_gpus",
+        "pod_resources_refresh_s",
     )
+    if cfg.max_message_bytes > MAX_MESSAGE_BYTES:
+        raise ConfigError(
+            f"max_message_bytes must be at most {MAX_MESSAGE_BYTES} (1 GiB), "
+            f"not {cfg.max_message_bytes}"
+        )
     if cfg.rate_hz > 100:
         raise ConfigError(f"rate_hz must be ≤ 100, not {cfg.rate_hz}")
     if cfg.window_s * cfg.rate_hz < 1:
@@ -241,6 +258,25 @@ def _from_env(key: str, text: str) -> Any:
     return _from_toml(key, text)
 
 
+def _node_identity(values: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Fill ``hostname`` and ``agent_id`` left unset from ``$NODE_NAME``.
+
+    In a pod, the host name is the pod's generated name, which changes with every
+    restart: the node's name (the downward API's ``spec.nodeName``, which the DaemonSet
+    sets as ``NODE_NAME``) is what ``host.name`` must say. Set keys win; without either,
+    the machine's host name (``socket.gethostname()``) stays the default.
+    """
+    node = env.get(NODE_NAME_ENV, "").strip()
+    if not node:
+        return
+    if any(c.isspace() for c in node):
+        raise ConfigError(f"{NODE_NAME_ENV}: {node!r} is not a node name (no spaces)")
+    if not values.get("hostname"):
+        values["hostname"] = node
+    if not values.get("agent_id"):
+        values["agent_id"] = node
+
+
 def load_config(
     path: Path | None = None,
     *,
@@ -256,6 +292,9 @@ def load_config(
 
     The ``[otlp]`` table comes from the file, what it leaves out from the standard
     ``OTEL_EXPORTER_OTLP_*`` variables (``rooftop.common.otlp``), or an override.
+
+    ``hostname`` and ``agent_id`` that nothing sets come from ``$NODE_NAME`` (the
+    Kubernetes node, downward API) when it is set, else the machine's host name.
 
     Raises:
         ConfigError: unreadable file, invalid TOML, unknown key, wrong type or an
@@ -279,7 +318,7 @@ def load_config(
         for key, value in data.items():
             if key == "otlp":
                 continue  # below, with the environment
-            line = line_of(text, key)
+            line = line_of(text, key, table="") or line_of(text, key, table=key)
             where = f"{path}:{line}" if line else str(path)
             if key not in _TYPES:
                 raise ConfigError(f"{where}: unknown key {key!r}")
@@ -303,9 +342,10 @@ def load_config(
         if key not in _TYPES:
             raise ConfigError(f"unknown key {key!r}")
         values[key] = value
+    _node_identity(values, env)
     try:
         return AgentConfig(**values)
     except ConfigError as exc:
         if path is None:
             raise
-        raise ConfigError(f"{path}: {exc}") from None
+        raise located(exc, path, text) from None

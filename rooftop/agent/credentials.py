@@ -9,6 +9,7 @@ certificates and tokens rotate without a restart.
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 
 import grpc
@@ -30,7 +31,7 @@ def read_token(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"token_file {path}: cannot read: {exc}") from exc
+        raise ConfigError(f"token_file {path}: cannot read: {_reason(exc)}") from exc
     for line in text.splitlines():
         token = line.strip()
         if token and not token.startswith("#"):
@@ -38,6 +39,12 @@ def read_token(path: Path) -> str:
                 raise ConfigError(f"token_file {path}: the token must be printable ASCII")
             return token
     raise ConfigError(f"token_file {path} holds no token")
+
+
+def _reason(exc: OSError | UnicodeDecodeError) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte offset {exc.start})"
+    return exc.strerror or str(exc)
 
 
 class ClientAuth:
@@ -142,6 +149,18 @@ def _channel_credentials(
     roots = _read_pem("ca_file", ca)
     chain = _read_pem("cert_file", cert)
     private = _read_pem("key_file", key)
+    if cert is not None and key is not None:
+        # gRPC finds a key that does not match its certificate only at the handshake;
+        # ssl finds it now, naming both files (config check, start, a half-done rotation).
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password="")
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                raise ConfigError(f"key_file {key} does not match cert_file {cert}") from exc
+            raise ConfigError(
+                f"cert_file {cert} and key_file {key}: not a PEM certificate and its "
+                f"unencrypted key ({exc.reason or exc})"
+            ) from exc
     return grpc.ssl_channel_credentials(
         root_certificates=roots, private_key=private, certificate_chain=chain
     )

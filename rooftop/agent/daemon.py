@@ -17,10 +17,13 @@ SIGTERM / SIGINT → stop sampling, spool what is buffered, wait for the collect
 acks up to ``shutdown_timeout_s``, exit 0. What is not acked by then stays in the
 spool for the next start. With systemd (``Type=notify``) it says ``READY=1`` once
 running, ``WATCHDOG=1`` from the sampling loop and ``STOPPING=1`` on the way out.
+With ``heartbeat_file`` set, the sampling loop also touches that file after each tick
+(``rooftop.agent.heartbeat``): the Kubernetes probes' watchdog, ``agentctl alive``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -36,12 +39,14 @@ from rooftop.agent.config import AgentConfig, load_config
 from rooftop.agent.credentials import ClientAuth
 from rooftop.agent.diagnose import FakeSpec, open_backend, open_host_sensor
 from rooftop.agent.engines.sources import EngineEndpoint, EngineSources
+from rooftop.agent.heartbeat import Heartbeat
 from rooftop.agent.sampler import Sampler
 from rooftop.agent.sensors.base import Clock, GpuBackend, HostSensor
+from rooftop.agent.sensors.pods import PodResources
 from rooftop.agent.sensors.replay import ReplayBackend
 from rooftop.agent.spool import Spool
 from rooftop.agent.stream import Streamer
-from rooftop.agent.window import DeviceKey, build_window
+from rooftop.agent.window import DeviceKey, build_window, on_monotonic_time
 from rooftop.common.codec import record_to_proto, verdict_to_proto
 from rooftop.common.errors import ConfigError, RooftopError
 from rooftop.common.model import EngineSample, GpuSample, HostSample, Record
@@ -186,7 +191,13 @@ class Agent:
             [EngineEndpoint.parse(url) for url in config.engine_urls],
             extra=[self.backend] if isinstance(self.backend, ReplayBackend) else (),
         )
-        self.sampler = Sampler(self.backend, host, clock=clock, engines=self.engines)
+        # Kubernetes: GPU -> pod attribution from the kubelet (inert without its socket).
+        self.pods = PodResources(
+            config.pod_resources_socket, refresh_s=config.pod_resources_refresh_s
+        )
+        self.sampler = Sampler(
+            self.backend, host, clock=clock, engines=self.engines, pods=self.pods
+        )
         # Direct OTLP export only (no collector): no spool, no stream.
         self.spool: Spool | None = None
         self.streamer: Streamer | None = None
@@ -218,6 +229,7 @@ class Agent:
                 max_message_bytes=config.max_message_bytes,
                 backoff_base_s=config.backoff_base_s,
                 backoff_max_s=config.backoff_max_s,
+                engine_scrape_errors=self.engines.scrape_errors,
             )
         self.otlp: BatchSink | None = None
         if config.otlp is not None:
@@ -232,12 +244,15 @@ class Agent:
         self._lock = threading.Lock()  # the buffers below: sampler thread vs flush
         self._records: list[pb.TraceRecord] = []
         self._verdicts: list[pb.Verdict] = []
-        self._window: list[Record] = []
+        # (monotonic time, records) per tick: windows are timed on the monotonic clock.
+        self._window: list[tuple[float, list[Record]]] = []
         self._held_engines: list[EngineSample] = []
         self._window_start_s = 0.0
         self._last_batch_s = 0.0
         self._watchdog_s = watchdog_interval_s(self._env)
         self._last_watchdog_s = -float("inf")
+        # The kubelet's stand-in for the watchdog: `agentctl alive` reads this file.
+        self.heartbeat = Heartbeat(config.heartbeat_file, monotonic=monotonic)
         self._stop = threading.Event()  # stops the sampler thread
         self._thread: threading.Thread | None = None
         self._shut = False
@@ -262,8 +277,10 @@ class Agent:
         if self.otlp is not None:
             self.otlp.start()
         self.engines.start()
+        self.pods.start()  # one List before the first tick, so it carries the pods
         for warning in self.engines.warnings:
             log.warning("%s", warning)
+        self.heartbeat.clear()  # a previous container's heartbeat is not this one's
         now = self._monotonic()
         self._window_start_s = self._last_batch_s = now
         self._thread = threading.Thread(target=self._sample_loop, name="rooftop-sampler")
@@ -302,6 +319,7 @@ class Agent:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - self._monotonic()))
+        self.heartbeat.clear()
         self._emit()
         if self.spool is not None and self.streamer is not None:
             self.spool.flush(max(0.0, deadline - self._monotonic()))
@@ -310,6 +328,7 @@ class Agent:
         if self.otlp is not None:  # after the stream, which gets the shutdown budget first
             self.otlp.shutdown(max(0.1, deadline - self._monotonic()))
         self.engines.shutdown(max(0.1, deadline - self._monotonic()))
+        self.pods.shutdown(max(0.1, deadline - self._monotonic()))
         self.backend.close()
         left = self.spool.stats() if self.spool is not None else None
         if left is not None and left.queued:
@@ -336,26 +355,30 @@ class Agent:
         ticks = 0
         while not self._stop.is_set():
             try:
-                self._on_tick(self.sampler.tick())
+                # Monotonic time as the tick starts, when the sampler reads the wall clock.
+                tick_s = self._monotonic()
+                self._on_tick(self.sampler.tick(), tick_s)
             except Exception:  # thread boundary: one bad tick must not stop sampling
                 log.exception("sampling tick failed; going on")
             self._watchdog()
+            self.heartbeat.beat()
             ticks += 1
             now_s = self._monotonic()
             # Absolute deadlines keep the rate; after a stall, skip ticks, do not burst.
             ticks = max(ticks, int((now_s - start_s) / period_s) + 1)
             self._stop.wait(max(0.0, start_s + ticks * period_s - now_s))
 
-    def _on_tick(self, records: list[Record]) -> None:
+    def _on_tick(self, records: list[Record], tick_s: float | None = None) -> None:
         now_s = self._monotonic()
         with self._lock:
             # The window closes before this tick's samples, which open the next one.
             if self._window and now_s - self._window_start_s >= self.config.window_s - 1e-3:
                 self._window_start_s = now_s
                 window, self._window = self._window, []
-                self._verdicts.extend(self._classify(window))
+                # Wall time is a label: a step of it inside the window must not weigh.
+                self._verdicts.extend(self._classify(on_monotonic_time(window)))
             self._records.extend(record_to_proto(r) for r in records)
-            self._window.extend(records)
+            self._window.append((now_s if tick_s is None else tick_s, records))
             due = now_s - self._last_batch_s >= self.config.batch_interval_s - 1e-3
         if due or len(self._records) >= self.config.batch_max_samples:
             self._last_batch_s = now_s
@@ -377,7 +400,14 @@ class Agent:
         verdicts = []
         for _, samples in sorted(by_gpu.items()):
             window = build_window(samples, with_held, hosts, sole_gpu=len(by_gpu) == 1)
-            verdicts.append(verdict_to_proto(self.hysteresis.update(classify(window))))
+            verdict = self.hysteresis.update(classify(window))
+            # Every container that held the GPU in the window (a held verdict keeps its
+            # regime, but the pods are this window's).
+            pods = tuple(sorted({p for s in samples for p in s.pods},
+                                key=lambda p: (p.namespace, p.pod, p.container)))
+            if pods or verdict.pods:
+                verdict = dataclasses.replace(verdict, pods=pods)
+            verdicts.append(verdict_to_proto(verdict))
         return verdicts
 
     def _emit(self) -> None:

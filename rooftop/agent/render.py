@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rooftop.common.model import Verdict
+from rooftop.common.text import printable
 
 __all__ = ["device_label", "format_table", "format_timeline", "grid", "iso_time",
            "verdict_json"]
@@ -16,8 +17,13 @@ _COLUMNS = (("dram_pct", "dram"), ("compute_pct", "compute"), ("busy_pct", "busy
 
 
 def iso_time(time_s: float) -> str:
-    """RFC 3339 UTC with milliseconds."""
-    stamp = dt.datetime.fromtimestamp(time_s, tz=dt.UTC)
+    """RFC 3339 UTC with milliseconds; a time no datetime can hold is shown as seconds."""
+    try:
+        stamp = dt.datetime.fromtimestamp(time_s, tz=dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        # Year 0001 or 1e308 s from an old collector that did not refuse it: say so
+        # rather than end the whole report in a traceback.
+        return f"{time_s:.3f}s since the epoch (out of range)"
     return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -65,7 +71,12 @@ def _figure(v: Verdict, name: str) -> str:
 
 
 def grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Left-aligned columns, two spaces apart: the header line, then one line per row."""
+    """Left-aligned columns, two spaces apart: the header line, then one line per row.
+
+    Cells are escaped (``printable``): a host name holding an escape sequence or a line
+    break, sent by any agent, reaches the reader's terminal as visible text.
+    """
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
             for r in (header, *rows)]
@@ -93,9 +104,9 @@ def format_table(
             "-" if ttft is None else f"{ttft.value:.0f} ms",
             v.recommendations[0] if v.recommendations else "-",
         ])
-    lines = [f"Rooftop diagnosis — {source}", *grid(header, rows)]
+    lines = [printable(f"Rooftop diagnosis — {source}"), *grid(header, rows)]
     for v in verdicts:
-        lines.append(f"  GPU {device_label(v)} {v.gpu_name}: {v.rule}")
+        lines.append(printable(f"  GPU {device_label(v)} {v.gpu_name}: {v.rule}"))
     if any(e.provenance.value == "proxy" for v in verdicts for e in v.evidence):
         lines.append("  proxy = no GPM on this GPU: util.memory stands in for DRAM bandwidth and "
                      "util.gpu for compute; confidence is lowered.")
@@ -113,7 +124,7 @@ def format_timeline(windows: Mapping[Any, Sequence[Verdict]]) -> str:
     """
     lines = []
     for key, verdicts in sorted(windows.items()):
-        lines.append(f"GPU {device_label(verdicts[0]) if verdicts else key} timeline:")
+        lines.append(printable(f"GPU {device_label(verdicts[0]) if verdicts else key} timeline:"))
         t0 = verdicts[0].window_start_s if verdicts else 0.0
         for v in verdicts:
             cause = f" ({v.cause.value})" if v.cause else ""

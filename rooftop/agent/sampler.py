@@ -8,15 +8,16 @@ instance (``GpuInfo.mig_uuid`` set) is read as a device of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from rooftop.agent.sensors.base import Clock, GpuBackend, GpuInfo, HostSensor
+from rooftop.agent.sensors.base import Clock, GpuBackend, GpuInfo, HostSensor, PodSource
 from rooftop.common.errors import DeviceInaccessible, DeviceLost, SensorError
-from rooftop.common.model import GpuSample, Record
+from rooftop.common.model import GpuSample, HostSample, Record
 
 if TYPE_CHECKING:  # the engine sources pull in the scrapers; the sampler only drains
     from rooftop.agent.engines.sources import Drainable
@@ -35,10 +36,12 @@ class Sampler:
         host: HostSensor | None = None,
         clock: Clock = time.time,
         engines: Drainable | None = None,
+        pods: PodSource | None = None,
     ) -> None:
         self.backend = backend
         self.host = host
         self.engines = engines
+        self.pods = pods  # Kubernetes: the containers holding each GPU (kubelet)
         self.clock = clock
         self.devices: tuple[GpuInfo, ...] = backend.devices()
         self._lost: set[tuple[int, str]] = set()  # (gpu_index, mig_uuid) warned about
@@ -77,14 +80,22 @@ class Sampler:
                     # still carry it (a backend without an XID thread has no tally).
                     **({} if info.mig_uuid else self._xids(info.gpu_index)),
                 )
+            if self.pods is not None:
+                pods = self.pods.pods_of(info.gpu_uuid, info.mig_uuid, info.gpu_index)
+                if pods:
+                    sample = dataclasses.replace(sample, pods=pods)
             records.append(sample)
             for proc in sample.processes:
                 gpu_pids[proc.pid] = (*gpu_pids.get(proc.pid, ()), info.gpu_index)
         if self.host is not None:
             try:
-                records.append(self.host.read(now_s, gpu_pids))
+                host_sample = self.host.read(now_s, gpu_pids)
             except SensorError as exc:
                 log.warning("host sensor: %s", exc)
+            else:
+                records.append(host_sample)
+                if gpu_pids:
+                    _name_processes(records, host_sample, getattr(self.host, "slurm_job_id", None))
         if self.engines is not None:
             # After the GPUs: a replay hands over the engine samples up to this read.
             records.extend(self.engines.drain())
@@ -124,3 +135,27 @@ class Sampler:
                 return
             deadline = start + n * period_s
             stop.wait(max(0.0, deadline - monotonic()))
+
+
+def _name_processes(
+    records: list[Record], host: HostSample, slurm_job_id: Callable[[int], str | None] | None
+) -> None:
+    """Give each GPU process its command name and Slurm job (the workload outside k8s).
+
+    NVML lists pids only; the host sensor has just read those same pids, so their names
+    (and, when readable, ``SLURM_JOB_ID``) are at hand. Replaces the samples in place.
+    """
+    names = {p.pid: p.name for p in host.processes if p.name}
+    for i, record in enumerate(records):
+        if not isinstance(record, GpuSample) or not record.processes:
+            continue
+        named = tuple(
+            dataclasses.replace(
+                p,
+                name=names.get(p.pid, p.name),
+                slurm_job_id=slurm_job_id(p.pid) if slurm_job_id is not None else p.slurm_job_id,
+            )
+            for p in record.processes
+        )
+        if named != record.processes:
+            records[i] = dataclasses.replace(record, processes=named)

@@ -257,6 +257,10 @@ class Spool:
         self._next_segment = 1
         self._next_ordinal = 0
         self._acked: dict[str, int] = {}
+        # Per boot, the highest seq found on disk at start (acked or not): sent, maybe,
+        # by an earlier run, so a collector may ack up to it (``sent_before``).
+        self._recovered_high: dict[str, int] = {}
+        self._appended_boots: set[str] = set()  # boots this run appended (its own)
         self._acks_dirty = False
         self._queued = 0
         self._queued_bytes = 0
@@ -291,8 +295,10 @@ class Spool:
     def _load_acks(self) -> dict[str, int]:
         try:
             raw = json.loads((self.directory / _ACKS_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}  # absent or torn: worst case we resend what the collector has
+        except (OSError, ValueError, RecursionError):
+            # Absent, torn or absurd (nesting past the decoder's limit): worst case we
+            # resend what the collector has.
+            return {}
         if not isinstance(raw, dict):
             return {}
         return {str(k): v for k, v in raw.items() if isinstance(v, int) and v >= 0}
@@ -320,6 +326,8 @@ class Spool:
             segment = _Segment(index, path, size_bytes=len(data))
             for offset, size, boot_id, seq in found:
                 key = (boot_id, seq)
+                high = self._recovered_high
+                high[boot_id] = max(high.get(boot_id, 0), seq)
                 if seq <= acked.get(boot_id, 0) or key in self._by_key:
                     continue
                 self._add_entry(_Entry(self._ordinal(), boot_id, seq, size, None, index, offset))
@@ -330,6 +338,8 @@ class Spool:
             self._segments[index] = segment
             self._disk_bytes += segment.size_bytes
         self._counts.set(recovered=self._queued)
+        for boot_id, seq in acked.items():
+            self._recovered_high[boot_id] = max(self._recovered_high.get(boot_id, 0), seq)
         boots = {e.boot_id for e in self._entries}
         self._acked = {b: s for b, s in acked.items() if b in boots}
         self._acks_dirty = self._acked != acked
@@ -378,6 +388,7 @@ class Spool:
                 self._counts.add(dropped_invalid=1)
                 return
             entry = _Entry(self._ordinal(), batch.boot_id, batch.seq, len(record), record)
+            self._appended_boots.add(batch.boot_id)
             self._add_entry(entry)
             self._ring.append(entry)
             self._ring_bytes += entry.size_bytes
@@ -460,6 +471,16 @@ class Spool:
         except OSError as exc:
             log.warning("spool: cannot read segment %d: %s", segment, exc)
             return b""  # unframes as corrupt: skipped and counted, never retried forever
+
+    def sent_before(self, boot_id: str) -> int:
+        """The highest seq of ``boot_id`` an earlier run may have sent (found on disk at start)."""
+        with self._lock:
+            return self._recovered_high.get(boot_id, 0)
+
+    def is_earlier_run(self, boot_id: str) -> bool:
+        """Whether ``boot_id`` is only an earlier run's (recovered, never appended by this one)."""
+        with self._lock:
+            return boot_id in self._recovered_high and boot_id not in self._appended_boots
 
     def ack(self, boot_id: str, seq: int) -> int:
         """Cumulative ack: every batch of ``boot_id`` up to ``seq`` is delivered.

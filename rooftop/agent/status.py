@@ -3,6 +3,8 @@
 Input is the ``rooftop.v1.FleetStatus`` the collector's Query service answers; output
 is text for people or JSON-ready dicts. "Seen 3s ago" is measured on the collector's
 clock (``taken_time``), so a skewed laptop clock cannot make a live node look stale.
+Every string an agent sent (host name, agent id, GPU name, MIG uuid, engine id) is
+escaped in the text (``rooftop.common.text.printable``): it reaches a terminal.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from rooftop.agent.health_report import format_health, health_of
 from rooftop.agent.render import format_table, grid, iso_time, verdict_json
 from rooftop.common.codec import record_from_proto, timestamp_s, verdict_from_proto
 from rooftop.common.model import Evidence, GpuSample, Provenance, Verdict
+from rooftop.common.text import printable
 from rooftop.v1 import telemetry_pb2 as pb
 
 __all__ = [
@@ -181,8 +184,10 @@ def format_status(fs: pb.FleetStatus, *, collector: str) -> str:
     gpus = sum(len(n.gpus) for n in fs.nodes)
     c = fs.collector
     lines = [
-        f"Rooftop fleet — collector {collector} (rooftop {c.version or '?'}): "
-        f"{len(fs.nodes)} node(s), {gpus} GPU(s), {c.streams} stream(s) open"
+        printable(
+            f"Rooftop fleet — collector {collector} (rooftop {c.version or '?'}): "
+            f"{len(fs.nodes)} node(s), {gpus} GPU(s), {c.streams} stream(s) open"
+        )
     ]
     header = ["NODE", "AGENT", "SEEN", "LAG", "QUEUED", "DROPPED", "RECONN", "GPU", "VERDICT",
               "CAUSE", "CONF", "TPOT", "TTFT"]  # fmt: skip
@@ -221,9 +226,11 @@ def format_status(fs: pb.FleetStatus, *, collector: str) -> str:
     else:
         lines.append("  no node has reported yet")
     lines.append(
-        f"  collector: {c.batches} batches, {c.samples} samples, {c.duplicates} duplicate(s), "
-        f"{c.missing} missing; rejected: {_counts(dict(c.rejected))}; "
-        f"refused: {_counts(dict(c.refused))}"
+        printable(
+            f"  collector: {c.batches} batches, {c.samples} samples, "
+            f"{c.duplicates} duplicate(s), {c.missing} missing; "
+            f"rejected: {_counts(dict(c.rejected))}; refused: {_counts(dict(c.refused))}"
+        )
     )
     if any(_since_seen_s(fs, n) > STALE_AFTER_S for n in fs.nodes):
         lines.append(
@@ -268,21 +275,25 @@ def format_diagnosis(fs: pb.FleetStatus, *, collector: str) -> str:
         verdicts = node_verdicts(node)
         source = _node_source(fs, node, collector)
         lines = (
-            [format_table(verdicts, source=source)]
+            [format_table(verdicts, source=source)]  # escapes what it prints
             if verdicts
-            else [f"Rooftop diagnosis — {source}"]
+            else [printable(f"Rooftop diagnosis — {source}")]
         )
         for gpu in node.gpus:
             name = f"GPU {_device(gpu)} {gpu.gpu_name}".rstrip()
             if _lost(gpu):
                 before = " (a verdict above is from before)" if gpu.HasField("verdict") else ""
-                lines.append(f"  {name}: {_lost_line(gpu)}{before}")
+                lines.append(printable(f"  {name}: {_lost_line(gpu)}{before}"))
             elif not gpu.HasField("verdict"):
-                lines.append(f"  {name}: no verdict yet (its first window has not closed)")
+                lines.append(
+                    printable(f"  {name}: no verdict yet (its first window has not closed)")
+                )
         # A GPU that needs a reset (XID 79, 48...) is said before the verdicts.
-        lines[:0] = _health_lines(node)
+        lines[:0] = [printable(line) for line in _health_lines(node)]
         blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) if blocks else f"no node has reported to collector {collector}"
+    return "\n\n".join(blocks) if blocks else printable(
+        f"no node has reported to collector {collector}"
+    )
 
 
 def _health_lines(node: pb.NodeStatus) -> list[str]:

@@ -7,7 +7,12 @@ One long-lived bidi ``Ingest.Stream`` per agent::
 
 ``Streamer`` sends what the spool holds, oldest first, at most ``max_in_flight``
 unacked; every batch carries the agent's self-metrics in ``Batch.stats``. An
-``Ack.rejected_seq`` (a poison batch) is counted and consumed, never resent. On any
+``Ack.rejected_seq`` (a poison batch) is counted and consumed, never resent. An ack
+(or rejection) of a seq above any this boot has sent is refused: a collector cannot
+have applied it, so it was forged (another agent's ``seq = 2^63``) or the collector
+is confused; the spool keeps every batch, the refusal is counted
+(``AgentStats.acks_refused``), logged at most once a minute, and the stream is
+dropped so the batches go again (to the next address). On any
 failure it moves to the next collector address at once; after a full round of
 failures it backs off 1 s × 1.6ⁿ with ±20 % jitter, capped at 30 s. Delivery is
 at-least-once up to the spool's capacity.
@@ -145,11 +150,15 @@ class StreamStats:
     rejected_batches: int = 0
     dropped_invalid: int = 0  # too large to ever send
     reconnects: int = 0
+    acks_refused: int = 0  # acks of seqs never sent: refused, nothing discarded
     connected: bool = False
     address: str | None = None
 
 
 _Call = grpc.aio.StreamStreamCall[pb.Batch, pb.Ack]
+
+# A refused ack is logged at most this often (the count says how many in between).
+_REFUSAL_LOG_INTERVAL_S = 60.0
 
 
 class _Session:
@@ -203,6 +212,7 @@ class Streamer:
         poll_interval_s: float = 5.0,
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
+        engine_scrape_errors: Callable[[], int] | None = None,
     ) -> None:
         """Configure; nothing connects until ``start()``.
 
@@ -227,10 +237,13 @@ class Streamer:
                 nobody called ``wake()`` (a safety net: appends should wake it).
             rng: jitter source (tests seed it).
             wall_clock: epoch seconds for ``Batch.sent_time``.
+            engine_scrape_errors: failed engine ``/metrics`` scrapes so far, carried
+                in-band (``AgentStats.engine_scrape_errors``).
         """
         if not collectors:
             raise ValueError("at least one collector address is needed")
         self._spool = spool
+        self._engine_scrape_errors = engine_scrape_errors
         self._collectors = tuple(collectors)
         self._credentials = channel_credentials
         self._auth = auth
@@ -258,6 +271,10 @@ class Streamer:
         self._session: _Session | None = None
         self._shut = False
         self._counts = Counters(StreamStats)
+        # Per boot, the highest seq this process has written to a stream (loop thread).
+        self._sent_high: dict[str, int] = {}
+        self._refusal_logged_s = -float("inf")
+        self._refusals_since_log = 0
 
     # --- lifecycle (any thread) -----------------------------------------------------
 
@@ -332,6 +349,10 @@ class Streamer:
             dropped_invalid=own.dropped_invalid + spool.dropped_invalid,
             reconnects=own.reconnects,
             rejected_batches=own.rejected_batches,
+            acks_refused=own.acks_refused,
+            engine_scrape_errors=(
+                self._engine_scrape_errors() if self._engine_scrape_errors is not None else 0
+            ),
         )
 
     # --- the event loop thread ------------------------------------------------------
@@ -457,6 +478,25 @@ class Streamer:
 
     def _on_ack(self, session: _Session, ack: pb.Ack) -> None:
         boot_id = ack.boot_id or (session.cursor[0] if session.cursor else "")
+        sent = max(self._sent_high.get(boot_id, 0), self._spool.sent_before(boot_id))
+        if ack.acked_seq > sent and self._spool.is_earlier_run(boot_id):
+            # An earlier run's boot: it may have sent more than its spool kept (the
+            # unsynced tail a crash lost), so the collector's mark may lie above all
+            # we hold of it. Settle what we hold; refusing would resend it forever.
+            ack = pb.Ack(
+                boot_id=ack.boot_id,
+                acked_seq=sent,
+                rejected_seq=ack.rejected_seq,
+                error=ack.error,
+            )
+        if max(ack.acked_seq, ack.rejected_seq) > sent:
+            # Never trust an ack of what was never sent: settling it would discard
+            # batches the collector never applied (SECURITY.md, sequence numbers).
+            self._refuse_ack(session, boot_id, ack, sent)
+            raise Retryable(
+                f"{session.address}: acked seq {max(ack.acked_seq, ack.rejected_seq)} "
+                f"of boot {boot_id}, above the highest sent ({sent}); batches kept"
+            )
         if ack.rejected_seq:
             # Poison: resending cannot help; count it and let it go.
             log.warning(
@@ -476,6 +516,24 @@ class Streamer:
         session.progressed = True
         if self._wake is not None:
             self._wake.set()  # room in flight: the sender may go on
+
+    def _refuse_ack(self, session: _Session, boot_id: str, ack: pb.Ack, sent: int) -> None:
+        self._counts.add(acks_refused=1)
+        self._refusals_since_log += 1
+        now_s = time.monotonic()
+        if now_s - self._refusal_logged_s < _REFUSAL_LOG_INTERVAL_S:
+            return
+        log.warning(
+            "collector %s acked seq %d of boot %s, above the highest sent (%d): refused, "
+            "nothing discarded (%d such ack(s) since the last line; counted in acks_refused)",
+            session.address,
+            max(ack.acked_seq, ack.rejected_seq),
+            boot_id,
+            sent,
+            self._refusals_since_log,
+        )
+        self._refusal_logged_s = now_s
+        self._refusals_since_log = 0
 
     async def _send_loop(self, session: _Session, call: _Call) -> None:
         try:
@@ -510,6 +568,8 @@ class Streamer:
                     self._counts.add(dropped_invalid=1)
                     continue
                 session.in_flight.append(key)
+                if batch.seq > self._sent_high.get(batch.boot_id, 0):
+                    self._sent_high[batch.boot_id] = batch.seq
                 self._counts.add(sent=1)  # before the snapshot: "sent" includes this batch
                 batch.stats.CopyFrom(self.agent_stats())
                 batch.sent_time.CopyFrom(timestamp(self._wall_clock()))

@@ -13,6 +13,10 @@ to it.
 
 A MIG instance is a device of its own: windows are keyed by ``DeviceKey`` (the GPU
 index and, for an instance, its MIG UUID), so two instances of one GPU never mix.
+
+Time: the daemon bounds windows on the monotonic clock, and ``on_monotonic_time``
+re-dates a window's samples onto it where the wall clock stepped, so sample wall
+times are labels and never weights (DESIGN §7.4, "Time").
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from rooftop.common.model import EngineSample, GpuSample, HostSample, Provenance
 __all__ = [
     "ENGINE_HOLD_DEFAULT_S",
     "PCIE_LANE_BYTES_PER_S",
+    "STEP_TOLERANCE_S",
     "DeviceKey",
     "EngineSummary",
     "GpuWindow",
@@ -39,6 +44,7 @@ __all__ = [
     "build_window",
     "build_windows",
     "derive_ticks",
+    "on_monotonic_time",
     "pcie_link_bytes_per_s",
     "summarize",
     "time_weighted_mean",
@@ -442,6 +448,47 @@ def _with_mig(window: GpuWindow, samples: Sequence[GpuSample]) -> GpuWindow:
     return dataclasses.replace(window, mig_uuid=last.mig_uuid,
                                gpu_instance_id=last.gpu_instance_id,
                                compute_instance_id=last.compute_instance_id)
+
+
+# Wall and monotonic clocks drift apart by NTP slewing (at most 0.5 ms/s) and tick
+# jitter: far below this. A larger gap within one window is a step of the wall clock.
+STEP_TOLERANCE_S = 0.1
+
+
+def _tick_wall_s(records: Sequence[Record]) -> float | None:
+    # The sampler dates a tick's GPU and host samples with one wall reading.
+    return next((r.time_s for r in records if not isinstance(r, EngineSample)), None)
+
+
+def on_monotonic_time(ticks: Sequence[tuple[float, Sequence[Record]]]) -> list[Record]:
+    """The records of a window's ticks, re-dated where the wall clock stepped.
+
+    Each tick is ``(monotonic_s, records)``: the records of one ``Sampler.tick`` (GPU
+    and host samples dated with the tick's wall time, engine samples with their own)
+    and the monotonic time it was taken at. A step of the wall clock (NTP, an
+    operator, a resumed VM) inside a window would weigh one interval as an hour in the
+    time-weighted means and stretch the verdict's window as far. So each tick whose
+    wall time is off the monotonic timeline by more than ``STEP_TOLERANCE_S`` has its
+    records moved onto it (anchored at the last tick's wall time, the verdict's
+    window_end); a window without a step comes back as it is.
+    """
+    anchor: tuple[float, float] | None = None
+    for mono_s, records in reversed(ticks):
+        wall_s = _tick_wall_s(records)
+        if wall_s is not None:
+            anchor = (mono_s, wall_s)
+            break
+    out: list[Record] = []
+    for mono_s, records in ticks:
+        wall_s = _tick_wall_s(records)
+        shift_s = 0.0 if wall_s is None or anchor is None else (
+            anchor[1] + (mono_s - anchor[0]) - wall_s
+        )
+        if abs(shift_s) <= STEP_TOLERANCE_S:
+            out.extend(records)
+        else:
+            out.extend(dataclasses.replace(r, time_s=r.time_s + shift_s) for r in records)
+    return out
 
 
 def build_window(

@@ -32,6 +32,7 @@ from rooftop.common.wire import AGENT_ID_METADATA, INGEST_SERVICE
 
 __all__ = [
     "Authenticator",
+    "IdentityBindings",
     "PeerLookup",
     "RefuseReason",
     "Refusal",
@@ -65,6 +66,7 @@ class RefuseReason(StrEnum):
     READ_ONLY_TOKEN = "read_only_token"  # the read-only token, on Ingest
     TOKEN_OVER_PLAINTEXT = "token_over_plaintext"  # the token travelled in the clear
     IDENTITY_MISMATCH = "identity_mismatch"  # claimed agent_id is not the certificate's
+    AGENT_ID_MISMATCH = "agent_id_mismatch"  # agent_id is bound to another certificate
     NOT_THROUGH_GATE = "not_through_gate"  # a loopback call around the TLS gate
 
 
@@ -131,6 +133,44 @@ class Refusals:
         await context.abort(refusal.code, refusal.message)
 
 
+class IdentityBindings:
+    """Which authenticated identity owns each agent_id: the first to stream it keeps it.
+
+    The identity is a client certificate's names (CN and SANs, as the gate read them):
+    a certificate that also names ``node-7`` cannot stream as ``node-7`` once
+    ``node-7``'s own certificate has. A renewed certificate with the same names is
+    the same identity. A shared bearer token is no identity (every holder presents
+    the same one), so token-only modes bind nothing (SECURITY.md, "Sequence numbers
+    and agent identity"). Bounded: past ``max_agents`` the least recently streaming
+    agent_id is forgotten, in O(1). Used on the ingest loop only.
+
+    Args:
+        max_agents: agent_ids remembered.
+    """
+
+    def __init__(self, *, max_agents: int = 100_000) -> None:
+        self._max_agents = max_agents
+        self._owners: OrderedDict[str, frozenset[str]] = OrderedDict()
+
+    def claim(self, agent_id: str, identity: frozenset[str]) -> bool:
+        """Whether ``identity`` may stream ``agent_id`` (binding it when it is the first)."""
+        if not identity:
+            return True  # nobody authenticated: nothing to bind to
+        owner = self._owners.get(agent_id)
+        if owner is None:
+            self._owners[agent_id] = identity
+            if len(self._owners) > self._max_agents:
+                self._owners.popitem(last=False)
+            return True
+        if owner != identity:
+            return False
+        self._owners.move_to_end(agent_id)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+
 def _peer_host(peer: str) -> str:
     # "ipv4:10.0.0.7:51234", "ipv6:[::1]:51234": the port changes with every connection.
     host, sep, port = peer.rpartition(":")
@@ -171,7 +211,12 @@ def _read_tokens(path: Path, key: str) -> tuple[bytes, ...]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"collector.{key} {path}: unreadable: {exc}") from exc
+        reason = (
+            f"not UTF-8 text (byte offset {exc.start})"
+            if isinstance(exc, UnicodeDecodeError)
+            else exc.strerror or str(exc)
+        )
+        raise ConfigError(f"collector.{key} {path}: unreadable: {reason}") from exc
     tokens = [t.strip() for t in text.splitlines()]
     tokens = [t for t in tokens if t and not t.startswith("#")]
     if not tokens:

@@ -10,14 +10,29 @@
     tls_client_ca_file = "agents-ca.crt"  # set: mTLS, agent_id must match the cert
     token_file = "token"             # bearer token(s) agents must present, one per line
     read_token_file = "read-token"   # token(s) that may call Query but not Ingest
+    allow_unauthenticated = false    # true: serve a mode that authenticates nobody off loopback
     max_message_bytes = 4194304      # bigger messages: RESOURCE_EXHAUSTED
     max_future_skew_s = 300          # sample times further ahead are clamped
     ack_every_batches = 32           # at most this many batches per ack (agent window: 64)
     ack_interval_s = 0.1             # ...and no batch waits longer for its ack
     forget_after_s = 900             # series of silent agents/GPUs then disappear
+    state_dir = "/var/lib/rooftop-collector"  # dedup marks survive a restart; unset: none
+    max_seq_jump = 1000000           # a seq further past a boot's mark is rejected
+    max_agents = 2048                # bounds under abuse (docs/OPERATOR-GUIDE.md): new
+    max_gpus = 8192                  #   identities past them are refused and counted
+    max_gpus_per_agent = 64
+    max_engines = 8192
+    max_engines_per_agent = 32
+    max_label_bytes = 256            # a longer identity or label: the batch is rejected
+    max_unread_acks = 1024           # acks queued for a client that does not read: closed
+    max_connections = 4096           # TLS gate: open connections, then new ones refused
+    max_handshakes = 128             # TLS gate: handshakes in progress at once
 
     [prometheus]
     listen = "127.0.0.1:9464"        # "" disables; port 0 picks a free one
+    dcgm_names = false               # also write dcgm-exporter's DCGM_FI_* series
+    max_connections = 16             # scrape connections served at once; more wait
+    timeout_s = 10                   # to read a request, or to write a response
 
     [[otlp]]                         # or a single [otlp] table; none by default
     endpoint = "http://otel-collector:4317"
@@ -38,29 +53,69 @@ An unknown section or key is a ``ConfigError`` naming it: a typo must not silent
 fall back to a default. Certificates, keys and token files are re-read when they
 change (see ``rooftop.collector.ingest``); a token needs TLS (it is never accepted in the
 clear), and plaintext without an explicit listen address binds to loopback only.
+
+Every combination is one ``SecurityMode`` (docs/SECURITY.md has a row for each). A
+mode that authenticates no agent (plaintext, or TLS with neither client certificates
+nor a token) on an address other than loopback is refused unless
+``allow_unauthenticated = true`` (``--allow-unauthenticated``) asks for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from rooftop.common.configfile import located
+from rooftop.collector.fleet import FleetLimits
+from rooftop.collector.remote_write import RemoteWrite
+from rooftop.common.configfile import located, read_toml
 from rooftop.common.errors import ConfigError
 from rooftop.common.otlp import OtlpExport, otlp_exports
 
-__all__ = ["CollectorConfig", "OtlpExport", "load_config"]
+__all__ = ["CollectorConfig", "OtlpExport", "SecurityMode", "load_config"]
 
 DEFAULT_LISTEN = "0.0.0.0:4850"
 # Plaintext (insecure) without an explicit listen address: this host only.
 DEFAULT_INSECURE_LISTEN = "127.0.0.1:4850"
 DEFAULT_PROMETHEUS = "127.0.0.1:9464"
 MIB = 1024 * 1024
+_LIMITS = FleetLimits()
+
+# gRPC takes the limit as a C int; below 64 KiB not even a small batch fits.
+MAX_MESSAGE_BYTES_RANGE = (64 * 1024, 1024 * MIB)
+
+
+class SecurityMode(StrEnum):
+    """How the collector authenticates agents; each value is a row of docs/SECURITY.md."""
+
+    PLAINTEXT = "plaintext"
+    TLS = "TLS"  # the server's certificate only: encrypted, but anyone may send
+    TLS_TOKEN = "TLS + token"
+    MTLS = "mTLS"
+    MTLS_TOKEN = "mTLS + token"
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether an agent must prove who it is (a client certificate or a token)."""
+        return self not in (SecurityMode.PLAINTEXT, SecurityMode.TLS)
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether ``HOST:PORT`` listens on this host only (127.0.0.0/8, ::1, localhost)."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
 
 @dataclass(frozen=True, slots=True)
 class CollectorConfig:
@@ -73,14 +128,51 @@ class CollectorConfig:
     tls_client_ca_file: Path | None = None
     token_file: Path | None = None
     read_token_file: Path | None = None
+    allow_unauthenticated: bool = False
     max_message_bytes: int = 4 * MIB
     max_future_skew_s: float = 300.0
     ack_every_batches: int = 32
     ack_interval_s: float = 0.1
     forget_after_s: float = 900.0
+    state_dir: Path | None = None
+    max_seq_jump: int = 1_000_000
     prometheus_listen: str = DEFAULT_PROMETHEUS
+    prometheus_dcgm_names: bool = False
     otlp: tuple[OtlpExport, ...] = ()
+    remote_write: tuple[RemoteWrite, ...] = ()
     max_series_per_metric: int = 65_536
+    # Bounds under abuse (docs/OPERATOR-GUIDE.md); the fleet's are FleetLimits'.
+    max_agents: int = _LIMITS.max_agents
+    max_gpus: int = _LIMITS.max_gpus
+    max_gpus_per_agent: int = _LIMITS.max_gpus_per_agent
+    max_engines: int = _LIMITS.max_engines
+    max_engines_per_agent: int = _LIMITS.max_engines_per_agent
+    max_label_bytes: int = _LIMITS.max_label_bytes
+    max_unread_acks: int = 1024
+    max_connections: int = 4096
+    max_handshakes: int = 128
+    prometheus_max_connections: int = 16
+    prometheus_timeout_s: float = 10.0
+
+    def fleet_limits(self) -> FleetLimits:
+        """The fleet's cardinality bounds from these settings."""
+        return FleetLimits(
+            max_agents=self.max_agents,
+            max_gpus=self.max_gpus,
+            max_gpus_per_agent=self.max_gpus_per_agent,
+            max_engines=self.max_engines,
+            max_engines_per_agent=self.max_engines_per_agent,
+            max_label_bytes=self.max_label_bytes,
+        )
+
+    @property
+    def security_mode(self) -> SecurityMode:
+        """How agents must authenticate (the read-only token changes nothing for Ingest)."""
+        if self.tls_cert_file is None:
+            return SecurityMode.PLAINTEXT
+        if self.tls_client_ca_file is not None:
+            return SecurityMode.MTLS_TOKEN if self.token_file else SecurityMode.MTLS
+        return SecurityMode.TLS_TOKEN if self.token_file else SecurityMode.TLS
 
     def validated(self) -> CollectorConfig:
         """Check cross-field rules; returns self.
@@ -109,17 +201,60 @@ class CollectorConfig:
             "collector.ack_every_batches": self.ack_every_batches,
             "collector.ack_interval_s": self.ack_interval_s,
             "collector.forget_after_s": self.forget_after_s,
+            "collector.max_seq_jump": self.max_seq_jump,
             "collector.max_future_skew_s": self.max_future_skew_s,
             "metrics.max_series_per_metric": self.max_series_per_metric,
+            "collector.max_agents": self.max_agents,
+            "collector.max_gpus": self.max_gpus,
+            "collector.max_gpus_per_agent": self.max_gpus_per_agent,
+            "collector.max_engines": self.max_engines,
+            "collector.max_engines_per_agent": self.max_engines_per_agent,
+            "collector.max_label_bytes": self.max_label_bytes,
+            "collector.max_unread_acks": self.max_unread_acks,
+            "collector.max_connections": self.max_connections,
+            "collector.max_handshakes": self.max_handshakes,
+            "prometheus.max_connections": self.prometheus_max_connections,
+            "prometheus.timeout_s": self.prometheus_timeout_s,
         }
         for key, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"{key} must be positive (got {value})")
+            # nan compares false with everything: "not > 0" catches it, isfinite inf.
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{key} must be positive and finite (got {value})")
+        low, high = MAX_MESSAGE_BYTES_RANGE
+        if not low <= self.max_message_bytes <= high:
+            raise ConfigError(
+                f"collector.max_message_bytes must be {low} (64 KiB) to {high} (1 GiB) "
+                f"(got {self.max_message_bytes})"
+            )
         _check_address("collector.listen", self.listen)
         if self.prometheus_listen:
             _check_address("prometheus.listen", self.prometheus_listen)
+        elif self.prometheus_dcgm_names:
+            raise ConfigError(
+                "prometheus.dcgm_names: the DCGM names are written on the Prometheus endpoint, "
+                "which prometheus.listen = \"\" turns off"
+            )
+        _check_open_door(self)
         # Each OtlpExport checked itself when it was made.
         return self
+
+
+def _check_open_door(config: CollectorConfig) -> None:
+    # The open door: a mode that authenticates nobody, reachable from other hosts.
+    mode = config.security_mode
+    if mode.authenticates or config.allow_unauthenticated or is_loopback(config.listen):
+        return
+    fix = (
+        "set token_file (TLS + token) or tls_client_ca_file (mTLS)"
+        if mode is SecurityMode.TLS
+        else "configure TLS with token_file or tls_client_ca_file"
+    )
+    raise ConfigError(
+        f"collector.listen: {mode.value} authenticates no agent, and {config.listen} is "
+        f"not loopback: anyone who can reach it may send telemetry and read the fleet; "
+        f"{fix}, listen on 127.0.0.1, or set allow_unauthenticated = true "
+        f"(--allow-unauthenticated) if that is intended"
+    )
 
 
 def _check_address(key: str, address: str) -> None:
@@ -138,16 +273,40 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "tls_client_ca_file": ("tls_client_ca_file", str),
         "token_file": ("token_file", str),
         "read_token_file": ("read_token_file", str),
+        "allow_unauthenticated": ("allow_unauthenticated", bool),
         "max_message_bytes": ("max_message_bytes", int),
         "max_future_skew_s": ("max_future_skew_s", (int, float)),
         "ack_every_batches": ("ack_every_batches", int),
         "ack_interval_s": ("ack_interval_s", (int, float)),
         "forget_after_s": ("forget_after_s", (int, float)),
+        "state_dir": ("state_dir", str),
+        "max_seq_jump": ("max_seq_jump", int),
+        "max_agents": ("max_agents", int),
+        "max_gpus": ("max_gpus", int),
+        "max_gpus_per_agent": ("max_gpus_per_agent", int),
+        "max_engines": ("max_engines", int),
+        "max_engines_per_agent": ("max_engines_per_agent", int),
+        "max_label_bytes": ("max_label_bytes", int),
+        "max_unread_acks": ("max_unread_acks", int),
+        "max_connections": ("max_connections", int),
+        "max_handshakes": ("max_handshakes", int),
     },
-    "prometheus": {"listen": ("prometheus_listen", str)},
+    "prometheus": {
+        "listen": ("prometheus_listen", str),
+        "dcgm_names": ("prometheus_dcgm_names", bool),
+        "max_connections": ("prometheus_max_connections", int),
+        "timeout_s": ("prometheus_timeout_s", (int, float)),
+    },
     "metrics": {"max_series_per_metric": ("max_series_per_metric", int)},
 }
-_PATHS = {"tls_cert_file", "tls_key_file", "tls_client_ca_file", "token_file", "read_token_file"}
+_PATHS = {
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_client_ca_file",
+    "token_file",
+    "read_token_file",
+    "state_dir",
+}
 
 
 def _typed(key: str, value: Any, typ: type | tuple[type, ...]) -> Any:
@@ -241,6 +400,7 @@ def load_config(
     listen: str | None = None,
     prometheus_listen: str | None = None,
     insecure: bool | None = None,
+    allow_unauthenticated: bool | None = None,
     env: Mapping[str, str] | None = None,
 ) -> CollectorConfig:
     """Read ``path`` (defaults when None), then the environment, then flags; validate.
@@ -259,13 +419,7 @@ def load_config(
     data: dict[str, Any] = {}
     text = ""
     if path is not None:
-        try:
-            text = Path(path).read_text()
-            data = tomllib.loads(text)
-        except OSError as exc:
-            raise ConfigError(f"cannot read collector config {path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+        data, text = read_toml(Path(path))
     section = data.get("collector")
     explicit_listen |= isinstance(section, dict) and "listen" in section
     env = os.environ if env is None else env
@@ -284,7 +438,13 @@ def load_config(
         overrides["prometheus_listen"] = prometheus_listen
     if insecure is not None:
         overrides["insecure"] = insecure
+    if allow_unauthenticated is not None:
+        overrides["allow_unauthenticated"] = allow_unauthenticated
     config = dataclasses.replace(config, **overrides)
     if config.insecure and not explicit_listen:
         config = dataclasses.replace(config, listen=DEFAULT_INSECURE_LISTEN)
-    return config.validated()
+    try:
+        return config.validated()
+    except ConfigError as exc:
+        # The line of the key in the file, when the file set it.
+        raise located(exc, path, text) from None

@@ -15,7 +15,23 @@ Clock policy: a sample time more than ``max_future_skew_s`` ahead of the
 collector's clock is **clamped** to the receive time and counted
 (``rooftop.collector.skewed``), not rejected: a node with a broken NTP still
 measures its GPUs correctly, and that is the moment an operator wants its
-telemetry. The agent's apparent clock offset stays visible per agent.
+telemetry. Every timestamp a batch carries is clamped so, verdict windows included.
+The agent's apparent clock offset stays visible per agent. Which sample or verdict
+is the newest is decided by the agent's own order where its clock is not to be
+believed: within one boot by ``seq`` (the batcher numbers batches as it samples),
+across boots by arrival when the batch's clock offset is beyond
+``max_future_skew_s``; agent timestamps decide only across boots of a sane clock.
+Absurd values are poison (``bad_time``: nanos outside 0..999,999,999, before
+2000-01-01; any time ahead is clamped instead; ``invalid_value``: beyond a
+physical ceiling, ``model.UPPER_BOUNDS``; ``bad_identity``: an identity field with
+control or non-printing characters, ``rooftop.common.text``; over-long ones are
+``label_too_long``).
+
+Cardinality is bounded (``FleetLimits``: agents, GPUs and engines, in all and per
+agent, and label length): past a bound what is *new* is refused and counted
+(``rooftop.collector.limited``), what is known goes on being updated, so memory and
+the scrape stay the size of the limits whatever a client claims
+(docs/OPERATOR-GUIDE.md, "Bounds under abuse").
 """
 
 from __future__ import annotations
@@ -39,14 +55,17 @@ from rooftop.common.codec import record_from_proto, verdict_from_proto
 from rooftop.common.errors import RooftopError
 from rooftop.common.model import (
     PERCENT_FIELDS,
+    UPPER_BOUNDS,
     EngineSample,
     GpuSample,
     HostSample,
     Verdict,
 )
+from rooftop.common.text import identity_problem
 from rooftop.v1 import telemetry_pb2 as pb
 
 __all__ = [
+    "EARLIEST_TIME_S",
     "AgentCounters",
     "AgentState",
     "BatchObserver",
@@ -54,10 +73,14 @@ __all__ = [
     "DecodedBatch",
     "EngineState",
     "Fleet",
+    "FleetLimits",
     "FleetSnapshot",
     "GpuState",
+    "LimitReason",
+    "OverLimit",
     "PoisonBatch",
     "RejectReason",
+    "check_identity",
     "decode_batch",
 ]
 
@@ -71,6 +94,20 @@ _GPU_REST = attrgetter(*(n for n in _GPU_DOUBLES if n not in _PCT))
 _SECONDS = attrgetter("time.seconds")
 # A device: a GPU, or one MIG instance of it (its index is the parent's).
 _GPU_DEVICE = attrgetter("gpu_index", "mig_uuid")
+_GPU_NAMES = attrgetter("gpu_uuid", "gpu_name", "mig_uuid")
+_GPU_NAME_GETTERS = tuple(map(attrgetter, ("gpu_uuid", "gpu_name", "mig_uuid")))
+_NANOS = attrgetter("time.nanos")
+# Floating GPU fields with a physical ceiling: (position in a message's _GPU_REST
+# values, ceiling), so a batch's values of one field are a slice of the flat list.
+_REST_NAMES = [n for n in _GPU_DOUBLES if n not in _PCT]
+_GPU_BOUNDED = [(i, UPPER_BOUNDS[n]) for i, n in enumerate(_REST_NAMES) if n in UPPER_BOUNDS]
+# A timestamp before this (2000-01-01T00:00:00Z) is a clock that was never set (or
+# year 0001, which no datetime can print): rejected, counted as ``bad_time``. One
+# ahead of the collector, however far (year 9999), is clamped to the receive time
+# instead: clamped, it can mislead nothing, and a node with a broken clock still
+# measures its GPUs.
+EARLIEST_TIME_S = 946_684_800
+_MAX_NANOS = 999_999_999
 
 
 class RejectReason(StrEnum):
@@ -79,8 +116,54 @@ class RejectReason(StrEnum):
     MISSING_IDENTITY = "missing_identity"  # no agent_id / boot_id, or seq 0
     EMPTY_RECORD = "empty_record"  # a TraceRecord holding none of gpu, engine, host
     MISSING_TIME = "missing_time"  # a sample without a timestamp
-    INVALID_VALUE = "invalid_value"  # NaN, infinite, negative, a percentage over 100
+    INVALID_VALUE = "invalid_value"  # NaN, infinite, negative, over 100 %, over a ceiling
     BAD_ENUM = "bad_enum"  # a verdict, cause, provenance or regime we do not know
+    BAD_IDENTITY = "bad_identity"  # an identity string with control characters, or too long
+    BAD_TIME = "bad_time"  # nanos outside 0..999,999,999, or dated before 2000
+    LABEL_TOO_LONG = "label_too_long"  # an identity or label over max_label_bytes
+    UNREADABLE = "unreadable"  # not a Batch at all: the stream ends INVALID_ARGUMENT
+
+
+class LimitReason(StrEnum):
+    """What a cardinality or abuse bound refused (the ``rooftop.limit.reason`` attribute)."""
+
+    AGENTS = "agents"  # a new agent past max_agents: its stream ends RESOURCE_EXHAUSTED
+    GPUS = "gpus"  # a new GPU past max_gpus (the whole collector): not kept
+    GPUS_PER_AGENT = "gpus_per_agent"  # a new GPU past max_gpus_per_agent: not kept
+    ENGINES = "engines"  # a new engine past max_engines: not kept
+    ENGINES_PER_AGENT = "engines_per_agent"  # a new engine past max_engines_per_agent
+    UNREAD_ACKS = "unread_acks"  # a stream whose client stopped reading acks: closed
+    SCRAPE_CONNECTIONS = "scrape_connections"  # a Prometheus connection closed by a bound
+
+
+@dataclass(frozen=True, slots=True)
+class FleetLimits:
+    """Bounds on what the fleet holds, so a flood of identities costs bounded memory.
+
+    Each bound refuses only what is *new* past it: agents, GPUs and engines already
+    known keep being updated. Refusals are counted (``rooftop.collector.limited``).
+    At the defaults a scrape stays well inside Prometheus' 10 s timeout
+    (docs/OPERATOR-GUIDE.md, "Bounds under abuse").
+    """
+
+    max_agents: int = 2048
+    max_gpus: int = 8192
+    max_gpus_per_agent: int = 64  # 8 GPUs x 7 MIG instances fit
+    max_engines: int = 8192
+    max_engines_per_agent: int = 32
+    max_label_bytes: int = 256
+
+
+class OverLimit(RooftopError):
+    """A batch from a new agent past ``max_agents``: nothing of it was applied.
+
+    Raised by ``Fleet.apply``, caught by the ingest, which ends the stream with
+    RESOURCE_EXHAUSTED (the agent keeps the batch and retries later).
+    """
+
+    def __init__(self, reason: LimitReason, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class PoisonBatch(RooftopError):
@@ -106,6 +189,8 @@ class AgentCounters:
     dropped_invalid: int = 0
     reconnects: int = 0
     rejected_batches: int = 0
+    engine_scrape_errors: int = 0  # failed engine /metrics scrapes (per boot)
+    acks_refused: int = 0  # acks of seqs the agent never sent: refused (per boot)
 
     @classmethod
     def from_proto(cls, msg: pb.AgentStats) -> AgentCounters:
@@ -135,6 +220,11 @@ class DecodedBatch:
     newest_sample_s: float | None  # after clamping
     oldest_sample_s: float | None
     skewed: int  # samples whose time was clamped
+    # False when sent_time is further than max_future_skew_s from the receive time:
+    # the fleet then orders this batch by arrival, not by its timestamps.
+    clock_believed: bool = True
+    # The batch as it arrived, for outputs that need every record (remote write).
+    raw: pb.Batch | None = None
 
 
 class BatchObserver(Protocol):
@@ -164,6 +254,8 @@ def _invalid_field(msg: pb.GpuSample | pb.EngineSample | pb.HostSample) -> str |
             return f"{fd.name} is negative ({value})"
         if fd.name in _PCT and value > 100 + _PCT_SLACK:
             return f"{fd.name} is over 100 ({value})"
+        if value > UPPER_BOUNDS.get(fd.name, math.inf):
+            return f"{fd.name} is over its ceiling {UPPER_BOUNDS[fd.name]:g} ({value:g})"
     if isinstance(msg, pb.HostSample):
         if msg.HasField("cpu_pct") and msg.cpu_pct > 100 + _PCT_SLACK:
             return f"cpu_pct is out of range ({msg.cpu_pct})"
@@ -192,6 +284,64 @@ def _check_verdict(msg: pb.Verdict, i: int) -> Verdict:
     return verdict
 
 
+def check_identity(batch: pb.Batch) -> None:
+    """Refuse a batch whose identity is missing or unsafe, before anything keys on it.
+
+    The ingest calls this before de-duplication, so a boot id holding a newline never
+    becomes a key, a log line or a label.
+
+    Raises:
+        PoisonBatch: ``missing_identity`` (no agent_id / boot_id, seq 0) or
+            ``bad_identity`` (agent_id, boot_id or hostname with control or
+            non-printing characters).
+    """
+    if not batch.agent_id or not batch.boot_id or batch.seq == 0:
+        missing = [n for n in ("agent_id", "boot_id") if not getattr(batch, n)]
+        if batch.seq == 0:
+            missing.append("seq")
+        raise PoisonBatch(RejectReason.MISSING_IDENTITY, f"batch has no {', '.join(missing)}")
+    for name in ("agent_id", "boot_id", "hostname"):
+        problem = identity_problem(name, getattr(batch, name))
+        if problem is not None:
+            raise PoisonBatch(RejectReason.BAD_IDENTITY, problem)
+
+
+def _time_problem(ts: Timestamp) -> str | None:
+    """Why ``ts`` is no time at all (see ``EARLIEST_TIME_S``), else None."""
+    if not 0 <= ts.nanos <= _MAX_NANOS:
+        return f"time has nanos {ts.nanos} (outside 0..999,999,999)"
+    if ts.seconds < EARLIEST_TIME_S:
+        return f"time {ts.seconds} s is before 2000-01-01"
+    return None
+
+
+def _gpu_problem(i: int, msg: pb.GpuSample) -> PoisonBatch | None:
+    problem = _time_problem(msg.time)
+    if problem is not None:
+        return PoisonBatch(RejectReason.BAD_TIME, f"record {i} (gpu): {problem}")
+    for name, value in zip(("gpu_uuid", "gpu_name", "mig_uuid"), _GPU_NAMES(msg), strict=True):
+        problem = identity_problem(name, value)
+        if problem is not None:
+            return PoisonBatch(RejectReason.BAD_IDENTITY, f"record {i} (gpu): {problem}")
+    return None
+
+
+def _verdict(msg: pb.Verdict, i: int, clamped: Callable[[Timestamp], float]) -> Verdict:
+    # Window times are clamped like sample times: a verdict dated an hour ahead would
+    # otherwise outrank every later one by its window_end.
+    for name in ("window_start", "window_end"):
+        if msg.HasField(name) and (problem := _time_problem(getattr(msg, name))):
+            raise PoisonBatch(RejectReason.BAD_TIME, f"verdict {i}: {name} {problem}")
+    for name in ("gpu_uuid", "mig_uuid"):
+        if problem := identity_problem(name, getattr(msg, name)):
+            raise PoisonBatch(RejectReason.BAD_IDENTITY, f"verdict {i}: {problem}")
+    verdict = _check_verdict(msg, i)
+    start_s, end_s = clamped(msg.window_start), clamped(msg.window_end)
+    if (start_s, end_s) == (verdict.window_start_s, verdict.window_end_s):
+        return verdict
+    return dataclasses.replace(verdict, window_start_s=start_s, window_end_s=end_s)
+
+
 def decode_batch(
     batch: pb.Batch, *, received_s: float, max_future_skew_s: float = 300.0
 ) -> DecodedBatch:
@@ -210,11 +360,11 @@ def decode_batch(
         PoisonBatch: the batch can never be applied (the message says which record
             and field).
     """
-    if not batch.agent_id or not batch.boot_id or batch.seq == 0:
-        missing = [n for n in ("agent_id", "boot_id") if not getattr(batch, n)]
-        if batch.seq == 0:
-            missing.append("seq")
-        raise PoisonBatch(RejectReason.MISSING_IDENTITY, f"batch has no {', '.join(missing)}")
+    check_identity(batch)
+    if batch.HasField("sent_time"):
+        problem = _time_problem(batch.sent_time)
+        if problem is not None:
+            raise PoisonBatch(RejectReason.BAD_TIME, f"sent_time: {problem}")
 
     limit_s = received_s + max_future_skew_s
     records = batch.records
@@ -232,13 +382,26 @@ def decode_batch(
         or min(pct) < 0
         or min(rest) < 0
         or not isfinite(sum(pct) + sum(rest))  # NaN and inf, whatever min/max made of them
+        or any(max(rest[i :: len(_REST_NAMES)]) > ceiling for i, ceiling in _GPU_BOUNDED)
     ):
         for i, msg in enumerate(gpu_msgs):
             problem = _invalid_field(msg)
             if problem is not None:
                 raise PoisonBatch(RejectReason.INVALID_VALUE, f"record {i} (gpu): {problem}")
+    # Identities and times the same way: distinct names and extreme times first.
+    names = {name for get in _GPU_NAME_GETTERS for name in map(get, gpu_msgs)}
+    nanos = list(map(_NANOS, gpu_msgs))
+    if n and (
+        min(nanos) < 0
+        or max(nanos) > _MAX_NANOS
+        or not all(map(str.isprintable, names))
+    ):
+        for i, msg in enumerate(gpu_msgs):
+            if msg.time.seconds >= EARLIEST_TIME_S and (poison := _gpu_problem(i, msg)):
+                raise poison
 
-    others = [i for i, sec in enumerate(secs) if sec <= 0]  # engine, host, or no time
+    # Engine, host, no time, or a GPU sample dated before 2000 (rejected below).
+    others = [i for i, sec in enumerate(secs) if sec < EARLIEST_TIME_S]
     skewed = 0
     if n and max(secs) >= math.floor(limit_s):
         skewed = sum(1 for m in gpu_msgs if m.time.seconds > 0 and _ts_s(m.time) > limit_s)
@@ -254,22 +417,28 @@ def decode_batch(
         other: pb.GpuSample | pb.EngineSample | pb.HostSample = getattr(rec, kind)
         if not other.HasField("time"):
             raise PoisonBatch(RejectReason.MISSING_TIME, f"record {i} ({kind}) has no time")
-        if isinstance(other, pb.GpuSample):
-            continue  # dated at or before the epoch: odd, but a GPU sample all the same
+        problem = _time_problem(other.time)
+        if problem is not None:
+            raise PoisonBatch(RejectReason.BAD_TIME, f"record {i} ({kind}): {problem}")
+        if isinstance(other, pb.EngineSample):
+            for name in ("engine_id", "model"):
+                problem = identity_problem(name, getattr(other, name))
+                if problem is not None:
+                    raise PoisonBatch(RejectReason.BAD_IDENTITY, f"record {i} (engine): {problem}")
         problem = _invalid_field(other)
         if problem is not None:
             raise PoisonBatch(RejectReason.INVALID_VALUE, f"record {i} ({kind}): {problem}")
         skewed += _ts_s(other.time) > limit_s
         if isinstance(other, pb.EngineSample):
             engine_msgs.append((i, other))
-        else:
+        elif isinstance(other, pb.HostSample):  # a GPU sample here was dated before 2000
             host_msgs.append(other)
-
-    verdicts = tuple(_check_verdict(v, i) for i, v in enumerate(batch.verdicts))
 
     def clamped(t: Timestamp) -> float:
         t_s = _ts_s(t)
         return received_s if t_s > limit_s else t_s
+
+    verdicts = tuple(_verdict(v, i, clamped) for i, v in enumerate(batch.verdicts))
 
     # The newest sample of each GPU (and MIG instance) is its last in the batch: the
     # agent's batcher appends samples as it takes them. Only those are decoded: 8 of a
@@ -303,12 +472,13 @@ def decode_batch(
     firsts = [clamped(gpu_msgs[first_gpu].time)] if first_gpu is not None else []
     firsts += [clamped(m.time) for _, m in engine_msgs] + [clamped(m.time) for m in host_msgs]
     oldest_s = min(firsts) if firsts else None
+    sent_s = _ts_s(batch.sent_time) if batch.HasField("sent_time") else None
     return DecodedBatch(
         agent_id=batch.agent_id,
         boot_id=batch.boot_id,
         seq=batch.seq,
         hostname=batch.hostname or batch.agent_id,
-        sent_s=_ts_s(batch.sent_time) if batch.HasField("sent_time") else None,
+        sent_s=sent_s,
         gpus=gpus,
         engines=tuple(engines),
         host=host,
@@ -318,6 +488,8 @@ def decode_batch(
         newest_sample_s=max(times) if times else None,
         oldest_sample_s=oldest_s,
         skewed=skewed,
+        clock_believed=sent_s is None or abs(received_s - sent_s) <= max_future_skew_s,
+        raw=batch,
     )
 
 
@@ -366,6 +538,10 @@ class GpuState:
     # Set for a MIG instance of ``gpu_index``: its "MIG-..." UUID (``gpu_uuid`` is the
     # parent's), which keys it apart from the parent and the parent's other instances.
     mig_uuid: str = ""
+    # (boot_id, seq) of the batches that brought ``sample`` and ``verdict``: the
+    # agent's own order, which outranks its clock (``_older``).
+    sample_from: tuple[str, int] = ("", 0)
+    verdict_from: tuple[str, int] = ("", 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +553,21 @@ class EngineState:
     engine: EngineSample
     gpu_indices: tuple[int, ...]
     updated_s: float
+    engine_from: tuple[str, int] = ("", 0)  # (boot_id, seq) of the batch that brought it
+
+
+def _older(held_from: tuple[str, int], held_s: float, batch: DecodedBatch, time_s: float) -> bool:
+    """Whether what ``batch`` brings (dated ``time_s``) is older than what is held.
+
+    Within one boot the batch ``seq`` decides: the agent numbers batches as it samples,
+    so a stepped clock (NTP, an operator) cannot make a later sample look older. Across
+    boots the timestamps decide, unless this batch's clock is not believed
+    (``DecodedBatch.clock_believed``): then arrival does, as an agent sends oldest first.
+    """
+    boot_id, seq = held_from
+    if boot_id == batch.boot_id:
+        return seq > batch.seq
+    return batch.clock_believed and held_s > time_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,11 +577,14 @@ class CollectorCounts:
     batches: int = 0  # applied
     samples: int = 0  # records in applied batches
     duplicates: int = 0  # batches already applied (agent, boot, seq), dropped
+    # ... of which a mark restored from state_dir caught: applied before a restart
+    restored_duplicates: int = 0
     rejected: tuple[tuple[str, int], ...] = ()  # (reason, batches)
     skewed: int = 0  # samples dated in the future, clamped
     missing: int = 0  # seqs an agent skipped (its spool dropped them before sending)
     streams: int = 0  # open now
     refused: tuple[tuple[str, int], ...] = ()  # (reason, calls) refused by authentication
+    limited: tuple[tuple[str, int], ...] = ()  # (reason, items) refused by a bound (LimitReason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,10 +615,15 @@ class Fleet:
     """
 
     def __init__(
-        self, *, clock: Callable[[], float] = time.time, forget_after_s: float = 900.0
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        forget_after_s: float = 900.0,
+        limits: FleetLimits | None = None,
     ) -> None:
         self._clock = clock
         self._forget_after_s = forget_after_s
+        self.limits = limits or FleetLimits()
         self._lock = threading.Lock()
         self._agents: dict[str, AgentState] = {}
         self._gpus: dict[_GpuKey, GpuState] = {}
@@ -432,22 +631,32 @@ class Fleet:
         # never the whole fleet's 8,000.
         self._agent_gpus: dict[str, set[_GpuKey]] = {}
         self._engines: dict[tuple[str, str], EngineState] = {}
+        self._agent_engines: dict[str, set[tuple[str, str]]] = {}
         self._batches = 0
         self._samples = 0
         self._duplicates = 0
+        self._restored_duplicates = 0
         self._rejected: dict[str, int] = {}
         self._skewed = 0
         self._missing = 0
         self._streams = 0
         self._refused: dict[str, int] = {}
+        self._limited: dict[str, int] = {}
         self._last_sweep_s = clock()
+        self._last_full_sweep_s = -math.inf
 
     # -- counters (ingest) --
 
-    def count_duplicate(self) -> None:
-        """A batch already applied arrived again (a resend after a lost ack)."""
+    def count_duplicate(self, *, restored: bool = False) -> None:
+        """A batch already applied arrived again (a resend after a lost ack).
+
+        Args:
+            restored: a mark restored from the state directory caught it: the batch
+                was applied before the collector restarted.
+        """
         with self._lock:
             self._duplicates += 1
+            self._restored_duplicates += restored
 
     def count_rejected(self, reason: RejectReason | str) -> None:
         """A batch was refused (poison); it is consumed and the stream goes on."""
@@ -458,6 +667,11 @@ class Fleet:
         """A call was refused by authentication before any handler ran (nothing applied)."""
         with self._lock:
             self._refused[reason] = self._refused.get(reason, 0) + 1
+
+    def count_limited(self, reason: LimitReason, items: int = 1) -> None:
+        """Something new was refused by a bound (``FleetLimits``, an unread stream)."""
+        with self._lock:
+            self._limited[reason.value] = self._limited.get(reason.value, 0) + items
 
     def count_missing(self, batches: int) -> None:
         """An agent skipped ``batches`` seqs: its spool dropped them before sending."""
@@ -477,8 +691,21 @@ class Fleet:
     # -- state --
 
     def apply(self, batch: DecodedBatch, *, received_s: float) -> None:
-        """Fold one decoded batch into the fleet state."""
+        """Fold one decoded batch into the fleet state, within ``limits``.
+
+        GPUs and engines new past their bounds are left out (and counted); the rest
+        of the batch is applied. The ingest calls ``check_labels`` first.
+
+        Raises:
+            OverLimit: a new agent past ``max_agents`` (nothing applied).
+        """
         with self._lock:
+            if batch.agent_id not in self._agents and not self._room_for_agent(received_s):
+                self._refuse(LimitReason.AGENTS)
+                raise OverLimit(
+                    LimitReason.AGENTS,
+                    f"this collector holds max_agents ({self.limits.max_agents}) agents",
+                )
             self._batches += 1
             self._samples += batch.samples
             self._skewed += batch.skewed
@@ -491,6 +718,41 @@ class Fleet:
                 self._apply_engine(batch, engine, received_s)
             if received_s - self._last_sweep_s > min(60.0, self._forget_after_s / 4):
                 self._sweep(received_s)
+
+    def check_labels(self, batch: DecodedBatch) -> None:
+        """Refuse a batch with an identity or label longer than ``max_label_bytes``.
+
+        Raises:
+            PoisonBatch: ``LABEL_TOO_LONG``, naming the field.
+        """
+        label = _long_label(batch, self.limits.max_label_bytes)
+        if label is not None:
+            raise PoisonBatch(
+                RejectReason.LABEL_TOO_LONG,
+                f"{label} is longer than max_label_bytes ({self.limits.max_label_bytes})",
+            )
+
+    def _room_for_agent(self, now_s: float) -> bool:
+        if len(self._agents) < self.limits.max_agents:
+            return True
+        # Full: forget the silent ones first, at most once a second (a flood of new
+        # identities must not buy a sweep of the whole fleet per batch).
+        if now_s - self._last_full_sweep_s >= 1.0:
+            self._last_full_sweep_s = now_s
+            self._sweep(now_s)
+        return len(self._agents) < self.limits.max_agents
+
+    def _refuse(self, reason: LimitReason) -> None:
+        self._limited[reason.value] = self._limited.get(reason.value, 0) + 1
+
+    def _room_for_gpu(self, agent_id: str) -> bool:
+        if len(self._agent_gpus.get(agent_id, ())) >= self.limits.max_gpus_per_agent:
+            self._refuse(LimitReason.GPUS_PER_AGENT)
+            return False
+        if len(self._gpus) >= self.limits.max_gpus:
+            self._refuse(LimitReason.GPUS)
+            return False
+        return True
 
     def _apply_agent(self, batch: DecodedBatch, received_s: float) -> None:
         prev = self._agents.get(batch.agent_id)
@@ -515,8 +777,11 @@ class Fleet:
     def _apply_gpu(self, batch: DecodedBatch, sample: GpuSample, received_s: float) -> None:
         key = _gpu_key(batch.agent_id, sample.gpu_uuid, sample.gpu_index, sample.mig_uuid)
         prev = self._gpus.get(key)
-        if prev is not None and prev.sample is not None and prev.sample.time_s > sample.time_s:
-            return  # an outage drain delivers old samples after newer ones: keep the newest
+        if prev is not None and prev.sample is not None:
+            if _older(prev.sample_from, prev.sample.time_s, batch, sample.time_s):
+                return  # an outage drain delivers old samples after newer ones: keep the newest
+        if prev is None and not self._room_for_gpu(batch.agent_id):
+            return
         self._agent_gpus.setdefault(batch.agent_id, set()).add(key)
         self._gpus[key] = GpuState(
             agent_id=batch.agent_id,
@@ -529,6 +794,8 @@ class Fleet:
             engine=prev.engine if prev else None,
             updated_s=received_s,
             mig_uuid=sample.mig_uuid,
+            sample_from=(batch.boot_id, batch.seq),
+            verdict_from=prev.verdict_from if prev else ("", 0),
         )
 
     def _find_gpu(self, agent_id: str, uuid: str, index: int, mig_uuid: str = "") -> _GpuKey:
@@ -547,8 +814,10 @@ class Fleet:
                              verdict.mig_uuid)
         prev = self._gpus.get(key)
         if prev is not None and prev.verdict is not None:
-            if prev.verdict.window_end_s > verdict.window_end_s:
+            if _older(prev.verdict_from, prev.verdict.window_end_s, batch, verdict.window_end_s):
                 return
+        if prev is None and not self._room_for_gpu(batch.agent_id):
+            return
         name = prev.gpu_name if prev else verdict.gpu_name
         self._agent_gpus.setdefault(batch.agent_id, set()).add(key)
         self._gpus[key] = GpuState(
@@ -562,13 +831,25 @@ class Fleet:
             engine=prev.engine if prev else None,
             updated_s=received_s,
             mig_uuid=verdict.mig_uuid,
+            sample_from=prev.sample_from if prev else ("", 0),
+            verdict_from=(batch.boot_id, batch.seq),
         )
 
     def _apply_engine(self, batch: DecodedBatch, engine: EngineSample, received_s: float) -> None:
         ekey = (batch.agent_id, engine.engine_id)
         prev = self._engines.get(ekey)
-        if prev is not None and prev.engine.time_s > engine.time_s:
+        if prev is not None and _older(prev.engine_from, prev.engine.time_s, batch, engine.time_s):
             return
+        if prev is None:
+            if len(self._agent_engines.get(batch.agent_id, ())) >= (
+                self.limits.max_engines_per_agent
+            ):
+                self._refuse(LimitReason.ENGINES_PER_AGENT)
+                return
+            if len(self._engines) >= self.limits.max_engines:
+                self._refuse(LimitReason.ENGINES)
+                return
+            self._agent_engines.setdefault(batch.agent_id, set()).add(ekey)
         indices = engine.gpu_indices or self._gpus_of_pid(batch.agent_id, engine.pid)
         self._engines[ekey] = EngineState(
             agent_id=batch.agent_id,
@@ -576,6 +857,7 @@ class Fleet:
             engine=engine,
             gpu_indices=indices,
             updated_s=received_s,
+            engine_from=(batch.boot_id, batch.seq),
         )
         for key in self._agent_gpus.get(batch.agent_id, ()):
             gpu = self._gpus[key]
@@ -604,6 +886,9 @@ class Fleet:
         for key in self._gpus:
             self._agent_gpus.setdefault(key[0], set()).add(key)
         _drop_older(self._engines, cutoff)
+        self._agent_engines = {}
+        for ekey in self._engines:
+            self._agent_engines.setdefault(ekey[0], set()).add(ekey)
 
     def forget_stale(self, now_s: float | None = None) -> None:
         """Drop entries not updated for ``forget_after_s`` (also done while applying)."""
@@ -620,11 +905,13 @@ class Fleet:
             batches=self._batches,
             samples=self._samples,
             duplicates=self._duplicates,
+            restored_duplicates=self._restored_duplicates,
             rejected=tuple(sorted(self._rejected.items())),
             skewed=self._skewed,
             missing=self._missing,
             streams=self._streams,
             refused=tuple(sorted(self._refused.items())),
+            limited=tuple(sorted(self._limited.items())),
         )
 
     def snapshot(self) -> FleetSnapshot:
@@ -637,6 +924,32 @@ class Fleet:
                 engines=tuple(self._engines.values()),
                 counts=self._counts(),
             )
+
+
+def _long_label(batch: DecodedBatch, max_bytes: int) -> str | None:
+    """The first identity or label of ``batch`` longer than ``max_bytes`` (UTF-8), or None.
+
+    Every string the exporters turn into a label value is checked: one 1 MB host name
+    would otherwise sit in every series of that agent.
+    """
+    named: list[tuple[str, str | None]] = [
+        ("agent_id", batch.agent_id),
+        ("boot_id", batch.boot_id),
+        ("hostname", batch.hostname),
+    ]
+    for g in batch.gpus:
+        named += [("gpu_uuid", g.gpu_uuid), ("gpu_name", g.gpu_name), ("mig_uuid", g.mig_uuid)]
+        for ref in g.pods:
+            named += [("pod", ref.pod), ("namespace", ref.namespace), ("container", ref.container)]
+    for e in batch.engines:
+        named += [("engine_id", e.engine_id), ("model", e.model)]
+    for v in batch.verdicts:
+        named += [("verdict gpu_uuid", v.gpu_uuid), ("verdict mig_uuid", v.mig_uuid)]
+    for name, value in named:
+        # Characters first: a UTF-8 character is at most 4 bytes, so most need no encode.
+        if value and len(value) * 4 > max_bytes and len(value.encode()) > max_bytes:
+            return name
+    return None
 
 
 _K = TypeVar("_K")

@@ -19,11 +19,19 @@ terminates TLS itself (``ssl`` on asyncio), on the ingest server's event loop:
 
 Certificates are re-read when their files change (``ServerTls``): each new
 connection's handshake uses the current set; established ones keep their session.
+
+Bounded under abuse: past ``max_handshakes`` handshakes in progress or
+``max_connections`` connections open, a new connection is closed at once and
+counted (``tls_handshake_limit``, ``tls_connection_limit``); a handshake that fails
+frees its TLS state at once (not at the next full gc) and the heap freed by a burst
+of them goes back to the OS (``malloc_trim``), so RSS falls after a flood.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import socket
 import ssl
@@ -51,6 +59,14 @@ log = logging.getLogger(__name__)
 # A handshake must finish within this, or the connection is refused (and counted):
 # slow or stalled handshakes otherwise hold sockets and memory.
 HANDSHAKE_TIMEOUT_S = 10.0
+# Connections open at once (handshaking or relayed), and TLS handshakes in progress at
+# once: past either a new connection is closed at once and counted. A handshake in
+# progress holds ~320 KB (asyncio's 256 KiB TLS read buffer and OpenSSL's state).
+MAX_CONNECTIONS = 4096
+MAX_HANDSHAKES = 128
+# After handshakes end, hand the freed heap back to the OS this much later (once for a
+# burst): glibc keeps freed memory otherwise, and RSS would stay at the flood's peak.
+_TRIM_DELAY_S = 1.0
 # Bytes buffered towards one side before reading from the other pauses.
 _HIGH_WATER_BYTES = 1024 * 1024
 
@@ -80,6 +96,8 @@ class HandshakeReason(StrEnum):
     ABANDONED = "tls_handshake_abandoned"  # hung up mid-handshake (often: distrusts us)
     TIMEOUT = "tls_handshake_timeout"
     FAILED = "tls_handshake_failed"  # anything else (protocol version, ciphers, ALPN)
+    CONNECTION_LIMIT = "tls_connection_limit"  # max_connections open: closed at once
+    HANDSHAKE_LIMIT = "tls_handshake_limit"  # max_handshakes in progress: closed at once
 
 
 def classify_handshake_error(exc: BaseException) -> HandshakeReason:
@@ -235,13 +253,50 @@ def _server_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # Raises on a key that does not match the certificate (a half-done rotation);
     # the empty password makes an encrypted key an error instead of a prompt.
-    context.load_cert_chain(cert, key, password="")
+    try:
+        context.load_cert_chain(cert, key, password="")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(
+                f"collector.tls_key_file {key} does not match tls_cert_file {cert}"
+            ) from exc
+        raise ConfigError(
+            f"collector.tls_cert_file {cert} and tls_key_file {key}: not a PEM certificate "
+            f"and its unencrypted key ({exc.reason or exc})"
+        ) from exc
     # gRPC clients insist on HTTP/2 by ALPN.
     context.set_alpn_protocols(["h2"])
     if ca is not None:
-        context.load_verify_locations(cafile=ca)
+        try:
+            context.load_verify_locations(cafile=ca)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"collector.tls_client_ca_file {ca}: no PEM CA certificate ({exc.reason or exc})"
+            ) from exc
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    """Clear the tracebacks of ``exc`` and its causes, so their frames can be freed now."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__context__ or exc.__cause__
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    # glibc only (musl and others have no malloc_trim): elsewhere, nothing to call.
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+_malloc_trim = _libc_malloc_trim()
 
 
 class _Relay(asyncio.Protocol):
@@ -323,6 +378,10 @@ class TlsGate:
         on_refused: called with (peer address, reason, detail) for every refused
             handshake, on the event loop.
         handshake_timeout_s: a handshake not done by then is refused.
+        max_connections: connections open at once (handshaking or relayed); past it
+            a new one is closed and refused as ``tls_connection_limit``.
+        max_handshakes: TLS handshakes in progress at once; past it a new one is
+            closed and refused as ``tls_handshake_limit``.
     """
 
     def __init__(
@@ -331,10 +390,16 @@ class TlsGate:
         on_refused: Callable[[str, HandshakeReason, str], None],
         *,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+        max_handshakes: int = MAX_HANDSHAKES,
     ) -> None:
         self._tls = tls
         self._on_refused = on_refused
         self._handshake_timeout_s = handshake_timeout_s
+        self._max_connections = max_connections
+        self._max_handshakes = max_handshakes
+        self._in_handshake = 0  # connections inside start_tls now
+        self._trim: asyncio.TimerHandle | None = None
         self._backend_port = 0
         self._peers: dict[str, Peer] = {}  # "ipv4:127.0.0.1:PORT" of our own relay → who
         self._handshakes: set[asyncio.Task[None]] = set()
@@ -377,9 +442,32 @@ class TlsGate:
                 log.error("TLS gate: accept failed: %s", problem)
                 await asyncio.sleep(0.1)
                 continue
+            if len(self._handshakes) + len(self._peers) >= self._max_connections:
+                self._refuse_now(conn, HandshakeReason.CONNECTION_LIMIT, "max_connections")
+                continue
             task = loop.create_task(self._handle(conn))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
+
+    def _refuse_now(self, conn: socket.socket, reason: HandshakeReason, setting: str) -> None:
+        """Close a connection a bound refuses, before any TLS state exists for it."""
+        try:
+            address = grpc_peer(conn.getpeername())
+        except OSError:
+            address = "unknown"
+        conn.close()
+        self._on_refused(address, reason, f"{setting} reached: connection closed")
+
+    def _release_memory(self) -> None:
+        """Soon hand freed heap back to the OS (glibc keeps it otherwise); once per burst."""
+        if self._trim is None and _malloc_trim is not None:
+
+            def trim() -> None:
+                self._trim = None
+                if _malloc_trim is not None:
+                    _malloc_trim(0)
+
+            self._trim = asyncio.get_running_loop().call_later(_TRIM_DELAY_S, trim)
 
     async def _first_byte(self, conn: socket.socket) -> bool:
         """Wait for the client to send something; False if it closed without a byte.
@@ -425,25 +513,37 @@ class TlsGate:
                 log.debug("%s closed the connection without a byte (a TCP probe)", address)
                 conn.close()
                 return
-            raw, _ = await loop.connect_accepted_socket(_Paused, conn)
-            # Our own deadline (asyncio's ends in a ConnectionAbortedError, which
-            # would read as a client that hung up).
-            tls = await asyncio.wait_for(
-                loop.start_tls(
-                    raw,
-                    client,
-                    self._tls.context(),
-                    server_side=True,
-                    ssl_handshake_timeout=2 * self._handshake_timeout_s,
-                ),
-                self._handshake_timeout_s,
-            )
+            if self._in_handshake >= self._max_handshakes:
+                self._refuse_now(conn, HandshakeReason.HANDSHAKE_LIMIT, "max_handshakes")
+                return
+            # Counted before the first await: connections checked meanwhile see it.
+            self._in_handshake += 1
+            try:
+                raw, _ = await loop.connect_accepted_socket(_Paused, conn)
+                # Our own deadline (asyncio's ends in a ConnectionAbortedError, which
+                # would read as a client that hung up).
+                tls = await asyncio.wait_for(
+                    loop.start_tls(
+                        raw,
+                        client,
+                        self._tls.context(),
+                        server_side=True,
+                        ssl_handshake_timeout=2 * self._handshake_timeout_s,
+                    ),
+                    self._handshake_timeout_s,
+                )
+            finally:
+                self._in_handshake -= 1
+                self._release_memory()
         except (OSError, TimeoutError) as exc:
             if raw is not None:
                 raw.close()
             conn.close()
             reason = classify_handshake_error(exc)
             self._on_refused(address, reason, describe_handshake_error(exc))
+            # Its traceback holds start_tls's frame, which holds the TLS protocol and
+            # its 256 KiB buffer in a reference cycle that only a full gc frees.
+            _drop_tracebacks(exc)
             return
         except BaseException:  # cancelled by close(): no socket left behind
             if raw is not None:

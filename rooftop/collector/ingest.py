@@ -3,7 +3,14 @@
 One long-lived bidi stream per agent. Each batch carries (agent_id, boot_id, seq):
 
 - **Dedup** (``dedup``): a seq already applied for that (agent_id, boot_id) is counted as a
-  duplicate and not applied again (a resend after a lost ack).
+  duplicate and not applied again (a resend after a lost ack); out-of-order seqs are
+  each applied once. A seq beyond ``max_seq_jump`` past its boot's mark (or above
+  2^40) is rejected in-band (reason ``seq_jump``) and never moves the mark: one
+  forged seq must not ack another agent's batches away. With ``state_dir`` the marks
+  are kept on disk (``marks``) and acks report only durable marks, so a restart
+  applies nothing an agent saw acked.
+- **Identity binding** (mTLS): the first client certificate that streams an agent_id
+  owns it; another certificate naming it is refused (``agent_id_mismatch``).
 - **Cumulative acks**: after applying, the stream acks the highest contiguous seq.
   Acks are coalesced like TCP's delayed acks: one after ``ack_every_batches``
   applied batches, or ``ack_interval_s`` after the first unacked one, whichever
@@ -27,12 +34,21 @@ One long-lived bidi stream per agent. Each batch carries (agent_id, boot_id, seq
   (``rooftop.collector.missing``) instead of holding the ack back forever. The same
   holds for a jump *inside* a stream (the agent skipped a corrupt or over-cap batch):
   nothing can fill it later, and waiting would stall the agent's in-flight window.
-- **Poison** (``fleet.PoisonBatch``: NaN, negative, >100 %, bad enum, no identity)
-  is rejected in-band (``Ack.rejected_seq``, ``Ack.error`` starting with
+- **Poison** (``fleet.PoisonBatch``: NaN, negative, >100 %, beyond a physical ceiling,
+  bad enum, no identity, a time before 2000 or with nanos out of range, an identity
+  holding control characters, which never becomes a de-duplication key) is rejected
+  in-band (``Ack.rejected_seq``, ``Ack.error`` starting with
   ``INVALID_ARGUMENT``), counted by reason, and treated as consumed: the stream
   goes on. Skewed clocks are clamped and counted, see ``rooftop.collector.fleet``.
 - **Oversized** messages never reach the handler: gRPC refuses them against
   ``max_message_bytes`` with ``RESOURCE_EXHAUSTED``; the server stays healthy.
+- **Unreadable** messages (not a ``Batch``) end the stream with ``INVALID_ARGUMENT``
+  and are counted (``rejected``, ``unreadable``); they used to end it OK, uncounted.
+- **Bounded under abuse**: a new agent past ``max_agents`` ends its stream with
+  ``RESOURCE_EXHAUSTED`` (nothing applied; retryable), a client that leaves more than
+  ``max_unread_acks`` acks unread has its call cancelled, both counted
+  (``rooftop.collector.limited``); repeated refusal lines are written once a minute
+  per kind (``rooftop.common.ratelimit``).
 
 The aio server runs on its own event loop in a background thread, so ``IngestServer``
 has the same synchronous ``start``/``flush``/``shutdown`` shape as every component.
@@ -51,10 +67,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rooftop.collector.auth import (
     Authenticator,
+    IdentityBindings,
     PeerLookup,
     Refusal,
     Refusals,
@@ -64,11 +82,23 @@ from rooftop.collector.auth import (
     peer_of,
 )
 from rooftop.collector.config import CollectorConfig
-from rooftop.collector.dedup import Deduplicator
-from rooftop.collector.fleet import BatchObserver, Fleet, PoisonBatch, decode_batch
+from rooftop.collector.dedup import Deduplicator, SeqCheck
+from rooftop.collector.fleet import (
+    BatchObserver,
+    Fleet,
+    LimitReason,
+    OverLimit,
+    PoisonBatch,
+    RejectReason,
+    check_identity,
+    decode_batch,
+)
 from rooftop.collector.gate import ServerTls, TlsGate, listen_socket
+from rooftop.collector.marks import MarkStore
 from rooftop.collector.query import QueryServicer
 from rooftop.common.errors import ConfigError
+from rooftop.common.ratelimit import RateLimitedLog
+from rooftop.common.text import printable
 from rooftop.common.wire import INGEST_SERVICE, QUERY_SERVICE
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
@@ -128,6 +158,11 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         refusals: where an identity refusal is counted and logged.
         peers: who is behind a call's ``context.peer()`` (the TLS gate's ``peer``);
             by default the address itself, with no certificate names.
+        max_unread_acks: acks queued for a client that does not read them before its
+            stream is closed (memory stays bounded; counted as ``unread_acks``).
+        dedup: the seq bookkeeping (a fresh ``Deduplicator`` by default).
+        bindings: which certificate identity owns each agent_id (mTLS); the first
+            one to stream an agent_id keeps it, another is refused.
     """
 
     def __init__(
@@ -142,8 +177,14 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         require_identity: bool = False,
         refusals: Refusals | None = None,
         peers: PeerLookup | None = None,
+        dedup: Deduplicator | None = None,
+        bindings: IdentityBindings | None = None,
+        max_unread_acks: int = 1024,
     ) -> None:
         self._fleet = fleet
+        self._max_unread_acks = max_unread_acks
+        # A flood of one kind of refusal writes one line a minute, not one per batch.
+        self._log = RateLimitedLog(log, interval_s=60.0)
         self._refusals = refusals
         self._peers = peers or direct_peer
         self._observers = tuple(observers)
@@ -152,7 +193,10 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         self._ack_interval_s = ack_interval_s
         self._max_future_skew_s = max_future_skew_s
         self._require_identity = require_identity
-        self._dedup = Deduplicator()
+        self._dedup = dedup if dedup is not None else Deduplicator()
+        self._bindings = (
+            bindings if bindings is not None else IdentityBindings() if require_identity else None
+        )
 
     @property
     def dedup(self) -> Deduplicator:
@@ -167,8 +211,25 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         """One agent's stream: batches in, cumulative acks (and in-band rejections) out."""
         identities = peer_of(self._peers, context).names if self._require_identity else None
         out: asyncio.Queue[object] = asyncio.Queue()
+        handler = asyncio.current_task()
+
+        def unread() -> None:
+            # The client stopped reading acks: this task is stuck writing one, and every
+            # batch it goes on sending would queue another. Cancelling the handler makes
+            # gRPC cancel the call (RST_STREAM): the stream closes, nothing more queues.
+            self._fleet.count_limited(LimitReason.UNREAD_ACKS)
+            self._log.log(
+                logging.WARNING,
+                "unread_acks",
+                "closed the stream of %s: it left %d acks unread (max_unread_acks)",
+                peer_of(self._peers, context).address,
+                out.qsize(),
+            )
+            if handler is not None:
+                handler.cancel()
+
         # Reading runs in its own task so batches keep being applied while acks are written.
-        reader = asyncio.create_task(self._read(request_iterator, out, identities))
+        reader = asyncio.create_task(self._read(request_iterator, out, identities, unread))
         self._fleet.stream_opened()
         try:
             while True:
@@ -192,23 +253,36 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         requests: AsyncIterator[pb.Batch],
         out: asyncio.Queue[object],
         identities: frozenset[str] | None,
+        unread: Callable[[], None],
     ) -> None:
-        """Apply batches as they arrive; queue coalesced acks (delayed-ack, like TCP's)."""
+        """Apply batches as they arrive; queue coalesced acks (delayed-ack, like TCP's).
+
+        Ends the stream with a status (and counts it) when a message is not a Batch
+        (INVALID_ARGUMENT), a new agent finds the collector full (RESOURCE_EXHAUSTED)
+        or the client leaves more than ``max_unread_acks`` acks unread (``unread``).
+        """
         loop = asyncio.get_running_loop()
         committed: dict[tuple[str, str], int] = {}  # key -> last seq committed on this stream
         pending: dict[tuple[str, str], None] = {}  # keys with batches not acked yet
         unacked = 0
         timer: asyncio.TimerHandle | None = None
 
-        def ack() -> None:
+        def ack(*, last: bool = False) -> None:
             nonlocal timer, unacked
             if timer is not None:
                 timer.cancel()
                 timer = None
+            waiting = []  # applied, but the mark is not durable yet (state_dir)
             for key in pending:
-                out.put_nowait(pb.Ack(boot_id=key[1], acked_seq=self._dedup.acked(key)))
+                acked = self._dedup.acked(key)
+                out.put_nowait(pb.Ack(boot_id=key[1], acked_seq=acked))
+                if acked < self._dedup.contiguous(key):
+                    waiting.append(key)
             pending.clear()
             unacked = 0
+            if waiting and not last:
+                pending.update(dict.fromkeys(waiting))
+                timer = loop.call_later(self._ack_interval_s, ack)
 
         try:
             async for batch in requests:
@@ -221,9 +295,26 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
                         )
                     )
                     return
+                if (
+                    identities is not None
+                    and self._bindings is not None
+                    and not self._bindings.claim(batch.agent_id, identities)
+                ):
+                    out.put_nowait(
+                        _Abort(
+                            grpc.StatusCode.PERMISSION_DENIED,
+                            f"agent_id {batch.agent_id!r} streams from another client "
+                            "certificate already",
+                            RefuseReason.AGENT_ID_MISMATCH,
+                        )
+                    )
+                    return
                 rejection = self._handle(batch, committed, pending)
                 if rejection is not None:
                     out.put_nowait(rejection)  # at once: the agent must not resend it
+                if out.qsize() > self._max_unread_acks:
+                    unread()
+                    return
                 unacked += 1
                 if unacked >= self._ack_every:
                     ack()
@@ -231,6 +322,24 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
                     timer = loop.call_later(self._ack_interval_s, ack)
         except asyncio.CancelledError:
             raise
+        except DecodeError as exc:
+            # Not a Batch at all. Ending with OK would tell the agent all is well.
+            self._fleet.count_rejected(RejectReason.UNREADABLE)
+            self._log.log(logging.WARNING, RejectReason.UNREADABLE, "unreadable message: %s", exc)
+            ack(last=True)
+            out.put_nowait(
+                _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a rooftop.v1.Batch: {exc}")
+            )
+            return
+        except OverLimit as exc:
+            # Nothing of the batch was applied: RESOURCE_EXHAUSTED is retryable, so the
+            # agent keeps it and tries again (an agent that went silent frees a place).
+            self._log.log(
+                logging.WARNING, exc.reason, "refused agent %s: %s", printable(batch.agent_id), exc
+            )
+            ack(last=True)
+            out.put_nowait(_Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)))
+            return
         except Exception:
             # The client went away or the call failed (e.g. an oversized message): gRPC
             # has set the call's status; ack what was applied and end.
@@ -238,7 +347,7 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         finally:
             if timer is not None:
                 timer.cancel()
-        ack()
+        ack(last=True)
         out.put_nowait(_END)
 
     def _handle(
@@ -250,24 +359,56 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         """Apply one batch; an in-band rejection ack when it is poison."""
         key = (batch.agent_id, batch.boot_id)
         received_s = self._clock()
-        if batch.agent_id and batch.boot_id and batch.seq:
+        # An identity that is missing or holds control characters never becomes a key
+        # (de-duplication, marks): decode_batch refuses it below, in-band.
+        keyed = _keyable(batch)
+        if keyed:
+            check = self._dedup.check(key, batch.seq)
+            if check is SeqCheck.TOO_FAR:
+                # Forged or corrupt: applying it would move the mark past every seq the
+                # agent will send, acking (so discarding) its batches unapplied.
+                self._fleet.count_rejected("seq_jump")
+                self._log.log(
+                    logging.WARNING,
+                    "seq_jump",
+                    "rejected batch %s/%s seq %d: beyond the boot's mark + max_seq_jump",
+                    printable(batch.agent_id),
+                    printable(batch.boot_id),
+                    batch.seq,
+                )
+                return pb.Ack(
+                    boot_id=batch.boot_id,
+                    rejected_seq=batch.seq,
+                    error=f"INVALID_ARGUMENT: seq {batch.seq} is more than "
+                    f"{self._dedup.max_seq_jump} past this boot's acked seq, or above 2^40",
+                )
             touched[key] = None
-            if self._dedup.is_duplicate(key, batch.seq):
-                self._fleet.count_duplicate()
+            if check is SeqCheck.DUPLICATE:
+                # Applied before a restart, caught by a mark from state_dir: say so.
+                restored = batch.seq <= self._dedup.restored_mark(key)
+                self._fleet.count_duplicate(restored=restored)
                 return None
         try:
             decoded = decode_batch(
                 batch, received_s=received_s, max_future_skew_s=self._max_future_skew_s
             )
+            self._fleet.check_labels(decoded)
         except PoisonBatch as exc:
             self._fleet.count_rejected(exc.reason)
-            log.warning(
-                "rejected batch %s/%s seq %d: %s", batch.agent_id, batch.boot_id, batch.seq, exc
+            self._log.log(
+                logging.WARNING,
+                exc.reason,
+                "rejected batch %s/%s seq %d: %s",
+                printable(batch.agent_id),
+                printable(batch.boot_id),
+                batch.seq,
+                printable(str(exc)),
             )
             acked = 0
-            if batch.agent_id and batch.boot_id and batch.seq:
+            if keyed:
                 # Consumed: a poison batch is never applied, and never blocks the ack.
-                acked = self._commit(key, batch.seq, committed)
+                self._commit(key, batch.seq, committed)
+                acked = self._dedup.acked(key)
             return pb.Ack(
                 boot_id=batch.boot_id,
                 acked_seq=acked,
@@ -294,6 +435,15 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         if skipped:
             self._fleet.count_missing(skipped)
         return contiguous
+
+
+def _keyable(batch: pb.Batch) -> bool:
+    """Whether ``batch``'s identity may key de-duplication (``fleet.check_identity``)."""
+    try:
+        check_identity(batch)
+    except PoisonBatch:
+        return False
+    return True
 
 
 # --- server --------------------------------------------------------------------------------
@@ -368,7 +518,12 @@ class IngestServer:
         tls = credentials.tls
         # With TLS the public port is the gate's; gRPC listens on loopback behind it.
         self._gate = (
-            TlsGate(tls, lambda *refused: self.refusals.handshake_refused(*refused))
+            TlsGate(
+                tls,
+                lambda *refused: self.refusals.handshake_refused(*refused),
+                max_connections=config.max_connections,
+                max_handshakes=config.max_handshakes,
+            )
             if tls is not None
             else None
         )
@@ -376,6 +531,9 @@ class IngestServer:
         self._token = credentials.token
         self._read_token = credentials.read_token
         self.refusals = Refusals(fleet, peers=peers)
+        dedup = Deduplicator(max_seq_jump=config.max_seq_jump)
+        # With a state directory, acks wait for durable marks: a restart re-applies nothing.
+        self.marks = MarkStore(config.state_dir, dedup) if config.state_dir is not None else None
         self.servicer = IngestServicer(
             fleet,
             observers=observers,
@@ -386,6 +544,8 @@ class IngestServer:
             require_identity=config.tls_client_ca_file is not None,
             refusals=self.refusals,
             peers=peers,
+            dedup=dedup,
+            max_unread_acks=config.max_unread_acks,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -417,11 +577,16 @@ class IngestServer:
         """
         if self._thread is not None:
             return self._port
+        if self.marks is not None:
+            self.marks.load()  # before any stream: a resend of an acked seq is a duplicate
+            self.marks.start()
         self._thread = threading.Thread(target=self._run, name="rooftop-ingest", daemon=True)
         self._thread.start()
         self._started.wait()
         if self._error is not None:
             self._thread.join()
+            if self.marks is not None:
+                self.marks.shutdown()
             raise ConfigError(
                 f"collector.listen: cannot serve on {self._config.listen}: {self._error}"
             ) from self._error
@@ -497,15 +662,39 @@ class IngestServer:
         if gate is not None:
             await gate.close()
 
+    def health_problem(self, *, ready: bool, timeout_s: float = 1.0) -> str | None:
+        """Why ingest is not live (with ``ready``: not ready), in a few words; None if it is.
+
+        Live: its event loop thread runs and runs a callback within ``timeout_s`` (a
+        wedged loop accepts and acks nothing). Ready: live, serving, not shutting down.
+        For Kubernetes' probes (``/healthz``, ``/readyz``); safe from any thread.
+        """
+        loop, thread = self._loop, self._thread
+        if self._server is None or loop is None or thread is None:
+            return "ingest not started"
+        if not thread.is_alive() or loop.is_closed():
+            return "ingest stopped"
+        if ready and self._stopped:
+            return "ingest shutting down"
+        answered = threading.Event()
+        try:
+            loop.call_soon_threadsafe(answered.set)
+        except RuntimeError:  # closed between the check and the call
+            return "ingest stopped"
+        if not answered.wait(timeout_s):
+            return f"ingest event loop did not answer within {timeout_s:g} s"
+        return None
+
     def flush(self, timeout_s: float = 5.0) -> bool:
-        """Nothing to flush: batches are applied and acked as they drain. True."""
-        del timeout_s
-        return True
+        """Make the dedup marks durable (with ``state_dir``); batches apply as they drain."""
+        return self.marks.flush(timeout_s) if self.marks is not None else True
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Report NOT_SERVING, let open streams finish for ``timeout_s``, stop. Idempotent."""
         if self._stopped or self._loop is None or self._server is None:
             self._stopped = True
+            if self.marks is not None:
+                self.marks.shutdown()
             return
         self._stopped = True
         self._grace_s = timeout_s
@@ -517,3 +706,5 @@ class IngestServer:
             self._thread.join(timeout=timeout_s + 5.0)
             if self._thread.is_alive():
                 log.error("ingest server did not stop within %.1f s", timeout_s + 5.0)
+        if self.marks is not None:
+            self.marks.shutdown()  # SIGTERM: the last marks are durable before exit

@@ -8,7 +8,9 @@ from the same callbacks without the SDK, which costs ~60 µs per series there.
 GPU, agent and collector figures are **observable** instruments read from a
 ``Fleet`` snapshot at collection time: one callback per instrument per collection,
 never one synchronous record per sample (the SDK's ``record`` costs 4.5-7 µs).
-Engine latencies are histograms fed once per engine sample (about 1 Hz per engine).
+Engine latencies are histograms fed from each engine sample's per-request bucket
+increases (``EngineSample.tpot_hist`` etc.: one observation per finished request), or
+its interval mean where the source has no per-request counts.
 
 Names follow DESIGN §6 exactly and are listed, one row each, in docs/METRICS.md
 (``METRICS`` below is the same list, checked against the doc by a test):
@@ -17,7 +19,7 @@ Names follow DESIGN §6 exactly and are listed, one row each, in docs/METRICS.md
   cycle), ``hw.gpu.memory.usage``/``.limit``/``.utilization``, ``hw.power``,
   ``hw.temperature``, ``hw.errors`` (``error.type``), ``hw.status`` (``hw.state``
   ok / degraded / failed, from ``rooftop.common.health.assess``),
-  ``gen_ai.server.time_per_output_token``/``time_to_first_token``;
+  ``gen_ai.server.time_per_output_token``/``time_to_first_token``/``request.duration``;
 - Rooftop's own under ``rooftop.*``, activities as ratios 0-1 with a
   ``rooftop.source`` attribute (``gpm``/``nvml``) and the DCGM field each matches;
 - the verdict as a state gauge in the ``hw.state`` pattern: ``rooftop.gpu.bound``
@@ -26,7 +28,8 @@ Names follow DESIGN §6 exactly and are listed, one row each, in docs/METRICS.md
 The collector's own host goes on the resource (``host.name``); each node's
 ``host.name`` and each GPU's ``hw.type`` (``gpu``), ``hw.id`` (uuid), ``hw.model`` and
 ``rooftop.gpu.index`` are metric attributes, because one collector serves many
-hosts.
+hosts; on Kubernetes, so are the ``k8s.pod.name``, ``k8s.namespace.name`` and
+``k8s.container.name`` of the containers holding the GPU (the kubelet's answer).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,15 +60,33 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 from opentelemetry.sdk.resources import Resource
 
 from rooftop import __version__
-from rooftop.collector.fleet import DecodedBatch, Fleet, FleetSnapshot, GpuState
-from rooftop.collector.prometheus import Family, NativeHistogram, PrometheusServer, render
+from rooftop.collector.dcgm import dcgm_families
+from rooftop.collector.fleet import DecodedBatch, Fleet, FleetSnapshot, GpuState, LimitReason
+from rooftop.collector.prometheus import (
+    Family,
+    NativeHistogram,
+    PrometheusServer,
+    prometheus_labels,
+    prometheus_name,
+    render,
+    spread_buckets,
+)
 from rooftop.common.errors import ConfigError
 from rooftop.common.health import HealthState, assess
-from rooftop.common.model import GPU_FIELD_PROVENANCE, Bound, EngineSample
+from rooftop.common.model import (
+    GPU_FIELD_PROVENANCE,
+    Bound,
+    EngineSample,
+    HistogramDelta,
+    PodRef,
+)
 from rooftop.common.otlp import OtlpExport
+from rooftop.common.text import printable
+from rooftop.common.workload import WorkloadGpu, WorkloadKind, aggregate, workload_gpus
 
 __all__ = [
     "METRICS",
+    "REQUEST_DURATION_BUCKETS_S",
     "MetricReader",
     "TPOT_BUCKETS_S",
     "TTFT_BUCKETS_S",
@@ -87,6 +108,13 @@ TTFT_BUCKETS_S = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0,
     1.5, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
 )  # fmt: skip
+# The semantic conventions' advisory for gen_ai.server.request.duration.
+REQUEST_DURATION_BUCKETS_S = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)  # fmt: skip
+# One engine sample's histogram increase enters the SDK one observation at a time
+# (4.5-7 µs each); a sample claiming more requests than this is garbage, not load.
+MAX_OBSERVATIONS_PER_SAMPLE = 100_000
 LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 
 # Engine aggregates do not tell chat from completions; both are text generation.
@@ -150,18 +178,30 @@ METRICS: tuple[MetricSpec, ...] = (
     _m("rooftop.gpu.sm.clock", "gauge", "Hz", "SM clock"),
     _m("rooftop.gpu.bound", "gauge", "1", "1 for what bounds the GPU now, 0 for other states"),
     _m("rooftop.gpu.bound.confidence", "gauge", "1", "confidence of the current verdict"),
+    _m(
+        "rooftop.workload.bound",
+        "gauge",
+        "1",
+        "share of a workload's GPUs in each verdict (rooftop.bound), 0-1",
+    ),
     # --- engines ---
     _m(
         "gen_ai.server.time_per_output_token",
         "histogram",
         "s",
-        "engine mean time per output token, one observation per engine interval",
+        "time per output token after the first, one observation per finished request",
     ),
     _m(
         "gen_ai.server.time_to_first_token",
         "histogram",
         "s",
-        "engine mean time to first token, one observation per engine interval",
+        "time to first token, one observation per finished request",
+    ),
+    _m(
+        "gen_ai.server.request.duration",
+        "histogram",
+        "s",
+        "request arrival to last token, one observation per finished request",
     ),
     _m("rooftop.engine.requests", "gauge", "{request}", "requests running / waiting"),
     _m("rooftop.engine.time_per_output_token", "gauge", "s", "latest mean TPOT of an engine"),
@@ -173,6 +213,18 @@ METRICS: tuple[MetricSpec, ...] = (
     _m("rooftop.agent.dropped", "counter", "{batch}", "batches the agent dropped, by reason"),
     _m("rooftop.agent.rejected", "counter", "{batch}", "batches the collector refused (per boot)"),
     _m("rooftop.agent.reconnects", "counter", "{reconnect}", "stream reconnects (per boot)"),
+    _m(
+        "rooftop.agent.acks_refused",
+        "counter",
+        "{ack}",
+        "acks of seqs the agent never sent, refused: nothing discarded (per boot)",
+    ),
+    _m(
+        "rooftop.agent.engine.scrape_errors",
+        "counter",
+        "{scrape}",
+        "failed scrapes of engine /metrics endpoints (per boot)",
+    ),
     _m("rooftop.agent.lag", "gauge", "s", "collector receive time - newest sample time"),
     _m("rooftop.agent.clock.offset", "gauge", "s", "collector receive time - agent send time"),
     _m("rooftop.agent.staleness", "gauge", "s", "time since the agent's last batch"),
@@ -180,12 +232,24 @@ METRICS: tuple[MetricSpec, ...] = (
     _m("rooftop.collector.batches", "counter", "{batch}", "batches applied"),
     _m("rooftop.collector.samples", "counter", "{sample}", "samples in applied batches"),
     _m("rooftop.collector.duplicates", "counter", "{batch}", "resent batches dropped"),
+    _m(
+        "rooftop.collector.restored_duplicates",
+        "counter",
+        "{batch}",
+        "resent batches dropped by a mark restored from state_dir (applied before a restart)",
+    ),
     _m("rooftop.collector.rejected", "counter", "{batch}", "poison batches refused, by reason"),
     _m(
         "rooftop.collector.refused",
         "counter",
         "{call}",
         "calls refused by authentication before any handler ran, by reason",
+    ),
+    _m(
+        "rooftop.collector.limited",
+        "counter",
+        "{refusal}",
+        "new agents, GPUs, engines and connections refused by a bound, by reason",
     ),
     _m("rooftop.collector.skewed", "counter", "{sample}", "future-dated samples clamped"),
     _m("rooftop.collector.missing", "counter", "{batch}", "seqs agents skipped (spool drops)"),
@@ -248,7 +312,29 @@ def _gpu_attrs(g: GpuState) -> dict[str, Any]:
         attrs["hw.id"] = g.mig_uuid
         attrs["hw.parent"] = g.gpu_uuid or f"{g.hostname}/gpu{g.gpu_index}"
         attrs["rooftop.gpu.mig"] = g.mig_uuid
+    pods = g.sample.pods if g.sample is not None else g.verdict.pods if g.verdict else ()
+    if pods:
+        attrs.update(_pod_attrs(pods))
     return attrs
+
+
+def _pod_attrs(pods: Sequence[PodRef]) -> dict[str, str]:
+    """``k8s.*`` attributes of the containers holding a GPU (docs/METRICS.md).
+
+    One series per GPU, as for a GPU no pod holds: a GPU shared by several pods
+    (time-slicing) lists each attribute's distinct values sorted and joined by ",", so
+    sums over GPUs stay sums (dcgm-exporter repeats the GPU's series once per pod,
+    which multiplies them) and ``k8s_pod_name=~"(.*,)?llm-0(,.*)?"`` finds them.
+    """
+
+    def joined(values: Iterable[str]) -> str:
+        return ",".join(sorted(set(values)))
+
+    return {
+        "k8s.pod.name": joined(p.pod for p in pods),
+        "k8s.namespace.name": joined(p.namespace for p in pods),
+        "k8s.container.name": joined(p.container for p in pods),
+    }
 
 
 def _engine_attrs(e: EngineSample) -> dict[str, Any]:
@@ -293,6 +379,9 @@ class Telemetry:
         fleet: read at every collection.
         prometheus_listen: HOST:PORT for the Prometheus endpoint (port 0 picks one;
             see ``prometheus_port``); empty or None: no Prometheus endpoint.
+        prometheus_checks: health paths served beside ``/metrics`` (``PrometheusServer``).
+        prometheus_max_connections: scrapes served at once (``PrometheusServer``).
+        prometheus_timeout_s: the longest a scrape connection may stay silent.
         otlp: OTLP destinations (gRPC or HTTP/protobuf), pushed periodically.
         readers: extra readers (a test's ``InMemoryMetricReader``).
         max_series_per_metric: the cardinality limit of every instrument (the SDK
@@ -303,6 +392,8 @@ class Telemetry:
         scope_name: the instrumentation scope (meter) name.
         metrics: create only these instruments (names from ``METRICS``); None: all.
             The agent's direct OTLP mode (``rooftop.agent.otlp``) leaves out the pipeline's own.
+        dcgm_names: also write dcgm-exporter's ``DCGM_FI_*`` series on the Prometheus
+            endpoint (``rooftop.collector.dcgm``).
     """
 
     def __init__(
@@ -310,6 +401,9 @@ class Telemetry:
         fleet: Fleet,
         *,
         prometheus_listen: str | None = None,
+        prometheus_checks: Mapping[str, Callable[[], str | None]] | None = None,
+        prometheus_max_connections: int = 16,
+        prometheus_timeout_s: float = 10.0,
         otlp: Sequence[OtlpExport] = (),
         readers: Sequence[MetricReader] = (),
         max_series_per_metric: int = 65_536,
@@ -318,6 +412,7 @@ class Telemetry:
         service_name: str = "rooftop-collector",
         scope_name: str = "rooftop.collector",
         metrics: Collection[str] | None = None,
+        dcgm_names: bool = False,
     ) -> None:
         unknown = set(metrics or ()) - set(_SPEC)
         if unknown:
@@ -326,13 +421,18 @@ class Telemetry:
         self._fleet = fleet
         self._clock = clock
         self._prometheus_listen = prometheus_listen or None
+        self._prometheus_checks = prometheus_checks
+        self._prometheus_max_connections = prometheus_max_connections
+        self._prometheus_timeout_s = prometheus_timeout_s
         self._prometheus: PrometheusServer | None = None
         self._prometheus_port: int | None = None
         self._max_series = max_series_per_metric
         # What the Prometheus endpoint writes: every observable instrument, and the
         # histograms aggregated natively as they are recorded.
         self._families: list[Family] = []
+        self._bodies: dict[str, Callable[[FleetSnapshot], Iterable[Observation]]] = {}
         self._native: dict[str, NativeHistogram] = {}
+        self._bad_histograms: set[str] = set()  # logged once per field
         self._lock = threading.Lock()
         self._stopped = False
         all_readers: list[MetricReader] = list(readers)
@@ -364,6 +464,8 @@ class Telemetry:
         )
         self._meter = self._provider.get_meter(scope_name, __version__)
         self._create_instruments()
+        if dcgm_names:
+            self._families += dcgm_families(fleet)
 
     # -- lifecycle --
 
@@ -382,7 +484,15 @@ class Telemetry:
             return
         host, port = _split_address(self._prometheus_listen)
         try:
-            self._prometheus = PrometheusServer(host, port, self.prometheus_text)
+            self._prometheus = PrometheusServer(
+                host,
+                port,
+                self.prometheus_text,
+                checks=self._prometheus_checks,
+                max_connections=self._prometheus_max_connections,
+                timeout_s=self._prometheus_timeout_s,
+                on_refused=lambda: self._fleet.count_limited(LimitReason.SCRAPE_CONNECTIONS),
+            )
         except OSError as exc:
             raise ConfigError(
                 f"prometheus.listen: cannot serve on {self._prometheus_listen}: {exc.strerror}"
@@ -412,21 +522,66 @@ class Telemetry:
         if self._prometheus is not None:
             self._prometheus.close()
 
+    def points(
+        self, snap: FleetSnapshot, names: Iterable[str]
+    ) -> Iterator[tuple[str, dict[str, str], float]]:
+        """``snap``'s series of the gauges ``names``, named as the Prometheus endpoint does.
+
+        Yields ``(metric name, label name -> value, value)``: the remote-write input.
+        """
+        for name in names:
+            body = self._bodies.get(name)
+            if body is None:
+                continue
+            spec = _SPEC[name]
+            family = prometheus_name(spec.name, spec.unit, spec.instrument)
+            for obs in body(snap):
+                yield family, prometheus_labels(obs.attributes), float(obs.value)
+
     # -- BatchObserver --
 
     def observe_batch(self, batch: DecodedBatch, received_s: float) -> None:
         """Record the engine latencies and the lag of one applied batch."""
         for e in batch.engines:
-            if e.tpot_ms is None and e.ttft_ms is None:
-                continue
-            attrs = _engine_attrs(e)
-            if e.tpot_ms is not None:
-                self._record("gen_ai.server.time_per_output_token", e.tpot_ms / 1000.0, attrs)
-            if e.ttft_ms is not None:
-                self._record("gen_ai.server.time_to_first_token", e.ttft_ms / 1000.0, attrs)
+            attrs: dict[str, Any] | None = None
+            for name, hist_field, mean_field in _ENGINE_HISTOGRAMS:
+                hist: HistogramDelta | None = getattr(e, hist_field)
+                if hist is not None:
+                    # Per request (hooks, vLLM plugin, an engine's own histogram).
+                    if hist.count > 0 and self._acceptable(e, hist_field, hist):
+                        attrs = attrs or _engine_attrs(e)
+                        self._record_delta(name, hist, attrs)
+                    continue
+                mean_ms = getattr(e, mean_field) if mean_field else None
+                if mean_ms is not None:
+                    # A source that does not count per request (an agent from before
+                    # per-request histograms, an older engine): its interval mean.
+                    attrs = attrs or _engine_attrs(e)
+                    self._record(name, mean_ms / 1000.0, attrs)
         if batch.oldest_sample_s is not None:
             lag_s = max(0.0, received_s - batch.oldest_sample_s)
             self._record("rooftop.collector.batch.lag", lag_s, {})
+
+    def _acceptable(self, e: EngineSample, field: str, hist: HistogramDelta) -> bool:
+        problem = hist.problem()
+        if problem is None and hist.count > MAX_OBSERVATIONS_PER_SAMPLE:
+            problem = f"{hist.count} observations, over {MAX_OBSERVATIONS_PER_SAMPLE}"
+        if problem is None:
+            return True
+        if field not in self._bad_histograms:
+            self._bad_histograms.add(field)
+            log.warning("engine %s: %s not exported: %s", printable(e.engine_id), field, problem)
+        return False
+
+    def _record_delta(self, name: str, hist: HistogramDelta, attrs: dict[str, Any]) -> None:
+        histogram = self._histograms.get(name)
+        if histogram is not None:
+            for value, n in spread_buckets(hist.bounds_s, hist.bucket_counts, hist.sum_s):
+                for _ in range(n):
+                    histogram.record(value, attrs)
+        native = self._native.get(name)
+        if native is not None:
+            native.add(hist.bounds_s, hist.bucket_counts, hist.sum_s, attrs)
 
     def _record(self, name: str, value: float, attrs: dict[str, Any]) -> None:
         histogram = self._histograms.get(name)
@@ -455,6 +610,7 @@ class Telemetry:
         if not self._wanted(name):
             return
         spec = _SPEC[name]
+        self._bodies[name] = callback
         cb = self._callback(callback)
         self._families.append(
             Family(
@@ -486,6 +642,7 @@ class Telemetry:
         self._histograms: dict[str, Histogram] = {}
         self._histogram("gen_ai.server.time_per_output_token", TPOT_BUCKETS_S)
         self._histogram("gen_ai.server.time_to_first_token", TTFT_BUCKETS_S)
+        self._histogram("gen_ai.server.request.duration", REQUEST_DURATION_BUCKETS_S)
         self._histogram("rooftop.collector.batch.lag", LAG_BUCKETS_S)
 
         self._gauge(
@@ -524,6 +681,7 @@ class Telemetry:
         )
         self._gauge("rooftop.gpu.bound", _bound_states)
         self._gauge("rooftop.gpu.bound.confidence", _bound_confidence)
+        self._gauge("rooftop.workload.bound", _workload_states)
 
         self._gauge("rooftop.engine.requests", _engine_requests)
         self._gauge("rooftop.engine.time_per_output_token", _engine_latency("tpot_ms"))
@@ -534,6 +692,8 @@ class Telemetry:
         self._gauge("rooftop.agent.acked", _agent_stat("acked"))
         self._gauge("rooftop.agent.rejected", _agent_stat("rejected_batches"))
         self._gauge("rooftop.agent.reconnects", _agent_stat("reconnects"))
+        self._gauge("rooftop.agent.acks_refused", _agent_stat("acks_refused"))
+        self._gauge("rooftop.agent.engine.scrape_errors", _agent_stat("engine_scrape_errors"))
         self._gauge("rooftop.agent.dropped", _agent_dropped)
         self._gauge("rooftop.agent.lag", _agent_lag)
         self._gauge("rooftop.agent.clock.offset", _agent_offset)
@@ -542,16 +702,26 @@ class Telemetry:
         self._gauge("rooftop.collector.batches", _count("batches"))
         self._gauge("rooftop.collector.samples", _count("samples"))
         self._gauge("rooftop.collector.duplicates", _count("duplicates"))
+        self._gauge("rooftop.collector.restored_duplicates", _count("restored_duplicates"))
         self._gauge("rooftop.collector.skewed", _count("skewed"))
         self._gauge("rooftop.collector.missing", _count("missing"))
         self._gauge("rooftop.collector.streams", _count("streams"))
         self._gauge("rooftop.collector.rejected", _rejected)
         self._gauge("rooftop.collector.refused", _refused)
+        self._gauge("rooftop.collector.limited", _limited)
 
     def _agent_staleness(self, snap: FleetSnapshot) -> Iterable[Observation]:
         now_s = self._clock()
         for a in snap.agents:
             yield Observation(max(0.0, now_s - a.last_seen_s), _agent_attrs(a.hostname, a.agent_id))
+
+
+# (histogram, EngineSample field with the per-request increase, interval-mean fallback)
+_ENGINE_HISTOGRAMS: tuple[tuple[str, str, str | None], ...] = (
+    ("gen_ai.server.time_per_output_token", "tpot_hist", "tpot_ms"),
+    ("gen_ai.server.time_to_first_token", "ttft_hist", "ttft_ms"),
+    ("gen_ai.server.request.duration", "request_duration_hist", None),
+)
 
 
 def _views(limit: int) -> list[View]:
@@ -562,6 +732,7 @@ def _views(limit: int) -> list[View]:
         buckets = {
             "gen_ai.server.time_per_output_token": TPOT_BUCKETS_S,
             "gen_ai.server.time_to_first_token": TTFT_BUCKETS_S,
+            "gen_ai.server.request.duration": REQUEST_DURATION_BUCKETS_S,
         }.get(spec.name)
         if buckets is not None:
             views.append(
@@ -685,6 +856,37 @@ def _bound_confidence(snap: FleetSnapshot) -> Iterable[Observation]:
         yield Observation(g.verdict.confidence, attrs)
 
 
+def _workload_gpus(snap: FleetSnapshot) -> Iterable[WorkloadGpu]:
+    for g in snap.gpus:
+        yield from workload_gpus(
+            node=g.hostname,
+            device=f"{g.gpu_index}/{g.mig_uuid}" if g.mig_uuid else str(g.gpu_index),
+            gpu_name=g.gpu_name,
+            sample=g.sample,
+            verdict=g.verdict,
+            engine=g.engine,
+        )
+
+
+def _workload_states(snap: FleetSnapshot) -> Iterable[Observation]:
+    # The GPU gauge's pattern per workload: one series per state, valued at the share
+    # of the workload's GPUs in it (1 and 0s for a one-GPU workload).
+    for row in aggregate(_workload_gpus(snap)):
+        w = row.workload
+        if w is None or w.kind is WorkloadKind.NONE or row.dominant is None:
+            continue
+        base: dict[str, Any] = {
+            "rooftop.workload.name": w.name,
+            "rooftop.workload.kind": w.kind.value,
+        }
+        if w.namespace:
+            base["k8s.namespace.name"] = w.namespace
+        if w.node:
+            base["host.name"] = w.node  # a process is named on its own node only
+        for state in _BOUND_STATES:
+            yield Observation(row.share(state), {**base, "rooftop.bound": bound_value(state)})
+
+
 def _engine_base(hostname: str, e: EngineSample) -> dict[str, Any]:
     return {"host.name": hostname, "rooftop.engine.id": e.engine_id, **_engine_attrs(e)}
 
@@ -758,3 +960,8 @@ def _rejected(snap: FleetSnapshot) -> Iterable[Observation]:
 def _refused(snap: FleetSnapshot) -> Iterable[Observation]:
     for reason, value in snap.counts.refused:
         yield Observation(value, {"rooftop.refuse.reason": reason})
+
+
+def _limited(snap: FleetSnapshot) -> Iterable[Observation]:
+    for reason, value in snap.counts.limited:
+        yield Observation(value, {"rooftop.limit.reason": reason})

@@ -71,6 +71,7 @@ def _collector_status(snap: FleetSnapshot) -> pb.CollectorStatus:
         batches=c.batches,
         samples=c.samples,
         duplicates=c.duplicates,
+        restored_duplicates=c.restored_duplicates,
         skewed=c.skewed,
         missing=c.missing,
         streams=c.streams,

@@ -13,10 +13,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from rooftop.collector.config import CollectorConfig
+from rooftop.collector.config import CollectorConfig, SecurityMode
 from rooftop.collector.fleet import Fleet
 from rooftop.collector.ingest import IngestServer
 from rooftop.collector.otel import MetricReader, Telemetry
+from rooftop.collector.remote_write import RemoteWriter
 from rooftop.common.systemd import StopSignals, sd_notify, watchdog_interval_s
 
 __all__ = ["Collector", "run", "security_summary"]
@@ -44,46 +45,69 @@ class Collector:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.fleet = Fleet(clock=clock, forget_after_s=config.forget_after_s)
+        self.fleet = Fleet(
+            clock=clock, forget_after_s=config.forget_after_s, limits=config.fleet_limits()
+        )
         self.telemetry = Telemetry(
             self.fleet,
             prometheus_listen=config.prometheus_listen,
+            # Kubernetes' probes (deploy/k8s): live while ingest's loop answers, ready
+            # while it also serves and is not shutting down.
+            prometheus_checks={
+                "/healthz": lambda: self.ingest.health_problem(ready=False),
+                "/readyz": lambda: self.ingest.health_problem(ready=True),
+            },
+            dcgm_names=config.prometheus_dcgm_names,
+            prometheus_max_connections=config.prometheus_max_connections,
+            prometheus_timeout_s=config.prometheus_timeout_s,
             otlp=config.otlp,
             readers=readers,
             max_series_per_metric=config.max_series_per_metric,
             clock=clock,
         )
-        self.ingest = IngestServer(self.fleet, config, observers=[self.telemetry], clock=clock)
+        # One remote-write output per [[remote_write]]: every sample at its own time.
+        self.remote_writers = [
+            RemoteWriter(rw, self.telemetry.points) for rw in config.remote_write
+        ]
+        self.ingest = IngestServer(
+            self.fleet, config, observers=[self.telemetry, *self.remote_writers], clock=clock
+        )
 
     def start(self) -> None:
         """Serve metrics first, then accept agents (so nothing applied goes unexported)."""
         self.telemetry.start()
+        for writer in self.remote_writers:
+            writer.start()
         try:
             self.ingest.start()
         except BaseException:
             self.telemetry.shutdown(timeout_s=1.0)
+            for writer in self.remote_writers:
+                writer.shutdown(timeout_s=1.0)
             raise
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Export what the fleet holds now."""
-        return self.ingest.flush(timeout_s) and self.telemetry.flush(timeout_s)
+        ok = self.ingest.flush(timeout_s) and self.telemetry.flush(timeout_s)
+        return all([writer.flush(timeout_s) for writer in self.remote_writers]) and ok
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop accepting agents (grace for open streams), then a final export. Idempotent."""
         self.ingest.shutdown(timeout_s=min(timeout_s, 5.0))
+        for writer in self.remote_writers:
+            writer.shutdown(timeout_s=min(timeout_s, 5.0))
         self.telemetry.shutdown(timeout_s=timeout_s)
 
 
 def security_summary(config: CollectorConfig) -> str:
-    """How agents must authenticate, in words: ``mTLS + token``, ``plaintext``, …."""
-    if config.tls_cert_file is None:
-        return "PLAINTEXT, no authentication"
-    parts = ["mTLS" if config.tls_client_ca_file is not None else "TLS"]
-    if config.token_file is not None:
-        parts.append("token")
+    """How agents must authenticate, in words: ``mTLS + token``, ``PLAINTEXT``, …."""
+    mode = config.security_mode
+    text = "PLAINTEXT" if mode is SecurityMode.PLAINTEXT else mode.value
     if config.read_token_file is not None:
-        parts.append("read-only token")
-    return " + ".join(parts)
+        text += " + read-only token"
+    if not mode.authenticates:
+        text += ", no authentication"
+    return text
 
 
 def run(
@@ -101,6 +125,8 @@ def run(
         stop: an event that ends the run (tests), noticed within a second.
         env: where ``$NOTIFY_SOCKET`` and ``$WATCHDOG_USEC`` are read (``os.environ``).
     """
+    # Configs built in code get the start-up checks too, the open-door refusal included.
+    config = config.validated()
     stop = stop or threading.Event()
     env = os.environ if env is None else env
     watchdog_s = watchdog_interval_s(env)

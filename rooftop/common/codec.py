@@ -12,12 +12,14 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from rooftop.common.model import (
+    ENGINE_HISTOGRAM_FIELDS,
     Bound,
     Cause,
     EngineSample,
     Evidence,
     GpuProcess,
     GpuSample,
+    HistogramDelta,
     HostProcess,
     HostSample,
     PodRef,
@@ -36,7 +38,14 @@ __all__ = [
     "verdict_to_proto",
 ]
 
-_NESTED = {"processes", "gpu_indices", "time_s", "xid_codes", "pods"}
+_NESTED = {
+    "processes",
+    "gpu_indices",
+    "time_s",
+    "xid_codes",
+    "pods",
+    *ENGINE_HISTOGRAM_FIELDS,
+}
 
 
 def timestamp(time_s: float) -> Timestamp:
@@ -70,7 +79,10 @@ def record_to_proto(record: Record) -> pb.TraceRecord:
             time=timestamp(record.time_s), xid_codes=record.xid_codes, **_scalars(record)
         )
         gpu.processes.extend(
-            pb.GpuProcess(pid=p.pid, gpu_mem_bytes=p.gpu_mem_bytes) for p in record.processes
+            pb.GpuProcess(
+                pid=p.pid, gpu_mem_bytes=p.gpu_mem_bytes, name=p.name, slurm_job_id=p.slurm_job_id
+            )
+            for p in record.processes
         )
         if record.pods:
             gpu.pods.extend(_pods_to_proto(record.pods))
@@ -79,12 +91,46 @@ def record_to_proto(record: Record) -> pb.TraceRecord:
         engine = pb.EngineSample(
             time=timestamp(record.time_s), gpu_indices=record.gpu_indices, **_scalars(record)
         )
+        for name in ENGINE_HISTOGRAM_FIELDS:
+            hist: HistogramDelta | None = getattr(record, name)
+            if hist is not None:
+                getattr(engine, name).CopyFrom(_histogram_to_proto(hist))
         return pb.TraceRecord(engine=engine)
     host = pb.HostSample(time=timestamp(record.time_s), cpu_pct=record.cpu_pct)
     host.processes.extend(
         pb.HostProcess(gpu_indices=p.gpu_indices, **_scalars(p)) for p in record.processes
     )
     return pb.TraceRecord(host=host)
+
+
+def _histogram_to_proto(hist: HistogramDelta) -> pb.HistogramDelta:
+    return pb.HistogramDelta(
+        bounds_s=hist.bounds_s,
+        bucket_counts=hist.bucket_counts,
+        sum_s=hist.sum_s,
+        count=hist.count,
+    )
+
+
+def _histogram_from_proto(msg: Any, name: str) -> HistogramDelta | None:
+    if not msg.HasField(name):
+        return None
+    h = getattr(msg, name)
+    return HistogramDelta(
+        bounds_s=tuple(h.bounds_s),
+        bucket_counts=tuple(h.bucket_counts),
+        sum_s=h.sum_s,
+        count=h.count,
+    )
+
+
+def _process_from_proto(p: pb.GpuProcess) -> GpuProcess:
+    return GpuProcess(
+        p.pid,
+        p.gpu_mem_bytes if p.HasField("gpu_mem_bytes") else None,
+        name=p.name if p.HasField("name") else None,
+        slurm_job_id=p.slurm_job_id if p.HasField("slurm_job_id") else None,
+    )
 
 
 def _pods_to_proto(pods: tuple[PodRef, ...]) -> list[pb.PodRef]:
@@ -120,10 +166,7 @@ def record_from_proto(msg: pb.TraceRecord) -> Record:
             gpu_index=g.gpu_index,
             gpu_uuid=g.gpu_uuid,
             gpu_name=g.gpu_name,
-            processes=tuple(
-                GpuProcess(p.pid, p.gpu_mem_bytes if p.HasField("gpu_mem_bytes") else None)
-                for p in g.processes
-            ),
+            processes=tuple(_process_from_proto(p) for p in g.processes),
             lost=g.lost,
             gpm_stale=g.gpm_stale,
             xid_codes=tuple(g.xid_codes),
@@ -137,6 +180,9 @@ def record_from_proto(msg: pb.TraceRecord) -> Record:
             time_s=timestamp_s(e.time),
             engine_id=e.engine_id,
             gpu_indices=tuple(e.gpu_indices),
+            tpot_hist=_histogram_from_proto(e, "tpot_hist"),
+            ttft_hist=_histogram_from_proto(e, "ttft_hist"),
+            request_duration_hist=_histogram_from_proto(e, "request_duration_hist"),
             **_present(e, _ENGINE_OPTIONAL),
         )
     if kind == "host":

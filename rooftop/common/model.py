@@ -13,13 +13,17 @@ from enum import StrEnum
 
 __all__ = [
     "COUNT_FIELDS",
+    "EMPTY_HISTOGRAM",
+    "ENGINE_HISTOGRAM_FIELDS",
     "PERCENT_FIELDS",
+    "UPPER_BOUNDS",
     "Bound",
     "Cause",
     "EngineSample",
     "Evidence",
     "GpuProcess",
     "GpuSample",
+    "HistogramDelta",
     "HostProcess",
     "HostSample",
     "PodRef",
@@ -69,6 +73,10 @@ class GpuProcess:
 
     pid: int
     gpu_mem_bytes: int | None = None
+    # What the workload is outside Kubernetes (the host sensor fills these in): the
+    # command name and the Slurm job id from the process's environment, when readable.
+    name: str | None = None
+    slurm_job_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +166,38 @@ GPU_FIELD_PROVENANCE: dict[str, Provenance] = {
 
 
 @dataclass(frozen=True, slots=True)
+class HistogramDelta:
+    """Per-request observations of one latency over one interval, as explicit buckets.
+
+    ``bucket_counts[i]`` counts observations in ``(bounds_s[i-1], bounds_s[i]]``; the
+    last one counts those above every bound, so it has ``len(bounds_s) + 1`` entries.
+    The bounds travel with the counts: an engine's own histogram keeps its bounds.
+    """
+
+    bounds_s: tuple[float, ...]
+    bucket_counts: tuple[int, ...]
+    sum_s: float
+    count: int
+
+    def problem(self) -> str | None:
+        """Why these figures cannot be a histogram (lengths, order, NaN, counts), else None."""
+        if len(self.bucket_counts) != len(self.bounds_s) + 1:
+            return (
+                f"{len(self.bucket_counts)} bucket counts for {len(self.bounds_s)} bounds "
+                "(expected one more)"
+            )
+        if not all(math.isfinite(b) for b in self.bounds_s) or any(
+            a >= b for a, b in zip(self.bounds_s, self.bounds_s[1:], strict=False)
+        ):
+            return "bounds are not finite and strictly increasing"
+        if any(c < 0 for c in self.bucket_counts) or self.count != sum(self.bucket_counts):
+            return f"count {self.count} is not the sum of non-negative bucket counts"
+        if not math.isfinite(self.sum_s) or self.sum_s < 0:
+            return f"sum_s is {self.sum_s}"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class EngineSample:
     """An inference engine's state over its last interval."""
 
@@ -175,6 +215,19 @@ class EngineSample:
     tpot_p99_ms: float | None = None
     ttft_p50_ms: float | None = None
     ttft_p99_ms: float | None = None
+    # One observation per finished request (hooks, vLLM plugin) or the engine's own
+    # histogram's bucket increase since the last scrape; None: not measured.
+    tpot_hist: HistogramDelta | None = None
+    ttft_hist: HistogramDelta | None = None
+    request_duration_hist: HistogramDelta | None = None
+
+
+# The EngineSample fields holding a HistogramDelta.
+ENGINE_HISTOGRAM_FIELDS = ("tpot_hist", "ttft_hist", "request_duration_hist")
+# Measured per request, none finished in the interval. Absent (None) instead means the
+# source does not count per request (an older agent or hook): the collector then
+# records the interval mean, as it did before.
+EMPTY_HISTOGRAM = HistogramDelta((), (0,), 0.0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,10 +279,30 @@ COUNT_FIELDS = (
 )
 # Rounding in NVML / GPM can overshoot 100 by a hair; beyond this it is garbage.
 _PCT_SLACK = 0.5
+# Physical ceilings, each well above any real device (a GB200 superchip draws 2.7 kW,
+# GPUs throttle near 90 C, PCIe gen6 x16 moves 0.13 TB/s): a value beyond one is a
+# broken sensor or a hostile peer (1e308 W), never a measurement.
+UPPER_BOUNDS: dict[str, float] = {
+    "power_w": 10_000.0,
+    "temperature_c": 200.0,
+    "sm_clock_mhz": 100_000.0,
+    "pcie_rx_bytes_per_s": 1e12,
+    "pcie_tx_bytes_per_s": 1e12,
+    "tpot_ms": 86_400_000.0,  # one day
+    "ttft_ms": 86_400_000.0,
+    "tpot_p50_ms": 86_400_000.0,
+    "tpot_p99_ms": 86_400_000.0,
+    "ttft_p50_ms": 86_400_000.0,
+    "ttft_p99_ms": 86_400_000.0,
+}
 
 
 def invalid_reason(record: Record) -> str | None:
-    """Why ``record`` holds an impossible value (NaN, negative, a percentage > 100), else None."""
+    """Why ``record`` holds an impossible value, else None.
+
+    Impossible: NaN, infinite, negative, a percentage over 100, or a figure beyond its
+    physical ceiling in ``UPPER_BOUNDS``.
+    """
     names = {f.name for f in fields(record)}
     for name in names:
         value = getattr(record, name)
@@ -243,6 +316,14 @@ def invalid_reason(record: Record) -> str | None:
             return f"{name} is negative ({value})"
         if name in PERCENT_FIELDS and value > 100 + _PCT_SLACK:
             return f"{name} is over 100 ({value})"
+        if value > UPPER_BOUNDS.get(name, math.inf):
+            return f"{name} is over its ceiling {UPPER_BOUNDS[name]:g} ({value:g})"
+    if isinstance(record, EngineSample):
+        for name in ENGINE_HISTOGRAM_FIELDS:
+            hist = getattr(record, name)
+            problem = hist.problem() if hist is not None else None
+            if problem is not None:
+                return f"{name}: {problem}"
     if isinstance(record, HostSample):
         if record.cpu_pct is not None and (math.isnan(record.cpu_pct) or record.cpu_pct > 100.5):
             return f"cpu_pct is out of range ({record.cpu_pct})"

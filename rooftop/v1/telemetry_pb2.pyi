@@ -362,21 +362,39 @@ class GpuProcess(_message.Message):
 
     PID_FIELD_NUMBER: _builtins.int
     GPU_MEM_BYTES_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SLURM_JOB_ID_FIELD_NUMBER: _builtins.int
     pid: _builtins.int
     gpu_mem_bytes: _builtins.int
+    name: _builtins.str
+    """The workload outside Kubernetes: the command name (/proc/<pid>/comm) and the Slurm
+    job (SLURM_JOB_ID in /proc/<pid>/environ, when the agent may read it). Absent: unknown.
+    """
+    slurm_job_id: _builtins.str
     def __init__(
         self,
         *,
         pid: _builtins.int = ...,
         gpu_mem_bytes: _builtins.int | None = ...,
+        name: _builtins.str | None = ...,
+        slurm_job_id: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_gpu_mem_bytes", b"_gpu_mem_bytes", "gpu_mem_bytes", b"gpu_mem_bytes"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gpu_mem_bytes", b"_gpu_mem_bytes", "_name", b"_name", "_slurm_job_id", b"_slurm_job_id", "gpu_mem_bytes", b"gpu_mem_bytes", "name", b"name", "slurm_job_id", b"slurm_job_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpu_mem_bytes", b"_gpu_mem_bytes", "gpu_mem_bytes", b"gpu_mem_bytes", "pid", b"pid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpu_mem_bytes", b"_gpu_mem_bytes", "_name", b"_name", "_slurm_job_id", b"_slurm_job_id", "gpu_mem_bytes", b"gpu_mem_bytes", "name", b"name", "pid", b"pid", "slurm_job_id", b"slurm_job_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gpu_mem_bytes: _TypeAlias = _typing.Literal["gpu_mem_bytes"]  # noqa: Y015
     _WhichOneofArgType__gpu_mem_bytes: _TypeAlias = _typing.Literal["_gpu_mem_bytes", b"_gpu_mem_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__name: _TypeAlias = _typing.Literal["name"]  # noqa: Y015
+    _WhichOneofArgType__name: _TypeAlias = _typing.Literal["_name", b"_name"]  # noqa: Y015
+    _WhichOneofReturnType__slurm_job_id: _TypeAlias = _typing.Literal["slurm_job_id"]  # noqa: Y015
+    _WhichOneofArgType__slurm_job_id: _TypeAlias = _typing.Literal["_slurm_job_id", b"_slurm_job_id"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__gpu_mem_bytes) -> _WhichOneofReturnType__gpu_mem_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__name) -> _WhichOneofReturnType__name | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__slurm_job_id) -> _WhichOneofReturnType__slurm_job_id | None: ...
 
 Global___GpuProcess: _TypeAlias = GpuProcess  # noqa: Y015
 
@@ -400,6 +418,9 @@ class EngineSample(_message.Message):
     TPOT_P99_MS_FIELD_NUMBER: _builtins.int
     TTFT_P50_MS_FIELD_NUMBER: _builtins.int
     TTFT_P99_MS_FIELD_NUMBER: _builtins.int
+    TPOT_HIST_FIELD_NUMBER: _builtins.int
+    TTFT_HIST_FIELD_NUMBER: _builtins.int
+    REQUEST_DURATION_HIST_FIELD_NUMBER: _builtins.int
     engine_id: _builtins.str
     requests_running: _builtins.int
     requests_waiting: _builtins.int
@@ -421,6 +442,16 @@ class EngineSample(_message.Message):
     def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """explicit attribution, when configured"""
 
+    @_builtins.property
+    def tpot_hist(self) -> Global___HistogramDelta:
+        """One observation per finished request over the interval (hooks, vLLM plugin), or
+        the increase of the engine's own histogram since the last scrape. Absent: not measured.
+        """
+
+    @_builtins.property
+    def ttft_hist(self) -> Global___HistogramDelta: ...
+    @_builtins.property
+    def request_duration_hist(self) -> Global___HistogramDelta: ...
     def __init__(
         self,
         *,
@@ -438,10 +469,13 @@ class EngineSample(_message.Message):
         tpot_p99_ms: _builtins.float | None = ...,
         ttft_p50_ms: _builtins.float | None = ...,
         ttft_p99_ms: _builtins.float | None = ...,
+        tpot_hist: Global___HistogramDelta | None = ...,
+        ttft_hist: Global___HistogramDelta | None = ...,
+        request_duration_hist: Global___HistogramDelta | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "_output_tokens", b"_output_tokens", "_pid", b"_pid", "_requests_running", b"_requests_running", "_requests_waiting", b"_requests_waiting", "_tpot_ms", b"_tpot_ms", "_tpot_p50_ms", b"_tpot_p50_ms", "_tpot_p99_ms", b"_tpot_p99_ms", "_ttft_ms", b"_ttft_ms", "_ttft_p50_ms", b"_ttft_p50_ms", "_ttft_p99_ms", b"_ttft_p99_ms", "model", b"model", "output_tokens", b"output_tokens", "pid", b"pid", "requests_running", b"requests_running", "requests_waiting", b"requests_waiting", "time", b"time", "tpot_ms", b"tpot_ms", "tpot_p50_ms", b"tpot_p50_ms", "tpot_p99_ms", b"tpot_p99_ms", "ttft_ms", b"ttft_ms", "ttft_p50_ms", b"ttft_p50_ms", "ttft_p99_ms", b"ttft_p99_ms"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "_output_tokens", b"_output_tokens", "_pid", b"_pid", "_requests_running", b"_requests_running", "_requests_waiting", b"_requests_waiting", "_tpot_ms", b"_tpot_ms", "_tpot_p50_ms", b"_tpot_p50_ms", "_tpot_p99_ms", b"_tpot_p99_ms", "_ttft_ms", b"_ttft_ms", "_ttft_p50_ms", b"_ttft_p50_ms", "_ttft_p99_ms", b"_ttft_p99_ms", "model", b"model", "output_tokens", b"output_tokens", "pid", b"pid", "request_duration_hist", b"request_duration_hist", "requests_running", b"requests_running", "requests_waiting", b"requests_waiting", "time", b"time", "tpot_hist", b"tpot_hist", "tpot_ms", b"tpot_ms", "tpot_p50_ms", b"tpot_p50_ms", "tpot_p99_ms", b"tpot_p99_ms", "ttft_hist", b"ttft_hist", "ttft_ms", b"ttft_ms", "ttft_p50_ms", b"ttft_p50_ms", "ttft_p99_ms", b"ttft_p99_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "_output_tokens", b"_output_tokens", "_pid", b"_pid", "_requests_running", b"_requests_running", "_requests_waiting", b"_requests_waiting", "_tpot_ms", b"_tpot_ms", "_tpot_p50_ms", b"_tpot_p50_ms", "_tpot_p99_ms", b"_tpot_p99_ms", "_ttft_ms", b"_ttft_ms", "_ttft_p50_ms", b"_ttft_p50_ms", "_ttft_p99_ms", b"_ttft_p99_ms", "engine_id", b"engine_id", "gpu_indices", b"gpu_indices", "model", b"model", "output_tokens", b"output_tokens", "pid", b"pid", "requests_running", b"requests_running", "requests_waiting", b"requests_waiting", "time", b"time", "tpot_ms", b"tpot_ms", "tpot_p50_ms", b"tpot_p50_ms", "tpot_p99_ms", b"tpot_p99_ms", "ttft_ms", b"ttft_ms", "ttft_p50_ms", b"ttft_p50_ms", "ttft_p99_ms", b"ttft_p99_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "_output_tokens", b"_output_tokens", "_pid", b"_pid", "_requests_running", b"_requests_running", "_requests_waiting", b"_requests_waiting", "_tpot_ms", b"_tpot_ms", "_tpot_p50_ms", b"_tpot_p50_ms", "_tpot_p99_ms", b"_tpot_p99_ms", "_ttft_ms", b"_ttft_ms", "_ttft_p50_ms", b"_ttft_p50_ms", "_ttft_p99_ms", b"_ttft_p99_ms", "engine_id", b"engine_id", "gpu_indices", b"gpu_indices", "model", b"model", "output_tokens", b"output_tokens", "pid", b"pid", "request_duration_hist", b"request_duration_hist", "requests_running", b"requests_running", "requests_waiting", b"requests_waiting", "time", b"time", "tpot_hist", b"tpot_hist", "tpot_ms", b"tpot_ms", "tpot_p50_ms", b"tpot_p50_ms", "tpot_p99_ms", b"tpot_p99_ms", "ttft_hist", b"ttft_hist", "ttft_ms", b"ttft_ms", "ttft_p50_ms", b"ttft_p50_ms", "ttft_p99_ms", b"ttft_p99_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__model: _TypeAlias = _typing.Literal["model"]  # noqa: Y015
     _WhichOneofArgType__model: _TypeAlias = _typing.Literal["_model", b"_model"]  # noqa: Y015
@@ -489,6 +523,40 @@ class EngineSample(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ttft_p99_ms) -> _WhichOneofReturnType__ttft_p99_ms | None: ...
 
 Global___EngineSample: _TypeAlias = EngineSample  # noqa: Y015
+
+@_typing.final
+class HistogramDelta(_message.Message):
+    """Explicit-bucket histogram increase over one interval (seconds). bucket_counts has one
+    entry more than bounds_s: the last counts observations above every bound.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOUNDS_S_FIELD_NUMBER: _builtins.int
+    BUCKET_COUNTS_FIELD_NUMBER: _builtins.int
+    SUM_S_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    sum_s: _builtins.float
+    count: _builtins.int
+    @_builtins.property
+    def bounds_s(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def bucket_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        bounds_s: _abc.Iterable[_builtins.float] | None = ...,
+        bucket_counts: _abc.Iterable[_builtins.int] | None = ...,
+        sum_s: _builtins.float = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bounds_s", b"bounds_s", "bucket_counts", b"bucket_counts", "count", b"count", "sum_s", b"sum_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistogramDelta: _TypeAlias = HistogramDelta  # noqa: Y015
 
 @_typing.final
 class HostProcess(_message.Message):
@@ -758,6 +826,8 @@ class AgentStats(_message.Message):
     DROPPED_INVALID_FIELD_NUMBER: _builtins.int
     RECONNECTS_FIELD_NUMBER: _builtins.int
     REJECTED_BATCHES_FIELD_NUMBER: _builtins.int
+    ACKS_REFUSED_FIELD_NUMBER: _builtins.int
+    ENGINE_SCRAPE_ERRORS_FIELD_NUMBER: _builtins.int
     queued: _builtins.int
     sent: _builtins.int
     acked: _builtins.int
@@ -766,6 +836,10 @@ class AgentStats(_message.Message):
     dropped_invalid: _builtins.int
     reconnects: _builtins.int
     rejected_batches: _builtins.int
+    acks_refused: _builtins.int
+    """Acks of seqs above any this boot sent: refused, nothing discarded (forged or confused)."""
+    engine_scrape_errors: _builtins.int
+    """failed /metrics scrapes of --engine-url (per boot)"""
     def __init__(
         self,
         *,
@@ -777,10 +851,12 @@ class AgentStats(_message.Message):
         dropped_invalid: _builtins.int = ...,
         reconnects: _builtins.int = ...,
         rejected_batches: _builtins.int = ...,
+        acks_refused: _builtins.int = ...,
+        engine_scrape_errors: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked", "dropped_corrupt", b"dropped_corrupt", "dropped_invalid", b"dropped_invalid", "dropped_spool_full", b"dropped_spool_full", "queued", b"queued", "reconnects", b"reconnects", "rejected_batches", b"rejected_batches", "sent", b"sent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked", "acks_refused", b"acks_refused", "dropped_corrupt", b"dropped_corrupt", "dropped_invalid", b"dropped_invalid", "dropped_spool_full", b"dropped_spool_full", "engine_scrape_errors", b"engine_scrape_errors", "queued", b"queued", "reconnects", b"reconnects", "rejected_batches", b"rejected_batches", "sent", b"sent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1085,6 +1161,7 @@ class CollectorStatus(_message.Message):
     REJECTED_FIELD_NUMBER: _builtins.int
     REFUSED_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    RESTORED_DUPLICATES_FIELD_NUMBER: _builtins.int
     batches: _builtins.int
     samples: _builtins.int
     duplicates: _builtins.int
@@ -1092,6 +1169,10 @@ class CollectorStatus(_message.Message):
     missing: _builtins.int
     streams: _builtins.int
     version: _builtins.str
+    restored_duplicates: _builtins.int
+    """Duplicates caught by a mark restored from the collector's state_dir: batches
+    applied before a restart and resent after it (not applied again).
+    """
     @_builtins.property
     def rejected(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """poison batches, by reason"""
@@ -1112,10 +1193,11 @@ class CollectorStatus(_message.Message):
         rejected: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         refused: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         version: _builtins.str = ...,
+        restored_duplicates: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "duplicates", b"duplicates", "missing", b"missing", "refused", b"refused", "rejected", b"rejected", "samples", b"samples", "skewed", b"skewed", "streams", b"streams", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "duplicates", b"duplicates", "missing", b"missing", "refused", b"refused", "rejected", b"rejected", "restored_duplicates", b"restored_duplicates", "samples", b"samples", "skewed", b"skewed", "streams", b"streams", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -62,8 +62,8 @@ def window_at_defaults(backend: GpuBackend, clock: FakeClock, warmup_ticks: int)
 def test_shipped_agent_configs_sample_at_the_agent_defaults():
     defaults = AgentConfig()
     deploy = tomllib.loads((ROOT / "deploy" / "config" / "agent.toml").read_text())
-    k8s = next(d for d in yaml.safe_load_all((ROOT / "deploy" / "k8s" / "agent.yaml").read_text())
-               if d and d.get("kind") == "ConfigMap")
+    manifest = (ROOT / "deploy" / "k8s" / "base" / "agent.yaml").read_text()
+    k8s = next(d for d in yaml.safe_load_all(manifest) if d and d.get("kind") == "ConfigMap")
     in_k8s = tomllib.loads(k8s["data"]["agent.toml"])
     for shipped in (deploy, in_k8s):
         assert (shipped.get("rate_hz", defaults.rate_hz), shipped.get("window_s", defaults.window_s)

@@ -130,9 +130,9 @@ def test_out_of_range_values_name_the_key(values: dict, key: str):
         load_config(env={}, overrides=values)
 
 
-def test_out_of_range_in_file_names_the_file(tmp_path: Path):
-    path = write(tmp_path, "rate_hz = 0\n")
-    with pytest.raises(ConfigError, match=r"agent\.toml: rate_hz must be > 0"):
+def test_out_of_range_in_file_names_the_file_and_line(tmp_path: Path):
+    path = write(tmp_path, "agent_id = 'n1'\nrate_hz = 0\n")
+    with pytest.raises(ConfigError, match=r"agent\.toml:2: rate_hz must be > 0"):
         load_config(path, env={})
 
 
@@ -154,3 +154,44 @@ def test_config_is_frozen():
     cfg = load_config(env={})
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.rate_hz = 3  # type: ignore[misc]
+
+
+# ---- configs fail at load time, clearly (issue 14, item 7) ------------------------------
+
+_FLOAT_KEYS = sorted(f.name for f in dataclasses.fields(AgentConfig) if f.type == "float")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("key", _FLOAT_KEYS)
+def test_nan_and_inf_are_refused_for_every_float_key(tmp_path: Path, key: str, value: str):
+    path = write(tmp_path, f"agent_id = 'n1'\n{key} = {value}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:2: {key} must be"):
+        load_config(path, env={})
+
+
+@pytest.mark.parametrize("key", ["interval_s", "timeout_s"])
+def test_nan_is_refused_for_the_otlp_intervals(tmp_path: Path, key: str):
+    path = write(tmp_path, f"[otlp]\nendpoint = 'otel:4317'\n{key} = nan\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:3: otlp.{key}: must be > 0 seconds"):
+        load_config(path, env={})
+
+
+def test_an_absurd_max_message_bytes_is_a_range_error(tmp_path: Path):
+    path = write(tmp_path, "max_message_bytes = 99999999999999\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:1: max_message_bytes must be at most"):
+        load_config(path, env={})
+
+
+def test_an_otlp_error_names_the_line_in_the_otlp_table(tmp_path: Path):
+    # The top-level insecure comes first; the [otlp] one at line 5 is the mistake.
+    path = write(tmp_path, "insecure = true\ncollectors = ['c:1']\n[otlp]\n"
+                           "endpoint = 'https://otel:4317'\ninsecure = true\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:5: otlp.insecure"):
+        load_config(path, env={})
+
+
+def test_a_non_utf8_file_names_the_line_and_byte_offset(tmp_path: Path):
+    path = tmp_path / "agent.toml"
+    path.write_bytes(b"rate_hz = 1\n\xc3\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:2: not UTF-8 text \(byte offset 12: "):
+        load_config(path, env={})

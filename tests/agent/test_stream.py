@@ -319,3 +319,71 @@ def test_flush_times_out_without_a_collector_and_shutdown_is_idempotent(spool):
     streamer.shutdown(1)
     streamer.shutdown(1)
     assert spool.queued == 1  # still spooled for the next start
+
+
+# --- acks are not trusted blindly (SECURITY.md, "Sequence numbers and agent identity") -------
+
+FORGED_SEQ = 2**63
+
+
+class ForgingIngest(FakeIngest):
+    """Answers the first batch it ever gets with an ack of seq 2^63, then acks honestly.
+
+    What the collector did before its seq bound: another token holder had sent the
+    victim's agent_id and boot_id with seq 2^63, and every later ack carried it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forged = False
+
+    def Stream(self, request_iterator, context):  # noqa: N802 - the RPC's name
+        for ack in super().Stream(request_iterator, context):
+            if not self.forged:
+                self.forged = True
+                ack = pb.Ack(boot_id=ack.boot_id, acked_seq=FORGED_SEQ)
+            yield ack
+
+
+def test_an_ack_above_every_seq_sent_is_refused_counted_and_nothing_is_lost(
+    spool, make_streamer, servers
+):
+    server = Server(ForgingIngest())
+    servers.append(server)
+    batcher = Batcher("node-1", BOOT)
+    enqueue(spool, batcher, 5)
+    streamer = make_streamer([server.address])
+    wait_for(lambda: streamer.stats().acks_refused >= 1)
+    # Batched after the forged ack: accepting it had marked these delivered unsent.
+    enqueue(spool, batcher, 15)
+    streamer.wake()
+    wait_for(lambda: spool.queued == 0)
+    assert sorted(set(server.servicer.seqs())) == list(range(1, 21))
+    assert streamer.stats().acks_refused == 1
+    assert server.servicer.received[-1].stats.acks_refused == 1
+
+
+@pytest.mark.parametrize("applied", [10, 13], ids=["all-spooled", "unsynced-tail-lost"])
+def test_an_ack_of_batches_an_earlier_run_sent_is_accepted(tmp_path: Path, servers, applied):
+    # The agent restarted with its spool: the collector applied 1..10 before and acks
+    # 10 on the first resend. Not a forgery: the spool holds them from the last run.
+    # Or the last run sent 11..13 too, but crashed before its spool synced them: the
+    # collector's mark lies above all the spool holds of that boot, and must settle it
+    # (refusing it would resend those batches forever).
+    first = Spool(tmp_path / "spool")
+    batcher = Batcher("node-1", BOOT)
+    enqueue(first, batcher, 10)
+    first.shutdown(5)
+    server = serve(servers)
+    server.servicer.done[BOOT] = set(range(1, applied + 1))
+    server.servicer.contiguous[BOOT] = applied
+    spool = Spool(tmp_path / "spool")
+    assert spool.queued == 10 and spool.sent_before(BOOT) == 10
+    streamer = Streamer(spool, [server.address], poll_interval_s=0.02, max_in_flight=1)
+    streamer.start()
+    try:
+        wait_for(lambda: spool.queued == 0)
+        assert streamer.stats().acks_refused == 0
+    finally:
+        streamer.shutdown(2)
+        spool.shutdown(2)

@@ -11,6 +11,7 @@ from rooftop.agent.window import (
     build_window,
     build_windows,
     derive_ticks,
+    on_monotonic_time,
     pcie_link_bytes_per_s,
     summarize,
     time_weighted_mean,
@@ -330,3 +331,39 @@ def test_gpm_gap_in_a_gpm_gpu_is_left_out_not_taken_as_proxy():
     ticks = _derive([gap, *full])
     assert len(ticks) == 4
     assert {t.dram_provenance for t in ticks} == {Provenance.GPM}
+
+
+# ---- wall-clock steps: windows on the monotonic clock ---------------------------------
+
+
+def _stepped_ticks(steps: dict[int, float]) -> list[tuple[float, list]]:
+    """50 ticks at 10 Hz of a GEMV that goes idle halfway; the wall clock steps at
+    ``steps`` (tick index -> seconds), the monotonic clock never does."""
+    ticks, offset_s = [], 0.0
+    for k in range(50):
+        offset_s += steps.get(k, 0.0)
+        t = 0.1 * k + offset_s
+        sample = gemv(t) if k < 25 else gpu(t, busy_pct=0.0, dram_bw_pct=0.0,
+                                             tensor_active_pct=0.0, sm_active_pct=0.0)
+        ticks.append((500.0 + 0.1 * k, [sample, HostSample(time_s=T0 + t, cpu_pct=5.0)]))
+    return ticks
+
+
+@pytest.mark.parametrize("steps", [{20: 3600.0}, {20: 3600.0, 35: -3600.0}, {10: -3600.0}])
+def test_a_wall_clock_step_inside_a_window_weighs_nothing(steps):
+    steady = build_window([r for _, rs in _stepped_ticks({}) for r in rs][::2])
+    records = on_monotonic_time(_stepped_ticks(steps))
+    window = build_window([r for r in records if isinstance(r, GpuSample)])
+    # Before: the interval across a +1 h step weighed 3600 s against 0.1 s for the
+    # others, and the window (so the verdict's) spanned an hour.
+    assert window.end_s - window.start_s == pytest.approx(4.9)
+    assert window.dram_pct == pytest.approx(steady.dram_pct)
+    assert window.compute_pct == pytest.approx(steady.compute_pct)
+    # The label is the wall time of the last tick: where the clock stands now.
+    assert window.end_s == pytest.approx(_stepped_ticks(steps)[-1][1][0].time_s)
+
+
+def test_a_window_without_a_step_is_returned_as_it_was_taken():
+    ticks = _stepped_ticks({})
+    records = on_monotonic_time(ticks)
+    assert all(a is b for a, b in zip(records, [r for _, rs in ticks for r in rs], strict=True))

@@ -120,7 +120,7 @@ def start_server(
     *, config: CollectorConfig | None = None, observers: Sequence[object] = (), **overrides: object
 ) -> tuple[IngestServer, Fleet]:
     cfg = config or CollectorConfig(listen="127.0.0.1:0", insecure=True, **overrides)  # type: ignore[arg-type]
-    fleet = Fleet(forget_after_s=cfg.forget_after_s)
+    fleet = Fleet(forget_after_s=cfg.forget_after_s, limits=cfg.fleet_limits())
     server = IngestServer(fleet, cfg, observers=observers)  # type: ignore[arg-type]
     server.start()
     return server, fleet

@@ -10,6 +10,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from rooftop.cli import main
@@ -68,3 +69,32 @@ def test_help():
     assert result.exit_code == 0
     for option in ("--config", "--listen", "--prometheus", "--insecure"):
         assert option in result.output
+
+
+def test_plaintext_on_every_interface_is_refused_without_the_opt_in():
+    result = CliRunner().invoke(main, ["collector", "--listen", "0.0.0.0:0", "--insecure"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert result.output.startswith(
+        "agentctl: error: collector.listen: plaintext authenticates no agent, and 0.0.0.0:0 "
+        "is not loopback")
+    assert "--allow-unauthenticated" in result.output
+
+
+@pytest.mark.slow
+def test_allow_unauthenticated_starts_and_says_nobody_is_authenticated():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOFTOP_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rooftop", "collector", "--listen", "0.0.0.0:0", "--insecure",
+         "--allow-unauthenticated", "--prometheus", ""],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert re.search(r"ingest on 0\.0\.0\.0:\d+ \(PLAINTEXT, no authentication;", line), line

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from rooftop.collector.fleet import Fleet, PoisonBatch, RejectReason, decode_batch
-from rooftop.common.codec import record_to_proto
+from rooftop.common.codec import record_to_proto, timestamp
 from rooftop.common.model import (
     PERCENT_FIELDS,
     Bound,
@@ -199,3 +199,176 @@ def test_snapshots_are_consistent_under_concurrent_applies():
         t.join()
     assert not errors
     assert fleet.counts().batches == 299
+
+
+# ---- hostile clocks: the agent's own order outranks its clock ------------------------
+
+
+def clocked(seq: int, agent_s: float, *, boot_id: str = "boot-1") -> pb.Batch:
+    """Batch ``seq`` as an agent whose clock reads ``agent_s`` makes it: one GPU sample
+    and one 5 s verdict dated by that clock, sent_time too. ``samples`` = ``seq``."""
+    b = batch(seq, boot_id=boot_id, records=[gpu(0, agent_s, busy_pct=float(seq))],
+              verdicts=[verdict(0, samples=seq, window_start_s=agent_s - 5,
+                                window_end_s=agent_s)])  # fmt: skip
+    b.sent_time.CopyFrom(timestamp(agent_s))
+    return b
+
+
+def newest(fleet: Fleet) -> tuple[float | None, int | None]:
+    (g,) = fleet.snapshot().gpus
+    return (g.sample.busy_pct if g.sample else None, g.verdict.samples if g.verdict else None)
+
+
+def test_a_clock_stepped_back_an_hour_does_not_freeze_the_newest_sample():
+    fleet = Fleet()
+    for seq in range(1, 21):
+        step_s = -3600.0 if seq > 10 else 0.0  # NTP steps the agent's clock back
+        apply(fleet, clocked(seq, NOW + seq + step_s), received_s=NOW + seq + 0.05)
+        # Before: every sample and verdict after the step was "older" for an hour.
+        assert newest(fleet) == (float(seq), seq)
+
+
+def test_a_clock_stepped_an_hour_ahead_and_back_leaves_no_verdict_stuck():
+    fleet = Fleet()
+    for seq in range(1, 21):
+        step_s = 3600.0 if 5 < seq <= 10 else 0.0
+        apply(fleet, clocked(seq, NOW + seq + step_s), received_s=NOW + seq + 0.05)
+        # Before: the verdicts dated an hour ahead kept their window_end and outranked
+        # every later one until the hour was over.
+        assert newest(fleet) == (float(seq), seq)
+        (g,) = fleet.snapshot().gpus
+        assert g.verdict is not None and g.verdict.window_end_s <= NOW + seq + 0.05 + 300
+
+
+def test_verdict_window_times_are_clamped_like_sample_times():
+    b = clocked(1, NOW + 3600)
+    decoded = decode_batch(b, received_s=NOW)
+    assert decoded.verdicts[0].window_start_s == NOW
+    assert decoded.verdicts[0].window_end_s == NOW
+    assert decoded.gpus[0].time_s == NOW
+    assert not decoded.clock_believed
+
+
+def test_a_restarted_agent_with_an_unbelieved_clock_is_ordered_by_arrival():
+    fleet = Fleet()
+    apply(fleet, clocked(7, NOW), received_s=NOW)
+    # A new boot, its clock an hour behind (sent_time says so): arrival order decides.
+    apply(fleet, clocked(1, NOW + 1 - 3600, boot_id="boot-2"), received_s=NOW + 1)
+    assert newest(fleet) == (1.0, 1)
+
+
+def test_a_restarted_agent_with_a_sane_clock_still_keeps_the_newest_sample():
+    fleet = Fleet()
+    apply(fleet, clocked(7, NOW), received_s=NOW)
+    late = clocked(1, NOW - 100, boot_id="boot-0")  # an old boot's spool drained late
+    late.sent_time.CopyFrom(timestamp(NOW + 1))
+    apply(fleet, late, received_s=NOW + 1)
+    assert newest(fleet) == (7.0, 7)
+
+
+# ---- absurd values and unsafe identities: poison, by reason --------------------------
+
+YEAR_1_S = -62_135_596_800  # 0001-01-01T00:00:00Z
+
+
+def _poisoned(kind: str) -> pb.Batch:
+    b = batch(1, records=[gpu(0, NOW - 1), engine(NOW - 1), HostSample(time_s=NOW - 1)],
+              verdicts=[verdict(0, window_start_s=NOW - 6, window_end_s=NOW - 1)])  # fmt: skip
+    b.sent_time.CopyFrom(timestamp(NOW))
+    g, e, h, v = b.records[0].gpu, b.records[1].engine, b.records[2].host, b.verdicts[0]
+    match kind:
+        case "power_1e308":
+            g.power_w = 1e308
+        case "temperature_1e4":
+            g.temperature_c = 1e4
+        case "pcie_over_a_terabyte":
+            g.pcie_rx_bytes_per_s = 2e12
+        case "tpot_over_a_day":
+            e.tpot_ms = 1e9
+        case "gpu_year_1":
+            g.time.seconds = YEAR_1_S
+        case "gpu_nanos_over":
+            g.time.nanos = 1_000_000_000
+        case "gpu_nanos_negative":
+            g.time.nanos = -1
+        case "engine_nanos":
+            e.time.nanos = 2_000_000_000
+        case "host_year_1":
+            h.time.seconds = YEAR_1_S
+        case "verdict_nanos":
+            v.window_end.nanos = -5
+        case "sent_year_1":
+            b.sent_time.seconds = YEAR_1_S
+        case "boot_id_newline":
+            b.boot_id = "boot-1\nERROR forged line"
+        case "agent_id_cr":
+            b.agent_id = "agent-1\roverwritten"
+        case "hostname_osc":
+            b.hostname = "node\x1b]0;pwned\x07"
+        case "gpu_uuid_esc":
+            g.gpu_uuid = "GPU-\x1b[2J"
+        case "gpu_name_newline":
+            g.gpu_name = "H100\nfake row"
+        case "engine_id_newline":
+            e.engine_id = "vllm\n:8000"
+        case "model_bel":
+            e.model = "llama\x07"
+        case "verdict_gpu_uuid":
+            v.gpu_uuid = "GPU-0\n"
+        case _:
+            raise AssertionError(kind)
+    return b
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason", "words"),
+    [
+        ("power_1e308", "invalid_value", "power_w is over its ceiling 10000"),
+        ("temperature_1e4", "invalid_value", "temperature_c is over its ceiling 200"),
+        ("pcie_over_a_terabyte", "invalid_value", "pcie_rx_bytes_per_s is over its ceiling"),
+        ("tpot_over_a_day", "invalid_value", "tpot_ms is over its ceiling"),
+        ("gpu_year_1", "bad_time", "record 0 (gpu): time -62135596800 s is before 2000"),
+        ("gpu_nanos_over", "bad_time", "record 0 (gpu): time has nanos 1000000000"),
+        ("gpu_nanos_negative", "bad_time", "nanos -1"),
+        ("engine_nanos", "bad_time", "record 1 (engine): time has nanos"),
+        ("host_year_1", "bad_time", "record 2 (host): time -62135596800 s"),
+        ("verdict_nanos", "bad_time", "verdict 0: window_end time has nanos -5"),
+        ("sent_year_1", "bad_time", "sent_time: time -62135596800 s is before 2000"),
+        ("boot_id_newline", "bad_identity", "boot_id 'boot-1\\nERROR forged line'"),
+        ("agent_id_cr", "bad_identity", "agent_id 'agent-1\\roverwritten'"),
+        ("hostname_osc", "bad_identity", "hostname 'node\\x1b]0;pwned\\x07'"),
+        ("gpu_uuid_esc", "bad_identity", "record 0 (gpu): gpu_uuid 'GPU-\\x1b[2J'"),
+        ("gpu_name_newline", "bad_identity", "gpu_name 'H100\\nfake row'"),
+        ("engine_id_newline", "bad_identity", "record 1 (engine): engine_id"),
+        ("model_bel", "bad_identity", "model 'llama\\x07'"),
+        ("verdict_gpu_uuid", "bad_identity", "verdict 0: gpu_uuid"),
+    ],
+)
+def test_absurd_values_and_unsafe_identities_are_poison_by_reason(kind, reason, words):
+    with pytest.raises(PoisonBatch) as info:
+        decode_batch(_poisoned(kind), received_s=NOW)
+    assert info.value.reason == reason
+    assert words in str(info.value)
+    assert "\n" not in str(info.value) and "\x1b" not in str(info.value)
+
+
+def test_the_poisoned_batch_builder_is_valid_untouched():
+    b = _poisoned("power_1e308")
+    b.records[0].gpu.power_w = 700.0
+    decoded = decode_batch(b, received_s=NOW)
+    assert decoded.samples == 3 and decoded.clock_believed
+
+
+def test_a_time_far_ahead_is_clamped_not_rejected():
+    b = _poisoned("power_1e308")
+    b.records[0].gpu.power_w = 700.0
+    b.records[0].gpu.time.seconds = 253_402_300_799  # 9999-12-31T23:59:59Z
+    b.verdicts[0].window_end.seconds = 253_402_300_799
+    decoded = decode_batch(b, received_s=NOW)
+    assert decoded.gpus[0].time_s == NOW and decoded.verdicts[0].window_end_s == NOW
+    assert decoded.skewed == 1
+
+
+def test_the_model_holds_the_same_ceilings():
+    sample = gpu(0, NOW, power_w=1e308)
+    assert invalid_reason(sample) == "power_w is over its ceiling 10000 (1e+308)"

@@ -75,13 +75,16 @@ class Running:
 
 
 @asynccontextmanager
-async def gate_over_echo(certs: Certs, *, timeout_s: float = 5.0) -> AsyncIterator[Running]:
+async def gate_over_echo(
+    certs: Certs, *, timeout_s: float = 5.0, **limits: int
+) -> AsyncIterator[Running]:
     """A gate (mTLS against ``ca``) relaying to an echo server on loopback."""
     refusals: list[tuple[str, HandshakeReason, str]] = []
     gate = TlsGate(
         ServerTls(certs.server.cert, certs.server.key, certs.ca),
         lambda *refusal: refusals.append(refusal),
         handshake_timeout_s=timeout_s,
+        **limits,
     )
     running = Running(gate, refusals)
 
@@ -183,6 +186,68 @@ def test_a_stalled_handshake_is_refused_as_a_timeout(certs: Certs):
             half.close()
 
     asyncio.run(main())
+
+
+def test_handshakes_past_max_handshakes_are_closed_at_once_and_counted(certs: Certs):
+    async def main() -> None:
+        async with gate_over_echo(certs, max_handshakes=2) as running:
+            halves = [socket.create_connection(("127.0.0.1", running.gate.port)) for _ in range(5)]
+            for half in halves:
+                half.sendall(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
+            await until(lambda: len(running.refusals) == 3)
+            assert {r[1] for r in running.refusals} == {HandshakeReason.HANDSHAKE_LIMIT}
+            assert all("max_handshakes" in r[2] for r in running.refusals)
+            for half in halves:
+                half.close()
+            await until(lambda: len(running.refusals) == 5)  # the two held ones, abandoned
+            # The slots are free again: an agent's handshake goes through.
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", running.gate.port, ssl=client_context(certs, certs.agent),
+                server_hostname="localhost")  # fmt: skip
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            writer.close()
+
+    asyncio.run(main())
+
+
+def test_connections_past_max_connections_are_closed_at_once_and_counted(certs: Certs):
+    async def main() -> None:
+        async with gate_over_echo(certs, max_connections=2) as running:
+            held = [socket.create_connection(("127.0.0.1", running.gate.port)) for _ in range(2)]
+            await asyncio.sleep(0.1)  # both accepted
+            extra = socket.create_connection(("127.0.0.1", running.gate.port))
+            extra.settimeout(5)
+            await until(lambda: len(running.refusals) == 1)
+            assert running.refusals[0][1] is HandshakeReason.CONNECTION_LIMIT
+            assert await asyncio.to_thread(extra.recv, 1) == b""  # closed by the gate
+            for sock in (*held, extra):
+                sock.close()
+
+    asyncio.run(main())
+
+
+def test_an_abandoned_handshake_frees_its_tls_state_without_waiting_for_the_gc(certs: Certs):
+    # Python 3.11's asyncio keeps a failed start_tls's protocol (and its 256 KiB read
+    # buffer) in a reference cycle through the exception's traceback: freed by a full
+    # gc only, so a flood of half-done handshakes held its memory after they closed.
+    async def main() -> int:
+        async with gate_over_echo(certs) as running:
+            half = socket.create_connection(("127.0.0.1", running.gate.port))
+            half.sendall(b"\x16\x03\x01")
+            await asyncio.sleep(0.2)  # in its handshake now
+            half.close()
+            await until(lambda: len(running.refusals) == 1)
+            await asyncio.sleep(0.05)
+            return sum(isinstance(o, asyncio.sslproto.SSLProtocol) for o in gc.get_objects())
+
+    gc.collect()
+    gc.disable()
+    try:
+        alive = asyncio.run(main())
+    finally:
+        gc.enable()
+    assert alive == 0
 
 
 def test_closing_the_gate_mid_handshake_leaves_no_socket_behind(certs: Certs):

@@ -12,7 +12,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rooftop.collector.config import CollectorConfig
-from rooftop.collector.dedup import Deduplicator
 from rooftop.collector.fleet import DecodedBatch, Fleet
 from rooftop.collector.ingest import IngestServer, server_options
 from rooftop.common.codec import verdict_to_proto
@@ -293,38 +292,6 @@ def test_server_options_permit_30s_client_keepalive():
     assert opts["grpc.http2.min_recv_ping_interval_without_data_ms"] <= 30_000
 
 
-# --- the dedup bookkeeping, without sockets ---------------------------------------------------
-
-KEY = ("agent-1", "boot-1")
-
-
-def test_dedup_fills_gaps_out_of_order():
-    d = Deduplicator()
-    assert d.commit(KEY, 1, first_on_stream=True) == (1, 0)
-    assert d.commit(KEY, 3, first_on_stream=False) == (1, 0)
-    assert d.is_duplicate(KEY, 3) and not d.is_duplicate(KEY, 2)
-    assert d.commit(KEY, 2, first_on_stream=False) == (3, 0)
-    assert d.acked(KEY) == 3
-
-
-def test_dedup_gives_up_on_a_gap_that_never_fills():
-    d = Deduplicator(max_ahead=4)
-    d.commit(KEY, 1, first_on_stream=True)
-    for seq in range(3, 8):
-        contiguous, skipped = d.commit(KEY, seq, first_on_stream=False)
-    assert (contiguous, skipped) == (7, 1)
-
-
-def test_dedup_forgets_the_least_recently_used_boot():
-    ticks = iter(range(100))
-    d = Deduplicator(max_keys=2, clock=lambda: next(ticks))
-    d.commit(("a", "1"), 1, first_on_stream=True)
-    d.commit(("b", "1"), 1, first_on_stream=True)
-    d.commit(("a", "1"), 2, first_on_stream=False)
-    d.commit(("c", "1"), 1, first_on_stream=True)
-    assert d.acked(("b", "1")) == 0 and d.acked(("a", "1")) == 2
-
-
 def test_a_jump_inside_a_stream_is_skipped_not_waited_for(served):
     # The agent skipped 3 mid-stream (a corrupt spool record, an over-cap batch): nothing
     # will ever fill it, so acks must go on past it. Waiting stalled the agent's 64-batch
@@ -336,3 +303,20 @@ def test_a_jump_inside_a_stream_is_skipped_not_waited_for(served):
     assert acks[-1].acked_seq == 79
     assert fleet.counts().missing == 1
     assert fleet.counts().batches == 78
+
+
+def test_a_boot_id_with_a_newline_is_refused_in_band_and_never_logged_raw(served, caplog):
+    server, fleet = served
+    forged = "boot-1\nERROR rooftop.collector.ingest: forged line\x1b[2J"
+    with caplog.at_level("DEBUG"), AgentStream(target(server)) as stream:
+        stream.send(batch(1, boot_id=forged, records=[gpu(0)]), batch(1, records=[gpu(0)]))
+        acks = stream.wait_acked(1)
+    (rejected,) = [a for a in acks if a.rejected_seq]
+    assert rejected.error.startswith("INVALID_ARGUMENT: boot_id 'boot-1\\nERROR")
+    assert fleet.counts().rejected == (("bad_identity", 1),)
+    assert fleet.counts().batches == 1  # the well-formed one goes on
+    # Never a de-duplication key: only boot-1 holds a mark.
+    assert len(server.servicer.dedup) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("bad_identity" in m or "boot-1\\nERROR" in m for m in messages), messages
+    assert not any("\n" in m or "\x1b" in m for m in messages), messages

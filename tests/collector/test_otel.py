@@ -19,9 +19,16 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 from rooftop.collector.config import OtlpExport
-from rooftop.collector.fleet import Fleet, decode_batch
-from rooftop.collector.otel import METRICS, TPOT_BUCKETS_S, Telemetry, bound_value, engine_provider
-from rooftop.common.model import Bound, Cause
+from rooftop.collector.fleet import Fleet, LimitReason, decode_batch
+from rooftop.collector.otel import (
+    METRICS,
+    REQUEST_DURATION_BUCKETS_S,
+    TPOT_BUCKETS_S,
+    Telemetry,
+    bound_value,
+    engine_provider,
+)
+from rooftop.common.model import Bound, Cause, HistogramDelta
 from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import batch, engine, gpu, verdict
 from tests.collector.otlp_receiver import GrpcOtlpReceiver, HttpOtlpReceiver, attributes
@@ -37,6 +44,9 @@ def feed(fleet: Fleet, telemetry: Telemetry | None, *batches: pb.Batch) -> None:
         fleet.apply(decoded, received_s=now)
         if telemetry is not None:
             telemetry.observe_batch(decoded, now)
+
+
+_TWO = (0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0)  # two in (0.16 s, 0.32 s]
 
 
 def fleet_batch(seq: int = 1) -> pb.Batch:
@@ -68,7 +78,9 @@ def fleet_batch(seq: int = 1) -> pb.Batch:
                 pcie_tx_bytes_per_s=None,
                 gpu_name="NVIDIA A100-SXM4-80GB",
             ),
-            engine(),
+            # Interval means only (a source without per-request counts) and two
+            # requests of 0.25 s in the request-duration histogram.
+            engine(request_duration_hist=HistogramDelta(REQUEST_DURATION_BUCKETS_S, _TWO, 0.5, 2)),
         ],
         verdicts=[
             verdict(0, Bound.MEMORY),
@@ -135,6 +147,7 @@ def test_every_exported_metric_is_in_the_catalog_with_its_unit(exported):
     assert set(catalog) - set(exported) == {
         "rooftop.collector.rejected",
         "rooftop.collector.refused",
+        "rooftop.collector.limited",
     }
 
 
@@ -310,6 +323,7 @@ def test_prometheus_endpoint_on_port_0():
         feed(fleet, telemetry, fleet_batch())
         fleet.count_rejected("bad_enum")
         fleet.count_refused("bad_token")
+        fleet.count_limited(LimitReason.AGENTS)
         port = telemetry.prometheus_port
         assert port
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()

@@ -22,7 +22,7 @@ from prometheus_client.utils import floatToGoString
 from rooftop.collector.fleet import Fleet, decode_batch
 from rooftop.collector.otel import Telemetry
 from rooftop.collector.prometheus import Family, format_value, metric_name, render
-from rooftop.common.model import Bound, Cause
+from rooftop.common.model import Bound, Cause, PodRef
 from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import batch, engine, gpu, verdict
 
@@ -43,7 +43,9 @@ def fed_fleet() -> tuple[Fleet, list[tuple[object, float]]]:
             # Health: ECC and XID counts (hw.errors), a failed GPU 0 on node-3 (hw.status).
             gpu(0, time_s=t, xid_count=n, xid_codes=(79,) if n == 2 else (),
                 ecc_corrected_aggregate=5 * n, ecc_uncorrected_aggregate=0),
-            gpu(1, time_s=t, dram_bw_pct=20.0, busy_pct=12.5, sm_clock_mhz=1410.0),
+            # Kubernetes: GPU 1 shared by two pods (k8s.* attributes joined by ",").
+            gpu(1, time_s=t, dram_bw_pct=20.0, busy_pct=12.5, sm_clock_mhz=1410.0,
+                pods=(PodRef(f"llm-{n}", "serving", "vllm"), PodRef("probe", "ops", "x"))),
             gpu(2, time_s=t, lost=True) if n == 1 else gpu(2, time_s=t, tensor_active_pct=None),
             engine(time_s=t, engine_id=f"vllm:{8000 + n}", tpot_ms=4.0 + n, ttft_ms=30.0 * n),
             engine(time_s=t, engine_id="sglang:30000", tpot_ms=None, ttft_ms=None),
@@ -126,6 +128,8 @@ def test_the_endpoint_writes_exactly_what_the_opentelemetry_exporter_writes(pair
     assert {"rooftop_gpu_bound", "hw_gpu_memory_usage_bytes", "rooftop_agent_dropped_total",
             "gen_ai_server_time_per_output_token_seconds_bucket", "target_info",
             "rooftop_collector_refused_total"} <= names  # fmt: skip
+    assert {"k8s_pod_name", "k8s_namespace_name", "k8s_container_name"} <= {
+        k for _, labels, _ in native for k, _ in labels}
     assert len(native) > 300
 
 

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rooftop.collector.config import CollectorConfig
 from rooftop.collector.service import Collector
-from rooftop.common.model import Bound, Cause
+from rooftop.common.model import Bound, Cause, PodRef
 from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import AgentStream, batch, engine, gpu, verdict
 from tests.support import PROMETHEUS, PROMTOOL, prometheus_server, require_tool
@@ -157,11 +157,16 @@ def concrete(expr: str) -> str:
     """A dashboard query with Grafana's variables filled in as "all"."""
     expr = expr.replace("$__rate_interval", "1m").replace("$__interval", "1m")
     # Grafana variables only as whole regex matcher values: "all" is then ".*".
-    assert "$" not in expr.replace('"$host"', "").replace('"$gpu"', ""), expr
+    variables = {v["name"] for v in dashboard()["templating"]["list"]}
+    whole = re.sub(r'=~"\$(\w+)"', lambda m: '=~""' if m[1] in variables else m[0], expr)
+    assert "$" not in whole, expr
     return _GRAFANA_VAR.sub(".*", expr)
 
 
 # --- a real collector with everything in it -------------------------------------------
+
+
+LLM_POD = (PodRef(pod="llm-0", namespace="inference", container="vllm"),)
 
 
 def fed_collector() -> Collector:
@@ -172,7 +177,8 @@ def fed_collector() -> Collector:
     collector.start()
     try:
         records = [
-            gpu(0),  # graph-captured decode: DRAM 0.848, tensor 0.022
+            # graph-captured decode: DRAM 0.848, tensor 0.022; held by a pod (k8s_* labels)
+            gpu(0, pods=LLM_POD),
             # ... with a row remap pending: health degraded (hw.status), ECC counted.
             gpu(1, dram_bw_pct=20.0, tensor_active_pct=5.0, busy_pct=30.0,
                 remap_pending=True, ecc_corrected_aggregate=3, xid_count=0),
@@ -189,7 +195,7 @@ def fed_collector() -> Collector:
             stream.wait(lambda acks: len(acks) >= 3)
         # A reconnected agent resuming past seq 3: its spool dropped it (a gap, counted).
         with AgentStream(f"127.0.0.1:{collector.ingest.port}") as stream:
-            stream.send(batch(4, records=[gpu(0)], verdicts=verdicts, stats=stats))
+            stream.send(batch(4, records=[gpu(0, pods=LLM_POD)], verdicts=verdicts, stats=stats))
             stream.wait_acked(4)
         # A token sent to this plaintext collector: refused before any handler, counted.
         metadata = [("authorization", "Bearer leaked")]
@@ -259,6 +265,12 @@ def test_dashboard_model():
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     assert {"host", "gpu"} <= set(variables)
+    # Kubernetes: namespace, workload and pod, by the labels the collector exports.
+    for name, label in (("namespace", "k8s_namespace_name"), ("workload", "rooftop_workload_name"),
+                        ("pod", "k8s_pod_name")):  # fmt: skip
+        var = variables[name]
+        assert var["query"]["query"].endswith(f", {label})"), name
+        assert var["includeAll"] and var["allValue"] == ".*", name  # All keeps non-k8s GPUs
     panels = dashboard_panels()
     assert len({p["id"] for p in panels}) == len(panels), "panel ids must be unique"
     graphs = [p for p in panels if p["type"] != "row"]
@@ -287,8 +299,15 @@ def test_dashboard_model():
         "rooftop_collector_rejected_total",
         "rooftop_collector_duplicates_total",
         "rooftop_collector_refused_total",
+        "rooftop_workload_bound",
     ):
         assert needed in every, f"the dashboard shows no {needed}"
+    # Every per-GPU query follows the namespace and pod variables as well as host and GPU.
+    for panel in graphs:
+        for target in panel["targets"]:
+            if '$gpu"' in target["expr"]:
+                assert 'k8s_namespace_name=~"$namespace"' in target["expr"], panel["title"]
+                assert 'k8s_pod_name=~"$pod"' in target["expr"], panel["title"]
 
 
 @needs_promtool

@@ -207,7 +207,14 @@ class CollectorProc(_Proc):
 
     name = "collector"
 
-    def __init__(self, directory: Path, *, port: int = 0, **collector: Any) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        port: int = 0,
+        prometheus: dict[str, Any] | None = None,
+        **collector: Any,
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         super().__init__(directory / "collector.log")
         self.directory = directory
@@ -216,6 +223,7 @@ class CollectorProc(_Proc):
         self.port = port
         self.metrics_port = 0
         self.collector = {"insecure": True, **collector}
+        self.prometheus = prometheus or {}  # more [prometheus] keys (dcgm_names)
         self.starts = 0
 
     @property
@@ -230,6 +238,7 @@ class CollectorProc(_Proc):
         lines = ["[collector]", f'listen = "127.0.0.1:{self.port}"']
         lines += [f"{k} = {_toml_value(v)}" for k, v in self.collector.items()]
         lines += ["[prometheus]", 'listen = "127.0.0.1:0"']
+        lines += [f"{k} = {_toml_value(v)}" for k, v in self.prometheus.items()]
         config.write_text("\n".join(lines) + "\n")
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -284,11 +293,20 @@ class AgentProc(_Proc):
 
     name = "agent"
 
-    def __init__(self, directory: Path, agent_id: str, collector: str, **config: Any) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        agent_id: str,
+        collector: str,
+        *,
+        environ: dict[str, str] | None = None,
+        **config: Any,
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         super().__init__(directory / "agent-0.log")
         self.directory = directory
         self.agent_id = agent_id
+        self.environ = environ or {}  # extra variables, e.g. NODE_NAME (downward API)
         self.spool_dir = directory / "spool"
         self.config = {
             "agent_id": agent_id,
@@ -312,7 +330,7 @@ class AgentProc(_Proc):
         self.started_s = time.time()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rooftop", "agent", "--config", str(path)],
-            cwd=REPO, env=_env(), stdout=log, stderr=log,
+            cwd=REPO, env={**_env(), **self.environ}, stdout=log, stderr=log,
         )  # fmt: skip
         log.close()
         wait_for(lambda: re.search(r"\(boot ([0-9a-f-]+)\)", self.log()), "the agent's boot id",

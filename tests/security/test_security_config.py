@@ -68,5 +68,6 @@ def test_collector_read_token_and_tls_paths(tmp_path: Path):
     path.write_text('[collector]\ninsecure = true\nread_token_file = "read"\n')
     with pytest.raises(ConfigError, match="collector.read_token_file: a bearer token needs TLS"):
         collector_config(path)
-    path.write_text('[collector]\ninsecure = true\nlisten = "0.0.0.0:9000"\n')
+    path.write_text('[collector]\ninsecure = true\nlisten = "0.0.0.0:9000"\n'
+                    'allow_unauthenticated = true\n')
     assert collector_config(path).listen == "0.0.0.0:9000"  # explicit: as given

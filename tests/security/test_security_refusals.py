@@ -346,7 +346,8 @@ def test_plaintext_binds_to_loopback_unless_told_otherwise():
     from rooftop.collector.config import load_config as collector_config
 
     assert collector_config(insecure=True).listen == "127.0.0.1:4850"
-    assert collector_config(insecure=True, listen="0.0.0.0:4850").listen == "0.0.0.0:4850"
+    assert collector_config(insecure=True, listen="0.0.0.0:4850",
+                            allow_unauthenticated=True).listen == "0.0.0.0:4850"
 
 
 def test_status_reports_a_refusal_as_one_line(collector, certs):

@@ -23,10 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rooftop.agent.hooks.wire import MAX_DATAGRAM_BYTES, HookSummary, decode_summary
+from rooftop.agent.hooks.wire import MAX_DATAGRAM_BYTES, Buckets, HookSummary, decode_summary
 from rooftop.common.counters import Counters
 from rooftop.common.errors import ConfigError
-from rooftop.common.model import EngineSample, invalid_reason
+from rooftop.common.model import EMPTY_HISTOGRAM, EngineSample, HistogramDelta, invalid_reason
 
 __all__ = ["HookReceiver", "ReceiverStats", "summary_to_sample"]
 
@@ -48,6 +48,14 @@ class ReceiverStats:
     invalid: int = 0  # well-formed but impossible (model.invalid_reason)
     overflowed: int = 0  # oldest samples dropped because nobody drained
     engines: int = 0  # distinct (engine_id, pid) seen
+
+
+def _delta(buckets: Buckets | None) -> HistogramDelta | None:
+    if buckets is None:
+        return None  # a hook from before per-request histograms
+    if buckets.count == 0:
+        return EMPTY_HISTOGRAM  # measured, no request finished: no bounds to carry
+    return HistogramDelta(buckets.bounds_s, buckets.bucket_counts, buckets.sum_s, buckets.count)
 
 
 def summary_to_sample(summary: HookSummary, time_s: float) -> EngineSample:
@@ -76,6 +84,9 @@ def summary_to_sample(summary: HookSummary, time_s: float) -> EngineSample:
         tpot_p99_ms=tpot.p99 if tpot else None,
         ttft_p50_ms=ttft.p50 if ttft else None,
         ttft_p99_ms=ttft.p99 if ttft else None,
+        tpot_hist=_delta(summary.tpot_hist),
+        ttft_hist=_delta(summary.ttft_hist),
+        request_duration_hist=_delta(summary.request_duration_hist),
     )
 
 

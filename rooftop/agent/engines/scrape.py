@@ -4,7 +4,10 @@ For engines we cannot hook, their Prometheus endpoint is the next best thing.
 Latency there is cumulative histograms, so per-interval TPOT and TTFT come from the
 deltas of ``_sum`` and ``_count`` between two scrapes (p50/p99 from the bucket
 deltas, interpolated within a bucket as PromQL's ``histogram_quantile`` does).
-Queue depth is a gauge, read as is.
+Queue depth is a gauge, read as is. The per-request histograms (TPOT where the engine
+observes it once per request, TTFT, end-to-end request latency) also travel as they
+are: their bucket increase since the last scrape, in the engine's own bounds
+(``EngineSample.tpot_hist`` etc.), which the collector adds to its histograms.
 
 Robustness, since the endpoint belongs to someone else:
 - a counter that goes down means the engine restarted: that metric re-baselines
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 from prometheus_client.parser import text_string_to_metric_families
 
 from rooftop.common.counters import Counters
-from rooftop.common.model import EngineSample, invalid_reason
+from rooftop.common.model import EMPTY_HISTOGRAM, EngineSample, HistogramDelta, invalid_reason
 
 __all__ = [
     "ENGINES",
@@ -76,6 +79,11 @@ class EngineMetrics:
     output_tokens: tuple[str, ...]  # cumulative sample names (a counter, a histogram's _sum)
     kv_cache_usage: tuple[str, ...]  # gauges, 0-1
     notes: tuple[str, ...] = ()  # caveats every sample from this engine carries
+    # Histograms observed once per finished request, whose bucket increases become
+    # EngineSample.tpot_hist / ttft_hist / request_duration_hist. Per-token histograms
+    # (vLLM's inter-token latency) are left out: they count tokens, not requests.
+    tpot_per_request: tuple[str, ...] = ()
+    request_duration: tuple[str, ...] = ()
 
 
 VLLM = EngineMetrics(
@@ -93,6 +101,8 @@ VLLM = EngineMetrics(
     waiting=("vllm:num_requests_waiting",),
     output_tokens=("vllm:generation_tokens_total",),
     kv_cache_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    tpot_per_request=("vllm:request_time_per_output_token_seconds",),
+    request_duration=("vllm:e2e_request_latency_seconds",),
 )
 SGLANG = EngineMetrics(
     kind="sglang",
@@ -103,6 +113,9 @@ SGLANG = EngineMetrics(
     waiting=("sglang:num_queue_reqs",),
     output_tokens=("sglang:generation_tokens_total",),
     kv_cache_usage=("sglang:token_usage",),
+    # SGLang observes time_per_output_token once per finished request.
+    tpot_per_request=("sglang:time_per_output_token_seconds",),
+    request_duration=("sglang:e2e_request_latency_seconds",),
 )
 TGI = EngineMetrics(
     kind="tgi",
@@ -113,6 +126,8 @@ TGI = EngineMetrics(
     waiting=("tgi_queue_size",),
     output_tokens=("tgi_request_generated_tokens_sum",),
     kv_cache_usage=(),
+    tpot_per_request=("tgi_request_mean_time_per_token_duration",),
+    request_duration=("tgi_request_duration",),
     notes=(
         "TGI exposes no time-to-first-token metric: ttft_ms is None",
         "tpot_ms is tgi_request_mean_time_per_token_duration, which includes prefill",
@@ -143,6 +158,11 @@ class ScraperStats:
     unrecognized: int = 0  # Prometheus text, but no vLLM / SGLang / TGI metric in it
     resets: int = 0  # a cumulative metric went down: the engine restarted
     last_error: str | None = None
+
+    @property
+    def errors(self) -> int:
+        """Failed scrapes: unreachable, malformed or unrecognized."""
+        return self.unreachable + self.malformed + self.unrecognized
 
 
 def parse_samples(text: str) -> Samples:
@@ -318,6 +338,7 @@ class Scraper:
         self._fetch = fetch
         self._pid = pid
         self._prev_hist: dict[str, _Histogram] = {}
+        self._prev_buckets: dict[str, _Histogram] = {}
         self._prev_total: dict[str, float] = {}
         self._samples: deque[EngineSample] = deque(maxlen=_MAX_KEPT_SAMPLES)
         self._scrape_lock = threading.Lock()
@@ -416,6 +437,9 @@ class Scraper:
         tpot = self._latency(samples, spec.tpot, notes, "TPOT")
         ttft = self._latency(samples, spec.ttft, notes, "TTFT") if spec.ttft else None
         tokens = self._increase(samples, spec.output_tokens)
+        tpot_hist = self._bucket_delta(samples, spec.tpot_per_request)
+        ttft_hist = self._bucket_delta(samples, spec.ttft)
+        duration_hist = self._bucket_delta(samples, spec.request_duration)
         kv = _gauge(samples, spec.kv_cache_usage)
         sample = EngineSample(
             time_s=now_s,
@@ -431,6 +455,9 @@ class Scraper:
             tpot_p99_ms=_ms(tpot.p99_s) if tpot else None,
             ttft_p50_ms=_ms(ttft.p50_s) if ttft else None,
             ttft_p99_ms=_ms(ttft.p99_s) if ttft else None,
+            tpot_hist=tpot_hist,
+            ttft_hist=ttft_hist,
+            request_duration_hist=duration_hist,
         )
         if self._reset_seen:
             self._counts.add(resets=1)  # one restart, however many metrics showed it
@@ -479,6 +506,40 @@ class Scraper:
             p99_s=histogram_quantile(0.99, bucket_deltas) if same_bounds else None,
         )
 
+    def _bucket_delta(self, samples: Samples, names: tuple[str, ...]) -> HistogramDelta | None:
+        """The engine histogram's bucket increase since the last scrape, in its own bounds.
+
+        The first scrape is a baseline (None). A count, sum or bucket that went down,
+        or bounds that changed, is a restart: everything now in the histogram arrived
+        since then, so the current values are the increase.
+        """
+        name = _first_present(samples, names, "_count")
+        if name is None:
+            return None
+        current = _histogram(samples, name)
+        if current is None or not current.buckets:
+            return None
+        previous = self._prev_buckets.get(name)
+        self._prev_buckets[name] = current
+        if previous is None:
+            return None
+        cur = _per_bucket(current)
+        if cur is None:
+            return None
+        bounds, counts = cur
+        prev = _per_bucket(previous)
+        d_sum = current.sum - previous.sum
+        deltas: list[int] = []
+        if prev is not None and prev[0] == bounds and d_sum >= 0:
+            deltas = [c - p for c, p in zip(counts, prev[1], strict=True)]
+        if not deltas or any(d < 0 for d in deltas):
+            self._reset_seen = True
+            deltas, d_sum = counts, current.sum
+        total = sum(deltas)
+        if total == 0:
+            return EMPTY_HISTOGRAM  # nothing finished in this interval
+        return HistogramDelta(bounds, tuple(deltas), max(0.0, d_sum), total)
+
     def _increase(self, samples: Samples, names: tuple[str, ...]) -> float | None:
         name = _first_present(samples, names)
         if name is None:
@@ -494,6 +555,22 @@ class Scraper:
             self._reset_seen = True
             return None
         return current - previous
+
+
+def _per_bucket(hist: _Histogram) -> tuple[tuple[float, ...], list[int]] | None:
+    """Finite bounds and per-bucket (not cumulative) counts, the last above every bound."""
+    finite = [(le, c) for le, c in hist.buckets if math.isfinite(le)]
+    inf = [c for le, c in hist.buckets if math.isinf(le) and le > 0]
+    total = inf[0] if inf else hist.count
+    counts: list[int] = []
+    below = 0
+    for _, cumulative in [*finite, (math.inf, total)]:
+        n = round(cumulative)
+        if n < below:
+            return None  # cumulative buckets that go down: not a histogram
+        counts.append(n - below)
+        below = n
+    return tuple(le for le, _ in finite), counts
 
 
 def _gauge(samples: Samples, names: tuple[str, ...]) -> float | None:

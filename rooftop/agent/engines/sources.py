@@ -97,6 +97,30 @@ class EngineSources:
                 samples.append(sample)
         return samples
 
+    def scrape_errors(self) -> int:
+        """Failed ``/metrics`` scrapes so far, over every endpoint (the agent's counter)."""
+        return sum(scraper.stats().errors for scraper, _ in self._scrapers)
+
+    def scrape_warnings(self) -> list[str]:
+        """One line per endpoint whose scrapes failed: the URL, how often, the last error.
+
+        An endpoint that never answered with engine metrics would otherwise only show
+        as a missing TPOT ("-") in the verdicts.
+        """
+        lines: list[str] = []
+        for scraper, endpoint in self._scrapers:
+            stats = scraper.stats()
+            if stats.errors == 0:
+                continue
+            error = stats.last_error or "unknown error"
+            # The scraper's errors start with the URL; say it once.
+            error = error.removeprefix(f"{scraper.url}: ")
+            lines.append(
+                f"engine {endpoint.url}: {stats.errors} of {stats.scrapes} scrapes failed "
+                f"(last: {error})"
+            )
+        return lines
+
     def shutdown(self, timeout_s: float = 1.0) -> None:
         """Stop every source (idempotent)."""
         if self._receiver is not None:

@@ -17,7 +17,9 @@ Usage::
     print(hooks.stats())                   # sent / dropped / errors
 
 Engines that measure latency themselves report it instead of marking tokens:
-``observe_tpot_s``, ``observe_ttft_s``, ``add_tokens``, ``set_queue``. Adapters:
+``observe_tpot_s``, ``observe_ttft_s``, ``observe_request_duration_s``, ``add_tokens``,
+``set_queue``. Each finished request is one observation in the TPOT, TTFT and request
+duration histograms that ride on the summaries. Adapters:
 :mod:`rooftop.agent.hooks.hf` (a transformers streamer) and :mod:`rooftop.agent.hooks.vllm`
 (a vLLM stat-logger plugin). The wire format is in :mod:`rooftop.agent.hooks.wire`.
 """
@@ -52,6 +54,7 @@ __all__ = [
     "aggregator",
     "configure",
     "flush",
+    "observe_request_duration_s",
     "observe_tpot_s",
     "observe_ttft_s",
     "request",
@@ -148,6 +151,11 @@ def observe_tpot_s(seconds: float) -> None:
 def observe_ttft_s(seconds: float) -> None:
     """Record one request's time to first token as measured by the engine."""
     aggregator().observe_ttft_s(seconds)
+
+
+def observe_request_duration_s(seconds: float) -> None:
+    """Record one finished request's duration (arrival to last token), engine-measured."""
+    aggregator().observe_request_duration_s(seconds)
 
 
 def set_queue(running: int | None = None, waiting: int | None = None) -> None:

@@ -8,8 +8,10 @@ Two sides with different rules:
   everything and counts it, because an exception here would kill a generation.
 - **The shipper's side** runs on a daemon thread every ``interval_s``. It reads what
   the caller's side stored, turns it into an interval summary (TPOT and TTFT per
-  request, tokens, queue depth), and sends it as one datagram to the agent's unix
-  socket, non-blocking. No agent listening: the summary is dropped and counted.
+  request, tokens, queue depth, and one TPOT / TTFT / duration observation per
+  finished request, counted into fixed bucket arrays), and sends it as one
+  datagram to the agent's unix socket, non-blocking. No agent listening: the
+  summary is dropped and counted.
 
 Why no lock is safe (CPython with the GIL): each attribute store is atomic, and a
 thread switch only happens where the interpreter checks its eval breaker (calls,
@@ -36,7 +38,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
-from rooftop.agent.hooks.wire import HookSummary, encode_summary, summarize
+from rooftop.agent.hooks.wire import (
+    REQUEST_DURATION_BOUNDS_S,
+    TPOT_BOUNDS_S,
+    TTFT_BOUNDS_S,
+    HookSummary,
+    bucketize,
+    encode_summary,
+    summarize,
+)
 from rooftop.common.counters import Counters
 
 __all__ = [
@@ -75,6 +85,9 @@ DEFAULT_INTERVAL_S = 1.0
 # wedged interpreter): the engine's memory must not grow because we are stuck.
 _MAX_PENDING = 65_536
 _NS_PER_MS = 1_000_000
+# An engine-reported latency above a day is garbage (the agent refuses such samples:
+# rooftop.common.model.UPPER_BOUNDS); dropping it here keeps the rest of the summary.
+_MAX_LATENCY_S = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +113,7 @@ class Request:
         "_agg",
         "_clock",
         "_counted",
+        "_end_ns",
         "_ended",
         "_first_ns",
         "_first_tokens",
@@ -124,6 +138,7 @@ class Request:
         self._first_tokens: int = 0
         self._last_ns: int = 0
         self._ended = False
+        self._end_ns: int = 0
         # Written by the shipper thread only.
         self._snap_ns: int | None = None
         self._snap_tokens: int = 0
@@ -150,6 +165,7 @@ class Request:
         try:
             if self._ended:
                 return
+            self._end_ns = self._clock()
             self._ended = True
             agg = self._agg
             agg._active.discard(self)
@@ -172,12 +188,16 @@ class Request:
 class _Collected:
     """Per-interval scratch the shipper fills from the requests it visits."""
 
-    __slots__ = ("tokens", "tpot_ms", "ttft_ms")
+    __slots__ = ("duration_s", "req_tpot_s", "req_ttft_s", "tokens", "tpot_ms", "ttft_ms")
 
     def __init__(self) -> None:
         self.tpot_ms: list[float] = []
         self.ttft_ms: list[float] = []
         self.tokens = 0
+        # One value per finished request, for the histograms.
+        self.req_tpot_s: list[float] = []
+        self.req_ttft_s: list[float] = []
+        self.duration_s: list[float] = []
 
 
 def _finite_nonneg(value: object) -> float | None:
@@ -267,6 +287,7 @@ class Aggregator:
         self._finished: deque[Request] = deque(maxlen=_MAX_PENDING)
         self._tpot_s: deque[object] = deque(maxlen=_MAX_PENDING)
         self._ttft_s: deque[object] = deque(maxlen=_MAX_PENDING)
+        self._duration_s: deque[object] = deque(maxlen=_MAX_PENDING)
         self._tokens_added: int = 0
         self._started: int = 0
         self._ended_count: int = 0
@@ -325,6 +346,10 @@ class Aggregator:
     def observe_ttft_s(self, seconds: float) -> None:
         """Record one request's time to first token, measured by the engine itself."""
         self._ttft_s.append(seconds)
+
+    def observe_request_duration_s(self, seconds: float) -> None:
+        """Record one finished request's duration (arrival to last token), engine-measured."""
+        self._duration_s.append(seconds)
 
     def set_queue(self, running: int | None = None, waiting: int | None = None) -> None:
         """Report the engine's own queue depth; overrides the count of open requests."""
@@ -442,10 +467,16 @@ class Aggregator:
         active = self._active.copy()
         for req in finished:
             self._visit(req, got)
+            self._observe_finished(req, got)
         for req in active:
             self._visit(req, got)
-        got.tpot_ms.extend(self._drain_seconds_as_ms(self._tpot_s))
-        got.ttft_ms.extend(self._drain_seconds_as_ms(self._ttft_s))
+        observed_tpot_s = self._drain_seconds(self._tpot_s)
+        observed_ttft_s = self._drain_seconds(self._ttft_s)
+        got.tpot_ms.extend(v * 1000.0 for v in observed_tpot_s)
+        got.ttft_ms.extend(v * 1000.0 for v in observed_ttft_s)
+        got.req_tpot_s.extend(observed_tpot_s)
+        got.req_ttft_s.extend(observed_ttft_s)
+        got.duration_s.extend(self._drain_seconds(self._duration_s))
 
         added = self._tokens_added
         if isinstance(added, int) and added >= self._seen_tokens_added:
@@ -478,17 +509,38 @@ class Aggregator:
             kv_cache_usage_ratio=kv if kv is not None and kv <= 1.0 else None,
             dropped=counts.dropped,
             errors=counts.errors,
+            tpot_hist=bucketize(got.req_tpot_s, TPOT_BOUNDS_S),
+            ttft_hist=bucketize(got.req_ttft_s, TTFT_BOUNDS_S),
+            request_duration_hist=bucketize(got.duration_s, REQUEST_DURATION_BOUNDS_S),
         )
 
     @staticmethod
-    def _drain_seconds_as_ms(queue: deque[object]) -> list[float]:
+    def _drain_seconds(queue: deque[object]) -> list[float]:
         out: list[float] = []
         with contextlib.suppress(IndexError):
             while True:
                 value = _finite_nonneg(queue.popleft())
-                if value is not None:
-                    out.append(value * 1000.0)
+                if value is not None and value <= _MAX_LATENCY_S:
+                    out.append(value)
         return out
+
+    def _observe_finished(self, req: Request, got: _Collected) -> None:
+        # One observation per finished request, off the caller's thread: the marks it
+        # left (start, first and last token, end) are all the histograms need.
+        try:
+            start_ns, end_ns = req._start_ns, req._end_ns
+            if end_ns >= start_ns:
+                got.duration_s.append((end_ns - start_ns) / 1e9)
+            first_ns = req._first_ns
+            if first_ns is None:
+                return  # no token: no TTFT, no TPOT
+            if first_ns >= start_ns:
+                got.req_ttft_s.append((first_ns - start_ns) / 1e9)
+            decoded = req._tokens - req._first_tokens
+            if decoded > 0 and req._last_ns >= first_ns:
+                got.req_tpot_s.append((req._last_ns - first_ns) / decoded / 1e9)
+        except Exception:  # noqa: BLE001 - garbage from the caller costs one request
+            self._note_error("summarizing a finished request")
 
     def _visit(self, req: Request, got: _Collected) -> None:
         try:

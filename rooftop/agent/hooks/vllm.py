@@ -15,10 +15,14 @@ field is read with a fallback and a missing one is skipped, never an error):
 - ``FinishedRequestStats.mean_time_per_output_token`` → one TPOT per request
   (vLLM computes it as decode time / (tokens - 1); 0 for a one-token request,
   which has no TPOT and is skipped).
+- ``FinishedRequestStats.e2e_latency`` → one request duration per request.
 - TTFT: ``FinishedRequestStats.first_token_latency`` where vLLM has it; otherwise
   ``IterationStats.time_to_first_tokens_iter`` (TTFTs of requests whose first token
   came in that step). The choice is made once, on the first finished request, so
   no request is counted twice.
+
+Each of these is one observation per request, counted into the TPOT, TTFT and request
+duration histograms of the aggregator's next summary.
 
 This module imports without vLLM (it then derives from a local stand-in base),
 so the agent and its tests never need vLLM installed.
@@ -142,6 +146,9 @@ class RooftopStatLogger(_StatLoggerBase):
             tpot_s = getattr(finished, "mean_time_per_output_token", None)
             if tpot_s:  # 0: a one-token request has no TPOT
                 agg.observe_tpot_s(tpot_s)
+            e2e_s = getattr(finished, "e2e_latency", None)
+            if e2e_s is not None:
+                agg.observe_request_duration_s(e2e_s)
             if self._ttft_from_finished is None:
                 self._ttft_from_finished = hasattr(finished, "first_token_latency")
                 if not self._ttft_from_finished:

@@ -18,18 +18,29 @@ One datagram is one interval summary from one engine process::
      "tpot_ms": {"count": 4, "mean": 5.8, "p50": 5.7, "p99": 6.4},   # null: no sample
      "ttft_ms": {"count": 2, "mean": 41.0, "p50": 40.2, "p99": 41.8},
      "kv_cache_usage_ratio": 0.31,   # optional, 0-1 (vLLM plugin)
+     "tpot_hist": {"bounds_s": [0.001, ...], "bucket_counts": [0, ..., 0],
+                   "sum_s": 0.0116, "count": 2},   # optional: requests finished here
+     "ttft_hist": {...}, "request_duration_hist": {...},
      "dropped": 0, "errors": 0}  # cumulative: summaries dropped, hook errors swallowed
 
 TPOT samples are per request per interval: the decode time the request spent in
 the interval divided by the tokens it produced there. A request that starts and
 ends in one interval gives exactly (last token - first token) / (tokens - 1).
 Unknown keys are ignored by the reader, so fields can be added without a version bump.
+
+The ``*_hist`` objects hold one observation per request that finished in the interval
+(TPOT = (last token - first token) / (tokens after the first), TTFT, start to end),
+counted into explicit buckets: ``bucket_counts[i]`` counts values in
+``(bounds_s[i-1], bounds_s[i]]``, the last entry those above every bound. The hook
+uses ``TPOT_BOUNDS_S``, ``TTFT_BOUNDS_S`` and ``REQUEST_DURATION_BOUNDS_S`` (the
+collector's export buckets); the bounds travel with the counts all the same.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,9 +48,15 @@ from typing import Any
 __all__ = [
     "KIND",
     "MAX_DATAGRAM_BYTES",
+    "REQUEST_DURATION_BOUNDS_S",
+    "TPOT_BOUNDS_S",
+    "TTFT_BOUNDS_S",
     "VERSION",
+    "EMPTY_BUCKETS",
+    "Buckets",
     "Distribution",
     "HookSummary",
+    "bucketize",
     "decode_summary",
     "encode_summary",
     "summarize",
@@ -50,6 +67,23 @@ KIND = "rooftop.hooks.summary"
 # Far above a real summary (~400 bytes) and below Linux's default datagram limit
 # (net.core.wmem_default, 208 KiB), so a summary never fails with EMSGSIZE.
 MAX_DATAGRAM_BYTES = 64 * 1024
+# Bucket bounds (seconds) for the per-request histograms: the collector's export
+# buckets (rooftop.collector.otel; a test holds them equal), so its counts add as they
+# are. TPOT is finer than the semantic conventions' advisory (which starts at 10 ms):
+# H100 decode is 4-6 ms per token. Request duration is the conventions' advisory.
+TPOT_BOUNDS_S: tuple[float, ...] = (
+    0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.01, 0.0125, 0.015,
+    0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
+)  # fmt: skip
+TTFT_BOUNDS_S: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0,
+    1.5, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+)  # fmt: skip
+REQUEST_DURATION_BOUNDS_S: tuple[float, ...] = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)  # fmt: skip
+# More bounds than any engine uses; a histogram past it is garbage, not a summary.
+_MAX_BOUNDS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +94,43 @@ class Distribution:
     mean: float
     p50: float
     p99: float
+
+
+@dataclass(frozen=True, slots=True)
+class Buckets:
+    """Per-request observations (seconds) of one interval in explicit buckets.
+
+    ``bucket_counts`` has ``len(bounds_s) + 1`` entries; the last counts values above
+    every bound.
+    """
+
+    bounds_s: tuple[float, ...]
+    bucket_counts: tuple[int, ...]
+    sum_s: float
+    count: int
+
+
+# No request finished in the interval: said explicitly, so the agent and collector know
+# this hook counts per request (an older hook sends no histogram at all).
+EMPTY_BUCKETS = Buckets((), (0,), 0.0, 0)
+
+
+def bucketize(values_s: Sequence[float], bounds_s: tuple[float, ...]) -> Buckets:
+    """Count ``values_s`` into ``bounds_s`` (upper bounds, inclusive).
+
+    Args:
+        values_s: finite, non-negative observations in seconds.
+        bounds_s: ascending upper bounds.
+
+    Returns:
+        The buckets; ``EMPTY_BUCKETS`` without observations.
+    """
+    if not values_s:
+        return EMPTY_BUCKETS
+    counts = [0] * (len(bounds_s) + 1)
+    for value in values_s:
+        counts[bisect_left(bounds_s, value)] += 1  # first bound >= value: le semantics
+    return Buckets(bounds_s, tuple(counts), math.fsum(values_s), len(values_s))
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +154,14 @@ class HookSummary:
     dropped: int = 0
     errors: int = 0
     gpu_indices: tuple[int, ...] = ()  # explicit attribution (ROOFTOP_ENGINE_GPUS)
+    # One observation per request finished in the interval (EMPTY_BUCKETS: none
+    # finished; None: a hook from before per-request histograms).
+    tpot_hist: Buckets | None = None
+    ttft_hist: Buckets | None = None
+    request_duration_hist: Buckets | None = None
+
+
+_HIST_KEYS = ("tpot_hist", "ttft_hist", "request_duration_hist")
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:
@@ -148,6 +227,15 @@ def encode_summary(summary: HookSummary) -> bytes:
     }
     if summary.kv_cache_usage_ratio is not None:
         doc["kv_cache_usage_ratio"] = summary.kv_cache_usage_ratio
+    for key in _HIST_KEYS:
+        hist: Buckets | None = getattr(summary, key)
+        if hist is not None:
+            doc[key] = {
+                "bounds_s": list(hist.bounds_s),
+                "bucket_counts": list(hist.bucket_counts),
+                "sum_s": hist.sum_s,
+                "count": hist.count,
+            }
     # allow_nan=False: NaN is not JSON; the aggregator never produces it, so a
     # ValueError here is a bug that the shipper counts rather than sends.
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
@@ -199,6 +287,35 @@ def _dist(doc: Mapping[str, Any], key: str) -> Distribution | None:
     if min(mean, p50, p99) < 0:
         raise ValueError(f"{key} has a negative value")
     return Distribution(count=count, mean=mean, p50=p50, p99=p99)
+
+
+def _buckets(doc: Mapping[str, Any], key: str) -> Buckets | None:
+    value = doc.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be an object or null")  # noqa: TRY004 - one error type
+    bounds, counts = value.get("bounds_s"), value.get("bucket_counts")
+    if not isinstance(bounds, list) or not isinstance(counts, list):
+        raise ValueError(f"{key}: bounds_s and bucket_counts must be lists")  # noqa: TRY004
+    if len(bounds) > _MAX_BOUNDS or len(counts) != len(bounds) + 1:
+        raise ValueError(f"{key}: {len(counts)} bucket counts for {len(bounds)} bounds")
+    if not all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+        for b in bounds
+    ) or any(a >= b for a, b in zip(bounds, bounds[1:], strict=False)):
+        raise ValueError(f"{key}: bounds_s must be finite and strictly increasing")
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        raise ValueError(f"{key}: bucket_counts must be non-negative integers")
+    count = _int(value, "count")
+    if count != sum(counts):
+        raise ValueError(f"{key}: count {count} is not the sum of bucket_counts")
+    sum_s = _float(value, "sum_s")
+    if sum_s < 0:
+        raise ValueError(f"{key}: sum_s is negative")
+    if count == 0:
+        return EMPTY_BUCKETS
+    return Buckets(tuple(float(b) for b in bounds), tuple(counts), sum_s, count)
 
 
 def decode_summary(data: bytes) -> HookSummary:
@@ -256,4 +373,7 @@ def decode_summary(data: bytes) -> HookSummary:
         dropped=_opt_int(doc, "dropped") or 0,
         errors=_opt_int(doc, "errors") or 0,
         gpu_indices=tuple(gpus),
+        tpot_hist=_buckets(doc, "tpot_hist"),
+        ttft_hist=_buckets(doc, "ttft_hist"),
+        request_duration_hist=_buckets(doc, "request_duration_hist"),
     )

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from rooftop.common.model import GpuSample, HostSample
+from rooftop.common.model import GpuSample, HostSample, PodRef
 
-__all__ = ["Clock", "GpuBackend", "GpuInfo", "HostSensor"]
+__all__ = ["Clock", "GpuBackend", "GpuInfo", "HostSensor", "PodSource"]
 
 Clock = Callable[[], float]
 
@@ -67,4 +67,14 @@ class HostSensor(Protocol):
 
     def read(self, time_s: float, gpu_pids: dict[int, tuple[int, ...]]) -> HostSample:
         """Host CPU and the CPU of ``gpu_pids`` (pid -> GPU indices it holds)."""
+        ...
+
+
+class PodSource(Protocol):
+    """Which Kubernetes containers hold a GPU (``rooftop.agent.sensors.pods``)."""
+
+    def pods_of(
+        self, gpu_uuid: str, mig_uuid: str = "", gpu_index: int | None = None
+    ) -> tuple[PodRef, ...]:
+        """The containers holding this GPU or MIG instance now; () when none or unknown."""
         ...

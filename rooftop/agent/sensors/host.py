@@ -35,6 +35,9 @@ class PsutilHostSensor:
             psutil.PROCFS_PATH = str(proc_root)
         self._lock = threading.Lock()
         self._processes: dict[int, psutil.Process] = {}
+        # pid -> SLURM_JOB_ID from its environment, read once per process (it is fixed at
+        # exec); None when unset or not ours to read (another user's /proc/<pid>/environ).
+        self._slurm_job_ids: dict[int, str | None] = {}
         # Our own baseline, not psutil.cpu_percent(None): that one keeps module-wide
         # state, so any other caller in the process would shorten our interval.
         self._last_cpu_times: Any = self._cpu_times()
@@ -64,6 +67,7 @@ class PsutilHostSensor:
             # Forget pids no longer on a GPU, so the cache stays as small as the GPU set.
             for pid in self._processes.keys() - gpu_pids.keys():
                 del self._processes[pid]
+                self._slurm_job_ids.pop(pid, None)
         return HostSample(time_s=time_s, cpu_pct=host_cpu_pct, processes=tuple(processes))
 
     def _read_process(self, pid: int, gpu_indices: tuple[int, ...]) -> HostProcess | None:
@@ -73,12 +77,14 @@ class PsutilHostSensor:
             if proc is None or first:
                 proc = psutil.Process(pid)
                 self._processes[pid] = proc
+                self._slurm_job_ids[pid] = _slurm_job_id(proc)
             with proc.oneshot():
                 cpu_pct = proc.cpu_percent(None)
                 name = proc.name()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             # Exited between NVML's list and now, or another user's: nothing to say.
             self._processes.pop(pid, None)
+            self._slurm_job_ids.pop(pid, None)
             return None
         return HostProcess(
             pid=pid,
@@ -87,12 +93,26 @@ class PsutilHostSensor:
             name=name,
         )
 
+    def slurm_job_id(self, pid: int) -> str | None:
+        """The Slurm job of a GPU process seen at the last ``read``; None: none or unreadable."""
+        with self._lock:
+            return self._slurm_job_ids.get(pid)
+
     @staticmethod
     def _cpu_times() -> Any:
         try:
             return psutil.cpu_times()
         except OSError:
             return None  # procfs unreadable: host CPU is reported absent
+
+
+def _slurm_job_id(proc: psutil.Process) -> str | None:
+    """``SLURM_JOB_ID`` in the process's environment, when this user may read it."""
+    try:
+        job = proc.environ().get("SLURM_JOB_ID")
+    except (psutil.Error, OSError):
+        return None  # another user's process (no ptrace access), or gone: unknown
+    return (job.strip() or None) if job else None
 
 
 def _busy_pct(before: Any, after: Any) -> float | None:

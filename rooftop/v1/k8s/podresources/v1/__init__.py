@@ -1,0 +1,1 @@
+"""Generated protobuf code (protos/generate.py; do not edit)."""

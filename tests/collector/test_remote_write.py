@@ -1,0 +1,200 @@
+"""Remote write 1.0 from a real collector to a loopback receiver: every sample at its time."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from rooftop.collector.config import CollectorConfig
+from rooftop.collector.remote_write import RemoteWrite
+from rooftop.collector.service import Collector
+from rooftop.common.model import Bound, GpuSample
+from tests.collector.helpers import AgentStream, batch, gpu, verdict
+from tests.collector.remote_write_receiver import Receiver
+
+DRAM = "rooftop_gpu_dram_activity"
+POWER = "hw_power_watts"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def start_collector(receiver: Receiver, **remote: object) -> Collector:
+    rw = RemoteWrite(url=receiver.url, batch_send_deadline_s=0.05, **remote)  # type: ignore[arg-type]
+    config = CollectorConfig(
+        listen="127.0.0.1:0",
+        insecure=True,
+        prometheus_listen="127.0.0.1:0",
+        remote_write=(rw,),
+    ).validated()
+    c = Collector(config)
+    c.start()
+    return c
+
+
+@pytest.fixture
+def collector(receiver: Receiver) -> Iterator[Collector]:
+    c = start_collector(receiver)
+    yield c
+    c.shutdown(timeout_s=2)
+
+
+def ten_hz(start_s: float, n: int, gpus: int = 2, **metrics: object) -> list[GpuSample]:
+    """``n`` ticks at 10 Hz of ``gpus`` GPUs, in the order an agent batches them."""
+    return [gpu(i, start_s + k * 0.1, **metrics) for k in range(n) for i in range(gpus)]
+
+
+def send(c: Collector, *batches: object, boot: str = "boot-1") -> None:
+    with AgentStream(f"127.0.0.1:{c.ingest.port}") as stream:
+        for b in batches:
+            stream.send(b)  # type: ignore[arg-type]
+        stream.wait_acked(max(b.seq for b in batches))  # type: ignore[attr-defined]
+    assert c.flush(10)
+
+
+def series_labels(text: str, name: str) -> list[dict[str, str]]:
+    """The label sets of ``name`` in a Prometheus text exposition."""
+    out = []
+    for line in text.splitlines():
+        m = re.match(rf"{name}{{(.*)}} ", line)
+        if m:
+            out.append(dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(1))))
+    return out
+
+
+def test_every_gpu_sample_arrives_with_its_own_timestamp(
+    collector: Collector, receiver: Receiver
+) -> None:
+    start = time.time() - 30
+    samples = ten_hz(start, 30)
+    send(collector, batch(1, records=samples))
+
+    dram = [(labels, t, v) for labels, t, v in receiver.points() if labels["__name__"] == DRAM]
+    gpu0 = sorted(t for labels, t, _ in dram if labels["hw_id"] == "GPU-0000-uuid")
+    # 30 ticks at 10 Hz: 30 points, each at the time the agent measured it (ms).
+    assert gpu0 == [round((start + k * 0.1) * 1000) for k in range(30)]
+    assert [v for _, _, v in dram] == [pytest.approx(0.848)] * 60
+    assert collector.remote_writers[0].stats().sent >= 60
+
+
+def test_remote_written_series_carry_the_prometheus_endpoints_names_and_labels(
+    collector: Collector, receiver: Receiver
+) -> None:
+    send(collector, batch(1, records=ten_hz(time.time() - 5, 3)))
+    port = collector.telemetry.prometheus_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    for name in (DRAM, POWER, "hw_gpu_utilization"):
+        scraped = sorted(series_labels(text, name), key=lambda d: sorted(d.items()))
+        written = {
+            tuple(sorted((k, v) for k, v in labels.items() if k != "__name__"))
+            for labels, _, _ in receiver.points()
+            if labels["__name__"] == name
+        }
+        assert scraped, name
+        assert written == {tuple(sorted(d.items())) for d in scraped}, name
+
+
+def test_a_verdict_is_written_at_its_window_end(collector: Collector, receiver: Receiver) -> None:
+    v = verdict(0, Bound.MEMORY, window_end_s=time.time() - 2, window_start_s=time.time() - 7)
+    send(collector, batch(1, records=[gpu(0, time.time() - 3)], verdicts=[v]))
+    bound = [
+        (labels["rooftop_bound"], t, value)
+        for labels, t, value in receiver.points()
+        if labels["__name__"] == "rooftop_gpu_bound"
+    ]
+    assert ("memory", round(v.window_end_s * 1000), 1.0) in bound
+    assert ("compute", round(v.window_end_s * 1000), 0.0) in bound
+
+
+def test_requests_are_snappy_protobuf_with_the_remote_write_headers(
+    collector: Collector, receiver: Receiver
+) -> None:
+    send(collector, batch(1, records=[gpu(0, time.time() - 1)]))
+    headers, request = receiver.requests[0]
+    assert headers["Content-Encoding"] == "snappy"
+    assert headers["Content-Type"] == "application/x-protobuf"
+    assert headers["X-Prometheus-Remote-Write-Version"] == "0.1.0"
+    for ts in request.timeseries:
+        names = [label.name for label in ts.labels]
+        assert names == sorted(names)  # the protocol requires sorted labels
+
+
+def test_a_resent_batch_writes_nothing_again_and_is_counted(
+    collector: Collector, receiver: Receiver
+) -> None:
+    samples = ten_hz(time.time() - 20, 10)
+    send(collector, batch(1, records=samples))
+    before = sorted(receiver.points(), key=repr)
+    # The same samples again under a new boot (an agent that resent its spool after a
+    # restart): the receiver would refuse them as out of order; none is sent.
+    send(collector, batch(1, boot_id="boot-2", records=samples), boot="boot-2")
+    assert sorted(receiver.points(), key=repr) == before
+    stats = collector.remote_writers[0].stats()
+    assert stats.resent == stats.sent
+    assert stats.rejected == 0
+
+
+def test_stale_gpm_readings_are_not_written_under_a_new_timestamp(
+    collector: Collector, receiver: Receiver
+) -> None:
+    t = time.time() - 5
+    fresh = gpu(0, t)
+    stale = dataclasses.replace(gpu(0, t + 0.1), gpm_stale=True)
+    send(collector, batch(1, records=[fresh, stale]))
+    times = {
+        n: sorted(ts for labels, ts, _ in receiver.points() if labels["__name__"] == n)
+        for n in (DRAM, POWER)
+    }
+    assert times[DRAM] == [round(t * 1000)]  # GPM: the fresh reading only
+    assert times[POWER] == [round(t * 1000), round((t + 0.1) * 1000)]  # NVML: both
+
+
+def test_server_errors_are_retried_and_client_errors_dropped_and_counted(
+    receiver: Receiver,
+) -> None:
+    c = start_collector(receiver, min_backoff_s=0.01, max_backoff_s=0.02)
+    try:
+        receiver.script = [503, 500, 429]
+        send(c, batch(1, records=[gpu(0, time.time() - 3)]))
+        stats = c.remote_writers[0].stats()
+        assert stats.retries == 3
+        assert receiver.posts == 4
+        assert stats.sent > 0 and stats.rejected == 0
+
+        receiver.script = [400]
+        send(c, batch(2, records=[gpu(0, time.time() - 2)]))
+        stats = c.remote_writers[0].stats()
+        assert stats.rejected > 0  # refused as malformed: dropped, not retried
+        assert receiver.posts == 5
+    finally:
+        c.shutdown(timeout_s=2)
+
+
+def test_a_full_queue_drops_the_oldest_samples_and_counts_them(receiver: Receiver) -> None:
+    # A receiver that keeps failing: the queue fills, the oldest go, the count says so.
+    receiver.script = [503] * 1000
+    c = start_collector(receiver, queue_max_samples=50, max_samples_per_send=10, min_backoff_s=0.05)
+    try:
+        with AgentStream(f"127.0.0.1:{c.ingest.port}") as stream:
+            for seq in range(1, 21):
+                stream.send(batch(seq, records=ten_hz(time.time() - 60 + seq, 5)))
+            stream.wait_acked(20)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and c.remote_writers[0].stats().dropped_queue_full == 0:
+            time.sleep(0.05)
+        stats = c.remote_writers[0].stats()
+        assert stats.queued == 200
+        assert stats.dropped_queue_full >= 200 - 50 - 10
+    finally:
+        receiver.script = []
+        c.shutdown(timeout_s=2)
