@@ -4,14 +4,32 @@ The agent runs the fake backend with 8 GPUs (and the fake host sensor) exactly a
 deployed: its own process, default config except the rate, streaming over loopback
 gRPC to a collector subprocess. Its CPU time and RSS come from /proc/<pid>.
 
-1. **overhead**: for each rate (default 1 Hz and 10 Hz) the agent starts, warms up
-   (imports, first connection, first windows), then runs for ``--seconds``. CPU =
-   utime + stime delta of the whole process (every thread: sampler, spool writer,
-   grpc) over that span, as % of one core. The **floor** is the same daemon at
-   0.01 Hz (one tick at start, then nothing to sample, batch or send during the
-   span): what the process costs just by being alive (timers, idle wakeups,
-   keepalives). The budget (DESIGN §8) is checked against the *total*, not total −
-   floor: the budget is for the agent as deployed.
+1. **overhead**: for each configuration the agent starts, warms up (imports, first
+   connection, first windows), then runs for ``--seconds``. CPU = utime + stime delta
+   of the whole process (every thread) over that span, as % of one core, and per
+   thread from ``/proc/<pid>/task/*/stat``, named by ``/proc/<pid>/task/*/comm`` (the
+   agent names its Python threads' OS threads, ``rooftop.common.threadnames``; gRPC's
+   C threads name themselves). Configurations:
+
+   - ``floor``: 0.01 Hz, idle GPUs, no engines (one tick at start, then nothing to
+     sample, receive, batch or send during the span): what the process costs by being
+     alive (timers, idle wakeups, keepalives).
+   - ``idle1``: 1 Hz, 8 idle GPUs, no engines (what this bench measured before).
+   - ``busy1`` / ``busy10``: 1 Hz / 10 Hz on a **busy** serving host (``BUSY_DOC``):
+     every GPU is running a workload (``BUSY_WORKLOADS``: DRAM and tensor activity,
+     tens of GiB used, one compute process each, whose CPU the host sensor reports)
+     and has an engine: a feeder subprocess runs 8 in-process hooks
+     (``rooftop.agent.hooks.Aggregator``, one per GPU, ``gpu_indices`` set), each
+     finishing ``FEED_REQUESTS_PER_S`` requests of ``FEED_TOKENS`` tokens a second and
+     sending its summary once a second to the agent's hook socket, as vLLM would.
+
+   Configurations run interleaved, ``--repeat`` times each; the table gives the
+   median and (min–max). The budget (DESIGN §8) is checked against the *total*, not
+   total − floor: the budget is for the agent as deployed. ``--before DIR`` runs the
+   agent from another source tree too (``git archive HEAD | tar -x -C DIR``), in the
+   same interleaving, for a before/after on the same machine and minute.
+   ``--write-docs`` puts the tables between the ``bench_agent`` markers of
+   docs/PERFORMANCE.md.
 2. **drain**: 8 GPUs at 10 Hz with the collector down for ``--outage-s``; then the
    collector comes back on the same port. Reported: how long the agent took to
    reconnect (its backoff), and how fast it drained the backlog once connected:
@@ -21,30 +39,91 @@ gRPC to a collector subprocess. Its CPU time and RSS come from /proc/<pid>.
    collector runs through ``tests/e2e/recording_collector.py`` (the real CLI plus a
    line per applied batch).
 
-Usage: .venv/bin/python bench/bench_agent.py [--seconds 60] [--rates 1,10] [--outage-s 120]
+Usage: .venv/bin/python bench/bench_agent.py [--seconds 60] [--repeat 3]
+    [--configs floor,idle1,busy1,busy10] [--before DIR] [--write-docs] [--outage-s 120]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "PERFORMANCE.md"
+BEGIN = "<!-- bench_agent: begin (written by bench/bench_agent.py --write-docs) -->"
+END = "<!-- bench_agent: end -->"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GPUS = 8
+# A serving host: GPUs decoding and prefilling, one GEMM-bound, one batch-1 GEMV
+# (fake.WORKLOADS: DESIGN §2's measured rows). The config's backend key takes no schedules.
+BUSY_WORKLOADS = "decode,decode,decode,prefill,decode,prefill,gemm,gemv"
+FEED_REQUESTS_PER_S = 4  # per engine
+FEED_TOKENS = 32  # per request
+BUSY_DOC = (
+    f"every GPU busy (fake `h100:{BUSY_WORKLOADS}`: util.gpu 95-98 %, DRAM 25-85 %, "
+    "1-72 GiB used, one compute process per GPU at 60-100 % of a core, reported by the "
+    f"host sensor) and one engine hook per GPU ({FEED_REQUESTS_PER_S} requests/s of "
+    f"{FEED_TOKENS} tokens, a summary a second to the agent's hook socket)"
+)
+CONFIGS = {  # name: (rate_hz, busy)
+    "floor": (0.01, False),
+    "idle1": (1.0, False),
+    "busy1": (1.0, True),
+    "busy10": (10.0, True),
+}
+LABELS = {
+    "floor": "floor (0.01 Hz, idle GPUs, no engines)",
+    "idle1": "1 Hz, idle GPUs, no engines",
+    "busy1": "**1 Hz, busy GPUs + engines**",
+    "busy10": "10 Hz, busy GPUs + engines",
+}
+BUDGETS = {"idle1": 0.5, "busy1": 0.5, "busy10": 3.0}
+THREADS_DOC = (
+    "Threads: `sampler` (ticks, encodes, classifies, batches), `hook-receiver` (engine "
+    "summaries), `stream` (the asyncio loop sending batches), `spool` (the disk writer), "
+    "`xid` (NVML XID events), `pods` (kubelet attribution, idle off Kubernetes), `python` "
+    "(the main thread, waiting for SIGTERM; it keeps the process's name), `asyncio` (the "
+    "stream loop's executor, DNS); `event_engine`, `grpc_global_tim`, `lifeguard` and "
+    "`Thread-1 (_poll` (the grpc.aio poller) are gRPC's. `/proc` counts CPU in 10 ms "
+    "ticks, {tick_pct:.2f} % of a core over a {seconds:g} s run: per-thread figures are "
+    "multiples of it, 0.00 % means under one tick, and a column need not add up to the "
+    "whole process (rounding per thread, threads that ended during a run)."
+)
+# The engines' feeder: 8 hooks as an engine runs them (stdlib only, like the hooks).
+FEEDER = """
+import os, sys, time
+from rooftop.agent.hooks import Aggregator
+parent = os.getppid()
+sock, gpus, rps, tokens = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+aggs = [Aggregator(engine_id=f"bench-engine-{i}", model="llama-3-8b", gpu_indices=(i,),
+                   socket_path=sock) for i in range(gpus)]
+t = time.monotonic()
+while os.getppid() == parent:  # the bench gone (killed): so is this
+    for agg in aggs:
+        req = agg.start_request()
+        for _ in range(tokens):
+            req.token()
+        req.end()
+    t += 1.0 / rps
+    time.sleep(max(0.0, t - time.monotonic()))
+"""
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -52,11 +131,29 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime, all threads
 
 
+def threads_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
+    """Per thread (tid): its OS name (comm) and utime + stime so far."""
+    out: dict[int, tuple[str, float]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(task.name)] = (comm, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    return out
+
+
 def proc_rss_mib(pid: int) -> tuple[float, float]:
     status = Path(f"/proc/{pid}/status").read_text()
     rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
     hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
     return rss / 1024, hwm / 1024
+
+
+def thread_group(comm: str) -> str:
+    """Threads of one kind together: gRPC's pools number their threads."""
+    return re.sub(r"[-_ ]?\d+$", "", comm) or comm
 
 
 def free_port() -> int:
@@ -122,17 +219,25 @@ class Collector:
             self.proc.stdout.close()
 
 
-def start_agent(workdir: Path, collector_port: int, rate_hz: float, **extra: object
-                ) -> subprocess.Popen[bytes]:  # fmt: skip
-    config = {
+def start_agent(
+    workdir: Path,
+    collector_port: int,
+    rate_hz: float,
+    *,
+    busy: bool,
+    extra: dict[str, object],
+    tree: Path = REPO,
+) -> subprocess.Popen[bytes]:
+    config: dict[str, object] = {
         "agent_id": f"bench-{rate_hz:g}hz",
         "collectors": [f"127.0.0.1:{collector_port}"],
         "insecure": True,
-        "backend": "fake:h100",
+        "backend": f"fake:h100:{BUSY_WORKLOADS}" if busy else "fake:h100",
         "fake_gpus": GPUS,
         "rate_hz": rate_hz,
         "window_s": max(5.0, 1.0 / rate_hz),
         "spool_dir": str(workdir / "spool"),
+        "hook_socket": str(workdir / "hooks.sock"),
         **extra,
     }
     lines = []
@@ -148,12 +253,22 @@ def start_agent(workdir: Path, collector_port: int, rate_hz: float, **extra: obj
     path = workdir / "agent.toml"
     path.write_text("\n".join(lines) + "\n")
     log = (workdir / "agent.log").open("wb")
+    # cwd = the source tree: `-m rooftop` imports the tree's own package (--before).
     proc = subprocess.Popen(
         [sys.executable, "-m", "rooftop", "agent", "--config", str(path)],
-        cwd=REPO, env=env(), stdout=log, stderr=log,
+        cwd=tree, env=env(), stdout=log, stderr=log,
     )  # fmt: skip
     log.close()
     return proc
+
+
+def start_feeder(socket_path: Path) -> subprocess.Popen[bytes]:
+    """The engines: 8 hooks sending summaries to the agent's socket (a process apart)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", FEEDER, str(socket_path), str(GPUS), str(FEED_REQUESTS_PER_S),
+         str(FEED_TOKENS)],
+        cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 def stop_agent(proc: subprocess.Popen[bytes]) -> None:
@@ -165,29 +280,124 @@ def stop_agent(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def overhead(rate_hz: float, seconds: float, warmup_s: float, workdir: Path,
-             collector: Collector, extra: dict[str, object]) -> dict[str, float]:  # fmt: skip
-    workdir.mkdir(parents=True, exist_ok=True)
-    proc = start_agent(workdir, collector.port, rate_hz, **extra)
+def overhead(config: str, seconds: float, warmup_s: float, workdir: Path, collector: Collector,
+             extra: dict[str, object], tree: Path = REPO) -> dict[str, object]:  # fmt: skip
+    """One run of one configuration: whole-process and per-thread CPU over ``seconds``."""
+    rate_hz, busy = CONFIGS[config]
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    proc = start_agent(workdir, collector.port, rate_hz, busy=busy, extra=extra, tree=tree)
+    feeder = start_feeder(workdir / "hooks.sock") if busy else None
     try:
         time.sleep(warmup_s)
         if proc.poll() is not None:
             raise SystemExit((workdir / "agent.log").read_text())
-        cpu0, t0 = proc_cpu_s(proc.pid), time.monotonic()
+        th0, cpu0, t0 = threads_cpu_s(proc.pid), proc_cpu_s(proc.pid), time.monotonic()
         time.sleep(seconds)
-        cpu1, t1 = proc_cpu_s(proc.pid), time.monotonic()
+        th1, cpu1, t1 = threads_cpu_s(proc.pid), proc_cpu_s(proc.pid), time.monotonic()
         rss, hwm = proc_rss_mib(proc.pid)
     finally:
+        if feeder is not None:
+            feeder.kill()
+            feeder.wait()
         stop_agent(proc)
-    return {"cpu_s": cpu1 - cpu0, "wall_s": t1 - t0, "pct": 100 * (cpu1 - cpu0) / (t1 - t0),
-            "rss_mib": rss, "hwm_mib": hwm}  # fmt: skip
+    wall_s = t1 - t0
+    per_thread: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for tid, (comm, cpu) in th1.items():
+        group = thread_group(comm)
+        # A thread born during the span counts from zero; one that ended is lost (rare).
+        delta_s = cpu - th0.get(tid, ("", 0.0))[1]
+        per_thread[group] = per_thread.get(group, 0.0) + 100 * delta_s / wall_s
+        counts[group] = counts.get(group, 0) + 1
+    return {"pct": 100 * (cpu1 - cpu0) / wall_s, "rss_mib": rss, "hwm_mib": hwm,
+            "threads": per_thread, "counts": counts}  # fmt: skip
+
+
+def spread(values: Sequence[float]) -> str:
+    """Median (min–max) of repeated runs; the median alone for one run."""
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:.2f} %"
+    return f"{med:.2f} % ({min(values):.2f}–{max(values):.2f})"
+
+
+def overhead_tables(results: dict[str, dict[str, list[dict[str, object]]]], seconds: float,
+                    warmup_s: float, repeat: int) -> list[str]:  # fmt: skip
+    """Markdown: whole process per configuration (before/after), then per thread."""
+    trees = list(results)
+    configs = list(results[trees[0]])
+    out = [
+        f"**Results, fake backend ({datetime.date.today().isoformat()}, {os.cpu_count()}-core "
+        f"{platform.machine()} machine, Python {sys.version.split()[0]}; {GPUS} GPUs; "
+        f"{seconds:g} s per run after {warmup_s:g} s of warm-up, {repeat} run(s) of each, "
+        f"interleaved; % of one core, median (min–max)):**",
+        "",
+        "| configuration | " + " | ".join(trees) + " | budget | RSS MiB (peak) |",
+        "|---|" + "---:|" * len(trees) + "---|---|",
+    ]
+    for config in configs:
+        cells = [spread([float(r["pct"]) for r in results[t][config]]) for t in trees]  # type: ignore[arg-type]
+        last = results[trees[-1]][config][-1]
+        budget = BUDGETS.get(config)
+        out.append(
+            f"| {LABELS[config]} | " + " | ".join(cells)
+            + f" | {f'≤ {budget:g} %' if budget else '—'} | "
+            + f"{float(last['rss_mib']):.1f} ({float(last['hwm_mib']):.1f}) |"  # type: ignore[arg-type]
+        )  # fmt: skip
+    out += ["", f"Busy = {BUSY_DOC}.", ""]
+    # Per thread: the last tree (this code), every configuration, medians.
+    tree = trees[-1]
+    groups: dict[str, int] = {}
+    for config in configs:
+        for run in results[tree][config]:
+            for g, n in run["counts"].items():  # type: ignore[attr-defined]
+                groups[g] = max(groups.get(g, 0), n)
+    medians = {
+        config: {
+            g: statistics.median(float(run["threads"].get(g, 0.0)) for run in results[tree][config])  # type: ignore[attr-defined]
+            for g in groups
+        }
+        for config in configs
+    }
+    whole = {c: [float(r["pct"]) for r in results[tree][c]] for c in configs}  # type: ignore[arg-type]
+    order = sorted(groups, key=lambda g: -max(medians[c][g] for c in configs))
+    out += [
+        f"Per thread ({tree}; `/proc/<pid>/task/*/stat`, named by `comm`; median of the runs):",
+        "",
+        "| thread (count) | " + " | ".join(LABELS[c].strip("*") for c in configs) + " |",
+        "|---|" + "---:|" * len(configs),
+    ]
+    for g in order:
+        out.append(
+            f"| `{g}` ({groups[g]}) | "
+            + " | ".join(f"{medians[c][g]:.2f} %" for c in configs)
+            + " |"
+        )
+    out.append(
+        "| whole process | "
+        + " | ".join(f"{statistics.median(whole[c]):.2f} %" for c in configs)
+        + " |"
+    )
+    out += ["", THREADS_DOC.format(tick_pct=100 / CLK_TCK / seconds, seconds=seconds)]
+    return out
+
+
+def write_docs(block: str) -> None:
+    text = DOC.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{DOC}: expected one {BEGIN!r} … {END!r} pair")
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    DOC.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
 
 
 def drain(outage_s: float, workdir: Path, extra: dict[str, object]) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     record = workdir / "applied.jsonl"
     collector = Collector(free_port(), record=record)
-    proc = start_agent(workdir, collector.port, 10.0, **extra)  # no collector: all of it spools
+    # No collector: all of it spools. Idle GPUs, as this measurement always had.
+    proc = start_agent(workdir, collector.port, 10.0, busy=False, extra=extra)
     try:
         time.sleep(outage_s)
         agent_cpu0 = proc_cpu_s(proc.pid)
@@ -227,10 +437,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--warmup-s", type=float, default=8.0)
-    parser.add_argument("--rates", default="1,10")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--configs", default="floor,idle1,busy1,busy10",
+                        help=f"comma-separated, of {', '.join(CONFIGS)}")  # fmt: skip
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="DIR",
+        help="also run the agent from this source tree (git archive HEAD)",
+    )
     parser.add_argument("--outage-s", type=float, default=120.0)
     parser.add_argument("--skip-drain", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--save", type=Path, metavar="JSON",
+                        help="also write the raw overhead results here")  # fmt: skip
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="run nothing: print (--write-docs: write) a --save")  # fmt: skip
+    parser.add_argument("--write-docs", action="store_true",
+                        help="put the overhead tables into docs/PERFORMANCE.md")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra agent config, e.g. --set batch_interval_s=1.0")  # fmt: skip
     args = parser.parse_args()
@@ -238,33 +462,55 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         extra[key] = float(value) if re.fullmatch(r"[0-9.]+", value) else value
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if unknown := [c for c in configs if c not in CONFIGS]:
+        raise SystemExit(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    if args.before is not None and not (args.before / "rooftop" / "__init__.py").is_file():
+        raise SystemExit(f"--before {args.before}: no rooftop package there")
+    trees = {"before": args.before.resolve()} if args.before is not None else {}
+    trees["after" if trees else "this code"] = REPO
 
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        block = "\n".join(overhead_tables(saved["results"], saved["seconds"],
+                                          saved["warmup_s"], saved["repeat"]))  # fmt: skip
+        print(block)
+        if args.write_docs:
+            write_docs(block)
+        return
+    # SIGTERM unwinds like Ctrl-C, so the finally clauses stop the agent and collector.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     try:
         if not args.skip_overhead:
+            results: dict[str, dict[str, list[dict[str, object]]]] = {
+                t: {c: [] for c in configs} for t in trees
+            }
             collector = Collector(free_port())
             collector.start()
             try:
-                floor = overhead(0.01, args.seconds, args.warmup_s, workdir / "floor", collector,
-                                 extra)  # fmt: skip
-                rows = [(r, overhead(float(r), args.seconds, args.warmup_s, workdir / f"r{r}",
-                                     collector, extra))
-                        for r in args.rates.split(",")]  # fmt: skip
+                # Interleaved: a noisy minute on a shared machine hits every column alike.
+                for n in range(args.repeat):
+                    for config in configs:
+                        for name, tree in trees.items():
+                            run = overhead(config, args.seconds, args.warmup_s,
+                                           workdir / config, collector, extra, tree)  # fmt: skip
+                            results[name][config].append(run)
+                            print(f"  run {n + 1}/{args.repeat} {config:7} {name:9} "
+                                  f"{float(run['pct']):.2f} %", flush=True)  # type: ignore[arg-type]  # fmt: skip
             finally:
                 collector.stop()
-            print(f"\n[overhead] agent, {GPUS} fake GPUs, streaming to a collector; "
-                  f"{args.seconds:g} s after {args.warmup_s:g} s warm-up")  # fmt: skip
-            print("  rate     CPU s   % core  budget  floor   total-floor  RSS MiB (peak)")
-            budgets = {"1": 0.5, "10": 3.0}
-            f = floor["pct"]
-            print(f"  floor    {floor['cpu_s']:5.2f}  {f:6.2f}  -       -       -            "
-                  f"{floor['rss_mib']:.1f} ({floor['hwm_mib']:.1f})")  # fmt: skip
-            for r, m in rows:
-                budget = budgets.get(r)
-                limit = f"≤ {budget:.1f}" if budget else "-"
-                rss = f"{m['rss_mib']:.1f} ({m['hwm_mib']:.1f})"
-                print(f"  {r:>3} Hz  {m['cpu_s']:5.2f}  {m['pct']:6.2f}  {limit:6}  {f:5.2f}   "
-                      f"{m['pct'] - f:6.2f}       {rss}")  # fmt: skip
+            if args.save is not None:
+                args.save.write_text(json.dumps({
+                    "results": results, "seconds": args.seconds,
+                    "warmup_s": args.warmup_s, "repeat": args.repeat,
+                }))  # fmt: skip
+            block = "\n".join(overhead_tables(results, args.seconds, args.warmup_s, args.repeat))
+            print(f"\n[overhead] agent, {GPUS} fake GPUs, streaming to a collector\n")
+            print(block)
+            if args.write_docs:
+                write_docs(block)
+                print(f"\nwritten to {DOC.relative_to(REPO)}")
         if not args.skip_drain:
             drain(args.outage_s, workdir / "drain", extra)
     finally:

@@ -13,12 +13,17 @@ come from /proc/<pid>. Two phases:
    sample → collector lag (it adds the ack's way back and the ack delay), which is
    what the agent's spool experiences.
 
+Both phases run once per batch format in the same run, each against a fresh
+collector: ``records`` (one TraceRecord per sample, what agents send by default) and
+``columns`` (``Batch.gpu_columns``, ``rooftop.common.columns``); the CPU ratio
+columns / records is printed. ``--format`` runs one of them only.
+
 With ``--tls`` both phases run twice in the same run: once in plaintext, once with
 mTLS through the collector's TLS gate (a throwaway PKI made with the openssl CLI),
 and the CPU ratio mTLS / plaintext is printed.
 
 Usage: .venv/bin/python bench/bench_collector.py [--throughput-agents 4] [--lag-agents 50]
-       [--tls]
+       [--format records|columns|both] [--tls]
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from pathlib import Path
 import grpc
 
 from rooftop.common.codec import record_to_proto, timestamp
+from rooftop.common.columns import encode_samples
 from rooftop.common.model import GpuSample
 from rooftop.v1 import telemetry_pb2 as pb
 
@@ -50,13 +56,19 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _sample(index: int, time_s: float) -> GpuSample:
+    # Measurements move from tick to tick (columns of one repeated value are smaller on
+    # the wire); the GPU's identity, memory size and PCIe link do not.
+    k = (round(time_s * 100) + index) % 37
     return GpuSample(
         time_s=time_s, gpu_index=index, gpu_uuid=f"GPU-{index:04d}", gpu_name="H100 80GB HBM3",
-        busy_pct=95.5, mem_ctrl_pct=97.1, sm_active_pct=81.3, sm_occupancy_pct=11.7,
-        tensor_active_pct=2.2, fp16_active_pct=1.0, fp32_active_pct=0.5, fp64_active_pct=0.0,
-        dram_bw_pct=84.8, pcie_rx_bytes_per_s=1.5e9, pcie_tx_bytes_per_s=0.5e9,
-        pcie_link_gen=5, pcie_link_width=16, power_w=650.0, sm_clock_mhz=1980.0,
-        mem_used_bytes=70 * 2**30, mem_total_bytes=80 * 2**30, temperature_c=61.0,
+        busy_pct=95.5 - k / 10, mem_ctrl_pct=97.1 - k / 8, sm_active_pct=81.3 + k / 9,
+        sm_occupancy_pct=11.7 + k / 20, tensor_active_pct=2.2 + k / 30,
+        fp16_active_pct=1.0 + k / 40, fp32_active_pct=0.5 + k / 50, fp64_active_pct=k / 100,
+        dram_bw_pct=84.8 - k / 7,
+        pcie_rx_bytes_per_s=1.5e9 + k * 1e6, pcie_tx_bytes_per_s=0.5e9 + k * 1e6,
+        pcie_link_gen=5, pcie_link_width=16, power_w=650.0 + k, sm_clock_mhz=1980.0 - k * 15,
+        mem_used_bytes=70 * 2**30 + k * 2**20, mem_total_bytes=80 * 2**30,
+        temperature_c=61.0 + k / 4,
     )  # fmt: skip
 
 
@@ -173,13 +185,24 @@ def _channel(target: str, tls: Tls | None, **options: object) -> grpc.Channel:
     return tls.channel(target, opts) if tls else grpc.insecure_channel(target, options=opts)
 
 
+def _fill(batch: pb.Batch, samples: list[GpuSample], fmt: str) -> None:
+    if fmt == "columns":
+        batch.gpu_columns.CopyFrom(encode_samples(samples))
+    else:
+        batch.records.extend(record_to_proto(s) for s in samples)
+
+
 def throughput_agent(
-    target: str, agent: int, duration_s: float, out: mp.Queue, tls: Tls | None = None
+    target: str,
+    agent: int,
+    duration_s: float,
+    out: mp.Queue,
+    tls: Tls | None = None,
+    fmt: str = "records",
 ) -> None:
     template = pb.Batch(agent_id=f"bench-{agent}", boot_id="boot", hostname=f"node-{agent}")
     now = time.time()
-    for i in range(500):
-        template.records.append(record_to_proto(_sample(i % 8, now + i * 0.01)))
+    _fill(template, [_sample(i % 8, now + i * 0.01) for i in range(500)], fmt)
     body = template.SerializeToString()
     channel = _channel(target, tls, max_send_message_length=4 << 20)
     stream = _Stream(channel, raw=True)
@@ -203,6 +226,7 @@ def lag_agents(
     hz: float,
     out: mp.Queue,
     tls: Tls | None = None,
+    fmt: str = "records",
 ) -> None:
     channel = _channel(target, tls)
     streams = [_Stream(channel, raw=False) for _ in range(count)]
@@ -222,7 +246,7 @@ def lag_agents(
                 seqs[a] += 1
                 b = pb.Batch(agent_id=f"lag-{first + a}", boot_id="boot", seq=seqs[a],
                              hostname=f"node-{first + a}")  # fmt: skip
-                b.records.extend(record_to_proto(s) for s in pending[a])
+                _fill(b, pending[a], fmt)
                 b.sent_time.CopyFrom(timestamp(time.time()))
                 stream.send(seqs[a], b, [s.time_s for s in pending[a]])
                 pending[a] = []
@@ -279,9 +303,9 @@ class Result:
     lag_cores: float
 
 
-def run(args: argparse.Namespace, tls: Tls | None) -> Result:
+def run(args: argparse.Namespace, tls: Tls | None, fmt: str = "records") -> Result:
     """Both phases against one fresh collector; prints as it goes."""
-    mode = "mTLS through the TLS gate" if tls else "plaintext"
+    mode = ("mTLS through the TLS gate" if tls else "plaintext") + f", {fmt}"
     proc, target = start_collector(tls)
     ctx = mp.get_context("spawn")
     try:
@@ -292,7 +316,7 @@ def run(args: argparse.Namespace, tls: Tls | None) -> Result:
         out: mp.Queue = ctx.Queue()
         cpu0, t0 = _proc_cpu_s(proc.pid), time.monotonic()
         workers = [
-            ctx.Process(target=throughput_agent, args=(target, a, args.throughput_s, out, tls))
+            ctx.Process(target=throughput_agent, args=(target, a, args.throughput_s, out, tls, fmt))
             for a in range(args.throughput_agents)
         ]
         for w in workers:
@@ -321,7 +345,7 @@ def run(args: argparse.Namespace, tls: Tls | None) -> Result:
             workers.append(
                 ctx.Process(
                     target=lag_agents,
-                    args=(target, first, count, args.lag_s, args.hz, out, tls),
+                    args=(target, first, count, args.lag_s, args.hz, out, tls, fmt),
                 )
             )
         for w in workers:
@@ -364,15 +388,31 @@ def main() -> None:
     parser.add_argument("--lag-s", type=float, default=15.0)
     parser.add_argument("--hz", type=float, default=10.0)
     parser.add_argument("--tls", action="store_true", help="also run with mTLS; print ratios")
+    parser.add_argument(
+        "--format", choices=("records", "columns", "both"), default="both",
+        help="batch format(s) to measure (default: both, in this run)",
+    )  # fmt: skip
     args = parser.parse_args()
-    plain = run(args, None)
+    formats = ("records", "columns") if args.format == "both" else (args.format,)
+    results = {fmt: run(args, None, fmt) for fmt in formats}
+    if len(results) == 2:
+        old, new = results["records"], results["columns"]
+        print("\n=== columns / records, same run (plaintext)")
+        print(f"  CPU per sample       {new.cpu_us_per_sample / old.cpu_us_per_sample:.2f}x "
+              f"({old.cpu_us_per_sample:.2f} -> {new.cpu_us_per_sample:.2f} µs)")  # fmt: skip
+        print(f"  per collector core   {1e6 / old.cpu_us_per_sample:,.0f} -> "
+              f"{1e6 / new.cpu_us_per_sample:,.0f} samples/s")  # fmt: skip
+        print(f"  ingest rate          {new.samples_per_s / old.samples_per_s:.2f}x")
+        print(f"  lag phase CPU        {old.lag_cores:.3f} -> {new.lag_cores:.3f} cores")
+        print(f"  lag p99              {old.lag_p99_ms:.0f} -> {new.lag_p99_ms:.0f} ms")
+    plain = results[formats[0]]
     if not args.tls:
         return
     with tempfile.TemporaryDirectory(prefix="rooftop-bench-pki-") as root:
         # mTLS checks each batch's agent_id against the certificate's names.
         ids = [f"bench-{a}" for a in range(args.throughput_agents)]
         ids += [f"lag-{a}" for a in range(args.lag_agents)]
-        mtls = run(args, Tls.make(Path(root), ids))
+        mtls = run(args, Tls.make(Path(root), ids), formats[0])
     print("\n=== mTLS / plaintext, same run")
     print(f"  CPU per sample       {mtls.cpu_us_per_sample / plain.cpu_us_per_sample:.2f}x "
           f"({plain.cpu_us_per_sample:.2f} -> {mtls.cpu_us_per_sample:.2f} µs)")  # fmt: skip

@@ -236,22 +236,24 @@ def _collector_auth_options(fn: F) -> F:
 
 
 def _fleet_status(
-    collector: str,
+    addresses: tuple[str, ...],
     node: str | None,
     detail: bool,
     auth: dict[str, Any],
 ) -> Any:
-    """Ask ``collector`` for the fleet's status (``rooftop.v1.Query``)."""
+    """Ask every collector at once for the fleet's status (``rooftop.v1.Query``), merged.
+
+    Returns ``fleet_query.FleetView``; raises (exit 1) only when none answered.
+    """
     # gRPC's C core logs a failed handshake on stderr by itself (absl, INFO) beside our
     # one-line error; it reads GRPC_VERBOSITY once, when grpc is first imported: below.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from rooftop.agent.credentials import ClientAuth  # noqa: PLC0415 — grpc
-    from rooftop.agent.fleet_query import query_fleet_status  # noqa: PLC0415
+    from rooftop.agent.fleet_query import query_fleets  # noqa: PLC0415
 
     timeout_s = auth.pop("timeout_s")
     client = ClientAuth(**auth)
-    return query_fleet_status(collector, client, node=node or "", detail=detail,
-                              timeout_s=timeout_s)
+    return query_fleets(addresses, client, node=node or "", detail=detail, timeout_s=timeout_s)
 
 
 _by_option = click.option(
@@ -261,49 +263,86 @@ _by_option = click.option(
 
 
 def _print_workloads(
-    address: str, node: str | None, by: str, as_json: bool, auth: dict[str, Any]
+    addresses: tuple[str, ...], node: str | None, by: str, as_json: bool, auth: dict[str, Any]
 ) -> None:
     """``--by``: the fleet grouped by workload, namespace or node."""
     from rooftop.agent.workload_view import format_workloads, workloads_json  # noqa: PLC0415
 
     # Detail: the newest samples carry the pods and processes, the verdicts their advice.
-    fs = _fleet_status(address, node, True, auth)
+    view = _fleet_status(addresses, node, True, auth)
+    label = ", ".join(addresses)
     if as_json:
-        click.echo(json.dumps(workloads_json(fs, collector=address, by=by), indent=2))
+        doc = workloads_json(view.status, collector=label, by=by, collectors=view.collectors)
+        click.echo(json.dumps(doc, indent=2))
     else:
-        click.echo(format_workloads(fs, collector=address, by=by))
+        click.echo(format_workloads(view.status, collector=label, by=by,
+                                    collectors=view.collectors))
 
 
-def _collector_address(collector: str | None) -> str:
-    address = collector or os.environ.get(COLLECTOR_ENV, "")
-    if not address:
-        raise click.UsageError(f"give --collector HOST:PORT or set ${COLLECTOR_ENV}")
-    return address
+# What the agent config gives besides its collectors: how to reach them.
+_AGENT_AUTH_KEYS = ("ca_file", "cert_file", "key_file", "token_file", "server_name", "insecure")
+
+
+def _collector_addresses(given: tuple[str, ...], auth: dict[str, Any]) -> tuple[str, ...]:
+    """The collectors to ask (a DNS name stands for every address it resolves to).
+
+    Every ``--collector`` (repeatable, or comma-separated),
+    else ``$ROOFTOP_COLLECTOR`` (comma-separated), else the agent config's ``collectors``
+    (``$ROOFTOP_CONFIG``, ``$ROOFTOP_COLLECTORS``) with its TLS files and token when no
+    auth option is given.
+    """
+    addresses = tuple(a.strip() for text in given for a in text.split(",") if a.strip())
+    if not addresses:
+        env = os.environ.get(COLLECTOR_ENV, "")
+        addresses = tuple(a.strip() for a in env.split(",") if a.strip())
+    if addresses:
+        return addresses
+    from rooftop.agent.config import CONFIG_ENV, ENV_VARS, load_config  # noqa: PLC0415
+
+    if os.environ.get(CONFIG_ENV) or os.environ.get(ENV_VARS["collectors"]):
+        cfg = load_config()
+        if cfg.collectors:
+            if not any(auth.get(key) for key in _AGENT_AUTH_KEYS):
+                auth.update({key: getattr(cfg, key) for key in _AGENT_AUTH_KEYS})
+            return cfg.collectors
+    raise click.UsageError(
+        f"give --collector HOST:PORT or set ${COLLECTOR_ENV} (or an agent config with "
+        "collectors in $ROOFTOP_CONFIG)"
+    )
 
 
 @main.command()
-@click.option("--collector", metavar="HOST:PORT",
-              help=f"The collector's ingest address [default: ${COLLECTOR_ENV}].")
+@click.option("--collector", "collectors", metavar="HOST:PORT", multiple=True,
+              help="A collector's ingest address; repeat it (or give a DNS name with several "
+                   "addresses) to ask several at once and merge their fleets "
+                   f"[default: ${COLLECTOR_ENV}, else the agent config's collectors].")
 @click.option("--node", metavar="NAME", help="Only this node (agent_id or hostname).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, nothing else.")
 @_by_option
 @_collector_auth_options
 @friendly_errors
 def status(
-    collector: str | None, node: str | None, as_json: bool, by: str | None, **auth: Any
+    collectors: tuple[str, ...], node: str | None, as_json: bool, by: str | None, **auth: Any
 ) -> None:
-    """Every node and GPU the collector knows: verdict, last seen, lag, drops."""
+    """Every node and GPU the collectors know: verdict, last seen, lag, drops.
+
+    Several collectors are asked at once and each node is shown once (the newest
+    report); one that does not answer is marked NOT ANSWERING and the exit status
+    stays 0, unless none answers (1).
+    """
     from rooftop.agent.status import format_status, status_json  # noqa: PLC0415
 
-    address = _collector_address(collector)
+    addresses = _collector_addresses(collectors, auth)
     if by is not None:
-        _print_workloads(address, node, by, as_json, auth)
+        _print_workloads(addresses, node, by, as_json, auth)
         return
-    fs = _fleet_status(address, node, False, auth)
+    view = _fleet_status(addresses, node, False, auth)
+    label = ", ".join(addresses)
     if as_json:
-        click.echo(json.dumps(status_json(fs, collector=address), indent=2))
+        doc = status_json(view.status, collector=label, collectors=view.collectors)
+        click.echo(json.dumps(doc, indent=2))
     else:
-        click.echo(format_status(fs, collector=address))
+        click.echo(format_status(view.status, collector=label, collectors=view.collectors))
 
 
 _fake_option = click.option(
@@ -337,9 +376,11 @@ _gpus_option = click.option("--gpus", default=1, show_default=True, type=click.I
               help="KV-cache dtype (default: as the weights, fp16/bf16).")
 @click.option("--context", "context_tokens", default=0, show_default=True,
               type=click.IntRange(min=0), help="Mean tokens per request in flight.")
-@click.option("--collector", is_flag=False, flag_value="", default=None, metavar="[HOST:PORT]",
+@click.option("--collector", "collectors", is_flag=False, flag_value="", multiple=True,
+              metavar="[HOST:PORT]",
               help="Show the latest verdicts the collector holds for every node instead "
-                   f"(alone: ${COLLECTOR_ENV}); for incidents, from anywhere.")
+                   f"(alone: ${COLLECTOR_ENV}); repeat it to merge several; for incidents, "
+                   "from anywhere.")
 @click.option("--node", metavar="NAME", help="With --collector: only this node.")
 @_by_option
 @_collector_auth_options
@@ -363,7 +404,7 @@ def diagnose(
     hooks: bool,
     fake: str | None,
     gpus: int,
-    collector: str | None,
+    collectors: tuple[str, ...],
     node: str | None,
     by: str | None,
     **auth: Any,
@@ -381,20 +422,24 @@ def diagnose(
     from rooftop.agent.render import format_table, format_timeline, verdict_json  # noqa: PLC0415
     from rooftop.agent.trace import read_trace  # noqa: PLC0415
 
-    if collector is not None:
+    if collectors:  # given, with or without a value
         if replay is not None or fake is not None:
             raise click.UsageError("--collector reads the fleet; it excludes --replay and --fake")
         from rooftop.agent.status import diagnosis_json, format_diagnosis  # noqa: PLC0415
 
-        address = _collector_address(collector)
+        addresses = _collector_addresses(collectors, auth)
         if by is not None:
-            _print_workloads(address, node, by, as_json, auth)
+            _print_workloads(addresses, node, by, as_json, auth)
             return
-        fs = _fleet_status(address, node, True, auth)
+        view = _fleet_status(addresses, node, True, auth)
+        label = ", ".join(addresses)
         if as_json:
-            click.echo(json.dumps(diagnosis_json(fs, collector=address), indent=2))
+            doc = diagnosis_json(view.status, collector=label, collectors=view.collectors,
+                                 origins=view.origins)
+            click.echo(json.dumps(doc, indent=2))
         else:
-            click.echo(format_diagnosis(fs, collector=address))
+            click.echo(format_diagnosis(view.status, collector=label,
+                                        collectors=view.collectors, origins=view.origins))
         return
     if node is not None:
         raise click.UsageError("--node needs --collector")
@@ -696,12 +741,15 @@ def agent_command(
     )
 
 
-def direct_otlp_sink(export: OtlpExport) -> BatchSink:
-    """The agent's ``[otlp]`` export: the collector's fleet and OTLP code, in this process."""
+def direct_otlp_sink(export: OtlpExport, host_name: str) -> BatchSink:
+    """The agent's ``[otlp]`` export: the collector's fleet and OTLP code, in this process.
+
+    ``host_name`` is the resource's ``host.name``: the node's name.
+    """
     # Imported only then: the OTel SDK and exporters add ~6 MiB of RSS (measured).
     from rooftop.collector.direct import DirectExporter  # noqa: PLC0415
 
-    return DirectExporter(export)
+    return DirectExporter(export, host_name=host_name)
 
 
 @main.command("alive")

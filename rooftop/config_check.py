@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from rooftop.common.configfile import read_toml
+from rooftop.common.errors import ConfigError
 
 if TYPE_CHECKING:
     from rooftop.agent.config import AgentConfig
@@ -73,6 +74,11 @@ def check_config(path: Path, kind: Kind | None, env: Mapping[str, str]) -> tuple
 
     collector = load_collector(path, env=env)
     IngestCredentials.load(collector)
+    for rw in collector.remote_write:
+        # The files a remote write re-reads at each send: missing ones fail here, not later.
+        for key, file in (("bearer_token_file", rw.bearer_token_file), ("ca_file", rw.ca_file)):
+            if file is not None and not file.is_file():
+                raise ConfigError(f"remote_write.{key}: {file}: no such file")
     return kind, to_toml(collector)
 
 
@@ -122,5 +128,12 @@ def to_toml(config: AgentConfig | CollectorConfig) -> str:
     for exp in config.otlp:
         lines += ["[[otlp]]", *_lines(exp.as_table()), ""]
     if not config.otlp:
-        lines.append("# [[otlp]]: none")
+        lines += ["# [[otlp]]: none", ""]
+    from rooftop.collector.config import _REMOTE_WRITE  # noqa: PLC0415
+
+    for rw in config.remote_write:
+        table = {key: getattr(rw, name) for key, (name, _) in _REMOTE_WRITE.items()}
+        lines += ["[[remote_write]]", *_lines(table), ""]
+    if not config.remote_write:
+        lines.append("# [[remote_write]]: none")
     return "\n".join(lines).rstrip("\n")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up everything the tests need (Python packages, a Prometheus server) and run
+# Set up everything the tests need (Python packages, a Prometheus server, kustomize) and run
 # every check: ruff, mypy, the import layering contracts, then pytest. GPU tests
 # skip themselves without a GPU.
 # Usage: scripts/test.sh [pytest args...]
@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 if [ -x .ci/install-prometheus.sh ]; then
     .ci/install-prometheus.sh
+fi
+if [ -x .ci/install-kustomize.sh ]; then
+    .ci/install-kustomize.sh
 fi
 echo "== ruff"
 .venv/bin/ruff check .

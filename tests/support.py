@@ -11,14 +11,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from rooftop.common.wire import INGEST_SERVICE
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
 
@@ -245,6 +247,10 @@ class Server:
             ],
         )
         telemetry_pb2_grpc.add_IngestServicer_to_server(self.servicer, server)
+        # As the collector does: agents probe a collector they want to return to.
+        health_servicer = health.HealthServicer()
+        health_servicer.set(INGEST_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         port = server.add_insecure_port(f"127.0.0.1:{self.port}")
         assert port, f"cannot bind 127.0.0.1:{self.port}"
         self.port = port
@@ -274,14 +280,17 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def require_tool(name: str, path: str | None) -> str:
+def require_tool(
+    name: str, path: str | None, *, installer: str = ".ci/install-prometheus.sh"
+) -> str:
     """``path`` of the ``name`` binary, or stop the test: skip it with the reason, but
     under CI (``CI`` set) FAIL it, so a missing tool cannot turn CI green with the
-    tests that need it skipped (.ci/install-prometheus.sh installs Debian's
-    ``prometheus``, which has ``prometheus`` and ``promtool``)."""
+    tests that need it skipped (``installer``, which scripts/test.sh runs, installs it:
+    .ci/install-prometheus.sh Debian's ``prometheus`` and ``promtool``,
+    .ci/install-kustomize.sh ``kustomize``)."""
     if path is not None:
         return path
-    reason = f"no {name} binary on PATH (.ci/install-prometheus.sh installs it)"
+    reason = f"no {name} binary on PATH ({installer} installs it)"
     if in_ci():
         pytest.fail(f"{reason}; CI must run the tests that need it", pytrace=False)
     pytest.skip(reason)
@@ -290,16 +299,24 @@ def require_tool(name: str, path: str | None) -> str:
 @contextlib.contextmanager
 def prometheus_server(
     workdir: Path,
-    target_port: int | None,
+    target_port: int | Sequence[int] | None,
     *,
     rule_file: Path | None = None,
     remote_write_receiver: bool = False,
     out_of_order_window: str | None = None,
+    scrape_interval_s: int = 1,
+    keep_metrics: str | None = None,
+    targets_file: Path | None = None,
 ) -> Iterator[str]:
     """A real Prometheus scraping 127.0.0.1:``target_port`` every second (job
-    ``rooftop``; None: no scraping), evaluating ``rule_file`` every second; yields its
-    base URL. ``remote_write_receiver`` serves ``/api/v1/write``;
-    ``out_of_order_window`` (``"30m"``) accepts samples older than a series' newest.
+    ``rooftop``; a list of ports: each is a target; None: no scraping), evaluating
+    ``rule_file`` every second; yields its base URL. ``remote_write_receiver`` serves
+    ``/api/v1/write``; ``out_of_order_window`` (``"30m"``) accepts samples older than
+    a series' newest. ``scrape_interval_s`` (also the scrape timeout) for large
+    targets; ``keep_metrics``: a regex of metric names kept from scrapes (the rest
+    dropped before storage, ``metric_relabel_configs``), to spare a small machine.
+    ``targets_file``: targets also come from this file (``file_sd_configs``, JSON, re-read
+    when it changes): for targets whose ports change, such as a restarted collector.
 
     Needs ``PROMETHEUS`` (``.ci/install-prometheus.sh`` installs Debian's).
     """
@@ -308,18 +325,33 @@ def prometheus_server(
     rules = f"rule_files: ['{rule_file}']\n" if rule_file is not None else ""
     if out_of_order_window is not None:
         rules += f"storage:\n  tsdb:\n    out_of_order_time_window: {out_of_order_window}\n"
+    ports = [target_port] if isinstance(target_port, int) else list(target_port or ())
+    targets = ", ".join(f"'127.0.0.1:{p}'" for p in ports)
+    keep = (
+        "    metric_relabel_configs:\n"
+        "      - source_labels: [__name__]\n"
+        f"        regex: '{keep_metrics}'\n"
+        "        action: keep\n"
+        if keep_metrics is not None
+        else ""
+    )
+    static = f"    static_configs:\n      - targets: [{targets}]\n" if ports else ""
+    files = (
+        f"    file_sd_configs:\n      - files: ['{targets_file}']\n" if targets_file else ""
+    )
     scrape = (
         "scrape_configs:\n"
         "  - job_name: rooftop\n"
-        "    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{target_port}']\n"
-        if target_port is not None
+        f"{static}"
+        f"{files}"
+        f"{keep}"
+        if ports or targets_file
         else ""
     )
     config.write_text(
         "global:\n"
-        "  scrape_interval: 1s\n"
-        "  scrape_timeout: 1s\n"
+        f"  scrape_interval: {scrape_interval_s}s\n"
+        f"  scrape_timeout: {scrape_interval_s}s\n"
         "  evaluation_interval: 1s\n"
         f"{rules}"
         f"{scrape}"

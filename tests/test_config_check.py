@@ -20,7 +20,7 @@ from rooftop.agent.config import AgentConfig
 from rooftop.agent.config import load_config as load_agent
 from rooftop.agent.daemon import Agent
 from rooftop.cli import main
-from rooftop.collector.config import _SCHEMA
+from rooftop.collector.config import _REMOTE_WRITE, _SCHEMA
 from rooftop.collector.config import load_config as load_collector
 from rooftop.collector.fleet import Fleet
 from rooftop.collector.ingest import IngestServer
@@ -69,6 +69,13 @@ def test_collector_example_documents_every_key():
     schema_keys = {k for table in _SCHEMA.values() for k in table}
     assert schema_keys <= documented_keys(text), sorted(schema_keys - documented_keys(text))
     assert otlp_block(text) == set(OTLP_KEYS)
+
+
+def test_collector_example_documents_every_remote_write_key():
+    text = EXAMPLES["collector"].read_text()
+    block = re.split(r"^# \[\[remote_write\]\]", text, maxsplit=1, flags=re.M)[1]
+    block = re.split(r"^# OTLP export", block, maxsplit=1, flags=re.M)[0]
+    assert documented_keys(block) == set(_REMOTE_WRITE)
 
 
 def test_agent_example_values_are_the_defaults(tmp_path: Path):
@@ -339,3 +346,19 @@ def test_check_refuses_an_absurd_max_message_bytes_naming_the_key(tmp_path: Path
     checked = run("config", "check", str(agent))
     assert checked.exit_code == 1
     assert f"{agent}:3: max_message_bytes must be at most 1073741824" in checked.stderr
+
+
+def test_check_prints_remote_write_and_refuses_a_missing_token_file(tmp_path: Path):
+    path = tmp_path / "collector.toml"
+    path.write_text(
+        '[collector]\ninsecure = true\n[[remote_write]]\nurl = "http://prom:9090/api/v1/write"\n'
+        'bearer_token_file = "rw-token"\n'
+    )
+    refused = run("config", "check", str(path), env={})
+    assert refused.exit_code == 1
+    missing = tmp_path / "rw-token"
+    assert f"remote_write.bearer_token_file: {missing}: no such file" in refused.stderr
+    (tmp_path / "rw-token").write_text("secret\n")
+    ok = run("config", "check", str(path), env={})
+    assert ok.exit_code == 0, ok.output
+    assert '[[remote_write]]\nurl = "http://prom:9090/api/v1/write"' in ok.stdout

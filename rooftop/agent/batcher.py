@@ -3,6 +3,13 @@
 Batches are numbered per boot (agent_id, boot_id, seq 1, 2, 3 …) and split to stay
 within ≤ 1 MiB and ≤ 500 samples *before* a seq is given, so a split never collides
 with the collector's de-duplication by (agent, boot, seq). Pure: protobuf in and out.
+
+With ``columns`` the GPU samples of each batch travel as ``Batch.gpu_columns``
+(``rooftop.common.columns``): smaller, and a quarter of the collector's CPU per sample.
+Only collectors that know the field read it (older ones ignore it: the samples would
+be lost), so it is the operator's switch (``batch_format = "columns"``), for once the
+collector tier is upgraded (docs/OPERATOR-GUIDE.md, "Upgrade and roll back"). A batch
+whose GPU samples columns cannot carry exactly stays in records.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Sequence
 
+from rooftop.common.columns import columnable, encode
 from rooftop.v1 import telemetry_pb2 as pb
 
 __all__ = ["DEFAULT_MAX_BATCH_BYTES", "DEFAULT_MAX_BATCH_SAMPLES", "STATS_MAX_BYTES", "Batcher"]
@@ -17,7 +25,10 @@ __all__ = ["DEFAULT_MAX_BATCH_BYTES", "DEFAULT_MAX_BATCH_SAMPLES", "STATS_MAX_BY
 DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
 DEFAULT_MAX_BATCH_SAMPLES = 500
 _BATCH_OVERHEAD_BYTES = 1024  # ids, seq, stats, sent_time: a few hundred bytes in practice
-STATS_MAX_BYTES = 128  # AgentStats (8 varints) + sent_time, with room to spare
+# AgentStats + sent_time as the stream sets them on a numbered batch: 10 counters at
+# their largest (2^64 - 1) and a year-9999 sent_time take 128 bytes; the rest is room
+# for counters to come (tests/agent/test_batcher.py holds the sum to this).
+STATS_MAX_BYTES = 256
 _FIELD_OVERHEAD_BYTES = 6  # tag + length varint of one repeated element (≤ 1 MiB)
 
 
@@ -32,12 +43,14 @@ class Batcher:
         hostname: str | None = None,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         max_batch_samples: int = DEFAULT_MAX_BATCH_SAMPLES,
+        columns: bool = False,
     ) -> None:
         self.agent_id = agent_id
         self.boot_id = boot_id
         self.hostname = socket.gethostname() if hostname is None else hostname
         self.max_batch_bytes = max_batch_bytes
         self.max_batch_samples = max_batch_samples
+        self.columns = columns  # GPU samples as Batch.gpu_columns (newer collectors only)
         self.last_seq = 0
 
     def make(
@@ -68,6 +81,9 @@ class Batcher:
             else:
                 current.verdicts.append(item)
             size += item_bytes
+        if self.columns:
+            for batch in parts:
+                _to_columns(batch, self.max_batch_bytes)
         return parts
 
     def _new(self) -> pb.Batch:
@@ -78,3 +94,23 @@ class Batcher:
             seq=self.last_seq,
             hostname=self.hostname,
         )
+
+
+def _to_columns(batch: pb.Batch, max_bytes: int) -> None:
+    """Move ``batch``'s GPU samples into ``gpu_columns``, if all of them fit exactly.
+
+    Other records (engine, host) stay records. The split above sized the batch by its
+    records; columns are smaller in practice, and a batch they would make larger than
+    ``max_bytes`` (few samples, many small integers) stays as it is.
+    """
+    gpus = [rec.gpu for rec in batch.records if rec.HasField("gpu")]
+    if not gpus or not all(map(columnable, gpus)):
+        return
+    columnar = pb.Batch(
+        agent_id=batch.agent_id, boot_id=batch.boot_id, seq=batch.seq, hostname=batch.hostname
+    )
+    columnar.records.extend(rec for rec in batch.records if not rec.HasField("gpu"))
+    columnar.verdicts.extend(batch.verdicts)
+    columnar.gpu_columns.CopyFrom(encode(gpus))
+    if columnar.ByteSize() + _BATCH_OVERHEAD_BYTES <= max_bytes:
+        batch.CopyFrom(columnar)

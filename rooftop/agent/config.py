@@ -9,7 +9,7 @@ An unknown key or a value of the wrong type is a ``ConfigError`` naming the key 
 the file and line where it is set), never a silent default::
 
     agent_id = "gpu-node-17"
-    collectors = ["collector-a:7443", "collector-b:7443"]
+    collectors = ["collector-a:7443", "collector-b:7443"]  # any order: rendezvous homing
     ca_file = "/etc/rooftop/ca.crt"        # TLS: the CA that signed the collector's cert
     cert_file = "/etc/rooftop/agent.crt"   # mTLS: this agent's certificate (CN/SAN = agent_id)
     key_file = "/etc/rooftop/agent.key"
@@ -47,6 +47,7 @@ from rooftop.agent.hooks._core import DEFAULT_SOCKET_PATH
 from rooftop.common.configfile import line_of, located, read_toml
 from rooftop.common.errors import ConfigError
 from rooftop.common.otlp import OtlpExport, otlp_exports
+from rooftop.common.text import identity_problem
 
 __all__ = ["CONFIG_ENV", "ENV_PREFIX", "ENV_VARS", "NODE_NAME_ENV", "AgentConfig", "load_config"]
 
@@ -68,7 +69,10 @@ class AgentConfig:
 
     agent_id: str = field(default_factory=socket.gethostname)
     hostname: str = ""  # host name reported to the collector (host.name); "" = this machine's
-    collectors: tuple[str, ...] = ()  # host:port, tried in order, failover to the next
+    # host:port, any order: each agent's home is chosen by rendezvous hashing of its
+    # agent_id, failover to the next-ranked; a DNS name with several addresses (a
+    # Kubernetes headless Service) is several collectors.
+    collectors: tuple[str, ...] = ()
     insecure: bool = False  # plaintext gRPC, asked for explicitly; excludes TLS keys and the token
     ca_file: Path | None = None  # PEM roots to verify the collector with (TLS)
     cert_file: Path | None = None  # PEM client certificate (mTLS); CN or a SAN = agent_id
@@ -94,12 +98,18 @@ class AgentConfig:
     batch_interval_s: float = 1.0  # a batch leaves at least this often (DESIGN §7: ≤ 1 s)
     batch_max_bytes: int = 1 * _MIB
     batch_max_samples: int = 500
+    # "columns": GPU samples as Batch.gpu_columns, which only upgraded collectors read
+    # (older ones drop them): set it once every collector is upgraded (OPERATOR-GUIDE).
+    batch_format: str = "records"
     max_message_bytes: int = 4 * _MIB
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
     backoff_base_s: float = 1.0
     backoff_max_s: float = 30.0
+    return_home_after_s: float = 30.0  # home healthy this long before the agent returns
+    home_probe_interval_s: float = 5.0  # health check of home while away
+    resolve_interval_s: float = 30.0  # DNS names in collectors resolved again this often
     shutdown_timeout_s: float = 5.0  # final flush budget on SIGTERM (systemd waits 90 s)
     # touched after each sampling tick; `agentctl alive FILE` probes it (Kubernetes)
     heartbeat_file: Path | None = None
@@ -126,10 +136,17 @@ def _positive(cfg: AgentConfig, *keys: str) -> None:
 def _validate(cfg: AgentConfig) -> None:
     if not cfg.agent_id.strip():
         raise ConfigError("agent_id must not be empty")
+    for key in ("agent_id", "hostname"):
+        # The collector refuses control characters in identities (bad_identity): say so
+        # at start, not as every batch rejected later.
+        problem = identity_problem(key, getattr(cfg, key))
+        if problem is not None:
+            raise ConfigError(problem)
     if cfg.hostname != cfg.hostname.strip() or any(c.isspace() for c in cfg.hostname):
         raise ConfigError(f"hostname: {cfg.hostname!r} is not a host name (no spaces)")
     for address in cfg.collectors:
-        if not address or any(c.isspace() for c in address):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or any(c.isspace() for c in address):
             raise ConfigError(f"collectors: {address!r} is not a host:port address")
     if not _BACKEND.match(cfg.backend):
         raise ConfigError(f"backend: {cfg.backend!r} is not one of nvml, fake:PROFILE, replay:PATH")
@@ -148,6 +165,9 @@ def _validate(cfg: AgentConfig) -> None:
         "connect_timeout_s",
         "backoff_base_s",
         "backoff_max_s",
+        "return_home_after_s",
+        "home_probe_interval_s",
+        "resolve_interval_s",
         "hysteresis_windows",
         "fake_gpus",
         "pod_resources_refresh_s",
@@ -171,6 +191,8 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("spool_segment_bytes must be at most half of spool_max_bytes")
     if cfg.batch_max_bytes + 64 * 1024 > cfg.max_message_bytes:
         raise ConfigError("max_message_bytes must exceed batch_max_bytes by at least 64 KiB")
+    if cfg.batch_format not in ("records", "columns"):
+        raise ConfigError(f"batch_format: {cfg.batch_format!r} is not one of records, columns")
     if cfg.backoff_max_s < cfg.backoff_base_s:
         raise ConfigError("backoff_max_s must be ≥ backoff_base_s")
     _validate_security(cfg)

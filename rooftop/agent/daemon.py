@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -52,6 +53,7 @@ from rooftop.common.errors import ConfigError, RooftopError
 from rooftop.common.model import EngineSample, GpuSample, HostSample, Record
 from rooftop.common.otlp import OtlpExport
 from rooftop.common.systemd import StopSignals, sd_notify, watchdog_interval_s
+from rooftop.common.threadnames import name_os_threads
 from rooftop.v1 import telemetry_pb2 as pb
 
 __all__ = ["Agent", "BatchSink", "backend_from_spec", "run_agent", "startup_checks"]
@@ -164,7 +166,7 @@ class Agent:
         clock: Clock = time.time,
         monotonic: Clock = time.monotonic,
         env: Mapping[str, str] | None = None,
-        direct_otlp: Callable[[OtlpExport], BatchSink] | None = None,
+        direct_otlp: Callable[[OtlpExport, str], BatchSink] | None = None,
     ) -> None:
         """Open everything the agent needs; nothing runs until ``start()``.
 
@@ -214,6 +216,7 @@ class Agent:
             hostname=config.hostname or None,
             max_batch_bytes=config.batch_max_bytes,
             max_batch_samples=config.batch_max_samples,
+            columns=config.batch_format == "columns",
         )
         if self.spool is not None:
             self.streamer = Streamer(
@@ -229,6 +232,9 @@ class Agent:
                 max_message_bytes=config.max_message_bytes,
                 backoff_base_s=config.backoff_base_s,
                 backoff_max_s=config.backoff_max_s,
+                return_home_after_s=config.return_home_after_s,
+                home_probe_interval_s=config.home_probe_interval_s,
+                resolve_interval_s=config.resolve_interval_s,
                 engine_scrape_errors=self.engines.scrape_errors,
             )
         self.otlp: BatchSink | None = None
@@ -238,7 +244,9 @@ class Agent:
                     "otlp: direct OTLP export is not available here "
                     "(run the agent with agentctl agent)"
                 )
-            self.otlp = direct_otlp(config.otlp)
+            # The resource's host.name is the node (config, $NODE_NAME), as on the series:
+            # in a pod, this machine's own name is the pod's generated one.
+            self.otlp = direct_otlp(config.otlp, config.hostname or socket.gethostname())
         self.hysteresis = Hysteresis(hold=config.hysteresis_windows)
 
         self._lock = threading.Lock()  # the buffers below: sampler thread vs flush
@@ -285,6 +293,8 @@ class Agent:
         self._window_start_s = self._last_batch_s = now
         self._thread = threading.Thread(target=self._sample_loop, name="rooftop-sampler")
         self._thread.start()
+        # Every thread is running now: name them for top -H and per-thread CPU figures.
+        name_os_threads()
         gpus = len(self.sampler.devices)
         log.info(
             "agent %s (boot %s): %d GPU(s) at %g Hz → %s",
@@ -437,7 +447,7 @@ def run_agent(
     fake: str | None = None,
     fake_gpus: int | None = None,
     log_level: str = "info",
-    direct_otlp: Callable[[OtlpExport], BatchSink] | None = None,
+    direct_otlp: Callable[[OtlpExport, str], BatchSink] | None = None,
 ) -> int:
     """``agentctl agent``: load the config, run until SIGTERM; the exit status.
 

@@ -24,7 +24,7 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Endpoint", "Homing", "expand", "rendezvous_rank"]
+__all__ = ["Endpoint", "Homing", "expand", "has_names", "rendezvous_rank"]
 
 Resolver = Callable[[str, int], Sequence[str]]
 
@@ -67,6 +67,16 @@ def system_resolver(host: str, port: int) -> list[str]:
     """Every address ``host`` resolves to (TCP), in a stable order."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return sorted({str(info[4][0]) for info in infos})
+
+
+def has_names(addresses: Sequence[str]) -> bool:
+    """Whether any of ``addresses`` names a host DNS must resolve (not an IP, not localhost).
+
+    Raises:
+        ValueError: an address that is not ``host:port``.
+    """
+    hosts = [_split(address)[0] for address in addresses]
+    return any(not (_is_ip(host) or host == "localhost") for host in hosts)
 
 
 def expand(addresses: Sequence[str], resolve: Resolver = system_resolver) -> tuple[Endpoint, ...]:

@@ -149,13 +149,17 @@ def _name_processes(
     for i, record in enumerate(records):
         if not isinstance(record, GpuSample) or not record.processes:
             continue
-        named = tuple(
-            dataclasses.replace(
-                p,
-                name=names.get(p.pid, p.name),
-                slurm_job_id=slurm_job_id(p.pid) if slurm_job_id is not None else p.slurm_job_id,
-            )
-            for p in record.processes
-        )
-        if named != record.processes:
-            records[i] = dataclasses.replace(record, processes=named)
+        named = []
+        changed = False
+        for p in record.processes:
+            name = names.get(p.pid, p.name)
+            job = slurm_job_id(p.pid) if slurm_job_id is not None else p.slurm_job_id
+            # A copy only where something changed: dataclasses.replace per process per
+            # tick was a measurable share of the tick.
+            if name != p.name or job != p.slurm_job_id:
+                named.append(dataclasses.replace(p, name=name, slurm_job_id=job))
+                changed = True
+            else:
+                named.append(p)
+        if changed:
+            records[i] = dataclasses.replace(record, processes=tuple(named))

@@ -5,12 +5,18 @@ is text for people or JSON-ready dicts. "Seen 3s ago" is measured on the collect
 clock (``taken_time``), so a skewed laptop clock cannot make a live node look stale.
 Every string an agent sent (host name, agent id, GPU name, MIG uuid, engine id) is
 escaped in the text (``rooftop.common.text.printable``): it reaches a terminal.
+
+Over several collectors the fleet is their merged answer (``fleet_query.query_fleets``):
+each collector that did not answer gets one line of its own above the table
+(``collector ADDR: NOT ANSWERING (why)``), and ``--json`` lists every collector with
+its outcome (``collectors_json``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from rooftop.agent.health_report import format_health, health_of
 from rooftop.agent.render import format_table, grid, iso_time, verdict_json
@@ -19,13 +25,19 @@ from rooftop.common.model import Evidence, GpuSample, Provenance, Verdict
 from rooftop.common.text import printable
 from rooftop.v1 import telemetry_pb2 as pb
 
+if TYPE_CHECKING:  # grpc stays out of this pure module
+    from rooftop.agent.fleet_query import CollectorOutcome
+
 __all__ = [
     "STALE_AFTER_S",
+    "collector_lines",
+    "collectors_json",
     "diagnosis_json",
     "format_diagnosis",
     "format_status",
     "node_verdicts",
     "status_json",
+    "via",
 ]
 
 # A node silent this long is flagged: agents send a batch at least every second.
@@ -139,8 +151,47 @@ def _collector_json(c: pb.CollectorStatus) -> dict[str, Any]:
     }
 
 
-def status_json(fs: pb.FleetStatus, *, collector: str) -> dict[str, Any]:
-    """``agentctl status --json``: every node and GPU, with the collector's counters."""
+def via(collector: str, collectors: Sequence[CollectorOutcome] = ()) -> str:
+    """``collector ADDR``, or ``collectors A, B, C`` when several were asked."""
+    if len(collectors) > 1:
+        return "collectors " + ", ".join(c.address for c in collectors)
+    return f"collector {collector}"
+
+
+def collector_lines(collectors: Sequence[CollectorOutcome]) -> list[str]:
+    """One line per collector that did not answer (or refused), escaped for a terminal."""
+    return [
+        printable(f"collector {c.address}: {'REFUSED' if c.refused else 'NOT ANSWERING'} "
+                  f"({c.error})")
+        for c in collectors
+        if not c.ok
+    ]  # fmt: skip
+
+
+def collectors_json(collectors: Sequence[CollectorOutcome]) -> list[dict[str, Any]]:
+    """``--json``'s ``collectors``: each collector asked, whether it answered, its counters."""
+    return [
+        {
+            "address": c.address,
+            "tls_name": c.tls_name or None,  # the DNS name the address came from
+            "ok": c.ok,
+            "error": c.error or None,
+            "refused": c.refused,
+            "nodes": c.nodes if c.ok else None,
+            "version": c.version if c.ok else None,
+            "collector_status": _collector_json(c.status) if c.status is not None else None,
+        }
+        for c in collectors
+    ]
+
+
+def status_json(
+    fs: pb.FleetStatus, *, collector: str, collectors: Sequence[CollectorOutcome] = ()
+) -> dict[str, Any]:
+    """``agentctl status --json``: every node and GPU, with the collector's counters.
+
+    Over several collectors: ``collector_status`` is their sum, ``collectors`` each one.
+    """
     nodes = []
     for node in fs.nodes:
         s = node.stats
@@ -165,6 +216,7 @@ def status_json(fs: pb.FleetStatus, *, collector: str) -> dict[str, Any]:
         )
     return {
         "collector": collector,
+        "collectors": collectors_json(collectors),
         "taken_time": iso_time(timestamp_s(fs.taken_time)),
         "collector_status": _collector_json(fs.collector),
         "nodes": nodes,
@@ -179,15 +231,22 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
 
 
-def format_status(fs: pb.FleetStatus, *, collector: str) -> str:
-    """``agentctl status``: one row per GPU, the node's figures on its first row."""
+def format_status(
+    fs: pb.FleetStatus, *, collector: str, collectors: Sequence[CollectorOutcome] = ()
+) -> str:
+    """``agentctl status``: one row per GPU, the node's figures on its first row.
+
+    ``collectors``: how each collector answered, when several were asked; a line
+    each for those that did not, under the title.
+    """
     gpus = sum(len(n.gpus) for n in fs.nodes)
     c = fs.collector
     lines = [
         printable(
-            f"Rooftop fleet — collector {collector} (rooftop {c.version or '?'}): "
+            f"Rooftop fleet — {via(collector, collectors)} (rooftop {c.version or '?'}): "
             f"{len(fs.nodes)} node(s), {gpus} GPU(s), {c.streams} stream(s) open"
-        )
+        ),
+        *collector_lines(collectors),
     ]
     header = ["NODE", "AGENT", "SEEN", "LAG", "QUEUED", "DROPPED", "RECONN", "GPU", "VERDICT",
               "CAUSE", "CONF", "TPOT", "TTFT"]  # fmt: skip
@@ -225,9 +284,11 @@ def format_status(fs: pb.FleetStatus, *, collector: str) -> str:
         lines += grid(header, rows)
     else:
         lines.append("  no node has reported yet")
+    answered = sum(o.ok for o in collectors)
     lines.append(
         printable(
-            f"  collector: {c.batches} batches, {c.samples} samples, "
+            f"  {'collector' if answered <= 1 else f'{answered} collectors (sum)'}: "
+            f"{c.batches} batches, {c.samples} samples, "
             f"{c.duplicates} duplicate(s), {c.missing} missing; "
             f"rejected: {_counts(dict(c.rejected))}; refused: {_counts(dict(c.refused))}"
         )
@@ -262,18 +323,29 @@ def node_verdicts(node: pb.NodeStatus) -> list[Verdict]:
 
 
 def _node_source(fs: pb.FleetStatus, node: pb.NodeStatus, collector: str) -> str:
+    # ``collector``: the one whose report of the node is shown (the newest, when merged).
     since_s = _since_seen_s(fs, node)
     stale = " — STALE" if since_s > STALE_AFTER_S else ""
     name = node.hostname if node.hostname == node.agent_id else f"{node.hostname} ({node.agent_id})"
     return f"{name} via collector {collector}, last seen {_ago(since_s)} ago{stale}"
 
 
-def format_diagnosis(fs: pb.FleetStatus, *, collector: str) -> str:
-    """``agentctl diagnose --collector``: the diagnose table of every node (or one)."""
+def format_diagnosis(
+    fs: pb.FleetStatus,
+    *,
+    collector: str,
+    collectors: Sequence[CollectorOutcome] = (),
+    origins: Mapping[str, str] | None = None,
+) -> str:
+    """``agentctl diagnose --collector``: the diagnose table of every node (or one).
+
+    Over several collectors, ``origins`` names the collector each node's report came
+    from (agent_id -> address), and a collector that did not answer gets a line first.
+    """
     blocks = []
     for node in fs.nodes:
         verdicts = node_verdicts(node)
-        source = _node_source(fs, node, collector)
+        source = _node_source(fs, node, (origins or {}).get(node.agent_id, collector))
         lines = (
             [format_table(verdicts, source=source)]  # escapes what it prints
             if verdicts
@@ -291,9 +363,9 @@ def format_diagnosis(fs: pb.FleetStatus, *, collector: str) -> str:
         # A GPU that needs a reset (XID 79, 48...) is said before the verdicts.
         lines[:0] = [printable(line) for line in _health_lines(node)]
         blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) if blocks else printable(
-        f"no node has reported to collector {collector}"
-    )
+    if not blocks:
+        blocks.append(printable(f"no node has reported to {via(collector, collectors)}"))
+    return "\n".join([*collector_lines(collectors), "\n\n".join(blocks)])
 
 
 def _health_lines(node: pb.NodeStatus) -> list[str]:
@@ -311,14 +383,25 @@ def _health_lines(node: pb.NodeStatus) -> list[str]:
     return format_health(health_of(samples))
 
 
-def diagnosis_json(fs: pb.FleetStatus, *, collector: str) -> dict[str, Any]:
-    """``agentctl diagnose --collector --json``: per node, ``diagnose --json``'s ``gpus``."""
+def diagnosis_json(
+    fs: pb.FleetStatus,
+    *,
+    collector: str,
+    collectors: Sequence[CollectorOutcome] = (),
+    origins: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """``agentctl diagnose --collector --json``: per node, ``diagnose --json``'s ``gpus``.
+
+    Over several collectors each node names the ``collector`` its report came from.
+    """
     return {
-        "source": f"collector {collector}",
+        "source": via(collector, collectors),
+        "collectors": collectors_json(collectors),
         "taken_time": iso_time(timestamp_s(fs.taken_time)),
         "nodes": [
             {
                 **_node_head(fs, node),
+                "collector": (origins or {}).get(node.agent_id, collector),
                 "gpus": [verdict_json(v) for v in node_verdicts(node)],
                 "lost_gpus": [g.gpu_index for g in node.gpus if _lost(g)],
                 "gpus_without_verdict": [

@@ -12,10 +12,18 @@ unacked; every batch carries the agent's self-metrics in ``Batch.stats``. An
 have applied it, so it was forged (another agent's ``seq = 2^63``) or the collector
 is confused; the spool keeps every batch, the refusal is counted
 (``AgentStats.acks_refused``), logged at most once a minute, and the stream is
-dropped so the batches go again (to the next address). On any
-failure it moves to the next collector address at once; after a full round of
-failures it backs off 1 s × 1.6ⁿ with ±20 % jitter, capped at 30 s. Delivery is
-at-least-once up to the spool's capacity.
+dropped so the batches go again (to the next collector).
+
+Which collector: ``homing.Homing``. The agent starts at its *home*, the first of
+its rendezvous ranking of the collectors (the listed order does not matter; a DNS
+name that resolves to several addresses is several collectors, re-resolved every
+``resolve_interval_s``). On any failure it moves to the next-ranked collector at
+once; after a full round of failures it backs off 1 s × 1.6ⁿ with ±20 % jitter,
+capped at 30 s. While away, it probes home with the gRPC health check every
+``home_probe_interval_s``; once home has answered SERVING for
+``return_home_after_s`` it goes home gracefully: no new batches, a half-close, the
+collector's last acks (at most ``drain_timeout_s``), then the stream to home. That
+move is not a failure. Delivery is at-least-once up to the spool's capacity.
 
 Batches come from ``batcher.Batcher``; what the agent presents (TLS, token) from
 ``credentials.ClientAuth``.
@@ -35,14 +43,23 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from rooftop.agent.batcher import STATS_MAX_BYTES
 from rooftop.agent.credentials import ClientAuth
+from rooftop.agent.homing import (
+    Endpoint,
+    Homing,
+    Resolver,
+    expand,
+    has_names,
+    system_resolver,
+)
 from rooftop.agent.spool import Key, Spool
 from rooftop.common.codec import timestamp
 from rooftop.common.counters import Counters
 from rooftop.common.errors import Rejected, Retryable, StreamError
-from rooftop.common.wire import AGENT_ID_METADATA, DEFAULT_MAX_MESSAGE_BYTES
+from rooftop.common.wire import AGENT_ID_METADATA, DEFAULT_MAX_MESSAGE_BYTES, INGEST_SERVICE
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
 
@@ -151,11 +168,18 @@ class StreamStats:
     dropped_invalid: int = 0  # too large to ever send
     reconnects: int = 0
     acks_refused: int = 0  # acks of seqs never sent: refused, nothing discarded
+    failovers: int = 0  # moves to the next-ranked collector after a failure
+    returns_home: int = 0  # graceful moves back home after the hysteresis
+    home_probes: int = 0  # health checks of home while away
     connected: bool = False
-    address: str | None = None
+    address: str | None = None  # the collector streamed to now
+    home: str | None = None  # the first-ranked collector (rendezvous hashing)
 
 
 _Call = grpc.aio.StreamStreamCall[pb.Batch, pb.Ack]
+
+# The standard health check (the collector serves it on the ingest port, no token needed).
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 # A refused ack is logged at most this often (the count says how many in between).
 _REFUSAL_LOG_INTERVAL_S = 60.0
@@ -167,11 +191,16 @@ class _Session:
     Used only on the streamer's event loop thread, so it needs no lock.
     """
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls_name: str = "") -> None:
         self.address = address
+        self.tls_name = tls_name  # the DNS name the address came from, for TLS
         self.cursor: Key | None = None  # last (boot_id, seq) handed to this stream
         self.progressed = False  # an ack arrived: the collector is healthy
         self.in_flight: deque[Key] = deque()
+        # Set to move elsewhere gracefully (home, or the collector left the DNS
+        # answer): no new batches, half-close, take the last acks, end.
+        self.leaving = False
+        self.drain_deadline: asyncio.Timeout | None = None  # the reader's, while it reads
 
     def settled(self, boot_id: str, seq: int, *, only: bool = False) -> None:
         """Forget in-flight keys of ``boot_id`` up to ``seq`` (just ``seq`` with ``only``)."""
@@ -210,15 +239,22 @@ class Streamer:
         backoff_factor: float = 1.6,
         backoff_max_s: float = 30.0,
         poll_interval_s: float = 5.0,
+        return_home_after_s: float = 30.0,
+        home_probe_interval_s: float = 5.0,
+        resolve_interval_s: float = 30.0,
+        drain_timeout_s: float = 2.0,
+        resolve: Resolver = system_resolver,
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         engine_scrape_errors: Callable[[], int] | None = None,
     ) -> None:
         """Configure; nothing connects until ``start()``.
 
         Args:
             spool: where batches wait until acked.
-            collectors: ``host:port`` addresses, tried in order, next one on failure.
+            collectors: ``host:port`` addresses, in any order (rendezvous hashing of
+                ``agent_id`` ranks them); a DNS name with several addresses is several.
             channel_credentials: TLS/mTLS credentials; None streams in plaintext (the
                 caller decides that plaintext was asked for explicitly).
             auth: credentials and token re-read at each (re)connect (rotation);
@@ -235,8 +271,15 @@ class Streamer:
             backoff_max_s: cap on the delay.
             poll_interval_s: how often an idle sender looks at the spool even when
                 nobody called ``wake()`` (a safety net: appends should wake it).
+            return_home_after_s: home must answer every health probe this long
+                before the agent leaves another collector for it (hysteresis).
+            home_probe_interval_s: how often home is probed while away.
+            resolve_interval_s: how often DNS names in ``collectors`` are resolved again.
+            drain_timeout_s: the longest a graceful move waits for the last acks.
+            resolve: ``(host, port) -> addresses`` (tests inject one).
             rng: jitter source (tests seed it).
             wall_clock: epoch seconds for ``Batch.sent_time``.
+            monotonic: the clock of the return-home hysteresis.
             engine_scrape_errors: failed engine ``/metrics`` scrapes so far, carried
                 in-band (``AgentStats.engine_scrape_errors``).
         """
@@ -245,6 +288,20 @@ class Streamer:
         self._spool = spool
         self._engine_scrape_errors = engine_scrape_errors
         self._collectors = tuple(collectors)
+        if any(not address or address.isspace() for address in self._collectors):
+            raise ValueError("a collector address is empty")
+        has_names(self._collectors)  # ValueError for an address that is not host:port
+        self._resolve = resolve
+        # Unresolved until the stream thread starts (DNS must not block the caller).
+        self._homing = Homing(
+            agent_id,
+            [Endpoint(address) for address in self._collectors],
+            return_after_s=return_home_after_s,
+        )
+        self._home_probe_interval_s = home_probe_interval_s
+        self._resolve_interval_s = resolve_interval_s
+        self._drain_timeout_s = drain_timeout_s
+        self._monotonic = monotonic
         self._credentials = channel_credentials
         self._auth = auth
         self._agent_id = agent_id
@@ -255,6 +312,7 @@ class Streamer:
             connect_timeout_s=connect_timeout_s,
         )
         self._max_message_bytes = max_message_bytes
+        self._connect_timeout_s = connect_timeout_s
         self._max_in_flight = max_in_flight
         self._backoff_base_s = backoff_base_s
         self._backoff_factor = backoff_factor
@@ -334,6 +392,7 @@ class Streamer:
             self._counts.get(),
             connected=session is not None and session.progressed,
             address=session.address if session is not None else None,
+            home=self._homing.home.address,
         )
 
     def agent_stats(self) -> pb.AgentStats:
@@ -384,16 +443,27 @@ class Streamer:
                 await asyncio.sleep(left_s)
 
     async def _connect_loop(self) -> None:
-        index = 0
-        failed_rounds = 0  # full rounds of addresses without a healthy stream
-        tried = 0  # addresses tried in this round
-        first = True
+        await self._refresh_endpoints()
+        helpers = [asyncio.create_task(self._probe_home_loop())]
+        if self._resolve_interval_s > 0 and has_names(self._collectors):
+            helpers.append(asyncio.create_task(self._resolve_loop()))
+        try:
+            await self._deliver()
+        finally:
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+
+    async def _deliver(self) -> None:
+        failed_rounds = 0  # full rounds of collectors without a healthy stream
+        tried = 0  # collectors failed in this round
+        reconnect = False
         while True:
-            address = self._collectors[index]
-            if not first:
+            endpoint = self._homing.current
+            if reconnect:
                 self._counts.add(reconnects=1)
-            first = False
-            session = _Session(address)
+            reconnect = True
+            session = _Session(endpoint.address, endpoint.tls_name)
             try:
                 await self._stream(session)
             except StreamError as exc:
@@ -402,19 +472,29 @@ class Streamer:
             except asyncio.CancelledError:
                 raise
             except Exception:  # loop boundary: log, reconnect, never die
-                log.exception("collector stream to %s failed", address)
+                log.exception("collector stream to %s failed", endpoint.address)
             if self._stopped.is_set():
                 # Shut down, though its cancel may never have reached us: grpc.aio passes
                 # it on to the call's _prepare_rpc task, which swallows it when the call
                 # has just failed, and the attempt ends in a plain Retryable (seen: a
                 # stream that went on reconnecting after shutdown).
                 return
+            if session.leaving:
+                # A chosen move (home, or a collector gone from DNS): not a failure.
+                failed_rounds = tried = 0
+                reconnect = False
+                continue
             if session.progressed:
                 failed_rounds = tried = 0
-            index = (index + 1) % len(self._collectors)
+            if self._homing.current != endpoint:
+                continue  # re-resolved meanwhile: the new choice, at once
+            moved_to = self._homing.failed()
+            if moved_to != endpoint:
+                self._counts.add(failovers=1)
+                log.info("failing over from %s to %s", endpoint.address, moved_to.address)
             tried += 1
-            if tried < len(self._collectors):
-                continue  # fail over to the next address at once
+            if tried < len(self._homing.ranked):
+                continue  # fail over to the next-ranked collector at once
             tried = 0
             delay_s = backoff_delay_s(
                 failed_rounds,
@@ -427,14 +507,95 @@ class Streamer:
             log.info("reconnecting in %.1f s", delay_s)
             await asyncio.sleep(delay_s)
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
+    def _leave(self, why: str) -> None:
+        """End the current stream gracefully (loop thread); the next goes to ``current``."""
+        session = self._session
+        if session is None or session.leaving:
+            return
+        log.info("leaving collector %s: %s", session.address, why)
+        session.leaving = True
+        if self._wake is not None:
+            self._wake.set()  # the sender stops and half-closes
+        if session.drain_deadline is not None and self._loop is not None:
+            session.drain_deadline.reschedule(self._loop.time() + self._drain_timeout_s)
+
+    async def _probe_home_loop(self) -> None:
+        """While away, probe home; go home once it has been healthy for the hysteresis."""
+        while True:
+            await asyncio.sleep(self._home_probe_interval_s)
+            if not self._homing.away:
+                continue
+            home = self._homing.home
+            healthy = await self._probe(home)
+            self._counts.add(home_probes=1)
+            if home != self._homing.home or not self._homing.away:
+                continue  # re-resolved or moved meanwhile: this answer is about nothing
+            if self._homing.probed_home(healthy, self._monotonic()):
+                self._homing.go_home()
+                self._counts.add(returns_home=1)
+                self._leave(f"home {home.address} is healthy again")
+
+    async def _probe(self, endpoint: Endpoint) -> bool:
+        """Whether ``endpoint`` answers the gRPC health check SERVING for Ingest."""
+        channel = self._channel(endpoint.address, endpoint.tls_name)
+        try:
+            check = channel.unary_unary(
+                _HEALTH_CHECK,
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            response = await check(
+                health_pb2.HealthCheckRequest(service=INGEST_SERVICE),
+                metadata=self._metadata(),
+                timeout=max(0.1, min(self._home_probe_interval_s, self._connect_timeout_s)),
+            )
+        except (grpc.RpcError, OSError) as exc:
+            log.debug("home %s does not answer: %s", endpoint.address, exc)
+            return False
+        finally:
+            await channel.close(grace=None)
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def _refresh_endpoints(self) -> None:
+        """Resolve the DNS names among the collectors again (off the loop)."""
+        loop = asyncio.get_running_loop()
+        endpoints = await loop.run_in_executor(None, expand, self._collectors, self._resolve)
+        current = self._homing.current
+        if self._homing.refresh(endpoints):
+            log.info(
+                "collectors: %s (home %s)",
+                ", ".join(e.address for e in self._homing.ranked),
+                self._homing.home.address,
+            )
+            if self._homing.current != current:
+                self._leave(f"{current.address} is no longer among the collectors")
+
+    async def _resolve_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._resolve_interval_s)
+            try:
+                await self._refresh_endpoints()
+            except Exception:  # task boundary: keep the collectors we have
+                log.exception("re-resolving the collectors failed")
+
+    def _channel(self, address: str, tls_name: str = "") -> grpc.aio.Channel:
         credentials = self._credentials
-        options: list[tuple[str, str | int]] = list(self._options)
+        # A subchannel of its own per channel: one shared through grpc's global pool
+        # may still be in the reconnect backoff of that collector's last failure, and
+        # would fail a probe, or the stream home after a good probe, at once.
+        options: list[tuple[str, str | int]] = [
+            *self._options,
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
         if self._auth is not None:
             # Per connection: rotated certificates take effect at the next one.
             credentials = self._auth.credentials()
             options += self._auth.options()
         if credentials is not None:
+            if tls_name and not any(k == "grpc.ssl_target_name_override" for k, _ in options):
+                # An address a DNS name resolved to: the certificate names the name
+                # (an explicit server_name still wins).
+                options.append(("grpc.ssl_target_name_override", tls_name))
             return grpc.aio.secure_channel(address, credentials, options=options)
         return grpc.aio.insecure_channel(address, options=options)
 
@@ -443,8 +604,12 @@ class Streamer:
         return own + (self._auth.metadata() if self._auth is not None else ())
 
     async def _stream(self, session: _Session) -> None:
-        """One stream on one address until it breaks; always raises ``StreamError``."""
-        channel = self._channel(session.address)
+        """One stream until it breaks (``StreamError``), or until a move (``_leave``).
+
+        A move returns once the collector has acked what it got, or after
+        ``drain_timeout_s``.
+        """
+        channel = self._channel(session.address, session.tls_name)
         sender: asyncio.Task[None] | None = None
         call: _Call | None = None
         try:
@@ -452,17 +617,29 @@ class Streamer:
             call = telemetry_pb2_grpc.IngestStub(channel).Stream(metadata=self._metadata())
             self._session = session
             sender = asyncio.create_task(self._send_loop(session, call))
-            with map_grpc_errors(session.address):
-                while True:
-                    ack = await call.read()
-                    if not isinstance(ack, pb.Ack):
-                        break  # grpc.aio.EOF: the collector ended the stream
-                    if not session.progressed:
-                        log.info("streaming to collector %s", session.address)
-                    self._on_ack(session, ack)
+            try:
+                # No deadline until a graceful move sets one (``_leave``).
+                async with asyncio.timeout(None) as session.drain_deadline:
+                    with map_grpc_errors(session.address):
+                        while True:
+                            ack = await call.read()
+                            if not isinstance(ack, pb.Ack):
+                                break  # grpc.aio.EOF: the collector ended the stream
+                            if not session.progressed:
+                                log.info("streaming to collector %s", session.address)
+                            self._on_ack(session, ack)
+                            if session.leaving and not session.in_flight:
+                                break  # everything acked: no need to wait for EOF
+            except TimeoutError:
+                # The drain took too long: what is unacked goes again, to the next one.
+                log.info("left %s with %d batch(es) unacked", session.address,
+                         len(session.in_flight))
+            if session.leaving:
+                return
             raise Retryable(f"{session.address}: the collector closed the stream")
         finally:
             self._session = None
+            session.drain_deadline = None
             if sender is not None:
                 sender.cancel()
                 await asyncio.gather(sender, return_exceptions=True)
@@ -550,6 +727,10 @@ class Streamer:
         assert wake is not None  # set before any stream starts
         while True:
             wake.clear()  # before looking, so a wake during the look is not lost
+            if session.leaving:
+                # A graceful move: the collector acks what it has, then ends the call.
+                await call.done_writing()
+                return
             room = self._max_in_flight - len(session.in_flight)
             batches = self._spool.pending(min(room, 32), after=session.cursor) if room > 0 else []
             if not batches:
@@ -558,6 +739,8 @@ class Streamer:
                         await wake.wait()
                 continue
             for batch in batches:
+                if session.leaving:
+                    break
                 key = (batch.boot_id, batch.seq)
                 session.cursor = key
                 size_bytes = batch.ByteSize() + STATS_MAX_BYTES

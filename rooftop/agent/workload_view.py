@@ -7,22 +7,30 @@ is ``rooftop.common.workload``'s, the same the collector exports as
 (which lives in the agent: the collector does not know it): the batch-1 decode floor
 of the row's model on its GPU (DESIGN §4), split over the GPUs a model too big for
 one needs.
+
+Over several collectors the input is their merged fleet (each node once,
+``fleet_query.query_fleets``); a collector that did not answer gets a line above the
+table, as in ``agentctl status``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rooftop.agent.models_catalog import detect_gpu, find_model
 from rooftop.agent.render import grid, iso_time
 from rooftop.agent.roofline import analyze
+from rooftop.agent.status import collector_lines, collectors_json, via
 from rooftop.common.codec import record_from_proto, timestamp_s, verdict_from_proto
 from rooftop.common.errors import RooftopError
 from rooftop.common.model import EngineSample, GpuSample, PodRef, Verdict
 from rooftop.common.text import printable
 from rooftop.common.workload import WorkloadGpu, WorkloadRow, aggregate, workload_gpus
 from rooftop.v1 import telemetry_pb2 as pb
+
+if TYPE_CHECKING:  # grpc stays out of this pure module
+    from rooftop.agent.fleet_query import CollectorOutcome
 
 __all__ = ["format_workloads", "tpot_floor_ms", "workload_rows", "workloads_json"]
 
@@ -103,8 +111,17 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms"
 
 
-def format_workloads(fs: pb.FleetStatus, *, collector: str, by: str = "workload") -> str:
-    """The ``--by`` table: one row per workload (namespace, node), worst first by TPOT."""
+def format_workloads(
+    fs: pb.FleetStatus,
+    *,
+    collector: str,
+    by: str = "workload",
+    collectors: Sequence[CollectorOutcome] = (),
+) -> str:
+    """The ``--by`` table: one row per workload (namespace, node), worst first by TPOT.
+
+    ``collectors``: how each collector answered, when several were asked.
+    """
     rows = workload_rows(fs, by)
     title = {"workload": "WORKLOAD", "namespace": "NAMESPACE", "node": "NODE"}[by]
     header = [title, *(["NAMESPACE"] if by == "workload" else []), "GPUS", "VERDICTS",
@@ -129,11 +146,14 @@ def format_workloads(fs: pb.FleetStatus, *, collector: str, by: str = "workload"
     gpus = sum(r.gpus for r in rows)
     lines = [
         printable(
-            f"Rooftop {by}s — collector {collector}: {len(rows)} {by}(s), {gpus} GPU(s) "
+            f"Rooftop {by}s — {via(collector, collectors)}: {len(rows)} {by}(s), {gpus} GPU(s) "
             f"on {len(fs.nodes)} node(s)"
-        )
+        ),
+        *collector_lines(collectors),
     ]
-    lines += grid(header, table) if table else [f"  no node has reported to collector {collector}"]
+    lines += grid(header, table) if table else [
+        printable(f"  no node has reported to {via(collector, collectors)}")
+    ]
     if any(tpot_floor_ms(r) is not None for r in rows):
         lines.append(
             "  FLOOR = the batch-1 decode floor of the model on that GPU (DESIGN §4); "
@@ -142,7 +162,13 @@ def format_workloads(fs: pb.FleetStatus, *, collector: str, by: str = "workload"
     return "\n".join(lines)
 
 
-def workloads_json(fs: pb.FleetStatus, *, collector: str, by: str = "workload") -> dict[str, Any]:
+def workloads_json(
+    fs: pb.FleetStatus,
+    *,
+    collector: str,
+    by: str = "workload",
+    collectors: Sequence[CollectorOutcome] = (),
+) -> dict[str, Any]:
     """``--by ... --json``: the rows of ``format_workloads`` as JSON-ready dicts."""
     out = []
     for row in workload_rows(fs, by):
@@ -171,6 +197,7 @@ def workloads_json(fs: pb.FleetStatus, *, collector: str, by: str = "workload") 
         )
     return {
         "collector": collector,
+        "collectors": collectors_json(collectors),
         "taken_time": iso_time(timestamp_s(fs.taken_time)),
         "by": by,
         "rows": out,

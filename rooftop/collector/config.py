@@ -16,6 +16,8 @@
     ack_every_batches = 32           # at most this many batches per ack (agent window: 64)
     ack_interval_s = 0.1             # ...and no batch waits longer for its ack
     forget_after_s = 900             # series of silent agents/GPUs then disappear
+    disconnected_series_s = 10       # an agent's stream closed (moved): its GPU series go
+                                     #   then; keep it at or below the scrape interval
     state_dir = "/var/lib/rooftop-collector"  # dedup marks survive a restart; unset: none
     max_seq_jump = 1000000           # a seq further past a boot's mark is rejected
     max_agents = 2048                # bounds under abuse (docs/OPERATOR-GUIDE.md): new
@@ -41,6 +43,18 @@
     timeout_s = 10
     insecure = true
     headers = { "x-api-key" = "..." }
+
+    [[remote_write]]                 # Prometheus remote write 1.0; none by default
+    url = "http://prometheus:9090/api/v1/write"
+    timeout_s = 10                   # one POST
+    queue_max_samples = 500000       # then the oldest are dropped (counted)
+    max_samples_per_send = 2000
+    batch_send_deadline_s = 1        # the longest a sample waits for a full request
+    min_backoff_s = 0.03             # retries of 5xx / 429 / network errors, doubling
+    max_backoff_s = 5
+    bearer_token_file = "rw-token"   # sent as Authorization: Bearer (re-read per send)
+    ca_file = "ca.crt"               # for an https url; system CAs otherwise
+    find_repeats = false             # true: ~6x smaller bodies, ~3x the CPU
 
     [metrics]
     max_series_per_metric = 65536    # fits 1,000 nodes x 8 GPUs x 6 bound states
@@ -78,7 +92,7 @@ from rooftop.common.configfile import located, read_toml
 from rooftop.common.errors import ConfigError
 from rooftop.common.otlp import OtlpExport, otlp_exports
 
-__all__ = ["CollectorConfig", "OtlpExport", "SecurityMode", "load_config"]
+__all__ = ["CollectorConfig", "OtlpExport", "RemoteWrite", "SecurityMode", "load_config"]
 
 DEFAULT_LISTEN = "0.0.0.0:4850"
 # Plaintext (insecure) without an explicit listen address: this host only.
@@ -134,6 +148,9 @@ class CollectorConfig:
     ack_every_batches: int = 32
     ack_interval_s: float = 0.1
     forget_after_s: float = 900.0
+    # Several collectors: the GPU series of an agent whose stream closed leave the
+    # export this long after (it moved, or is down); at most the scrape interval.
+    disconnected_series_s: float = 10.0
     state_dir: Path | None = None
     max_seq_jump: int = 1_000_000
     prometheus_listen: str = DEFAULT_PROMETHEUS
@@ -201,6 +218,7 @@ class CollectorConfig:
             "collector.ack_every_batches": self.ack_every_batches,
             "collector.ack_interval_s": self.ack_interval_s,
             "collector.forget_after_s": self.forget_after_s,
+            "collector.disconnected_series_s": self.disconnected_series_s,
             "collector.max_seq_jump": self.max_seq_jump,
             "collector.max_future_skew_s": self.max_future_skew_s,
             "metrics.max_series_per_metric": self.max_series_per_metric,
@@ -279,6 +297,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "ack_every_batches": ("ack_every_batches", int),
         "ack_interval_s": ("ack_interval_s", (int, float)),
         "forget_after_s": ("forget_after_s", (int, float)),
+        "disconnected_series_s": ("disconnected_series_s", (int, float)),
         "state_dir": ("state_dir", str),
         "max_seq_jump": ("max_seq_jump", int),
         "max_agents": ("max_agents", int),
@@ -337,8 +356,9 @@ def parse_config(
     """
     values: dict[str, Any] = {}
     otlp = otlp_exports(data.get("otlp"), env=env or {}, many=True)
+    remote_write = remote_writes(data.get("remote_write"), base_dir=base_dir)
     for section, table in data.items():
-        if section == "otlp":
+        if section in ("otlp", "remote_write"):
             continue
         schema = _SCHEMA.get(section)
         if schema is None:
@@ -356,7 +376,78 @@ def parse_config(
                     (base_dir / path) if base_dir is not None and not path.is_absolute() else path
                 )
             values[name] = value
-    return CollectorConfig(otlp=otlp, **values)
+    return CollectorConfig(otlp=otlp, remote_write=remote_write, **values)
+
+
+# [[remote_write]] key -> (RemoteWrite field, type)
+_REMOTE_WRITE: dict[str, tuple[str, type | tuple[type, ...]]] = {
+    "url": ("url", str),
+    "timeout_s": ("timeout_s", (int, float)),
+    "queue_max_samples": ("queue_max_samples", int),
+    "max_samples_per_send": ("max_samples_per_send", int),
+    "batch_send_deadline_s": ("batch_send_deadline_s", (int, float)),
+    "min_backoff_s": ("min_backoff_s", (int, float)),
+    "max_backoff_s": ("max_backoff_s", (int, float)),
+    "bearer_token_file": ("bearer_token_file", str),
+    "ca_file": ("ca_file", str),
+    "find_repeats": ("find_repeats", bool),
+}
+
+
+_REMOTE_WRITE_POSITIVE = (
+    "timeout_s",
+    "queue_max_samples",
+    "max_samples_per_send",
+    "batch_send_deadline_s",
+    "min_backoff_s",
+    "max_backoff_s",
+)
+
+
+def remote_writes(tables: Any, *, base_dir: Path | None = None) -> tuple[RemoteWrite, ...]:
+    """The ``[[remote_write]]`` destinations (a single ``[remote_write]`` table too).
+
+    Raises:
+        ConfigError: an unknown key, a wrong type, a missing or non-HTTP ``url``, a
+            value out of range; the message names ``remote_write.<key>``.
+    """
+    if tables is None:
+        return ()
+    if isinstance(tables, dict):
+        tables = [tables]
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("remote_write must be a table or an array of tables")
+    out: list[RemoteWrite] = []
+    for table in tables:
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            if key not in _REMOTE_WRITE:
+                raise ConfigError(f"unknown key remote_write.{key}")
+            name, typ = _REMOTE_WRITE[key]
+            value = _typed(f"remote_write.{key}", value, typ)
+            if name in ("bearer_token_file", "ca_file"):
+                path = Path(value).expanduser()
+                value = (base_dir / path) if base_dir and not path.is_absolute() else path
+            values[name] = value
+        url = values.get("url", "")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"remote_write.url must be an http:// or https:// URL (got {url!r}), "
+                "e.g. http://prometheus:9090/api/v1/write"
+            )
+        rw = RemoteWrite(**values)
+        for key in _REMOTE_WRITE_POSITIVE:
+            value = getattr(rw, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"remote_write.{key} must be positive and finite (got {value})")
+        if rw.max_backoff_s < rw.min_backoff_s:
+            raise ConfigError("remote_write.max_backoff_s must be at least min_backoff_s")
+        if rw.queue_max_samples < rw.max_samples_per_send:
+            raise ConfigError(
+                "remote_write.queue_max_samples must be at least max_samples_per_send"
+            )
+        out.append(rw)
+    return tuple(out)
 
 
 ENV_PREFIX = "ROOFTOP_"

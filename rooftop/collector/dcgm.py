@@ -200,7 +200,7 @@ def dcgm_families(fleet: Fleet) -> list[Family]:
             field.kind,
             "",
             field.help,
-            lambda: _points(field, fleet.snapshot()),
+            lambda: _points(field, fleet.export_snapshot()),
             exposed_name=field.name,
         )
 

@@ -40,7 +40,7 @@ import dataclasses
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from itertools import chain
@@ -51,7 +51,8 @@ from typing import Protocol, TypeVar, cast
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from rooftop.common.codec import record_from_proto, verdict_from_proto
+from rooftop.common.codec import record_from_proto, record_to_proto, verdict_from_proto
+from rooftop.common.columns import Columns, micros_s
 from rooftop.common.errors import RooftopError
 from rooftop.common.model import (
     PERCENT_FIELDS,
@@ -121,6 +122,7 @@ class RejectReason(StrEnum):
     BAD_IDENTITY = "bad_identity"  # an identity string with control characters, or too long
     BAD_TIME = "bad_time"  # nanos outside 0..999,999,999, or dated before 2000
     LABEL_TOO_LONG = "label_too_long"  # an identity or label over max_label_bytes
+    BAD_COLUMNS = "bad_columns"  # GPU columns that do not fit together (lengths, indices)
     UNREADABLE = "unreadable"  # not a Batch at all: the stream ends INVALID_ARGUMENT
 
 
@@ -223,8 +225,44 @@ class DecodedBatch:
     # False when sent_time is further than max_future_skew_s from the receive time:
     # the fleet then orders this batch by arrival, not by its timestamps.
     clock_believed: bool = True
-    # The batch as it arrived, for outputs that need every record (remote write).
+    # The batch as it arrived, for outputs that need every sample (``gpu_samples``).
     raw: pb.Batch | None = None
+
+    def gpu_samples(self) -> Iterator[GpuSample]:
+        """Every GPU sample of the batch, records' then columns' rows, times as sent.
+
+        Decodes as it goes (remote write calls it on its own thread); empty without
+        ``raw``.
+        """
+        if self.raw is None:
+            return
+        for rec in self.raw.records:
+            if rec.WhichOneof("record") == "gpu":
+                yield cast(GpuSample, record_from_proto(rec))
+        if self.raw.HasField("gpu_columns"):
+            columns = Columns.read(self.raw.gpu_columns, earliest_s=EARLIEST_TIME_S)
+            if isinstance(columns, Columns):  # checked by decode_batch already
+                yield from columns.samples()
+
+    def gpu_messages(self) -> Iterator[pb.GpuSample]:
+        """``gpu_samples`` as protobuf messages: the records' own, columns' rows encoded."""
+        if self.raw is None:
+            return
+        for rec in self.raw.records:
+            if rec.HasField("gpu"):
+                yield rec.gpu
+        if self.raw.HasField("gpu_columns"):
+            columns = Columns.read(self.raw.gpu_columns, earliest_s=EARLIEST_TIME_S)
+            if isinstance(columns, Columns):
+                for sample in columns.samples():
+                    yield record_to_proto(sample).gpu
+
+    def gpu_sample_count(self) -> int:
+        """How many GPU samples ``gpu_samples`` yields, without decoding them."""
+        if self.raw is None:
+            return 0
+        records = sum(1 for rec in self.raw.records if rec.HasField("gpu"))
+        return records + self.raw.gpu_columns.rows
 
 
 class BatchObserver(Protocol):
@@ -434,6 +472,16 @@ def decode_batch(
         elif isinstance(other, pb.HostSample):  # a GPU sample here was dated before 2000
             host_msgs.append(other)
 
+    # GPU samples as columns (``rooftop.common.columns``): checked a column at a time,
+    # with the same reasons as records; their rows come after the records' samples.
+    columns: Columns | None = None
+    if batch.HasField("gpu_columns"):
+        read = Columns.read(batch.gpu_columns, earliest_s=EARLIEST_TIME_S)
+        if not isinstance(read, Columns):
+            raise PoisonBatch(RejectReason(read.reason), read.message)
+        columns = read
+        skewed += columns.times_beyond(limit_s)
+
     def clamped(t: Timestamp) -> float:
         t_s = _ts_s(t)
         return received_s if t_s > limit_s else t_s
@@ -449,10 +497,16 @@ def decode_batch(
         indices[i] = None
     last = dict(zip(indices, range(n), strict=True))
     last.pop(None, None)
-    gpus = tuple(
-        _with_time(cast(GpuSample, record_from_proto(records[i])), clamped(gpu_msgs[i].time))
-        for i in last.values()
-    )
+    gpus = tuple(_gpu_from_proto(records[i], clamped(gpu_msgs[i].time)) for i in last.values())
+    if columns is not None and columns.rows:
+        # A device in both: its columns' row is the later sample.
+        merged = {(g.gpu_index, g.mig_uuid): g for g in gpus}
+        for key, row in columns.device_rows().items():
+            sample = columns.sample(row)
+            merged[key] = _with_time(
+                sample, received_s if sample.time_s > limit_s else sample.time_s
+            )
+        gpus = tuple(merged.values())
     engines = sorted(
         (
             _with_time(cast(EngineSample, record_from_proto(records[i])), clamped(m.time))
@@ -470,6 +524,9 @@ def decode_batch(
     # Oldest: the first GPU sample (batches are in time order), or an older engine/host one.
     first_gpu = next((i for i in range(n) if i not in not_gpu), None)
     firsts = [clamped(gpu_msgs[first_gpu].time)] if first_gpu is not None else []
+    if first_gpu is None and columns is not None and columns.rows:
+        first_s = micros_s(columns.time_us(0))
+        firsts.append(received_s if first_s > limit_s else first_s)
     firsts += [clamped(m.time) for _, m in engine_msgs] + [clamped(m.time) for m in host_msgs]
     oldest_s = min(firsts) if firsts else None
     sent_s = _ts_s(batch.sent_time) if batch.HasField("sent_time") else None
@@ -484,12 +541,48 @@ def decode_batch(
         host=host,
         verdicts=verdicts,
         stats=AgentCounters.from_proto(batch.stats) if batch.HasField("stats") else None,
-        samples=len(batch.records),
+        samples=len(batch.records) + (columns.rows if columns is not None else 0),
         newest_sample_s=max(times) if times else None,
         oldest_sample_s=oldest_s,
         skewed=skewed,
         clock_believed=sent_s is None or abs(received_s - sent_s) <= max_future_skew_s,
         raw=batch,
+    )
+
+
+# GpuSample's optional fields (None: not measured), the ones ``record_from_proto`` reads.
+_GPU_OPTIONAL = tuple(
+    f.name
+    for f in dataclasses.fields(GpuSample)
+    if "None" in str(f.type) and f.name in pb.GpuSample.DESCRIPTOR.fields_by_name
+)
+
+
+def _gpu_from_proto(record: pb.TraceRecord, time_s: float) -> GpuSample:
+    """``record_from_proto`` of a GPU record, dated ``time_s``: the ingest's hot path.
+
+    Presence is asked with ``filter`` and the values read with one ``attrgetter`` (C
+    loops, not a comprehension over ~30 names), and the time is set once rather than
+    replaced: 8 of these are most of a batch's decode. A sample with processes or pods
+    takes the general path; tests hold the two equal.
+    """
+    msg = record.gpu
+    if msg.processes or msg.pods:
+        return _with_time(cast(GpuSample, record_from_proto(record)), time_s)
+    has_field: Callable[[str], bool] = msg.HasField  # type: ignore[assignment]
+    present: tuple[str, ...] = tuple(filter(has_field, _GPU_OPTIONAL))
+    # attrgetter of one name returns the value itself, not a 1-tuple.
+    values = attrgetter(*present)(msg) if len(present) > 1 else [getattr(msg, n) for n in present]
+    return GpuSample(
+        time_s=time_s,
+        gpu_index=msg.gpu_index,
+        gpu_uuid=msg.gpu_uuid,
+        gpu_name=msg.gpu_name,
+        lost=msg.lost,
+        gpm_stale=msg.gpm_stale,
+        xid_codes=tuple(msg.xid_codes),
+        mig_uuid=msg.mig_uuid,
+        **dict(zip(present, values, strict=True)),
     )
 
 
@@ -596,6 +689,11 @@ class FleetSnapshot:
     gpus: tuple[GpuState, ...]
     engines: tuple[EngineState, ...]
     counts: CollectorCounts
+    # Several collectors: agents with a stream open here now, and (agent_id, since)
+    # for those whose streams all closed (collector clock). Neither lists an agent
+    # that never streamed here (direct OTLP, a fleet fed in process).
+    connected: frozenset[str] = frozenset()
+    disconnected_s: tuple[tuple[str, float], ...] = ()
 
 
 _GpuKey = tuple[str, str]  # (agent_id, MIG uuid, else gpu uuid, else "#<index>")
@@ -620,9 +718,14 @@ class Fleet:
         clock: Callable[[], float] = time.time,
         forget_after_s: float = 900.0,
         limits: FleetLimits | None = None,
+        disconnected_series_s: float = 10.0,
     ) -> None:
         self._clock = clock
         self._forget_after_s = forget_after_s
+        self._disconnected_series_s = disconnected_series_s
+        # agent_id -> streams open now; agent_id -> when its last stream closed.
+        self._open_streams: dict[str, int] = {}
+        self._disconnected_s: dict[str, float] = {}
         self.limits = limits or FleetLimits()
         self._lock = threading.Lock()
         self._agents: dict[str, AgentState] = {}
@@ -687,6 +790,27 @@ class Fleet:
         """An agent stream closed."""
         with self._lock:
             self._streams -= 1
+
+    def agent_connected(self, agent_id: str) -> None:
+        """A stream of ``agent_id`` opened here (the ingest learns who at its first batch)."""
+        with self._lock:
+            self._open_streams[agent_id] = self._open_streams.get(agent_id, 0) + 1
+            self._disconnected_s.pop(agent_id, None)
+
+    def agent_disconnected(self, agent_id: str, now_s: float) -> None:
+        """A stream of ``agent_id`` closed at ``now_s`` (collector clock).
+
+        When it was the agent's last one here, the agent has moved to another collector
+        or is down: ``export_snapshot`` leaves out its GPUs and engines from
+        ``disconnected_series_s`` on, so no GPU is exported by two collectors.
+        """
+        with self._lock:
+            left = self._open_streams.get(agent_id, 0) - 1
+            if left > 0:
+                self._open_streams[agent_id] = left
+                return
+            self._open_streams.pop(agent_id, None)
+            self._disconnected_s[agent_id] = now_s
 
     # -- state --
 
@@ -827,7 +951,10 @@ class Fleet:
             gpu_uuid=verdict.gpu_uuid or (prev.gpu_uuid if prev else ""),
             gpu_name=name,
             sample=prev.sample if prev else None,
-            verdict=dataclasses.replace(verdict, gpu_name=name),
+            # A copy only when the name differs: one per verdict was most of applying it.
+            verdict=verdict
+            if verdict.gpu_name == name
+            else dataclasses.replace(verdict, gpu_name=name),
             engine=prev.engine if prev else None,
             updated_s=received_s,
             mig_uuid=verdict.mig_uuid,
@@ -886,6 +1013,8 @@ class Fleet:
         for key in self._gpus:
             self._agent_gpus.setdefault(key[0], set()).add(key)
         _drop_older(self._engines, cutoff)
+        for agent_id in [a for a in self._disconnected_s if a not in self._agents]:
+            del self._disconnected_s[agent_id]  # forgotten: nothing left to leave out
         self._agent_engines = {}
         for ekey in self._engines:
             self._agent_engines.setdefault(ekey[0], set()).add(ekey)
@@ -923,7 +1052,38 @@ class Fleet:
                 gpus=tuple(self._gpus.values()),
                 engines=tuple(self._engines.values()),
                 counts=self._counts(),
+                connected=frozenset(self._open_streams),
+                disconnected_s=tuple(self._disconnected_s.items()),
             )
+
+    def export_snapshot(self) -> FleetSnapshot:
+        """What the exporters show: ``snapshot()`` less the GPUs and engines of moved agents.
+
+        Left out: agents whose streams here closed over ``disconnected_series_s`` ago.
+        Such an agent streams to another collector now (which exports its GPUs), or is
+        down; either way its series stop here, so a GPU is not shown twice for longer
+        than that. The agent itself stays (``rooftop.agent.staleness`` grows, and a
+        dead agent still alerts) until ``forget_after_s``. An agent that never streamed
+        here (direct OTLP, a fleet fed in process) is never left out.
+        """
+        with self._lock:
+            # Called once per exported family per scrape: no stream sets copied here.
+            snap = FleetSnapshot(
+                taken_s=self._clock(),
+                agents=tuple(self._agents.values()),
+                gpus=tuple(self._gpus.values()),
+                engines=tuple(self._engines.values()),
+                counts=self._counts(),
+            )
+            cutoff_s = snap.taken_s - self._disconnected_series_s
+            gone = {a for a, since_s in self._disconnected_s.items() if since_s <= cutoff_s}
+        if not gone:
+            return snap
+        return dataclasses.replace(
+            snap,
+            gpus=tuple(g for g in snap.gpus if g.agent_id not in gone),
+            engines=tuple(e for e in snap.engines if e.agent_id not in gone),
+        )
 
 
 def _long_label(batch: DecodedBatch, max_bytes: int) -> str | None:

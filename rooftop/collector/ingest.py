@@ -229,7 +229,10 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
                 handler.cancel()
 
         # Reading runs in its own task so batches keep being applied while acks are written.
-        reader = asyncio.create_task(self._read(request_iterator, out, identities, unread))
+        agent: list[str] = []  # whose stream this is: learned at its first good batch
+        reader = asyncio.create_task(
+            self._read(request_iterator, out, identities, unread, agent)
+        )
         self._fleet.stream_opened()
         try:
             while True:
@@ -247,6 +250,9 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         finally:
             reader.cancel()
             self._fleet.stream_closed()
+            if agent:
+                # Moved to another collector, or down: its series leave this one's export.
+                self._fleet.agent_disconnected(agent[0], self._clock())
 
     async def _read(
         self,
@@ -254,6 +260,7 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         out: asyncio.Queue[object],
         identities: frozenset[str] | None,
         unread: Callable[[], None],
+        agent: list[str],
     ) -> None:
         """Apply batches as they arrive; queue coalesced acks (delayed-ack, like TCP's).
 
@@ -310,6 +317,10 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
                     )
                     return
                 rejection = self._handle(batch, committed, pending)
+                if not agent and rejection is None and _keyable(batch):
+                    # Applied (or a duplicate): the fleet knows this agent streams here.
+                    agent.append(batch.agent_id)
+                    self._fleet.agent_connected(batch.agent_id)
                 if rejection is not None:
                     out.put_nowait(rejection)  # at once: the agent must not resend it
                 if out.qsize() > self._max_unread_acks:

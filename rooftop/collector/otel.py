@@ -79,6 +79,7 @@ from rooftop.common.model import (
     EngineSample,
     HistogramDelta,
     PodRef,
+    Provenance,
 )
 from rooftop.common.otlp import OtlpExport
 from rooftop.common.text import printable
@@ -91,9 +92,12 @@ __all__ = [
     "TPOT_BUCKETS_S",
     "TTFT_BUCKETS_S",
     "MetricSpec",
+    "SAMPLE_GAUGES",
+    "SampleGauge",
     "Telemetry",
     "bound_value",
     "engine_provider",
+    "gpu_attributes",
 ]
 
 log = logging.getLogger(__name__)
@@ -251,6 +255,13 @@ METRICS: tuple[MetricSpec, ...] = (
         "{refusal}",
         "new agents, GPUs, engines and connections refused by a bound, by reason",
     ),
+    _m(
+        "rooftop.collector.remote_write.samples",
+        "counter",
+        "{sample}",
+        "GPU samples and verdicts of each [[remote_write]], by outcome (sent, rejected, "
+        "dropped, resent)",
+    ),
     _m("rooftop.collector.skewed", "counter", "{sample}", "future-dated samples clamped"),
     _m("rooftop.collector.missing", "counter", "{batch}", "seqs agents skipped (spool drops)"),
     _m("rooftop.collector.streams", "updowncounter", "{stream}", "agent streams open"),
@@ -295,7 +306,8 @@ def engine_provider(engine_id: str) -> str:
     return head or "unknown"
 
 
-def _gpu_attrs(g: GpuState) -> dict[str, Any]:
+def gpu_attributes(g: GpuState) -> dict[str, Any]:
+    """The attributes every series of GPU (or MIG instance) ``g`` carries (docs/METRICS.md)."""
     attrs: dict[str, Any] = {
         "host.name": g.hostname,
         # The hardware semantic conventions require hw.type on every hw.* metric; it
@@ -431,6 +443,8 @@ class Telemetry:
         # histograms aggregated natively as they are recorded.
         self._families: list[Family] = []
         self._bodies: dict[str, Callable[[FleetSnapshot], Iterable[Observation]]] = {}
+        self._remote_writes: list[tuple[str, Callable[[], Any]]] = []
+        self._series_keys: dict[tuple[Any, ...], tuple[tuple[str, str], ...]] = {}
         self._native: dict[str, NativeHistogram] = {}
         self._bad_histograms: set[str] = set()  # logged once per field
         self._lock = threading.Lock()
@@ -524,11 +538,13 @@ class Telemetry:
 
     def points(
         self, snap: FleetSnapshot, names: Iterable[str]
-    ) -> Iterator[tuple[str, dict[str, str], float]]:
+    ) -> Iterator[tuple[tuple[tuple[str, str], ...], float]]:
         """``snap``'s series of the gauges ``names``, named as the Prometheus endpoint does.
 
-        Yields ``(metric name, label name -> value, value)``: the remote-write input.
+        Yields ``(labels, value)``: ``labels`` sorted ``(name, value)`` pairs, the first
+        ``("__name__", metric name)`` (the remote-write input).
         """
+        cache = self._series_keys
         for name in names:
             body = self._bodies.get(name)
             if body is None:
@@ -536,7 +552,15 @@ class Telemetry:
             spec = _SPEC[name]
             family = prometheus_name(spec.name, spec.unit, spec.instrument)
             for obs in body(snap):
-                yield family, prometheus_labels(obs.attributes), float(obs.value)
+                # The same few label sets recur at every tick: convert each once.
+                raw = (family, *(obs.attributes or {}).items())
+                key = cache.get(raw)
+                if key is None:
+                    if len(cache) >= _SERIES_KEYS_CACHED:
+                        cache.clear()  # GPUs come and go: start over, rarely
+                    labels = sorted(prometheus_labels(obs.attributes).items())
+                    key = cache[raw] = (("__name__", family), *labels)
+                yield key, float(obs.value)
 
     # -- BatchObserver --
 
@@ -618,7 +642,8 @@ class Telemetry:
                 spec.instrument,
                 spec.unit,
                 spec.description,
-                lambda: callback(self._fleet.snapshot()),
+                # Less the GPUs of agents that moved to another collector (Fleet).
+                lambda: callback(self._fleet.export_snapshot()),
             )
         )
         if spec.instrument == "gauge":
@@ -634,7 +659,7 @@ class Telemetry:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
             del options
             # A snapshot per callback: a shallow copy of frozen entries, ~µs per 1k GPUs.
-            return list(body(self._fleet.snapshot()))
+            return list(body(self._fleet.export_snapshot()))
 
         return callback
 
@@ -645,40 +670,18 @@ class Telemetry:
         self._histogram("gen_ai.server.request.duration", REQUEST_DURATION_BUCKETS_S)
         self._histogram("rooftop.collector.batch.lag", LAG_BUCKETS_S)
 
-        self._gauge(
-            "hw.gpu.utilization", _gpu_field("busy_pct", _ratio, {"hw.gpu.task": "general"})
-        )
-        self._gauge("hw.gpu.memory.usage", _gpu_field("mem_used_bytes", _same, {}))
-        self._gauge("hw.gpu.memory.limit", _gpu_field("mem_total_bytes", _same, {}))
-        self._gauge("hw.power", _gpu_field("power_w", _same, {}))
-        self._gauge("hw.temperature", _gpu_field("temperature_c", _same, {}))
-        self._gauge("hw.gpu.memory.utilization", _memory_utilization)
+        by_metric: dict[str, list[SampleGauge]] = {}
+        for gauge in SAMPLE_GAUGES:
+            by_metric.setdefault(gauge.metric, []).append(gauge)
+        metrics = list(by_metric)
+        # hw.errors and hw.status after the hw.* sample gauges, as the endpoint always had.
+        split = metrics.index("rooftop.gpu.sm.clock")
+        for name in metrics[:split]:
+            self._gauge(name, _sample_series(by_metric[name]))
         self._gauge("hw.errors", _gpu_errors)
         self._gauge("hw.status", _health_states)
-        self._gauge("rooftop.gpu.sm.clock", _gpu_field("sm_clock_mhz", _mhz_to_hz, {}))
-        by_metric: dict[str, list[tuple[str, dict[str, str]]]] = {}
-        for field, name, extra in _GPU_RATIOS:
-            source = GPU_FIELD_PROVENANCE.get(field)
-            attrs = {**extra, "rooftop.source": source.value if source else "nvml"}
-            by_metric.setdefault(name, []).append((field, attrs))
-        for name, fields in by_metric.items():
-            self._gauge(name, _gpu_fields(fields, _ratio))
-        self._gauge(
-            "rooftop.gpu.pcie.throughput",
-            _gpu_fields(
-                [
-                    (
-                        "pcie_rx_bytes_per_s",
-                        {"network.io.direction": "receive", "rooftop.source": "gpm"},
-                    ),
-                    (
-                        "pcie_tx_bytes_per_s",
-                        {"network.io.direction": "transmit", "rooftop.source": "gpm"},
-                    ),
-                ],
-                _same,
-            ),
-        )
+        for name in metrics[split:]:
+            self._gauge(name, _sample_series(by_metric[name]))
         self._gauge("rooftop.gpu.bound", _bound_states)
         self._gauge("rooftop.gpu.bound.confidence", _bound_confidence)
         self._gauge("rooftop.workload.bound", _workload_states)
@@ -710,6 +713,26 @@ class Telemetry:
         self._gauge("rooftop.collector.refused", _refused)
         self._gauge("rooftop.collector.limited", _limited)
 
+    def add_remote_write(self, url: str, stats: Callable[[], Any]) -> None:
+        """Export a remote-write output's counters (``RemoteWriteStats``), by outcome."""
+        first = not self._remote_writes
+        self._remote_writes.append((url, stats))
+        if first:
+            self._gauge("rooftop.collector.remote_write.samples", self._remote_write_samples)
+
+    def _remote_write_samples(self, snap: FleetSnapshot) -> Iterable[Observation]:
+        del snap
+        for url, stats in self._remote_writes:
+            s = stats()
+            for outcome, value in (
+                ("sent", s.sent),
+                ("rejected", s.rejected),
+                ("dropped", s.dropped_queue_full),
+                ("resent", s.resent),
+            ):
+                attrs = {"url.full": url, "rooftop.remote_write.outcome": outcome}
+                yield Observation(value, attrs)
+
     def _agent_staleness(self, snap: FleetSnapshot) -> Iterable[Observation]:
         now_s = self._clock()
         for a in snap.agents:
@@ -722,6 +745,9 @@ _ENGINE_HISTOGRAMS: tuple[tuple[str, str, str | None], ...] = (
     ("gen_ai.server.time_to_first_token", "ttft_hist", "ttft_ms"),
     ("gen_ai.server.request.duration", "request_duration_hist", None),
 )
+
+
+_SERIES_KEYS_CACHED = 262_144  # remote write: attributes -> labels, ~1 KiB each
 
 
 def _views(limit: int) -> list[View]:
@@ -762,14 +788,73 @@ def _mhz_to_hz(mhz: float) -> float:
     return mhz * 1e6
 
 
-def _gpu_field(
-    field: str, convert: Callable[[float], float], extra: dict[str, str]
-) -> Callable[[FleetSnapshot], Iterable[Observation]]:
-    return _gpu_fields([(field, extra)], convert)
+@dataclass(frozen=True, slots=True)
+class SampleGauge:
+    """One series a GPU sample makes: ``metric`` with ``attrs``, from ``fields``.
+
+    ``value`` takes the fields' values (none of them None) and returns the series' value,
+    or None for no series. The Prometheus endpoint and OTLP read these from each GPU's
+    newest sample; remote write from every sample (``rooftop.collector.remote_write``).
+    """
+
+    metric: str
+    fields: tuple[str, ...]
+    value: Callable[..., float | None]
+    attrs: Mapping[str, str]
+    gpm: bool  # from GPM: not written again for a sample marked gpm_stale
+    # ``value`` as one arithmetic step, ("*", k) or ("/", k), where it is one: remote
+    # write applies it to whole columns without a call per point.
+    step: tuple[str, float] | None = None
 
 
-def _gpu_fields(
-    fields: Sequence[tuple[str, dict[str, str]]], convert: Callable[[float], float]
+_STEPS: dict[Callable[[float], float], tuple[str, float]] = {
+    _ratio: ("/", 100.0),
+    _same: ("*", 1.0),
+    _mhz_to_hz: ("*", 1e6),
+}
+
+
+def _used_share(used: float, total: float) -> float | None:
+    return used / total if total else None
+
+
+def _sample_gauges() -> tuple[SampleGauge, ...]:
+    def one(
+        metric: str, field: str, convert: Callable[[float], float], **attrs: str
+    ) -> SampleGauge:
+        gpm = GPU_FIELD_PROVENANCE.get(field) is Provenance.GPM
+        return SampleGauge(metric, (field,), convert, attrs, gpm, _STEPS.get(convert))
+
+    gauges = [
+        one("hw.gpu.utilization", "busy_pct", _ratio, **{"hw.gpu.task": "general"}),
+        one("hw.gpu.memory.usage", "mem_used_bytes", _same),
+        one("hw.gpu.memory.limit", "mem_total_bytes", _same),
+        one("hw.power", "power_w", _same),
+        one("hw.temperature", "temperature_c", _same),
+        SampleGauge(
+            "hw.gpu.memory.utilization",
+            ("mem_used_bytes", "mem_total_bytes"),
+            _used_share,
+            {},
+            False,
+        ),
+        one("rooftop.gpu.sm.clock", "sm_clock_mhz", _mhz_to_hz),
+    ]
+    for field, name, extra in _GPU_RATIOS:
+        source = GPU_FIELD_PROVENANCE.get(field)
+        source_attr = {"rooftop.source": source.value if source else "nvml"}
+        gauges.append(one(name, field, _ratio, **extra, **source_attr))
+    for field, direction in (
+        ("pcie_rx_bytes_per_s", "receive"),
+        ("pcie_tx_bytes_per_s", "transmit"),
+    ):
+        attrs = {"network.io.direction": direction, "rooftop.source": "gpm"}
+        gauges.append(one("rooftop.gpu.pcie.throughput", field, _same, **attrs))
+    return tuple(gauges)
+
+
+def _sample_series(
+    gauges: Sequence[SampleGauge],
 ) -> Callable[[FleetSnapshot], Iterable[Observation]]:
     def body(snap: FleetSnapshot) -> Iterable[Observation]:
         for g in snap.gpus:
@@ -777,22 +862,21 @@ def _gpu_fields(
             if s is None or s.lost:
                 continue  # absent means "not measured", never 0
             base = None
-            for field, extra in fields:
-                value = getattr(s, field)
+            for gauge in gauges:
+                values = [getattr(s, f) for f in gauge.fields]
+                if None in values:
+                    continue
+                value = gauge.value(*values)
                 if value is None:
                     continue
-                base = base or _gpu_attrs(g)
-                yield Observation(convert(value), {**base, **extra})
+                base = base or gpu_attributes(g)
+                yield Observation(value, {**base, **gauge.attrs})
 
     return body
 
 
-def _memory_utilization(snap: FleetSnapshot) -> Iterable[Observation]:
-    for g in snap.gpus:
-        s = g.sample
-        if s is None or s.lost or s.mem_used_bytes is None or not s.mem_total_bytes:
-            continue
-        yield Observation(s.mem_used_bytes / s.mem_total_bytes, _gpu_attrs(g))
+# Every series a GPU sample makes, in the order the endpoint writes them.
+SAMPLE_GAUGES: tuple[SampleGauge, ...] = _sample_gauges()
 
 
 # (GpuSample field, error.type): each a count that only grows while its source lives.
@@ -812,7 +896,7 @@ def _gpu_errors(snap: FleetSnapshot) -> Iterable[Observation]:
             value = getattr(g.sample, field)
             if value is None:
                 continue  # not measured (no ECC, no XID events): absent, never 0
-            base = base or _gpu_attrs(g)
+            base = base or gpu_attributes(g)
             yield Observation(value, {**base, "error.type": error_type})
 
 
@@ -822,7 +906,7 @@ def _health_states(snap: FleetSnapshot) -> Iterable[Observation]:
         if s is None or s.inaccessible is not None:
             continue  # no data: its health is unknown, not ok
         current = assess(s).state
-        base = _gpu_attrs(g)
+        base = gpu_attributes(g)
         for state in HealthState:
             yield Observation(1 if state is current else 0, {**base, "hw.state": state.value})
 
@@ -838,7 +922,7 @@ def _bound_states(snap: FleetSnapshot) -> Iterable[Observation]:
         current = _current_bound(g)
         if current is None:
             continue
-        base = _gpu_attrs(g)
+        base = gpu_attributes(g)
         cause = g.verdict.cause if g.verdict is not None and current is not Bound.LOST else None
         for state in _BOUND_STATES:
             attrs = {**base, "rooftop.bound": bound_value(state)}
@@ -852,7 +936,7 @@ def _bound_confidence(snap: FleetSnapshot) -> Iterable[Observation]:
     for g in snap.gpus:
         if g.verdict is None:
             continue
-        attrs = {**_gpu_attrs(g), "rooftop.bound": bound_value(g.verdict.verdict)}
+        attrs = {**gpu_attributes(g), "rooftop.bound": bound_value(g.verdict.verdict)}
         yield Observation(g.verdict.confidence, attrs)
 
 

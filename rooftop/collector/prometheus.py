@@ -131,6 +131,10 @@ def format_value(value: float) -> str:
 
 
 _label_names: dict[str, str] = {}
+_label_keys: dict[str, str] = {}  # label name -> the first attribute key that made it
+# Label names two attribute keys sanitize to (host.name, host_name): their series take
+# the merged path in _labels. Empty in practice, so the hot path checks one empty set.
+_ambiguous: set[str] = set()
 
 
 def _label_name(key: str) -> str:
@@ -140,7 +144,26 @@ def _label_name(key: str) -> str:
         if name[:1].isdigit():
             name = "_" + name[1:]
         _label_names[key] = name
+        if _label_keys.setdefault(name, key) != key:
+            _ambiguous.add(name)
     return name
+
+
+def _merged(attributes: Mapping[str, Any]) -> dict[str, str]:
+    # The OpenTelemetry → Prometheus rule: the values of keys that sanitize to one label
+    # name are joined with ";", in the lexicographic order of the original keys.
+    merged: dict[str, list[str]] = {}
+    for key in sorted(attributes):
+        text = _label_text(attributes[key])
+        if text != "":
+            merged.setdefault(_label_name(key), []).append(text)
+    return {name: ";".join(values) for name, values in merged.items()}
+
+
+def _collides(attributes: Mapping[str, Any]) -> bool:
+    # _label_name registers each key first, so the check sees this series' own keys.
+    names = [_label_name(k) for k in attributes] if len(attributes) > 1 else []
+    return bool(_ambiguous) and any(n in _ambiguous for n in names)
 
 
 def _label_text(value: Any) -> str:
@@ -153,11 +176,14 @@ def _label_text(value: Any) -> str:
     return json.dumps(value, default=str)  # what the OpenTelemetry exporter writes
 
 
-def _label_value(value: Any) -> str:
-    text = _label_text(value)
+def _escape(text: str) -> str:
     if "\\" in text or '"' in text or "\n" in text:
         text = text.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
     return text
+
+
+def _label_value(value: Any) -> str:
+    return _escape(_label_text(value))
 
 
 # ('host.name', 'node-7') -> 'host_name="node-7"': the same few thousand pairs recur in
@@ -184,6 +210,9 @@ def _pair(item: tuple[str, Any]) -> str:
 def _labels(attributes: Mapping[str, Any] | None, extra: str = "") -> str:
     # Sorted for a stable output; Prometheus does not care about label order.
     parts = sorted([p for p in map(_pair, (attributes or {}).items()) if p])
+    # After _pair: it has registered every key's label name, so a collision is known.
+    if _ambiguous and attributes and _collides(attributes):
+        parts = sorted(f'{n}="{_escape(v)}"' for n, v in _merged(attributes).items())
     if extra:
         parts.append(extra)
     return f"{{{','.join(parts)}}}" if parts else ""
@@ -197,6 +226,8 @@ def prometheus_name(name: str, unit: str, instrument: str) -> str:
 
 def prometheus_labels(attributes: Mapping[str, Any] | None) -> dict[str, str]:
     """Attributes as ``render``'s labels, unescaped (label name -> value; empty dropped)."""
+    if attributes and _collides(attributes):
+        return _merged(attributes)
     return {
         _label_name(k): _label_text(v) for k, v in (attributes or {}).items() if v != ""
     }

@@ -107,6 +107,7 @@ def fleet_status(
     engines: dict[str, list[EngineState]] = {}
     for e in snap.engines:
         engines.setdefault(e.agent_id, []).append(e)
+    disconnected_s = dict(snap.disconnected_s)
     for a in sorted(snap.agents, key=lambda a: (a.hostname, a.agent_id)):
         if node and node not in (a.agent_id, a.hostname):
             continue
@@ -120,7 +121,11 @@ def fleet_status(
             batches=a.batches,
             samples=a.samples,
             acked_seq=acked((a.agent_id, a.boot_id)) if acked is not None else 0,
+            connected=a.agent_id in snap.connected,
         )
+        if a.agent_id in disconnected_s:
+            # Moved to another collector or down; kept here until forget_after_s.
+            n.disconnected_time.CopyFrom(timestamp(disconnected_s[a.agent_id]))
         if a.lag_s is not None:
             n.lag_s = a.lag_s
         if a.clock_offset_s is not None:

@@ -3,7 +3,7 @@
 Prometheus remote write 1.0 bodies are snappy *block* format (not the framed stream
 format). No snappy binding is among Rooftop's dependencies, so this is a pure-Python
 codec: ``compress`` finds repeats through a hash of 4-byte sequences (remote-write
-bodies are label names and values repeated per series, which compress 3-6x), and
+bodies are label names and values repeated per series, which compress about 6x), and
 ``decompress`` reads any valid block, ours or another encoder's.
 """
 

@@ -68,8 +68,12 @@ _SCALAR_NAMES: dict[type, tuple[str, ...]] = {
 
 
 def _scalars(obj: Any) -> dict[str, Any]:
-    values = {name: getattr(obj, name) for name in _SCALAR_NAMES[type(obj)]}
-    return {name: value for name, value in values.items() if value is not None}
+    # One pass, not a dict of every field filtered into a second one (per record, per tick).
+    return {
+        name: value
+        for name in _SCALAR_NAMES[type(obj)]
+        if (value := getattr(obj, name)) is not None
+    }
 
 
 def record_to_proto(record: Record) -> pb.TraceRecord:

@@ -297,16 +297,32 @@ UPPER_BOUNDS: dict[str, float] = {
 }
 
 
-def invalid_reason(record: Record) -> str | None:
+# Field names per record class: fields() per record cost more than the checks themselves.
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
+
+
+def invalid_reason(record: Record, *, histograms: bool = True) -> str | None:
     """Why ``record`` holds an impossible value, else None.
 
     Impossible: NaN, infinite, negative, a percentage over 100, or a figure beyond its
     physical ceiling in ``UPPER_BOUNDS``.
+
+    Args:
+        record: the sample to check.
+        histograms: also check an engine sample's histograms (``HistogramDelta.problem``);
+            False only where the caller has just validated them itself (the hook
+            receiver: ``hooks.wire`` checks the same rules while decoding).
     """
-    names = {f.name for f in fields(record)}
-    for name in names:
+    for name in _field_names(type(record)):
         value = getattr(record, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         if math.isnan(value) or math.isinf(value):
             return f"{name} is {value}"
@@ -318,7 +334,7 @@ def invalid_reason(record: Record) -> str | None:
             return f"{name} is over 100 ({value})"
         if value > UPPER_BOUNDS.get(name, math.inf):
             return f"{name} is over its ceiling {UPPER_BOUNDS[name]:g} ({value:g})"
-    if isinstance(record, EngineSample):
+    if histograms and isinstance(record, EngineSample):
         for name in ENGINE_HISTOGRAM_FIELDS:
             hist = getattr(record, name)
             problem = hist.problem() if hist is not None else None

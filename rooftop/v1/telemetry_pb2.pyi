@@ -876,6 +876,7 @@ class Batch(_message.Message):
     STATS_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     SENT_TIME_FIELD_NUMBER: _builtins.int
+    GPU_COLUMNS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     boot_id: _builtins.str
     """changes on every agent start; seq restarts with it"""
@@ -890,6 +891,14 @@ class Batch(_message.Message):
     def stats(self) -> Global___AgentStats: ...
     @_builtins.property
     def sent_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def gpu_columns(self) -> Global___GpuColumns:
+        """GPU samples as columns (numbered from 20): the same samples `records` can carry, in
+        less space and checked by the collector a column at a time. A batch may hold both;
+        its GPU samples are then the records' first, the columns' rows after them. Older
+        collectors ignore this field: an agent sends it only when told to (batch_format).
+        """
+
     def __init__(
         self,
         *,
@@ -901,14 +910,215 @@ class Batch(_message.Message):
         stats: Global___AgentStats | None = ...,
         hostname: _builtins.str = ...,
         sent_time: _timestamp_pb2.Timestamp | None = ...,
+        gpu_columns: Global___GpuColumns | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sent_time", b"sent_time", "stats", b"stats"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gpu_columns", b"gpu_columns", "sent_time", b"sent_time", "stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "boot_id", b"boot_id", "hostname", b"hostname", "records", b"records", "sent_time", b"sent_time", "seq", b"seq", "stats", b"stats", "verdicts", b"verdicts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "boot_id", b"boot_id", "gpu_columns", b"gpu_columns", "hostname", b"hostname", "records", b"records", "sent_time", b"sent_time", "seq", b"seq", "stats", b"stats", "verdicts", b"verdicts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Batch: _TypeAlias = Batch  # noqa: Y015
+
+@_typing.final
+class GpuColumns(_message.Message):
+    """GPU samples as columns: row i of every per-row column is one GpuSample. Columns are
+    `bytes` of fixed-width little-endian values (u32, i64, u64, f64), not `repeated`
+    fields: the collector checks a whole column with one big-integer operation instead
+    of one Python object per value (bench/bench_collector.py). A column named after a
+    GpuSample field carries that field. A column of values that are all the same may
+    hold that value once: a per-row column (all but time_us) standing for every row, a
+    metric column for every row that has the metric.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    TIME_US_FIELD_NUMBER: _builtins.int
+    GPU_INDEX_FIELD_NUMBER: _builtins.int
+    GPU_UUID_FIELD_NUMBER: _builtins.int
+    GPU_NAME_FIELD_NUMBER: _builtins.int
+    MIG_UUID_FIELD_NUMBER: _builtins.int
+    STRINGS_FIELD_NUMBER: _builtins.int
+    PRESENCE_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    XID_CODES_PER_ROW_FIELD_NUMBER: _builtins.int
+    PROCESSES_PER_ROW_FIELD_NUMBER: _builtins.int
+    PODS_PER_ROW_FIELD_NUMBER: _builtins.int
+    XID_CODES_FIELD_NUMBER: _builtins.int
+    PROCESS_PID_FIELD_NUMBER: _builtins.int
+    PROCESS_PRESENCE_FIELD_NUMBER: _builtins.int
+    PROCESS_GPU_MEM_BYTES_FIELD_NUMBER: _builtins.int
+    PROCESS_NAME_FIELD_NUMBER: _builtins.int
+    PROCESS_SLURM_JOB_ID_FIELD_NUMBER: _builtins.int
+    POD_POD_FIELD_NUMBER: _builtins.int
+    POD_NAMESPACE_FIELD_NUMBER: _builtins.int
+    POD_CONTAINER_FIELD_NUMBER: _builtins.int
+    BUSY_PCT_FIELD_NUMBER: _builtins.int
+    MEM_CTRL_PCT_FIELD_NUMBER: _builtins.int
+    SM_ACTIVE_PCT_FIELD_NUMBER: _builtins.int
+    SM_OCCUPANCY_PCT_FIELD_NUMBER: _builtins.int
+    TENSOR_ACTIVE_PCT_FIELD_NUMBER: _builtins.int
+    FP16_ACTIVE_PCT_FIELD_NUMBER: _builtins.int
+    FP32_ACTIVE_PCT_FIELD_NUMBER: _builtins.int
+    FP64_ACTIVE_PCT_FIELD_NUMBER: _builtins.int
+    DRAM_BW_PCT_FIELD_NUMBER: _builtins.int
+    PCIE_RX_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    PCIE_TX_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    PCIE_LINK_GEN_FIELD_NUMBER: _builtins.int
+    PCIE_LINK_WIDTH_FIELD_NUMBER: _builtins.int
+    POWER_W_FIELD_NUMBER: _builtins.int
+    SM_CLOCK_MHZ_FIELD_NUMBER: _builtins.int
+    MEM_USED_BYTES_FIELD_NUMBER: _builtins.int
+    MEM_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_C_FIELD_NUMBER: _builtins.int
+    CLOCK_EVENT_REASONS_FIELD_NUMBER: _builtins.int
+    INACCESSIBLE_FIELD_NUMBER: _builtins.int
+    XID_COUNT_FIELD_NUMBER: _builtins.int
+    ECC_CORRECTED_VOLATILE_FIELD_NUMBER: _builtins.int
+    ECC_UNCORRECTED_VOLATILE_FIELD_NUMBER: _builtins.int
+    ECC_CORRECTED_AGGREGATE_FIELD_NUMBER: _builtins.int
+    ECC_UNCORRECTED_AGGREGATE_FIELD_NUMBER: _builtins.int
+    REMAPPED_ROWS_CORRECTED_FIELD_NUMBER: _builtins.int
+    REMAPPED_ROWS_UNCORRECTED_FIELD_NUMBER: _builtins.int
+    REMAP_PENDING_FIELD_NUMBER: _builtins.int
+    REMAP_FAILED_FIELD_NUMBER: _builtins.int
+    GPU_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    COMPUTE_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    rows: _builtins.int
+    time_us: _builtins.bytes
+    """i64 per row: the sample time in Unix epoch microseconds."""
+    gpu_index: _builtins.bytes
+    """u32 per row."""
+    gpu_uuid: _builtins.bytes
+    """u32 per row: indices into `strings` (gpu_uuid, gpu_name, mig_uuid, inaccessible)."""
+    gpu_name: _builtins.bytes
+    mig_uuid: _builtins.bytes
+    presence: _builtins.bytes
+    """u64 per row: bit n set when GpuSample field number n is present in that row
+    (an optional metric; absent means not measured). A metric column holds one value
+    per row whose bit is set, in row order: f64 for doubles, u64 for integers, u8
+    (0 or 1) for remap_pending / remap_failed, u32 string index for inaccessible.
+    """
+    flags: _builtins.bytes
+    """u8 per row: bit 0 lost, bit 1 gpm_stale."""
+    xid_codes_per_row: _builtins.bytes
+    """Per-row lists (empty: no row has any). u32 per row: how many entries each row has."""
+    processes_per_row: _builtins.bytes
+    pods_per_row: _builtins.bytes
+    xid_codes: _builtins.bytes
+    """Flattened lists, rows in order: u32 xid codes."""
+    process_pid: _builtins.bytes
+    """One entry per process: u32 pid; u8 presence (bit 0 gpu_mem_bytes, bit 1 name, bit 2
+    slurm_job_id); u64 gpu_mem_bytes, u32 string indices (0 where absent).
+    """
+    process_presence: _builtins.bytes
+    process_gpu_mem_bytes: _builtins.bytes
+    process_name: _builtins.bytes
+    process_slurm_job_id: _builtins.bytes
+    pod_pod: _builtins.bytes
+    """One entry per pod reference: u32 string indices."""
+    pod_namespace: _builtins.bytes
+    pod_container: _builtins.bytes
+    busy_pct: _builtins.bytes
+    """Metric columns, numbered as the GpuSample field (offset by 100)."""
+    mem_ctrl_pct: _builtins.bytes
+    sm_active_pct: _builtins.bytes
+    sm_occupancy_pct: _builtins.bytes
+    tensor_active_pct: _builtins.bytes
+    fp16_active_pct: _builtins.bytes
+    fp32_active_pct: _builtins.bytes
+    fp64_active_pct: _builtins.bytes
+    dram_bw_pct: _builtins.bytes
+    pcie_rx_bytes_per_s: _builtins.bytes
+    pcie_tx_bytes_per_s: _builtins.bytes
+    pcie_link_gen: _builtins.bytes
+    pcie_link_width: _builtins.bytes
+    power_w: _builtins.bytes
+    sm_clock_mhz: _builtins.bytes
+    mem_used_bytes: _builtins.bytes
+    mem_total_bytes: _builtins.bytes
+    temperature_c: _builtins.bytes
+    clock_event_reasons: _builtins.bytes
+    inaccessible: _builtins.bytes
+    xid_count: _builtins.bytes
+    ecc_corrected_volatile: _builtins.bytes
+    ecc_uncorrected_volatile: _builtins.bytes
+    ecc_corrected_aggregate: _builtins.bytes
+    ecc_uncorrected_aggregate: _builtins.bytes
+    remapped_rows_corrected: _builtins.bytes
+    remapped_rows_uncorrected: _builtins.bytes
+    remap_pending: _builtins.bytes
+    remap_failed: _builtins.bytes
+    gpu_instance_id: _builtins.bytes
+    compute_instance_id: _builtins.bytes
+    @_builtins.property
+    def strings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The strings the index columns name, each once."""
+
+    def __init__(
+        self,
+        *,
+        rows: _builtins.int = ...,
+        time_us: _builtins.bytes = ...,
+        gpu_index: _builtins.bytes = ...,
+        gpu_uuid: _builtins.bytes = ...,
+        gpu_name: _builtins.bytes = ...,
+        mig_uuid: _builtins.bytes = ...,
+        strings: _abc.Iterable[_builtins.str] | None = ...,
+        presence: _builtins.bytes = ...,
+        flags: _builtins.bytes = ...,
+        xid_codes_per_row: _builtins.bytes = ...,
+        processes_per_row: _builtins.bytes = ...,
+        pods_per_row: _builtins.bytes = ...,
+        xid_codes: _builtins.bytes = ...,
+        process_pid: _builtins.bytes = ...,
+        process_presence: _builtins.bytes = ...,
+        process_gpu_mem_bytes: _builtins.bytes = ...,
+        process_name: _builtins.bytes = ...,
+        process_slurm_job_id: _builtins.bytes = ...,
+        pod_pod: _builtins.bytes = ...,
+        pod_namespace: _builtins.bytes = ...,
+        pod_container: _builtins.bytes = ...,
+        busy_pct: _builtins.bytes = ...,
+        mem_ctrl_pct: _builtins.bytes = ...,
+        sm_active_pct: _builtins.bytes = ...,
+        sm_occupancy_pct: _builtins.bytes = ...,
+        tensor_active_pct: _builtins.bytes = ...,
+        fp16_active_pct: _builtins.bytes = ...,
+        fp32_active_pct: _builtins.bytes = ...,
+        fp64_active_pct: _builtins.bytes = ...,
+        dram_bw_pct: _builtins.bytes = ...,
+        pcie_rx_bytes_per_s: _builtins.bytes = ...,
+        pcie_tx_bytes_per_s: _builtins.bytes = ...,
+        pcie_link_gen: _builtins.bytes = ...,
+        pcie_link_width: _builtins.bytes = ...,
+        power_w: _builtins.bytes = ...,
+        sm_clock_mhz: _builtins.bytes = ...,
+        mem_used_bytes: _builtins.bytes = ...,
+        mem_total_bytes: _builtins.bytes = ...,
+        temperature_c: _builtins.bytes = ...,
+        clock_event_reasons: _builtins.bytes = ...,
+        inaccessible: _builtins.bytes = ...,
+        xid_count: _builtins.bytes = ...,
+        ecc_corrected_volatile: _builtins.bytes = ...,
+        ecc_uncorrected_volatile: _builtins.bytes = ...,
+        ecc_corrected_aggregate: _builtins.bytes = ...,
+        ecc_uncorrected_aggregate: _builtins.bytes = ...,
+        remapped_rows_corrected: _builtins.bytes = ...,
+        remapped_rows_uncorrected: _builtins.bytes = ...,
+        remap_pending: _builtins.bytes = ...,
+        remap_failed: _builtins.bytes = ...,
+        gpu_instance_id: _builtins.bytes = ...,
+        compute_instance_id: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "compute_instance_id", b"compute_instance_id", "dram_bw_pct", b"dram_bw_pct", "ecc_corrected_aggregate", b"ecc_corrected_aggregate", "ecc_corrected_volatile", b"ecc_corrected_volatile", "ecc_uncorrected_aggregate", b"ecc_uncorrected_aggregate", "ecc_uncorrected_volatile", b"ecc_uncorrected_volatile", "flags", b"flags", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "gpu_index", b"gpu_index", "gpu_instance_id", b"gpu_instance_id", "gpu_name", b"gpu_name", "gpu_uuid", b"gpu_uuid", "inaccessible", b"inaccessible", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "mig_uuid", b"mig_uuid", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "pod_container", b"pod_container", "pod_namespace", b"pod_namespace", "pod_pod", b"pod_pod", "pods_per_row", b"pods_per_row", "power_w", b"power_w", "presence", b"presence", "process_gpu_mem_bytes", b"process_gpu_mem_bytes", "process_name", b"process_name", "process_pid", b"process_pid", "process_presence", b"process_presence", "process_slurm_job_id", b"process_slurm_job_id", "processes_per_row", b"processes_per_row", "remap_failed", b"remap_failed", "remap_pending", b"remap_pending", "remapped_rows_corrected", b"remapped_rows_corrected", "remapped_rows_uncorrected", b"remapped_rows_uncorrected", "rows", b"rows", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "strings", b"strings", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time_us", b"time_us", "xid_codes", b"xid_codes", "xid_codes_per_row", b"xid_codes_per_row", "xid_count", b"xid_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpuColumns: _TypeAlias = GpuColumns  # noqa: Y015
 
 @_typing.final
 class Ack(_message.Message):
@@ -1044,6 +1254,8 @@ class NodeStatus(_message.Message):
     ACKED_SEQ_FIELD_NUMBER: _builtins.int
     GPUS_FIELD_NUMBER: _builtins.int
     ENGINES_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    DISCONNECTED_TIME_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     hostname: _builtins.str
     boot_id: _builtins.str
@@ -1056,6 +1268,13 @@ class NodeStatus(_message.Message):
     samples: _builtins.int
     acked_seq: _builtins.int
     """highest contiguous seq of boot_id applied"""
+    connected: _builtins.bool
+    """Several collectors (docs/OPERATOR-GUIDE.md, "Several collectors"): true while the
+    agent has a stream open to this collector. An agent whose stream closed and has
+    not come back has disconnected_time (collector clock) set instead: it streams
+    elsewhere, or is down; its GPU series leave this collector's export after
+    [collector] disconnected_series_s.
+    """
     @_builtins.property
     def first_seen_time(self) -> _timestamp_pb2.Timestamp:
         """collector clock"""
@@ -1074,6 +1293,8 @@ class NodeStatus(_message.Message):
     def engines(self) -> _containers.RepeatedCompositeFieldContainer[Global___EngineSample]:
         """every engine, attributed to a GPU or not"""
 
+    @_builtins.property
+    def disconnected_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -1090,10 +1311,12 @@ class NodeStatus(_message.Message):
         acked_seq: _builtins.int = ...,
         gpus: _abc.Iterable[Global___GpuStatus] | None = ...,
         engines: _abc.Iterable[Global___EngineSample] | None = ...,
+        connected: _builtins.bool = ...,
+        disconnected_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_s", b"_clock_offset_s", "_lag_s", b"_lag_s", "clock_offset_s", b"clock_offset_s", "first_seen_time", b"first_seen_time", "lag_s", b"lag_s", "last_seen_time", b"last_seen_time", "stats", b"stats"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_s", b"_clock_offset_s", "_lag_s", b"_lag_s", "clock_offset_s", b"clock_offset_s", "disconnected_time", b"disconnected_time", "first_seen_time", b"first_seen_time", "lag_s", b"lag_s", "last_seen_time", b"last_seen_time", "stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_s", b"_clock_offset_s", "_lag_s", b"_lag_s", "acked_seq", b"acked_seq", "agent_id", b"agent_id", "batches", b"batches", "boot_id", b"boot_id", "clock_offset_s", b"clock_offset_s", "engines", b"engines", "first_seen_time", b"first_seen_time", "gpus", b"gpus", "hostname", b"hostname", "lag_s", b"lag_s", "last_seen_time", b"last_seen_time", "samples", b"samples", "stats", b"stats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_s", b"_clock_offset_s", "_lag_s", b"_lag_s", "acked_seq", b"acked_seq", "agent_id", b"agent_id", "batches", b"batches", "boot_id", b"boot_id", "clock_offset_s", b"clock_offset_s", "connected", b"connected", "disconnected_time", b"disconnected_time", "engines", b"engines", "first_seen_time", b"first_seen_time", "gpus", b"gpus", "hostname", b"hostname", "lag_s", b"lag_s", "last_seen_time", b"last_seen_time", "samples", b"samples", "stats", b"stats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__clock_offset_s: _TypeAlias = _typing.Literal["clock_offset_s"]  # noqa: Y015
     _WhichOneofArgType__clock_offset_s: _TypeAlias = _typing.Literal["_clock_offset_s", b"_clock_offset_s"]  # noqa: Y015

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from rooftop.agent.batcher import Batcher
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from rooftop.agent.batcher import DEFAULT_MAX_BATCH_BYTES, STATS_MAX_BYTES, Batcher
+from rooftop.collector.fleet import decode_batch
+from rooftop.common.codec import record_to_proto
+from rooftop.common.model import GpuSample, HostSample
 from rooftop.v1 import telemetry_pb2 as pb
 from tests.support import BOOT
 
@@ -40,3 +45,46 @@ def test_batcher_splits_at_the_byte_limit_before_giving_a_seq():
     assert all(b.ByteSize() <= limit for b in parts)
     assert sum(len(b.records) for b in parts) == 300
     assert [b.seq for b in parts] == list(range(1, len(parts) + 1))
+
+
+# ---- columns (batch_format = "columns") and the stats reserve ---------------------------
+
+
+def _timed_records(n: int) -> list[pb.TraceRecord]:
+    """GPU samples as the sampler makes them (times in whole microseconds), and a host one."""
+    out = [record_to_proto(GpuSample(time_s=1_790_000_000 + i * 0.1, gpu_index=i % 8,
+                                     busy_pct=50.0)) for i in range(n)]  # fmt: skip
+    out.append(record_to_proto(HostSample(time_s=1_790_000_000.0, cpu_pct=12.5)))
+    return out
+
+
+def test_the_batcher_sends_gpu_samples_as_columns_only_when_enabled():
+    records = _timed_records(1200)
+    (plain, *_) = Batcher("node-1", BOOT, hostname="h").make(records)
+    assert len(plain.records) == 500 and not plain.HasField("gpu_columns")
+    parts = Batcher("node-1", BOOT, hostname="h", columns=True).make(
+        records, [pb.Verdict(gpu_index=3)]
+    )
+    assert [b.seq for b in parts] == [1, 2, 3]
+    assert [b.gpu_columns.rows for b in parts] == [500, 500, 200]
+    assert [len(b.records) for b in parts] == [0, 0, 1]  # the host sample stays a record
+    assert [len(b.verdicts) for b in parts] == [0, 0, 1]
+    assert all(b.ByteSize() <= DEFAULT_MAX_BATCH_BYTES for b in parts)
+    decoded = decode_batch(parts[0], received_s=1_790_000_100.0)
+    assert decoded.samples == 500 and [g.gpu_index for g in decoded.gpus] == list(range(8))
+
+
+def test_gpu_samples_columns_cannot_carry_exactly_stay_records():
+    records = _timed_records(3)
+    records[1].gpu.time.nanos += 1  # not whole microseconds
+    (only,) = Batcher("node-1", BOOT, columns=True).make(records)
+    assert not only.HasField("gpu_columns") and len(only.records) == 4
+
+
+def test_the_stats_reserve_holds_every_counter_at_its_largest_with_room_to_spare():
+    largest = 2**64 - 1
+    stats = pb.AgentStats(**{f.name: largest for f in pb.AgentStats.DESCRIPTOR.fields})
+    msg = pb.Batch(stats=stats)
+    msg.sent_time.CopyFrom(Timestamp(seconds=253_402_300_799, nanos=999_999_999))  # year 9999
+    # Room for four more counters (11 bytes each at their largest) before it is too small.
+    assert msg.ByteSize() + 4 * 11 <= STATS_MAX_BYTES

@@ -195,3 +195,15 @@ def test_a_non_utf8_file_names_the_line_and_byte_offset(tmp_path: Path):
     path.write_bytes(b"rate_hz = 1\n\xc3\n")
     with pytest.raises(ConfigError, match=rf"^{path}:2: not UTF-8 text \(byte offset 12: "):
         load_config(path, env={})
+
+
+@pytest.mark.parametrize("key", ["agent_id", "hostname"])
+@pytest.mark.parametrize("value", ["node\\u001b]0;pwned\\u0007", "node\\r\\nforged"])
+def test_an_identity_with_control_characters_is_refused_at_start(
+    tmp_path: Path, key: str, value: str
+):
+    # The collector would refuse every batch (bad_identity): the agent says so at once.
+    path = write(tmp_path, f'{key} = "{value}"\ncollectors = ["c:4850"]\ninsecure = true\n')
+    with pytest.raises(ConfigError, match=rf"{key}.*\\x1b|{key}.*\\r") as err:
+        load_config(path, env={})
+    assert "\x1b" not in str(err.value) and "\r" not in str(err.value)

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -297,6 +298,28 @@ def test_agent_object_lifecycle_in_process(tmp_path, collector):
         agent.shutdown(5)
         agent.shutdown(5)  # idempotent
     assert servicer.applied()[agent.boot_id] == set(range(1, agent.batcher.last_seq + 1))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/<pid>/task is Linux's")
+def test_agent_threads_carry_their_names_into_the_kernel_for_per_thread_cpu(tmp_path, collector):
+    # top -H, ps -L and bench/bench_agent.py's per-thread table read /proc/<pid>/task/*/comm,
+    # which Python 3.11 leaves as the process's name for every thread it starts.
+    _, address = collector
+    cfg = load_config(write_config(tmp_path, address, hook_socket=str(tmp_path / "h.sock")),
+                      env={})  # fmt: skip
+    agent = Agent(cfg, env={})
+    agent.start()
+    try:
+        names = {
+            t.name: Path(f"/proc/self/task/{t.native_id}/comm").read_text().strip()
+            for t in threading.enumerate()
+            if t.name.startswith("rooftop-")
+        }
+    finally:
+        agent.shutdown(5)
+    assert names["rooftop-sampler"] == "sampler"
+    assert names["rooftop-spool"] == "spool"
+    assert names["rooftop-hook-receiver"] == "hook-receiver"
 
 
 def test_agent_refuses_without_collectors():

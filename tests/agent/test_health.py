@@ -290,3 +290,26 @@ def test_diagnose_of_a_healthy_gpu_adds_no_line():
 def test_encode_line_carries_the_xid():
     line = encode_line(sample(xid_codes=(79,), xid_count=1))
     assert json.loads(line)["gpu"]["xid_codes"] == [79]
+
+
+@pytest.mark.slow  # a second and more of real time: the poll is the point
+def test_the_event_thread_looks_once_a_second_and_loses_no_event():
+    # It used to block in 100 ms waits: ten wakeups a second on an idle host. NVML
+    # queues events in the set, so one non-blocking look a second loses none.
+    class Counting(FakeNvmlLibrary):
+        timeouts: list[int] = []
+
+        def nvmlEventSetWait_v2(self, eventSet: Any, timeoutms: int) -> Any:  # noqa: N803
+            Counting.timeouts.append(timeoutms)
+            return super().nvmlEventSetWait_v2(eventSet, timeoutms)
+
+    backend = NvmlBackend(Counting("h100", 1, "gemv"))
+    try:
+        wait_for(lambda: len(Counting.timeouts) >= 1)
+        time.sleep(1.2)  # the old thread waited 12 times in this span
+        assert len(Counting.timeouts) <= 3 and set(Counting.timeouts) == {0}
+        backend.library.raise_xid(0, 79)  # raised between two looks: taken at the next
+        wait_for(lambda: backend.xid_tally(0) == ((79,), 1))
+    finally:
+        backend.close()
+    assert backend.library.live_event_sets == 0

@@ -8,12 +8,14 @@ import random
 import socket
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 
 from rooftop.agent.batcher import Batcher
+from rooftop.agent.homing import Endpoint, rendezvous_rank
 from rooftop.agent.spool import Spool
 from rooftop.agent.stream import (
     Streamer,
@@ -25,6 +27,7 @@ from rooftop.agent.stream import (
 from rooftop.common.errors import Rejected, Retryable
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
+from tests.security.pki import OPENSSL, Pki
 from tests.support import BOOT, FakeIngest, Proxy, Server, free_port, wait_for
 
 
@@ -68,6 +71,16 @@ def make_streamer(spool: Spool) -> Iterator[Callable[..., Streamer]]:
     yield make
     for streamer in made:
         streamer.shutdown(2)
+
+
+def homed_at(home: str, collectors: list[str]) -> str:
+    """An agent_id whose rendezvous home among ``collectors`` is ``home``."""
+    endpoints = [Endpoint(a) for a in collectors]
+    return next(
+        agent_id
+        for agent_id in (f"node-{i}" for i in range(1000))
+        if rendezvous_rank(agent_id, endpoints)[0] == Endpoint(home)
+    )
 
 
 def enqueue(spool: Spool, batcher: Batcher, n: int, records: int = 3) -> None:
@@ -117,8 +130,14 @@ def test_fails_over_to_the_next_address(spool, make_streamer, servers):
     server = serve(servers)
     batcher = Batcher("node-1", BOOT)
     enqueue(spool, batcher, 5)
-    streamer = make_streamer([dead, server.address], backoff_base_s=5.0, backoff_max_s=5.0)
-    # The dead address is skipped at once, without waiting for a backoff.
+    collectors = [server.address, dead]
+    streamer = make_streamer(
+        collectors,
+        agent_id=homed_at(dead, collectors),
+        backoff_base_s=5.0,
+        backoff_max_s=5.0,
+    )
+    # The dead home is skipped at once, without waiting for a backoff.
     wait_for(lambda: spool.queued == 0, timeout_s=4.0)
     assert server.servicer.seqs() == [1, 2, 3, 4, 5]
     assert streamer.stats().address == server.address
@@ -128,7 +147,8 @@ def test_fails_over_when_the_first_collector_dies(spool, make_streamer, servers)
     first, second = serve(servers), serve(servers)
     batcher = Batcher("node-1", BOOT)
     enqueue(spool, batcher, 5)
-    streamer = make_streamer([first.address, second.address])
+    collectors = [second.address, first.address]
+    streamer = make_streamer(collectors, agent_id=homed_at(first.address, collectors))
     wait_for(lambda: spool.queued == 0)
     first.stop()
     enqueue(spool, batcher, 5)
@@ -146,7 +166,8 @@ def test_fails_over_from_an_address_that_never_handshakes(spool, make_streamer, 
         server = serve(servers)
         enqueue(spool, Batcher("node-1", BOOT), 3)
         hung = f"127.0.0.1:{hang.getsockname()[1]}"
-        make_streamer([hung, server.address], connect_timeout_s=0.5)
+        collectors = [server.address, hung]
+        make_streamer(collectors, agent_id=homed_at(hung, collectors), connect_timeout_s=0.5)
         wait_for(lambda: spool.queued == 0, timeout_s=5.0)
         assert server.servicer.seqs() == [1, 2, 3]
     finally:
@@ -387,3 +408,200 @@ def test_an_ack_of_batches_an_earlier_run_sent_is_accepted(tmp_path: Path, serve
     finally:
         streamer.shutdown(2)
         spool.shutdown(2)
+
+
+# --- several collectors: rendezvous home, failover, return with hysteresis (issue 13) -------
+
+
+class FakeClock:
+    """The return-home hysteresis clock, moved by the test (no timed assertions)."""
+
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+@pytest.fixture
+def three(servers: list[Server]) -> tuple[list[Server], str, list[Server]]:
+    """Three collectors, an agent_id and its servers in rank order (home first)."""
+    made = [serve(servers) for _ in range(3)]
+    agent_id = "gpu-node-7"
+    ranked = rendezvous_rank(agent_id, [Endpoint(s.address) for s in made])
+    by_address = {s.address: s for s in made}
+    return made, agent_id, [by_address[e.address] for e in ranked]
+
+
+def homing_streamer(make_streamer, three, clock: FakeClock, **kw) -> Streamer:
+    made, agent_id, _ = three
+    kw.setdefault("return_home_after_s", 1.0)
+    kw.setdefault("home_probe_interval_s", 0.05)
+    return make_streamer([s.address for s in made], agent_id=agent_id, monotonic=clock, **kw)
+
+
+def probes_after(streamer: Streamer, n: int) -> None:
+    """Wait until ``n`` more health checks of home have been answered (or failed)."""
+    target = streamer.stats().home_probes + n
+    wait_for(lambda: streamer.stats().home_probes >= target)
+
+
+def test_the_agent_streams_to_its_rendezvous_home_whatever_the_listed_order(
+    spool, make_streamer, three
+):
+    _, _, (home, second, third) = three
+    enqueue(spool, Batcher("gpu-node-7", BOOT), 5)
+    streamer = homing_streamer(make_streamer, three, FakeClock())
+    wait_for(lambda: spool.queued == 0)
+    assert home.servicer.seqs() == [1, 2, 3, 4, 5]
+    assert second.servicer.received == third.servicer.received == []
+    stats = streamer.stats()
+    assert stats.address == stats.home == home.address
+    assert stats.failovers == 0
+
+
+def test_home_dies_the_next_ranked_takes_over_and_nothing_is_lost(spool, make_streamer, three):
+    _, _, (home, second, third) = three
+    batcher = Batcher("gpu-node-7", BOOT)
+    enqueue(spool, batcher, 5)
+    streamer = homing_streamer(make_streamer, three, FakeClock())
+    wait_for(lambda: spool.queued == 0)
+    home.stop()
+    enqueue(spool, batcher, 5)
+    streamer.wake()
+    wait_for(lambda: spool.queued == 0, timeout_s=5.0)
+    assert set(home.servicer.seqs()) | set(second.servicer.seqs()) == set(range(1, 11))
+    assert set(range(6, 11)) <= set(second.servicer.seqs())
+    assert third.servicer.received == []  # the next-ranked, not any other
+    assert streamer.stats().address == second.address
+    assert streamer.stats().failovers >= 1
+
+
+def test_the_agent_returns_home_only_after_the_hysteresis(spool, make_streamer, three):
+    _, _, (home, second, _) = three
+    clock = FakeClock()
+    batcher = Batcher("gpu-node-7", BOOT)
+    streamer = homing_streamer(make_streamer, three, clock, return_home_after_s=1.0)
+    home.stop()
+    enqueue(spool, batcher, 3)
+    streamer.wake()
+    wait_for(lambda: streamer.stats().address == second.address and spool.queued == 0)
+    home.start()
+    probes_after(streamer, 3)  # home answers SERVING, but only for 0 s of the 1 s
+    assert streamer.stats().address == second.address
+    clock.now_s = 0.9
+    probes_after(streamer, 2)
+    assert streamer.stats().address == second.address
+    assert streamer.stats().returns_home == 0
+    clock.now_s = 5.0
+    wait_for(lambda: streamer.stats().address == home.address)
+    enqueue(spool, batcher, 3)
+    streamer.wake()
+    wait_for(lambda: spool.queued == 0)
+    assert {4, 5, 6} <= set(home.servicer.seqs())
+    stats = streamer.stats()
+    assert stats.returns_home == 1
+    assert stats.reconnects == 1  # the failover; going home is not a failure
+    assert set(second.servicer.seqs()) | set(home.servicer.seqs()) == set(range(1, 7))
+
+
+def test_a_flapping_home_does_not_drag_the_agent_back(spool, make_streamer, three):
+    _, _, (home, second, _) = three
+    clock = FakeClock()
+    streamer = homing_streamer(make_streamer, three, clock, return_home_after_s=1.0)
+    home.stop()
+    enqueue(spool, Batcher("gpu-node-7", BOOT), 1)
+    streamer.wake()
+    wait_for(lambda: streamer.stats().address == second.address and spool.queued == 0)
+    for up_at_s in (1.0, 2.0, 3.0):  # up for 0.8 s of every second: never 1 s in a row
+        home.start()
+        clock.now_s = up_at_s
+        probes_after(streamer, 2)
+        clock.now_s = up_at_s + 0.8
+        probes_after(streamer, 2)
+        home.stop()
+        probes_after(streamer, 2)
+        assert streamer.stats().address == second.address
+    assert streamer.stats().returns_home == 0
+
+
+def test_a_dns_name_with_several_addresses_is_several_collectors(spool, make_streamer):
+    """One name, three addresses (a headless Service): the agent homes by rendezvous on
+    the addresses, and follows a re-resolution that drops its home."""
+    port = free_port()
+    answer = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    servicers = {ip: FakeIngest() for ip in answer}
+    servers: list[grpc.Server] = []
+    for ip, servicer in servicers.items():
+        server = grpc.server(ThreadPoolExecutor(max_workers=4))
+        telemetry_pb2_grpc.add_IngestServicer_to_server(servicer, server)
+        assert server.add_insecure_port(f"{ip}:{port}")
+        server.start()
+        servers.append(server)
+    asked: list[tuple[str, int]] = []
+
+    def resolve(host: str, port: int) -> list[str]:
+        asked.append((host, port))
+        return list(answer)
+
+    try:
+        endpoints = [Endpoint(f"{ip}:{port}", "collectors.test") for ip in answer]
+        home, other, _ = rendezvous_rank("gpu-node-7", endpoints)
+        batcher = Batcher("gpu-node-7", BOOT)
+        enqueue(spool, batcher, 3)
+        streamer = make_streamer(
+            [f"collectors.test:{port}"],
+            agent_id="gpu-node-7",
+            resolve=resolve,
+            resolve_interval_s=0.05,
+        )
+        wait_for(lambda: spool.queued == 0)
+        assert asked[0] == ("collectors.test", port)
+        assert streamer.stats().home == home.address
+        home_ip = home.address.split(":")[0]
+        other_ip = other.address.split(":")[0]
+        assert servicers[home_ip].seqs() == [1, 2, 3]
+        answer.remove(home_ip)  # the home pod is gone from the Service
+        wait_for(lambda: streamer.stats().address == other.address)
+        enqueue(spool, batcher, 2)
+        streamer.wake()
+        wait_for(lambda: spool.queued == 0)
+        assert {4, 5} <= set(servicers[other_ip].seqs())
+        assert streamer.stats().failovers == 0  # a move, not a failure
+    finally:
+        for server in servers:
+            server.stop(grace=None).wait(5)
+
+
+def test_addresses_of_a_dns_name_are_verified_against_the_name_over_tls(
+    tmp_path: Path, spool, make_streamer
+):
+    """Dialled by IP, the collector's certificate names the Service: TLS checks the name."""
+    if OPENSSL is None:
+        pytest.skip("no openssl CLI to make certificates")
+    pki = Pki(tmp_path / "pki")
+    ca = pki.ca("ca")
+    cert = pki.issue("collector", ca="ca", cn="collectors.test",
+                     sans=("DNS:collectors.test",), usage="serverAuth")  # fmt: skip
+    port = free_port()
+    servicer = FakeIngest()
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    telemetry_pb2_grpc.add_IngestServicer_to_server(servicer, server)
+    assert server.add_secure_port(
+        f"127.0.0.2:{port}", grpc.ssl_server_credentials([cert.pem()])
+    )
+    server.start()
+    try:
+        enqueue(spool, Batcher("gpu-node-7", BOOT), 2)
+        streamer = make_streamer(
+            [f"collectors.test:{port}"],
+            agent_id="gpu-node-7",
+            channel_credentials=grpc.ssl_channel_credentials(ca.read_bytes()),
+            # Two addresses, one collector up: the other fails its TLS dial at once.
+            resolve=lambda host, port: ["127.0.0.2", "127.0.0.3"],
+        )
+        wait_for(lambda: spool.queued == 0)
+        assert servicer.seqs() == [1, 2]
+        assert streamer.stats().address == f"127.0.0.2:{port}"
+    finally:
+        server.stop(grace=None).wait(5)

@@ -20,7 +20,7 @@ from rooftop.agent.sampler import Sampler
 from rooftop.agent.sensors.base import GpuInfo
 from rooftop.agent.sensors.host import PsutilHostSensor
 from rooftop.common.codec import record_from_proto, record_to_proto, verdict_from_proto
-from rooftop.common.model import GpuProcess, GpuSample, PodRef
+from rooftop.common.model import GpuProcess, GpuSample, HostProcess, HostSample, PodRef
 from tests.kubelet_standin import KubeletStandin
 from tests.support import FakeIngest, Server, toml_value
 
@@ -73,6 +73,45 @@ def test_a_gpu_process_gone_before_the_host_read_keeps_its_pid_alone():
     sampler = Sampler(OneGpu([gone.pid]), PsutilHostSensor())
     (sample,) = [r for r in sampler.tick() if isinstance(r, GpuSample)]
     assert sample.processes == (GpuProcess(gone.pid, 1 << 30),)
+
+
+class NamedGpu(OneGpu):
+    """OneGpu whose NVML process list already carries a name (one sample, reused)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        super().__init__(pids)
+        procs = tuple(GpuProcess(pid, 1 << 30, name="vllm") for pid in pids)
+        self.sample = GpuSample(time_s=0.0, gpu_index=0, gpu_uuid=UUID, processes=procs)
+
+    def read(self, gpu_index: int, time_s: float) -> GpuSample:
+        return self.sample
+
+
+class StubHost:
+    """A host sensor naming the given pids (no /proc)."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        self.names = names
+
+    def read(self, time_s: float, gpu_pids: dict[int, tuple[int, ...]]) -> HostSample:
+        return HostSample(time_s=time_s, cpu_pct=1.0, processes=tuple(
+            HostProcess(pid, gpu_pids.get(pid, ()), name=name) for pid, name in self.names.items()
+        ))  # fmt: skip
+
+
+def test_a_gpu_sample_whose_processes_are_already_named_is_not_copied():
+    backend = NamedGpu([101, 102])
+    (sample, _host) = Sampler(backend, StubHost({101: "vllm"})).tick()
+    assert sample is backend.sample  # nothing to change: no per-tick copy
+
+
+def test_only_the_process_the_host_names_differently_is_renamed():
+    backend = NamedGpu([101, 102])
+    (sample, _host) = Sampler(backend, StubHost({102: "python3"})).tick()
+    assert isinstance(sample, GpuSample) and sample is not backend.sample
+    assert sample.processes == (GpuProcess(101, 1 << 30, name="vllm"),
+                                GpuProcess(102, 1 << 30, name="python3"))  # fmt: skip
+    assert sample.processes[0] is backend.sample.processes[0]
 
 
 class Pods:

@@ -13,6 +13,7 @@ from rooftop.collector.config import CollectorConfig
 from rooftop.collector.fleet import Fleet
 from rooftop.collector.ingest import IngestServer
 from rooftop.common.codec import record_to_proto, timestamp, verdict_to_proto
+from rooftop.common.columns import encode
 from rooftop.common.model import (
     Bound,
     EngineSample,
@@ -207,3 +208,13 @@ class AgentStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def as_columns(msg: pb.Batch) -> pb.Batch:
+    """``msg`` with its GPU samples moved from records into ``gpu_columns`` (in order)."""
+    out = pb.Batch()
+    out.CopyFrom(msg)
+    del out.records[:]
+    out.records.extend(rec for rec in msg.records if not rec.HasField("gpu"))
+    out.gpu_columns.CopyFrom(encode([rec.gpu for rec in msg.records if rec.HasField("gpu")]))
+    return out

@@ -255,3 +255,46 @@ def test_a_non_utf8_file_names_its_line_and_byte_offset(tmp_path: Path):
         f"{path}:3: not UTF-8 text (byte offset 33: invalid continuation byte); "
         "save the file as UTF-8"
     )
+
+
+def test_remote_write_tables_are_read_with_paths_beside_the_file(tmp_path: Path):
+    path = write(
+        tmp_path,
+        "[collector]\ninsecure = true\n"
+        '[[remote_write]]\nurl = "http://prom-a:9090/api/v1/write"\n'
+        'bearer_token_file = "rw-token"\nmax_samples_per_send = 500\n'
+        '[[remote_write]]\nurl = "https://mimir.example/api/v1/push"\nca_file = "/etc/ca.crt"\n'
+        "find_repeats = true\n",
+    )
+    cfg = load_config(path, env={})
+    first, second = cfg.remote_write
+    assert first.url == "http://prom-a:9090/api/v1/write"
+    assert first.bearer_token_file == tmp_path / "rw-token"
+    assert first.max_samples_per_send == 500
+    assert (second.ca_file, second.find_repeats) == (Path("/etc/ca.crt"), True)
+    assert load_config(write(tmp_path, "[collector]\ninsecure = true\n"), env={}).remote_write == ()
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('url = "prom:9090"', "remote_write.url must be an http:// or https:// URL"),
+        ("timeout_s = 1", "remote_write.url must be an http"),
+        ('url = "http://p/w"\nqueue = 5', "unknown key remote_write.queue"),
+        ('url = "http://p/w"\ntimeout_s = nan', "remote_write.timeout_s must be positive"),
+        ('url = "http://p/w"\nmax_samples_per_send = 0', "max_samples_per_send must be positive"),
+        ('url = "http://p/w"\nfind_repeats = 1', "remote_write.find_repeats must be bool"),
+        ('url = "http://p/w"\nmin_backoff_s = 9', "max_backoff_s must be at least min_backoff_s"),
+        (
+            'url = "http://p/w"\nqueue_max_samples = 10',
+            "queue_max_samples must be at least max_samples_per_send",
+        ),
+    ],
+)
+def test_remote_write_mistakes_are_named_with_their_line(
+    tmp_path: Path, table: str, message: str
+):
+    path = write(tmp_path, f"[collector]\ninsecure = true\n[[remote_write]]\n{table}\n")
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path, env={})
+    assert str(err.value).startswith(f"{path}:")

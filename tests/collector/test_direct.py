@@ -148,7 +148,7 @@ def test_a_real_agent_exports_what_its_collector_exports(tmp_path):
 def test_direct_only_over_http_without_a_collector(tmp_path):
     receiver = HttpOtlpReceiver()
     otlp = OtlpExport(receiver.endpoint, protocol="http/protobuf", interval_s=0.3)
-    agent = Agent(_agent_config(tmp_path, otlp=otlp), env={},
+    agent = Agent(_agent_config(tmp_path, otlp=otlp, hostname="gpu-node-7"), env={},
                   direct_otlp=direct_otlp_sink)  # fmt: skip
     try:
         assert agent.spool is None and agent.streamer is None  # nothing to stream to
@@ -159,6 +159,8 @@ def test_direct_only_over_http_without_a_collector(tmp_path):
         receiver.stop()
     got = receiver.metrics()
     assert got["hw.gpu.utilization"].unit == "1"
+    # The resource names the node, as the series do (in a pod, not the pod's own name).
+    assert receiver.resource()["host.name"] == "gpu-node-7"
     assert not (tmp_path / "spool").exists()
 
 

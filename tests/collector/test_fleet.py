@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import threading
@@ -10,14 +11,16 @@ import time
 import pytest
 
 from rooftop.collector.fleet import Fleet, PoisonBatch, RejectReason, decode_batch
-from rooftop.common.codec import record_to_proto, timestamp
+from rooftop.common.codec import record_from_proto, record_to_proto, timestamp, timestamp_s
 from rooftop.common.model import (
     PERCENT_FIELDS,
     Bound,
     EngineSample,
+    GpuProcess,
     GpuSample,
     HostProcess,
     HostSample,
+    PodRef,
     invalid_reason,
 )
 from rooftop.v1 import telemetry_pb2 as pb
@@ -372,3 +375,51 @@ def test_a_time_far_ahead_is_clamped_not_rejected():
 def test_the_model_holds_the_same_ceilings():
     sample = gpu(0, NOW, power_w=1e308)
     assert invalid_reason(sample) == "power_w is over its ceiling 10000 (1e+308)"
+
+
+def _every_field_set(index: int, time_s: float, rng: random.Random) -> GpuSample:
+    # Every optional GPU field present, some with a zero (a proto3 optional that is set
+    # to 0 is a measurement, never None), the rest random.
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(GpuSample):
+        if "None" not in str(f.type):
+            continue
+        if f.name == "inaccessible":
+            values[f.name] = "permission denied"
+        elif "bool" in str(f.type):
+            values[f.name] = rng.choice([False, True])
+        elif "int" in str(f.type):
+            values[f.name] = rng.choice([0, rng.randrange(1, 2**31)])
+        else:
+            values[f.name] = rng.choice([0.0, rng.uniform(0, 100)])
+    return GpuSample(
+        time_s=time_s, gpu_index=index, gpu_uuid=f"GPU-{index}", gpu_name="H100",
+        lost=bool(index % 2), gpm_stale=bool(index % 3), xid_codes=(48, 79)[: index % 3],
+        mig_uuid=f"MIG-{index}" if index % 4 == 1 else "", **values,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("with_processes", [False, True])
+def test_decoded_gpu_samples_equal_the_codec_decode_of_every_field(with_processes):
+    # decode_batch has its own fast GPU decode; it must read exactly what the codec does.
+    rng = random.Random(11)
+    extra: dict[str, object] = {}
+    if with_processes:
+        extra = {
+            "processes": (GpuProcess(7, 2**30, name="vllm", slurm_job_id="42"),),
+            "pods": (PodRef("p", "ns", "c"),),
+        }
+    samples = [
+        dataclasses.replace(_every_field_set(i, NOW - 1 + i / 10, rng), **extra)  # type: ignore[arg-type]
+        for i in range(6)
+    ]
+    samples.append(gpu(6, NOW - 0.5))  # the helper's everyday sample
+    samples.append(GpuSample(NOW - 0.4, 7, power_w=0.0))  # one field set
+    samples.append(GpuSample(NOW - 0.3, 8, "GPU-8"))  # none
+    records = [record_to_proto(s) for s in samples]
+    decoded = decode_batch(batch(1, records=records), received_s=NOW)
+    expected = tuple(
+        dataclasses.replace(record_from_proto(r), time_s=timestamp_s(r.gpu.time)) for r in records
+    )
+    assert decoded.gpus == expected
+    assert {g.gpu_index for g in decoded.gpus} == set(range(9))

@@ -11,9 +11,10 @@ from collections.abc import Iterator
 import pytest
 
 from rooftop.collector.config import CollectorConfig
-from rooftop.collector.remote_write import RemoteWrite
+from rooftop.collector.remote_write import RemoteWrite, _labels, _time_series, redacted_url
 from rooftop.collector.service import Collector
 from rooftop.common.model import Bound, GpuSample
+from rooftop.prompb import remote_pb2
 from tests.collector.helpers import AgentStream, batch, gpu, verdict
 from tests.collector.remote_write_receiver import Receiver
 
@@ -198,3 +199,44 @@ def test_a_full_queue_drops_the_oldest_samples_and_counts_them(receiver: Receive
     finally:
         receiver.script = []
         c.shutdown(timeout_s=2)
+
+
+def test_the_outputs_counters_are_on_the_prometheus_endpoint(
+    collector: Collector, receiver: Receiver
+) -> None:
+    send(collector, batch(1, records=ten_hz(time.time() - 5, 2)))
+    port = collector.telemetry.prometheus_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    sent = [
+        line
+        for line in text.splitlines()
+        if line.startswith("rooftop_collector_remote_write_samples_total{")
+        and 'rooftop_remote_write_outcome="sent"' in line
+    ]
+    assert len(sent) == 1
+    assert f'url_full="{receiver.url}"' in sent[0]
+    assert float(sent[0].rsplit(" ", 1)[1]) == collector.remote_writers[0].stats().sent > 0
+
+
+def test_a_password_in_the_url_never_reaches_labels_or_logs() -> None:
+    assert redacted_url("https://user:hunter2@mimir:443/api/v1/push") == (
+        "https://user:***@mimir:443/api/v1/push"
+    )
+    assert redacted_url("http://prom:9090/api/v1/write") == "http://prom:9090/api/v1/write"
+
+
+@pytest.mark.parametrize(
+    "ts_ms",
+    [0, 1, 127, 128, 2**35 - 1, 2**35, 1_796_534_488_416, 2**42 - 1, 2**42, 2**62, -1],
+)
+def test_the_hand_encoded_write_request_parses_as_prompb_at_every_timestamp_width(
+    ts_ms: int,
+) -> None:
+    key = (("__name__", "hw_power_watts"), ("host_name", "nöde-1"), ("hw_id", "GPU-1"))
+    body = _time_series(_labels(key), {ts_ms: 650.25, ts_ms + 100: -0.0})
+    request = remote_pb2.WriteRequest.FromString(body + body)
+    assert len(request.timeseries) == 2
+    ts = request.timeseries[0]
+    assert [(label.name, label.value) for label in ts.labels] == list(key)
+    assert [(s.timestamp, s.value) for s in ts.samples] == [(ts_ms, 650.25), (ts_ms + 100, -0.0)]

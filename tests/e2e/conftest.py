@@ -95,6 +95,7 @@ class Applied:
     received_s: float
     stats: dict[str, int] | None
     collector_pid: int
+    gpu_columns_rows: int = 0  # of ``samples``, those that came as Batch.gpu_columns
 
 
 @dataclass(slots=True)
@@ -213,6 +214,7 @@ class CollectorProc(_Proc):
         *,
         port: int = 0,
         prometheus: dict[str, Any] | None = None,
+        remote_write: dict[str, Any] | None = None,
         **collector: Any,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -224,6 +226,7 @@ class CollectorProc(_Proc):
         self.metrics_port = 0
         self.collector = {"insecure": True, **collector}
         self.prometheus = prometheus or {}  # more [prometheus] keys (dcgm_names)
+        self.remote_write = remote_write  # a [[remote_write]] table, when given
         self.starts = 0
 
     @property
@@ -239,6 +242,9 @@ class CollectorProc(_Proc):
         lines += [f"{k} = {_toml_value(v)}" for k, v in self.collector.items()]
         lines += ["[prometheus]", 'listen = "127.0.0.1:0"']
         lines += [f"{k} = {_toml_value(v)}" for k, v in self.prometheus.items()]
+        if self.remote_write is not None:
+            lines += ["[[remote_write]]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in self.remote_write.items()]
         config.write_text("\n".join(lines) + "\n")
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(

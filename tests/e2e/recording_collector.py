@@ -46,6 +46,8 @@ def install(path: str) -> None:
             "received_s": received_s,
             "stats": dataclasses.asdict(batch.stats) if batch.stats is not None else None,
             "collector_pid": pid,
+            # GPU samples that came as columns (Batch.gpu_columns), not records.
+            "gpu_columns_rows": batch.raw.gpu_columns.rows if batch.raw is not None else 0,
         }
         out.write(json.dumps(line) + "\n")
 

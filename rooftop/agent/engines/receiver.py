@@ -32,7 +32,9 @@ __all__ = ["HookReceiver", "ReceiverStats", "summary_to_sample"]
 
 _log = logging.getLogger(__name__)
 
-# A poll tick, so shutdown() is noticed without closing the socket under recv().
+# The longest one wakeup reads datagrams before it looks at the stop flag again. The
+# thread itself waits untimed: a datagram or shutdown()'s byte on the wake pipe ends
+# the wait (a 0.2 s poll tick cost five idle wakeups a second).
 _POLL_S = 0.2
 # Ten minutes of 1 Hz summaries from 16 engines: the window drains far more often.
 _DEFAULT_MAX_SAMPLES = 10_000
@@ -198,7 +200,7 @@ class HookReceiver:
         while sock is not None and not self._stop.is_set():
             try:
                 fd = sock.fileno()
-                readable, _, _ = select.select([fd, self._wake_r], [], [], _POLL_S)
+                readable, _, _ = select.select([fd, self._wake_r], [], [])
             except (OSError, ValueError) as exc:  # ValueError: closed under select()
                 if not self._stop.is_set():
                     _log.warning("hook receiver: %s; stopping", exc)
@@ -221,25 +223,28 @@ class HookReceiver:
 
     def _handle(self, data: bytes) -> None:
         now_s = self._clock()
+        # One counter update per datagram, with its outcome (each add copies the stats);
+        # under self._lock, so stats() never sees "received" without the outcome.
         with self._lock:
-            self._counts.add(received=1)
             try:
                 summary = decode_summary(data)
             except ValueError as exc:
-                self._counts.add(malformed=1)
+                self._counts.add(received=1, malformed=1)
                 if self._counts.get().malformed == 1:
                     _log.warning("hook receiver: malformed datagram (%s); counting the rest", exc)
                 return
             sample = summary_to_sample(summary, now_s)
-            if invalid_reason(sample) is not None:
-                self._counts.add(invalid=1)
+            # decode_summary has checked the histograms by the same rules: not twice.
+            if invalid_reason(sample, histograms=False) is not None:
+                self._counts.add(received=1, invalid=1)
                 return
             self._engines.add((summary.engine_id, summary.pid))
+            overflowed = 0
             if len(self._samples) >= self._max_samples:
                 self._samples.popleft()
-                self._counts.add(overflowed=1)
+                overflowed = 1
             self._samples.append(sample)
-            self._counts.add(accepted=1)
+            self._counts.add(received=1, accepted=1, overflowed=overflowed)
 
     def flush(self, timeout_s: float = 1.0) -> None:
         """Process every datagram already queued on the socket before returning.

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,9 @@ REQUEST_DURATION_BOUNDS_S: tuple[float, ...] = (
 )  # fmt: skip
 # More bounds than any engine uses; a histogram past it is garbage, not a summary.
 _MAX_BOUNDS = 256
+# JSON's number types, exactly (bool, an int subclass, is never a bound or a count).
+_NUMBER_TYPES = frozenset({int, float})
+_INT_TYPES = frozenset({int})
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +249,8 @@ def _opt_int(doc: Mapping[str, Any], key: str) -> int | None:
     value = doc.get(key)
     if value is None:
         return None
+    if type(value) is int and value >= 0:  # the common case first: ~25 reads a datagram
+        return value
     # bool is an int subclass; true/false is never a count.
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
@@ -262,6 +268,8 @@ def _opt_float(doc: Mapping[str, Any], key: str) -> float | None:
     value = doc.get(key)
     if value is None:
         return None
+    if type(value) is float and math.isfinite(value):  # the common case first
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{key} must be a finite number, got {value!r}")
     return float(value)
@@ -300,12 +308,16 @@ def _buckets(doc: Mapping[str, Any], key: str) -> Buckets | None:
         raise ValueError(f"{key}: bounds_s and bucket_counts must be lists")  # noqa: TRY004
     if len(bounds) > _MAX_BOUNDS or len(counts) != len(bounds) + 1:
         raise ValueError(f"{key}: {len(counts)} bucket counts for {len(bounds)} bounds")
-    if not all(
-        isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
-        for b in bounds
-    ) or any(a >= b for a, b in zip(bounds, bounds[1:], strict=False)):
+    # map() over exact types, not a generator of isinstance calls: ~3x cheaper per
+    # summary (json.loads yields exact int/float/bool/str, so type() needs no subclass care).
+    if (
+        not _NUMBER_TYPES.issuperset(map(type, bounds))
+        or not all(map(math.isfinite, bounds))
+        or not all(map(operator.lt, bounds, bounds[1:]))
+    ):
         raise ValueError(f"{key}: bounds_s must be finite and strictly increasing")
-    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+    # counts is never empty here: it has one entry more than bounds.
+    if not _INT_TYPES.issuperset(map(type, counts)) or min(counts) < 0:
         raise ValueError(f"{key}: bucket_counts must be non-negative integers")
     count = _int(value, "count")
     if count != sum(counts):
@@ -315,7 +327,7 @@ def _buckets(doc: Mapping[str, Any], key: str) -> Buckets | None:
         raise ValueError(f"{key}: sum_s is negative")
     if count == 0:
         return EMPTY_BUCKETS
-    return Buckets(tuple(float(b) for b in bounds), tuple(counts), sum_s, count)
+    return Buckets(tuple(map(float, bounds)), tuple(counts), sum_s, count)
 
 
 def decode_summary(data: bytes) -> HookSummary:

@@ -73,6 +73,7 @@ __all__ = [
     "FakeNvmlLibrary",
     "FakeProfile",
     "FakeWorkload",
+    "GPM_INTERVALS_KEPT",
     "Schedule",
     "fake_backend",
     "parse_workload",
@@ -311,6 +312,8 @@ _GPM_PCIE = MappingProxyType(
     }
 )
 _AVERAGED = (*_GPM_FIELDS.values(), *_GPM_PCIE.values())
+# GPM computations ``FakeNvmlLibrary.gpm_intervals`` keeps (the newest).
+GPM_INTERVALS_KEPT = 10_000
 
 _ERRORS: Mapping[str, int] = MappingProxyType(
     {
@@ -411,7 +414,8 @@ class FakeNvmlLibrary:
             profiling to admins: NoPermission for GPM samples and MIG-parent memory.
 
     ``calls`` counts every call by function name; ``gpm_intervals`` lists the
-    (gpu, sample1 time, sample2 time) of every GPM metrics computation.
+    (gpu, sample1 time, sample2 time) of the latest GPM metrics computations (up to
+    ``GPM_INTERVALS_KEPT``: a daemon on the fake runs for days).
     Constants, struct types and error classes come from the real ``pynvml``.
     """
 
@@ -1044,17 +1048,24 @@ class FakeNvmlLibrary:
             # Injected errors apply to the GPU the samples came from.
             self._raise_injected(gpu // self._per_gpu, "nvmlGpmMetricsGet")
             self.gpm_intervals.append((gpu, s1.time_s, s2.time_s))
+            if len(self.gpm_intervals) > 2 * GPM_INTERVALS_KEPT:
+                # Trimmed in halves, not per append: a list (tests slice it), amortized O(1).
+                del self.gpm_intervals[:-GPM_INTERVALS_KEPT]
             means = self._mean(gpu, s1.time_s, s2.time_s)
             link = self.profile.pcie_link_bytes_per_s
             if not 0 <= metricsGet.numMetrics <= pynvml.NVML_GPM_METRIC_MAX:
                 raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            # The array and each id read once: pynvml's structs override attribute access,
+            # and this fake stands in for a C call (~25 us a GPU), so keep its Python short.
+            metrics = metricsGet.metrics
             for i in range(metricsGet.numMetrics):
-                metric = metricsGet.metrics[i]
-                code = self._metric_errors.get((gpu, metric.metricId))
-                if metric.metricId in _GPM_FIELDS:
-                    value = self._noisy(gpu, means[_GPM_FIELDS[metric.metricId]])
-                elif metric.metricId in _GPM_PCIE:
-                    bytes_per_s = means[_GPM_PCIE[metric.metricId]] * link
+                metric = metrics[i]
+                metric_id = metric.metricId
+                code = self._metric_errors.get((gpu, metric_id))
+                if metric_id in _GPM_FIELDS:
+                    value = self._noisy(gpu, means[_GPM_FIELDS[metric_id]])
+                elif metric_id in _GPM_PCIE:
+                    bytes_per_s = means[_GPM_PCIE[metric_id]] * link
                     value = self._noisy(gpu, bytes_per_s, hi=None) / _MiB  # GPM: MiB/s
                 else:
                     code = pynvml.NVML_ERROR_NOT_SUPPORTED if code is None else code

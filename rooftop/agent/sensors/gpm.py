@@ -60,6 +60,12 @@ _MIB_PER_S_METRICS = frozenset(
     {pynvml.NVML_GPM_METRIC_PCIE_TX_PER_SEC, pynvml.NVML_GPM_METRIC_PCIE_RX_PER_SEC}
 )
 
+# Plain attribute access on the GPM structs, past pynvml's _PrintableStructure
+# __getattribute__/__setattr__ overrides (a Python call per access, there to turn bytes
+# into str): ~40 accesses per GPU per tick, and every field used here is a number.
+_get = object.__getattribute__
+_set = object.__setattr__
+
 
 class NvmlCall(Protocol):
     """The NVML choke point: call ``fn(*args)``; ``None`` where the value is absent."""
@@ -194,23 +200,26 @@ class GpmSampler:
         request.numMetrics = len(GPM_METRIC_FIELDS)
         request.sample1 = sample1
         request.sample2 = sample2
+        metrics = _get(request, "metrics")  # once, not once per metric
         for i, metric_id in enumerate(GPM_METRIC_FIELDS):
-            request.metrics[i].metricId = metric_id
+            _set(metrics[i], "metricId", metric_id)
         result = self._call(self._nvml.nvmlGpmMetricsGet, request)
         if result is None:
             return None
         values: dict[str, Any] = {}  # floats, by GpmReading field name
+        metrics = _get(result, "metrics")
         for i in range(len(GPM_METRIC_FIELDS)):
-            metric = result.metrics[i]
+            metric = metrics[i]
             # Each metric carries its own status: one unsupported metric must not
             # poison the others, and a failed metric's value is garbage, not 0.
-            if metric.nvmlReturn != pynvml.NVML_SUCCESS:
+            if _get(metric, "nvmlReturn") != pynvml.NVML_SUCCESS:
                 continue
-            field = GPM_METRIC_FIELDS.get(metric.metricId)
+            metric_id = _get(metric, "metricId")
+            field = GPM_METRIC_FIELDS.get(metric_id)
             if field is None:
                 continue
-            value = float(metric.value)
-            if metric.metricId in _MIB_PER_S_METRICS:
+            value = float(_get(metric, "value"))
+            if metric_id in _MIB_PER_S_METRICS:
                 value *= _BYTES_PER_MIB
             values[field] = value
         return GpmReading(interval_s=interval_s, **values)

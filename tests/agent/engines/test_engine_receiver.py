@@ -6,6 +6,8 @@ import json
 import os
 import socket
 import stat
+import threading
+import time
 
 import pytest
 
@@ -13,6 +15,7 @@ from rooftop.agent.engines.receiver import HookReceiver, summary_to_sample
 from rooftop.agent.hooks import Aggregator
 from rooftop.agent.hooks.wire import Distribution, HookSummary, encode_summary
 from rooftop.common.errors import ConfigError
+from tests.support import wait_for
 
 
 def summary(**kw) -> HookSummary:
@@ -103,6 +106,29 @@ def test_malformed_datagrams_are_counted(rx, data):
     assert rx.stats().malformed == 1
 
 
+def test_an_impossible_histogram_is_refused_once_as_malformed(rx):
+    # The decoder checks the histograms; the model's check then skips them (once, not
+    # twice): the datagram is malformed, and never also counted invalid.
+    doc = json.loads(encode_summary(summary()))
+    doc["ttft_hist"] = {"bounds_s": [0.2, 0.1], "bucket_counts": [1, 0, 0], "sum_s": 0.1,
+                        "count": 1}  # fmt: skip
+    send(rx.socket_path, json.dumps(doc).encode())
+    send(rx.socket_path, encode_summary(summary()))
+    rx.flush()
+    assert len(rx.drain()) == 1
+    stats = rx.stats()
+    assert (stats.received, stats.malformed, stats.invalid, stats.accepted) == (2, 1, 0, 1)
+
+
+def test_an_impossible_figure_is_counted_invalid_with_its_datagram(rx):
+    # Well-formed, but a TPOT over a day: the model's range check still runs.
+    send(rx.socket_path, encode_summary(summary(tpot_ms=Distribution(3, 1e12, 5.5, 9.0))))
+    rx.flush()
+    assert rx.drain() == []
+    stats = rx.stats()
+    assert (stats.received, stats.malformed, stats.invalid, stats.accepted) == (1, 0, 1, 0)
+
+
 def test_thread_receives_without_flush(rx):
     import time
 
@@ -178,3 +204,29 @@ def test_shutdown_is_idempotent_and_start_after_is_noop(rx):
     rx.shutdown()
     rx.start()
     assert rx.drain() == []
+
+
+def test_the_receiving_thread_sleeps_until_a_datagram_or_shutdown(sock_dir, monkeypatch):
+    # It used to wake every 0.2 s to look at its stop flag (five idle wakeups a second);
+    # a datagram or shutdown()'s wake pipe now ends its one untimed wait.
+    import rooftop.agent.engines.receiver as receiver_module  # noqa: PLC0415
+
+    waits: list[object] = []
+    real_select = receiver_module.select.select
+
+    def counting_select(*args: object) -> object:
+        if threading.current_thread().name == "rooftop-hook-receiver":
+            waits.append(args[3] if len(args) > 3 else None)
+        return real_select(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(receiver_module.select, "select", counting_select)
+    r = HookReceiver(str(sock_dir / "h.sock"), clock=lambda: 123.0)
+    r.start()
+    try:
+        time.sleep(1.0)  # idle: the old loop waited 5 times in this second
+        assert len(waits) <= 2 and set(waits) == {None}, waits
+        send(r.socket_path, encode_summary(summary()))
+        wait_for(lambda: r.stats().accepted == 1)  # and a datagram still wakes it
+    finally:
+        r.shutdown()
+    assert r._thread is not None and not r._thread.is_alive()

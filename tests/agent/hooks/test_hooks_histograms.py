@@ -199,6 +199,23 @@ def test_summary_from_an_older_hook_without_histograms_is_accepted(receiver, soc
         ({"bounds_s": [0.1], "bucket_counts": [1, 0], "sum_s": -0.1, "count": 1}, "negative"),
         ({"bounds_s": "0.1", "bucket_counts": [1, 0], "sum_s": 0.1, "count": 1}, "lists"),
         ([1, 2], "object"),
+        # Each element type the decoder's bulk (map over type()) checks must still refuse:
+        ({"bounds_s": [True], "bucket_counts": [1, 0], "sum_s": 0.1, "count": 1}, "finite"),
+        ({"bounds_s": ["0.1"], "bucket_counts": [1, 0], "sum_s": 0.1, "count": 1}, "finite"),
+        ({"bounds_s": [None], "bucket_counts": [1, 0], "sum_s": 0.1, "count": 1}, "finite"),
+        ({"bounds_s": [float("nan")], "bucket_counts": [1, 0], "sum_s": 0.1, "count": 1},
+         "finite"),
+        ({"bounds_s": [0.1, float("inf")], "bucket_counts": [1, 0, 0], "sum_s": 0.1,
+          "count": 1}, "finite"),
+        ({"bounds_s": [0.1, 0.1], "bucket_counts": [1, 0, 0], "sum_s": 0.1, "count": 1},
+         "increasing"),
+        ({"bounds_s": [0.1], "bucket_counts": [True, 0], "sum_s": 0.1, "count": 1},
+         "non-negative integers"),
+        ({"bounds_s": [0.1], "bucket_counts": [1.0, 0], "sum_s": 0.1, "count": 1},
+         "non-negative integers"),
+        ({"bounds_s": [0.1], "bucket_counts": [1, 0], "sum_s": 0.1, "count": 1.0}, "count"),
+        ({"bounds_s": [0.1], "bucket_counts": [1, 0], "sum_s": float("nan"), "count": 1},
+         "sum_s"),
     ],
 )  # fmt: skip
 def test_impossible_histograms_are_malformed(sock_path, clock, hist, why):
@@ -207,3 +224,13 @@ def test_impossible_histograms_are_malformed(sock_path, clock, hist, why):
     doc["ttft_hist"] = hist
     with pytest.raises(ValueError, match=why):
         decode_summary(json.dumps(doc).encode())
+
+
+def test_integer_bounds_decode_as_float_seconds(sock_path, clock):
+    agg = make_agg(sock_path, clock)
+    doc = json.loads(encode_summary(agg._collect()))
+    doc["ttft_hist"] = {"bounds_s": [1, 2.5], "bucket_counts": [0, 2, 1], "sum_s": 5, "count": 3}
+    hist = decode_summary(json.dumps(doc).encode()).ttft_hist
+    assert hist is not None
+    assert hist.bounds_s == (1.0, 2.5) and all(type(b) is float for b in hist.bounds_s)
+    assert (hist.bucket_counts, hist.sum_s, hist.count) == ((0, 2, 1), 5.0, 3)

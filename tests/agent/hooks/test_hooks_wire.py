@@ -69,6 +69,10 @@ def test_unknown_fields_are_ignored():
         doc(output_tokens=-5),
         doc(requests_running=1.5),
         doc(time_s=None),
+        doc(interval_s=True),
+        doc(interval_s="1.0"),
+        doc(seq=3.0),
+        doc(requests_finished=False),
         doc(model=5),
         doc(kv_cache_usage_ratio=1.5),
         doc(tpot_ms=[1, 2]),
@@ -102,3 +106,9 @@ def test_encode_refuses_nan():
     bad = HookSummary(pid=1, engine_id="e", seq=1, time_s=float("nan"), interval_s=1.0)
     with pytest.raises(ValueError):
         encode_summary(bad)
+
+
+def test_integer_valued_floats_decode_as_floats():
+    decoded = decode_summary(doc(interval_s=2, time_s=1_767_225_600))
+    assert (decoded.interval_s, decoded.time_s) == (2.0, 1_767_225_600.0)
+    assert type(decoded.interval_s) is float and type(decoded.time_s) is float

@@ -6,6 +6,7 @@ import ctypes
 
 import pytest
 
+from rooftop.agent.sensors import fake
 from rooftop.agent.sensors.fake import (
     FAKE_PID_BASE,
     FAKE_PROFILES,
@@ -228,3 +229,20 @@ def test_fake_host_sensor_reports_the_stalled_process(clock):
     assert hs.processes[0].cpu_pct == pytest.approx(100, abs=2)
     assert hs.processes[0].gpu_indices == (0,)
     assert backend.read(1, 0.0).processes == ()  # idle GPU: no process
+
+
+def test_gpm_intervals_keep_the_newest_and_stay_bounded_over_a_long_run(clock, monkeypatch):
+    # A daemon on the fake (the demo, the benches) computes GPM for every GPU every
+    # tick; the list of intervals once grew without end (~36 MB an hour at 10 Hz).
+    monkeypatch.setattr(fake, "GPM_INTERVALS_KEPT", 5, raising=False)
+    backend = fake_backend("h100", 1, "gemv", clock=clock)
+    try:
+        for n in range(40):
+            clock.advance(0.2)
+            backend.read(0, float(n))
+        intervals = backend.library.gpm_intervals
+        assert 5 <= len(intervals) <= 10
+        assert intervals[-1][2] == clock()  # the newest is kept
+        assert [t1 for _, t1, _ in intervals] == sorted(t1 for _, t1, _ in intervals)
+    finally:
+        backend.close()

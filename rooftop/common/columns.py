@@ -1,0 +1,643 @@
+"""GPU samples as columns (``pb.GpuColumns``): encode, check and decode. Pure.
+
+The agent's batcher encodes a batch's GPU samples as columns (``encode``); the
+collector checks a whole batch a column at a time (``Columns.read``) and decodes only
+the rows it keeps (``Columns.sample``: the newest per GPU), or every row for outputs
+that need them (``Columns.samples``: remote write).
+
+Each column is ``bytes`` of fixed-width little-endian values. Checking a metric
+column is one big-integer operation over it: for non-negative IEEE-754 doubles the
+bit pattern orders as an unsigned integer, NaN and infinity sort above every finite
+value and negatives have the sign bit, so "every value is finite, ≥ 0 and ≤ its
+ceiling" is "every 64-bit lane is ≤ the ceiling's bits", which SWAR arithmetic on
+one Python int answers without a Python object per value. Only a column failing
+that test is walked value by value, to name the row (and to accept -0.0, which the
+records path accepts too).
+
+What counts as bad is what ``rooftop.collector.fleet.decode_batch`` refuses in a
+record (NaN, infinite, negative, a percentage over 100.5, beyond ``UPPER_BOUNDS``, a
+time before ``earliest_s``, an identity with control characters), plus columns
+that do not fit together (``bad_columns``: a length that disagrees with ``rows`` or
+``presence``, a string index out of range, a string listed twice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import accumulate
+from typing import Any, NamedTuple
+
+from google.protobuf.descriptor import FieldDescriptor
+
+from rooftop.common.codec import record_to_proto
+from rooftop.common.model import (
+    PERCENT_FIELDS,
+    UPPER_BOUNDS,
+    GpuProcess,
+    GpuSample,
+    PodRef,
+)
+from rooftop.common.text import identity_problem
+from rooftop.v1 import telemetry_pb2 as pb
+
+__all__ = [
+    "Columns",
+    "ColumnsProblem",
+    "columnable",
+    "encode",
+    "encode_samples",
+    "micros_s",
+]
+
+_PCT_SLACK = 0.5  # as rooftop.common.model: NVML rounding overshoots 100 by a hair
+_MAX_FINITE_BITS = 0x7FEFFFFFFFFFFFFF
+_SIGN = 1 << 63
+_INT64_MICROS = (-(2**63), 2**63 - 1)
+_PROC_MEM, _PROC_NAME, _PROC_SLURM = 1, 2, 4
+_LOST, _GPM_STALE = 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class _Metric:
+    name: str
+    number: int  # the GpuSample field number: its bit in ``presence``
+    fmt: str  # struct format of one value: d, Q, B or I (a string index)
+    width: int
+    ceiling_bits: int  # doubles: the largest valid bit pattern
+
+    @property
+    def unpack_from(self) -> Any:
+        """``struct.unpack_from`` for one value of this column."""
+        return _STRUCTS[self.fmt].unpack_from
+
+
+def _ceiling_bits(name: str) -> int:
+    if name in PERCENT_FIELDS:
+        ceiling = 100 + _PCT_SLACK
+    elif name in UPPER_BOUNDS:
+        ceiling = UPPER_BOUNDS[name]
+    else:
+        return _MAX_FINITE_BITS
+    return int(struct.unpack("<Q", struct.pack("<d", ceiling))[0])
+
+
+def _metric(fd: FieldDescriptor) -> _Metric:
+    if fd.cpp_type == FieldDescriptor.CPPTYPE_DOUBLE:
+        return _Metric(fd.name, fd.number, "d", 8, _ceiling_bits(fd.name))
+    if fd.cpp_type == FieldDescriptor.CPPTYPE_BOOL:
+        return _Metric(fd.name, fd.number, "B", 1, 0)
+    if fd.cpp_type == FieldDescriptor.CPPTYPE_STRING:
+        return _Metric(fd.name, fd.number, "I", 4, 0)
+    return _Metric(fd.name, fd.number, "Q", 8, 0)
+
+
+# Every optional scalar of GpuSample (proto3 ``optional``), by field number.
+_METRICS = tuple(
+    _metric(fd)
+    for fd in pb.GpuSample.DESCRIPTOR.fields
+    if fd.has_presence and fd.message_type is None and not fd.is_repeated
+)
+_DOUBLES = tuple(m for m in _METRICS if m.fmt == "d")
+_METRIC_NAMES = tuple(m.name for m in _METRICS)
+_STRUCTS = {fmt: struct.Struct("<" + fmt) for fmt in "dQBI"}
+
+
+@lru_cache(maxsize=1024)
+def _present(mask: int) -> tuple[_Metric, ...]:
+    # The metrics a presence mask sets: rows of one batch share a handful of masks.
+    return tuple(m for m in _METRICS if mask >> m.number & 1)
+
+
+@lru_cache(maxsize=1024)
+def _plan(mask: int) -> tuple[tuple[str, int, Any, int, int], ...]:
+    # (column, position in GpuSample's fields, unpack_from, width, field number) per metric.
+    return tuple((m.name, _AT[m.name], m.unpack_from, m.width, m.number) for m in _present(mask))
+
+
+# GpuSample's fields in order, and their defaults: ``sample`` fills in a copy.
+_AT = {f.name: i for i, f in enumerate(dataclasses.fields(GpuSample))}
+_DEFAULTS: list[Any] = [
+    None if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(GpuSample)
+]
+
+
+# Metrics stored as something else than their value: bools (u8), strings (an index).
+_CONVERTED = sum(1 << m.number for m in _METRICS if m.fmt in "BI")
+
+
+def _nth_row(presence: bytes, number: int, k: int) -> int:
+    # The row of the k-th value of the metric with field number ``number``.
+    rows = [i for i, m in enumerate(_unpack("Q", presence)) if m >> number & 1]
+    return rows[k]
+
+
+_ROW_COLUMNS = {"time_us": 8, "gpu_index": 4, "gpu_uuid": 4, "gpu_name": 4, "mig_uuid": 4,
+                "presence": 8, "flags": 1}  # fmt: skip
+# Per-row columns that may hold one value standing for every row (time_us may not).
+_REPEATABLE = {n: w for n, w in _ROW_COLUMNS.items() if n != "time_us"}
+_REPEATABLE.update(xid_codes_per_row=4, processes_per_row=4, pods_per_row=4)
+_LISTS = {  # per-row count column -> (flattened column, bytes per entry)
+    "xid_codes_per_row": (("xid_codes", 4),),
+    "processes_per_row": (
+        ("process_pid", 4),
+        ("process_presence", 1),
+        ("process_gpu_mem_bytes", 8),
+        ("process_name", 4),
+        ("process_slurm_job_id", 4),
+    ),
+    "pods_per_row": (("pod_pod", 4), ("pod_namespace", 4), ("pod_container", 4)),
+}
+_STRING_INDEX_COLUMNS = (
+    "gpu_uuid", "gpu_name", "mig_uuid", "inaccessible", "process_name",
+    "process_slurm_job_id", "pod_pod", "pod_namespace", "pod_container",
+)  # fmt: skip
+_IDENTITIES = ("gpu_uuid", "gpu_name", "mig_uuid")
+
+
+class ColumnsProblem(NamedTuple):
+    """Why a ``GpuColumns`` cannot be applied: a reject reason and one line naming it.
+
+    ``reason`` is one of ``bad_columns``, ``invalid_value``, ``bad_time``,
+    ``bad_identity`` (the collector's ``RejectReason`` values).
+    """
+
+    reason: str
+    message: str
+
+
+def _unpack(fmt: str, raw: bytes) -> tuple[Any, ...]:
+    width = struct.calcsize(fmt)
+    return struct.unpack(f"<{len(raw) // width}{fmt}", raw)
+
+
+@lru_cache(maxsize=256)
+def _lanes(value: int, count: int, width: int) -> int:
+    # ``value`` in each of ``count`` lanes of ``width`` bytes, as one int.
+    return int.from_bytes(value.to_bytes(width, "little") * count, "little")
+
+
+def _all_within(raw: bytes, ceiling: int, width: int = 8, floor: int = 0) -> bool:
+    """Whether every unsigned lane of ``raw`` lies in floor..ceiling (both < 2^(8·width-1)).
+
+    SWAR on one Python int: lanes with the top bit set are out at once; for the rest
+    (ceiling + top) - x and (x + top) - floor never borrow across lanes, and keep
+    their top bit exactly when x ≤ ceiling, x ≥ floor. For f64 bit patterns: finite,
+    ≥ 0 and ≤ a ceiling (NaN and infinity sort above every finite value).
+    """
+    count = len(raw) // width
+    if not count:
+        return True
+    x = int.from_bytes(raw, "little")
+    top = 1 << (8 * width - 1)
+    high = _lanes(top, count, width)
+    if x & high:
+        return False  # a negative value (or -0.0: the slow path decides)
+    if (_lanes(ceiling | top, count, width) - x) & high != high:
+        return False
+    return not floor or ((x | high) - _lanes(floor, count, width)) & high == high
+
+
+@lru_cache(maxsize=256)
+def _ceilings(layout: tuple[tuple[int, int], ...], width: int) -> int:
+    # Each (ceiling, count) of ``layout`` in turn, top bit set, as one int of lanes.
+    top = 1 << (8 * width - 1)
+    joined = b"".join((c | top).to_bytes(width, "little") * n for c, n in layout)
+    return int.from_bytes(joined, "little")
+
+
+def _all_within_each(
+    parts: Sequence[tuple[bytes, int]], width: int, ceilings: int | None = None
+) -> bool:
+    """``_all_within`` for several columns, each with its own ceiling, in one operation.
+
+    ``ceilings``: the lanes' ceilings as ``_ceilings`` makes them, when already known.
+    """
+    joined = b"".join(raw for raw, _ in parts)
+    count = len(joined) // width
+    if not count:
+        return True
+    x = int.from_bytes(joined, "little")
+    high = _lanes(1 << (8 * width - 1), count, width)
+    if x & high:
+        return False
+    if ceilings is None:
+        ceilings = _ceilings(tuple((c, len(raw) // width) for raw, c in parts), width)
+    return (ceilings - x) & high == high
+
+
+def _doubles_within(parts: Sequence[tuple[bytes, int]]) -> bool:
+    """Whether every f64 of each column is finite, ≥ 0 and ≤ that column's ceiling bits.
+
+    First on the top 16 bits of each value only (a quarter of the bytes to turn into
+    an int): strictly below the ceiling's top 16 bits is within it. A column where
+    that does not settle it (a value at 100 % shares 100.5's top bits) is then
+    tested on whole values.
+    """
+    top = bytearray(sum(len(raw) for raw, _ in parts) // 4)
+    at = 0
+    for raw, _ in parts:
+        end = at + len(raw) // 4
+        top[at:end:2] = raw[6::8]  # each value's bytes 6 and 7 (little-endian): its top 16 bits
+        top[at + 1 : end : 2] = raw[7::8]
+        at = end
+    layout = tuple(((c >> 48) - 1, len(raw) // 8) for raw, c in parts)
+    if _all_within_each([(bytes(top), 0)], 2, _ceilings(layout, 2)):
+        return True
+    return all(_all_within(raw, ceiling) for raw, ceiling in parts)
+
+
+def _value_problem(name: str, value: float) -> str | None:
+    # Mirror of fleet._invalid_field for one double (the slow path).
+    if value != value or value in (float("inf"), float("-inf")):
+        return f"{name} is {value}"
+    if value < 0:
+        return f"{name} is negative ({value})"
+    if name in PERCENT_FIELDS and value > 100 + _PCT_SLACK:
+        return f"{name} is over 100 ({value})"
+    if name in UPPER_BOUNDS and value > UPPER_BOUNDS[name]:
+        return f"{name} is over its ceiling {UPPER_BOUNDS[name]:g} ({value:g})"
+    return None
+
+
+_TIME = struct.Struct("<q")
+_U32 = struct.Struct("<I")
+
+
+class Columns:
+    """A checked ``GpuColumns``: its rows' times and devices, and each row decoded on demand.
+
+    Make one with ``Columns.read``, which checks everything first.
+    """
+
+    __slots__ = ("_cols", "_mask", "_masks", "_offsets", "_positions", "rows", "strings")
+
+    def __init__(
+        self,
+        cols: dict[str, Any],
+        strings: tuple[str, ...],
+        rows: int,
+        masks: tuple[int, ...] | None,
+    ) -> None:
+        self._cols = cols  # column name -> bytes, set columns only (one copy each)
+        self.rows = rows
+        self.strings = strings
+        # One presence mask for every row (the usual case), or each row's.
+        self._masks = masks
+        self._mask: int = (
+            struct.unpack_from("<Q", cols["presence"])[0] if rows and masks is None else 0
+        )
+        self._offsets: dict[str, list[int]] = {}
+        self._positions: dict[int, Counter[int]] = {}
+
+    @classmethod
+    def read(cls, cols: pb.GpuColumns, *, earliest_s: float) -> Columns | ColumnsProblem:
+        """Check ``cols`` a column at a time; the reader, or the first problem found.
+
+        Args:
+            cols: the batch's columns.
+            earliest_s: a sample dated before this (Unix epoch seconds) is ``bad_time``.
+        """
+        rows = cols.rows
+        # Each set column once (reading a bytes field copies it): name -> value.
+        got: dict[str, Any] = {fd.name: value for fd, value in cols.ListFields()}
+        # time_us first: it is never shortened, so ``rows`` is bounded by the message.
+        if len(got.get("time_us", b"")) != rows * 8:
+            return _bad(f"time_us holds {len(got.get('time_us', b''))} bytes for {rows} rows")
+        if rows > 1:
+            for name, width in _REPEATABLE.items():
+                if len(got.get(name, b"")) == width:
+                    got[name] *= rows  # one value for every row
+        for name, width in _ROW_COLUMNS.items():
+            if len(got.get(name, b"")) != rows * width:
+                return _bad(f"{name} holds {len(got.get(name, b''))} bytes for {rows} rows")
+        presence: bytes = got.get("presence", b"")
+        masks: tuple[int, ...] | None = None
+        if presence == presence[:8] * rows:
+            counted = Counter({struct.unpack_from("<Q", presence)[0]: rows} if rows else {})
+        else:
+            masks = _unpack("Q", presence)
+            counted = Counter(masks)
+        expected = dict.fromkeys(_METRIC_NAMES, 0)
+        for mask, count in counted.items():
+            for metric in _present(mask):
+                expected[metric.name] += count
+        for metric in _METRICS:
+            present = expected[metric.name]
+            size = len(got.get(metric.name, b""))
+            if present > 1 and size == metric.width:
+                got[metric.name] *= present  # one value for every row that has it
+                size *= present
+            if size != present * metric.width:
+                return _bad(f"{metric.name} holds {size} bytes for {present} present rows")
+        strings = tuple(got.get("strings", ()))
+        if len(set(strings)) != len(strings):
+            return _bad("strings lists a string twice")
+        for count_name, flattened in _LISTS.items():
+            raw = got.get(count_name, b"")
+            if not raw:
+                if any(name in got for name, _ in flattened):
+                    return _bad(f"{flattened[0][0]} without {count_name}")
+                continue
+            if len(raw) != rows * 4:
+                return _bad(f"{count_name} holds {len(raw)} bytes for {rows} rows")
+            entries = sum(_unpack("I", raw))
+            for name, width in flattened:
+                size = len(got.get(name, b""))
+                if size != entries * width:
+                    return _bad(f"{name} holds {size} bytes for {entries} entries")
+        # Whole columns at once: the quick test over all of them, then (only when it
+        # fails) column by column to name the culprit.
+        indices = [(got[n], len(strings) - 1) for n in _STRING_INDEX_COLUMNS if n in got]
+        if indices and (not strings or not _all_within_each(indices, 4)):
+            for name in _STRING_INDEX_COLUMNS:
+                raw = got.get(name, b"")
+                if raw and (not strings or max(_unpack("I", raw)) >= len(strings)):
+                    return _bad(f"{name} names a string past the {len(strings)} listed")
+        doubles = [(got[m.name], m.ceiling_bits) for m in _DOUBLES if m.name in got]
+        if not _doubles_within(doubles):
+            for metric in _DOUBLES:
+                for k, value in enumerate(_unpack("d", got.get(metric.name, b""))):
+                    problem = _value_problem(metric.name, value)
+                    if problem is not None:
+                        row = _nth_row(presence, metric.number, k)
+                        return ColumnsProblem("invalid_value", f"gpu row {row}: {problem}")
+        earliest_us = math.ceil(earliest_s * 1e6)
+        if not _all_within(got.get("time_us", b""), 2**63 - 1, 8, earliest_us):
+            times = _unpack("q", got["time_us"])
+            row = next(i for i, t in enumerate(times) if t < earliest_us)
+            return ColumnsProblem(
+                "bad_time", f"gpu row {row}: time {times[row] // 1_000_000} s is too early"
+            )
+        # Identities: only a string that is not printable needs a look at who names it
+        # (a process name may hold any character, as in a record).
+        unprintable = [i for i, text in enumerate(strings) if not text.isprintable()]
+        if unprintable:
+            for name in _IDENTITIES:
+                named = set(_unpack("I", got.get(name, b"")))
+                for index in unprintable:
+                    if index in named:
+                        problem = identity_problem(name, strings[index])
+                        return ColumnsProblem("bad_identity", f"gpu columns: {problem}")
+        return cls(got, strings, rows, masks)
+
+    def time_us(self, row: int) -> int:
+        """Row ``row``'s time as sent (Unix epoch microseconds)."""
+        return int(_TIME.unpack_from(self._cols["time_us"], row * 8)[0])
+
+    def times_beyond(self, limit_s: float) -> int:
+        """How many rows are dated after ``limit_s`` (Unix epoch seconds)."""
+        raw = self._cols.get("time_us", b"")
+        if _all_within(raw, max(0, math.floor(limit_s * 1e6)), 8):
+            return 0
+        return sum(1 for t in _unpack("q", raw) if micros_s(t) > limit_s)
+
+    def device_rows(self) -> dict[tuple[int, str], int]:
+        """(gpu_index, mig_uuid) -> the last row of that device (its newest sample).
+
+        In order of each device's first row, as the records path finds them.
+        """
+        cols, rows = self._cols, self.rows
+        if not rows:
+            return {}
+        index, mig = cols["gpu_index"], cols["mig_uuid"]
+        if mig == mig[:4] * rows and _all_within(index, 255, 4):
+            # One MIG string for all rows (none, usually) and indices < 256: the low bytes
+            # are the indices, and bytes' own search finds each one's first and last row.
+            low = index[0::4]
+            migs = self.strings[_U32.unpack_from(mig)[0]]
+            firsts = sorted((low.index(v), v) for v in set(low))
+            return {(v, migs): low.rindex(v) for _, v in firsts}
+        keys = zip(_unpack("I", index), _unpack("I", mig), strict=True)
+        last = dict(zip(keys, range(rows), strict=False))
+        return {(i, self.strings[m]): row for (i, m), row in last.items()}
+
+    def sample(self, row: int) -> GpuSample:
+        """Row ``row`` as a ``GpuSample`` (its time as sent, unclamped)."""
+        cols, strings = self._cols, self.strings
+        # Positional arguments in the model's field order: half the cost of keywords.
+        args = _DEFAULTS.copy()
+        if self._masks is None:
+            mask = self._mask
+            for name, at, unpack, width, _ in _plan(mask):
+                args[at] = unpack(cols[name], row * width)[0]
+        else:
+            mask = self._masks[row]
+            for name, at, unpack, width, number in _plan(mask):
+                args[at] = unpack(cols[name], self._position(row, number) * width)[0]
+        if mask & _CONVERTED:
+            for metric in _present(mask & _CONVERTED):
+                value = args[_AT[metric.name]]
+                args[_AT[metric.name]] = bool(value) if metric.fmt == "B" else strings[value]
+        flags = cols["flags"][row]
+        at = row * 4
+        args[_AT["time_s"]] = micros_s(self.time_us(row))
+        args[_AT["gpu_index"]] = _U32.unpack_from(cols["gpu_index"], at)[0]
+        args[_AT["gpu_uuid"]] = strings[_U32.unpack_from(cols["gpu_uuid"], at)[0]]
+        args[_AT["gpu_name"]] = strings[_U32.unpack_from(cols["gpu_name"], at)[0]]
+        args[_AT["mig_uuid"]] = strings[_U32.unpack_from(cols["mig_uuid"], at)[0]]
+        args[_AT["lost"]] = bool(flags & _LOST)
+        args[_AT["gpm_stale"]] = bool(flags & _GPM_STALE)
+        args[_AT["xid_codes"]] = self._entries("xid_codes_per_row", "xid_codes", "I", row)
+        args[_AT["processes"]] = self._processes(row)
+        args[_AT["pods"]] = self._pods(row)
+        return GpuSample(*args)
+
+    def samples(self) -> Iterator[GpuSample]:
+        """Every row as a ``GpuSample``, in row order."""
+        masks = self._masks
+        if masks is None:
+            for row in range(self.rows):
+                yield self.sample(row)
+            return
+        # Rows with different metrics present: count the masks seen so far as we go,
+        # instead of counting every row's predecessors again (quadratic).
+        before: Counter[int] = Counter()
+        for row in range(self.rows):
+            self._positions[row] = before.copy()
+            yield self.sample(row)
+            del self._positions[row]
+            before[masks[row]] += 1
+
+    def _position(self, row: int, number: int) -> int:
+        # Where ``row``'s value sits in a metric column: rows before it with the bit set.
+        before = self._positions.get(row)
+        if before is None:
+            before = self._positions[row] = Counter((self._masks or ())[:row])
+        return sum(c for m, c in before.items() if m >> number & 1)
+
+    def _span(self, count_name: str, row: int) -> tuple[int, int] | None:
+        raw = self._cols.get(count_name)
+        if not raw:
+            return None
+        offsets = self._offsets.get(count_name)
+        if offsets is None:
+            offsets = self._offsets[count_name] = list(accumulate(_unpack("I", raw), initial=0))
+        return offsets[row], offsets[row + 1]
+
+    def _entries(self, count_name: str, column: str, fmt: str, row: int) -> tuple[Any, ...]:
+        span = self._span(count_name, row)
+        if span is None or span[0] == span[1]:
+            return ()
+        width = struct.calcsize(fmt)
+        raw = self._cols[column][span[0] * width : span[1] * width]
+        return _unpack(fmt, raw)
+
+    def _processes(self, row: int) -> tuple[GpuProcess, ...]:
+        pids = self._entries("processes_per_row", "process_pid", "I", row)
+        if not pids:
+            return ()
+        present = self._entries("processes_per_row", "process_presence", "B", row)
+        mem = self._entries("processes_per_row", "process_gpu_mem_bytes", "Q", row)
+        names = self._entries("processes_per_row", "process_name", "I", row)
+        jobs = self._entries("processes_per_row", "process_slurm_job_id", "I", row)
+        s = self.strings
+        return tuple(
+            GpuProcess(
+                pid,
+                mem[k] if present[k] & _PROC_MEM else None,
+                name=s[names[k]] if present[k] & _PROC_NAME else None,
+                slurm_job_id=s[jobs[k]] if present[k] & _PROC_SLURM else None,
+            )
+            for k, pid in enumerate(pids)
+        )
+
+    def _pods(self, row: int) -> tuple[PodRef, ...]:
+        pods = self._entries("pods_per_row", "pod_pod", "I", row)
+        if not pods:
+            return ()
+        spaces = self._entries("pods_per_row", "pod_namespace", "I", row)
+        containers = self._entries("pods_per_row", "pod_container", "I", row)
+        s = self.strings
+        return tuple(
+            PodRef(s[p], s[n], s[c]) for p, n, c in zip(pods, spaces, containers, strict=True)
+        )
+
+
+def micros_s(micros: int) -> float:
+    """Unix epoch seconds for microseconds: the float ``codec.timestamp_s`` makes of them."""
+    return float(micros // 1_000_000) + (micros % 1_000_000) * 1000 / 1e9
+
+
+def _bad(message: str) -> ColumnsProblem:
+    return ColumnsProblem("bad_columns", f"gpu columns: {message}")
+
+
+def columnable(msg: pb.GpuSample) -> bool:
+    """Whether columns carry ``msg`` exactly: a time in whole microseconds, in range.
+
+    Anything else (no time, nanos out of range) stays a record, so the collector
+    judges it as it always has.
+    """
+    if not msg.HasField("time"):
+        return False
+    nanos, seconds = msg.time.nanos, msg.time.seconds
+    if not 0 <= nanos <= 999_999_999 or nanos % 1000:
+        return False
+    lo, hi = _INT64_MICROS
+    return lo <= seconds * 1_000_000 + nanos // 1000 <= hi
+
+
+def encode(msgs: Sequence[pb.GpuSample]) -> pb.GpuColumns:
+    """``msgs`` (each ``columnable``) as columns, in order.
+
+    Raises:
+        ValueError: a message is not ``columnable``.
+    """
+    if not all(map(columnable, msgs)):
+        raise ValueError("a GPU sample without a time in whole microseconds cannot be a column")
+    table: dict[str, int] = {}
+
+    def index(text: str) -> int:
+        return table.setdefault(text, len(table))
+
+    metric_values: dict[str, list[Any]] = {m.name: [] for m in _METRICS}
+    masks: list[int] = []
+    flags: list[int] = []
+    xid_counts: list[int] = []
+    xids: list[int] = []
+    proc_counts: list[int] = []
+    procs: list[tuple[int, int, int, int, int]] = []
+    pod_counts: list[int] = []
+    pods: list[tuple[int, int, int]] = []
+    for msg in msgs:
+        mask = 0
+        has_field: Any = msg.HasField  # field names come from the descriptor
+        for metric in _METRICS:
+            if has_field(metric.name):
+                mask |= 1 << metric.number
+                value = getattr(msg, metric.name)
+                metric_values[metric.name].append(index(value) if metric.fmt == "I" else value)
+        masks.append(mask)
+        flags.append((_LOST if msg.lost else 0) | (_GPM_STALE if msg.gpm_stale else 0))
+        xid_counts.append(len(msg.xid_codes))
+        xids.extend(msg.xid_codes)
+        proc_counts.append(len(msg.processes))
+        for p in msg.processes:
+            has = (
+                (_PROC_MEM if p.HasField("gpu_mem_bytes") else 0)
+                | (_PROC_NAME if p.HasField("name") else 0)
+                | (_PROC_SLURM if p.HasField("slurm_job_id") else 0)
+            )
+            name = index(p.name) if p.HasField("name") else 0
+            job = index(p.slurm_job_id) if p.HasField("slurm_job_id") else 0
+            procs.append((p.pid, has, p.gpu_mem_bytes, name, job))
+        pod_counts.append(len(msg.pods))
+        pods.extend((index(r.pod), index(r.namespace), index(r.container)) for r in msg.pods)
+    # Identity columns last: their indices are then the same however the metrics vary.
+    uuids = [index(m.gpu_uuid) for m in msgs]
+    names = [index(m.gpu_name) for m in msgs]
+    migs = [index(m.mig_uuid) for m in msgs]
+    cols = pb.GpuColumns(
+        rows=len(msgs),
+        time_us=_pack("q", [m.time.seconds * 1_000_000 + m.time.nanos // 1000 for m in msgs]),
+        gpu_index=_packed("I", [m.gpu_index for m in msgs]),
+        gpu_uuid=_packed("I", uuids),
+        gpu_name=_packed("I", names),
+        mig_uuid=_packed("I", migs),
+        strings=list(table),
+        presence=_packed("Q", masks),
+        flags=bytes(flags),
+    )
+    for metric in _METRICS:
+        if metric_values[metric.name]:
+            setattr(cols, metric.name, _packed(metric.fmt, metric_values[metric.name]))
+    if xids:
+        cols.xid_codes_per_row = _packed("I", xid_counts)
+        cols.xid_codes = _pack("I", xids)
+    if procs:
+        cols.processes_per_row = _packed("I", proc_counts)
+        pids, present, mem, proc_name, jobs = zip(*procs, strict=True)
+        cols.process_pid = _pack("I", pids)
+        cols.process_presence = bytes(present)
+        cols.process_gpu_mem_bytes = _pack("Q", mem)
+        cols.process_name = _pack("I", proc_name)
+        cols.process_slurm_job_id = _pack("I", jobs)
+    if pods:
+        cols.pods_per_row = _packed("I", pod_counts)
+        pod, namespace, container = zip(*pods, strict=True)
+        cols.pod_pod = _pack("I", pod)
+        cols.pod_namespace = _pack("I", namespace)
+        cols.pod_container = _pack("I", container)
+    return cols
+
+
+def encode_samples(samples: Sequence[GpuSample]) -> pb.GpuColumns:
+    """Model samples as columns (their times rounded to microseconds, as records are)."""
+    return encode([record_to_proto(s).gpu for s in samples])
+
+
+def _packed(fmt: str, values: Sequence[Any]) -> bytes:
+    # A column whose values are all the same travels as one (the reader repeats it).
+    if len(values) > 1 and values.count(values[0]) == len(values):
+        return _pack(fmt, values[:1])
+    return _pack(fmt, values)
+
+
+def _pack(fmt: str, values: Sequence[Any]) -> bytes:
+    return struct.pack(f"<{len(values)}{fmt}", *values)

@@ -1,0 +1,370 @@
+"""The three-collector kill-and-return scenario, shared by the e2e test and the benchmark.
+
+Three real ``agentctl collector`` processes (``CollectorProc``: each records every batch
+it applies; each with a ``state_dir``, remote write into the Prometheus below when
+asked, and ``disconnected_series_s`` when the collector has it), a real Prometheus
+scraping all three (and receiving remote write), and ``tests.loadgen.LoadGen``'s
+simulated agents (one process, real gRPC streams). ``Sharded.run`` goes through:
+
+1. **steady**: every agent at home; the collectors' CPU and RSS measured over a window;
+2. **kill**: SIGKILL one collector; its agents move to their next-ranked collector;
+3. **away**: it stays dead for ``away_s``;
+4. **return**: it starts again on the same port and state directory; its agents go
+   home after ``return_after_s`` of healthy probes;
+5. **settle**: on for the series grace (``disconnected_series_s``) and a few scrapes;
+6. **drain**: generation stops, every batch is acked, the collectors stop.
+
+``Outcome`` holds what happened: the generator's ledgers, every collector's applied
+batches, the marks on disk at the kill, timings and resource figures. The checks
+live in the test; the benchmark prints the figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rooftop.collector.config import CollectorConfig
+from rooftop.collector.marks import MARKS_FILE
+from tests.e2e.conftest import CollectorProc
+from tests.loadgen import AgentLedger, LoadGen
+
+CLK_TCK = 100  # /proc/<pid>/stat ticks per second (Linux's USER_HZ)
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_mib(pid: int) -> float:
+    """Resident set size of ``pid`` now, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def collector_knows(key: str) -> bool:
+    """Whether the collector's config has ``key`` (a setting another change adds)."""
+    return key in {f.name for f in dataclasses.fields(CollectorConfig)}
+
+
+def durable_marks(state_dir: Path) -> dict[tuple[str, str], int]:
+    """The marks file as a restarted collector reads it (the last line of a pair wins)."""
+    marks: dict[tuple[str, str], int] = {}
+    path = state_dir / MARKS_FILE
+    if not path.exists():
+        return marks
+    for line in path.read_text().splitlines():
+        try:
+            agent_id, boot_id, mark = json.loads(line)
+        except ValueError:
+            break  # a torn last line
+        marks[(agent_id, boot_id)] = mark
+    return marks
+
+
+def prometheus_query(base: str, promql: str, **params: Any) -> list[dict[str, Any]]:
+    """The ``result`` of a Prometheus query (``query_range`` when ``start`` is given)."""
+    api = "query_range" if "start" in params else "query"
+    url = f"{base}/api/v1/{api}?" + urllib.parse.urlencode({"query": promql, **params})
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        body = json.loads(resp.read())
+    assert body["status"] == "success", body
+    return list(body["data"]["result"])
+
+
+@dataclass
+class Outcome:
+    """What one run produced (see the module docstring)."""
+
+    agents: int
+    gpus: int
+    ledgers: list[AgentLedger]
+    applied: list[Counter[tuple[str, int]]]  # per collector: (agent_id, seq) -> times
+    killed: int  # index of the collector that was killed
+    killed_homed: list[str]  # agent ids whose home it is
+    kill_s: float
+    restart_s: float
+    marks_at_kill: dict[tuple[str, str], int]
+    cpu_cores: list[float]  # per collector, over the steady window
+    rss_mib: list[float]  # per collector, at the end of the steady window
+    samples_per_s: list[float]  # per collector, GPU samples applied, steady window
+    agents_on: list[int]  # per collector, agents streaming to it in the steady window
+    generator_cores: float
+    rehome_s: dict[str, float] = field(default_factory=dict)  # agent -> kill → first ack away
+    home_s: dict[str, float] = field(default_factory=dict)  # agent -> restart → back home
+    duplicate_spans_s: dict[str, float] = field(default_factory=dict)  # GPU -> longest span
+    duplicates_after_grace: int = 0
+    grace_end_s: float = 0.0
+    grace_s: float = 0.0  # disconnected_series_s
+    scrape_interval_s: float = 0.0
+    prometheus_series: int = 0
+    remote_write_series: int = 0
+    # outcome (sent, rejected, dropped, resent) -> samples, over the remote writers
+    remote_write_samples: dict[str, float] = field(default_factory=dict)
+
+    def per_thousand(self, values: list[float]) -> list[float]:
+        """``values`` (one per collector) per 1,000 agents streaming to it."""
+        return [v / n * 1000 if n else 0.0 for v, n in zip(values, self.agents_on, strict=True)]
+
+
+def _collect_remote_write(proc: CollectorProc, into: dict[str, float]) -> None:
+    """Add ``proc``'s remote-write counters, by outcome, to ``into``."""
+    # Flushed: whatever is queued goes out at the drain's end; give it a moment.
+    time.sleep(2.0)
+    for (name, labels), value in proc.metrics().items():
+        if name == "rooftop_collector_remote_write_samples_total":
+            outcome = dict(labels).get("rooftop_remote_write_outcome", "")
+            into[outcome] = into.get(outcome, 0.0) + value
+
+
+@dataclass
+class Sharded:
+    """The scenario's settings; ``run`` drives it (see the module docstring)."""
+
+    root: Path
+    agents: int = 2000
+    gpus: int = 8
+    rate_hz: float = 1.0
+    samples_per_gpu: int = 1  # per batch: 10 for a 10 Hz agent (it batches each second)
+    steady_s: float = 10.0  # the measured window, after start-up
+    away_s: float = 15.0
+    return_after_s: float = 3.0
+    disconnected_series_s: float = 3.0
+    scrape_interval_s: int = 5
+    settle_scrapes: int = 3
+    remote_write: bool = True
+    remote_writers: tuple[int, ...] = (0, 1, 2)  # which collectors remote-write
+    start_spread_s: float = 5.0
+    collectors: list[CollectorProc] = field(default_factory=list)
+
+    @property
+    def targets_file(self) -> Path:
+        """Prometheus' file_sd targets: the collectors' metrics ports (new on each start)."""
+        return self.root / "targets.json"
+
+    def write_targets(self) -> None:
+        """Point Prometheus at the running collectors' endpoints (atomically)."""
+        targets = [f"127.0.0.1:{c.metrics_port}" for c in self.collectors if c.alive()]
+        tmp = self.targets_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps([{"targets": targets}]))
+        tmp.replace(self.targets_file)
+
+    def collector_settings(self, index: int, prometheus_base: str | None) -> dict[str, Any]:
+        settings: dict[str, Any] = {
+            "state_dir": self.root / f"collector-{index}" / "state",
+            # Room for one collector's share plus the agents that fail over to it, with
+            # the series of agents that left it (until forget_after_s).
+            "max_agents": self.agents * 2,
+            "max_gpus": self.agents * self.gpus * 2,
+        }
+        if self.disconnected_series_s > 0 and collector_knows("disconnected_series_s"):
+            settings["disconnected_series_s"] = self.disconnected_series_s
+        return settings
+
+    def start_collectors(self, prometheus_base: str | None) -> list[CollectorProc]:
+        rw = (
+            {"url": f"{prometheus_base}/api/v1/write", "queue_max_samples": 200_000}
+            if self.remote_write and prometheus_base is not None
+            else None
+        )
+        for i in range(3):
+            proc = CollectorProc(
+                self.root / f"collector-{i}",
+                remote_write=rw if i in self.remote_writers else None,
+                **self.collector_settings(i, prometheus_base),
+            )
+            self.collectors.append(proc)
+            proc.start()
+        self.write_targets()
+        return self.collectors
+
+    def run(self, prometheus_base: str | None, *, kill: int = 0) -> Outcome:
+        """Drive the scenario against started collectors; returns what happened."""
+        cols = self.collectors
+        addresses = [c.address for c in cols]
+        gen = LoadGen(
+            addresses,
+            agents=self.agents,
+            gpus=self.gpus,
+            rate_hz=self.rate_hz,
+            samples_per_gpu=self.samples_per_gpu,
+            return_after_s=self.return_after_s,
+            start_spread_s=self.start_spread_s,
+        ).start()
+        try:
+            return self._run(gen, addresses, prometheus_base, kill)
+        finally:
+            gen.stop()
+
+    def _run(
+        self, gen: LoadGen, addresses: list[str], prometheus_base: str | None, kill: int
+    ) -> Outcome:
+        cols = self.collectors
+        # 1. steady: everyone home, then a measured window.
+        _wait(lambda: all(led.acked_seq > 0 for led in gen.ledgers), 60, "every agent acked")
+        time.sleep(2.0)
+        applied0 = [len(c.ledger().batches) for c in cols]
+        cpu0 = [proc_cpu_s(c.pid) for c in cols]
+        gen_cpu0, t0 = _self_cpu_s(), time.monotonic()
+        time.sleep(self.steady_s)
+        wall = time.monotonic() - t0
+        cpu = [(proc_cpu_s(c.pid) - c0) / wall for c, c0 in zip(cols, cpu0, strict=True)]
+        generator_cores = (_self_cpu_s() - gen_cpu0) / wall
+        rss = [proc_rss_mib(c.pid) for c in cols]
+        agents_on = [gen.on(a) for a in addresses]
+        batches = [len(c.ledger().batches) - a0 for c, a0 in zip(cols, applied0, strict=True)]
+        samples = [b * self.gpus * self.samples_per_gpu / wall for b in batches]
+        # 2. kill.
+        victim = cols[kill]
+        homed = [led.agent_id for led in gen.homes()[victim.address]]
+        victim.kill()
+        kill_s = time.time()
+        marks = durable_marks(self.root / f"collector-{kill}" / "state")
+        # 3. away.
+        time.sleep(self.away_s)
+        # 4. return.
+        victim.start()
+        restart_s = time.time()
+        self.write_targets()
+        homed_set = set(homed)
+        _wait(
+            lambda: all(
+                led.current == led.home for led in gen.ledgers if led.agent_id in homed_set
+            ),
+            60,
+            "the killed collector's agents home again",
+        )
+        home_at = time.time()
+        # 5. settle: the series grace, then scrapes that must show no GPU twice.
+        grace_end_s = home_at + self.disconnected_series_s + self.scrape_interval_s
+        time.sleep(
+            max(0.0, grace_end_s - time.time()) + self.settle_scrapes * self.scrape_interval_s
+        )
+        end_s = time.time()
+        # 6. drain.
+        gen.stop()
+        remote_write: dict[str, float] = {}
+        if self.remote_write and prometheus_base is not None:
+            for i in self.remote_writers:
+                _collect_remote_write(cols[i], remote_write)
+        for c in cols:
+            c.terminate()
+        outcome = Outcome(
+            agents=self.agents,
+            gpus=self.gpus,
+            ledgers=gen.ledgers,
+            applied=[Counter((b.agent_id, b.seq) for b in c.ledger().batches) for c in cols],
+            killed=kill,
+            killed_homed=homed,
+            kill_s=kill_s,
+            restart_s=restart_s,
+            marks_at_kill=marks,
+            cpu_cores=cpu,
+            rss_mib=rss,
+            samples_per_s=samples,
+            agents_on=agents_on,
+            generator_cores=generator_cores,
+            grace_end_s=grace_end_s,
+            remote_write_samples=remote_write,
+            grace_s=self.disconnected_series_s,
+            scrape_interval_s=self.scrape_interval_s,
+        )
+        by_id = {led.agent_id: led for led in gen.ledgers}
+        for agent_id in homed:
+            events = by_id[agent_id].events
+            away = [
+                e.time_s
+                for e in events
+                if e.kind == "streaming" and e.time_s > kill_s and e.address != victim.address
+            ]
+            home = [e.time_s for e in events if e.kind == "home" and e.time_s > restart_s]
+            outcome.rehome_s[agent_id] = (min(away) - kill_s) if away else float("inf")
+            outcome.home_s[agent_id] = (min(home) - restart_s) if home else float("inf")
+        if prometheus_base is not None:
+            self._prometheus(outcome, prometheus_base, kill_s - 30, end_s)
+        return outcome
+
+    def _prometheus(self, out: Outcome, base: str, start_s: float, end_s: float) -> None:
+        # Each GPU's scraped verdict series (one per state; "memory" is enough to count
+        # GPUs) on more than one collector at one evaluation step.
+        promql = (
+            'count by (hw_id, host_name) (rooftop_gpu_bound{job="rooftop",'
+            'rooftop_bound="memory"}) > 1'
+        )
+        step = self.scrape_interval_s
+        result = prometheus_query(base, promql, start=start_s, end=end_s, step=step)
+        for series in result:
+            times = [float(t) for t, _ in series["values"]]
+            gpu = f"{series['metric'].get('host_name')}/{series['metric'].get('hw_id')}"
+            out.duplicate_spans_s[gpu] = max(times) - min(times) + step
+            out.duplicates_after_grace += sum(1 for t in times if t > out.grace_end_s)
+        with urllib.request.urlopen(f"{base}/api/v1/status/tsdb", timeout=60) as resp:
+            out.prometheus_series = int(json.loads(resp.read())["data"]["headStats"]["numSeries"])
+        if self.remote_write:
+            # Remote-written series carry no job label (scraped ones do).
+            rw = prometheus_query(base, 'count({__name__=~"rooftop_.+|hw_.+", job=""})')
+            out.remote_write_series = int(float(rw[0]["value"][1])) if rw else 0
+
+
+def _self_cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _wait(cond: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def summary(out: Outcome) -> dict[str, float]:
+    """The figures the test prints and the benchmark tabulates."""
+    rehome = sorted(out.rehome_s.values())
+    home = sorted(out.home_s.values())
+    total = sum(led.last_seq for led in out.ledgers)
+    again = _applied_again(out)
+    return {
+        "agents": out.agents,
+        "gpus_per_agent": out.gpus,
+        "batches": total,
+        "applied_again": again,
+        "resends": sum(led.resends for led in out.ledgers),
+        "rehome_p50_s": statistics.median(rehome) if rehome else 0.0,
+        "rehome_max_s": rehome[-1] if rehome else 0.0,
+        "home_again_max_s": home[-1] if home else 0.0,
+        "collector_cores": statistics.mean(out.cpu_cores),
+        "collector_rss_mib": statistics.mean(out.rss_mib),
+        "cores_per_1000_agents": statistics.mean(out.per_thousand(out.cpu_cores)),
+        "rss_mib_per_1000_agents": statistics.mean(out.per_thousand(out.rss_mib)),
+        "cpu_us_per_sample": sum(out.cpu_cores) / max(1.0, sum(out.samples_per_s)) * 1e6,
+        "samples_per_s": sum(out.samples_per_s),
+        "generator_cores": out.generator_cores,
+        "prometheus_series": out.prometheus_series,
+        "remote_write_series": out.remote_write_series,
+        **{f"remote_write_{k}": v for k, v in out.remote_write_samples.items()},
+        "duplicate_gpus": len(out.duplicate_spans_s),
+        "duplicate_span_max_s": max(out.duplicate_spans_s.values(), default=0.0),
+    }
+
+
+def _applied_again(out: Outcome) -> int:
+    total: Counter[tuple[str, int]] = Counter()
+    for applied in out.applied:
+        total.update(applied)
+    return sum(n - 1 for n in total.values() if n > 1)
