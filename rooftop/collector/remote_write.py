@@ -44,7 +44,7 @@ from rooftop import __version__
 from rooftop.collector.fleet import CollectorCounts, DecodedBatch, FleetSnapshot, GpuState
 from rooftop.collector.otel import METRICS, SAMPLE_GAUGES, gpu_attributes
 from rooftop.collector.prometheus import prometheus_labels, prometheus_name
-from rooftop.collector.snappy import compress, literal_block
+from rooftop.collector.snappy import compress, literal_block, varint
 from rooftop.common.codec import timestamp_s, verdict_from_proto
 from rooftop.common.counters import Counters
 from rooftop.common.model import GpuSample, PodRef
@@ -549,17 +549,8 @@ _SAMPLE_6 = struct.Struct("<BBBdB6B")  # a Sample whose timestamp is a 6-byte va
 _MS_6_LOW, _MS_6_HIGH = 1 << 35, 1 << 42  # 1971-2109 in ms: 6 varint bytes
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _field(number: int, payload: bytes) -> bytes:
-    return bytes(((number << 3) | 2,)) + _varint(len(payload)) + payload
+    return bytes(((number << 3) | 2,)) + varint(len(payload)) + payload
 
 
 def _labels(key: _Key) -> bytes:
@@ -577,7 +568,7 @@ def _sample(ts_ms: int, value: float) -> bytes:
             (t & 0x7F) | 0x80, ((t >> 7) & 0x7F) | 0x80, ((t >> 14) & 0x7F) | 0x80,
             ((t >> 21) & 0x7F) | 0x80, ((t >> 28) & 0x7F) | 0x80, t >> 35,
         )  # fmt: skip
-    body = b"\x09" + struct.pack("<d", value) + b"\x10" + _varint(ts_ms & (1 << 64) - 1)
+    body = b"\x09" + struct.pack("<d", value) + b"\x10" + varint(ts_ms & (1 << 64) - 1)
     return _field(2, body)
 
 

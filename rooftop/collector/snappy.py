@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from rooftop.common.errors import RooftopError
 
-__all__ = ["SnappyError", "compress", "decompress", "literal_block"]
+__all__ = ["SnappyError", "compress", "decompress", "literal_block", "varint"]
 
 _MAX_OFFSET = 65_535  # 2-byte-offset copies: what this encoder emits
 _MIN_MATCH = 4
@@ -22,7 +22,11 @@ class SnappyError(RooftopError):
     """A snappy block that cannot be decoded (truncated, corrupt, wrong length)."""
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """``value`` (≥ 0) as a little-endian base-128 varint.
+
+    Snappy's length preamble, and protobuf's integers and lengths (remote write's).
+    """
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -62,7 +66,7 @@ def _copy(out: bytearray, offset: int, length: int) -> None:
 
 def literal_block(data: bytes) -> bytes:
     """``data`` as a snappy block of literals: valid snappy, no CPU spent on matching."""
-    out = bytearray(_varint(len(data)))
+    out = bytearray(varint(len(data)))
     chunk = 1 << 16
     for start in range(0, len(data), chunk):
         _literal(out, data, start, min(start + chunk, len(data)))
@@ -72,7 +76,7 @@ def literal_block(data: bytes) -> bytes:
 def compress(data: bytes) -> bytes:
     """``data`` as one snappy block."""
     n = len(data)
-    out = bytearray(_varint(n))
+    out = bytearray(varint(n))
     table: dict[bytes, int] = {}
     literal_start = 0
     i = 0
