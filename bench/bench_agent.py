@@ -63,12 +63,10 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from perfdoc import DOC, write_block  # bench/perfdoc.py, beside this script
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "PERFORMANCE.md"
-BEGIN = "<!-- bench_agent: begin (written by bench/bench_agent.py --write-docs) -->"
-END = "<!-- bench_agent: end -->"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GPUS = 8
 # A serving host: GPUs decoding and prefilling, one GEMM-bound, one batch-1 GEMV
@@ -384,12 +382,8 @@ def overhead_tables(results: dict[str, dict[str, list[dict[str, object]]]], seco
 
 
 def write_docs(block: str) -> None:
-    text = DOC.read_text()
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise SystemExit(f"{DOC}: expected one {BEGIN!r} … {END!r} pair")
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    DOC.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
+    """Put ``block`` between this script's markers in docs/PERFORMANCE.md."""
+    write_block("bench_agent", block)
 
 
 def drain(outage_s: float, workdir: Path, extra: dict[str, object]) -> None:

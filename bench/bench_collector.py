@@ -43,6 +43,7 @@ from pathlib import Path
 
 import grpc
 
+from rooftop.collector.snappy import varint
 from rooftop.common.codec import record_to_proto, timestamp
 from rooftop.common.columns import encode_samples
 from rooftop.common.model import GpuSample
@@ -70,18 +71,6 @@ def _sample(index: int, time_s: float) -> GpuSample:
         mem_used_bytes=70 * 2**30 + k * 2**20, mem_total_bytes=80 * 2**30,
         temperature_c=61.0 + k / 4,
     )  # fmt: skip
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -210,7 +199,7 @@ def throughput_agent(
     seq = 0
     while time.monotonic() < deadline:
         seq += 1
-        stream.send(seq, body + b"\x18" + _varint(seq))  # field 3 (seq), varint
+        stream.send(seq, body + b"\x18" + varint(seq))  # field 3 (seq), varint
     while stream.acked < seq and stream.reader.is_alive():
         time.sleep(0.01)
     stream.close()

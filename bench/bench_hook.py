@@ -30,18 +30,15 @@ import platform
 import sys
 import timeit
 from collections.abc import Callable
-from pathlib import Path
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from perfdoc import write_block  # bench/perfdoc.py, beside this script  # noqa: E402
 from prometheus_client import CollectorRegistry, Histogram
 
 from rooftop.agent.hooks import Aggregator
 from rooftop.agent.hooks.hf import RooftopStreamer
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "PERFORMANCE.md"
-BEGIN = "<!-- bench_hook: begin (written by bench/bench_hook.py --write-docs) -->"
-END = "<!-- bench_hook: end -->"
 BUDGET_NS = 1000  # DESIGN §8: under 1 µs per token on the caller's thread
 
 
@@ -112,13 +109,8 @@ def hot_path(tokens: int, repeat: int) -> list[str]:
 
 
 def write_docs(block: str) -> None:
-    text = DOC.read_text()
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise SystemExit(f"{DOC}: expected one {BEGIN!r} … {END!r} pair")
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    DOC.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
-    print(f"\nwrote {DOC}")
+    """Put ``block`` between this script's markers in docs/PERFORMANCE.md."""
+    write_block("bench_hook", block)
 
 
 def main() -> None:

@@ -26,15 +26,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from perfdoc import write_block  # bench/perfdoc.py, beside this script  # noqa: E402
+
 from rooftop.collector.fleet import Fleet, decode_batch  # noqa: E402
 from rooftop.collector.otel import Telemetry  # noqa: E402
 from rooftop.collector.remote_write import RemoteWrite, RemoteWriter  # noqa: E402
 from rooftop.collector.snappy import compress, literal_block  # noqa: E402
 from tests.collector.helpers import batch, gpu  # noqa: E402
 
-DOC = REPO / "docs" / "PERFORMANCE.md"
-BEGIN = "<!-- bench_remote_write: begin (written by bench/bench_remote_write.py --write-docs) -->"
-END = "<!-- bench_remote_write: end -->"
 GPUS, TICKS = 8, 60
 
 
@@ -111,12 +110,7 @@ def main() -> None:
     block = "\n".join(lines)
     print(block)
     if args.write_docs:
-        text = DOC.read_text()
-        if text.count(BEGIN) != 1 or text.count(END) != 1:
-            raise SystemExit(f"{DOC}: expected one {BEGIN!r} … {END!r} pair")
-        head, rest = text.split(BEGIN)
-        _, tail = rest.split(END)
-        DOC.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
+        write_block("bench_remote_write", block)
 
 
 if __name__ == "__main__":

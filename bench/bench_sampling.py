@@ -36,11 +36,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "PERFORMANCE.md"
-BEGIN = "<!-- bench_sampling: begin (written by bench/bench_sampling.py --write-docs) -->"
-END = "<!-- bench_sampling: end -->"
+from perfdoc import write_block  # bench/perfdoc.py, beside this script  # noqa: E402
+
 RATES = ((1.0, 0.5), (10.0, 3.0))  # (Hz, budget in % of one core), DESIGN §8
 RSS_BUDGET_MIB = 80
 
@@ -157,13 +155,8 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]]) -> str:
 
 
 def write_docs(block: str) -> None:
-    text = DOC.read_text()
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise SystemExit(f"{DOC}: expected one {BEGIN!r} … {END!r} pair")
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    DOC.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
-    print(f"\nwrote {DOC}")
+    """Put ``block`` between this script's markers in docs/PERFORMANCE.md."""
+    write_block("bench_sampling", block)
 
 
 def main() -> None:

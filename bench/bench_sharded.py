@@ -43,6 +43,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from perfdoc import DOC, write_block  # bench/perfdoc.py, beside this script  # noqa: E402
+
 from tests.e2e.sharded import (  # noqa: E402
     Sharded,
     collector_knows,
@@ -51,11 +53,7 @@ from tests.e2e.sharded import (  # noqa: E402
     summary,
 )
 from tests.loadgen import LoadGen  # noqa: E402
-from tests.support import prometheus_server  # noqa: E402
 
-DOC = REPO / "docs" / "PERFORMANCE.md"
-BEGIN = "<!-- bench_sharded: begin (written by bench/bench_sharded.py --write-docs) -->"
-END = "<!-- bench_sharded: end -->"
 GPUS = 8
 # Planning: a collector is one asyncio loop (one core at most); plan each at half of
 # it, and with one collector lost the rest must carry everything (N+1).
@@ -169,18 +167,8 @@ def main() -> None:
         scrape_interval_s=args.scrape_interval_s,
         remote_write=args.remote_write,
     )
-    scenario.write_targets()
-    (root / "prometheus").mkdir()
     try:
-        with prometheus_server(
-            root / "prometheus",
-            None,
-            remote_write_receiver=True,
-            out_of_order_window="30m",
-            scrape_interval_s=args.scrape_interval_s,
-            keep_metrics="rooftop_gpu_bound",
-            targets_file=scenario.targets_file,
-        ) as base:
+        with scenario.prometheus() as base:
             cols = scenario.start_collectors(base)
             time.sleep(1.0)
             idle_mib = statistics.mean(proc_rss_mib(c.pid) for c in cols)
@@ -205,14 +193,7 @@ def main() -> None:
     lines = report(args, figures, per_k_10, c_batch_us, c_sample_us, idle_mib, mib_per_agent, spa)
     print("\n".join(lines))
     if args.write_docs:
-        text = DOC.read_text()
-        block = "\n".join([BEGIN, *lines, END])
-        if BEGIN in text:
-            head, rest = text.split(BEGIN, 1)
-            text = head + block + rest.split(END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + block + "\n"
-        DOC.write_text(text)
+        write_block("bench_sharded", "\n".join(lines))
         print(f"\nwrote {DOC.relative_to(REPO)}")
 
 

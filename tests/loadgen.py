@@ -47,6 +47,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rooftop.agent.homing import Endpoint, Homing
+from rooftop.collector.snappy import varint
 from rooftop.common.wire import AGENT_ID_METADATA, INGEST_SERVICE
 from rooftop.v1 import telemetry_pb2 as pb
 
@@ -56,21 +57,9 @@ WINDOW = 64  # the real agent's max_in_flight
 GPU_NAME = "NVIDIA H100 80GB HBM3"
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def _timestamp(t_s: float) -> bytes:
@@ -153,20 +142,20 @@ class _Agent:
             + _field(7, self.ledger.hostname.encode())
         )
         self.gpu_ids = [
-            b"\x10" + _varint(g) + _field(3, uuid_.encode()) for g, uuid_ in enumerate(uuids)
+            b"\x10" + varint(g) + _field(3, uuid_.encode()) for g, uuid_ in enumerate(uuids)
         ]
         self.metadata = ((AGENT_ID_METADATA, agent_id),)
         self.new_batch = asyncio.Event()
 
     def encode(self, seq: int, tpl: _Templates) -> bytes:
         """One Batch on the wire: identity, seq, 8 GPU records, sometimes 8 verdicts."""
-        parts = [self.head, b"\x18" + _varint(seq), tpl.sent_time]
+        parts = [self.head, b"\x18" + varint(seq), tpl.sent_time]
         for sample in tpl.samples:
             for gpu in self.gpu_ids:
                 parts.append(_field(4, _field(1, gpu + sample)))  # records { gpu { ... } }
         if seq % self.gen.verdict_every == 0:
             for g, gpu_uuid in enumerate(self.ledger.gpu_uuids):
-                ident = b"\x18" + _varint(g) + _field(4, gpu_uuid.encode())
+                ident = b"\x18" + varint(g) + _field(4, gpu_uuid.encode())
                 parts.append(_field(5, ident + tpl.verdict))
         return b"".join(parts)
 

@@ -17,9 +17,11 @@ import grpc
 from rooftop.common.errors import ConfigError
 from rooftop.common.reloading import ReloadingFile
 
-__all__ = ["ClientAuth", "read_token"]
+__all__ = ["ClientAuth", "read_token", "with_tls_name"]
 
 log = logging.getLogger(__name__)
+
+_NAME_OVERRIDE = "grpc.ssl_target_name_override"
 
 
 def read_token(path: Path) -> str:
@@ -131,7 +133,20 @@ class ClientAuth:
 
     def options(self) -> list[tuple[str, str]]:
         """Channel options: the expected server name, when one is set."""
-        return [("grpc.ssl_target_name_override", self._server_name)] if self._server_name else []
+        return [(_NAME_OVERRIDE, self._server_name)] if self._server_name else []
+
+
+def with_tls_name(
+    options: list[tuple[str, str | int]], tls_name: str
+) -> list[tuple[str, str | int]]:
+    """``options`` that verify the certificate against ``tls_name``.
+
+    ``tls_name``: the DNS name an address was resolved from; options that already name
+    a server (``server_name``) win.
+    """
+    if tls_name and all(k != _NAME_OVERRIDE for k, _ in options):
+        return [*options, (_NAME_OVERRIDE, tls_name)]
+    return options
 
 
 def _read_pem(key: str, path: Path | None) -> bytes | None:

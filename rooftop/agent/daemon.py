@@ -378,7 +378,7 @@ class Agent:
             ticks = max(ticks, int((now_s - start_s) / period_s) + 1)
             self._stop.wait(max(0.0, start_s + ticks * period_s - now_s))
 
-    def _on_tick(self, records: list[Record], tick_s: float | None = None) -> None:
+    def _on_tick(self, records: list[Record], tick_s: float) -> None:
         now_s = self._monotonic()
         with self._lock:
             # The window closes before this tick's samples, which open the next one.
@@ -388,7 +388,7 @@ class Agent:
                 # Wall time is a label: a step of it inside the window must not weigh.
                 self._verdicts.extend(self._classify(on_monotonic_time(window)))
             self._records.extend(record_to_proto(r) for r in records)
-            self._window.append((now_s if tick_s is None else tick_s, records))
+            self._window.append((tick_s, records))
             due = now_s - self._last_batch_s >= self.config.batch_interval_s - 1e-3
         if due or len(self._records) >= self.config.batch_max_samples:
             self._last_batch_s = now_s

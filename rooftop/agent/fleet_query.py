@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 
-from rooftop.agent.credentials import ClientAuth
+from rooftop.agent.credentials import ClientAuth, with_tls_name
 from rooftop.agent.homing import Endpoint, Resolver, expand, system_resolver
 from rooftop.agent.stream import map_grpc_errors
 from rooftop.common.codec import timestamp, timestamp_s
@@ -34,7 +34,6 @@ __all__ = ["CollectorOutcome", "FleetView", "merge_fleets", "query_fleet_status"
 _QUERY_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # BoringSSL's word for a first answer that is no TLS record: a plaintext (HTTP/2) server.
 _PLAINTEXT_PEER = "WRONG_VERSION_NUMBER"
-_NAME_OVERRIDE = "grpc.ssl_target_name_override"
 # Collectors asked at once: a fleet runs a handful; more wait for a free thread.
 _MAX_PARALLEL_QUERIES = 16
 
@@ -65,8 +64,8 @@ def query_fleet_status(
         *auth.options(),
     ]
     credentials = auth.credentials()
-    if credentials is not None and tls_name and all(k != _NAME_OVERRIDE for k, _ in options):
-        options.append((_NAME_OVERRIDE, tls_name))
+    if credentials is not None:
+        options = with_tls_name(options, tls_name)
     channel = (
         grpc.secure_channel(address, credentials, options=options)
         if credentials is not None

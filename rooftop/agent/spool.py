@@ -324,9 +324,9 @@ class Spool:
                 log.warning("spool: %s: skipped %d corrupt or torn record(s)", path, corrupt)
                 self._counts.add(dropped_corrupt=corrupt)
             segment = _Segment(index, path, size_bytes=len(data))
+            high = self._recovered_high
             for offset, size, boot_id, seq in found:
                 key = (boot_id, seq)
-                high = self._recovered_high
                 high[boot_id] = max(high.get(boot_id, 0), seq)
                 if seq <= acked.get(boot_id, 0) or key in self._by_key:
                     continue

@@ -35,6 +35,7 @@ __all__ = [
     "diagnosis_json",
     "format_diagnosis",
     "format_status",
+    "gpu_device",
     "node_verdicts",
     "status_json",
     "via",
@@ -97,7 +98,7 @@ def _engine_json(e: pb.EngineSample) -> dict[str, Any]:
     }
 
 
-def _device(gpu: pb.GpuStatus) -> str:
+def gpu_device(gpu: pb.GpuStatus) -> str:
     """``"0"`` for GPU 0, ``"0/MIG-..."`` for a MIG instance of it."""
     return f"{gpu.gpu_index}/{gpu.mig_uuid}" if gpu.mig_uuid else str(gpu.gpu_index)
 
@@ -272,7 +273,7 @@ def format_status(
             rows.append(
                 [
                     *(head if i == 0 else blank),
-                    _device(gpu),
+                    gpu_device(gpu),
                     _verdict_name(gpu),
                     (_opt(v, "cause") or "-") if v is not None else "-",
                     f"{v.confidence:.2f}" if v is not None and not _lost(gpu) else "-",
@@ -352,7 +353,7 @@ def format_diagnosis(
             else [printable(f"Rooftop diagnosis — {source}")]
         )
         for gpu in node.gpus:
-            name = f"GPU {_device(gpu)} {gpu.gpu_name}".rstrip()
+            name = f"GPU {gpu_device(gpu)} {gpu.gpu_name}".rstrip()
             if _lost(gpu):
                 before = " (a verdict above is from before)" if gpu.HasField("verdict") else ""
                 lines.append(printable(f"  {name}: {_lost_line(gpu)}{before}"))

@@ -46,7 +46,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from rooftop.agent.batcher import STATS_MAX_BYTES
-from rooftop.agent.credentials import ClientAuth
+from rooftop.agent.credentials import ClientAuth, with_tls_name
 from rooftop.agent.homing import (
     Endpoint,
     Homing,
@@ -59,6 +59,7 @@ from rooftop.agent.spool import Key, Spool
 from rooftop.common.codec import timestamp
 from rooftop.common.counters import Counters
 from rooftop.common.errors import Rejected, Retryable, StreamError
+from rooftop.common.ratelimit import RateLimitedLog
 from rooftop.common.wire import AGENT_ID_METADATA, DEFAULT_MAX_MESSAGE_BYTES, INGEST_SERVICE
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
@@ -331,8 +332,7 @@ class Streamer:
         self._counts = Counters(StreamStats)
         # Per boot, the highest seq this process has written to a stream (loop thread).
         self._sent_high: dict[str, int] = {}
-        self._refusal_logged_s = -float("inf")
-        self._refusals_since_log = 0
+        self._refusal_log = RateLimitedLog(log, interval_s=_REFUSAL_LOG_INTERVAL_S)
 
     # --- lifecycle (any thread) -----------------------------------------------------
 
@@ -592,10 +592,9 @@ class Streamer:
             credentials = self._auth.credentials()
             options += self._auth.options()
         if credentials is not None:
-            if tls_name and not any(k == "grpc.ssl_target_name_override" for k, _ in options):
-                # An address a DNS name resolved to: the certificate names the name
-                # (an explicit server_name still wins).
-                options.append(("grpc.ssl_target_name_override", tls_name))
+            # An address a DNS name resolved to: the certificate names the name (an
+            # explicit server_name still wins).
+            options = with_tls_name(options, tls_name)
             return grpc.aio.secure_channel(address, credentials, options=options)
         return grpc.aio.insecure_channel(address, options=options)
 
@@ -696,21 +695,16 @@ class Streamer:
 
     def _refuse_ack(self, session: _Session, boot_id: str, ack: pb.Ack, sent: int) -> None:
         self._counts.add(acks_refused=1)
-        self._refusals_since_log += 1
-        now_s = time.monotonic()
-        if now_s - self._refusal_logged_s < _REFUSAL_LOG_INTERVAL_S:
-            return
-        log.warning(
+        self._refusal_log.log(
+            logging.WARNING,
+            "ack-refused",
             "collector %s acked seq %d of boot %s, above the highest sent (%d): refused, "
-            "nothing discarded (%d such ack(s) since the last line; counted in acks_refused)",
+            "nothing discarded (counted in acks_refused)",
             session.address,
             max(ack.acked_seq, ack.rejected_seq),
             boot_id,
             sent,
-            self._refusals_since_log,
         )
-        self._refusal_logged_s = now_s
-        self._refusals_since_log = 0
 
     async def _send_loop(self, session: _Session, call: _Call) -> None:
         try:

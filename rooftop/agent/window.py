@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby, pairwise
 from statistics import fmean
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from rooftop.common.errors import ConfigError
 from rooftop.common.model import EngineSample, GpuSample, HostSample, Provenance, Record
@@ -440,14 +440,13 @@ def _identity(samples: Sequence[GpuSample]) -> tuple[str, str]:
     return uuid, name
 
 
-def _with_mig(window: GpuWindow, samples: Sequence[GpuSample]) -> GpuWindow:
-    """``window`` carrying the MIG identity of its samples (of one device)."""
+def _mig_identity(samples: Sequence[GpuSample]) -> dict[str, Any]:
+    """``summarize``'s MIG arguments for the samples of one device (none: a whole GPU)."""
     last = samples[-1]
     if not last.mig_uuid:
-        return window
-    return dataclasses.replace(window, mig_uuid=last.mig_uuid,
-                               gpu_instance_id=last.gpu_instance_id,
-                               compute_instance_id=last.compute_instance_id)
+        return {}
+    return {"mig_uuid": last.mig_uuid, "gpu_instance_id": last.gpu_instance_id,
+            "compute_instance_id": last.compute_instance_id}
 
 
 # Wall and monotonic clocks drift apart by NTP slewing (at most 0.5 ms/s) and tick
@@ -510,8 +509,8 @@ def build_window(
         raise ValueError("a window needs at least one GPU sample")
     ticks = derive_ticks(gpu_samples, engine_samples, host_samples, sole_gpu=sole_gpu)
     uuid, name = _identity(gpu_samples)
-    window = summarize(gpu_samples[0].gpu_index, ticks, gpu_uuid=uuid, gpu_name=name)
-    return _with_mig(window, gpu_samples)
+    return summarize(gpu_samples[0].gpu_index, ticks, gpu_uuid=uuid, gpu_name=name,
+                     **_mig_identity(gpu_samples))
 
 
 def build_windows(
@@ -549,15 +548,16 @@ def build_windows(
         gpu = key.gpu_index
         samples.sort(key=lambda s: s.time_s)
         uuid, name = _identity(samples)
+        mig = _mig_identity(samples)  # once per device, not a copy of every window
         # Ticks over the whole recording first, so engine hold crosses window edges.
         ticks = derive_ticks(samples, engines, hosts, sole_gpu=sole_gpu)
         if window_s is None:
-            out[key] = [_with_mig(summarize(gpu, ticks, gpu_uuid=uuid, gpu_name=name), samples)]
+            out[key] = [summarize(gpu, ticks, gpu_uuid=uuid, gpu_name=name, **mig)]
             continue
         step_s = window_s
         out[key] = [
-            _with_mig(summarize(gpu, tuple(group), gpu_uuid=uuid, gpu_name=name,
-                                start_s=t0 + k * step_s, end_s=t0 + (k + 1) * step_s), samples)
+            summarize(gpu, tuple(group), gpu_uuid=uuid, gpu_name=name,
+                      start_s=t0 + k * step_s, end_s=t0 + (k + 1) * step_s, **mig)
             for k, group in groupby(ticks, key=lambda t: int((t.time_s - t0) // step_s))
         ]
     return out

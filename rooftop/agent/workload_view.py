@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from rooftop.agent.models_catalog import detect_gpu, find_model
 from rooftop.agent.render import grid, iso_time
 from rooftop.agent.roofline import analyze
-from rooftop.agent.status import collector_lines, collectors_json, via
+from rooftop.agent.status import collector_lines, collectors_json, gpu_device, via
 from rooftop.common.codec import record_from_proto, timestamp_s, verdict_from_proto
 from rooftop.common.errors import RooftopError
 from rooftop.common.model import EngineSample, GpuSample, PodRef, Verdict
@@ -58,9 +58,7 @@ def _gpus(fs: pb.FleetStatus) -> list[WorkloadGpu]:
             out.extend(
                 workload_gpus(
                     node=node.hostname or node.agent_id,
-                    device=f"{gpu.gpu_index}/{gpu.mig_uuid}"
-                    if gpu.mig_uuid
-                    else str(gpu.gpu_index),
+                    device=gpu_device(gpu),
                     gpu_name=gpu.gpu_name,
                     sample=sample,
                     verdict=verdict,
@@ -126,8 +124,9 @@ def format_workloads(
     title = {"workload": "WORKLOAD", "namespace": "NAMESPACE", "node": "NODE"}[by]
     header = [title, *(["NAMESPACE"] if by == "workload" else []), "GPUS", "VERDICTS",
               "TPOT p50", "TPOT p99", "FLOOR", "PODS", "DO FIRST"]  # fmt: skip
+    floors = [tpot_floor_ms(row) for row in rows]  # a catalog look-up and roofline each
     table = []
-    for row in rows:
+    for row, floor in zip(rows, floors, strict=True):
         namespace = [row.workload.namespace or "-"] if row.workload is not None else []
         table.append(
             [
@@ -138,7 +137,7 @@ def format_workloads(
                 _mix(row),
                 _ms(row.tpot_p50_ms),
                 _ms(row.tpot_p99_ms),
-                _ms(tpot_floor_ms(row)),
+                _ms(floor),
                 _pods(row.pods, namespace=by == "node"),
                 row.action or "-",
             ]
@@ -154,7 +153,7 @@ def format_workloads(
     lines += grid(header, table) if table else [
         printable(f"  no node has reported to {via(collector, collectors)}")
     ]
-    if any(tpot_floor_ms(r) is not None for r in rows):
+    if any(floor is not None for floor in floors):
         lines.append(
             "  FLOOR = the batch-1 decode floor of the model on that GPU (DESIGN §4); "
             "p50 is the engine's mean TPOT where it reports no percentiles."

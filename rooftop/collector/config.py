@@ -234,10 +234,7 @@ class CollectorConfig:
             "prometheus.max_connections": self.prometheus_max_connections,
             "prometheus.timeout_s": self.prometheus_timeout_s,
         }
-        for key, value in positive.items():
-            # nan compares false with everything: "not > 0" catches it, isfinite inf.
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{key} must be positive and finite (got {value})")
+        _check_positive(positive)
         low, high = MAX_MESSAGE_BYTES_RANGE
         if not low <= self.max_message_bytes <= high:
             raise ConfigError(
@@ -255,6 +252,13 @@ class CollectorConfig:
         _check_open_door(self)
         # Each OtlpExport checked itself when it was made.
         return self
+
+
+def _check_positive(values: Mapping[str, float]) -> None:
+    for key, value in values.items():
+        # nan compares false with everything: "not > 0" catches it, isfinite inf.
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{key} must be positive and finite (got {value})")
 
 
 def _check_open_door(config: CollectorConfig) -> None:
@@ -328,6 +332,12 @@ _PATHS = {
 }
 
 
+def _path(value: str, base_dir: Path | None) -> Path:
+    # A relative path in the file is relative to the file's folder.
+    path = Path(value).expanduser()
+    return (base_dir / path) if base_dir is not None and not path.is_absolute() else path
+
+
 def _typed(key: str, value: Any, typ: type | tuple[type, ...]) -> Any:
     # bool is an int in Python; a `true` where a number goes is a mistake, not 1.
     if isinstance(value, bool) and typ is not bool:
@@ -370,12 +380,7 @@ def parse_config(
                 raise ConfigError(f"unknown key {section}.{key}")
             name, typ = schema[key]
             value = _typed(f"{section}.{key}", value, typ)
-            if name in _PATHS:
-                path = Path(value).expanduser()
-                value = (
-                    (base_dir / path) if base_dir is not None and not path.is_absolute() else path
-                )
-            values[name] = value
+            values[name] = _path(value, base_dir) if name in _PATHS else value
     return CollectorConfig(otlp=otlp, remote_write=remote_write, **values)
 
 
@@ -394,6 +399,7 @@ _REMOTE_WRITE: dict[str, tuple[str, type | tuple[type, ...]]] = {
 }
 
 
+_REMOTE_WRITE_PATHS = ("bearer_token_file", "ca_file")
 _REMOTE_WRITE_POSITIVE = (
     "timeout_s",
     "queue_max_samples",
@@ -425,10 +431,7 @@ def remote_writes(tables: Any, *, base_dir: Path | None = None) -> tuple[RemoteW
                 raise ConfigError(f"unknown key remote_write.{key}")
             name, typ = _REMOTE_WRITE[key]
             value = _typed(f"remote_write.{key}", value, typ)
-            if name in ("bearer_token_file", "ca_file"):
-                path = Path(value).expanduser()
-                value = (base_dir / path) if base_dir and not path.is_absolute() else path
-            values[name] = value
+            values[name] = _path(value, base_dir) if name in _REMOTE_WRITE_PATHS else value
         url = values.get("url", "")
         if not url.startswith(("http://", "https://")):
             raise ConfigError(
@@ -436,10 +439,7 @@ def remote_writes(tables: Any, *, base_dir: Path | None = None) -> tuple[RemoteW
                 "e.g. http://prometheus:9090/api/v1/write"
             )
         rw = RemoteWrite(**values)
-        for key in _REMOTE_WRITE_POSITIVE:
-            value = getattr(rw, key)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"remote_write.{key} must be positive and finite (got {value})")
+        _check_positive({f"remote_write.{key}": getattr(rw, key) for key in _REMOTE_WRITE_POSITIVE})
         if rw.max_backoff_s < rw.min_backoff_s:
             raise ConfigError("remote_write.max_backoff_s must be at least min_backoff_s")
         if rw.queue_max_samples < rw.max_samples_per_send:

@@ -152,14 +152,8 @@ class Deduplicator:
         Returns:
             (highest contiguous seq, seqs skipped as missing).
         """
-        st = self._keys.get(key)
-        new = st is None
-        if st is None:
-            if len(self._keys) >= self._max_keys:
-                self._keys.popitem(last=False)  # O(1): the least recently used
-            st = self._keys[key] = _Seqs()
-        else:
-            self._keys.move_to_end(key)
+        new = key not in self._keys
+        st = self._entry(key)
         before = st.contiguous
         skipped = 0
         if seq <= st.contiguous:
@@ -190,6 +184,17 @@ class Deduplicator:
                 self._dirty[key] = st
         return st.contiguous, skipped
 
+    def _entry(self, key: Key) -> _Seqs:
+        """``key``'s bookkeeping, made the most recently used (created if new)."""
+        st = self._keys.get(key)
+        if st is None:
+            if len(self._keys) >= self._max_keys:
+                self._keys.popitem(last=False)  # O(1): the least recently used
+            st = self._keys[key] = _Seqs()
+        else:
+            self._keys.move_to_end(key)
+        return st
+
     def _add_hole(self, st: _Seqs, lo: int, hi: int) -> None:
         if lo > hi:
             return
@@ -215,13 +220,7 @@ class Deduplicator:
         """Load a mark from the state directory (at start, before any stream)."""
         if mark <= 0 or mark > MAX_SEQ:
             return
-        st = self._keys.get(key)
-        if st is None:
-            if len(self._keys) >= self._max_keys:
-                self._keys.popitem(last=False)
-            st = self._keys[key] = _Seqs()
-        else:
-            self._keys.move_to_end(key)
+        st = self._entry(key)
         st.contiguous = st.durable = st.restored = max(st.contiguous, mark)
 
 

@@ -55,6 +55,7 @@ from rooftop.common.codec import record_from_proto, record_to_proto, verdict_fro
 from rooftop.common.columns import Columns, micros_s
 from rooftop.common.errors import RooftopError
 from rooftop.common.model import (
+    PCT_SLACK,
     PERCENT_FIELDS,
     UPPER_BOUNDS,
     EngineSample,
@@ -85,8 +86,6 @@ __all__ = [
     "decode_batch",
 ]
 
-# NVML / GPM rounding can overshoot 100 by a hair (rooftop.common.model uses the same slack).
-_PCT_SLACK = 0.5
 _PCT = frozenset(PERCENT_FIELDS)
 _FLOATING = frozenset({FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT})
 _GPU_DOUBLES = [f.name for f in pb.GpuSample.DESCRIPTOR.fields if f.cpp_type in _FLOATING]
@@ -95,8 +94,9 @@ _GPU_REST = attrgetter(*(n for n in _GPU_DOUBLES if n not in _PCT))
 _SECONDS = attrgetter("time.seconds")
 # A device: a GPU, or one MIG instance of it (its index is the parent's).
 _GPU_DEVICE = attrgetter("gpu_index", "mig_uuid")
-_GPU_NAMES = attrgetter("gpu_uuid", "gpu_name", "mig_uuid")
-_GPU_NAME_GETTERS = tuple(map(attrgetter, ("gpu_uuid", "gpu_name", "mig_uuid")))
+_GPU_NAME_FIELDS = ("gpu_uuid", "gpu_name", "mig_uuid")
+_GPU_NAMES = attrgetter(*_GPU_NAME_FIELDS)
+_GPU_NAME_GETTERS = tuple(map(attrgetter, _GPU_NAME_FIELDS))
 _NANOS = attrgetter("time.nanos")
 # Floating GPU fields with a physical ceiling: (position in a message's _GPU_REST
 # values, ceiling), so a batch's values of one field are a slice of the flat list.
@@ -290,12 +290,12 @@ def _invalid_field(msg: pb.GpuSample | pb.EngineSample | pb.HostSample) -> str |
             return f"{fd.name} is {value}"
         if value < 0:
             return f"{fd.name} is negative ({value})"
-        if fd.name in _PCT and value > 100 + _PCT_SLACK:
+        if fd.name in _PCT and value > 100 + PCT_SLACK:
             return f"{fd.name} is over 100 ({value})"
         if value > UPPER_BOUNDS.get(fd.name, math.inf):
             return f"{fd.name} is over its ceiling {UPPER_BOUNDS[fd.name]:g} ({value:g})"
     if isinstance(msg, pb.HostSample):
-        if msg.HasField("cpu_pct") and msg.cpu_pct > 100 + _PCT_SLACK:
+        if msg.HasField("cpu_pct") and msg.cpu_pct > 100 + PCT_SLACK:
             return f"cpu_pct is out of range ({msg.cpu_pct})"
         for proc in msg.processes:
             # Percent of ONE core: above 100 is legal (multi-threaded), NaN/negative not.
@@ -357,7 +357,7 @@ def _gpu_problem(i: int, msg: pb.GpuSample) -> PoisonBatch | None:
     problem = _time_problem(msg.time)
     if problem is not None:
         return PoisonBatch(RejectReason.BAD_TIME, f"record {i} (gpu): {problem}")
-    for name, value in zip(("gpu_uuid", "gpu_name", "mig_uuid"), _GPU_NAMES(msg), strict=True):
+    for name, value in zip(_GPU_NAME_FIELDS, _GPU_NAMES(msg), strict=True):
         problem = identity_problem(name, value)
         if problem is not None:
             return PoisonBatch(RejectReason.BAD_IDENTITY, f"record {i} (gpu): {problem}")
@@ -416,7 +416,7 @@ def decode_batch(
     pct = list(chain.from_iterable(map(_GPU_PCT, gpu_msgs)))
     rest = list(chain.from_iterable(map(_GPU_REST, gpu_msgs)))
     if n and (
-        max(pct) > 100 + _PCT_SLACK
+        max(pct) > 100 + PCT_SLACK
         or min(pct) < 0
         or min(rest) < 0
         or not isfinite(sum(pct) + sum(rest))  # NaN and inf, whatever min/max made of them
@@ -774,7 +774,7 @@ class Fleet:
     def count_limited(self, reason: LimitReason, items: int = 1) -> None:
         """Something new was refused by a bound (``FleetLimits``, an unread stream)."""
         with self._lock:
-            self._limited[reason.value] = self._limited.get(reason.value, 0) + items
+            self._refuse(reason, items)
 
     def count_missing(self, batches: int) -> None:
         """An agent skipped ``batches`` seqs: its spool dropped them before sending."""
@@ -866,8 +866,9 @@ class Fleet:
             self._sweep(now_s)
         return len(self._agents) < self.limits.max_agents
 
-    def _refuse(self, reason: LimitReason) -> None:
-        self._limited[reason.value] = self._limited.get(reason.value, 0) + 1
+    def _refuse(self, reason: LimitReason, items: int = 1) -> None:
+        # Under the lock: the caller holds it.
+        self._limited[reason.value] = self._limited.get(reason.value, 0) + items
 
     def _room_for_gpu(self, agent_id: str) -> bool:
         if len(self._agent_gpus.get(agent_id, ())) >= self.limits.max_gpus_per_agent:

@@ -460,12 +460,12 @@ class TlsGate:
 
     def _release_memory(self) -> None:
         """Soon hand freed heap back to the OS (glibc keeps it otherwise); once per burst."""
-        if self._trim is None and _malloc_trim is not None:
+        malloc_trim = _malloc_trim
+        if self._trim is None and malloc_trim is not None:
 
             def trim() -> None:
                 self._trim = None
-                if _malloc_trim is not None:
-                    _malloc_trim(0)
+                malloc_trim(0)
 
             self._trim = asyncio.get_running_loop().call_later(_TRIM_DELAY_S, trim)
 

@@ -45,7 +45,6 @@ from rooftop.collector.fleet import CollectorCounts, DecodedBatch, FleetSnapshot
 from rooftop.collector.otel import METRICS, SAMPLE_GAUGES, gpu_attributes
 from rooftop.collector.prometheus import prometheus_labels, prometheus_name
 from rooftop.collector.snappy import compress, literal_block, varint
-from rooftop.common.codec import timestamp_s, verdict_from_proto
 from rooftop.common.counters import Counters
 from rooftop.common.model import GpuSample, PodRef
 from rooftop.v1 import telemetry_pb2 as pb
@@ -158,18 +157,15 @@ PointsFn = Callable[
 ]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Queued:
-    agent_id: str
-    hostname: str
-    received_s: float
     batch: DecodedBatch  # its GPU samples are decoded by the sender thread, not the ingest's
-    gpu_count: int
-    verdicts: list[pb.Verdict]
+    received_s: float
+    size: int  # GPU samples and verdicts: what the queue bound counts
 
-    @property
-    def size(self) -> int:
-        return self.gpu_count + len(self.verdicts)
+    def clamped_s(self, t_s: float) -> float:
+        """``t_s``, or the arrival time when it is further ahead than the fleet allows."""
+        return t_s if t_s <= self.received_s + _MAX_FUTURE_S else self.received_s
 
 
 class RemoteWriter:
@@ -180,7 +176,6 @@ class RemoteWriter:
         points: renders a snapshot's series: ``(metric name, labels, value)`` with the
             Prometheus endpoint's names (``Telemetry.points``), for the verdicts.
         transport: how a body is POSTed (tests inject one; ``urllib`` by default).
-        sleep: waits between retries (tests).
     """
 
     def __init__(
@@ -189,7 +184,6 @@ class RemoteWriter:
         points: PointsFn,
         *,
         transport: Transport | None = None,
-        sleep: Callable[[float], Any] | None = None,
     ) -> None:
         self.config = config
         self._url = redacted_url(config.url)
@@ -200,7 +194,6 @@ class RemoteWriter:
         self._queued_samples = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._sleep = sleep or self._stop.wait
         # (series key) -> newest timestamp sent, LRU-bounded.
         self._newest_ms: OrderedDict[tuple[tuple[str, str], ...], int] = OrderedDict()
         self._gpu_names: dict[tuple[str, str], str] = {}
@@ -253,12 +246,10 @@ class RemoteWriter:
         if raw is None:
             return
         gpus = batch.gpu_sample_count()  # records and columns (Batch.gpu_columns)
-        if not gpus and not raw.verdicts:
+        if not gpus and not batch.verdicts:
             return
-        # Decoding is left to the sender thread: here only references are kept.
-        item = _Queued(
-            batch.agent_id, batch.hostname, received_s, batch, gpus, list(raw.verdicts)
-        )
+        # Decoding is left to the sender thread: here only a reference is kept.
+        item = _Queued(batch, received_s, gpus + len(batch.verdicts))
         with self._cond:
             self._queue.append(item)
             self._queued_samples += item.size
@@ -358,7 +349,6 @@ class RemoteWriter:
         across them (None where a sample lacks it). Lost samples are left out (no data:
         absent, never 0, as on the endpoint).
         """
-        limit_s = item.received_s + _MAX_FUTURE_S
         groups: dict[tuple[Any, ...], list[pb.GpuSample]] = {}
         for m in item.batch.gpu_messages():
             if m.lost:
@@ -367,10 +357,9 @@ class RemoteWriter:
             ident = (m.gpu_index, m.gpu_uuid, m.gpu_name, m.mig_uuid, pods)
             groups.setdefault(ident, []).append(m)
         for ident, msgs in groups.items():
-            times_ms = []
-            for m in msgs:
-                t_s = m.time.seconds + m.time.nanos / 1e9
-                times_ms.append(round((t_s if t_s <= limit_s else item.received_s) * 1000))
+            times_ms = [
+                round(item.clamped_s(m.time.seconds + m.time.nanos / 1e9) * 1000) for m in msgs
+            ]
             stale = [m.gpm_stale for m in msgs]
             index, uuid, name, mig_uuid, pods = ident
             who = GpuSample(0.0, index, uuid, name, mig_uuid=mig_uuid, pods=pods)
@@ -386,12 +375,13 @@ class RemoteWriter:
         # The series of SAMPLE_GAUGES, a whole column per GPU at a time: the labels of
         # a GPU's series are worked out once per GPU identity, and a point costs one
         # step of a comprehension (through the Telemetry callbacks, ~7 µs each).
+        agent_id, hostname = item.batch.agent_id, item.batch.hostname
         for who, times_ms, stale, column in self._gpu_columns(item):
-            ident = (item.agent_id, item.hostname, who.gpu_index, who.gpu_uuid,
+            ident = (agent_id, hostname, who.gpu_index, who.gpu_uuid,
                      who.gpu_name, who.mig_uuid, who.pods)  # fmt: skip
             keys = self._keys.get(ident)
             if keys is None:
-                keys = self._series_keys(item.agent_id, item.hostname, ident, who)
+                keys = self._series_keys(agent_id, hostname, ident, who)
             if who.gpu_name:
                 self._gpu_names[(who.gpu_uuid, who.mig_uuid)] = who.gpu_name
             columns: dict[str, list[Any]] = {}
@@ -457,15 +447,13 @@ class RemoteWriter:
     def _verdict_snapshots(self, item: _Queued) -> Iterator[tuple[int, FleetSnapshot]]:
         # A verdict at its window's end, through the Telemetry callbacks (one per 5 s
         # per GPU: not worth a path of its own).
-        limit_s = item.received_s + _MAX_FUTURE_S
-        for msg in item.verdicts:
-            end_s = timestamp_s(msg.window_end)
-            name = self._gpu_names.get((msg.gpu_uuid, msg.mig_uuid), "")
-            verdict = verdict_from_proto(msg, gpu_name=name)
-            t_s = end_s if end_s <= limit_s else item.received_s
+        # The fleet decoded and clamped them already (DecodedBatch.verdicts).
+        for verdict in item.batch.verdicts:
+            name = self._gpu_names.get((verdict.gpu_uuid, verdict.mig_uuid), "")
+            t_s = verdict.window_end_s
             state = GpuState(
-                item.agent_id,
-                item.hostname,
+                item.batch.agent_id,
+                item.batch.hostname,
                 verdict.gpu_index,
                 verdict.gpu_uuid,
                 name,
@@ -521,7 +509,7 @@ class RemoteWriter:
                 self._stats.add(rejected=samples)
                 return
             self._stats.add(retries=1)
-            self._sleep(backoff_s)
+            self._stop.wait(backoff_s)
             backoff_s = min(backoff_s * 2, self.config.max_backoff_s)
 
     def _warn_once(self, status: int, message: str) -> None:

@@ -128,6 +128,10 @@ def _histogram_from_proto(msg: Any, name: str) -> HistogramDelta | None:
     )
 
 
+def _histograms_from_proto(msg: Any) -> dict[str, Any]:
+    return {name: _histogram_from_proto(msg, name) for name in ENGINE_HISTOGRAM_FIELDS}
+
+
 def _process_from_proto(p: pb.GpuProcess) -> GpuProcess:
     return GpuProcess(
         p.pid,
@@ -184,9 +188,7 @@ def record_from_proto(msg: pb.TraceRecord) -> Record:
             time_s=timestamp_s(e.time),
             engine_id=e.engine_id,
             gpu_indices=tuple(e.gpu_indices),
-            tpot_hist=_histogram_from_proto(e, "tpot_hist"),
-            ttft_hist=_histogram_from_proto(e, "ttft_hist"),
-            request_duration_hist=_histogram_from_proto(e, "request_duration_hist"),
+            **_histograms_from_proto(e),
             **_present(e, _ENGINE_OPTIONAL),
         )
     if kind == "host":

@@ -37,6 +37,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from rooftop.common.codec import record_to_proto
 from rooftop.common.model import (
+    PCT_SLACK,
     PERCENT_FIELDS,
     UPPER_BOUNDS,
     GpuProcess,
@@ -55,7 +56,6 @@ __all__ = [
     "micros_s",
 ]
 
-_PCT_SLACK = 0.5  # as rooftop.common.model: NVML rounding overshoots 100 by a hair
 _MAX_FINITE_BITS = 0x7FEFFFFFFFFFFFFF
 _SIGN = 1 << 63
 _INT64_MICROS = (-(2**63), 2**63 - 1)
@@ -79,7 +79,7 @@ class _Metric:
 
 def _ceiling_bits(name: str) -> int:
     if name in PERCENT_FIELDS:
-        ceiling = 100 + _PCT_SLACK
+        ceiling = 100 + PCT_SLACK
     elif name in UPPER_BOUNDS:
         ceiling = UPPER_BOUNDS[name]
     else:
@@ -258,7 +258,7 @@ def _value_problem(name: str, value: float) -> str | None:
         return f"{name} is {value}"
     if value < 0:
         return f"{name} is negative ({value})"
-    if name in PERCENT_FIELDS and value > 100 + _PCT_SLACK:
+    if name in PERCENT_FIELDS and value > 100 + PCT_SLACK:
         return f"{name} is over 100 ({value})"
     if name in UPPER_BOUNDS and value > UPPER_BOUNDS[name]:
         return f"{name} is over its ceiling {UPPER_BOUNDS[name]:g} ({value:g})"

@@ -15,6 +15,7 @@ __all__ = [
     "COUNT_FIELDS",
     "EMPTY_HISTOGRAM",
     "ENGINE_HISTOGRAM_FIELDS",
+    "PCT_SLACK",
     "PERCENT_FIELDS",
     "UPPER_BOUNDS",
     "Bound",
@@ -278,7 +279,7 @@ COUNT_FIELDS = (
     "ttft_p99_ms",
 )
 # Rounding in NVML / GPM can overshoot 100 by a hair; beyond this it is garbage.
-_PCT_SLACK = 0.5
+PCT_SLACK = 0.5
 # Physical ceilings, each well above any real device (a GB200 superchip draws 2.7 kW,
 # GPUs throttle near 90 C, PCIe gen6 x16 moves 0.13 TB/s): a value beyond one is a
 # broken sensor or a hostile peer (1e308 W), never a measurement.
@@ -330,7 +331,7 @@ def invalid_reason(record: Record, *, histograms: bool = True) -> str | None:
             continue
         if value < 0:
             return f"{name} is negative ({value})"
-        if name in PERCENT_FIELDS and value > 100 + _PCT_SLACK:
+        if name in PERCENT_FIELDS and value > 100 + PCT_SLACK:
             return f"{name} is over 100 ({value})"
         if value > UPPER_BOUNDS.get(name, math.inf):
             return f"{name} is over its ceiling {UPPER_BOUNDS[name]:g} ({value:g})"
@@ -341,7 +342,8 @@ def invalid_reason(record: Record, *, histograms: bool = True) -> str | None:
             if problem is not None:
                 return f"{name}: {problem}"
     if isinstance(record, HostSample):
-        if record.cpu_pct is not None and (math.isnan(record.cpu_pct) or record.cpu_pct > 100.5):
+        cpu_pct = record.cpu_pct
+        if cpu_pct is not None and (math.isnan(cpu_pct) or cpu_pct > 100 + PCT_SLACK):
             return f"cpu_pct is out of range ({record.cpu_pct})"
         for proc in record.processes:
             if proc.cpu_pct is not None and (math.isnan(proc.cpu_pct) or proc.cpu_pct < 0):

@@ -21,6 +21,7 @@ live in the test; the benchmark prints the figures.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -28,6 +29,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from rooftop.collector.config import CollectorConfig
 from rooftop.collector.marks import MARKS_FILE
 from tests.e2e.conftest import CollectorProc
 from tests.loadgen import AgentLedger, LoadGen
+from tests.support import prometheus_server
 
 CLK_TCK = 100  # /proc/<pid>/stat ticks per second (Linux's USER_HZ)
 
@@ -160,6 +163,25 @@ class Sharded:
         tmp = self.targets_file.with_suffix(".tmp")
         tmp.write_text(json.dumps([{"targets": targets}]))
         tmp.replace(self.targets_file)
+
+    @contextlib.contextmanager
+    def prometheus(self) -> Iterator[str]:
+        """The scenario's real Prometheus (remote-write receiver, out-of-order window,
+        scraping the collectors in ``targets_file``, keeping only the verdict series);
+        yields its base URL."""
+        self.write_targets()
+        workdir = self.root / "prometheus"
+        workdir.mkdir(exist_ok=True)
+        with prometheus_server(
+            workdir,
+            None,
+            remote_write_receiver=True,
+            out_of_order_window="30m",
+            scrape_interval_s=self.scrape_interval_s,
+            keep_metrics="rooftop_gpu_bound",
+            targets_file=self.targets_file,
+        ) as base:
+            yield base
 
     def collector_settings(self, index: int, prometheus_base: str | None) -> dict[str, Any]:
         settings: dict[str, Any] = {

@@ -36,7 +36,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.sharded import Outcome, Sharded, collector_knows, summary
-from tests.support import PROMETHEUS, prometheus_server, require_tool
+from tests.support import PROMETHEUS, require_tool
 
 pytestmark = pytest.mark.slow
 
@@ -53,18 +53,7 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> Outcome:
     # The killed collector remote-writes: its output is cut mid-request and starts again.
     scenario = Sharded(root, agents=AGENTS, remote_write=True, remote_writers=(0,),
                        scrape_interval_s=10, settle_scrapes=2)  # fmt: skip
-    scenario.write_targets()
-    prometheus_dir = root / "prometheus"
-    prometheus_dir.mkdir()
-    with prometheus_server(
-        prometheus_dir,
-        None,
-        remote_write_receiver=True,
-        out_of_order_window="30m",
-        scrape_interval_s=scenario.scrape_interval_s,
-        keep_metrics="rooftop_gpu_bound",
-        targets_file=scenario.targets_file,
-    ) as base:
+    with scenario.prometheus() as base:
         try:
             scenario.start_collectors(base)
             result = scenario.run(base, kill=0)

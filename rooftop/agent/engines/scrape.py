@@ -338,7 +338,8 @@ class Scraper:
         self._fetch = fetch
         self._pid = pid
         self._prev_hist: dict[str, _Histogram] = {}
-        self._prev_buckets: dict[str, _Histogram] = {}
+        # name -> (sum, _per_bucket) at the last scrape: each histogram is split once.
+        self._prev_buckets: dict[str, tuple[float, _PerBucket | None]] = {}
         self._prev_total: dict[str, float] = {}
         self._samples: deque[EngineSample] = deque(maxlen=_MAX_KEPT_SAMPLES)
         self._scrape_lock = threading.Lock()
@@ -519,16 +520,14 @@ class Scraper:
         current = _histogram(samples, name)
         if current is None or not current.buckets:
             return None
-        previous = self._prev_buckets.get(name)
-        self._prev_buckets[name] = current
-        if previous is None:
-            return None
         cur = _per_bucket(current)
-        if cur is None:
+        previous = self._prev_buckets.get(name)
+        self._prev_buckets[name] = (current.sum, cur)
+        if previous is None or cur is None:
             return None
         bounds, counts = cur
-        prev = _per_bucket(previous)
-        d_sum = current.sum - previous.sum
+        prev_sum, prev = previous
+        d_sum = current.sum - prev_sum
         deltas: list[int] = []
         if prev is not None and prev[0] == bounds and d_sum >= 0:
             deltas = [c - p for c, p in zip(counts, prev[1], strict=True)]
@@ -557,7 +556,10 @@ class Scraper:
         return current - previous
 
 
-def _per_bucket(hist: _Histogram) -> tuple[tuple[float, ...], list[int]] | None:
+_PerBucket = tuple[tuple[float, ...], list[int]]  # finite bounds, per-bucket counts
+
+
+def _per_bucket(hist: _Histogram) -> _PerBucket | None:
     """Finite bounds and per-bucket (not cumulative) counts, the last above every bound."""
     finite = [(le, c) for le, c in hist.buckets if math.isfinite(le)]
     inf = [c for le, c in hist.buckets if math.isinf(le) and le > 0]

@@ -2,11 +2,10 @@
 
 ``XidWatcher`` registers every GPU for ``nvmlEventTypeXidCriticalError`` in one NVML
 event set and takes what it queued (``nvmlEventSetWait_v2`` without blocking) once every
-``POLL_S`` on a daemon thread, every queued event at once. Each event
-lands in a bounded queue of ``XidEvent`` (gpu, xid, time) and in the GPU's tally:
-the distinct codes seen (sticky: a GPU that fell off the bus stays so until the agent
-restarts) and the event count. ``NvmlBackend.read`` copies the tally into each sample;
-the sampling loop never blocks on an event.
+``POLL_S`` on a daemon thread, every queued event at once. Each event is logged and
+lands in the GPU's tally: the distinct codes seen (sticky: a GPU that fell off the bus
+stays so until the agent restarts) and the event count. ``NvmlBackend.read`` copies
+the tally into each sample; the sampling loop never blocks on an event.
 
 Nothing on the thread may raise: a failed wait is counted through the backend's
 choke point (``count_error``), logged once, and the thread backs off and waits again.
@@ -17,13 +16,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MAX_CODES", "POLL_S", "WAIT_MS", "XID_CRITICAL_ERROR", "XidEvent", "XidWatcher"]
+__all__ = ["MAX_CODES", "POLL_S", "WAIT_MS", "XID_CRITICAL_ERROR", "XidWatcher"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +37,6 @@ POLL_S = 1.0
 _BACKOFF_S = 1.0
 # Distinct XID codes kept per GPU (a GPU spewing every code must not grow memory).
 MAX_CODES = 16
-_QUEUE_LEN = 256
-
-
-@dataclass(frozen=True, slots=True)
-class XidEvent:
-    """One critical XID event, as received (``time_s``: Unix epoch seconds)."""
-
-    gpu_index: int
-    xid: int
-    time_s: float
 
 
 def _handle_key(handle: Any) -> Any:
@@ -72,7 +58,6 @@ class XidWatcher:
         attempt: the backend's choke point, ``(gpu_index, fn, *args) -> (value,
             error)``; set creation and registration go through it (counted, logged once).
         count_error: counts a failed wait under its function's name.
-        clock: wall clock for the events' times.
     """
 
     def __init__(
@@ -81,15 +66,12 @@ class XidWatcher:
         devices: Sequence[tuple[int, Any]],
         attempt: Callable[..., tuple[Any, Exception | None]],
         count_error: Callable[[str, Exception], None],
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self._nvml = nvml
         self._count_error = count_error
-        self._clock = clock
         self._lock = threading.Lock()
         self._codes: dict[int, list[int]] = {}
         self._counts: dict[int, int] = {}
-        self.events: deque[XidEvent] = deque(maxlen=_QUEUE_LEN)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._set: Any = None
@@ -120,11 +102,6 @@ class XidWatcher:
             return
         self._thread = threading.Thread(target=self._run, name="rooftop-xid", daemon=True)
         self._thread.start()
-
-    def watching(self, gpu_index: int) -> bool:
-        """Whether XID events of ``gpu_index`` are being received."""
-        with self._lock:
-            return gpu_index in self._counts
 
     def tally(self, gpu_index: int) -> tuple[tuple[int, ...], int | None]:
         """The distinct XID codes seen on ``gpu_index`` and the event count.
@@ -164,9 +141,7 @@ class XidWatcher:
         if gpu_index is None:
             return
         xid = int(data.eventData)
-        event = XidEvent(gpu_index, xid, self._clock())
         with self._lock:
-            self.events.append(event)
             self._counts[gpu_index] += 1
             codes = self._codes.setdefault(gpu_index, [])
             if xid not in codes and len(codes) < MAX_CODES:
