@@ -94,12 +94,15 @@ LABELS = {
 }
 BUDGETS = {"idle1": 0.5, "busy1": 0.5, "busy10": 3.0}
 THREADS_DOC = (
-    "Threads: `sampler` (ticks, encodes, classifies, batches), `hook-receiver` (engine "
-    "summaries), `stream` (the asyncio loop sending batches), `spool` (the disk writer), "
+    "Threads: `sampler` (ticks, takes the engines' summaries off the hook socket, encodes, "
+    "classifies, batches), `hook-receiver` (the hook socket's backstop: it reads only where "
+    "the socket has gone unread for half of what the kernel queues), `stream` (the asyncio "
+    "loop sending batches), `spool` (the disk writer), "
     "`xid` (NVML XID events), `pods` (kubelet attribution, idle off Kubernetes), `python` "
     "(the main thread, waiting for SIGTERM; it keeps the process's name), `asyncio` (the "
     "stream loop's executor, DNS); `event_engine`, `grpc_global_tim`, `lifeguard` and "
-    "`Thread-1 (_poll` (the grpc.aio poller) are gRPC's. `/proc` counts CPU in 10 ms "
+    "`Thread-1 (_poll` (the grpc.aio poller) are gRPC's (`agentctl agent` runs it with "
+    "`GRPC_EXPERIMENTS=-event_engine_client` unless that is set). `/proc` counts CPU in 10 ms "
     "ticks, {tick_pct:.2f} % of a core over a {seconds:g} s run: per-thread figures are "
     "multiples of it, 0.00 % means under one tick, and a column need not add up to the "
     "whole process (rounding per thread, threads that ended during a run)."

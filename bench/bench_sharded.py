@@ -21,7 +21,7 @@ comes from RSS over an idle collector's; series per host from one scrape.
 ``--write-docs`` puts the results between the ``bench_sharded`` markers of
 docs/PERFORMANCE.md.
 
-Usage: .venv/bin/python bench/bench_sharded.py [--agents 1000] [--steady-s 30]
+Usage: .venv/bin/python bench/bench_sharded.py [--agents 2000] [--steady-s 30]
        [--remote-write] [--write-docs]
 """
 
@@ -140,7 +140,7 @@ def topology(hosts: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--agents", type=int, default=2000)
     parser.add_argument("--steady-s", type=float, default=30.0)
     parser.add_argument("--hz10-s", type=float, default=20.0)
     parser.add_argument("--hz10-agents", type=int, default=300)
@@ -149,13 +149,14 @@ def main() -> None:
     parser.add_argument(
         "--remote-write",
         action="store_true",
-        help="the collectors remote-write every sample to the Prometheus",
+        help="the collectors remote-write to the Prometheus (one sample gauge and one "
+        "verdict series: tests/e2e/sharded.py, remote_write_include)",
     )
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument(
-        "--remote-write-us", type=float, default=20.8,
-        help="remote write's CPU per GPU sample (bench/bench_remote_write.py: 20.8 µs, "
-        "2026-12-06)",
+        "--remote-write-us", type=float, default=8.8,
+        help="remote write's CPU per GPU sample, sending everything, columnar batches "
+        "(bench/bench_remote_write.py: 8.8 µs, 2026-12-06)",
     )  # fmt: skip
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="rooftop-bench-sharded-"))

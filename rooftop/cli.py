@@ -711,6 +711,10 @@ def collector_command(
     run(config, echo=click.echo)
 
 
+# gRPC experiments the agent process runs with unless GRPC_EXPERIMENTS is set.
+_AGENT_GRPC_EXPERIMENTS = "-event_engine_client"
+
+
 @main.command("agent")
 @click.option(
     "--config",
@@ -728,6 +732,11 @@ def agent_command(
     config_path: Path | None, fake: str | None, fake_gpus: int | None, log_level: str
 ) -> None:
     """Run the node agent: sample, classify and stream to the collector until SIGTERM."""
+    # Before grpc is imported, which is when its C core reads the variable (an
+    # operator's own value wins). EventEngine's client endpoint woke its thread pool
+    # ~40 times for the agent's one batch and ack a second, ~0.15 % of a core of the
+    # 0.5 % budget (docs/PERFORMANCE.md); the older TCP client wakes ~15 times.
+    os.environ.setdefault("GRPC_EXPERIMENTS", _AGENT_GRPC_EXPERIMENTS)
     from rooftop.agent.daemon import run_agent  # noqa: PLC0415 — keeps grpc off the other commands
 
     sys.exit(

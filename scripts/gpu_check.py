@@ -341,12 +341,25 @@ def _freshness(
     return {"rate_hz": rate_hz, "marker": marker, "per_gpu": per_gpu}
 
 
+# A GPU has one of each pair by design (Ampere+ remaps rows, older GPUs retire pages):
+# the one it lacks is not missing.
+_EITHER = {
+    "retired_pages_single_bit": "remapped_rows_corrected",
+    "retired_pages_double_bit": "remapped_rows_uncorrected",
+    "retired_pages_pending": "remap_pending",
+}
+_EITHER.update({v: k for k, v in _EITHER.items()})
+
+
 def _fields_absent(reads: list[_Read], gpus: Sequence[int]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for gpu in gpus:
         mine = [r.sample for r in reads if r.gpu == gpu and not r.sample.lost]
+        absent = {
+            m for m in METRIC_FIELDS if mine and all(getattr(s, m, None) is None for s in mine)
+        }
         out[str(gpu)] = [
-            m for m in METRIC_FIELDS if mine and all(getattr(s, m) is None for s in mine)
+            m for m in METRIC_FIELDS if m in absent and _EITHER.get(m, m) in absent
         ]
     return out
 

@@ -15,11 +15,13 @@ agent's ``Streamer`` does where the collectors can tell (rooftop/agent/stream.py
   home after ``return_after_s`` of answers (``Homing.probed_home``): gracefully, as
   the real agent does (no new batches, a half-close, the last acks, then home).
 
-Batches are real ``rooftop.v1.Batch`` messages with ``GpuSample`` records stamped
-with the current time (and a ``Verdict`` per GPU every ``verdict_every`` batches), but
-encoded by byte concatenation from per-second and per-agent templates, so that the
-generator's CPU stays small next to the collectors'. ``Batch`` fields may appear in
-any order on the wire, which is what makes that exact.
+Batches are real ``rooftop.v1.Batch`` messages: one ``GpuColumns`` block of 8 GPU samples
+(what an agent sends to a collector that takes columns; ``batch_format="records"``: one
+``GpuSample`` record each, an older agent) stamped with the current time, and a ``Verdict``
+per GPU every ``verdict_every`` batches, but encoded by byte concatenation from
+per-second and per-agent templates, so that the generator's CPU stays small next to
+the collectors'. ``Batch`` fields may appear in any order on the wire, which is what
+makes that exact.
 
 The **ledger** (``AgentLedger``) is what the test checks the collectors against:
 per agent, the last seq sent, the highest acked, every seq sent on more than one
@@ -35,10 +37,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import struct
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -48,6 +51,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rooftop.agent.homing import Endpoint, Homing
 from rooftop.collector.snappy import varint
+from rooftop.common import columns
 from rooftop.common.wire import AGENT_ID_METADATA, INGEST_SERVICE
 from rooftop.v1 import telemetry_pb2 as pb
 
@@ -55,6 +59,15 @@ __all__ = ["AgentLedger", "Event", "LoadGen"]
 
 WINDOW = 64  # the real agent's max_in_flight
 GPU_NAME = "NVIDIA H100 80GB HBM3"
+# Every simulated GPU's readings (a memory-bound decode); identity and time added per agent.
+_SAMPLE = pb.GpuSample(
+    gpu_name=GPU_NAME, busy_pct=95.5, mem_ctrl_pct=97.1, sm_active_pct=81.3,
+    sm_occupancy_pct=11.7, tensor_active_pct=2.2, fp16_active_pct=1.0,
+    fp32_active_pct=0.5, fp64_active_pct=0.0, dram_bw_pct=84.8,
+    pcie_rx_bytes_per_s=1.5e9, pcie_tx_bytes_per_s=0.5e9, pcie_link_gen=5,
+    pcie_link_width=16, power_w=650.0, sm_clock_mhz=1980.0,
+    mem_used_bytes=70 * 2**30, mem_total_bytes=80 * 2**30, temperature_c=61.0,
+)  # fmt: skip
 
 
 def _field(number: int, payload: bytes) -> bytes:
@@ -73,6 +86,13 @@ class Event:
     time_s: float
     kind: str  # "streaming" (first ack on a stream), "failed", "home" (returned)
     address: str
+    detail: str = ""  # why a stream failed (its gRPC status), for the test's messages
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass(slots=True)
@@ -101,15 +121,7 @@ class _Templates:
     """Per-second wire pieces shared by every agent (the time-stamped parts)."""
 
     def __init__(self, now_s: float, verdict_window_s: float, samples_per_gpu: int = 1) -> None:
-        sample = pb.GpuSample(
-            gpu_name=GPU_NAME, busy_pct=95.5, mem_ctrl_pct=97.1, sm_active_pct=81.3,
-            sm_occupancy_pct=11.7, tensor_active_pct=2.2, fp16_active_pct=1.0,
-            fp32_active_pct=0.5, fp64_active_pct=0.0, dram_bw_pct=84.8,
-            pcie_rx_bytes_per_s=1.5e9, pcie_tx_bytes_per_s=0.5e9, pcie_link_gen=5,
-            pcie_link_width=16, power_w=650.0, sm_clock_mhz=1980.0,
-            mem_used_bytes=70 * 2**30, mem_total_bytes=80 * 2**30, temperature_c=61.0,
-        )  # fmt: skip
-        body = sample.SerializeToString()
+        body = _SAMPLE.SerializeToString()
         # A batch of a faster agent holds several ticks, oldest first, over its interval.
         self.samples = [
             _field(1, _timestamp(now_s - (samples_per_gpu - 1 - k) / samples_per_gpu)) + body
@@ -123,6 +135,21 @@ class _Templates:
         verdict.window_end.CopyFrom(Timestamp(seconds=int(now_s)))
         self.verdict = verdict.SerializeToString()
         self.sent_time = _field(8, _timestamp(now_s))
+        # Columns: every agent's block differs only in identity; the times are shared.
+        self.times_us = [
+            int(now_s * 1e6) - (samples_per_gpu - 1 - k) * 1_000_000 // samples_per_gpu
+            for k in range(samples_per_gpu)
+        ]
+        self.time_us_cache: dict[int, bytes] = {}
+
+    def time_us_field(self, gpus: int) -> bytes:
+        """``GpuColumns.time_us`` for ``gpus`` GPUs: rows are tick-major (all GPUs, then
+        the next tick), as the agent's batcher writes them."""
+        field_ = self.time_us_cache.get(gpus)
+        if field_ is None:
+            rows = [t for t in self.times_us for _ in range(gpus)]
+            field_ = self.time_us_cache[gpus] = _field(2, struct.pack(f"<{len(rows)}q", *rows))
+        return field_
 
 
 class _Agent:
@@ -145,14 +172,34 @@ class _Agent:
             b"\x10" + varint(g) + _field(3, uuid_.encode()) for g, uuid_ in enumerate(uuids)
         ]
         self.metadata = ((AGENT_ID_METADATA, agent_id),)
+        self.columns_static = self._columns_static(uuids) if gen.batch_format == "columns" else b""
         self.new_batch = asyncio.Event()
 
+    def _columns_static(self, uuids: tuple[str, ...]) -> bytes:
+        """This agent's ``GpuColumns`` without ``time_us`` (added per batch: fields may
+        come in any order on the wire)."""
+        gen = self.gen
+        msgs = []
+        for _ in range(gen.samples_per_gpu):
+            for g, uuid_ in enumerate(uuids):
+                msg = pb.GpuSample(gpu_index=g, gpu_uuid=uuid_)
+                msg.MergeFrom(_SAMPLE)
+                msg.time.FromMicroseconds(1)
+                msgs.append(msg)
+        cols = columns.encode(msgs)
+        cols.ClearField("time_us")
+        return cols.SerializeToString()
+
     def encode(self, seq: int, tpl: _Templates) -> bytes:
-        """One Batch on the wire: identity, seq, 8 GPU records, sometimes 8 verdicts."""
+        """One Batch on the wire: identity, seq, 8 GPU records (or one columns block),
+        sometimes 8 verdicts."""
         parts = [self.head, b"\x18" + varint(seq), tpl.sent_time]
-        for sample in tpl.samples:
-            for gpu in self.gpu_ids:
-                parts.append(_field(4, _field(1, gpu + sample)))  # records { gpu { ... } }
+        if self.columns_static:
+            parts.append(_field(20, self.columns_static + tpl.time_us_field(len(self.gpu_ids))))
+        else:
+            for sample in tpl.samples:
+                for gpu in self.gpu_ids:
+                    parts.append(_field(4, _field(1, gpu + sample)))  # records { gpu { ... } }
         if seq % self.gen.verdict_every == 0:
             for g, gpu_uuid in enumerate(self.ledger.gpu_uuids):
                 ident = b"\x18" + varint(g) + _field(4, gpu_uuid.encode())
@@ -189,11 +236,13 @@ class _Agent:
             self.ledger.current = endpoint.address
             try:
                 went_home = await self.session(endpoint.address)
-            except Exception:  # any end of the stream but ours is a failure: fail over
+            except Exception as exc:  # any end of the stream but ours is a failure: fail over
                 went_home = False
                 if gen.stopping.is_set():
                     return
-                self.ledger.events.append(Event(time.time(), "failed", endpoint.address))
+                self.ledger.events.append(
+                    Event(time.time(), "failed", endpoint.address, _why(exc))
+                )
                 self.homing.failed()
                 # Reconnect within a second, spread so a dead collector's agents do not
                 # all land on the next one in the same millisecond.
@@ -238,7 +287,9 @@ class _Agent:
                     sent_to.append(address)
                     sent_here.add(seq)
                     led.sends += 1
-                    await call.write(body)
+                    # Batch.acked_seq (field 21, tag 0xa8 0x01) as the agent sets it: at send
+                    # time, the highest ack so far; a later field is legal protobuf.
+                    await call.write(body + b"\xa8\x01" + varint(min(led.acked_seq, seq - 1)))
                 if reader.done():
                     reader.result()  # raises the stream's error
                     raise ConnectionError(f"{address} ended the stream")
@@ -281,7 +332,12 @@ class LoadGen:
         verdict_every: every this many batches carry a verdict per GPU.
         channels_per_collector: HTTP/2 connections per collector the streams share.
         start_spread_s: agents start spread evenly over this long (no thundering herd).
-        probe_interval_s: how often an agent away from home probes it.
+        probe_interval_s: how often an agent away from home probes it (the agent's
+            ``home_probe_interval_s`` default); each probe waits as long at most, as
+            the agent's does (up to its ``connect_timeout_s``, 10 s).
+        batch_format: ``columns`` (one ``GpuColumns`` block per batch: what an agent
+            sends to a collector that takes them) or ``records`` (one GpuSample record
+            each: an older agent).
     """
 
     def __init__(
@@ -296,9 +352,13 @@ class LoadGen:
         verdict_every: int = 5,
         channels_per_collector: int = 4,
         start_spread_s: float = 5.0,
-        probe_interval_s: float = 1.0,
+        probe_interval_s: float = 5.0,
         drain_timeout_s: float = 2.0,
+        batch_format: str = "columns",
     ) -> None:
+        if batch_format not in ("records", "columns"):
+            raise ValueError(f"batch_format must be records or columns, not {batch_format!r}")
+        self.batch_format = batch_format
         self.endpoints = tuple(Endpoint(a) for a in addresses)
         self.agents_n = agents
         self.gpus = gpus
@@ -309,6 +369,7 @@ class LoadGen:
         self.channels_per_collector = channels_per_collector
         self.start_spread_s = start_spread_s
         self.probe_interval_s = probe_interval_s
+        self.probes: Counter[str] = Counter()  # home probes by answer (or gRPC status)
         self.drain_timeout_s = drain_timeout_s
         self.boot_id = str(uuid.uuid4())
         self.stopping = asyncio.Event()
@@ -387,11 +448,15 @@ class LoadGen:
         stub = health_pb2_grpc.HealthStub(self.channel(address, index))
         try:
             reply = await stub.Check(
-                health_pb2.HealthCheckRequest(service=INGEST_SERVICE), timeout=0.5
+                health_pb2.HealthCheckRequest(service=INGEST_SERVICE),
+                timeout=max(0.1, min(self.probe_interval_s, 10.0)),
             )
-        except grpc.aio.AioRpcError:
+        except grpc.aio.AioRpcError as exc:
+            self.probes[exc.code().name] += 1
             return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+        self.probes["SERVING" if serving else "NOT_SERVING"] += 1
+        return bool(serving)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)

@@ -168,9 +168,19 @@ class Proxy:
 
 
 class FakeIngest(telemetry_pb2_grpc.IngestServicer):
-    """Acks the highest contiguous seq per boot after each batch; can reject or refuse."""
+    """Acks the highest contiguous seq per boot after each batch; can reject or refuse.
 
-    def __init__(self, reject: set[int] | None = None, abort: grpc.StatusCode | None = None):
+    With ``columns`` its acks say it reads ``Batch.gpu_columns`` (as every current
+    collector's do); without, it is a collector older than that field.
+    """
+
+    def __init__(
+        self,
+        reject: set[int] | None = None,
+        abort: grpc.StatusCode | None = None,
+        columns: bool = False,
+    ):
+        self.columns = columns
         self.lock = threading.Lock()
         self.received: list[pb.Batch] = []
         self.done: dict[str, set[int]] = {}
@@ -199,7 +209,7 @@ class FakeIngest(telemetry_pb2_grpc.IngestServicer):
                 while top + 1 in done:
                     top += 1
                 self.contiguous[batch.boot_id] = top
-            ack = pb.Ack(boot_id=batch.boot_id, acked_seq=top)
+            ack = pb.Ack(boot_id=batch.boot_id, acked_seq=top, columns=self.columns)
             if batch.seq in self.reject:
                 ack.rejected_seq = batch.seq
                 ack.error = "poison batch"
@@ -307,6 +317,7 @@ def prometheus_server(
     scrape_interval_s: int = 1,
     keep_metrics: str | None = None,
     targets_file: Path | None = None,
+    scrape_names: Sequence[str] = (),
 ) -> Iterator[str]:
     """A real Prometheus scraping 127.0.0.1:``target_port`` every second (job
     ``rooftop``; a list of ports: each is a target; None: no scraping), evaluating
@@ -317,6 +328,8 @@ def prometheus_server(
     dropped before storage, ``metric_relabel_configs``), to spare a small machine.
     ``targets_file``: targets also come from this file (``file_sd_configs``, JSON, re-read
     when it changes): for targets whose ports change, such as a restarted collector.
+    ``scrape_names``: the scrape asks for these families only (``params: name[]``), so
+    the collectors render nothing else.
 
     Needs ``PROMETHEUS`` (``.ci/install-prometheus.sh`` installs Debian's).
     """
@@ -335,6 +348,11 @@ def prometheus_server(
         if keep_metrics is not None
         else ""
     )
+    params = (
+        "    params:\n      'name[]': [" + ", ".join(f"'{n}'" for n in scrape_names) + "]\n"
+        if scrape_names
+        else ""
+    )
     static = f"    static_configs:\n      - targets: [{targets}]\n" if ports else ""
     files = (
         f"    file_sd_configs:\n      - files: ['{targets_file}']\n" if targets_file else ""
@@ -345,6 +363,7 @@ def prometheus_server(
         f"{static}"
         f"{files}"
         f"{keep}"
+        f"{params}"
         if ports or targets_file
         else ""
     )

@@ -249,3 +249,30 @@ def test_a_time_no_datetime_can_hold_is_shown_as_seconds_not_a_traceback():
     assert "out of range" in status_json(fs, collector="c")["nodes"][0]["last_seen"]
     assert "out of range" in status_json(fs, collector="c")["nodes"][0]["gpus"][0]["updated"]
     assert format_status(fs, collector="c").count("\n") >= 2
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [(None, "-event_engine_client"), ("", ""), ("-pick_first", "-pick_first")],
+)
+def test_the_agent_runs_grpc_without_its_event_engine_client_unless_the_operator_says(
+    monkeypatch: pytest.MonkeyPatch, given: str | None, expected: str
+):
+    # gRPC reads GRPC_EXPERIMENTS once, as it is imported: the command sets it first.
+    import os  # noqa: PLC0415
+
+    import rooftop.agent.daemon  # noqa: PLC0415
+
+    environ = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    if given is not None:
+        environ["GRPC_EXPERIMENTS"] = given
+    monkeypatch.setattr(os, "environ", environ)
+    seen: list[str | None] = []
+
+    def run_agent(*args: object, **kwargs: object) -> int:
+        seen.append(os.environ.get("GRPC_EXPERIMENTS"))
+        return 0
+
+    monkeypatch.setattr(rooftop.agent.daemon, "run_agent", run_agent)
+    assert CliRunner().invoke(main, ["agent", "--fake", "h100"]).exit_code == 0
+    assert seen == [expected]

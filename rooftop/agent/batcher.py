@@ -7,9 +7,11 @@ with the collector's de-duplication by (agent, boot, seq). Pure: protobuf in and
 With ``columns`` the GPU samples of each batch travel as ``Batch.gpu_columns``
 (``rooftop.common.columns``): smaller, and a quarter of the collector's CPU per sample.
 Only collectors that know the field read it (older ones ignore it: the samples would
-be lost), so it is the operator's switch (``batch_format = "columns"``), for once the
-collector tier is upgraded (docs/OPERATOR-GUIDE.md, "Upgrade and roll back"). A batch
-whose GPU samples columns cannot carry exactly stays in records.
+be lost), so ``batch_format = "columns"`` is the operator's word that every collector
+is upgraded (docs/OPERATOR-GUIDE.md, "Upgrade and roll back"). The default, ``"auto"``,
+makes records here and lets the stream turn them into columns (``to_columns``) on a
+stream whose collector has said it reads them (``Ack.columns``). A batch whose GPU
+samples columns cannot carry exactly stays in records.
 """
 
 from __future__ import annotations
@@ -20,14 +22,21 @@ from collections.abc import Sequence
 from rooftop.common.columns import columnable, encode
 from rooftop.v1 import telemetry_pb2 as pb
 
-__all__ = ["DEFAULT_MAX_BATCH_BYTES", "DEFAULT_MAX_BATCH_SAMPLES", "STATS_MAX_BYTES", "Batcher"]
+__all__ = [
+    "DEFAULT_MAX_BATCH_BYTES",
+    "DEFAULT_MAX_BATCH_SAMPLES",
+    "STATS_MAX_BYTES",
+    "Batcher",
+    "to_columns",
+]
 
 DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
 DEFAULT_MAX_BATCH_SAMPLES = 500
 _BATCH_OVERHEAD_BYTES = 1024  # ids, seq, stats, sent_time: a few hundred bytes in practice
-# AgentStats + sent_time as the stream sets them on a numbered batch: 10 counters at
-# their largest (2^64 - 1) and a year-9999 sent_time take 128 bytes; the rest is room
-# for counters to come (tests/agent/test_batcher.py holds the sum to this).
+# AgentStats, sent_time and acked_seq as the stream sets them on a numbered batch: 10
+# counters and acked_seq at their largest (2^64 - 1) and a year-9999 sent_time take
+# 140 bytes; the rest is room for counters to come (tests/agent/test_batcher.py holds
+# the sum to this).
 STATS_MAX_BYTES = 256
 _FIELD_OVERHEAD_BYTES = 6  # tag + length varint of one repeated element (≤ 1 MiB)
 
@@ -83,7 +92,7 @@ class Batcher:
             size += item_bytes
         if self.columns:
             for batch in parts:
-                _to_columns(batch, self.max_batch_bytes)
+                to_columns(batch, self.max_batch_bytes)
         return parts
 
     def _new(self) -> pb.Batch:
@@ -96,21 +105,28 @@ class Batcher:
         )
 
 
-def _to_columns(batch: pb.Batch, max_bytes: int) -> None:
+def to_columns(batch: pb.Batch, max_bytes: int) -> bool:
     """Move ``batch``'s GPU samples into ``gpu_columns``, if all of them fit exactly.
 
     Other records (engine, host) stay records. The split above sized the batch by its
     records; columns are smaller in practice, and a batch they would make larger than
-    ``max_bytes`` (few samples, many small integers) stays as it is.
+    ``max_bytes`` (few samples, many small integers) stays as it is. Only the batch as
+    the batcher makes it is carried over (identity, records, verdicts): the stream
+    calls this before it sets stats, sent_time and acked_seq.
+
+    Returns:
+        Whether the GPU samples now travel as columns.
     """
     gpus = [rec.gpu for rec in batch.records if rec.HasField("gpu")]
-    if not gpus or not all(map(columnable, gpus)):
-        return
+    if not gpus or batch.HasField("gpu_columns") or not all(map(columnable, gpus)):
+        return False
     columnar = pb.Batch(
         agent_id=batch.agent_id, boot_id=batch.boot_id, seq=batch.seq, hostname=batch.hostname
     )
     columnar.records.extend(rec for rec in batch.records if not rec.HasField("gpu"))
     columnar.verdicts.extend(batch.verdicts)
     columnar.gpu_columns.CopyFrom(encode(gpus))
-    if columnar.ByteSize() + _BATCH_OVERHEAD_BYTES <= max_bytes:
-        batch.CopyFrom(columnar)
+    if columnar.ByteSize() + _BATCH_OVERHEAD_BYTES > max_bytes:
+        return False
+    batch.CopyFrom(columnar)
+    return True

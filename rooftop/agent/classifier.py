@@ -339,10 +339,11 @@ def classify(window: GpuWindow, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> 
         )
 
     if window.lost and window.inaccessible is not None:
-        # Not lost: NVML will not let this user open it. The verdict stays "lost" (no
-        # data, the wire's word for it) but says why and never advises a reset.
+        # Not lost: NVML will not let this user open it, so nothing measures its
+        # activity: "unknown" (never "lost", which alerts and advises a reset), its rule
+        # naming the inaccessibility. Certain (1.0), so it shows at once as "lost" did.
         index = window.gpu_index
-        return verdict(Bound.LOST, None, 1.0, inaccessible_text(index, window.inaccessible),
+        return verdict(Bound.UNKNOWN, None, 1.0, inaccessible_text(index, window.inaccessible),
                        (f"Give the agent's user access to the GPU: /dev/nvidia{index} (file "
                         "permissions or group), or the device in the container's device list",
                         "The GPU itself may be healthy and busy: a permission problem, not a "

@@ -98,9 +98,10 @@ class AgentConfig:
     batch_interval_s: float = 1.0  # a batch leaves at least this often (DESIGN §7: ≤ 1 s)
     batch_max_bytes: int = 1 * _MIB
     batch_max_samples: int = 500
-    # "columns": GPU samples as Batch.gpu_columns, which only upgraded collectors read
-    # (older ones drop them): set it once every collector is upgraded (OPERATOR-GUIDE).
-    batch_format: str = "records"
+    # "auto": records until the collector's ack says it reads Batch.gpu_columns, then
+    # columns (per stream: a failover starts over). "columns": always, which collectors
+    # older than Ack.columns drop; "records": never (OPERATOR-GUIDE, "Upgrade").
+    batch_format: str = "auto"
     max_message_bytes: int = 4 * _MIB
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
@@ -191,8 +192,10 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("spool_segment_bytes must be at most half of spool_max_bytes")
     if cfg.batch_max_bytes + 64 * 1024 > cfg.max_message_bytes:
         raise ConfigError("max_message_bytes must exceed batch_max_bytes by at least 64 KiB")
-    if cfg.batch_format not in ("records", "columns"):
-        raise ConfigError(f"batch_format: {cfg.batch_format!r} is not one of records, columns")
+    if cfg.batch_format not in ("auto", "records", "columns"):
+        raise ConfigError(
+            f"batch_format: {cfg.batch_format!r} is not one of auto, records, columns"
+        )
     if cfg.backoff_max_s < cfg.backoff_base_s:
         raise ConfigError("backoff_max_s must be ≥ backoff_base_s")
     _validate_security(cfg)

@@ -47,7 +47,7 @@ from rooftop.agent.sensors.pods import PodResources
 from rooftop.agent.sensors.replay import ReplayBackend
 from rooftop.agent.spool import Spool
 from rooftop.agent.stream import Streamer
-from rooftop.agent.window import DeviceKey, build_window, on_monotonic_time
+from rooftop.agent.window import DeviceKey, build_window, engines_by_device, on_monotonic_time
 from rooftop.common.codec import record_to_proto, verdict_to_proto
 from rooftop.common.errors import ConfigError, RooftopError
 from rooftop.common.model import EngineSample, GpuSample, HostSample, Record
@@ -236,6 +236,7 @@ class Agent:
                 home_probe_interval_s=config.home_probe_interval_s,
                 resolve_interval_s=config.resolve_interval_s,
                 engine_scrape_errors=self.engines.scrape_errors,
+                auto_columns=config.batch_format == "auto",
             )
         self.otlp: BatchSink | None = None
         if config.otlp is not None:
@@ -408,8 +409,11 @@ class Agent:
         if engines:
             self._held_engines = engines
         verdicts = []
-        for _, samples in sorted(by_gpu.items()):
-            window = build_window(samples, with_held, hosts, sole_gpu=len(by_gpu) == 1)
+        device_engines = engines_by_device(by_gpu, with_held)  # an engine's MIG instance
+        for key, samples in sorted(by_gpu.items()):
+            window = build_window(
+                samples, device_engines[key], hosts, sole_gpu=len(by_gpu) == 1
+            )
             verdict = self.hysteresis.update(classify(window))
             # Every container that held the GPU in the window (a held verdict keeps its
             # regime, but the pods are this window's).

@@ -8,7 +8,8 @@ are one fleet: ``query_fleets`` asks each of them at once, each call with its ow
 deadline, and merges the answers (``merge_fleets``). A DNS name that resolves to several
 addresses is several collectors (``homing.expand``), each checked against the name's
 certificate. A node that two collectors report (it moved during a failover, and the
-one it left has not forgotten it yet) appears once: the newest ``last_seen_time`` wins.
+one it left has not forgotten it yet) appears once: the report of a collector it has a
+stream open to wins, else the newest ``last_seen_time``.
 """
 
 from __future__ import annotations
@@ -212,9 +213,14 @@ def query_fleets(
     return FleetView(merged, tuple(outcomes), origins)
 
 
-def _newness(node: pb.NodeStatus) -> tuple[float, int, str]:
-    """Which of two reports of a node is newer: last seen, then batches, then boot_id."""
-    return (timestamp_s(node.last_seen_time), node.batches, node.boot_id)
+def _newness(node: pb.NodeStatus) -> tuple[bool, float, int, str]:
+    """Which of two reports of a node is newer: connected, last seen, batches, boot_id.
+
+    Connected first: the collector the agent streams to now holds the live report,
+    even when the one it left shows a later last-seen time (their clocks differ, or
+    the first batch on the new stream was a resend, a duplicate that moves no time).
+    """
+    return (node.connected, timestamp_s(node.last_seen_time), node.batches, node.boot_id)
 
 
 def _sum_counters(total: pb.CollectorStatus, part: pb.CollectorStatus) -> None:
@@ -237,11 +243,14 @@ def _sum_counters(total: pb.CollectorStatus, part: pb.CollectorStatus) -> None:
 def merge_fleets(fleets: Sequence[pb.FleetStatus]) -> pb.FleetStatus:
     """Several collectors' answers as one ``FleetStatus`` (pure).
 
-    Each node (agent_id) appears once: the newest ``last_seen_time`` wins, then the
-    one with more batches, then the greater boot_id (so the choice never depends on
-    which collector answered first). ``taken_time`` is the newest answer's; each
-    node's ``last_seen_time`` is moved by its own collector's lag behind it, so that
-    "seen 3s ago" stays measured on the clock of the collector that saw the node.
+    Each node (agent_id) appears once: a report with its stream open (``connected``)
+    wins, then the newest ``last_seen_time``, then the one with more batches, then the
+    greater boot_id (so the choice never depends on which collector answered first);
+    ``connected`` and ``disconnected_time`` come with the winning report, so a node
+    connected anywhere is connected. ``taken_time`` is the newest answer's; each
+    node's ``last_seen_time`` (and ``disconnected_time``) is moved by its own
+    collector's lag behind it, so that "seen 3s ago" stays measured on the clock of
+    the collector that saw the node.
     The collectors' counters are summed (versions listed once each). One answer is
     returned as it is.
     """
@@ -270,4 +279,7 @@ def _merge(fleets: Sequence[pb.FleetStatus]) -> tuple[pb.FleetStatus, dict[str, 
         behind_s = taken_s - timestamp_s(fleets[i].taken_time)
         if behind_s:
             out.last_seen_time.CopyFrom(timestamp(timestamp_s(node.last_seen_time) + behind_s))
+            if node.HasField("disconnected_time"):
+                out.disconnected_time.CopyFrom(
+                    timestamp(timestamp_s(node.disconnected_time) + behind_s))
     return merged, {agent_id: i for agent_id, (_, i) in best.items()}

@@ -16,7 +16,12 @@ from rooftop.common.model import GpuSample, Record
 
 __all__ = ["GpuHealthReport", "format_health", "health_json", "health_of"]
 
-_ORDER = {HealthState.FAILED: 0, HealthState.DEGRADED: 1, HealthState.OK: 2}
+_ORDER = {HealthState.FAILED: 0, HealthState.DEGRADED: 1, HealthState.UNKNOWN: 2, HealthState.OK: 3}
+_WORDS = {
+    HealthState.FAILED: "FAILED",
+    HealthState.DEGRADED: "degraded",
+    HealthState.UNKNOWN: "health unknown",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +34,7 @@ class GpuHealthReport:
 
 
 def health_of(records: Iterable[Record]) -> list[GpuHealthReport]:
-    """Each GPU's health from its newest sample; failed first, then degraded, then ok.
+    """Each GPU's health from its newest sample; failed, degraded, unknown, then ok.
 
     MIG instances are left out: XIDs, ECC and row remapping are the whole GPU's.
     """
@@ -51,7 +56,7 @@ def format_health(reports: Sequence[GpuHealthReport]) -> list[str]:
         if r.health.state is HealthState.OK:
             continue
         name = f" ({r.gpu_name})" if r.gpu_name else ""
-        word = "FAILED" if r.health.failed else "degraded"
+        word = _WORDS[r.health.state]
         lines.append(f"GPU {r.gpu_index}{name} {word}: {'; '.join(r.health.reasons)}")
     return lines
 

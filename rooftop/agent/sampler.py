@@ -49,6 +49,12 @@ class Sampler:
 
     def tick(self) -> list[Record]:
         """One sample per GPU, one host sample, and the engine samples since the last tick."""
+        # Engine summaries waiting on the hook socket are read here, once a tick, rather
+        # than by a thread woken per datagram (the receiver's thread is a backstop);
+        # before the clock, so they are stamped at or before this tick, as they arrived.
+        receive = getattr(self.engines, "receive", None)
+        if receive is not None:
+            receive()
         now_s = self.clock()
         records: list[Record] = []
         gpu_pids: dict[int, tuple[int, ...]] = {}
@@ -103,6 +109,9 @@ class Sampler:
         return records
 
     def _xids(self, gpu_index: int) -> dict[str, Any]:
+        fields = getattr(self.backend, "xid_fields", None)
+        if fields is not None:
+            return dict(fields(gpu_index))  # codes, count and count per code
         tally = getattr(self.backend, "xid_tally", None)
         if tally is None:
             return {}

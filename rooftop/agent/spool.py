@@ -482,6 +482,11 @@ class Spool:
         with self._lock:
             return boot_id in self._recovered_high and boot_id not in self._appended_boots
 
+    def acked(self, boot_id: str) -> int:
+        """The highest seq of ``boot_id`` acked so far, by any collector (0: none)."""
+        with self._lock:
+            return self._acked.get(boot_id, 0)
+
     def ack(self, boot_id: str, seq: int) -> int:
         """Cumulative ack: every batch of ``boot_id`` up to ``seq`` is delivered.
 

@@ -10,6 +10,11 @@ Over several collectors the fleet is their merged answer (``fleet_query.query_fl
 each collector that did not answer gets one line of its own above the table
 (``collector ADDR: NOT ANSWERING (why)``), and ``--json`` lists every collector with
 its outcome (``collectors_json``).
+
+A node whose stream to the collector that reports it is closed (``NodeStatus.connected``
+false, ``disconnected_time`` set) shows ``disconnected 42s`` in the STREAM column: its
+agent is down, restarting, or streams to a collector that was not asked. A collector
+that predates these fields sets neither: ``-``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from rooftop.agent.health_report import format_health, health_of
+from rooftop.agent.health_report import format_health, health_json, health_of
 from rooftop.agent.render import format_table, grid, iso_time, verdict_json
 from rooftop.common.codec import record_from_proto, timestamp_s, verdict_from_proto
 from rooftop.common.model import Evidence, GpuSample, Provenance, Verdict
@@ -58,6 +63,25 @@ def _since_seen_s(fs: pb.FleetStatus, node: pb.NodeStatus) -> float:
     return timestamp_s(fs.taken_time) - timestamp_s(node.last_seen_time)
 
 
+def _since_disconnected_s(fs: pb.FleetStatus, node: pb.NodeStatus) -> float | None:
+    """Seconds since the node's stream closed, on the collector's clock; None if open.
+
+    None too when the collector did not say (one older than ``connected``): the table
+    must not call a node disconnected on the strength of a field left unset.
+    """
+    if node.connected or not node.HasField("disconnected_time"):
+        return None
+    return timestamp_s(fs.taken_time) - timestamp_s(node.disconnected_time)
+
+
+def _stream(fs: pb.FleetStatus, node: pb.NodeStatus) -> str:
+    """The STREAM cell: ``connected``, ``disconnected 42s``, or ``-`` when unknown."""
+    if node.connected:
+        return "connected"
+    since_s = _since_disconnected_s(fs, node)
+    return "-" if since_s is None else f"disconnected {_ago(since_s)}"
+
+
 def _dropped(stats: pb.AgentStats) -> int:
     return stats.dropped_spool_full + stats.dropped_corrupt + stats.dropped_invalid
 
@@ -66,8 +90,21 @@ def _opt(msg: Any, name: str) -> Any:
     return getattr(msg, name) if msg.HasField(name) else None
 
 
-def _lost(gpu: pb.GpuStatus) -> bool:
+def _no_data(gpu: pb.GpuStatus) -> bool:
+    """No data from the GPU: NVML reported it lost, or refuses the agent access to it."""
     return gpu.HasField("sample") and gpu.sample.lost
+
+
+def _inaccessible(gpu: pb.GpuStatus) -> str | None:
+    """NVML's error name when it refuses the agent the GPU ("NO_PERMISSION"), else None."""
+    if _no_data(gpu) and gpu.sample.HasField("inaccessible"):
+        return gpu.sample.inaccessible
+    return None
+
+
+def _lost(gpu: pb.GpuStatus) -> bool:
+    # An inaccessible GPU is not lost: it needs access for the agent, never a reset.
+    return _no_data(gpu) and _inaccessible(gpu) is None
 
 
 def _lost_line(gpu: pb.GpuStatus) -> str:
@@ -82,6 +119,8 @@ def _lost_line(gpu: pb.GpuStatus) -> str:
 def _verdict_name(gpu: pb.GpuStatus) -> str:
     if _lost(gpu):
         return "lost"
+    if _inaccessible(gpu) is not None:
+        return "unknown"  # nothing measures it: the agent may not open it
     return gpu.verdict.verdict if gpu.HasField("verdict") else "(no window yet)"
 
 
@@ -111,12 +150,13 @@ def _gpu_json(gpu: pb.GpuStatus) -> dict[str, Any]:
         "gpu_uuid": gpu.gpu_uuid,
         "gpu_name": gpu.gpu_name,
         "mig_uuid": gpu.mig_uuid or None,  # a MIG instance of gpu_index
-        "verdict": _verdict_name(gpu) if v is not None or _lost(gpu) else None,
+        "verdict": _verdict_name(gpu) if v is not None or _no_data(gpu) else None,
         "cause": _opt(v, "cause") if v is not None else None,
         "confidence": round(v.confidence, 3) if v is not None else None,
         "rule": v.rule if v is not None else None,
         "window_end": iso_time(timestamp_s(v.window_end)) if v is not None else None,
         "lost": _lost(gpu),
+        "inaccessible": _inaccessible(gpu),
         "tpot_ms": _opt(engine, "tpot_ms") if engine is not None else None,
         "ttft_ms": _opt(engine, "ttft_ms") if engine is not None else None,
         "engine_id": engine.engine_id if engine is not None else None,
@@ -126,6 +166,7 @@ def _gpu_json(gpu: pb.GpuStatus) -> dict[str, Any]:
 
 def _node_head(fs: pb.FleetStatus, node: pb.NodeStatus) -> dict[str, Any]:
     since_s = _since_seen_s(fs, node)
+    disconnected_s = _since_disconnected_s(fs, node)
     return {
         "agent_id": node.agent_id,
         "hostname": node.hostname,
@@ -133,6 +174,12 @@ def _node_head(fs: pb.FleetStatus, node: pb.NodeStatus) -> dict[str, Any]:
         "last_seen": iso_time(timestamp_s(node.last_seen_time)),
         "seconds_since_seen": round(since_s, 3),
         "stale": since_s > STALE_AFTER_S,
+        "connected": node.connected,
+        # Both set only while the stream is known closed (the text's "disconnected 42s").
+        "disconnected_time": None if disconnected_s is None
+        else iso_time(timestamp_s(node.disconnected_time)),
+        "seconds_since_disconnected": None if disconnected_s is None
+        else round(disconnected_s, 3),
         "lag_s": _opt(node, "lag_s"),
         "clock_offset_s": _opt(node, "clock_offset_s"),
     }
@@ -144,11 +191,14 @@ def _collector_json(c: pb.CollectorStatus) -> dict[str, Any]:
         "batches": c.batches,
         "samples": c.samples,
         "duplicates": c.duplicates,
+        "restored_duplicates": c.restored_duplicates,
         "missing": c.missing,
+        "acked_elsewhere": c.acked_elsewhere,
         "skewed": c.skewed,
         "streams": c.streams,
         "rejected": dict(sorted(c.rejected.items())),
         "refused": dict(sorted(c.refused.items())),
+        "limited": dict(sorted(c.limited.items())),
     }
 
 
@@ -232,6 +282,27 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
 
 
+def _elsewhere(c: pb.CollectorStatus) -> str:
+    # Quiet at zero: only a return home after a failover skips seqs acked elsewhere.
+    if not c.acked_elsewhere:
+        return ""
+    return f" ({c.acked_elsewhere} acked elsewhere)"
+
+
+def _limited(c: pb.CollectorStatus) -> str:
+    # Quiet when no bound refused anything (the usual case); else what and how much.
+    if not c.limited:
+        return ""
+    return f"; limited: {_counts(dict(c.limited))}"
+
+
+def _restored(c: pb.CollectorStatus) -> str:
+    # Quiet at zero, like the rest of the line's exceptions: most collectors never restart.
+    if not c.restored_duplicates:
+        return ""
+    return f" ({c.restored_duplicates} across a restart)"
+
+
 def format_status(
     fs: pb.FleetStatus, *, collector: str, collectors: Sequence[CollectorOutcome] = ()
 ) -> str:
@@ -249,8 +320,8 @@ def format_status(
         ),
         *collector_lines(collectors),
     ]
-    header = ["NODE", "AGENT", "SEEN", "LAG", "QUEUED", "DROPPED", "RECONN", "GPU", "VERDICT",
-              "CAUSE", "CONF", "TPOT", "TTFT"]  # fmt: skip
+    header = ["NODE", "AGENT", "SEEN", "STREAM", "LAG", "QUEUED", "DROPPED", "RECONN", "GPU",
+              "VERDICT", "CAUSE", "CONF", "TPOT", "TTFT"]  # fmt: skip
     rows: list[list[str]] = []
     for node in fs.nodes:
         since_s = _since_seen_s(fs, node)
@@ -259,6 +330,7 @@ def format_status(
             node.hostname,
             node.agent_id,
             _ago(since_s) + (" STALE" if since_s > STALE_AFTER_S else ""),
+            _stream(fs, node),
             "-" if lag is None else f"{lag:.1f}s",
             str(node.stats.queued),
             str(_dropped(node.stats)),
@@ -275,8 +347,8 @@ def format_status(
                     *(head if i == 0 else blank),
                     gpu_device(gpu),
                     _verdict_name(gpu),
-                    (_opt(v, "cause") or "-") if v is not None else "-",
-                    f"{v.confidence:.2f}" if v is not None and not _lost(gpu) else "-",
+                    _cause_cell(gpu, v),
+                    f"{v.confidence:.2f}" if v is not None and not _no_data(gpu) else "-",
                     _ms(_opt(engine, "tpot_ms") if engine is not None else None, 1),
                     _ms(_opt(engine, "ttft_ms") if engine is not None else None, 0),
                 ]
@@ -290,14 +362,21 @@ def format_status(
         printable(
             f"  {'collector' if answered <= 1 else f'{answered} collectors (sum)'}: "
             f"{c.batches} batches, {c.samples} samples, "
-            f"{c.duplicates} duplicate(s), {c.missing} missing; "
+            f"{c.duplicates} duplicate(s){_restored(c)}, {c.missing} missing{_elsewhere(c)}; "
             f"rejected: {_counts(dict(c.rejected))}; refused: {_counts(dict(c.refused))}"
+            f"{_limited(c)}"
         )
     )
     if any(_since_seen_s(fs, n) > STALE_AFTER_S for n in fs.nodes):
         lines.append(
             f"  STALE = nothing heard for over {STALE_AFTER_S:g} s: the agent, its host or the "
             "network is down (the collector forgets a node after forget_after_s)."
+        )
+    if any(_since_disconnected_s(fs, n) is not None for n in fs.nodes):
+        lines.append(
+            "  disconnected = the node's stream to the collector that reports it closed that "
+            "long ago: its agent is down or restarting, or streams to a collector not asked "
+            "or not answering."
         )
     return "\n".join(lines)
 
@@ -327,8 +406,10 @@ def _node_source(fs: pb.FleetStatus, node: pb.NodeStatus, collector: str) -> str
     # ``collector``: the one whose report of the node is shown (the newest, when merged).
     since_s = _since_seen_s(fs, node)
     stale = " — STALE" if since_s > STALE_AFTER_S else ""
+    disconnected_s = _since_disconnected_s(fs, node)
+    closed = "" if disconnected_s is None else f", disconnected {_ago(disconnected_s)} ago"
     name = node.hostname if node.hostname == node.agent_id else f"{node.hostname} ({node.agent_id})"
-    return f"{name} via collector {collector}, last seen {_ago(since_s)} ago{stale}"
+    return f"{name} via collector {collector}, last seen {_ago(since_s)} ago{closed}{stale}"
 
 
 def format_diagnosis(
@@ -354,7 +435,7 @@ def format_diagnosis(
         )
         for gpu in node.gpus:
             name = f"GPU {gpu_device(gpu)} {gpu.gpu_name}".rstrip()
-            if _lost(gpu):
+            if _no_data(gpu):
                 before = " (a verdict above is from before)" if gpu.HasField("verdict") else ""
                 lines.append(printable(f"  {name}: {_lost_line(gpu)}{before}"))
             elif not gpu.HasField("verdict"):
@@ -374,14 +455,27 @@ def _health_lines(node: pb.NodeStatus) -> list[str]:
 
     A lost GPU with no XID to name is left to its LOST line.
     """
+    samples = [s for s in _node_samples(node) if s.xid_codes or not s.lost]
+    return format_health(health_of(samples))
+
+
+def _node_samples(node: pb.NodeStatus) -> list[GpuSample]:
+    """The newest sample of each of ``node``'s GPUs the collector sent (with detail)."""
     samples = []
     for gpu in node.gpus:
         if not gpu.HasField("sample"):
             continue  # no detail asked: no sample, no health
         sample = record_from_proto(pb.TraceRecord(gpu=gpu.sample))
-        if isinstance(sample, GpuSample) and (sample.xid_codes or not sample.lost):
+        if isinstance(sample, GpuSample):
             samples.append(sample)
-    return format_health(health_of(samples))
+    return samples
+
+
+def _cause_cell(gpu: pb.GpuStatus, v: pb.Verdict | None) -> str:
+    """The CAUSE cell: the verdict's cause, ``inaccessible`` for a GPU NVML refuses."""
+    if _inaccessible(gpu) is not None:
+        return "inaccessible"
+    return (_opt(v, "cause") or "-") if v is not None else "-"
 
 
 def diagnosis_json(
@@ -405,6 +499,12 @@ def diagnosis_json(
                 "collector": (origins or {}).get(node.agent_id, collector),
                 "gpus": [verdict_json(v) for v in node_verdicts(node)],
                 "lost_gpus": [g.gpu_index for g in node.gpus if _lost(g)],
+                # GPUs NVML refuses the agent (verdict "unknown"): they need access.
+                "inaccessible_gpus": [
+                    g.gpu_index for g in node.gpus if _inaccessible(g) is not None
+                ],
+                # As `diagnose --json`'s: each GPU's health from its newest sample.
+                "health": health_json(health_of(_node_samples(node))),
                 "gpus_without_verdict": [
                     g.gpu_index for g in node.gpus if not g.HasField("verdict")
                 ],

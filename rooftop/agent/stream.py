@@ -25,6 +25,16 @@ capped at 30 s. While away, it probes home with the gRPC health check every
 collector's last acks (at most ``drain_timeout_s``), then the stream to home. That
 move is not a failure. Delivery is at-least-once up to the spool's capacity.
 
+Every batch also carries ``Batch.acked_seq``: the highest seq of its boot any
+collector has acked, so a collector the agent returns to counts the seqs another one
+took meanwhile as delivered elsewhere, not missing.
+
+Batch format ``auto`` (``auto_columns``): each stream sends records until its
+collector's ack says ``columns``, then turns the GPU samples of each batch into
+``Batch.gpu_columns`` as it sends it; a new stream (a failover, a return home, a
+reconnect) starts over with records, so a collector too old to read columns never
+gets them.
+
 Batches come from ``batcher.Batcher``; what the agent presents (TLS, token) from
 ``credentials.ClientAuth``.
 """
@@ -45,7 +55,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2
 
-from rooftop.agent.batcher import STATS_MAX_BYTES
+from rooftop.agent.batcher import STATS_MAX_BYTES, to_columns
 from rooftop.agent.credentials import ClientAuth, with_tls_name
 from rooftop.agent.homing import (
     Endpoint,
@@ -197,6 +207,7 @@ class _Session:
         self.tls_name = tls_name  # the DNS name the address came from, for TLS
         self.cursor: Key | None = None  # last (boot_id, seq) handed to this stream
         self.progressed = False  # an ack arrived: the collector is healthy
+        self.columns = False  # an ack said so: this collector reads Batch.gpu_columns
         self.in_flight: deque[Key] = deque()
         # Set to move elsewhere gracefully (home, or the collector left the DNS
         # answer): no new batches, half-close, take the last acks, end.
@@ -249,6 +260,7 @@ class Streamer:
         wall_clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         engine_scrape_errors: Callable[[], int] | None = None,
+        auto_columns: bool = False,
     ) -> None:
         """Configure; nothing connects until ``start()``.
 
@@ -283,11 +295,14 @@ class Streamer:
             monotonic: the clock of the return-home hysteresis.
             engine_scrape_errors: failed engine ``/metrics`` scrapes so far, carried
                 in-band (``AgentStats.engine_scrape_errors``).
+            auto_columns: ``batch_format = "auto"``: send GPU samples as columns on a
+                stream once its collector's ack says it reads them (``Ack.columns``).
         """
         if not collectors:
             raise ValueError("at least one collector address is needed")
         self._spool = spool
         self._engine_scrape_errors = engine_scrape_errors
+        self._auto_columns = auto_columns
         self._collectors = tuple(collectors)
         if any(not address or address.isspace() for address in self._collectors):
             raise ValueError("a collector address is empty")
@@ -664,6 +679,7 @@ class Streamer:
                 acked_seq=sent,
                 rejected_seq=ack.rejected_seq,
                 error=ack.error,
+                columns=ack.columns,
             )
         if max(ack.acked_seq, ack.rejected_seq) > sent:
             # Never trust an ack of what was never sent: settling it would discard
@@ -689,6 +705,8 @@ class Streamer:
             settled = self._spool.ack(boot_id, ack.acked_seq)
             session.settled(boot_id, ack.acked_seq)
             self._counts.add(acked=settled)
+        if ack.columns:
+            session.columns = True  # this collector's; the next stream asks again
         session.progressed = True
         if self._wake is not None:
             self._wake.set()  # room in flight: the sender may go on
@@ -737,6 +755,15 @@ class Streamer:
                     break
                 key = (batch.boot_id, batch.seq)
                 session.cursor = key
+                if self._auto_columns and session.columns:
+                    # Converted as it is sent, never in the spool: the spool keeps
+                    # records, which any collector reads, so a batch resent after a
+                    # failover to a collector that never said columns (an older one
+                    # ignores the field: its samples would be lost) goes as records,
+                    # with no way back from columns to write. The price: the spool
+                    # holds records (its hours as with "records", where "columns"
+                    # fits 2-4x more) and a resend is converted again.
+                    to_columns(batch, self._max_message_bytes - STATS_MAX_BYTES)
                 size_bytes = batch.ByteSize() + STATS_MAX_BYTES
                 if size_bytes > self._max_message_bytes:
                     # Would fail the whole stream on every reconnect: drop it, counted.
@@ -750,4 +777,10 @@ class Streamer:
                 self._counts.add(sent=1)  # before the snapshot: "sent" includes this batch
                 batch.stats.CopyFrom(self.agent_stats())
                 batch.sent_time.CopyFrom(timestamp(self._wall_clock()))
+                # Set here, not in the batcher: a batch is spooled before any ack of it
+                # can come, and the spool's ack grows while it waits (other collectors
+                # included); like stats, the freshest value is the one at send time.
+                # Never above seq - 1 (an ack that landed meanwhile): the collector
+                # believes no more than that anyway.
+                batch.acked_seq = min(self._spool.acked(batch.boot_id), batch.seq - 1)
                 await call.write(batch)

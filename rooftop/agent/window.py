@@ -44,6 +44,7 @@ __all__ = [
     "build_window",
     "build_windows",
     "derive_ticks",
+    "engines_by_device",
     "on_monotonic_time",
     "pcie_link_bytes_per_s",
     "summarize",
@@ -513,6 +514,36 @@ def build_window(
                      **_mig_identity(gpu_samples))
 
 
+def engines_by_device(
+    by_device: Mapping[DeviceKey, Sequence[GpuSample]], engines: Sequence[EngineSample]
+) -> dict[DeviceKey, Sequence[EngineSample]]:
+    """The engine samples each device may be attributed (``derive_ticks`` then matches).
+
+    A GPU index names the GPU and all its MIG instances: an engine whose pid a MIG
+    instance's process list has is that instance's alone, not its sibling instances'
+    nor the parent's (whose activity is its instances'). An engine no instance lists
+    (no pid, processes not readable, a pid from another pid namespace) is left to
+    every device, as before.
+    """
+    holders: dict[tuple[int, int], set[str]] = {}
+    for key, samples in by_device.items():
+        if key.mig_uuid:
+            for s in samples:
+                for p in s.processes:
+                    holders.setdefault((key.gpu_index, p.pid), set()).add(key.mig_uuid)
+    if not holders:
+        return dict.fromkeys(by_device, engines)
+    return {
+        key: [
+            e for e in engines
+            if e.pid is None
+            or (key.gpu_index, e.pid) not in holders
+            or key.mig_uuid in holders[(key.gpu_index, e.pid)]
+        ]
+        for key in by_device
+    }
+
+
 def build_windows(
     records: Iterable[Record], window_s: float | None = None
 ) -> dict[DeviceKey, list[GpuWindow]]:
@@ -543,6 +574,7 @@ def build_windows(
         return {}
     t0 = min(s.time_s for samples in by_gpu.values() for s in samples)
     sole_gpu = len(by_gpu) == 1
+    device_engines = engines_by_device(by_gpu, engines)
     out: dict[DeviceKey, list[GpuWindow]] = {}
     for key, samples in sorted(by_gpu.items()):
         gpu = key.gpu_index
@@ -550,7 +582,7 @@ def build_windows(
         uuid, name = _identity(samples)
         mig = _mig_identity(samples)  # once per device, not a copy of every window
         # Ticks over the whole recording first, so engine hold crosses window edges.
-        ticks = derive_ticks(samples, engines, hosts, sole_gpu=sole_gpu)
+        ticks = derive_ticks(samples, device_engines[key], hosts, sole_gpu=sole_gpu)
         if window_s is None:
             out[key] = [summarize(gpu, ticks, gpu_uuid=uuid, gpu_name=name, **mig)]
             continue

@@ -55,6 +55,8 @@
     bearer_token_file = "rw-token"   # sent as Authorization: Bearer (re-read per send)
     ca_file = "ca.crt"               # for an https url; system CAs otherwise
     find_repeats = false             # true: ~6x smaller bodies, ~3x the CPU
+    include = ["*"]                  # metric-name globs to send (all by default)...
+    exclude = []                     # ...less these; a glob matching no name: an error
 
     [metrics]
     max_series_per_metric = 65536    # fits 1,000 nodes x 8 GPUs x 6 bound states
@@ -87,7 +89,7 @@ from pathlib import Path
 from typing import Any
 
 from rooftop.collector.fleet import FleetLimits
-from rooftop.collector.remote_write import RemoteWrite
+from rooftop.collector.remote_write import RemoteWrite, check_series_patterns
 from rooftop.common.configfile import located, read_toml
 from rooftop.common.errors import ConfigError
 from rooftop.common.otlp import OtlpExport, otlp_exports
@@ -396,6 +398,8 @@ _REMOTE_WRITE: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "bearer_token_file": ("bearer_token_file", str),
     "ca_file": ("ca_file", str),
     "find_repeats": ("find_repeats", bool),
+    "include": ("include", list),
+    "exclude": ("exclude", list),
 }
 
 
@@ -415,7 +419,8 @@ def remote_writes(tables: Any, *, base_dir: Path | None = None) -> tuple[RemoteW
 
     Raises:
         ConfigError: an unknown key, a wrong type, a missing or non-HTTP ``url``, a
-            value out of range; the message names ``remote_write.<key>``.
+            value out of range, an ``include``/``exclude`` glob that matches no metric
+            remote write sends; the message names ``remote_write.<key>``.
     """
     if tables is None:
         return ()
@@ -431,6 +436,8 @@ def remote_writes(tables: Any, *, base_dir: Path | None = None) -> tuple[RemoteW
                 raise ConfigError(f"unknown key remote_write.{key}")
             name, typ = _REMOTE_WRITE[key]
             value = _typed(f"remote_write.{key}", value, typ)
+            if isinstance(value, list):
+                value = tuple(value)  # include / exclude: frozen like the rest
             values[name] = _path(value, base_dir) if name in _REMOTE_WRITE_PATHS else value
         url = values.get("url", "")
         if not url.startswith(("http://", "https://")):
@@ -439,6 +446,7 @@ def remote_writes(tables: Any, *, base_dir: Path | None = None) -> tuple[RemoteW
                 "e.g. http://prometheus:9090/api/v1/write"
             )
         rw = RemoteWrite(**values)
+        check_series_patterns(rw)  # a typo must not silently send (or keep) nothing
         _check_positive({f"remote_write.{key}": getattr(rw, key) for key in _REMOTE_WRITE_POSITIVE})
         if rw.max_backoff_s < rw.min_backoff_s:
             raise ConfigError("remote_write.max_backoff_s must be at least min_backoff_s")

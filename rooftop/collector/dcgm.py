@@ -110,6 +110,17 @@ DCGM_FIELDS: tuple[DcgmField, ...] = (
               _scaled("remapped_rows_corrected", 1)),
     DcgmField("DCGM_FI_DEV_ROW_REMAP_FAILURE", "gauge", "Whether remapping of rows has failed",
               "remap_failed", _flag("remap_failed")),
+    # Page retirement, on GPUs before Ampere (row remapping replaced it): commented out
+    # in dcgm-exporter's default counters, written here where the agent reads it.
+    DcgmField("DCGM_FI_DEV_RETIRED_SBE", "counter",
+              "Total number of retired pages due to single-bit errors.",
+              "retired_pages_single_bit", _scaled("retired_pages_single_bit", 1)),
+    DcgmField("DCGM_FI_DEV_RETIRED_DBE", "counter",
+              "Total number of retired pages due to double-bit errors.",
+              "retired_pages_double_bit", _scaled("retired_pages_double_bit", 1)),
+    DcgmField("DCGM_FI_DEV_RETIRED_PENDING", "counter",
+              "Total number of pages pending retirement.", "retired_pages_pending",
+              _flag("retired_pages_pending")),
     DcgmField("DCGM_FI_PROF_SM_ACTIVE", "gauge",
               "The ratio of cycles an SM has at least 1 warp assigned.", "sm_active_pct",
               _scaled("sm_active_pct", 100)),

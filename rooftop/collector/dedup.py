@@ -7,6 +7,9 @@ it but applied already, is a duplicate. A gap that cannot fill (the agent's spoo
 dropped those batches) is given up on instead of holding every later ack back
 (DESIGN §7); the seqs given up on are remembered as *holes* (bounded), so one that
 does arrive late (out of order: ``1,3,2,5,4,6``) is applied, not called a duplicate.
+Of the seqs a resumed stream skips, those at or below the batch's ``acked_seq`` (what
+the agent saw acked by any collector) were delivered to another collector while the
+agent was away: they are counted apart (``acked_elsewhere``), not as missing.
 
 Seqs are not trusted blindly (SECURITY.md, "Sequence numbers and agent identity"): a
 seq above ``MAX_SEQ``, or more than ``max_seq_jump`` past a known boot's mark, is
@@ -24,11 +27,13 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 __all__ = [
     "DEFAULT_MAX_KEYS",
     "DEFAULT_MAX_SEQ_JUMP",
     "MAX_SEQ",
+    "Committed",
     "Deduplicator",
     "MarkHandle",
     "SeqCheck",
@@ -52,6 +57,14 @@ class SeqCheck(Enum):
     NEW = "new"  # apply it
     DUPLICATE = "duplicate"  # applied already
     TOO_FAR = "too_far"  # beyond MAX_SEQ or max_seq_jump past the mark: reject
+
+
+class Committed(NamedTuple):
+    """What ``Deduplicator.commit`` did: the new mark and the seqs it skipped."""
+
+    contiguous: int  # the highest contiguous seq now
+    missing: int  # seqs skipped that nobody acked: the agent dropped them
+    acked_elsewhere: int = 0  # seqs skipped that the agent says another collector acked
 
 
 @dataclass(slots=True, eq=False)
@@ -139,7 +152,9 @@ class Deduplicator:
         st = self._keys.get(key)
         return st.contiguous if st is not None else 0
 
-    def commit(self, key: Key, seq: int, *, first_on_stream: bool) -> tuple[int, int]:
+    def commit(
+        self, key: Key, seq: int, *, first_on_stream: bool, acked_seq: int = 0
+    ) -> Committed:
         """Record ``seq`` as applied (the caller checked it is ``SeqCheck.NEW``).
 
         Args:
@@ -147,23 +162,34 @@ class Deduplicator:
             seq: the applied (or rejected, hence consumed) seq.
             first_on_stream: the stream resumed here (its first seq of ``key``, or a
                 jump past its previous one): the agent sends oldest first, so the
-                seqs in between were dropped by its spool.
+                seqs in between were dropped by its spool, or acked by another
+                collector while the agent was away.
+            acked_seq: the batch's ``Batch.acked_seq``: the highest seq of ``key`` the
+                agent had seen acked by any collector (0: unknown, an older agent).
 
         Returns:
-            (highest contiguous seq, seqs skipped as missing).
+            The contiguous mark, and the seqs skipped: missing, or acked elsewhere.
         """
         new = key not in self._keys
         st = self._entry(key)
         before = st.contiguous
-        skipped = 0
+        skipped = elsewhere = 0
         if seq <= st.contiguous:
             _remove_hole(st.holes, seq)  # a late seq filled a hole
-            return st.contiguous, 0
+            return Committed(st.contiguous, 0)
         if first_on_stream and seq > st.contiguous + 1 and not st.ahead:
             if not new:
-                # What lies between was dropped by the agent's spool. A pair never
-                # seen before has no history here to call missing (a fresh collector).
-                skipped = seq - 1 - st.contiguous
+                # What lies between was dropped by the agent's spool, or went to another
+                # collector while the agent was away: those the agent saw acked (up to
+                # its acked_seq, believed no higher than seq - 1) are counted apart.
+                # acked_seq only splits the count: the mark moves to seq - 1 as it
+                # always did, and the whole gap stays a fillable hole, so a forged
+                # acked_seq can turn "missing" into "acked_elsewhere" and nothing else;
+                # it never acks, nor calls a duplicate, a seq not applied here.
+                # A pair never seen before has no history here to call missing.
+                gap = seq - 1 - st.contiguous
+                elsewhere = max(0, min(acked_seq, seq - 1) - st.contiguous)
+                skipped = gap - elsewhere
                 self._add_hole(st, st.contiguous + 1, seq - 1)
             st.contiguous = seq - 1
         if seq == st.contiguous + 1:
@@ -182,7 +208,7 @@ class Deduplicator:
         if st.contiguous != before:
             with self._dirty_lock:
                 self._dirty[key] = st
-        return st.contiguous, skipped
+        return Committed(st.contiguous, skipped, elsewhere)
 
     def _entry(self, key: Key) -> _Seqs:
         """``key``'s bookkeeping, made the most recently used (created if new)."""

@@ -227,6 +227,9 @@ class DecodedBatch:
     clock_believed: bool = True
     # The batch as it arrived, for outputs that need every sample (``gpu_samples``).
     raw: pb.Batch | None = None
+    # Its GPU columns, read and checked once (remote write reads every row from them):
+    # derived from ``raw``, so not part of the batch's equality.
+    columns: Columns | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def gpu_samples(self) -> Iterator[GpuSample]:
         """Every GPU sample of the batch, records' then columns' rows, times as sent.
@@ -239,7 +242,9 @@ class DecodedBatch:
         for rec in self.raw.records:
             if rec.WhichOneof("record") == "gpu":
                 yield cast(GpuSample, record_from_proto(rec))
-        if self.raw.HasField("gpu_columns"):
+        if self.columns is not None:
+            yield from self.columns.samples()
+        elif self.raw.HasField("gpu_columns"):
             columns = Columns.read(self.raw.gpu_columns, earliest_s=EARLIEST_TIME_S)
             if isinstance(columns, Columns):  # checked by decode_batch already
                 yield from columns.samples()
@@ -501,8 +506,9 @@ def decode_batch(
     if columns is not None and columns.rows:
         # A device in both: its columns' row is the later sample.
         merged = {(g.gpu_index, g.mig_uuid): g for g in gpus}
-        for key, row in columns.device_rows().items():
-            sample = columns.sample(row)
+        device_rows = columns.device_rows()
+        samples = columns.samples_at(list(device_rows.values()))
+        for key, sample in zip(device_rows, samples, strict=True):
             merged[key] = _with_time(
                 sample, received_s if sample.time_s > limit_s else sample.time_s
             )
@@ -547,6 +553,7 @@ def decode_batch(
         skewed=skewed,
         clock_believed=sent_s is None or abs(received_s - sent_s) <= max_future_skew_s,
         raw=batch,
+        columns=columns,
     )
 
 
@@ -581,6 +588,7 @@ def _gpu_from_proto(record: pb.TraceRecord, time_s: float) -> GpuSample:
         lost=msg.lost,
         gpm_stale=msg.gpm_stale,
         xid_codes=tuple(msg.xid_codes),
+        xid_code_counts=tuple(msg.xid_code_counts),
         mig_uuid=msg.mig_uuid,
         **dict(zip(present, values, strict=True)),
     )
@@ -649,6 +657,11 @@ class EngineState:
     engine_from: tuple[str, int] = ("", 0)  # (boot_id, seq) of the batch that brought it
 
 
+def _runs(gpu: GpuState, pid: int) -> bool:
+    """Whether ``pid`` is in the GPU's (or MIG instance's) newest NVML process list."""
+    return gpu.sample is not None and any(p.pid == pid for p in gpu.sample.processes)
+
+
 def _older(held_from: tuple[str, int], held_s: float, batch: DecodedBatch, time_s: float) -> bool:
     """Whether what ``batch`` brings (dated ``time_s``) is older than what is held.
 
@@ -675,6 +688,8 @@ class CollectorCounts:
     rejected: tuple[tuple[str, int], ...] = ()  # (reason, batches)
     skewed: int = 0  # samples dated in the future, clamped
     missing: int = 0  # seqs an agent skipped (its spool dropped them before sending)
+    # seqs a stream skipped that the agent saw acked by another collector (not lost)
+    acked_elsewhere: int = 0
     streams: int = 0  # open now
     refused: tuple[tuple[str, int], ...] = ()  # (reason, calls) refused by authentication
     limited: tuple[tuple[str, int], ...] = ()  # (reason, items) refused by a bound (LimitReason)
@@ -742,6 +757,7 @@ class Fleet:
         self._rejected: dict[str, int] = {}
         self._skewed = 0
         self._missing = 0
+        self._acked_elsewhere = 0
         self._streams = 0
         self._refused: dict[str, int] = {}
         self._limited: dict[str, int] = {}
@@ -780,6 +796,11 @@ class Fleet:
         """An agent skipped ``batches`` seqs: its spool dropped them before sending."""
         with self._lock:
             self._missing += batches
+
+    def count_acked_elsewhere(self, batches: int) -> None:
+        """A stream skipped ``batches`` seqs that the agent saw another collector ack."""
+        with self._lock:
+            self._acked_elsewhere += batches
 
     def stream_opened(self) -> None:
         """An agent stream opened."""
@@ -987,10 +1008,26 @@ class Fleet:
             updated_s=received_s,
             engine_from=(batch.boot_id, batch.seq),
         )
-        for key in self._agent_gpus.get(batch.agent_id, ()):
+        for key in self._engine_gpus(batch.agent_id, indices, engine.pid):
             gpu = self._gpus[key]
-            if gpu.gpu_index in indices:
-                self._gpus[key] = dataclasses.replace(gpu, engine=engine, updated_s=received_s)
+            self._gpus[key] = dataclasses.replace(gpu, engine=engine, updated_s=received_s)
+
+    def _engine_gpus(
+        self, agent_id: str, indices: tuple[int, ...], pid: int | None
+    ) -> list[_GpuKey]:
+        """The GPUs (and MIG instances) of ``agent_id`` an engine on ``indices`` runs on.
+
+        A GPU index names the GPU and all its MIG instances; where one instance's
+        process list has the engine's pid, the engine is that instance's alone (not its
+        siblings', nor the parent's, whose activity is its instances'). Otherwise, as
+        with no pid or no process list (an unprivileged agent), every one of them.
+        """
+        keys = [k for k in self._agent_gpus.get(agent_id, ()) if self._gpus[k].gpu_index in indices]
+        if pid is None:
+            return keys
+        holding = [k for k in keys if self._gpus[k].mig_uuid and _runs(self._gpus[k], pid)]
+        held = {self._gpus[k].gpu_index for k in holding}
+        return [k for k in keys if self._gpus[k].gpu_index not in held or k in holding]
 
     def _gpus_of_pid(self, agent_id: str, pid: int | None) -> tuple[int, ...]:
         # Attribute an engine to GPUs by its pid in NVML's process list (DESIGN §5).
@@ -1039,6 +1076,7 @@ class Fleet:
             rejected=tuple(sorted(self._rejected.items())),
             skewed=self._skewed,
             missing=self._missing,
+            acked_elsewhere=self._acked_elsewhere,
             streams=self._streams,
             refused=tuple(sorted(self._refused.items())),
             limited=tuple(sorted(self._limited.items())),

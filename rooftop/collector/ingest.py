@@ -34,6 +34,10 @@ One long-lived bidi stream per agent. Each batch carries (agent_id, boot_id, seq
   (``rooftop.collector.missing``) instead of holding the ack back forever. The same
   holds for a jump *inside* a stream (the agent skipped a corrupt or over-cap batch):
   nothing can fill it later, and waiting would stall the agent's in-flight window.
+  Skipped seqs at or below the batch's ``acked_seq`` (the agent saw them acked, by
+  another collector while it was away) are counted as ``acked_elsewhere`` instead.
+- **Columns**: every ack says ``columns`` (this collector reads ``Batch.gpu_columns``),
+  so agents with ``batch_format = "auto"`` switch to columns on this stream.
 - **Poison** (``fleet.PoisonBatch``: NaN, negative, >100 %, beyond a physical ceiling,
   bad enum, no identity, a time before 2000 or with nanos out of range, an identity
   holding control characters, which never becomes a de-duplication key) is rejected
@@ -282,7 +286,7 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
             waiting = []  # applied, but the mark is not durable yet (state_dir)
             for key in pending:
                 acked = self._dedup.acked(key)
-                out.put_nowait(pb.Ack(boot_id=key[1], acked_seq=acked))
+                out.put_nowait(pb.Ack(boot_id=key[1], acked_seq=acked, columns=True))
                 if acked < self._dedup.contiguous(key):
                     waiting.append(key)
             pending.clear()
@@ -390,6 +394,7 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
                 return pb.Ack(
                     boot_id=batch.boot_id,
                     rejected_seq=batch.seq,
+                    columns=True,
                     error=f"INVALID_ARGUMENT: seq {batch.seq} is more than "
                     f"{self._dedup.max_seq_jump} past this boot's acked seq, or above 2^40",
                 )
@@ -418,16 +423,17 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
             acked = 0
             if keyed:
                 # Consumed: a poison batch is never applied, and never blocks the ack.
-                self._commit(key, batch.seq, committed)
+                self._commit(key, batch.seq, committed, batch.acked_seq)
                 acked = self._dedup.acked(key)
             return pb.Ack(
                 boot_id=batch.boot_id,
                 acked_seq=acked,
                 rejected_seq=batch.seq,
+                columns=True,
                 error=f"INVALID_ARGUMENT: {exc}",
             )
         self._fleet.apply(decoded, received_s=received_s)
-        self._commit(key, batch.seq, committed)
+        self._commit(key, batch.seq, committed, batch.acked_seq)
         for observer in self._observers:
             try:
                 observer.observe_batch(decoded, received_s)
@@ -436,16 +442,26 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
                 log.exception("batch observer %r failed", observer)
         return None
 
-    def _commit(self, key: tuple[str, str], seq: int, committed: dict[tuple[str, str], int]) -> int:
+    def _commit(
+        self,
+        key: tuple[str, str],
+        seq: int,
+        committed: dict[tuple[str, str], int],
+        acked_seq: int = 0,
+    ) -> int:
         # One ordered stream, oldest first: a stream's first seq of a key, or one that
         # jumps past its previous + 1, is where the agent resumed; the seqs in between
-        # were dropped by the agent and will never come (a stall otherwise: e2e (d)).
+        # were dropped by the agent and will never come (a stall otherwise: e2e (d)),
+        # or, up to the batch's acked_seq, another collector acked them meanwhile.
+        # acked_seq is the agent's word, so it only moves a count (dedup.commit).
         resumed = committed.get(key, -1) != seq - 1
-        contiguous, skipped = self._dedup.commit(key, seq, first_on_stream=resumed)
+        done = self._dedup.commit(key, seq, first_on_stream=resumed, acked_seq=acked_seq)
         committed[key] = seq
-        if skipped:
-            self._fleet.count_missing(skipped)
-        return contiguous
+        if done.missing:
+            self._fleet.count_missing(done.missing)
+        if done.acked_elsewhere:
+            self._fleet.count_acked_elsewhere(done.acked_elsewhere)
+        return done.contiguous
 
 
 def _keyable(batch: pb.Batch) -> bool:

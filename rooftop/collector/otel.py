@@ -72,11 +72,12 @@ from rooftop.collector.prometheus import (
     spread_buckets,
 )
 from rooftop.common.errors import ConfigError
-from rooftop.common.health import HealthState, assess
+from rooftop.common.health import HW_STATES, assess
 from rooftop.common.model import (
     GPU_FIELD_PROVENANCE,
     Bound,
     EngineSample,
+    GpuSample,
     HistogramDelta,
     PodRef,
     Provenance,
@@ -157,8 +158,8 @@ METRICS: tuple[MetricSpec, ...] = (
         "hw.errors",
         "counter",
         "{error}",
-        "GPU errors by error.type: xid (critical XID events this agent run), ecc_corrected "
-        "and ecc_uncorrected (the GPU's lifetime)",
+        "GPU errors by error.type: xid (critical XID events this agent run, per code in "
+        "rooftop.gpu.xid), ecc_corrected and ecc_uncorrected (the GPU's lifetime)",
     ),
     _m(
         "hw.status",
@@ -264,6 +265,12 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
     _m("rooftop.collector.skewed", "counter", "{sample}", "future-dated samples clamped"),
     _m("rooftop.collector.missing", "counter", "{batch}", "seqs agents skipped (spool drops)"),
+    _m(
+        "rooftop.collector.acked_elsewhere",
+        "counter",
+        "{batch}",
+        "seqs a returning agent skipped because another collector acked them (not lost)",
+    ),
     _m("rooftop.collector.streams", "updowncounter", "{stream}", "agent streams open"),
     _m(
         "rooftop.collector.batch.lag",
@@ -513,13 +520,17 @@ class Telemetry:
             ) from exc
         self._prometheus_port = self._prometheus.port
 
-    def prometheus_text(self) -> str:
-        """What ``/metrics`` serves now (the text exposition format)."""
+    def prometheus_text(self, names: frozenset[str] | None = None) -> str:
+        """What ``/metrics`` serves now (the text exposition format).
+
+        With ``names``, only those families (a scrape's ``name[]``).
+        """
         return render(
             self._families,
             list(self._native.values()),
             resource=self._resource.attributes,
             max_series=self._max_series,
+            names=names,
         )
 
     def flush(self, timeout_s: float = 10.0) -> bool:
@@ -708,6 +719,7 @@ class Telemetry:
         self._gauge("rooftop.collector.restored_duplicates", _count("restored_duplicates"))
         self._gauge("rooftop.collector.skewed", _count("skewed"))
         self._gauge("rooftop.collector.missing", _count("missing"))
+        self._gauge("rooftop.collector.acked_elsewhere", _count("acked_elsewhere"))
         self._gauge("rooftop.collector.streams", _count("streams"))
         self._gauge("rooftop.collector.rejected", _rejected)
         self._gauge("rooftop.collector.refused", _refused)
@@ -897,7 +909,25 @@ def _gpu_errors(snap: FleetSnapshot) -> Iterable[Observation]:
             if value is None:
                 continue  # not measured (no ECC, no XID events): absent, never 0
             base = base or gpu_attributes(g)
-            yield Observation(value, {**base, "error.type": error_type})
+            if field == "xid_count":
+                yield from _xid_errors(g.sample, value, base)
+            else:
+                yield Observation(value, {**base, "error.type": error_type})
+
+
+def _xid_errors(s: GpuSample, total: int, base: dict[str, Any]) -> Iterator[Observation]:
+    """``error.type="xid"`` split by code: ``rooftop.gpu.xid`` names each code's series.
+
+    error.type stays the class ("xid"), the code a domain attribute of its own, as the
+    semantic conventions advise for a domain with its own error codes, so
+    ``sum by (error_type)`` still counts every XID. The series without a code holds what
+    no code accounts for: 0 before any XID, events past the agent's distinct-code
+    bound, or all of them from an agent that counts only the total.
+    """
+    counts = s.xid_code_counts if len(s.xid_code_counts) == len(s.xid_codes) else ()
+    for code, count in zip(s.xid_codes if counts else (), counts, strict=True):
+        yield Observation(count, {**base, "error.type": "xid", "rooftop.gpu.xid": code})
+    yield Observation(max(0, total - sum(counts)), {**base, "error.type": "xid"})
 
 
 def _health_states(snap: FleetSnapshot) -> Iterable[Observation]:
@@ -907,28 +937,43 @@ def _health_states(snap: FleetSnapshot) -> Iterable[Observation]:
             continue  # no data: its health is unknown, not ok
         current = assess(s).state
         base = gpu_attributes(g)
-        for state in HealthState:
+        for state in HW_STATES:
             yield Observation(1 if state is current else 0, {**base, "hw.state": state.value})
 
 
-def _current_bound(g: GpuState) -> Bound | None:
-    if g.sample is not None and g.sample.lost:
-        return Bound.LOST
-    return g.verdict.verdict if g.verdict is not None else None
+# rooftop.bound.cause of an ``unknown`` GPU the agent may not open (NVML NO_PERMISSION).
+INACCESSIBLE_CAUSE = "inaccessible"
+
+
+def _current_bound(g: GpuState) -> tuple[Bound, str | None] | None:
+    """The GPU's bound state now and the cause riding on it, if any.
+
+    A GPU NVML refuses the agent is ``unknown`` (nothing measures it), with the cause
+    ``inaccessible``, never ``lost``: it needs access, and the lost alert drains nodes.
+    """
+    s = g.sample
+    if s is not None and s.lost:
+        if s.inaccessible is not None:
+            return Bound.UNKNOWN, INACCESSIBLE_CAUSE
+        return Bound.LOST, None
+    if g.verdict is None:
+        return None
+    cause = g.verdict.cause
+    return g.verdict.verdict, cause.value if cause is not None else None
 
 
 def _bound_states(snap: FleetSnapshot) -> Iterable[Observation]:
     for g in snap.gpus:
-        current = _current_bound(g)
-        if current is None:
+        now = _current_bound(g)
+        if now is None:
             continue
+        current, cause = now
         base = gpu_attributes(g)
-        cause = g.verdict.cause if g.verdict is not None and current is not Bound.LOST else None
         for state in _BOUND_STATES:
             attrs = {**base, "rooftop.bound": bound_value(state)}
             if state is current and cause is not None:
                 # The cause rides on the one series that is 1, as hw.state's do.
-                attrs["rooftop.bound.cause"] = cause.value
+                attrs["rooftop.bound.cause"] = cause
             yield Observation(1 if state is current else 0, attrs)
 
 

@@ -35,6 +35,7 @@ import selectors
 import socket
 import threading
 import time
+import urllib.parse
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -374,22 +375,31 @@ def render(
     *,
     resource: Mapping[str, Any] | None = None,
     max_series: int = 65_536,
+    names: frozenset[str] | None = None,
 ) -> str:
-    """The whole exposition: ``target_info``, the histograms, then every family."""
+    """The whole exposition: ``target_info``, the histograms, then every family.
+
+    ``names``: only the families with these exposed names (``name[]`` in the scrape's
+    query string, as prometheus/client_python serves it); None: all of them. A family
+    left out costs nothing: its points are never computed.
+    """
     out: list[str] = []
-    if resource:
+    if resource and (names is None or "target_info" in names):
         out += [
             "# HELP target_info Target metadata",
             "# TYPE target_info gauge",
             f"target_info{_labels(resource)} 1.0",
         ]
     for histogram in histograms:
-        out += histogram.lines()
+        if names is None or histogram.name in names:
+            out += histogram.lines()
     for family in families:
         name = family.exposed_name or metric_name(family.name, family.unit)
         counter = family.kind == "counter"
         if counter and not family.exposed_name:
             name = name.removesuffix("_total") + "_total"
+        if names is not None and name not in names and name.removesuffix("_total") not in names:
+            continue
         # One value per label set, as the SDK makes it: a gauge keeps the last value, a
         # (up-down) counter the sum. Two nodes reporting the same host name and GPU
         # uuid (clones, the demo's replays) would otherwise be duplicate series, which
@@ -437,7 +447,8 @@ class PrometheusServer:
     Args:
         host: the address to bind.
         port: the port (0 picks one; see ``port``).
-        exposition: makes the body, once per scrape.
+        exposition: makes the body, once per scrape: given the ``name[]`` values of
+            the query string (only those families), or None (all of them).
         max_connections: requests served at once (worker threads).
         timeout_s: the longest a connection may stay silent, and each read or write.
         on_refused: told once for every connection closed by a bound.
@@ -452,7 +463,7 @@ class PrometheusServer:
         self,
         host: str,
         port: int,
-        exposition: Callable[[], str],
+        exposition: Callable[[frozenset[str] | None], str],
         *,
         max_connections: int = 16,
         timeout_s: float = 10.0,
@@ -615,8 +626,18 @@ _MAX_WAITING = 1024
 _MAX_QUEUED = 64
 
 
+def _scrape_names(query: str) -> frozenset[str] | None:
+    """The ``name[]`` values of a scrape's query string; None when there are none.
+
+    A Prometheus job restricts a scrape with ``params: {'name[]': [...]}``, as for
+    prometheus/client_python: a large collector then renders only what is kept.
+    """
+    values = urllib.parse.parse_qs(query).get("name[]")
+    return frozenset(values) if values else None
+
+
 def _handler_class(
-    exposition: Callable[[], str],
+    exposition: Callable[[frozenset[str] | None], str],
     timeout_s: float,
     checks: Mapping[str, Callable[[], str | None]] | None = None,
 ) -> type[BaseHTTPRequestHandler]:
@@ -626,7 +647,7 @@ def _handler_class(
         timeout = timeout_s
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
             if path in health:
                 self._health(health[path])
                 return
@@ -634,7 +655,7 @@ def _handler_class(
                 self.send_error(404, "only /metrics here")
                 return
             try:
-                body = exposition().encode()
+                body = exposition(_scrape_names(query)).encode()
             except Exception:
                 log.exception("prometheus: the exposition failed")
                 self.send_error(500, "exposition failed: see the collector's log")

@@ -50,13 +50,15 @@ def _gpu_status(g: GpuState, *, detail: bool) -> pb.GpuStatus:
         if detail:
             out.sample.CopyFrom(record_to_proto(g.sample).gpu)
         elif g.sample.lost:
-            # A lost GPU must show as lost in the short answer too.
+            # A lost GPU must show as lost in the short answer too, and an inaccessible
+            # one as inaccessible (not lost).
             out.sample.CopyFrom(
                 pb.GpuSample(
                     time=timestamp(g.sample.time_s),
                     gpu_index=g.gpu_index,
                     gpu_uuid=g.gpu_uuid,
                     lost=True,
+                    inaccessible=g.sample.inaccessible,
                     mig_uuid=g.mig_uuid,
                 )
             )
@@ -74,9 +76,11 @@ def _collector_status(snap: FleetSnapshot) -> pb.CollectorStatus:
         restored_duplicates=c.restored_duplicates,
         skewed=c.skewed,
         missing=c.missing,
+        acked_elsewhere=c.acked_elsewhere,
         streams=c.streams,
         rejected=dict(c.rejected),
         refused=dict(c.refused),
+        limited=dict(c.limited),
         version=__version__,
     )
 

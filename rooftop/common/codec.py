@@ -43,6 +43,7 @@ _NESTED = {
     "gpu_indices",
     "time_s",
     "xid_codes",
+    "xid_code_counts",
     "pods",
     *ENGINE_HISTOGRAM_FIELDS,
 }
@@ -80,7 +81,10 @@ def record_to_proto(record: Record) -> pb.TraceRecord:
     """Encode one sample as a ``TraceRecord``."""
     if isinstance(record, GpuSample):
         gpu = pb.GpuSample(
-            time=timestamp(record.time_s), xid_codes=record.xid_codes, **_scalars(record)
+            time=timestamp(record.time_s),
+            xid_codes=record.xid_codes,
+            xid_code_counts=record.xid_code_counts,
+            **_scalars(record),
         )
         gpu.processes.extend(
             pb.GpuProcess(
@@ -178,6 +182,7 @@ def record_from_proto(msg: pb.TraceRecord) -> Record:
             lost=g.lost,
             gpm_stale=g.gpm_stale,
             xid_codes=tuple(g.xid_codes),
+            xid_code_counts=tuple(g.xid_code_counts),
             mig_uuid=g.mig_uuid,
             pods=_pods_from_proto(g.pods),
             **_present(g, _GPU_OPTIONAL),

@@ -26,11 +26,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
+import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import accumulate
+from itertools import accumulate, repeat
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -120,6 +122,12 @@ def _plan(mask: int) -> tuple[tuple[str, int, Any, int, int], ...]:
     return tuple((m.name, _AT[m.name], m.unpack_from, m.width, m.number) for m in _present(mask))
 
 
+@lru_cache(maxsize=1024)
+def _column_plan(mask: int) -> tuple[tuple[str, int, str], ...]:
+    # (column, position in GpuSample's fields, struct format) per metric: samples_at.
+    return tuple((m.name, _AT[m.name], m.fmt) for m in _present(mask))
+
+
 # GpuSample's fields in order, and their defaults: ``sample`` fills in a copy.
 _AT = {f.name: i for i, f in enumerate(dataclasses.fields(GpuSample))}
 _DEFAULTS: list[Any] = [
@@ -172,8 +180,34 @@ class ColumnsProblem(NamedTuple):
 
 
 def _unpack(fmt: str, raw: bytes) -> tuple[Any, ...]:
-    width = struct.calcsize(fmt)
-    return struct.unpack(f"<{len(raw) // width}{fmt}", raw)
+    return _unpacker(fmt, len(raw)).unpack(raw)
+
+
+def _xids(columns: Columns) -> tuple[int, ...]:
+    return _unpack("I", columns._cols["xid_codes"])
+
+
+
+def _xid_code_counts(columns: Columns) -> tuple[int, ...]:
+    return _unpack("Q", columns._cols["xid_code_counts"])
+
+
+def _values(fmt: str, raw: bytes) -> Sequence[Any]:
+    # A column's values, indexable without unpacking the rows nobody asks for: a
+    # memoryview in the machine's order where that is the wire's (little-endian).
+    if _LITTLE_ENDIAN:
+        view: Sequence[Any] = memoryview(raw).cast(fmt)  # type: ignore[call-overload]
+        return view
+    return _unpack(fmt, raw)
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+@lru_cache(maxsize=4096)
+def _unpacker(fmt: str, size: int) -> struct.Struct:
+    # One compiled Struct per (format, column length): the same few per batch shape.
+    return struct.Struct(f"<{size // struct.calcsize(fmt)}{fmt}")
 
 
 @lru_cache(maxsize=256)
@@ -351,6 +385,11 @@ class Columns:
                 size = len(got.get(name, b""))
                 if size != entries * width:
                     return _bad(f"{name} holds {size} bytes for {entries} entries")
+        # Per-code XID counts: none (an older agent), or one u64 per xid code.
+        code_counts = len(got.get("xid_code_counts", b""))
+        if code_counts and code_counts != len(got.get("xid_codes", b"")) * 2:
+            return _bad(f"xid_code_counts holds {code_counts} bytes for "
+                        f"{len(got.get('xid_codes', b'')) // 4} xid codes")
         # Whole columns at once: the quick test over all of them, then (only when it
         # fails) column by column to name the culprit.
         indices = [(got[n], len(strings) - 1) for n in _STRING_INDEX_COLUMNS if n in got]
@@ -444,16 +483,140 @@ class Columns:
         args[_AT["lost"]] = bool(flags & _LOST)
         args[_AT["gpm_stale"]] = bool(flags & _GPM_STALE)
         args[_AT["xid_codes"]] = self._entries("xid_codes_per_row", "xid_codes", "I", row)
+        if "xid_code_counts" in cols:
+            args[_AT["xid_code_counts"]] = self._entries(
+                "xid_codes_per_row", "xid_code_counts", "Q", row
+            )
         args[_AT["processes"]] = self._processes(row)
         args[_AT["pods"]] = self._pods(row)
         return GpuSample(*args)
+
+    def samples_at(self, rows: Sequence[int]) -> list[GpuSample]:
+        """Rows ``rows`` as ``GpuSample``s, as ``sample`` makes each.
+
+        The collector's per-batch path (the newest row of each GPU) and remote write's
+        (every row): when every row has the same metrics, each column is read once for
+        all the rows and the samples are zipped from the columns, instead of ~30
+        single-value reads per row; lists (XIDs, processes, pods) are cut from their
+        flattened columns by each row's span.
+        """
+        cols = self._cols
+        if len(rows) < 2 or self._masks is not None:
+            return [self.sample(row) for row in rows]
+        # A tuple of the rows' values, in ``rows`` order (every row: the whole column).
+        pick: Callable[[Any], Any] = tuple if rows == range(self.rows) else itemgetter(*rows)
+        strings = self.strings
+        fields: list[Any] = [repeat(value) for value in _DEFAULTS]
+        for name, at, fmt in _column_plan(self._mask):
+            values = pick(_values(fmt, cols[name]))
+            if fmt == "B":
+                values = tuple(map(bool, values))
+            elif fmt == "I":
+                values = tuple(map(strings.__getitem__, values))
+            fields[at] = values
+        fields[_AT["time_s"]] = tuple(map(micros_s, pick(_values("q", cols["time_us"]))))
+        fields[_AT["gpu_index"]] = pick(_values("I", cols["gpu_index"]))
+        for name in _IDENTITIES:
+            fields[_AT[name]] = tuple(map(strings.__getitem__, pick(_values("I", cols[name]))))
+        flags = pick(cols["flags"])
+        fields[_AT["lost"]] = tuple(bool(f & _LOST) for f in flags)
+        fields[_AT["gpm_stale"]] = tuple(bool(f & _GPM_STALE) for f in flags)
+        if "xid_codes_per_row" in cols:
+            fields[_AT["xid_codes"]] = self._lists(rows, "xid_codes_per_row", _xids)
+        if "xid_code_counts" in cols:
+            fields[_AT["xid_code_counts"]] = self._lists(
+                rows, "xid_codes_per_row", _xid_code_counts
+            )
+        if "processes_per_row" in cols:
+            processes = Columns._all_processes
+            fields[_AT["processes"]] = self._lists(rows, "processes_per_row", processes)
+        if "pods_per_row" in cols:
+            fields[_AT["pods"]] = self._lists(rows, "pods_per_row", Columns._all_pods)
+        # The repeat() defaults are endless: the rows' tuples end the zip.
+        return [GpuSample(*args) for args in zip(*fields)]  # noqa: B905
+
+    def _lists(
+        self, rows: Sequence[int], count_name: str, entries: Callable[[Columns], Sequence[Any]]
+    ) -> tuple[tuple[Any, ...], ...]:
+        # Each row's slice of a list column's entries (all decoded once, then cut).
+        if not rows or self._span(count_name, 0) is None:
+            return ((),) * len(rows)
+        offsets = self._offsets[count_name]
+        every = entries(self)
+        return tuple(tuple(every[offsets[r] : offsets[r + 1]]) for r in rows)
+
+    def _all_processes(self) -> list[GpuProcess]:
+        cols, s = self._cols, self.strings
+        pids = _unpack("I", cols["process_pid"])
+        mem = _unpack("Q", cols["process_gpu_mem_bytes"])
+        names = _unpack("I", cols["process_name"])
+        jobs = _unpack("I", cols["process_slurm_job_id"])
+        return [
+            GpuProcess(
+                pid,
+                mem[k] if has & _PROC_MEM else None,
+                name=s[names[k]] if has & _PROC_NAME else None,
+                slurm_job_id=s[jobs[k]] if has & _PROC_SLURM else None,
+            )
+            for k, (pid, has) in enumerate(zip(pids, cols["process_presence"], strict=True))
+        ]
+
+    def _all_pods(self) -> list[PodRef]:
+        cols, s = self._cols, self.strings
+        return [
+            PodRef(s[p], s[n], s[c])
+            for p, n, c in zip(
+                _unpack("I", cols["pod_pod"]),
+                _unpack("I", cols["pod_namespace"]),
+                _unpack("I", cols["pod_container"]),
+                strict=True,
+            )
+        ]
+
+    def field_values(self, name: str) -> Sequence[Any]:
+        """One ``GpuSample`` field over every row, as ``sample`` would give it.
+
+        None where a row lacks a metric. No sample is made per row: for outputs that
+        read a few fields of every row (remote write).
+        """
+        cols, strings, rows = self._cols, self.strings, self.rows
+        if not rows:
+            return ()
+        if name == "time_s":
+            return tuple(map(micros_s, _values("q", cols["time_us"])))
+        if name == "gpu_index":
+            return tuple(_values("I", cols["gpu_index"]))
+        if name in _IDENTITIES:
+            return tuple(map(strings.__getitem__, _values("I", cols[name])))
+        if name in ("lost", "gpm_stale"):
+            bit = _LOST if name == "lost" else _GPM_STALE
+            return tuple(bool(f & bit) for f in cols["flags"])
+        if name in _LIST_FIELDS:
+            count_name, column, entries = _LIST_FIELDS[name]
+            if column not in cols:
+                return ((),) * rows
+            return self._lists(range(rows), count_name, entries)
+        metric = _METRIC_BY_NAME[name]  # KeyError: not a GpuSample field
+        raw = cols.get(name)
+        if raw is None:
+            return (None,) * rows
+        values: Sequence[Any] = _values(metric.fmt, raw)
+        if metric.fmt == "B":
+            values = tuple(map(bool, values))
+        elif metric.fmt == "I":
+            values = tuple(map(strings.__getitem__, values))
+        if self._masks is None:
+            return values if isinstance(values, tuple) else tuple(values)
+        # Rows with different metrics: the column holds the rows that have it, in order.
+        present = iter(values)
+        bit = 1 << metric.number
+        return tuple(next(present) if mask & bit else None for mask in self._masks)
 
     def samples(self) -> Iterator[GpuSample]:
         """Every row as a ``GpuSample``, in row order."""
         masks = self._masks
         if masks is None:
-            for row in range(self.rows):
-                yield self.sample(row)
+            yield from self.samples_at(range(self.rows))
             return
         # Rows with different metrics present: count the masks seen so far as we go,
         # instead of counting every row's predecessors again (quadratic).
@@ -519,6 +682,16 @@ class Columns:
         )
 
 
+# A list field of GpuSample: (per-row count column, its flattened column, all entries).
+_LIST_FIELDS: dict[str, tuple[str, str, Callable[[Columns], Sequence[Any]]]] = {
+    "xid_codes": ("xid_codes_per_row", "xid_codes", _xids),
+    "xid_code_counts": ("xid_codes_per_row", "xid_code_counts", _xid_code_counts),
+    "processes": ("processes_per_row", "process_pid", Columns._all_processes),
+    "pods": ("pods_per_row", "pod_pod", Columns._all_pods),
+}
+_METRIC_BY_NAME = {m.name: m for m in _METRICS}
+
+
 def micros_s(micros: int) -> float:
     """Unix epoch seconds for microseconds: the float ``codec.timestamp_s`` makes of them."""
     return float(micros // 1_000_000) + (micros % 1_000_000) * 1000 / 1e9
@@ -561,6 +734,8 @@ def encode(msgs: Sequence[pb.GpuSample]) -> pb.GpuColumns:
     flags: list[int] = []
     xid_counts: list[int] = []
     xids: list[int] = []
+    code_counts: list[int] = []
+    counted_per_code = True  # every row's xid_code_counts matches its xid_codes
     proc_counts: list[int] = []
     procs: list[tuple[int, int, int, int, int]] = []
     pod_counts: list[int] = []
@@ -577,6 +752,8 @@ def encode(msgs: Sequence[pb.GpuSample]) -> pb.GpuColumns:
         flags.append((_LOST if msg.lost else 0) | (_GPM_STALE if msg.gpm_stale else 0))
         xid_counts.append(len(msg.xid_codes))
         xids.extend(msg.xid_codes)
+        code_counts.extend(msg.xid_code_counts)
+        counted_per_code &= len(msg.xid_code_counts) == len(msg.xid_codes)
         proc_counts.append(len(msg.processes))
         for p in msg.processes:
             has = (
@@ -610,6 +787,8 @@ def encode(msgs: Sequence[pb.GpuSample]) -> pb.GpuColumns:
     if xids:
         cols.xid_codes_per_row = _packed("I", xid_counts)
         cols.xid_codes = _pack("I", xids)
+        if counted_per_code:
+            cols.xid_code_counts = _pack("Q", code_counts)
     if procs:
         cols.processes_per_row = _packed("I", proc_counts)
         pids, present, mem, proc_name, jobs = zip(*procs, strict=True)

@@ -10,6 +10,9 @@ conventions' ``hw.state`` values. What the sample carries:
 - ECC error counts (volatile: since the driver loaded; aggregate: the GPU's life);
 - row remapping (Ampere+): rows remapped, a remap pending (applied at the next
   reset), a remap that failed;
+- page retirement (before Ampere: V100, T4), which row remapping replaced: pages
+  retired for ECC errors, a retirement pending (applied at the next reset or driver
+  reload); a retirement that failed comes as XID 64;
 - the clock-event reasons bitmask, named by ``clock_event_names``.
 """
 
@@ -23,6 +26,7 @@ from rooftop.common.model import GpuSample
 __all__ = [
     "CLOCK_EVENT_REASONS",
     "FAILED_XIDS",
+    "HW_STATES",
     "SLOWDOWN_REASONS",
     "GpuHealth",
     "HealthState",
@@ -32,11 +36,18 @@ __all__ = [
 
 
 class HealthState(StrEnum):
-    """A GPU's health, as OpenTelemetry's ``hw.state`` names it."""
+    """A GPU's health, as OpenTelemetry's ``hw.state`` names it (``HW_STATES``), or unknown."""
 
     OK = "ok"
     DEGRADED = "degraded"
     FAILED = "failed"
+    # Not an hw.state value: nothing could be read (NVML refuses this user the GPU), so
+    # neither "ok" nor "failed" can be said. ``hw.status`` has no series for it.
+    UNKNOWN = "unknown"
+
+
+# The states ``hw.status`` exports, one series each (OpenTelemetry's hw.state values).
+HW_STATES = (HealthState.OK, HealthState.DEGRADED, HealthState.FAILED)
 
 
 # XIDs after which the GPU needs a reset (or replacing) before it can be trusted again:
@@ -102,9 +113,18 @@ def assess(sample: GpuSample) -> GpuHealth:
 
     Failed: a failing XID (``FAILED_XIDS``), uncorrected volatile ECC errors, a failed
     row remap, or the GPU lost. Degraded: another critical XID, a row remap pending, a
-    hardware slowdown. Otherwise ok. An inaccessible GPU (no permission) is ok: it
-    needs access, not a reset.
+    page retirement pending, a hardware slowdown. Otherwise ok. An inaccessible GPU (no
+    permission) is unknown, its reason naming the inaccessibility: it needs access, not
+    a reset, and nothing about its health could be read.
     """
+    if sample.lost and sample.inaccessible is not None and not sample.xid_codes:
+        return GpuHealth(
+            HealthState.UNKNOWN,
+            (
+                f"not accessible to the agent (NVML {sample.inaccessible}): its health cannot "
+                "be read; give the agent access to the GPU, no reset needed",
+            ),
+        )
     failed: list[str] = []
     degraded: list[str] = []
     fatal = [x for x in sample.xid_codes if x in FAILED_XIDS]
@@ -119,6 +139,8 @@ def assess(sample: GpuSample) -> GpuHealth:
     degraded.extend(f"XID {x}" for x in other)
     if sample.remap_pending:
         degraded.append("row remap pending: reset the GPU to apply it")
+    if sample.retired_pages_pending:
+        degraded.append("page retirement pending: reset the GPU (or reload the driver) to apply it")
     slow = [n for n in clock_event_names(sample.clock_event_reasons) if n in SLOWDOWN_REASONS]
     if slow:
         degraded.append("clocks held down: " + ", ".join(slow))

@@ -133,6 +133,9 @@ class GpuSample:
     # thread saw since the agent started: distinct codes (sticky) and how many events.
     xid_codes: tuple[int, ...] = ()
     xid_count: int | None = None  # None: XID events not available on this GPU/driver
+    # Events per code, aligned with ``xid_codes`` (empty: not counted per code, as from
+    # an older agent; ``xid_count`` is then the only count).
+    xid_code_counts: tuple[int, ...] = ()
     # ECC error counts (None: no ECC, e.g. consumer GPUs). Volatile: since the driver
     # loaded; aggregate: the GPU's lifetime (kept in its InfoROM).
     ecc_corrected_volatile: int | None = None
@@ -145,6 +148,12 @@ class GpuSample:
     remapped_rows_uncorrected: int | None = None
     remap_pending: bool | None = None
     remap_failed: bool | None = None
+    # Page retirement (before Ampere: V100, T4; None where the GPU remaps rows instead):
+    # pages retired for multiple single-bit ECC errors / a double-bit ECC error, and a
+    # retirement pending (applied at the next GPU reset or driver reload).
+    retired_pages_single_bit: int | None = None
+    retired_pages_double_bit: int | None = None
+    retired_pages_pending: bool | None = None
     # Kubernetes containers the kubelet assigned this GPU (or MIG instance) to; a shared
     # GPU lists every one. Empty outside Kubernetes or with no pod-resources socket.
     pods: tuple[PodRef, ...] = ()
@@ -341,6 +350,10 @@ def invalid_reason(record: Record, *, histograms: bool = True) -> str | None:
             problem = hist.problem() if hist is not None else None
             if problem is not None:
                 return f"{name}: {problem}"
+    if isinstance(record, GpuSample) and record.xid_code_counts:
+        if len(record.xid_code_counts) != len(record.xid_codes):
+            return (f"xid_code_counts has {len(record.xid_code_counts)} entries for "
+                    f"{len(record.xid_codes)} xid codes")
     if isinstance(record, HostSample):
         cpu_pct = record.cpu_pct
         if cpu_pct is not None and (math.isnan(cpu_pct) or cpu_pct > 100 + PCT_SLACK):

@@ -196,7 +196,10 @@ def workload_gpus(
     ):
         engine = None
     model = engine.model if engine is not None else None
-    lost = sample is not None and sample.lost
+    no_data = sample is not None and sample.lost
+    # NVML refusing the agent the GPU is no lost GPU: nothing measures it ("unknown").
+    lost = no_data and sample is not None and sample.inaccessible is None
+    current = Bound.LOST if lost else Bound.UNKNOWN if no_data else None
     p50 = p99 = None
     if engine is not None:
         p50 = engine.tpot_p50_ms if engine.tpot_p50_ms is not None else engine.tpot_ms
@@ -216,7 +219,7 @@ def workload_gpus(
             node=node,
             device=device,
             gpu_name=gpu_name,
-            verdict=Bound.LOST if lost else (verdict.verdict if verdict is not None else None),
+            verdict=current or (verdict.verdict if verdict is not None else None),
             recommendations=verdict.recommendations if verdict is not None and not lost else (),
             pods=tuple(owned),
             model=model,

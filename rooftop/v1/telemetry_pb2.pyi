@@ -67,6 +67,10 @@ class GpuSample(_message.Message):
     REMAPPED_ROWS_UNCORRECTED_FIELD_NUMBER: _builtins.int
     REMAP_PENDING_FIELD_NUMBER: _builtins.int
     REMAP_FAILED_FIELD_NUMBER: _builtins.int
+    RETIRED_PAGES_SINGLE_BIT_FIELD_NUMBER: _builtins.int
+    RETIRED_PAGES_DOUBLE_BIT_FIELD_NUMBER: _builtins.int
+    RETIRED_PAGES_PENDING_FIELD_NUMBER: _builtins.int
+    XID_CODE_COUNTS_FIELD_NUMBER: _builtins.int
     MIG_UUID_FIELD_NUMBER: _builtins.int
     GPU_INSTANCE_ID_FIELD_NUMBER: _builtins.int
     COMPUTE_INSTANCE_ID_FIELD_NUMBER: _builtins.int
@@ -129,6 +133,13 @@ class GpuSample(_message.Message):
     remap_pending: _builtins.bool
     """applied at the next GPU reset"""
     remap_failed: _builtins.bool
+    retired_pages_single_bit: _builtins.int
+    """Page retirement (before Ampere: V100, T4...; absent where the GPU remaps rows):
+    pages retired for multiple single-bit / a double-bit ECC error, and a retirement
+    waiting for the next reset or driver reload.
+    """
+    retired_pages_double_bit: _builtins.int
+    retired_pages_pending: _builtins.bool
     mig_uuid: _builtins.str
     """MIG identity (numbered from 60, apart from other additions), set only for a MIG
     instance: gpu_index and gpu_uuid stay its parent GPU's, mig_uuid ("MIG-...")
@@ -147,6 +158,12 @@ class GpuSample(_message.Message):
         """Health (numbered from 40, apart from other additions). Critical XIDs the agent's
         NVML event thread saw since it started: the distinct codes and the event count
         (absent: XID events not available).
+        """
+
+    @_builtins.property
+    def xid_code_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Events per code in xid_codes, in the same order (empty: not counted per code, as
+        from an agent older than this field; then only xid_count says how many).
         """
 
     @_builtins.property
@@ -193,14 +210,18 @@ class GpuSample(_message.Message):
         remapped_rows_uncorrected: _builtins.int | None = ...,
         remap_pending: _builtins.bool | None = ...,
         remap_failed: _builtins.bool | None = ...,
+        retired_pages_single_bit: _builtins.int | None = ...,
+        retired_pages_double_bit: _builtins.int | None = ...,
+        retired_pages_pending: _builtins.bool | None = ...,
+        xid_code_counts: _abc.Iterable[_builtins.int] | None = ...,
         mig_uuid: _builtins.str = ...,
         gpu_instance_id: _builtins.int | None = ...,
         compute_instance_id: _builtins.int | None = ...,
         pods: _abc.Iterable[Global___PodRef] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct", "_clock_event_reasons", b"_clock_event_reasons", "_compute_instance_id", b"_compute_instance_id", "_dram_bw_pct", b"_dram_bw_pct", "_ecc_corrected_aggregate", b"_ecc_corrected_aggregate", "_ecc_corrected_volatile", b"_ecc_corrected_volatile", "_ecc_uncorrected_aggregate", b"_ecc_uncorrected_aggregate", "_ecc_uncorrected_volatile", b"_ecc_uncorrected_volatile", "_fp16_active_pct", b"_fp16_active_pct", "_fp32_active_pct", b"_fp32_active_pct", "_fp64_active_pct", b"_fp64_active_pct", "_gpu_instance_id", b"_gpu_instance_id", "_inaccessible", b"_inaccessible", "_mem_ctrl_pct", b"_mem_ctrl_pct", "_mem_total_bytes", b"_mem_total_bytes", "_mem_used_bytes", b"_mem_used_bytes", "_pcie_link_gen", b"_pcie_link_gen", "_pcie_link_width", b"_pcie_link_width", "_pcie_rx_bytes_per_s", b"_pcie_rx_bytes_per_s", "_pcie_tx_bytes_per_s", b"_pcie_tx_bytes_per_s", "_power_w", b"_power_w", "_remap_failed", b"_remap_failed", "_remap_pending", b"_remap_pending", "_remapped_rows_corrected", b"_remapped_rows_corrected", "_remapped_rows_uncorrected", b"_remapped_rows_uncorrected", "_sm_active_pct", b"_sm_active_pct", "_sm_clock_mhz", b"_sm_clock_mhz", "_sm_occupancy_pct", b"_sm_occupancy_pct", "_temperature_c", b"_temperature_c", "_tensor_active_pct", b"_tensor_active_pct", "_xid_count", b"_xid_count", "busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "compute_instance_id", b"compute_instance_id", "dram_bw_pct", b"dram_bw_pct", "ecc_corrected_aggregate", b"ecc_corrected_aggregate", "ecc_corrected_volatile", b"ecc_corrected_volatile", "ecc_uncorrected_aggregate", b"ecc_uncorrected_aggregate", "ecc_uncorrected_volatile", b"ecc_uncorrected_volatile", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "gpu_instance_id", b"gpu_instance_id", "inaccessible", b"inaccessible", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "power_w", b"power_w", "remap_failed", b"remap_failed", "remap_pending", b"remap_pending", "remapped_rows_corrected", b"remapped_rows_corrected", "remapped_rows_uncorrected", b"remapped_rows_uncorrected", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time", b"time", "xid_count", b"xid_count"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct", "_clock_event_reasons", b"_clock_event_reasons", "_compute_instance_id", b"_compute_instance_id", "_dram_bw_pct", b"_dram_bw_pct", "_ecc_corrected_aggregate", b"_ecc_corrected_aggregate", "_ecc_corrected_volatile", b"_ecc_corrected_volatile", "_ecc_uncorrected_aggregate", b"_ecc_uncorrected_aggregate", "_ecc_uncorrected_volatile", b"_ecc_uncorrected_volatile", "_fp16_active_pct", b"_fp16_active_pct", "_fp32_active_pct", b"_fp32_active_pct", "_fp64_active_pct", b"_fp64_active_pct", "_gpu_instance_id", b"_gpu_instance_id", "_inaccessible", b"_inaccessible", "_mem_ctrl_pct", b"_mem_ctrl_pct", "_mem_total_bytes", b"_mem_total_bytes", "_mem_used_bytes", b"_mem_used_bytes", "_pcie_link_gen", b"_pcie_link_gen", "_pcie_link_width", b"_pcie_link_width", "_pcie_rx_bytes_per_s", b"_pcie_rx_bytes_per_s", "_pcie_tx_bytes_per_s", b"_pcie_tx_bytes_per_s", "_power_w", b"_power_w", "_remap_failed", b"_remap_failed", "_remap_pending", b"_remap_pending", "_remapped_rows_corrected", b"_remapped_rows_corrected", "_remapped_rows_uncorrected", b"_remapped_rows_uncorrected", "_retired_pages_double_bit", b"_retired_pages_double_bit", "_retired_pages_pending", b"_retired_pages_pending", "_retired_pages_single_bit", b"_retired_pages_single_bit", "_sm_active_pct", b"_sm_active_pct", "_sm_clock_mhz", b"_sm_clock_mhz", "_sm_occupancy_pct", b"_sm_occupancy_pct", "_temperature_c", b"_temperature_c", "_tensor_active_pct", b"_tensor_active_pct", "_xid_count", b"_xid_count", "busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "compute_instance_id", b"compute_instance_id", "dram_bw_pct", b"dram_bw_pct", "ecc_corrected_aggregate", b"ecc_corrected_aggregate", "ecc_corrected_volatile", b"ecc_corrected_volatile", "ecc_uncorrected_aggregate", b"ecc_uncorrected_aggregate", "ecc_uncorrected_volatile", b"ecc_uncorrected_volatile", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "gpu_instance_id", b"gpu_instance_id", "inaccessible", b"inaccessible", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "power_w", b"power_w", "remap_failed", b"remap_failed", "remap_pending", b"remap_pending", "remapped_rows_corrected", b"remapped_rows_corrected", "remapped_rows_uncorrected", b"remapped_rows_uncorrected", "retired_pages_double_bit", b"retired_pages_double_bit", "retired_pages_pending", b"retired_pages_pending", "retired_pages_single_bit", b"retired_pages_single_bit", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time", b"time", "xid_count", b"xid_count"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct", "_clock_event_reasons", b"_clock_event_reasons", "_compute_instance_id", b"_compute_instance_id", "_dram_bw_pct", b"_dram_bw_pct", "_ecc_corrected_aggregate", b"_ecc_corrected_aggregate", "_ecc_corrected_volatile", b"_ecc_corrected_volatile", "_ecc_uncorrected_aggregate", b"_ecc_uncorrected_aggregate", "_ecc_uncorrected_volatile", b"_ecc_uncorrected_volatile", "_fp16_active_pct", b"_fp16_active_pct", "_fp32_active_pct", b"_fp32_active_pct", "_fp64_active_pct", b"_fp64_active_pct", "_gpu_instance_id", b"_gpu_instance_id", "_inaccessible", b"_inaccessible", "_mem_ctrl_pct", b"_mem_ctrl_pct", "_mem_total_bytes", b"_mem_total_bytes", "_mem_used_bytes", b"_mem_used_bytes", "_pcie_link_gen", b"_pcie_link_gen", "_pcie_link_width", b"_pcie_link_width", "_pcie_rx_bytes_per_s", b"_pcie_rx_bytes_per_s", "_pcie_tx_bytes_per_s", b"_pcie_tx_bytes_per_s", "_power_w", b"_power_w", "_remap_failed", b"_remap_failed", "_remap_pending", b"_remap_pending", "_remapped_rows_corrected", b"_remapped_rows_corrected", "_remapped_rows_uncorrected", b"_remapped_rows_uncorrected", "_sm_active_pct", b"_sm_active_pct", "_sm_clock_mhz", b"_sm_clock_mhz", "_sm_occupancy_pct", b"_sm_occupancy_pct", "_temperature_c", b"_temperature_c", "_tensor_active_pct", b"_tensor_active_pct", "_xid_count", b"_xid_count", "busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "compute_instance_id", b"compute_instance_id", "dram_bw_pct", b"dram_bw_pct", "ecc_corrected_aggregate", b"ecc_corrected_aggregate", "ecc_corrected_volatile", b"ecc_corrected_volatile", "ecc_uncorrected_aggregate", b"ecc_uncorrected_aggregate", "ecc_uncorrected_volatile", b"ecc_uncorrected_volatile", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "gpm_stale", b"gpm_stale", "gpu_index", b"gpu_index", "gpu_instance_id", b"gpu_instance_id", "gpu_name", b"gpu_name", "gpu_uuid", b"gpu_uuid", "inaccessible", b"inaccessible", "lost", b"lost", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "mig_uuid", b"mig_uuid", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "pods", b"pods", "power_w", b"power_w", "processes", b"processes", "remap_failed", b"remap_failed", "remap_pending", b"remap_pending", "remapped_rows_corrected", b"remapped_rows_corrected", "remapped_rows_uncorrected", b"remapped_rows_uncorrected", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time", b"time", "xid_codes", b"xid_codes", "xid_count", b"xid_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct", "_clock_event_reasons", b"_clock_event_reasons", "_compute_instance_id", b"_compute_instance_id", "_dram_bw_pct", b"_dram_bw_pct", "_ecc_corrected_aggregate", b"_ecc_corrected_aggregate", "_ecc_corrected_volatile", b"_ecc_corrected_volatile", "_ecc_uncorrected_aggregate", b"_ecc_uncorrected_aggregate", "_ecc_uncorrected_volatile", b"_ecc_uncorrected_volatile", "_fp16_active_pct", b"_fp16_active_pct", "_fp32_active_pct", b"_fp32_active_pct", "_fp64_active_pct", b"_fp64_active_pct", "_gpu_instance_id", b"_gpu_instance_id", "_inaccessible", b"_inaccessible", "_mem_ctrl_pct", b"_mem_ctrl_pct", "_mem_total_bytes", b"_mem_total_bytes", "_mem_used_bytes", b"_mem_used_bytes", "_pcie_link_gen", b"_pcie_link_gen", "_pcie_link_width", b"_pcie_link_width", "_pcie_rx_bytes_per_s", b"_pcie_rx_bytes_per_s", "_pcie_tx_bytes_per_s", b"_pcie_tx_bytes_per_s", "_power_w", b"_power_w", "_remap_failed", b"_remap_failed", "_remap_pending", b"_remap_pending", "_remapped_rows_corrected", b"_remapped_rows_corrected", "_remapped_rows_uncorrected", b"_remapped_rows_uncorrected", "_retired_pages_double_bit", b"_retired_pages_double_bit", "_retired_pages_pending", b"_retired_pages_pending", "_retired_pages_single_bit", b"_retired_pages_single_bit", "_sm_active_pct", b"_sm_active_pct", "_sm_clock_mhz", b"_sm_clock_mhz", "_sm_occupancy_pct", b"_sm_occupancy_pct", "_temperature_c", b"_temperature_c", "_tensor_active_pct", b"_tensor_active_pct", "_xid_count", b"_xid_count", "busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "compute_instance_id", b"compute_instance_id", "dram_bw_pct", b"dram_bw_pct", "ecc_corrected_aggregate", b"ecc_corrected_aggregate", "ecc_corrected_volatile", b"ecc_corrected_volatile", "ecc_uncorrected_aggregate", b"ecc_uncorrected_aggregate", "ecc_uncorrected_volatile", b"ecc_uncorrected_volatile", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "gpm_stale", b"gpm_stale", "gpu_index", b"gpu_index", "gpu_instance_id", b"gpu_instance_id", "gpu_name", b"gpu_name", "gpu_uuid", b"gpu_uuid", "inaccessible", b"inaccessible", "lost", b"lost", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "mig_uuid", b"mig_uuid", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "pods", b"pods", "power_w", b"power_w", "processes", b"processes", "remap_failed", b"remap_failed", "remap_pending", b"remap_pending", "remapped_rows_corrected", b"remapped_rows_corrected", "remapped_rows_uncorrected", b"remapped_rows_uncorrected", "retired_pages_double_bit", b"retired_pages_double_bit", "retired_pages_pending", b"retired_pages_pending", "retired_pages_single_bit", b"retired_pages_single_bit", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time", b"time", "xid_code_counts", b"xid_code_counts", "xid_codes", b"xid_codes", "xid_count", b"xid_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__busy_pct: _TypeAlias = _typing.Literal["busy_pct"]  # noqa: Y015
     _WhichOneofArgType__busy_pct: _TypeAlias = _typing.Literal["_busy_pct", b"_busy_pct"]  # noqa: Y015
@@ -252,6 +273,12 @@ class GpuSample(_message.Message):
     _WhichOneofArgType__remapped_rows_corrected: _TypeAlias = _typing.Literal["_remapped_rows_corrected", b"_remapped_rows_corrected"]  # noqa: Y015
     _WhichOneofReturnType__remapped_rows_uncorrected: _TypeAlias = _typing.Literal["remapped_rows_uncorrected"]  # noqa: Y015
     _WhichOneofArgType__remapped_rows_uncorrected: _TypeAlias = _typing.Literal["_remapped_rows_uncorrected", b"_remapped_rows_uncorrected"]  # noqa: Y015
+    _WhichOneofReturnType__retired_pages_double_bit: _TypeAlias = _typing.Literal["retired_pages_double_bit"]  # noqa: Y015
+    _WhichOneofArgType__retired_pages_double_bit: _TypeAlias = _typing.Literal["_retired_pages_double_bit", b"_retired_pages_double_bit"]  # noqa: Y015
+    _WhichOneofReturnType__retired_pages_pending: _TypeAlias = _typing.Literal["retired_pages_pending"]  # noqa: Y015
+    _WhichOneofArgType__retired_pages_pending: _TypeAlias = _typing.Literal["_retired_pages_pending", b"_retired_pages_pending"]  # noqa: Y015
+    _WhichOneofReturnType__retired_pages_single_bit: _TypeAlias = _typing.Literal["retired_pages_single_bit"]  # noqa: Y015
+    _WhichOneofArgType__retired_pages_single_bit: _TypeAlias = _typing.Literal["_retired_pages_single_bit", b"_retired_pages_single_bit"]  # noqa: Y015
     _WhichOneofReturnType__sm_active_pct: _TypeAlias = _typing.Literal["sm_active_pct"]  # noqa: Y015
     _WhichOneofArgType__sm_active_pct: _TypeAlias = _typing.Literal["_sm_active_pct", b"_sm_active_pct"]  # noqa: Y015
     _WhichOneofReturnType__sm_clock_mhz: _TypeAlias = _typing.Literal["sm_clock_mhz"]  # noqa: Y015
@@ -314,6 +341,12 @@ class GpuSample(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__remapped_rows_corrected) -> _WhichOneofReturnType__remapped_rows_corrected | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__remapped_rows_uncorrected) -> _WhichOneofReturnType__remapped_rows_uncorrected | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retired_pages_double_bit) -> _WhichOneofReturnType__retired_pages_double_bit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retired_pages_pending) -> _WhichOneofReturnType__retired_pages_pending | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retired_pages_single_bit) -> _WhichOneofReturnType__retired_pages_single_bit | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__sm_active_pct) -> _WhichOneofReturnType__sm_active_pct | None: ...
     @_typing.overload
@@ -877,12 +910,20 @@ class Batch(_message.Message):
     HOSTNAME_FIELD_NUMBER: _builtins.int
     SENT_TIME_FIELD_NUMBER: _builtins.int
     GPU_COLUMNS_FIELD_NUMBER: _builtins.int
+    ACKED_SEQ_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     boot_id: _builtins.str
     """changes on every agent start; seq restarts with it"""
     seq: _builtins.int
     """1, 2, 3, ... per (agent_id, boot_id)"""
     hostname: _builtins.str
+    acked_seq: _builtins.int
+    """The highest cumulative ack the agent had received for this boot, from any
+    collector, when it sent this batch (0: none, or an older agent). A collector
+    this agent returns to counts the seqs it skipped up to here as delivered
+    elsewhere (`acked_elsewhere`), not `missing`. Only ever a counter's input: it
+    never moves a de-duplication mark, and is believed no higher than seq - 1.
+    """
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___TraceRecord]: ...
     @_builtins.property
@@ -911,10 +952,11 @@ class Batch(_message.Message):
         hostname: _builtins.str = ...,
         sent_time: _timestamp_pb2.Timestamp | None = ...,
         gpu_columns: Global___GpuColumns | None = ...,
+        acked_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gpu_columns", b"gpu_columns", "sent_time", b"sent_time", "stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "boot_id", b"boot_id", "gpu_columns", b"gpu_columns", "hostname", b"hostname", "records", b"records", "sent_time", b"sent_time", "seq", b"seq", "stats", b"stats", "verdicts", b"verdicts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "agent_id", b"agent_id", "boot_id", b"boot_id", "gpu_columns", b"gpu_columns", "hostname", b"hostname", "records", b"records", "sent_time", b"sent_time", "seq", b"seq", "stats", b"stats", "verdicts", b"verdicts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -946,6 +988,7 @@ class GpuColumns(_message.Message):
     PROCESSES_PER_ROW_FIELD_NUMBER: _builtins.int
     PODS_PER_ROW_FIELD_NUMBER: _builtins.int
     XID_CODES_FIELD_NUMBER: _builtins.int
+    XID_CODE_COUNTS_FIELD_NUMBER: _builtins.int
     PROCESS_PID_FIELD_NUMBER: _builtins.int
     PROCESS_PRESENCE_FIELD_NUMBER: _builtins.int
     PROCESS_GPU_MEM_BYTES_FIELD_NUMBER: _builtins.int
@@ -983,6 +1026,9 @@ class GpuColumns(_message.Message):
     REMAPPED_ROWS_UNCORRECTED_FIELD_NUMBER: _builtins.int
     REMAP_PENDING_FIELD_NUMBER: _builtins.int
     REMAP_FAILED_FIELD_NUMBER: _builtins.int
+    RETIRED_PAGES_SINGLE_BIT_FIELD_NUMBER: _builtins.int
+    RETIRED_PAGES_DOUBLE_BIT_FIELD_NUMBER: _builtins.int
+    RETIRED_PAGES_PENDING_FIELD_NUMBER: _builtins.int
     GPU_INSTANCE_ID_FIELD_NUMBER: _builtins.int
     COMPUTE_INSTANCE_ID_FIELD_NUMBER: _builtins.int
     rows: _builtins.int
@@ -998,7 +1044,8 @@ class GpuColumns(_message.Message):
     """u64 per row: bit n set when GpuSample field number n is present in that row
     (an optional metric; absent means not measured). A metric column holds one value
     per row whose bit is set, in row order: f64 for doubles, u64 for integers, u8
-    (0 or 1) for remap_pending / remap_failed, u32 string index for inaccessible.
+    (0 or 1) for remap_pending / remap_failed / retired_pages_pending, u32 string index
+    for inaccessible.
     """
     flags: _builtins.bytes
     """u8 per row: bit 0 lost, bit 1 gpm_stale."""
@@ -1008,6 +1055,10 @@ class GpuColumns(_message.Message):
     pods_per_row: _builtins.bytes
     xid_codes: _builtins.bytes
     """Flattened lists, rows in order: u32 xid codes."""
+    xid_code_counts: _builtins.bytes
+    """u64 per xid code, aligned with xid_codes: the events of that code (GpuSample
+    xid_code_counts). Empty when no row counts per code.
+    """
     process_pid: _builtins.bytes
     """One entry per process: u32 pid; u8 presence (bit 0 gpu_mem_bytes, bit 1 name, bit 2
     slurm_job_id); u64 gpu_mem_bytes, u32 string indices (0 where absent).
@@ -1050,6 +1101,9 @@ class GpuColumns(_message.Message):
     remapped_rows_uncorrected: _builtins.bytes
     remap_pending: _builtins.bytes
     remap_failed: _builtins.bytes
+    retired_pages_single_bit: _builtins.bytes
+    retired_pages_double_bit: _builtins.bytes
+    retired_pages_pending: _builtins.bytes
     gpu_instance_id: _builtins.bytes
     compute_instance_id: _builtins.bytes
     @_builtins.property
@@ -1072,6 +1126,7 @@ class GpuColumns(_message.Message):
         processes_per_row: _builtins.bytes = ...,
         pods_per_row: _builtins.bytes = ...,
         xid_codes: _builtins.bytes = ...,
+        xid_code_counts: _builtins.bytes = ...,
         process_pid: _builtins.bytes = ...,
         process_presence: _builtins.bytes = ...,
         process_gpu_mem_bytes: _builtins.bytes = ...,
@@ -1109,12 +1164,15 @@ class GpuColumns(_message.Message):
         remapped_rows_uncorrected: _builtins.bytes = ...,
         remap_pending: _builtins.bytes = ...,
         remap_failed: _builtins.bytes = ...,
+        retired_pages_single_bit: _builtins.bytes = ...,
+        retired_pages_double_bit: _builtins.bytes = ...,
+        retired_pages_pending: _builtins.bytes = ...,
         gpu_instance_id: _builtins.bytes = ...,
         compute_instance_id: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "compute_instance_id", b"compute_instance_id", "dram_bw_pct", b"dram_bw_pct", "ecc_corrected_aggregate", b"ecc_corrected_aggregate", "ecc_corrected_volatile", b"ecc_corrected_volatile", "ecc_uncorrected_aggregate", b"ecc_uncorrected_aggregate", "ecc_uncorrected_volatile", b"ecc_uncorrected_volatile", "flags", b"flags", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "gpu_index", b"gpu_index", "gpu_instance_id", b"gpu_instance_id", "gpu_name", b"gpu_name", "gpu_uuid", b"gpu_uuid", "inaccessible", b"inaccessible", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "mig_uuid", b"mig_uuid", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "pod_container", b"pod_container", "pod_namespace", b"pod_namespace", "pod_pod", b"pod_pod", "pods_per_row", b"pods_per_row", "power_w", b"power_w", "presence", b"presence", "process_gpu_mem_bytes", b"process_gpu_mem_bytes", "process_name", b"process_name", "process_pid", b"process_pid", "process_presence", b"process_presence", "process_slurm_job_id", b"process_slurm_job_id", "processes_per_row", b"processes_per_row", "remap_failed", b"remap_failed", "remap_pending", b"remap_pending", "remapped_rows_corrected", b"remapped_rows_corrected", "remapped_rows_uncorrected", b"remapped_rows_uncorrected", "rows", b"rows", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "strings", b"strings", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time_us", b"time_us", "xid_codes", b"xid_codes", "xid_codes_per_row", b"xid_codes_per_row", "xid_count", b"xid_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_pct", b"busy_pct", "clock_event_reasons", b"clock_event_reasons", "compute_instance_id", b"compute_instance_id", "dram_bw_pct", b"dram_bw_pct", "ecc_corrected_aggregate", b"ecc_corrected_aggregate", "ecc_corrected_volatile", b"ecc_corrected_volatile", "ecc_uncorrected_aggregate", b"ecc_uncorrected_aggregate", "ecc_uncorrected_volatile", b"ecc_uncorrected_volatile", "flags", b"flags", "fp16_active_pct", b"fp16_active_pct", "fp32_active_pct", b"fp32_active_pct", "fp64_active_pct", b"fp64_active_pct", "gpu_index", b"gpu_index", "gpu_instance_id", b"gpu_instance_id", "gpu_name", b"gpu_name", "gpu_uuid", b"gpu_uuid", "inaccessible", b"inaccessible", "mem_ctrl_pct", b"mem_ctrl_pct", "mem_total_bytes", b"mem_total_bytes", "mem_used_bytes", b"mem_used_bytes", "mig_uuid", b"mig_uuid", "pcie_link_gen", b"pcie_link_gen", "pcie_link_width", b"pcie_link_width", "pcie_rx_bytes_per_s", b"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s", b"pcie_tx_bytes_per_s", "pod_container", b"pod_container", "pod_namespace", b"pod_namespace", "pod_pod", b"pod_pod", "pods_per_row", b"pods_per_row", "power_w", b"power_w", "presence", b"presence", "process_gpu_mem_bytes", b"process_gpu_mem_bytes", "process_name", b"process_name", "process_pid", b"process_pid", "process_presence", b"process_presence", "process_slurm_job_id", b"process_slurm_job_id", "processes_per_row", b"processes_per_row", "remap_failed", b"remap_failed", "remap_pending", b"remap_pending", "remapped_rows_corrected", b"remapped_rows_corrected", "remapped_rows_uncorrected", b"remapped_rows_uncorrected", "retired_pages_double_bit", b"retired_pages_double_bit", "retired_pages_pending", b"retired_pages_pending", "retired_pages_single_bit", b"retired_pages_single_bit", "rows", b"rows", "sm_active_pct", b"sm_active_pct", "sm_clock_mhz", b"sm_clock_mhz", "sm_occupancy_pct", b"sm_occupancy_pct", "strings", b"strings", "temperature_c", b"temperature_c", "tensor_active_pct", b"tensor_active_pct", "time_us", b"time_us", "xid_code_counts", b"xid_code_counts", "xid_codes", b"xid_codes", "xid_codes_per_row", b"xid_codes_per_row", "xid_count", b"xid_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1130,11 +1188,16 @@ class Ack(_message.Message):
     ACKED_SEQ_FIELD_NUMBER: _builtins.int
     REJECTED_SEQ_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
     boot_id: _builtins.str
     acked_seq: _builtins.int
     rejected_seq: _builtins.int
     """Set when a batch was refused (poison or oversized); the stream goes on."""
     error: _builtins.str
+    columns: _builtins.bool
+    """This collector reads Batch.gpu_columns (every current one sets it on every ack):
+    an agent with batch_format "auto" sends columns on this stream from then on.
+    """
     def __init__(
         self,
         *,
@@ -1142,10 +1205,11 @@ class Ack(_message.Message):
         acked_seq: _builtins.int = ...,
         rejected_seq: _builtins.int = ...,
         error: _builtins.str = ...,
+        columns: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "boot_id", b"boot_id", "error", b"error", "rejected_seq", b"rejected_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "boot_id", b"boot_id", "columns", b"columns", "error", b"error", "rejected_seq", b"rejected_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1375,6 +1439,26 @@ class CollectorStatus(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class LimitedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BATCHES_FIELD_NUMBER: _builtins.int
     SAMPLES_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
@@ -1385,6 +1469,8 @@ class CollectorStatus(_message.Message):
     REFUSED_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     RESTORED_DUPLICATES_FIELD_NUMBER: _builtins.int
+    ACKED_ELSEWHERE_FIELD_NUMBER: _builtins.int
+    LIMITED_FIELD_NUMBER: _builtins.int
     batches: _builtins.int
     samples: _builtins.int
     duplicates: _builtins.int
@@ -1396,6 +1482,10 @@ class CollectorStatus(_message.Message):
     """Duplicates caught by a mark restored from the collector's state_dir: batches
     applied before a restart and resent after it (not applied again).
     """
+    acked_elsewhere: _builtins.int
+    """Seqs a stream skipped that the agent says another collector acked (Batch.acked_seq):
+    delivered elsewhere while the agent was away, not lost (unlike `missing`).
+    """
     @_builtins.property
     def rejected(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """poison batches, by reason"""
@@ -1403,6 +1493,12 @@ class CollectorStatus(_message.Message):
     @_builtins.property
     def refused(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """calls refused by authentication, by reason"""
+
+    @_builtins.property
+    def limited(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """What a limit refused (max_agents, max_gpus, unread_acks, ...), by reason: see
+        rooftop.collector.limited in docs/METRICS.md.
+        """
 
     def __init__(
         self,
@@ -1417,10 +1513,12 @@ class CollectorStatus(_message.Message):
         refused: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         version: _builtins.str = ...,
         restored_duplicates: _builtins.int = ...,
+        acked_elsewhere: _builtins.int = ...,
+        limited: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "duplicates", b"duplicates", "missing", b"missing", "refused", b"refused", "rejected", b"rejected", "restored_duplicates", b"restored_duplicates", "samples", b"samples", "skewed", b"skewed", "streams", b"streams", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_elsewhere", b"acked_elsewhere", "batches", b"batches", "duplicates", b"duplicates", "limited", b"limited", "missing", b"missing", "refused", b"refused", "rejected", b"rejected", "restored_duplicates", b"restored_duplicates", "samples", b"samples", "skewed", b"skewed", "streams", b"streams", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

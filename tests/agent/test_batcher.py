@@ -84,7 +84,7 @@ def test_gpu_samples_columns_cannot_carry_exactly_stay_records():
 def test_the_stats_reserve_holds_every_counter_at_its_largest_with_room_to_spare():
     largest = 2**64 - 1
     stats = pb.AgentStats(**{f.name: largest for f in pb.AgentStats.DESCRIPTOR.fields})
-    msg = pb.Batch(stats=stats)
+    msg = pb.Batch(stats=stats, acked_seq=largest)  # as the stream sets them, at their largest
     msg.sent_time.CopyFrom(Timestamp(seconds=253_402_300_799, nanos=999_999_999))  # year 9999
     # Room for four more counters (11 bytes each at their largest) before it is too small.
     assert msg.ByteSize() + 4 * 11 <= STATS_MAX_BYTES

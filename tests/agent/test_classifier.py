@@ -309,7 +309,8 @@ def test_inaccessible_gpu_says_so_and_never_advises_a_reset():
     assert v.rule.startswith(
         "GPU 3 is not accessible to this user (NVML NO_PERMISSION): run the agent with "
         "access to /dev/nvidia3")
-    assert v.confidence == 1.0 and v.verdict is Bound.LOST  # no data: the wire's "lost"
+    # Nothing measures it: "unknown" (never "lost", which alerts and drains the node).
+    assert v.confidence == 1.0 and v.verdict is Bound.UNKNOWN
     text = " ".join(v.recommendations).lower()
     assert "/dev/nvidia3" in text
     assert "reset" not in text and "drain" not in text

@@ -30,6 +30,17 @@ def test_defaults():
     assert cfg.insecure is False
 
 
+@pytest.mark.parametrize("fmt", ["auto", "records", "columns"])
+def test_batch_format_is_auto_by_default_and_takes_each_format(tmp_path: Path, fmt: str):
+    assert load_config(env={}).batch_format == "auto"
+    assert load_config(write(tmp_path, f'batch_format = "{fmt}"\n'), env={}).batch_format == fmt
+
+
+def test_an_unknown_batch_format_names_the_key_and_the_choices():
+    with pytest.raises(ConfigError, match="batch_format: 'column' is not one of auto, records"):
+        load_config(env={}, overrides={"batch_format": "column"})
+
+
 def test_toml_file_is_read_and_typed(tmp_path: Path):
     path = write(
         tmp_path,

@@ -84,11 +84,23 @@ def hung() -> Iterator[str]:
         yield f"127.0.0.1:{sock.getsockname()[1]}"
 
 
-def status_rows(output: str) -> list[list[str]]:
-    """The table rows (after the NODE header) that start a node, split on spaces."""
+def status_rows(output: str) -> list[dict[str, str]]:
+    """The table rows that start a node, as {column: cell}, cut where the header's columns start.
+
+    Cells may hold a space (``disconnected 42s``, ``5.8 ms``): the header's offsets,
+    not whitespace, say where each ends.
+    """
     lines = output.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("NODE "))
-    return [line.split() for line in lines[start + 1:] if line.startswith("node-")]
+    header = lines[start]
+    names = header.split()
+    offsets = [header.index(name) for name in names]  # each name once in the header
+    cuts = list(zip(names, offsets, [*offsets[1:], None], strict=True))
+    return [
+        {name: line[begin:end].strip() for name, begin, end in cuts}
+        for line in lines[start + 1:]
+        if line and not line.startswith(" ")  # a node's further GPUs, the counters
+    ]
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -105,9 +117,9 @@ def test_status_over_three_collectors_shows_every_node_once_with_the_newest_repo
     assert title.startswith(f"Rooftop fleet — collectors {fleet3.a}, {fleet3.b}, {fleet3.c} ")
     assert "4 node(s), 4 GPU(s)" in title
     rows = status_rows(out)
-    assert [r[1] for r in rows] == ["agent-a", "agent-b", "agent-c", "agent-m"]
+    assert [r["AGENT"] for r in rows] == ["agent-a", "agent-b", "agent-c", "agent-m"]
     moved = rows[-1]
-    assert moved[7:9] == ["0", "memory-bound"]  # B's (newer), not A's compute-bound
+    assert (moved["GPU"], moved["VERDICT"]) == ("0", "memory-bound")  # B's, not A's
     assert "NOT ANSWERING" not in out
     assert "3 collectors (sum): 5 batches" in out
 
@@ -132,7 +144,7 @@ def test_a_collector_that_does_not_answer_is_marked_and_the_others_nodes_shown(f
     assert code == 0, err  # some answered: the view, with the gap marked
     lines = out.splitlines()
     assert lines[1].startswith(f"collector {hung}: NOT ANSWERING (DEADLINE_EXCEEDED")
-    assert [r[1] for r in status_rows(out)] == ["agent-a", "agent-c", "agent-m"]
+    assert [r["AGENT"] for r in status_rows(out)] == ["agent-a", "agent-c", "agent-m"]
     assert "2 collectors (sum)" in out
     down = f"127.0.0.1:{closed_port()}"
     code, out, err = run("status", "--collector", fleet3.a, "--collector", down,
@@ -241,7 +253,7 @@ def test_status_asks_every_collector_of_the_agent_config(fleet3, tmp_path: Path,
     monkeypatch.setenv("ROOFTOP_CONFIG", str(config))
     code, out, err = run("status")
     assert code == 0, err
-    assert [r[1] for r in status_rows(out)] == ["agent-a", "agent-b", "agent-c", "agent-m"]
+    assert [r["AGENT"] for r in status_rows(out)] == ["agent-a", "agent-b", "agent-c", "agent-m"]
 
 
 def _node(agent_id: str, last_seen_s: float, batches: int, boot_id: str = "b") -> pb.NodeStatus:
@@ -289,6 +301,10 @@ def test_the_incident_guide_shows_what_status_prints_over_several_collectors():
         node.CopyFrom(_node(f"agent-{name}", now, 1))
         node.hostname, node.lag_s = f"node-agent-{name}", 0.0
         node.gpus.add(gpu_index=0, verdict=pb.Verdict(verdict="memory-bound", confidence=0.9))
+        node.connected = name != "m"
+    gone = fs.nodes[2]  # its stream closed 12 s ago, and no collector that answered has it
+    gone.last_seen_time.CopyFrom(timestamp(now - 12))
+    gone.disconnected_time.CopyFrom(timestamp(now - 12))
     answered = [CollectorOutcome(f"10.0.0.{i}:4850", version="0.1.0") for i in (1, 2)]
     down = CollectorOutcome("10.0.0.3:4850", error="DEADLINE_EXCEEDED: Deadline Exceeded")
     printed = format_status(fs, collector="", collectors=[*answered, down])

@@ -19,6 +19,7 @@ from rooftop.agent.health_report import format_health, health_of
 from rooftop.agent.sampler import Sampler
 from rooftop.agent.sensors.fake import FakeNvmlLibrary, fake_backend
 from rooftop.agent.sensors.nvml import HEALTH_EVERY_S, NvmlBackend
+from rooftop.agent.sensors.xid import MAX_CODES
 from rooftop.agent.trace import BUNDLED_RECORDINGS, encode_line
 from rooftop.cli import main
 from rooftop.common.codec import record_from_proto, record_to_proto
@@ -53,10 +54,14 @@ def sample(**fields: Any) -> GpuSample:
         ({"ecc_uncorrected_aggregate": 2}, HealthState.OK, None),  # history, not now
         ({"remap_failed": True}, HealthState.FAILED, "row remapping failed"),
         ({"remap_pending": True}, HealthState.DEGRADED, "row remap pending"),
+        ({"retired_pages_pending": True}, HealthState.DEGRADED, "page retirement pending"),
+        ({"retired_pages_single_bit": 5, "retired_pages_double_bit": 1,
+          "retired_pages_pending": False}, HealthState.OK, None),  # retired: done, history
         ({"clock_event_reasons": 0x40}, HealthState.DEGRADED, "clocks held down: hw_thermal"),
         ({"clock_event_reasons": 0x4 | 0x1}, HealthState.OK, None),  # power cap, idle: policy
         ({"lost": True}, HealthState.FAILED, "GPU lost"),
-        ({"lost": True, "inaccessible": "NO_PERMISSION"}, HealthState.OK, None),
+        ({"lost": True, "inaccessible": "NO_PERMISSION"}, HealthState.UNKNOWN,
+         "not accessible to the agent (NVML NO_PERMISSION)"),
     ],
 )
 def test_health_table(fields, state, first_reason):
@@ -96,12 +101,29 @@ def test_xid_79_reaches_the_sample_from_the_event_thread():
         lib.raise_xid(1, 79)
         lib.raise_xid(1, 13)
         wait_for(lambda: backend.xid_tally(1)[1] == 3)
-        assert backend.read(1, time.time()).xid_codes == (79, 13)
+        later = backend.read(1, time.time())
+        assert (later.xid_codes, later.xid_code_counts) == ((79, 13), (2, 1))
         assert assess(backend.read(1, time.time())).state is HealthState.FAILED
     finally:
         backend.close()
     assert lib.live_event_sets == 0  # the set is freed on close, before shutdown
     assert not lib.initialized
+
+
+def test_past_the_distinct_code_bound_an_xid_counts_in_the_total_only():
+    backend = fake_backend("h100", 1, "gemv")
+    lib = backend.library
+    try:
+        for xid in range(1, MAX_CODES + 2):
+            lib.raise_xid(0, xid)
+        lib.raise_xid(0, 1)
+        wait_for(lambda: backend.xid_tally(0)[1] == MAX_CODES + 2)
+        s = backend.read(0, time.time())
+        assert s.xid_codes == tuple(range(1, MAX_CODES + 1))
+        assert s.xid_code_counts == (2, *(1,) * (MAX_CODES - 1))
+        assert s.xid_count == sum(s.xid_code_counts) + 1  # the 17th code: total only
+    finally:
+        backend.close()
 
 
 def test_a_lost_gpu_keeps_its_xid_in_the_sampler():
@@ -113,7 +135,7 @@ def test_a_lost_gpu_keeps_its_xid_in_the_sampler():
         lib.inject(0, "*", "gpu_is_lost")  # what follows XID 79
         (gpu, _host) = Sampler(backend).tick() + [None]
         assert isinstance(gpu, GpuSample) and gpu.lost
-        assert gpu.xid_codes == (79,)
+        assert (gpu.xid_codes, gpu.xid_count, gpu.xid_code_counts) == ((79,), 1, (1,))
         assert assess(gpu).reasons[0] == "XID 79: GPU has fallen off the bus"
     finally:
         backend.close()
@@ -203,6 +225,7 @@ def test_xid_through_real_pynvml_over_the_c_stand_in():
             wait_for(lambda: backend.xid_tally(1)[1] == 1)
             s = backend.read(1, time.time())
             assert s.xid_codes == (79,) and s.ecc_corrected_aggregate == 7
+            assert s.xid_code_counts == (1,)
             assert (s.remapped_rows_corrected, s.remap_failed) == (2, True)
             assert backend.read(0, time.time()).xid_codes == ()
         finally:
@@ -223,6 +246,9 @@ def test_health_fields_round_trip_the_wire():
         remapped_rows_uncorrected=0,
         remap_pending=False,
         remap_failed=False,
+        retired_pages_single_bit=3,
+        retired_pages_double_bit=0,
+        retired_pages_pending=True,
     )
     assert record_from_proto(record_to_proto(s)) == s
     bare = sample()

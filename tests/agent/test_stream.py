@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from rooftop.agent.batcher import Batcher
 from rooftop.agent.homing import Endpoint, rendezvous_rank
@@ -24,9 +25,11 @@ from rooftop.agent.stream import (
     channel_options,
     map_grpc_errors,
 )
+from rooftop.collector.fleet import Fleet
 from rooftop.common.errors import Rejected, Retryable
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
+from tests.collector.helpers import start_server
 from tests.security.pki import OPENSSL, Pki
 from tests.support import BOOT, FakeIngest, Proxy, Server, free_port, wait_for
 
@@ -605,3 +608,136 @@ def test_addresses_of_a_dns_name_are_verified_against_the_name_over_tls(
         assert streamer.stats().address == f"127.0.0.2:{port}"
     finally:
         server.stop(grace=None).wait(5)
+
+
+# --- a return home: what another collector acked meanwhile is not missing (issue 13) ------
+
+
+@pytest.fixture
+def real_three() -> Iterator[tuple[list[str], Proxy, list[Fleet]]]:
+    """Three real collectors, the first behind a proxy that can cut it off and back.
+
+    Cut off, not restarted: home keeps its de-duplication marks, as a collector that
+    was unreachable for a while (or restarted with its state_dir) does.
+    """
+    made = [start_server() for _ in range(3)]
+    proxy = Proxy(made[0][0].port)
+    addresses = [proxy.address, *(f"127.0.0.1:{server.port}" for server, _ in made[1:])]
+    yield addresses, proxy, [fleet for _, fleet in made]
+    proxy.close()
+    for server, _ in made:
+        server.shutdown(timeout_s=1)
+
+
+def test_after_a_return_home_the_seqs_acked_elsewhere_are_not_missing_there(
+    spool, make_streamer, real_three
+):
+    addresses, proxy, (home, *others) = real_three
+    agent_id = homed_at(proxy.address, addresses)
+    batcher = Batcher(agent_id, BOOT)
+    clock = FakeClock()
+    streamer = make_streamer(addresses, agent_id=agent_id, monotonic=clock,
+                             return_home_after_s=1.0, home_probe_interval_s=0.05)  # fmt: skip
+    enqueue_timed(spool, batcher, 5)
+    wait_for(lambda: spool.queued == 0)
+    proxy.cut()  # home unreachable: 6..10 go to the next-ranked collector
+    enqueue_timed(spool, batcher, 5)
+    streamer.wake()
+    wait_for(lambda: spool.queued == 0 and streamer.stats().address != proxy.address)
+    proxy.restore()
+    probes_after(streamer, 2)
+    clock.now_s = 5.0  # healthy for longer than the hysteresis
+    wait_for(lambda: streamer.stats().address == proxy.address)
+    enqueue_timed(spool, batcher, 3)
+    streamer.wake()
+    wait_for(lambda: spool.queued == 0 and home.counts().batches == 8)
+    counts = home.counts()
+    assert (counts.missing, counts.acked_elsewhere) == (0, 5)
+    assert sum(fleet.counts().batches for fleet in others) == 5
+    assert all(fleet.counts().missing == 0 for fleet in others)
+
+
+# --- batch_format "auto": columns once the collector says it reads them ----------------------
+
+
+def enqueue_timed(spool: Spool, batcher: Batcher, n: int, gpus: int = 4) -> None:
+    """``n`` batches of GPU samples columns can carry (times in whole microseconds)."""
+    for i in range(n):
+        recs = [
+            pb.TraceRecord(gpu=pb.GpuSample(
+                gpu_index=g, busy_pct=50.0,
+                time=Timestamp(seconds=1_790_000_000 + batcher.last_seq + i, nanos=1000 * g)))
+            for g in range(gpus)
+        ]  # fmt: skip
+        for batch in batcher.make(recs):
+            spool.append(batch)
+
+
+def gpu_samples(batch: pb.Batch) -> int:
+    return sum(rec.HasField("gpu") for rec in batch.records) + batch.gpu_columns.rows
+
+
+def test_auto_sends_columns_after_the_collectors_ack_says_it_reads_them(
+    spool, make_streamer, servers
+):
+    server = serve(servers, columns=True)
+    batcher = Batcher("node-1", BOOT)
+    enqueue_timed(spool, batcher, 1)
+    make_streamer([server.address], auto_columns=True)
+    wait_for(lambda: spool.queued == 0)  # the first batch, sent before any ack: records
+    enqueue_timed(spool, batcher, 5)
+    wait_for(lambda: spool.queued == 0)
+    received = server.servicer.received
+    assert [b.HasField("gpu_columns") for b in received] == [False] + [True] * 5
+    assert [gpu_samples(b) for b in received] == [4] * 6
+    assert all(not b.records for b in received[1:])
+
+
+def test_auto_sends_records_throughout_to_a_collector_that_never_says_columns(
+    spool, make_streamer, servers
+):
+    server = serve(servers)  # an older collector: its acks have no columns field
+    batcher = Batcher("node-1", BOOT)
+    enqueue_timed(spool, batcher, 1)
+    make_streamer([server.address], auto_columns=True)
+    wait_for(lambda: spool.queued == 0)
+    enqueue_timed(spool, batcher, 5)
+    wait_for(lambda: spool.queued == 0)
+    received = server.servicer.received
+    assert server.servicer.seqs() == list(range(1, 7))
+    assert not any(b.HasField("gpu_columns") for b in received)
+    assert [gpu_samples(b) for b in received] == [4] * 6
+
+
+def test_auto_starts_over_with_records_after_a_failover_to_an_older_collector(
+    spool, make_streamer, servers
+):
+    new = serve(servers, columns=True)
+    old = serve(servers)
+    agent_id = homed_at(new.address, [new.address, old.address])
+    batcher = Batcher(agent_id, BOOT)
+    enqueue_timed(spool, batcher, 1)
+    streamer = make_streamer([new.address, old.address], agent_id=agent_id, auto_columns=True)
+    wait_for(lambda: spool.queued == 0)
+    enqueue_timed(spool, batcher, 2)
+    wait_for(lambda: spool.queued == 0)
+    assert [b.HasField("gpu_columns") for b in new.servicer.received] == [False, True, True]
+    new.stop()
+    enqueue_timed(spool, batcher, 3)
+    streamer.wake()
+    wait_for(lambda: spool.queued == 0)
+    assert streamer.stats().address == old.address
+    assert set(new.servicer.seqs()) | set(old.servicer.seqs()) == set(range(1, 7))
+    assert not any(b.HasField("gpu_columns") for b in old.servicer.received)
+    assert all(gpu_samples(b) == 4 for b in old.servicer.received)
+
+
+def test_every_batch_carries_the_highest_seq_acked_so_far(spool, make_streamer, servers):
+    server = serve(servers)
+    batcher = Batcher("node-1", BOOT)
+    enqueue(spool, batcher, 1)
+    make_streamer([server.address])
+    wait_for(lambda: spool.queued == 0)
+    enqueue(spool, batcher, 1)
+    wait_for(lambda: spool.queued == 0)
+    assert [(b.seq, b.acked_seq) for b in server.servicer.received] == [(1, 0), (2, 1)]

@@ -367,3 +367,23 @@ def test_a_window_without_a_step_is_returned_as_it_was_taken():
     ticks = _stepped_ticks({})
     records = on_monotonic_time(ticks)
     assert all(a is b for a, b in zip(records, [r for _, rs in ticks for r in rs], strict=True))
+
+
+def test_an_engine_on_a_gpu_index_belongs_to_the_mig_instance_that_runs_its_pid():
+    """GPU 0 in MIG mode: the engine names GPU 0 and its pid runs in instance B, so
+    instance B's window has its TPOT and instance A's and the parent's do not; an
+    engine no instance lists (another pid) still applies to every one of them."""
+    records = []
+    for t in (0.0, 0.5, 1.0):
+        records += [
+            gemv(t),
+            gemv(t, mig_uuid="MIG-a", processes=(GpuProcess(pid=11),)),
+            gemv(t, mig_uuid="MIG-b", processes=(GpuProcess(pid=22),)),
+            engine(t, gpu_indices=(0,), pid=22, tpot_ms=9.0, engine_id="b"),
+            engine(t, gpu_indices=(0,), pid=99, tpot_ms=5.0, engine_id="elsewhere"),
+        ]
+    windows = build_windows(records)
+    engines = {key.mig_uuid: ws[0].engine for key, ws in windows.items()}
+    assert set(engines["MIG-b"].engine_ids) == {"b", "elsewhere"}
+    assert engines["MIG-a"].engine_ids == ("elsewhere",)
+    assert engines[""].engine_ids == ("elsewhere",)

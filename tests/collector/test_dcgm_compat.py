@@ -99,6 +99,8 @@ SOURCES = {
     "DCGM_FI_PROF_PCIE_TX_BYTES": "pcie_tx_bytes_per_s",
     "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS": "remapped_rows_corrected",
     "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": "remapped_rows_uncorrected",
+    "DCGM_FI_DEV_RETIRED_SBE": "retired_pages_single_bit",
+    "DCGM_FI_DEV_RETIRED_DBE": "retired_pages_double_bit",
 }
 # The ones the issue names: dashboards query these first.
 REQUIRED = {"DCGM_FI_PROF_DRAM_ACTIVE", "DCGM_FI_PROF_SM_ACTIVE",
@@ -106,8 +108,12 @@ REQUIRED = {"DCGM_FI_PROF_DRAM_ACTIVE", "DCGM_FI_PROF_SM_ACTIVE",
             "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_GPU_TEMP",
             "DCGM_FI_DEV_XID_ERRORS"}  # fmt: skip
 
+# Both health mechanisms at once (a real GPU has one: row remapping from Ampere on, page
+# retirement before), so every DCGM field is written and checked.
 HEALTH = {"xid_codes": (13, 79), "xid_count": 3, "remapped_rows_corrected": 2,
-          "remapped_rows_uncorrected": 0, "remap_failed": False}  # fmt: skip
+          "remapped_rows_uncorrected": 0, "remap_failed": False,
+          "retired_pages_single_bit": 5, "retired_pages_double_bit": 1,
+          "retired_pages_pending": True}  # fmt: skip
 
 
 def samples_batch(seq: int, gpu0_pods: tuple[PodRef, ...]) -> Any:
@@ -185,6 +191,8 @@ def test_dcgm_names_types_units_and_labels_match_dcgm_exporter(collector: Collec
     xid = {labels["gpu"]: (labels["err_code"], v)
            for labels, v in series(families, "DCGM_FI_DEV_XID_ERRORS")}  # fmt: skip
     assert xid == {"0": ("79", 79.0)}  # the last XID; absent where XIDs are not watched
+    pending = {labels["gpu"]: v for labels, v in series(families, "DCGM_FI_DEV_RETIRED_PENDING")}
+    assert pending == {"0": 1.0}  # NVML's pending flag; absent where not read
 
 
 def test_dcgm_series_name_the_pods_on_gpus_and_mig_instances_and_follow_a_pod_move(

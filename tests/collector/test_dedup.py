@@ -48,10 +48,10 @@ def test_out_of_order_seqs_on_one_stream_are_each_applied_once():
 
 def test_an_applied_seq_above_a_gap_is_a_duplicate_and_the_gap_still_fills():
     d = Deduplicator()
-    assert d.commit(KEY, 1, first_on_stream=True) == (1, 0)
-    assert d.commit(KEY, 3, first_on_stream=False) == (1, 0)
+    assert d.commit(KEY, 1, first_on_stream=True) == (1, 0, 0)
+    assert d.commit(KEY, 3, first_on_stream=False) == (1, 0, 0)
     assert d.is_duplicate(KEY, 3) and not d.is_duplicate(KEY, 2)
-    assert d.commit(KEY, 2, first_on_stream=False) == (3, 0)
+    assert d.commit(KEY, 2, first_on_stream=False) == (3, 0, 0)
     assert d.acked(KEY) == 3
 
 
@@ -59,7 +59,7 @@ def test_a_gap_that_never_fills_is_given_up_on_but_a_late_seq_is_still_applied()
     d = Deduplicator(max_ahead=4)
     d.commit(KEY, 1, first_on_stream=True)
     for seq in range(3, 8):
-        contiguous, skipped = d.commit(KEY, seq, first_on_stream=False)
+        contiguous, skipped, _ = d.commit(KEY, seq, first_on_stream=False)
     assert (contiguous, skipped) == (7, 1)
     assert d.check(KEY, 2) is SeqCheck.NEW
     d.commit(KEY, 2, first_on_stream=True)
@@ -84,7 +84,37 @@ def test_a_seq_above_max_seq_is_too_far_even_for_a_boot_never_seen():
 def test_a_boot_first_seen_mid_run_counts_nothing_missing():
     # A fresh collector cannot tell what an earlier one applied from what was dropped.
     d = Deduplicator()
-    assert d.commit(KEY, 500, first_on_stream=True) == (500, 0)
+    assert d.commit(KEY, 500, first_on_stream=True) == (500, 0, 0)
+
+
+def test_a_resumed_gap_the_agent_saw_acked_elsewhere_is_not_missing():
+    # Home applied 1..5; the agent was away while another collector acked 6..9.
+    d = Deduplicator()
+    applied(d, KEY, [1, 2, 3, 4, 5])
+    assert d.commit(KEY, 10, first_on_stream=True, acked_seq=9) == (10, 0, 4)
+
+
+def test_seqs_above_the_acked_seq_are_still_missing():
+    # Acked elsewhere up to 7; 8 and 9 the agent's spool dropped.
+    d = Deduplicator()
+    applied(d, KEY, [1, 2, 3, 4, 5])
+    assert d.commit(KEY, 10, first_on_stream=True, acked_seq=7) == (10, 2, 2)
+
+
+def test_an_acked_seq_at_or_above_the_batch_seq_is_believed_only_up_to_seq_minus_1():
+    d = Deduplicator()
+    applied(d, KEY, [1, 2, 3, 4, 5])
+    assert d.commit(KEY, 10, first_on_stream=True, acked_seq=FORGED_SEQ) == (10, 0, 4)
+    assert d.contiguous(KEY) == 10, "acked_seq never moves the mark past the batch"
+
+
+def test_an_acked_seq_never_makes_a_late_seq_of_the_gap_a_duplicate():
+    # A forged acked_seq must not make the collector drop (and ack) a batch it never
+    # applied: the gap stays a fillable hole whatever acked_seq claims.
+    d = Deduplicator()
+    applied(d, KEY, [1, 2])
+    d.commit(KEY, 6, first_on_stream=True, acked_seq=5)
+    assert [d.check(KEY, s) for s in (3, 4, 5)] == [SeqCheck.NEW] * 3
 
 
 def test_eviction_forgets_the_least_recently_used_boot_and_stays_bounded():

@@ -151,6 +151,26 @@ def test_fleet_joins_samples_verdicts_and_engines():
     assert snap.agents[0].batches == 4
 
 
+def test_an_engine_goes_to_the_mig_instance_that_runs_its_pid():
+    """An engine named by GPU index lands on the MIG instance whose process list has its
+    pid, not on the sibling instance nor the parent; with no such list, on all of them."""
+    parent = gpu(0, NOW - 1, processes=())
+    mig_a = gpu(0, NOW - 1, mig_uuid="MIG-a", processes=(GpuProcess(pid=777),))
+    mig_b = gpu(0, NOW - 1, mig_uuid="MIG-b", processes=(GpuProcess(pid=4242),))
+    fleet = Fleet(clock=lambda: NOW)
+    apply(fleet, batch(1, records=[parent, mig_a, mig_b]))
+    apply(fleet, batch(2, records=[engine(NOW - 0.5, gpu_indices=(0,))]))  # pid 4242
+    held = {g.mig_uuid: g.engine for g in fleet.snapshot().gpus}
+    assert held["MIG-b"] is not None and held["MIG-b"].engine_id == "vllm:8000"
+    assert held["MIG-a"] is None and held[""] is None
+    # The agent may not list processes (unprivileged): every one of them, as before.
+    blind = Fleet(clock=lambda: NOW)
+    apply(blind, batch(1, records=[dataclasses.replace(s, processes=())
+                                   for s in (parent, mig_a, mig_b)]))
+    apply(blind, batch(2, records=[engine(NOW - 0.5, gpu_indices=(0,))]))
+    assert all(g.engine is not None for g in blind.snapshot().gpus)
+
+
 def test_older_samples_never_replace_newer_ones():
     fleet = Fleet()
     apply(fleet, batch(2, records=[gpu(0, NOW - 1, busy_pct=50.0)]))

@@ -80,7 +80,7 @@ def test_a_failing_check_answers_503_with_its_reason():
         calls.append(1)
         return "not yet" if len(calls) == 1 else None
 
-    server = PrometheusServer("127.0.0.1", 0, lambda: "", checks={"/readyz": check})
+    server = PrometheusServer("127.0.0.1", 0, lambda names: "", checks={"/readyz": check})
     try:
         assert get(server.port, "/readyz") == (503, "not yet\n")
         assert get(server.port, "/readyz") == (200, "ok\n")

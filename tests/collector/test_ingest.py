@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rooftop.collector.config import CollectorConfig
 from rooftop.collector.fleet import DecodedBatch, Fleet
 from rooftop.collector.ingest import IngestServer, server_options
+from rooftop.collector.query import fleet_status
 from rooftop.common.codec import verdict_to_proto
 from rooftop.common.errors import ConfigError
 from rooftop.common.model import Bound
@@ -171,6 +172,79 @@ def test_reconnect_past_a_gap_skips_what_the_agent_dropped(served):
         acks = stream.wait_acked(8)
     assert acks[-1].acked_seq == 8
     assert fleet.counts().missing == 3
+
+
+def acked_elsewhere(seq: int, acked_seq: int) -> pb.Batch:
+    """Batch ``seq`` of an agent that had seen ``acked_seq`` acked (by any collector)."""
+    msg = batch(seq)
+    msg.acked_seq = acked_seq
+    return msg
+
+
+def test_a_gap_another_collector_acked_is_counted_acked_elsewhere_not_missing(served):
+    server, fleet = served
+    with AgentStream(target(server)) as stream:
+        stream.send(batch(1), batch(2), batch(3))
+        stream.wait_acked(3)
+    # The agent was away: another collector applied and acked 4..6; it comes back at 7.
+    with AgentStream(target(server)) as stream:
+        stream.send(acked_elsewhere(7, 6), acked_elsewhere(8, 7))
+        acks = stream.wait_acked(8)
+    assert acks[-1].acked_seq == 8
+    counts = fleet.counts()
+    assert (counts.missing, counts.acked_elsewhere) == (0, 3)
+    status = fleet_status(fleet.snapshot()).collector  # what agentctl status reads
+    assert (status.missing, status.acked_elsewhere) == (0, 3)
+
+
+def test_a_gap_without_acked_seq_is_missing_as_from_an_older_agent(served):
+    server, fleet = served
+    with AgentStream(target(server)) as stream:
+        stream.send(batch(1), batch(2), batch(3))
+        stream.wait_acked(3)
+    with AgentStream(target(server)) as stream:
+        stream.send(batch(7), batch(8))  # no acked_seq: the field absent reads 0
+        stream.wait_acked(8)
+    counts = fleet.counts()
+    assert (counts.missing, counts.acked_elsewhere) == (3, 0)
+
+
+def test_only_the_seqs_up_to_acked_seq_count_as_acked_elsewhere(served):
+    server, fleet = served
+    with AgentStream(target(server)) as stream:
+        stream.send(batch(1), batch(2), batch(3))
+        stream.wait_acked(3)
+    # Acked elsewhere up to 5; 6 the agent's spool dropped before anyone had it.
+    with AgentStream(target(server)) as stream:
+        stream.send(acked_elsewhere(7, 5))
+        stream.wait_acked(7)
+    counts = fleet.counts()
+    assert (counts.missing, counts.acked_elsewhere) == (1, 2)
+
+
+def test_a_forged_acked_seq_above_the_batch_is_clamped_and_acks_nothing_unapplied(served):
+    server, fleet = served
+    with AgentStream(target(server)) as stream:
+        stream.send(batch(1), batch(2), batch(3))
+        stream.wait_acked(3)
+    with AgentStream(target(server)) as stream:
+        stream.send(acked_elsewhere(7, 2**63))
+        acks = stream.wait_acked(7)
+        assert max(a.acked_seq for a in acks) == 7, "the ack stops at the batch's own seq"
+        # A seq of the gap that does arrive is still applied, not taken for a duplicate.
+        stream.send(batch(5))
+        wait_for(lambda: fleet.counts().batches == 5)
+    counts = fleet.counts()
+    assert (counts.missing, counts.acked_elsewhere, counts.duplicates) == (0, 3, 0)
+
+
+def test_every_ack_says_the_collector_reads_columns(served):
+    server, _ = served
+    with AgentStream(target(server)) as stream:
+        stream.send(batch(1, records=[gpu(0)]), batch(2, records=[gpu(0, busy_pct=float("nan"))]))
+        acks = stream.wait(lambda acks: any(a.rejected_seq == 2 for a in acks))
+        acks = stream.wait_acked(2)
+    assert acks and all(a.columns for a in acks), "cumulative and rejection acks alike"
 
 
 def test_oversized_message_gets_resource_exhausted_and_the_server_stays_healthy(served):

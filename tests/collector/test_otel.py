@@ -28,7 +28,7 @@ from rooftop.collector.otel import (
     bound_value,
     engine_provider,
 )
-from rooftop.common.model import Bound, Cause, HistogramDelta
+from rooftop.common.model import Bound, Cause, GpuSample, HistogramDelta
 from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import batch, engine, gpu, verdict
 from tests.collector.otlp_receiver import GrpcOtlpReceiver, HttpOtlpReceiver, attributes
@@ -207,6 +207,30 @@ def test_bound_is_a_state_gauge(exported):
     conf = exported["rooftop.gpu.bound.confidence"]
     assert value(conf, **{"rooftop.gpu.index": 1}) == pytest.approx(0.7)
     assert points(conf, **{"rooftop.gpu.index": 1})[0].attributes["rooftop.bound"] == "host"
+
+
+def test_an_inaccessible_gpu_is_unknown_with_its_cause_never_lost():
+    """NVML NO_PERMISSION: rooftop.gpu.bound is "unknown" with the cause "inaccessible"
+    (the lost alert must not fire and drain a healthy node); no hw.status series."""
+    reader = InMemoryMetricReader()
+    fleet = Fleet()
+    telemetry = Telemetry(fleet, readers=[reader], host_name="collector-host")
+    try:
+        denied = GpuSample(time_s=time.time(), gpu_index=5, gpu_uuid="GPU-0005-uuid",
+                           lost=True, inaccessible="NO_PERMISSION")
+        feed(fleet, telemetry, batch(1, records=[denied, gpu(2, lost=True)]))
+        metrics = collect(reader)
+    finally:
+        telemetry.shutdown()
+    bound = metrics["rooftop.gpu.bound"]
+    states = {p.attributes["rooftop.bound"]: p for p in points(bound, **{"rooftop.gpu.index": 5})}
+    assert {k for k, p in states.items() if p.value == 1} == {"unknown"}
+    assert states["unknown"].attributes["rooftop.bound.cause"] == "inaccessible"
+    assert states["lost"].value == 0
+    # A truly lost GPU is still lost, with no cause.
+    lost = points(bound, **{"rooftop.gpu.index": 2, "rooftop.bound": "lost"})[0]
+    assert lost.value == 1 and "rooftop.bound.cause" not in lost.attributes
+    assert not points(metrics["hw.status"], **{"rooftop.gpu.index": 5})
 
 
 def test_engine_latency_histograms_use_fine_buckets(exported):
@@ -423,6 +447,34 @@ def test_gpu_health_is_exported_as_hw_errors_and_hw_status(exported):
     assert states(UUID0) == {"ok": 1, "degraded": 0, "failed": 0}
     assert states("GPU-0001-uuid") == {"ok": 0, "degraded": 0, "failed": 1}  # XID 79
     assert states("GPU-0002-uuid")["failed"] == 1  # lost
+
+
+def test_xid_errors_are_split_by_code_under_error_type_xid():
+    """Each XID code its own hw.errors series (rooftop.gpu.xid), error.type staying "xid"
+    so a sum by error.type still counts every XID; what no code accounts for (events past
+    the distinct-code bound, an agent counting only the total) stays on the series with
+    no code, which is 0 before any XID."""
+    reader = InMemoryMetricReader()
+    fleet = Fleet()
+    telemetry = Telemetry(fleet, readers=[reader], host_name="collector-host")
+    try:
+        feed(fleet, telemetry, batch(1, records=[
+            gpu(0, xid_codes=(13, 79), xid_count=5, xid_code_counts=(3, 1)),  # 1 uncounted
+            gpu(1, xid_codes=(79,), xid_count=2),  # an older agent: the total only
+            gpu(2, xid_codes=(), xid_count=0, xid_code_counts=()),
+        ]))  # fmt: skip
+        errors = collect(reader)["hw.errors"]
+    finally:
+        telemetry.shutdown()
+
+    def xids(index: int) -> dict[Any, float]:
+        found = points(errors, **{"rooftop.gpu.index": index, "error.type": "xid"})
+        return {p.attributes.get("rooftop.gpu.xid"): p.value for p in found}
+
+    assert xids(0) == {13: 3, 79: 1, None: 1}
+    assert sum(xids(0).values()) == 5
+    assert xids(1) == {None: 2}
+    assert xids(2) == {None: 0}
 
 
 def test_gpu_health_on_the_prometheus_endpoint():

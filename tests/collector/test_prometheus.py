@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import gzip
 import math
+import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -150,6 +153,39 @@ def test_gzip_when_asked_and_404_elsewhere(pair):
         urllib.request.urlopen(url, timeout=10)
     assert info.value.code == 404
     info.value.close()
+
+
+def test_a_scrape_with_name_params_gets_only_those_families(pair):
+    telemetry, _ = pair
+    url = f"http://127.0.0.1:{telemetry.prometheus_port}/metrics?"
+    query = "name[]=rooftop_gpu_bound&name[]=rooftop_collector_refused_total&name[]=nope"
+    with urllib.request.urlopen(url + query, timeout=10) as resp:
+        native, meta = samples(resp.read().decode())
+    assert set(meta) == {"rooftop_gpu_bound", "rooftop_collector_refused"}
+    everything, _ = samples(scrape(telemetry)[0].decode())
+    # The same series those families have in the whole exposition, no fewer.
+    wanted = ("rooftop_gpu_bound", "rooftop_collector_refused_total")
+    kept = {s for s in everything if s[0] in wanted}
+    assert native == kept and len(kept) > 10
+    # A counter asked for without its _total suffix, and a histogram by its name.
+    with urllib.request.urlopen(
+        url + "name[]=rooftop_collector_refused&name[]=rooftop_collector_batch_lag_seconds",
+        timeout=10,
+    ) as resp:
+        _, meta = samples(resp.read().decode())
+    assert set(meta) == {"rooftop_collector_refused", "rooftop_collector_batch_lag_seconds"}
+
+
+def test_the_operator_guides_name_params_get_those_families_only(pair):
+    telemetry, _ = pair
+    guide = (Path(__file__).parents[2] / "docs" / "OPERATOR-GUIDE.md").read_text()
+    (listed,) = re.findall(r"'name\[\]': \[([^\]]+)\]", guide)
+    names = [n.strip() for n in listed.split(",")]
+    query = urllib.parse.urlencode([("name[]", n) for n in names])
+    url = f"http://127.0.0.1:{telemetry.prometheus_port}/metrics?{query}"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        _, meta = samples(resp.read().decode())
+    assert sorted(meta) == sorted(names)
 
 
 def test_histograms_are_cumulative_with_count_and_sum():

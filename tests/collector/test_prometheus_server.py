@@ -22,7 +22,7 @@ class Served:
     def __init__(self, **options: object) -> None:
         self.refused = 0
         self._lock = threading.Lock()
-        self.server = PrometheusServer("127.0.0.1", 0, lambda: "up 1\n",
+        self.server = PrometheusServer("127.0.0.1", 0, lambda names: "up 1\n",
                                        on_refused=self._refuse, **options)  # type: ignore[arg-type]  # fmt: skip
 
     def _refuse(self) -> None:

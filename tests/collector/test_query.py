@@ -16,15 +16,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rooftop.agent.credentials import ClientAuth
 from rooftop.agent.fleet_query import query_fleet_status
-from rooftop.agent.status import STALE_AFTER_S, format_diagnosis, format_status, status_json
+from rooftop.agent.status import (
+    STALE_AFTER_S,
+    diagnosis_json,
+    format_diagnosis,
+    format_status,
+    status_json,
+)
 from rooftop.cli import main
 from rooftop.collector.fleet import Fleet, decode_batch
 from rooftop.collector.ingest import IngestServer
 from rooftop.collector.query import fleet_status
 from rooftop.common.errors import Rejected, Retryable
-from rooftop.common.model import Bound, Cause
+from rooftop.common.model import Bound, Cause, GpuSample
 from rooftop.common.wire import QUERY_SERVICE
 from rooftop.v1 import telemetry_pb2 as pb
+from tests.agent.test_fleet_query import status_rows
 from tests.collector.helpers import AgentStream, batch, engine, gpu, start_server, verdict
 
 
@@ -165,11 +172,14 @@ def test_agentctl_status(served, monkeypatch):
     lines = result.output.splitlines()
     assert lines[0].startswith(f"Rooftop fleet — collector {address} (rooftop ")
     assert "2 node(s), 4 GPU(s)" in lines[0]
-    assert lines[1].split() == ["NODE", "AGENT", "SEEN", "LAG", "QUEUED", "DROPPED", "RECONN",
-                                "GPU", "VERDICT", "CAUSE", "CONF", "TPOT", "TTFT"]  # fmt: skip
-    row = lines[3].split()  # gpu-node-1's first GPU
-    assert row[:2] == ["gpu-node-1", "agent-1"] and row[4:7] == ["4", "3", "3"]
-    assert row[7:] == ["0", "memory-bound", "-", "0.90", "5.8", "ms", "42", "ms"]
+    assert lines[1].split() == ["NODE", "AGENT", "SEEN", "STREAM", "LAG", "QUEUED", "DROPPED",
+                                "RECONN", "GPU", "VERDICT", "CAUSE", "CONF", "TPOT",
+                                "TTFT"]  # fmt: skip
+    row = status_rows(result.output)[1]  # gpu-node-1's first GPU
+    assert [row[k] for k in ("NODE", "AGENT", "QUEUED", "DROPPED", "RECONN")] == [
+        "gpu-node-1", "agent-1", "4", "3", "3"]
+    assert [row[k] for k in ("GPU", "VERDICT", "CAUSE", "CONF", "TPOT", "TTFT")] == [
+        "0", "memory-bound", "-", "0.90", "5.8 ms", "42 ms"]
     assert lines[4].split()[:3] == ["1", "host-bound", "cpu"]
     assert lines[5].split()[:2] == ["2", "lost"]
     assert "refused: none" in result.output
@@ -180,6 +190,43 @@ def test_agentctl_status(served, monkeypatch):
     assert doc["collector"] == address
     assert [n["agent_id"] for n in doc["nodes"]] == ["agent-2"]
     assert doc["nodes"][0]["gpus"][0]["verdict"] == "compute-bound"
+
+
+def test_diagnose_collector_json_carries_each_gpus_health_and_the_inaccessible_apart():
+    failing = batch(
+        1,
+        records=[gpu(0), gpu(1, xid_codes=(79,), xid_count=1), gpu(2, lost=True),
+                 GpuSample(time_s=time.time(), gpu_index=3, gpu_uuid="GPU-0003-uuid",
+                           lost=True, inaccessible="NO_PERMISSION")],
+        verdicts=[verdict(0, Bound.MEMORY), verdict(1, Bound.IDLE)],
+    )
+    fs = fleet_status(applied(failing).snapshot(), detail=True)
+    (node,) = diagnosis_json(fs, collector="c:1")["nodes"]
+    # As the agent-side `diagnose --json`: failed first, then unknown, then ok.
+    health = {h["gpu_index"]: h for h in node["health"]}
+    assert [h["gpu_index"] for h in node["health"]][:2] == [1, 2]
+    assert health[1]["state"] == "failed" and health[1]["xid_codes"] == [79]
+    assert health[1]["reasons"][0] == "XID 79: GPU has fallen off the bus"
+    assert health[3]["state"] == "unknown"
+    assert "not accessible to the agent (NVML NO_PERMISSION)" in health[3]["reasons"][0]
+    assert health[0] == {"gpu_index": 0, "state": "ok", "reasons": [], "xid_codes": []}
+    # Inaccessible is not lost: listed apart, and its status verdict is "unknown".
+    assert node["lost_gpus"] == [2] and node["inaccessible_gpus"] == [3]
+    doc = status_json(fs, collector="c:1")
+    gpus = {g["gpu_index"]: g for g in doc["nodes"][0]["gpus"]}
+    assert (gpus[3]["verdict"], gpus[3]["lost"], gpus[3]["inaccessible"]) == (
+        "unknown", False, "NO_PERMISSION")
+    assert (gpus[2]["verdict"], gpus[2]["lost"], gpus[2]["inaccessible"]) == ("lost", True, None)
+
+
+def test_an_inaccessible_gpu_is_not_lost_in_the_short_status_either():
+    denied = GpuSample(time_s=time.time(), gpu_index=3, lost=True, inaccessible="NO_PERMISSION")
+    fs = fleet_status(applied(batch(1, records=[gpu(0), denied])).snapshot())
+    (g3,) = [g for g in fs.nodes[0].gpus if g.gpu_index == 3]
+    assert g3.sample.inaccessible == "NO_PERMISSION"
+    row = next(line for line in format_status(fs, collector="c:1").splitlines()
+               if " 3 " in f" {line} " and "unknown" in line)
+    assert "inaccessible" in row and "lost" not in row
 
 
 def test_agentctl_diagnose_from_the_collector(served):

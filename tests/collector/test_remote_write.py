@@ -15,7 +15,7 @@ from rooftop.collector.remote_write import RemoteWrite, _labels, _time_series, r
 from rooftop.collector.service import Collector
 from rooftop.common.model import Bound, GpuSample
 from rooftop.prompb import remote_pb2
-from tests.collector.helpers import AgentStream, batch, gpu, verdict
+from tests.collector.helpers import AgentStream, as_columns, batch, gpu, verdict
 from tests.collector.remote_write_receiver import Receiver
 
 DRAM = "rooftop_gpu_dram_activity"
@@ -240,3 +240,77 @@ def test_the_hand_encoded_write_request_parses_as_prompb_at_every_timestamp_widt
     ts = request.timeseries[0]
     assert [(label.name, label.value) for label in ts.labels] == list(key)
     assert [(s.timestamp, s.value) for s in ts.samples] == [(ts_ms, 650.25), (ts_ms + 100, -0.0)]
+
+
+@pytest.mark.parametrize("columns", [False, True], ids=["records", "columns"])
+def test_only_the_included_metrics_are_sent_and_counted(receiver: Receiver, columns: bool) -> None:
+    c = start_collector(
+        receiver, include=("rooftop_gpu_bound*", "hw_power_*"), exclude=("*_confidence",)
+    )
+    try:
+        start = time.time() - 20
+        v = verdict(0, Bound.MEMORY, window_start_s=start, window_end_s=start + 1)
+        sent = batch(1, records=ten_hz(start, 10), verdicts=[v])
+        send(c, as_columns(sent) if columns else sent)
+        got = list(receiver.points())
+        assert {labels["__name__"] for labels, _, _ in got} == {"rooftop_gpu_bound", POWER}
+        gpu0 = sorted(
+            t for lb, t, _ in got if lb["__name__"] == POWER and lb["hw_id"] == "GPU-0000-uuid"
+        )
+        assert gpu0 == [round((start + k * 0.1) * 1000) for k in range(10)]
+        stats = c.remote_writers[0].stats()
+        # sent counts what was sent; a left-out series is no outcome at all (never
+        # dropped, rejected or resent), while queued still counts the records taken in.
+        assert stats.sent == len(got)
+        assert stats.queued == 21
+        assert (stats.rejected, stats.resent, stats.dropped_queue_full) == (0, 0, 0)
+        # Nothing was built for the left-out series: no label set of theirs is cached.
+        cached = {key[0][1] for keys in c.remote_writers[0]._keys.values() for key in keys}
+        assert cached == {POWER}
+    finally:
+        c.shutdown(timeout_s=2)
+
+
+def test_verdicts_alone_are_sent_with_the_gpu_name_label_from_the_samples(
+    receiver: Receiver,
+) -> None:
+    c = start_collector(receiver, include=("rooftop_gpu_bound",))
+    try:
+        t = time.time() - 10
+        v = verdict(0, Bound.COMPUTE, window_start_s=t - 5, window_end_s=t)
+        send(c, batch(1, records=[gpu(0, t - 1)], verdicts=[v]))
+        got = list(receiver.points())
+        assert {labels["__name__"] for labels, _, _ in got} == {"rooftop_gpu_bound"}
+        assert {t_ms for _, t_ms, _ in got} == {round(t * 1000)}
+        compute = [value for lb, _, value in got if lb["rooftop_bound"] == "compute"]
+        assert compute == [1.0]
+        # The endpoint's labels, the model included: learnt from the GPU's samples,
+        # which are read for it though none of their series is sent.
+        assert {lb["hw_model"] for lb, _, _ in got} == {gpu(0).gpu_name} != {""}
+    finally:
+        c.shutdown(timeout_s=2)
+
+
+def test_excluded_gauges_leave_the_rest_of_a_gpu_sample_unchanged(
+    collector: Collector, receiver: Receiver
+) -> None:
+    # The same samples through a filtered writer: the series it keeps hold exactly
+    # the points the unfiltered one sends (a filter only removes whole series).
+    samples = ten_hz(time.time() - 30, 5)
+    send(collector, batch(1, records=samples))
+    full = sorted((sorted(lb.items()), t, v) for lb, t, v in receiver.points())
+    other = Receiver()
+    c = start_collector(other, exclude=("hw_*", "rooftop_gpu_pipe_activity"))
+    try:
+        send(c, batch(1, records=samples))
+        kept = sorted((sorted(lb.items()), t, v) for lb, t, v in other.points())
+    finally:
+        c.shutdown(timeout_s=2)
+        other.close()
+
+    def name(p: tuple[list[tuple[str, str]], int, float]) -> str:
+        return dict(p[0])["__name__"]
+
+    assert kept == [p for p in full if not name(p).startswith("hw_")
+                    and name(p) != "rooftop_gpu_pipe_activity"]
+    assert {name(p) for p in kept} >= {DRAM, "rooftop_gpu_sm_activity"}

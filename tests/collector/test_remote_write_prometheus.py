@@ -38,8 +38,8 @@ def prometheus(tmp_path: Path) -> Iterator[str]:
         yield base
 
 
-def collector_writing_to(base: str) -> Collector:
-    rw = RemoteWrite(url=f"{base}/api/v1/write", batch_send_deadline_s=0.05)
+def collector_writing_to(base: str, **remote: object) -> Collector:
+    rw = RemoteWrite(url=f"{base}/api/v1/write", batch_send_deadline_s=0.05, **remote)  # type: ignore[arg-type]
     config = CollectorConfig(
         listen="127.0.0.1:0", insecure=True, prometheus_listen="", remote_write=(rw,)
     ).validated()
@@ -118,3 +118,33 @@ def test_a_10hz_agent_lands_10_points_per_second_and_a_replay_changes_nothing(
     finally:
         third.shutdown(timeout_s=5)
     assert len(points(prometheus, SERIES)) == 51
+
+
+def names_held(base: str) -> list[str]:
+    """Every metric name Prometheus holds (it scrapes nothing here: only what was written)."""
+    with urllib.request.urlopen(f"{base}/api/v1/label/__name__/values", timeout=5) as resp:
+        return sorted(json.load(resp)["data"])
+
+
+def test_prometheus_receives_only_the_included_series_each_sample_at_its_time(
+    prometheus: str,
+) -> None:
+    wait_ready(prometheus)
+    start = time.time() - 60
+    samples = ten_hz(start, 30)
+    v = verdict(0, Bound.MEMORY, window_start_s=start, window_end_s=start + 3)
+    c = collector_writing_to(
+        prometheus, include=("rooftop_gpu_bound*", "rooftop_gpu_dram_*"), exclude=("*_confidence",)
+    )
+    try:
+        send(c, batch(1, records=samples, verdicts=[v]))
+        assert c.remote_writers[0].stats().rejected == 0
+    finally:
+        c.shutdown(timeout_s=5)
+
+    got = points(prometheus, SERIES)  # waits for the data to be queryable
+    assert names_held(prometheus) == ["rooftop_gpu_bound", "rooftop_gpu_dram_activity"]
+    # Every 10 Hz sample of the one gauge kept, at the time the agent measured it.
+    assert [t for t, _ in got] == [pytest.approx(start + k * 0.1, abs=1e-3) for k in range(30)]
+    bound = points(prometheus, 'rooftop_gpu_bound{hw_id="GPU-0000-uuid",rooftop_bound="memory"}')
+    assert bound == [(pytest.approx(start + 3, abs=1e-3), "1")]

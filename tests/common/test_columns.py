@@ -49,10 +49,12 @@ FULL = GpuSample(
     mem_total_bytes=80 * 2**30, temperature_c=61.0, clock_event_reasons=2**63,
     processes=(GpuProcess(4242, 60 * 2**30, name="python", slurm_job_id="77"), GpuProcess(7)),
     lost=False, inaccessible=None, gpm_stale=True, mig_uuid="MIG-a", gpu_instance_id=1,
-    compute_instance_id=0, xid_codes=(48, 79), xid_count=3, ecc_corrected_volatile=0,
+    compute_instance_id=0, xid_codes=(48, 79), xid_count=3, xid_code_counts=(1, 2**64 - 1),
+    ecc_corrected_volatile=0,
     ecc_uncorrected_volatile=1, ecc_corrected_aggregate=2**64 - 1, ecc_uncorrected_aggregate=4,
     remapped_rows_corrected=2**32 - 1, remapped_rows_uncorrected=0, remap_pending=False,
     remap_failed=True, pods=(PodRef("llm-0", "serving", "vllm"), PodRef("llm-1", "serving", "")),
+    retired_pages_single_bit=2**32 - 1, retired_pages_double_bit=0, retired_pages_pending=True,
 )  # fmt: skip
 
 
@@ -159,6 +161,8 @@ def _broken(change: str) -> pb.GpuColumns:
         cols.pods_per_row = struct.pack("<2I", 2, 3)
     elif change == "list without count":
         cols.xid_codes_per_row = b""
+    elif change == "xid code counts not one per code":
+        cols.xid_code_counts = cols.xid_code_counts[:-8]
     elif change == "huge rows":
         cols.rows = 2**32 - 1
     return cols
@@ -167,11 +171,25 @@ def _broken(change: str) -> pb.GpuColumns:
 @pytest.mark.parametrize(
     "change",
     ["rows", "short metric", "metric without presence", "index past strings", "string twice",
-     "list count", "list without count", "huge rows"],
+     "list count", "list without count", "huge rows", "xid code counts not one per code"],
 )  # fmt: skip
 def test_columns_that_do_not_fit_together_are_bad_columns(change: str):
     problem = _problem(_broken(change))
     assert problem.reason == "bad_columns" and problem.message.startswith("gpu columns: ")
+
+
+def test_xid_codes_without_per_code_counts_decode_as_uncounted():
+    """An older agent counts XIDs only in total: its codes arrive with no per-code counts,
+    and a batch mixing rows with and without them drops the per-code counts, never
+    misaligns them."""
+    old = dataclasses.replace(FULL, xid_code_counts=())
+    cols = encode_samples([old, old])
+    assert not cols.xid_code_counts
+    assert [s.xid_code_counts for s in _read(cols).samples()] == [(), ()]
+    assert _read(cols).sample(1) == _as_record(old)
+    mixed = encode_samples([FULL, old])
+    assert not mixed.xid_code_counts
+    assert [s.xid_codes for s in _read(mixed).samples()] == [(48, 79), (48, 79)]
 
 
 def test_a_column_of_one_repeated_value_travels_once_and_stands_for_every_row():
@@ -210,7 +228,7 @@ def _samples(draw: st.DrawFn) -> GpuSample:
         values[name] = draw(st.none() | st.floats(0, min(_ceiling(name), 1e300)))
     for name, ints in _INT_FIELDS.items():
         values[name] = draw(st.none() | ints)
-    for name in ("remap_pending", "remap_failed"):
+    for name in ("remap_pending", "remap_failed", "retired_pages_pending"):
         values[name] = draw(st.none() | st.booleans())
     processes = draw(st.lists(st.builds(
         GpuProcess, _U32, st.none() | _U64, name=st.none() | _ANY_TEXT,
@@ -225,7 +243,9 @@ def _samples(draw: st.DrawFn) -> GpuSample:
         lost=draw(st.booleans()),
         gpm_stale=draw(st.booleans()),
         inaccessible=draw(st.none() | _ANY_TEXT),
-        xid_codes=tuple(draw(st.lists(_U32, max_size=3))),
+        xid_codes=tuple(codes := draw(st.lists(_U32, max_size=3))),
+        # One count per code (a batch mixing rows without: see the test above).
+        xid_code_counts=tuple(draw(st.lists(_U64, min_size=len(codes), max_size=len(codes)))),
         processes=tuple(processes),
         pods=tuple(pods),
         **values,  # type: ignore[arg-type]
@@ -240,3 +260,50 @@ def test_any_valid_samples_round_trip_through_columns_exactly(samples: list[GpuS
     assert list(reader.samples()) == [_as_record(s) for s in samples]
     newest = {(s.gpu_index, s.mig_uuid): i for i, s in enumerate(samples)}
     assert reader.device_rows() == newest
+    rows = list(newest.values())
+    assert reader.samples_at(rows) == [reader.sample(r) for r in rows]
+
+
+def _same_fields_as(first: GpuSample, sample: GpuSample) -> GpuSample:
+    """``sample`` with exactly ``first``'s optional fields present, and no lists."""
+    present = {
+        name: (getattr(sample, name) if getattr(sample, name) is not None else value)
+        if value is not None
+        else None
+        for name in _OPTIONAL
+        for value in [getattr(first, name)]
+    }
+    return dataclasses.replace(
+        sample, processes=(), pods=(), xid_codes=(), xid_code_counts=(), **present
+    )
+
+
+_OPTIONAL = [
+    f.name for f in pb.GpuSample.DESCRIPTOR.fields if f.has_presence and f.message_type is None
+]
+
+
+@pytest.mark.slow
+@settings(max_examples=100)
+@given(st.lists(_samples(), min_size=2, max_size=10), st.data())
+def test_rows_decoded_together_equal_rows_decoded_one_by_one(
+    samples: list[GpuSample], data: st.DataObject
+):
+    # The collector's path: every row with the same fields and no lists, so each column
+    # is unpacked once for all the rows asked for (in any order, some twice).
+    samples = [_same_fields_as(samples[0], s) for s in samples]
+    reader = _read(encode_samples(samples))
+    rows = data.draw(st.lists(st.integers(0, len(samples) - 1), min_size=2))
+    assert reader.samples_at(rows) == [reader.sample(r) for r in rows]
+    assert reader.samples_at(rows) == [_as_record(samples[r]) for r in rows]
+
+
+@pytest.mark.slow
+@settings(max_examples=100)
+@given(st.lists(_samples(), max_size=6))
+def test_a_field_over_every_row_is_what_each_rows_sample_holds(samples: list[GpuSample]):
+    # Remote write reads columnar batches a field at a time (Columns.field_values).
+    reader = _read(encode_samples(samples))
+    rows = [reader.sample(r) for r in range(reader.rows)]
+    for name in GpuSample.__slots__:
+        assert list(reader.field_values(name)) == [getattr(s, name) for s in rows], name

@@ -50,3 +50,13 @@ def test_histograms_false_skips_only_the_histograms_the_caller_has_checked():
 def test_gpu_sample_figures_are_held_to_their_ranges(fields, reason):
     sample = GpuSample(time_s=1.0, gpu_index=0, gpu_uuid="GPU-0", gpu_name="H100", **fields)
     assert invalid_reason(sample) == reason
+
+
+def test_xid_code_counts_are_none_or_one_per_code():
+    assert invalid_reason(GpuSample(time_s=1.0, gpu_index=0, xid_codes=(79, 13))) is None
+    counted = GpuSample(time_s=1.0, gpu_index=0, xid_codes=(79, 13), xid_code_counts=(2, 1))
+    assert invalid_reason(counted) is None
+    assert invalid_reason(GpuSample(time_s=1.0, gpu_index=0, xid_codes=(79, 13),
+                                    xid_code_counts=(3,))) == (
+        "xid_code_counts has 1 entries for 2 xid codes"
+    )

@@ -27,9 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rooftop.collector.config import CollectorConfig
 from rooftop.collector.service import Collector
-from rooftop.common.model import Bound, Cause, PodRef
+from rooftop.common.model import Bound, Cause, GpuSample, PodRef
 from rooftop.v1 import telemetry_pb2 as pb
-from tests.collector.helpers import AgentStream, batch, engine, gpu, verdict
+from tests.collector.helpers import H100, AgentStream, batch, engine, gpu, verdict
 from tests.support import PROMETHEUS, PROMTOOL, prometheus_server, require_tool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -182,6 +182,9 @@ def fed_collector() -> Collector:
             # ... with a row remap pending: health degraded (hw.status), ECC counted.
             gpu(1, dram_bw_pct=20.0, tensor_active_pct=5.0, busy_pct=30.0,
                 remap_pending=True, ecc_corrected_aggregate=3, xid_count=0),
+            # ... one the agent may not open (NVML NO_PERMISSION): no data, not lost.
+            GpuSample(time_s=time.time(), gpu_index=2, gpu_uuid="GPU-0002-uuid",
+                      gpu_name=H100, lost=True, inaccessible="NO_PERMISSION"),
             engine(),  # 8 running, 2 waiting
         ]
         verdicts = [verdict(0, Bound.MEMORY), verdict(1, Bound.HOST, cause=Cause.CPU)]
@@ -342,7 +345,26 @@ def test_promtool_unit_tests_pass():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cases = yaml.safe_load(RULE_TESTS.read_text())["tests"]
     tested = {t["alertname"] for case in cases for t in case["alert_rule_test"]}
-    assert {"RooftopGpuMemoryBound", "RooftopAgentSilent"} <= tested
+    assert {"RooftopGpuMemoryBound", "RooftopAgentSilent", "RooftopGpuLost",
+            "RooftopGpuInaccessible"} <= tested
+
+
+@needs_promtool
+def test_promtool_unit_tests_catch_a_lost_alert_that_fires_for_an_inaccessible_gpu(
+    tmp_path: Path,
+):
+    """A lost rule that also takes "unknown" fires on the GPU the agent may not open: the
+    unit tests fail (operators would drain a healthy node)."""
+    text = RULES.read_text()
+    lost = 'expr: rooftop_gpu_bound{rooftop_bound="lost"} == 1'
+    assert text.count(lost) == 1
+    (tmp_path / RULES.name).write_text(
+        text.replace(lost, 'expr: rooftop_gpu_bound{rooftop_bound=~"lost|unknown"} == 1')
+    )
+    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
+    proc = promtool("test", "rules", str(tmp_path / RULE_TESTS.name))
+    assert proc.returncode != 0
+    assert "RooftopGpuLost" in proc.stdout + proc.stderr
 
 
 @needs_promtool
@@ -443,6 +465,11 @@ def test_rules_fire_on_the_real_collector_output(live: tuple[Collector, str]):
     (refusing,) = wait_for("refused", lambda: active("RooftopCollectorRefusingCredentials"))
     assert refusing["labels"]["rooftop_refuse_reason"] == "token_over_plaintext"
     assert not active("RooftopAgentSamplesDropped") and not active("RooftopAgentSilent")
+    # GPU 2: NVML refuses the agent -> "unknown", cause inaccessible: its own alert
+    # (pending, for 5m), never the lost one.
+    (denied,) = wait_for("inaccessible pending", lambda: active("RooftopGpuInaccessible"))
+    assert denied["labels"]["hw_id"] == "GPU-0002-uuid"
+    assert not active("RooftopGpuLost")
 
     # The agent's spool overflows: its dropped counter rises from 0 to 3.
     dropped_total = 'rooftop_agent_dropped_total{rooftop_drop_reason="spool_full"}'

@@ -1,10 +1,22 @@
 """The agent's end of the hook socket: datagrams from engines in, EngineSamples out.
 
 Engines running :mod:`rooftop.agent.hooks` send one JSON summary per interval to a unix
-datagram socket (protocol: :mod:`rooftop.agent.hooks.wire`). ``HookReceiver`` binds it,
-decodes on its own thread, and keeps the samples until the agent's window takes
-them with ``drain()``. Malformed or impossible datagrams are counted and dropped;
-nothing an engine sends can stop the receiver.
+datagram socket (protocol: :mod:`rooftop.agent.hooks.wire`). ``HookReceiver`` binds it
+and keeps the samples until the agent's window takes them with ``drain()``. Malformed
+or impossible datagrams are counted and dropped; nothing an engine sends can stop the
+receiver.
+
+Who reads the socket: the sampler, once per tick (``receive()``), and a thread of the
+receiver's own as a backstop. The kernel holds at most ``net.unix.max_dgram_qlen`` + 1
+datagrams on the socket (10 + 1 by default, and in every new network namespace; 512 + 1
+where systemd's sysctl defaults apply), whatever its buffer size; a datagram sent to a
+full queue is dropped at the engine (counted there: the hooks never block). So the
+thread wakes for every datagram until it knows the arrival rate ``r``, then only once
+the socket has gone unread for half the queue's worth, ``(max_dgram_qlen + 1) / 2 / r``
+seconds (0.69 s for 8 engines a second on a queue of 11): while the sampler reads it
+more often than that, the thread finds it read and sleeps on. A pass that finds the
+queue (nearly) full raises ``r`` at once; a flood (the queue's half in under 50 ms) or
+a trickle (under one datagram in 5 s) is read per datagram again.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ from rooftop.common.counters import Counters
 from rooftop.common.errors import ConfigError
 from rooftop.common.model import EMPTY_HISTOGRAM, EngineSample, HistogramDelta, invalid_reason
 
-__all__ = ["HookReceiver", "ReceiverStats", "summary_to_sample"]
+__all__ = ["HookReceiver", "ReceiverStats", "kernel_queue_datagrams", "summary_to_sample"]
 
 _log = logging.getLogger(__name__)
 
@@ -36,6 +48,35 @@ _log = logging.getLogger(__name__)
 # thread itself waits untimed: a datagram or shutdown()'s byte on the wake pipe ends
 # the wait (a 0.2 s poll tick cost five idle wakeups a second).
 _POLL_S = 0.2
+# The longest the sampler's receive() reads before its tick goes on (a flood waits
+# for the thread, not the GPUs' samples).
+_RECEIVE_S = 0.05
+# The socket is read before this share of the kernel's datagram queue can have filled.
+_QUEUE_SHARE = 0.5
+# Bounds of the backstop's wait: shorter and a timer is no safer than per datagram
+# (a flood); longer and the traffic is so sparse that waking per datagram is cheaper.
+_MIN_HOLD_S = 0.05
+_MAX_HOLD_S = 5.0
+# The arrival rate is measured over windows of at least this long.
+_RATE_WINDOW_S = 1.0
+_MAX_DGRAM_QLEN = Path("/proc/sys/net/unix/max_dgram_qlen")
+_DEFAULT_MAX_DGRAM_QLEN = 10  # the kernel's own default, and any new netns's
+
+
+def kernel_queue_datagrams(path: Path = _MAX_DGRAM_QLEN) -> int:
+    """How many datagrams the kernel queues on a unix datagram socket before senders get EAGAIN.
+
+    It is ``net.unix.max_dgram_qlen`` + 1 (the kernel refuses once the queue is longer
+    than the sysctl), for sockets created in this process's network namespace; SO_RCVBUF
+    does not raise it. Unreadable: the kernel's default, 10 + 1.
+    """
+    try:
+        qlen = int(path.read_text().strip())
+    except (OSError, ValueError):
+        qlen = _DEFAULT_MAX_DGRAM_QLEN
+    return max(1, qlen + 1)
+
+
 # Ten minutes of 1 Hz summaries from 16 engines: the window drains far more often.
 _DEFAULT_MAX_SAMPLES = 10_000
 
@@ -65,7 +106,8 @@ def summary_to_sample(summary: HookSummary, time_s: float) -> EngineSample:
 
     Args:
         summary: one engine interval summary.
-        time_s: when the agent received it (the agent's clock, not the engine's).
+        time_s: when the agent took it off the socket (the agent's clock, not the
+            engine's): in the daemon at the latest at the start of the next tick.
 
     Returns:
         The sample; latency fields are None when the interval had no sample.
@@ -104,6 +146,8 @@ class HookReceiver:
         socket_mode: permissions of the socket file. Default 0o666: engines often run
             as another user than the agent, and all they can send is validated
             telemetry; tighten it (0o660 plus a shared group) where that matters.
+        queue_datagrams: how many datagrams the kernel queues on the socket; default
+            :func:`kernel_queue_datagrams` (tests set it).
     """
 
     def __init__(
@@ -113,8 +157,10 @@ class HookReceiver:
         *,
         max_samples: int = _DEFAULT_MAX_SAMPLES,
         socket_mode: int = 0o666,
+        queue_datagrams: int | None = None,
     ) -> None:
         self.socket_path = os.fspath(socket_path)
+        self._queue_datagrams = queue_datagrams or kernel_queue_datagrams()
         self._clock = clock
         self._mode = socket_mode
         self._samples: deque[EngineSample] = deque()
@@ -128,6 +174,12 @@ class HookReceiver:
         self._wake_r = self._wake_w = -1
         self._shut = False
         self._engines: set[tuple[str, int]] = set()
+        # Read passes (under _io_lock): when the socket was last read, and the arrival
+        # rate (datagrams/s; None until measured) that sets the thread's wait.
+        self._last_read_s = time.monotonic()
+        self._rate_per_s: float | None = None
+        self._window_start_s = self._last_read_s
+        self._window_datagrams = 0
 
     @property
     def _abstract(self) -> bool:
@@ -166,7 +218,8 @@ class HookReceiver:
             sock.bind(address)
             if not self._abstract:
                 os.chmod(path, self._mode)
-            # Room for bursts while the thread is descheduled (~400 B per summary).
+            # Bytes for bursts (~1 kB per summary); the kernel bounds the queue in
+            # datagrams too (kernel_queue_datagrams), which this does not raise.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             # Non-blocking, waited on with select(): the thread and flush() both read it.
             sock.setblocking(False)
@@ -198,28 +251,68 @@ class HookReceiver:
     def _run(self) -> None:
         sock = self._sock
         while sock is not None and not self._stop.is_set():
+            hold_s = self.hold_s()
             try:
                 fd = sock.fileno()
-                readable, _, _ = select.select([fd, self._wake_r], [], [])
+                if hold_s is None:  # per datagram: a datagram ends the wait
+                    readable, _, _ = select.select([fd, self._wake_r], [], [])
+                else:  # the backstop: only shutdown() ends the wait early
+                    timeout_s = max(0.0, self._last_read_s + hold_s - time.monotonic())
+                    readable, _, _ = select.select([self._wake_r], [], [], timeout_s)
             except (OSError, ValueError) as exc:  # ValueError: closed under select()
                 if not self._stop.is_set():
                     _log.warning("hook receiver: %s; stopping", exc)
                 return
-            if fd in readable:
-                with self._io_lock:
+            if hold_s is None and fd not in readable:
+                continue
+            with self._io_lock:
+                # The sampler may have read it meanwhile: then wait from that read.
+                if hold_s is None or time.monotonic() >= self._last_read_s + hold_s:
                     self._read_queued(sock, deadline=time.monotonic() + _POLL_S)
+
+    def hold_s(self) -> float | None:
+        """How long the socket may go unread now; None: read each datagram as it comes."""
+        rate = self._rate_per_s
+        if rate is None or rate * _MAX_HOLD_S < 1.0:
+            return None  # not measured yet, or a trickle
+        hold_s = _QUEUE_SHARE * self._queue_datagrams / rate
+        return None if hold_s < _MIN_HOLD_S else min(hold_s, _MAX_HOLD_S)
 
     def _read_queued(self, sock: socket.socket, deadline: float) -> None:
         """Handle datagrams until none is queued (or the deadline); caller holds _io_lock."""
+        read = 0
         while time.monotonic() < deadline:
             try:
                 data = sock.recv(MAX_DATAGRAM_BYTES + 1)
             except OSError:  # BlockingIOError: nothing left queued; or closed
-                return
+                break
+            read += 1
             try:
                 self._handle(data)
             except Exception:  # noqa: BLE001 - thread boundary: one bad datagram, not the receiver
                 _log.exception("hook receiver: unexpected error handling a datagram")
+        self._note_pass(read)
+
+    def _note_pass(self, read: int) -> None:
+        """Update the arrival rate after a read pass; caller holds _io_lock."""
+        now_s = time.monotonic()
+        since_s = now_s - self._last_read_s
+        self._last_read_s = now_s
+        # A (nearly) full queue: engines started, datagrams were perhaps refused. Read
+        # sooner at once, not after a window. (A burst that fits is no reason: engines
+        # started together send together, and reading more often would not help.)
+        if read >= self._queue_datagrams - 1 and since_s > 0:
+            self._rate_per_s = max(self._rate_per_s or 0.0, read / since_s)
+        self._window_datagrams += read
+        window_s = now_s - self._window_start_s
+        if window_s >= _RATE_WINDOW_S:
+            measured = self._window_datagrams / window_s
+            # Slower: halfway per window, so a lull between bursts does not stretch the wait.
+            self._rate_per_s = (
+                measured if self._rate_per_s is None
+                else max(measured, (self._rate_per_s + measured) / 2)
+            )  # fmt: skip
+            self._window_start_s, self._window_datagrams = now_s, 0
 
     def _handle(self, data: bytes) -> None:
         now_s = self._clock()
@@ -264,6 +357,15 @@ class HookReceiver:
             self._read_queued(sock, deadline)
         finally:
             self._io_lock.release()
+
+    def receive(self) -> None:
+        """Read what is queued on the socket now (the sampler's tick, before its clock).
+
+        Samples are stamped when read, so a tick that reads before it reads its clock
+        gives them a time at or before its own, as when the thread read them. Bounded:
+        a flood is left to the thread after ``_RECEIVE_S``.
+        """
+        self.flush(timeout_s=_RECEIVE_S)
 
     def drain(self) -> list[EngineSample]:
         """Take the samples received since the last drain, oldest first."""

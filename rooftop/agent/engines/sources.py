@@ -83,6 +83,11 @@ class EngineSources:
         for scraper, _ in self._scrapers:
             scraper.start()
 
+    def receive(self) -> None:
+        """Read the hook socket now (the sampler, at the start of a tick)."""
+        if self._receiver is not None:
+            self._receiver.receive()
+
     def drain(self) -> list[EngineSample]:
         """Engine samples gathered since the last drain."""
         samples: list[EngineSample] = []

@@ -6,7 +6,8 @@ shaped like pynvml's (the real ctypes structs where pynvml returns them), raisin
 real ``pynvml.NVMLError`` instances and filling the real ``c_nvmlGpmMetricsGet_t``.
 Only NVML is faked: every line of the backend runs as it would on a GPU.
 
-Profiles: ``h100`` (GPM, PCIe gen5 x16) and ``a100`` (no GPM, gen4 x16); ``a100-mig``
+Profiles: ``h100`` (GPM, PCIe gen5 x16), ``a100`` (no GPM, gen4 x16) and ``v100``
+(Volta: no GPM, gen3 x16, page retirement instead of row remapping); ``a100-mig``
 and ``h100-mig`` are the same GPUs in MIG mode with two 3g.40gb instances each
 (GPU instances 1 and 2). In MIG mode util rates are NotSupported on the GPU and its
 instances, board-level calls (power, clocks, temperature, PCIe) on an instance handle
@@ -29,8 +30,10 @@ for one metric's own ``nvmlReturn``, and ``driver_missing=True`` for
 host with profiling restricted to admins (the driver default): GPM samples and a MIG
 parent's memory info answer NoPermission (``_UNPRIVILEGED_DENIED``).
 
-Health: ECC counters and row remapping answer on every profile (zero until
-``add_ecc_errors`` / ``set_remapped_rows``); ``raise_xid(gpu, 79)`` delivers a critical
+Health: ECC counters answer on every profile, row remapping on Ampere and later
+(``h100``, ``a100``), page retirement before (``v100``); the other one answers
+NotSupported, as NVML does. All are zero until ``add_ecc_errors`` /
+``set_remapped_rows`` / ``set_retired_pages``; ``raise_xid(gpu, 79)`` delivers a critical
 XID event to every event set that registered the GPU (``nvmlEventSetWait_v2`` really
 blocks, up to its timeout, on a condition of its own).
 
@@ -114,6 +117,9 @@ class FakeProfile:
     temperature_idle_c: float
     temperature_max_c: float
     mig_instances: tuple[FakeMigInstance, ...] = ()  # non-empty: the GPU is in MIG mode
+    # Ampere and later remap DRAM rows; older GPUs retire pages instead. NVML answers
+    # NotSupported for the other mechanism's calls.
+    row_remapping: bool = True
 
 
 _MIG_3G_40GB = (
@@ -182,6 +188,24 @@ PROFILES: Mapping[str, FakeProfile] = MappingProxyType(
             power_max_w=400.0,
             temperature_idle_c=30.0,
             temperature_max_c=66.0,
+        ),
+        # Volta (and Turing): no GPM, no MIG, no row remapping: dynamic page retirement.
+        "v100": FakeProfile(
+            name="Tesla V100-SXM2-32GB",
+            mem_total_bytes=34_359_738_368,
+            mem_reserved_bytes=0,
+            has_gpm=False,
+            pcie_link_gen_max=3,
+            pcie_link_width_max=16,
+            pcie_link_bytes_per_s=15.75e9,
+            sm_clock_max_mhz=1530,
+            sm_clock_idle_mhz=135,
+            mem_clock_mhz=877,
+            power_idle_w=40.0,
+            power_max_w=300.0,
+            temperature_idle_c=30.0,
+            temperature_max_c=70.0,
+            row_remapping=False,
         ),
     }
 )
@@ -484,6 +508,10 @@ class FakeNvmlLibrary:
         # row remapping per GPU: (corrected, uncorrected, pending, failed).
         self._ecc: list[dict[tuple[int, int], int]] = [{} for _ in range(gpus)]
         self._remap: list[tuple[int, int, bool, bool]] = [(0, 0, False, False)] * gpus
+        # Page retirement per GPU (pre-Ampere): retired page addresses by
+        # nvmlPageRetirementCause_t, and whether a retirement is pending.
+        self._retired: list[dict[int, list[int]]] = [{} for _ in range(gpus)]
+        self._retired_pending: list[bool] = [False] * gpus
         # XID events: each event set's registered GPUs and its undelivered events. The
         # condition has its own lock: a waiting event thread must never hold _lock.
         self._event_cond = threading.Condition()
@@ -608,6 +636,25 @@ class FakeNvmlLibrary:
         with self._lock:
             self._gpu(gpu)
             self._remap[gpu] = (corrected, uncorrected, pending, failed)
+
+    def set_retired_pages(
+        self, gpu: int, single_bit: int = 0, double_bit: int = 0, *, pending: bool = False
+    ) -> None:
+        """Set how many pages ``gpu`` retired per cause, and whether one is pending.
+
+        Only a GPU without row remapping (``v100``) answers page retirement calls.
+        """
+        with self._lock:
+            self._gpu(gpu)
+            self._retired[gpu] = {
+                pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS: [
+                    0x1_0000_0000 + 0x1000 * i for i in range(single_bit)
+                ],
+                pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR: [
+                    0x2_0000_0000 + 0x1000 * i for i in range(double_bit)
+                ],
+            }
+            self._retired_pending[gpu] = pending
 
     @property
     def live_gpm_samples(self) -> int:
@@ -891,8 +938,31 @@ class FakeNvmlLibrary:
         """``(corrRows, uncRows, isPending, failureOccurred)``, as pynvml returns them."""
         with self._lock:
             gpu = self._check("nvmlDeviceGetRemappedRows", handle)
+            if not self.profile.row_remapping:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
             corrected, uncorrected, pending, failed = self._remap[gpu]
             return corrected, uncorrected, int(pending), int(failed)
+
+    def nvmlDeviceGetRetiredPages(self, handle: _Handle, sourceFilter: int) -> list[int]:  # noqa: N803
+        """Addresses of the pages retired for one cause (pre-Ampere; NotSupported after)."""
+        with self._lock:
+            gpu = self._check("nvmlDeviceGetRetiredPages", handle)
+            if self.profile.row_remapping:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            if sourceFilter not in (
+                pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS,
+                pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR,
+            ):
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            return list(self._retired[gpu].get(sourceFilter, ()))
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: _Handle) -> int:
+        """``NVML_FEATURE_ENABLED`` (1) while a retirement waits for a reset, else 0."""
+        with self._lock:
+            gpu = self._check("nvmlDeviceGetRetiredPagesPendingStatus", handle)
+            if self.profile.row_remapping:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            return int(self._retired_pending[gpu])
 
     def nvmlEventSetCreate(self) -> _EventSet:
         """A new, empty event set."""

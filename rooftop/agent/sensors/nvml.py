@@ -93,8 +93,9 @@ _PERMANENT_CODES = frozenset(
 # long enough that a persisting error costs one extra call per GPU every 10 s, short
 # enough that a window or two later the better figure is back.
 RETRY_NEWER_S = 10.0
-# ECC and row-remap counters are read this often per GPU, not every tick: they change
-# on a scale of hours, and five more calls per GPU per tick would buy nothing.
+# ECC, row-remap and page-retirement counters are read this often per GPU, not every
+# tick: they change on a scale of hours, and five more calls per GPU per tick would buy
+# nothing.
 HEALTH_EVERY_S = 5.0
 # (GpuSample field, nvmlMemoryErrorType_t, nvmlEccCounterType_t) by pynvml constant name.
 _ECC_COUNTERS = (
@@ -102,6 +103,12 @@ _ECC_COUNTERS = (
     ("ecc_uncorrected_volatile", "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", "NVML_VOLATILE_ECC"),
     ("ecc_corrected_aggregate", "NVML_MEMORY_ERROR_TYPE_CORRECTED", "NVML_AGGREGATE_ECC"),
     ("ecc_uncorrected_aggregate", "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", "NVML_AGGREGATE_ECC"),
+)
+
+# (GpuSample field, nvmlPageRetirementCause_t) by pynvml constant name.
+_RETIREMENT_CAUSES = (
+    ("retired_pages_single_bit", "NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS"),
+    ("retired_pages_double_bit", "NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR"),
 )
 
 _INIT_MESSAGES = {
@@ -201,6 +208,10 @@ class _Device:
     newer: dict[str, _Newer] = field(default_factory=dict)  # keyed by API ("memory", ...)
     parent_handle: Any = None  # a MIG instance's parent GPU: GPM is sampled through it
     gpm_denied: bool = False  # a GPM call said NoPermission: no GPM until a restart
+    # The driver said the GPU lacks row remapping (pre-Ampere) / page retirement too:
+    # stop asking, and read page retirement instead / nothing.
+    no_row_remapping: bool = False
+    no_page_retirement: bool = False
 
 
 class NvmlBackend:
@@ -654,16 +665,22 @@ class NvmlBackend:
         """
         return self._xid.tally(gpu_index) if self._xid is not None else ((), None)
 
+    def xid_fields(self, gpu_index: int) -> dict[str, Any]:
+        """The GpuSample XID fields of ``gpu_index``: codes, count and count per code."""
+        if self._xid is None:
+            return {"xid_codes": (), "xid_count": None}
+        codes, count, by_code = self._xid.tally_by_code(gpu_index)
+        return {"xid_codes": codes, "xid_count": count, "xid_code_counts": by_code}
+
     def _health(self, device: _Device) -> dict[str, Any]:
         """The GpuSample health fields: XIDs now, ECC / row remapping as last read."""
         gpu_index = device.info.gpu_index
-        codes, count = self.xid_tally(gpu_index)
         now_s = self._clock()
         cached = self._health_cache.get(gpu_index)
         if cached is None or now_s - cached[0] >= HEALTH_EVERY_S:
             cached = (now_s, self._read_health_counters(device))
             self._health_cache[gpu_index] = cached
-        return {"xid_codes": codes, "xid_count": count, **cached[1]}
+        return {**self.xid_fields(gpu_index), **cached[1]}
 
     def _read_health_counters(self, device: _Device) -> dict[str, Any]:
         nvml, call, handle = self._nvml, device.call, device.handle
@@ -673,13 +690,45 @@ class NvmlBackend:
             for name, kind, counter in _ECC_COUNTERS:
                 out[name] = _int(call(ecc, handle, getattr(nvml, kind), getattr(nvml, counter)))
         remapped = getattr(nvml, "nvmlDeviceGetRemappedRows", None)
-        rows = call(remapped, handle) if remapped is not None else None
+        rows, error = None, None
+        if remapped is not None and not device.no_row_remapping:
+            rows, error = self._attempt(device.info.gpu_index, remapped, handle)
+            # NotSupported: a GPU before Ampere (V100, T4), which retires pages instead.
+            device.no_row_remapping = rows is None and _permanent(error)
         if rows is not None:
             corrected, uncorrected, pending, failed = rows
             out["remapped_rows_corrected"] = int(corrected)
             out["remapped_rows_uncorrected"] = int(uncorrected)
             out["remap_pending"] = bool(pending)
             out["remap_failed"] = bool(failed)
+        elif remapped is None or device.no_row_remapping:
+            out.update(self._retired_pages(device))
+        return out
+
+    def _retired_pages(self, device: _Device) -> dict[str, Any]:
+        """Page retirement, on a GPU without row remapping (pre-Ampere): GpuSample fields.
+
+        Pages retired for multiple single-bit ECC errors and for a double-bit one, and
+        whether a retirement waits for the next reset. A GPU that lacks this too (no
+        ECC: a consumer card) is not asked again.
+        """
+        if device.no_page_retirement:
+            return {}
+        nvml, handle, gpu_index = self._nvml, device.handle, device.info.gpu_index
+        out: dict[str, Any] = {}
+        errors: list[Exception | None] = []
+        pages = getattr(nvml, "nvmlDeviceGetRetiredPages", None)
+        if pages is not None:
+            for name, cause in _RETIREMENT_CAUSES:
+                found, error = self._attempt(gpu_index, pages, handle, getattr(nvml, cause))
+                out[name] = len(found) if found is not None else None
+                errors.append(error)
+        status = getattr(nvml, "nvmlDeviceGetRetiredPagesPendingStatus", None)
+        if status is not None:
+            pending, error = self._attempt(gpu_index, status, handle)
+            out["retired_pages_pending"] = bool(pending) if pending is not None else None
+            errors.append(error)
+        device.no_page_retirement = all(e is not None and _permanent(e) for e in errors)
         return out
 
     def _memory_info(self, device: _Device) -> Any:

@@ -44,6 +44,9 @@ function                                               since    first nvml.h
 ``...GetPowerUsage``, ``...GetTemperature``,
 ``...GetCurrentClocksThrottleReasons``,
 ``...GetTotalEccErrors``, ``...GetRemappedRows``,
+``...GetRetiredPages``,
+``...GetRetiredPagesPendingStatus`` (page
+retirement: R319, long before 11.0),
 ``nvmlEventSetCreate``, ``...RegisterEvents``,
 ``nvmlEventSetWait_v2``, ``nvmlEventSetFree``,
 ``...GetComputeRunningProcesses`` (v1 struct),
@@ -175,6 +178,8 @@ NVML_FUNCTIONS: Mapping[str, NvmlFunction] = MappingProxyType(
             "nvmlDeviceGetCurrentClocksThrottleReasons",
             "nvmlDeviceGetTotalEccErrors",
             "nvmlDeviceGetRemappedRows",
+            "nvmlDeviceGetRetiredPages",
+            "nvmlDeviceGetRetiredPagesPendingStatus",
             "nvmlEventSetCreate",
             "nvmlDeviceRegisterEvents",
             "nvmlEventSetWait_v2",
@@ -760,6 +765,30 @@ class NvmlLibraryStandIn:
         rows = self.model.nvmlDeviceGetRemappedRows(self._device(device))
         for address, value in zip((corrected, uncorrected, pending, failed), rows, strict=True):
             self._uint(address, value)
+
+    @_c_function(_PTR, _UINT, _PTR, _PTR)
+    def _c_nvmlDeviceGetRetiredPages(
+        self, device: int | None, cause: int, count: int | None, addresses: int | None
+    ) -> None:
+        """The size query of nvml.h: ``*pageCount`` 0 (or too small) asks how many."""
+        pages = self.model.nvmlDeviceGetRetiredPages(self._device(device), cause)
+        capacity = _at(count, ctypes.c_uint)
+        if capacity.value < len(pages):
+            capacity.value = len(pages)
+            raise _error(pynvml.NVML_ERROR_INSUFFICIENT_SIZE)
+        if pages and not addresses:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        for i, page in enumerate(pages):
+            assert addresses is not None  # refused above when there is a page to write
+            ctypes.c_ulonglong.from_address(addresses + i * 8).value = page
+        capacity.value = len(pages)
+
+    @_c_function(_PTR, _PTR)
+    def _c_nvmlDeviceGetRetiredPagesPendingStatus(
+        self, device: int | None, pending: int | None
+    ) -> None:
+        # nvmlEnableState_t: NVML_FEATURE_ENABLED (1) while a retirement is pending.
+        self._uint(pending, self.model.nvmlDeviceGetRetiredPagesPendingStatus(self._device(device)))
 
     def _event_set(self, address: int | None) -> Any:
         event_set = self._event_sets.get(address) if address else None

@@ -4,8 +4,9 @@
 event set and takes what it queued (``nvmlEventSetWait_v2`` without blocking) once every
 ``POLL_S`` on a daemon thread, every queued event at once. Each event is logged and
 lands in the GPU's tally: the distinct codes seen (sticky: a GPU that fell off the bus
-stays so until the agent restarts) and the event count. ``NvmlBackend.read`` copies
-the tally into each sample; the sampling loop never blocks on an event.
+stays so until the agent restarts), the events of each and the event count.
+``NvmlBackend.read`` copies the tally into each sample; the sampling loop never blocks on
+an event.
 
 Nothing on the thread may raise: a failed wait is counted through the backend's
 choke point (``count_error``), logged once, and the thread backs off and waits again.
@@ -71,6 +72,7 @@ class XidWatcher:
         self._count_error = count_error
         self._lock = threading.Lock()
         self._codes: dict[int, list[int]] = {}
+        self._code_counts: dict[int, list[int]] = {}  # aligned with _codes
         self._counts: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -113,6 +115,17 @@ class XidWatcher:
                 return (), None
             return tuple(self._codes.get(gpu_index, ())), self._counts[gpu_index]
 
+    def tally_by_code(self, gpu_index: int) -> tuple[tuple[int, ...], int | None, tuple[int, ...]]:
+        """``tally`` and the events of each of its codes, in its order, read together.
+
+        Beyond ``MAX_CODES`` distinct codes a new one is counted in the total only.
+        """
+        with self._lock:
+            if gpu_index not in self._counts:
+                return (), None, ()
+            codes = tuple(self._codes.get(gpu_index, ()))
+            return codes, self._counts[gpu_index], tuple(self._code_counts.get(gpu_index, ()))
+
     def _run(self) -> None:
         wait = self._nvml.nvmlEventSetWait_v2
         timeout_code = self._nvml.NVML_ERROR_TIMEOUT
@@ -144,8 +157,12 @@ class XidWatcher:
         with self._lock:
             self._counts[gpu_index] += 1
             codes = self._codes.setdefault(gpu_index, [])
-            if xid not in codes and len(codes) < MAX_CODES:
+            counts = self._code_counts.setdefault(gpu_index, [])
+            if xid in codes:
+                counts[codes.index(xid)] += 1
+            elif len(codes) < MAX_CODES:
                 codes.append(xid)
+                counts.append(1)
         logger.warning("GPU %d: XID %d (critical error event from NVML)", gpu_index, xid)
 
     def close(self) -> None:

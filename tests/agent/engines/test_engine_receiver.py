@@ -11,10 +11,14 @@ import time
 
 import pytest
 
-from rooftop.agent.engines.receiver import HookReceiver, summary_to_sample
+from rooftop.agent.engines.receiver import HookReceiver, kernel_queue_datagrams, summary_to_sample
+from rooftop.agent.engines.sources import EngineSources
 from rooftop.agent.hooks import Aggregator
 from rooftop.agent.hooks.wire import Distribution, HookSummary, encode_summary
+from rooftop.agent.sampler import Sampler
+from rooftop.agent.sensors.base import GpuInfo
 from rooftop.common.errors import ConfigError
+from rooftop.common.model import EngineSample, GpuSample
 from tests.support import wait_for
 
 
@@ -230,3 +234,174 @@ def test_the_receiving_thread_sleeps_until_a_datagram_or_shutdown(sock_dir, monk
     finally:
         r.shutdown()
     assert r._thread is not None and not r._thread.is_alive()
+
+
+class Sender:
+    """An engine's side of the socket: non-blocking sends, as the hooks send."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sent = self.refused = 0
+
+    def send(self, seq: int) -> None:
+        try:
+            self.sock.sendto(encode_summary(summary(seq=seq)), self.path)
+            self.sent += 1
+        except BlockingIOError:  # the kernel's queue is full: the hook drops it
+            self.refused += 1
+
+    def send_for(self, seconds: float, per_s: float, tick=None, tick_s: float = 0.0) -> None:
+        """Send ``per_s`` datagrams a second for ``seconds``; call ``tick`` every ``tick_s``."""
+        start = time.monotonic()
+        n, next_tick = 0, start + tick_s
+        while (now := time.monotonic()) < start + seconds:
+            if now >= start + n / per_s:
+                n += 1
+                self.send(n)
+            if tick is not None and now >= next_tick:
+                tick()
+                next_tick += tick_s
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def reads_by_thread(monkeypatch):
+    """Read passes the receiver's own thread made (the sampler's are not counted)."""
+    passes: list[float] = []
+    real = HookReceiver._read_queued
+
+    def counting(self, sock, deadline):
+        if threading.current_thread().name == "rooftop-hook-receiver":
+            passes.append(time.monotonic())
+        return real(self, sock, deadline)
+
+    monkeypatch.setattr(HookReceiver, "_read_queued", counting)
+    return passes
+
+
+def test_ticks_that_read_the_socket_leave_the_thread_asleep(sock_dir, reads_by_thread):
+    # 8 engines a second on the kernel's default queue (11): the thread may leave the
+    # socket unread 11 / 2 / 8 = 0.69 s. The sampler's ticks (here every 0.25 s) read
+    # it sooner, so once the rate is known the thread stops reading per datagram.
+    r = HookReceiver(str(sock_dir / "h.sock"), queue_datagrams=11)
+    r.start()
+    sender = Sender(r.socket_path)
+    try:
+        sender.send_for(1.3, per_s=8)  # no ticks yet: the thread reads them as they come
+        assert len(reads_by_thread) >= 3
+        assert r.hold_s() == pytest.approx(11 / 2 / 8, rel=0.3)
+        before = len(reads_by_thread)
+        sender.send_for(1.5, per_s=8, tick=r.receive, tick_s=0.25)
+        r.receive()
+        assert len(reads_by_thread) - before <= 1  # about 12 datagrams, no thread read
+        assert r.stats().accepted == sender.sent and sender.refused == 0
+    finally:
+        sender.close()
+        r.shutdown()
+
+
+def test_without_ticks_the_thread_reads_before_the_queue_fills(sock_dir, reads_by_thread):
+    # A sampler that stalls (or ticks once a minute) must not cost summaries: 20
+    # datagrams a second would fill a queue of 11 in 0.55 s; the thread reads at least
+    # every 11 / 2 / 20 = 0.28 s, in a few passes of several datagrams each.
+    r = HookReceiver(str(sock_dir / "h.sock"), queue_datagrams=11)
+    r.start()
+    sender = Sender(r.socket_path)
+    try:
+        sender.send_for(1.2, per_s=20)
+        assert r.hold_s() is not None  # the backstop's timed wait, not per datagram
+        before, accepted_before = len(reads_by_thread), r.stats().accepted
+        sender.send_for(2.0, per_s=20)
+        wait_for(lambda: r.stats().accepted == sender.sent)
+        assert sender.refused == 0
+        assert len(reads_by_thread) - before < (r.stats().accepted - accepted_before) / 2
+    finally:
+        sender.close()
+        r.shutdown()
+
+
+def test_a_full_queue_shortens_the_wait_at_once(sock_dir, monkeypatch):
+    # With the thread idle, a tick finds the kernel's queue full: datagrams may have
+    # been refused, so the rate is raised from that one read, not a window later.
+    monkeypatch.setattr(HookReceiver, "_run", lambda self: None)
+    r = HookReceiver(str(sock_dir / "h.sock"), queue_datagrams=11)
+    r.start()
+    sender = Sender(r.socket_path)
+    try:
+        assert r.hold_s() is None  # nothing measured: per datagram
+        time.sleep(0.5)
+        for seq in range(30):
+            sender.send(seq)
+        # The kernel's bound, not the socket's buffer, refused the rest.
+        assert sender.sent == min(30, kernel_queue_datagrams())
+        r.receive()
+        assert r.stats().accepted == sender.sent
+        hold_s = r.hold_s()
+        assert hold_s is not None and hold_s < 0.5  # ~11 / 2 / (11 in 0.5 s)
+    finally:
+        sender.close()
+        r.shutdown()
+
+
+def test_a_quiet_socket_is_read_per_datagram(sock_dir):
+    # Under one datagram in 5 s (here none): no timer at all; a datagram wakes the thread.
+    r = HookReceiver(str(sock_dir / "h.sock"), queue_datagrams=11)
+    r.start()
+    try:
+        r.receive()
+        time.sleep(1.05)
+        r.receive()  # a window with nothing in it
+        assert r.hold_s() is None
+        send(r.socket_path, encode_summary(summary()))
+        wait_for(lambda: r.stats().accepted == 1)
+    finally:
+        r.shutdown()
+
+
+def test_the_kernel_queue_bound_is_read_from_the_sysctl(tmp_path):
+    path = tmp_path / "max_dgram_qlen"
+    path.write_text("512\n")
+    assert kernel_queue_datagrams(path) == 513
+    path.write_text("garbage")
+    assert kernel_queue_datagrams(path) == 11  # the kernel's default, 10 + 1
+    assert kernel_queue_datagrams(tmp_path / "absent") == 11
+
+
+class _OneGpu:
+    """A GpuBackend with one idle GPU."""
+
+    def devices(self) -> tuple[GpuInfo, ...]:
+        return (GpuInfo(0, "GPU-1", "NVIDIA H100 80GB HBM3", has_gpm=False),)
+
+    def read(self, gpu_index: int, time_s: float) -> GpuSample:
+        return GpuSample(time_s=time_s, gpu_index=gpu_index, gpu_uuid="GPU-1")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_tick_reads_the_socket_before_its_clock(sock_dir, monkeypatch):
+    # The receiver's thread left out: the tick itself must take the summary off the
+    # socket, and stamp it at or before the tick's own time, so the window pairs it
+    # with this tick's GPU samples as it did when a thread read it on arrival.
+    monkeypatch.setattr(HookReceiver, "_run", lambda self: None)
+    engines = EngineSources(str(sock_dir / "h.sock"))
+    engines.start()
+    sampler = Sampler(_OneGpu(), engines=engines)
+    agg = Aggregator(engine_id="tick", socket_path=str(sock_dir / "h.sock"), autostart=False)
+    try:
+        agg.start_request().token()
+        assert agg.flush() is True
+        records = sampler.tick()
+    finally:
+        agg.shutdown()
+        engines.shutdown()
+    (gpu,) = [r for r in records if isinstance(r, GpuSample)]
+    (engine,) = [r for r in records if isinstance(r, EngineSample)]
+    assert engine.engine_id == "tick"
+    assert engine.time_s <= gpu.time_s

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -176,6 +177,40 @@ def test_no_agent_listening_drops_and_counts(sock_path, clock):
     assert stats.sent == 0
     assert stats.dropped == 2
     assert "hooks.sock" in (stats.last_error or "")
+
+
+def test_a_full_agent_queue_drops_and_counts_without_blocking_the_engine(sock_path, clock):
+    # The agent is alive but has not read (a late tick): the kernel queues at most
+    # net.unix.max_dgram_qlen + 1 datagrams. Beyond that a send is refused at once
+    # (non-blocking), counted, and the count travels in the next summary.
+    import socket
+
+    from rooftop.agent.engines.receiver import kernel_queue_datagrams
+    from rooftop.agent.hooks.wire import decode_summary
+
+    queue = kernel_queue_datagrams()
+    if queue > 600:
+        pytest.skip(f"this host queues {queue} datagrams")
+    agent = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    agent.bind(sock_path)
+    try:
+        agg = make_agg(sock_path, clock)
+        done = threading.Event()
+
+        def engine() -> None:
+            for _ in range(queue + 3):
+                agg.flush()
+            done.set()
+
+        threading.Thread(target=engine, daemon=True).start()
+        assert done.wait(10), "a send blocked the engine"
+        assert (agg.stats().sent, agg.stats().dropped) == (queue, 3)
+        agent.recv(65536)  # room for one more
+        assert agg.flush() is True
+        summaries = [decode_summary(agent.recv(65536)) for _ in range(queue)]
+        assert summaries[-1].dropped == 3
+    finally:
+        agent.close()
 
 
 def test_stale_socket_file_without_listener_drops(sock_dir, clock):

@@ -481,6 +481,7 @@ def test_no_permission_gpu_is_inaccessible_not_lost(clock, caplog):
     windows = build_windows(records)
     good, denied = classify(windows[0, ""][0]), classify(windows[1, ""][0])
     assert good.verdict is Bound.COMPUTE
+    assert denied.verdict is Bound.UNKNOWN  # never "lost": that alerts and drains the node
     assert "GPU 1 is not accessible to this user (NVML NO_PERMISSION)" in denied.rule
     assert "/dev/nvidia1" in denied.rule
     assert "lost" not in denied.rule

@@ -20,7 +20,7 @@ from rooftop.agent.classifier import classify
 from rooftop.agent.sampler import Sampler
 from rooftop.agent.sensors.fake import FakeNvmlLibrary
 from rooftop.agent.sensors.gpm import GPM_METRIC_FIELDS
-from rooftop.agent.sensors.nvml import NvmlBackend
+from rooftop.agent.sensors.nvml import HEALTH_EVERY_S, NvmlBackend
 from rooftop.agent.sensors.nvml_standin import (
     DRIVERS,
     GPM_METRICS_GET_VERSION,
@@ -34,6 +34,7 @@ from rooftop.agent.sensors.nvml_standin import (
 )
 from rooftop.agent.window import build_windows
 from rooftop.common.errors import DeviceLost
+from rooftop.common.health import HealthState, assess
 from rooftop.common.model import Bound, GpuSample
 
 _GiB = 1024**3
@@ -177,7 +178,8 @@ def test_an_unmodelled_function_fails_loudly_not_as_function_not_found(host, clo
 
 
 @pytest.mark.parametrize(
-    ("driver", "profile"), [("r510", "a100"), ("r535", "h100"), ("r580", "h100")]
+    ("driver", "profile"),
+    [("r510", "a100"), ("r535", "h100"), ("r580", "h100"), ("r535", "v100")],
 )
 def test_reads_what_the_python_api_fake_reads(host, clock, driver, profile):
     """Same model, same seed: the sample through pynvml's C layer is the same, value for
@@ -255,6 +257,58 @@ def test_r470_a100_degrades_field_by_field(host, clock, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any("nvmlGpmQueryDeviceSupport: Function Not Found" in m for m in messages)
     assert any("nvmlDeviceGetMemoryInfo: Function Not Found" in m for m in messages)
+
+
+@pytest.mark.parametrize("driver", ["r470", "r535", "r580"])
+def test_v100_reads_retired_pages_where_it_has_no_row_remapping(host, clock, driver):
+    """Pre-Ampere GPUs retire pages instead of remapping rows: NotSupported from
+    nvmlDeviceGetRemappedRows turns to page retirement (the size query included), and
+    a pending retirement degrades the GPU."""
+    model = FakeNvmlLibrary("v100", gpus=2, workloads="gemv", clock=clock)
+    model.set_retired_pages(1, single_bit=3, double_bit=1, pending=True)
+    h = host(driver, model)
+    s0, s1 = settled_read(h.backend, clock, 0), settled_read(h.backend, clock, 1)
+    assert (s1.retired_pages_single_bit, s1.retired_pages_double_bit) == (3, 1)
+    assert s1.retired_pages_pending is True
+    assert (s0.retired_pages_single_bit, s0.retired_pages_double_bit) == (0, 0)
+    assert s0.retired_pages_pending is False
+    assert s1.remapped_rows_corrected is None and s1.remap_pending is None
+    health = assess(s1)
+    assert health.state is HealthState.DEGRADED
+    assert health.reasons == ("page retirement pending: reset the GPU (or reload the driver) "
+                              "to apply it",)
+    assert assess(s0).state is HealthState.OK
+    # Row remapping said NotSupported once per GPU: not asked again.
+    remap_calls = h.standin.calls["nvmlDeviceGetRemappedRows"]
+    model.set_retired_pages(1, single_bit=4)
+    clock.advance(HEALTH_EVERY_S)
+    later = settled_read(h.backend, clock, 1)
+    assert (later.retired_pages_single_bit, later.retired_pages_pending) == (4, False)
+    assert h.standin.calls["nvmlDeviceGetRemappedRows"] == remap_calls == 2
+
+
+def test_ampere_and_later_remap_rows_and_never_ask_for_retired_pages(host, clock):
+    model = FakeNvmlLibrary("h100", workloads="gemv", clock=clock)
+    model.set_remapped_rows(0, 2, 0, pending=True)
+    h = host("r580", model)
+    s = settled_read(h.backend, clock)
+    assert (s.remapped_rows_corrected, s.remap_pending) == (2, True)
+    assert (s.retired_pages_single_bit, s.retired_pages_pending) == (None, None)
+    assert h.standin.calls["nvmlDeviceGetRetiredPages"] == 0
+
+
+def test_a_gpu_without_either_is_absent_and_asked_no_more(host, clock):
+    """No ECC at all (a consumer card): both mechanisms NotSupported, fields absent."""
+    model = FakeNvmlLibrary("v100", workloads="gemv", clock=clock)
+    model.inject(0, "nvmlDeviceGetRetiredPages", "not_supported")
+    model.inject(0, "nvmlDeviceGetRetiredPagesPendingStatus", "not_supported")
+    h = host("r580", model)
+    s = settled_read(h.backend, clock)
+    assert (s.retired_pages_single_bit, s.retired_pages_pending) == (None, None)
+    asked = h.standin.calls["nvmlDeviceGetRetiredPages"]
+    clock.advance(HEALTH_EVERY_S)
+    assert settled_read(h.backend, clock).busy_pct is not None
+    assert h.standin.calls["nvmlDeviceGetRetiredPages"] == asked == 2
 
 
 def test_r470_lists_processes_through_v2(host, clock):
