@@ -161,11 +161,16 @@ def test_future_dated_samples_are_clamped_and_counted(served):
     assert snap.agents[0].lag_s is not None and 0 <= snap.agents[0].lag_s < 5
 
 
-def test_reconnect_past_a_gap_skips_what_the_agent_dropped(served):
-    server, fleet = served
+def applied_1_to_3(server: IngestServer) -> None:
+    """An agent's seqs 1-3 applied and acked on a stream of their own (now closed)."""
     with AgentStream(target(server)) as stream:
         stream.send(batch(1), batch(2), batch(3))
         stream.wait_acked(3)
+
+
+def test_reconnect_past_a_gap_skips_what_the_agent_dropped(served):
+    server, fleet = served
+    applied_1_to_3(server)
     # The agent's spool dropped 4..6 while it was disconnected; it resumes at 7.
     with AgentStream(target(server)) as stream:
         stream.send(batch(7), batch(8))
@@ -183,9 +188,7 @@ def acked_elsewhere(seq: int, acked_seq: int) -> pb.Batch:
 
 def test_a_gap_another_collector_acked_is_counted_acked_elsewhere_not_missing(served):
     server, fleet = served
-    with AgentStream(target(server)) as stream:
-        stream.send(batch(1), batch(2), batch(3))
-        stream.wait_acked(3)
+    applied_1_to_3(server)
     # The agent was away: another collector applied and acked 4..6; it comes back at 7.
     with AgentStream(target(server)) as stream:
         stream.send(acked_elsewhere(7, 6), acked_elsewhere(8, 7))
@@ -199,9 +202,7 @@ def test_a_gap_another_collector_acked_is_counted_acked_elsewhere_not_missing(se
 
 def test_a_gap_without_acked_seq_is_missing_as_from_an_older_agent(served):
     server, fleet = served
-    with AgentStream(target(server)) as stream:
-        stream.send(batch(1), batch(2), batch(3))
-        stream.wait_acked(3)
+    applied_1_to_3(server)
     with AgentStream(target(server)) as stream:
         stream.send(batch(7), batch(8))  # no acked_seq: the field absent reads 0
         stream.wait_acked(8)
@@ -211,9 +212,7 @@ def test_a_gap_without_acked_seq_is_missing_as_from_an_older_agent(served):
 
 def test_only_the_seqs_up_to_acked_seq_count_as_acked_elsewhere(served):
     server, fleet = served
-    with AgentStream(target(server)) as stream:
-        stream.send(batch(1), batch(2), batch(3))
-        stream.wait_acked(3)
+    applied_1_to_3(server)
     # Acked elsewhere up to 5; 6 the agent's spool dropped before anyone had it.
     with AgentStream(target(server)) as stream:
         stream.send(acked_elsewhere(7, 5))
@@ -224,9 +223,7 @@ def test_only_the_seqs_up_to_acked_seq_count_as_acked_elsewhere(served):
 
 def test_a_forged_acked_seq_above_the_batch_is_clamped_and_acks_nothing_unapplied(served):
     server, fleet = served
-    with AgentStream(target(server)) as stream:
-        stream.send(batch(1), batch(2), batch(3))
-        stream.wait_acked(3)
+    applied_1_to_3(server)
     with AgentStream(target(server)) as stream:
         stream.send(acked_elsewhere(7, 2**63))
         acks = stream.wait_acked(7)
