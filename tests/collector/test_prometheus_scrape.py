@@ -105,3 +105,23 @@ def test_prometheus_scrapes_verdicts_from_the_collector(collector: Collector, pr
 
     tpot = wait_query(prometheus, 'gen_ai_server_time_per_output_token_seconds_bucket{le="0.006"}')
     assert float(tpot[0]["value"][1]) == 1
+
+
+@pytest.mark.slow
+def test_a_scrape_job_with_name_params_stores_only_those_families(
+    collector: Collector, tmp_path: Path
+):
+    # Prometheus sends `params: {'name[]': [...]}` URL-encoded; the collector must read
+    # it as the families to render (no metric_relabel_configs here to hide a miss).
+    with AgentStream(f"127.0.0.1:{collector.ingest.port}") as stream:
+        stream.send(batch(1, records=[gpu(0)], verdicts=[verdict(0, Bound.MEMORY)]))
+        stream.wait_acked(1)
+    port = collector.telemetry.prometheus_port
+    assert port is not None
+    names = ("rooftop_gpu_bound", "rooftop_gpu_bound_confidence")
+    with prometheus_server(tmp_path, port, scrape_names=names) as base:
+        wait_query(base, 'rooftop_gpu_bound{rooftop_bound="memory"} == 1')
+        stored = wait_query(base, 'count by (__name__) ({job="rooftop"})')
+    scraped = {r["metric"]["__name__"] for r in stored}
+    # Prometheus adds its own per-scrape series (up, scrape_*) to every target.
+    assert {n for n in scraped if not n.startswith(("up", "scrape_"))} == set(names)
