@@ -149,8 +149,8 @@ def main() -> None:
     parser.add_argument(
         "--remote-write",
         action="store_true",
-        help="the collectors remote-write to the Prometheus (one sample gauge and one "
-        "verdict series: tests/e2e/sharded.py, remote_write_include)",
+        help="the collectors remote-write to the Prometheus (the verdicts' confidence: "
+        "tests/e2e/sharded.py, remote_write_include)",
     )
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument(

@@ -11,11 +11,12 @@ agent's ``Streamer`` does where the collectors can tell (rooftop/agent/stream.py
 - on a stream failure it moves to the next-ranked collector (``Homing.failed``) and
   reconnects within a second, resending every unacked batch, oldest first (the
   spool's at-least-once);
-- while away it probes home with the gRPC health check about once a second and goes
-  home after ``return_after_s`` of answers (``Homing.probed_home``): gracefully, as
-  the real agent does (no new batches, a half-close, the last acks, then home).
+- while away it probes home with the gRPC health check every ``probe_interval_s``
+  (the agent's 5 s) and goes home after ``return_after_s`` of answers
+  (``Homing.probed_home``): gracefully, as the real agent does (no new batches, a
+  half-close, the last acks, then home).
 
-Batches are real ``rooftop.v1.Batch`` messages: one ``GpuColumns`` block of 8 GPU samples
+Batches are real ``rooftop.v1.Batch`` messages: one ``GpuColumns`` block of the 8 GPUs' samples
 (what an agent sends to a collector that takes columns; ``batch_format="records"``: one
 ``GpuSample`` record each, an older agent) stamped with the current time, and a ``Verdict``
 per GPU every ``verdict_every`` batches, but encoded by byte concatenation from
@@ -271,6 +272,7 @@ class _Agent:
         led = self.ledger
         sent_here: set[int] = set()
         next_probe_s = time.monotonic() + gen.probe_interval_s
+        probe: asyncio.Future[bool] | None = None
         try:
             while not gen.stopping.is_set():
                 self.new_batch.clear()  # before the scan: a batch made during it wakes us
@@ -296,20 +298,28 @@ class _Agent:
                 # Woken by the next batch (every period), the reader's end, or stopping;
                 # no timer per agent: thousands of them cost the loop more than the streams.
                 await self.new_batch.wait()
-                if self.homing.away and time.monotonic() >= next_probe_s:
-                    next_probe_s = time.monotonic() + gen.probe_interval_s
-                    healthy = await gen.probe(self.homing.home.address, self.channel_index)
+                # The home probe runs beside the stream, as the agent's does: a slow home
+                # never holds the batches back. Its answer is read at the next wake.
+                if probe is not None and probe.done():
+                    healthy, probe = probe.result(), None
                     if self.homing.probed_home(healthy, time.time()):
                         await call.done_writing()
                         with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
                             await asyncio.wait_for(reader, timeout=gen.drain_timeout_s)
                         return True
+                if self.homing.away and probe is None and time.monotonic() >= next_probe_s:
+                    next_probe_s = time.monotonic() + gen.probe_interval_s
+                    probe = asyncio.ensure_future(
+                        gen.probe(self.homing.home.address, self.channel_index)
+                    )
             # Stopping: half-close and take the last acks.
             await call.done_writing()
             with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
                 await asyncio.wait_for(reader, timeout=gen.drain_timeout_s)
             return False
         finally:
+            if probe is not None and not probe.done():
+                probe.cancel()
             if reader.done() and not reader.cancelled():
                 reader.exception()  # retrieved: the failure is the one being handled
             if not reader.done():

@@ -26,6 +26,7 @@ import pytest
 from rooftop.agent.sampler import Sampler
 from rooftop.agent.sensors.fake import FakeNvmlLibrary
 from rooftop.agent.sensors.nvml import NvmlBackend
+from rooftop.common.model import GpuSample
 from tests.support import nvml_works
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,6 +140,22 @@ def test_nvml_errors_as_root_are_problems_but_not_supported_is_not(clean_and_ref
     unsupported = gpu_check.measure(library, 3, 20.0, 0.1)
     problems, _ = gpu_check.findings(gpu_check.new_report("fake:h100", unsupported))
     assert problems == [] and unsupported["fields_absent"]["0"] == ["power_w"]
+
+
+def test_row_remapping_or_page_retirement_absent_alone_is_by_design_not_missing():
+    # GPU 0 retires pages (V100), GPU 1 remaps rows (H100), GPU 2 answers neither.
+    v100 = GpuSample(time_s=0.0, gpu_index=0,
+                     retired_pages_single_bit=0, retired_pages_double_bit=0)
+    h100 = GpuSample(time_s=0.0, gpu_index=1,
+                     remapped_rows_corrected=0, remapped_rows_uncorrected=0)
+    neither = GpuSample(time_s=0.0, gpu_index=2)
+    reads = [gpu_check._Read("1hz", s.gpu_index, s, gpm_computed=False)
+             for s in (v100, h100, neither)]
+    absent = gpu_check._fields_absent(reads, [0, 1, 2])
+    pair = {"remapped_rows_corrected", "remapped_rows_uncorrected",
+            "retired_pages_single_bit", "retired_pages_double_bit"}
+    assert not pair & set(absent["0"]) and not pair & set(absent["1"])
+    assert pair <= set(absent["2"])
 
 
 # -- the program ---------------------------------------------------------------------

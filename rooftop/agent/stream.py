@@ -782,5 +782,5 @@ class Streamer:
                 # included); like stats, the freshest value is the one at send time.
                 # Never above seq - 1 (an ack that landed meanwhile): the collector
                 # believes no more than that anyway.
-                batch.acked_seq = min(self._spool.acked(batch.boot_id), batch.seq - 1)
+                batch.acked_seq = max(0, min(self._spool.acked(batch.boot_id), batch.seq - 1))
                 await call.write(batch)

@@ -228,7 +228,9 @@ class DecodedBatch:
     # The batch as it arrived, for outputs that need every sample (``gpu_samples``).
     raw: pb.Batch | None = None
     # Its GPU columns, read and checked once (remote write reads every row from them):
-    # derived from ``raw``, so not part of the batch's equality.
+    # derived from ``raw``, so not part of the batch's equality. Shared between the
+    # ingest thread and remote write's senders: those use ``Columns.field_values``,
+    # whose caches only ever take one value (``samples`` keeps per-call state).
     columns: Columns | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def gpu_samples(self) -> Iterator[GpuSample]:
@@ -1008,9 +1010,20 @@ class Fleet:
             updated_s=received_s,
             engine_from=(batch.boot_id, batch.seq),
         )
-        for key in self._engine_gpus(batch.agent_id, indices, engine.pid):
+        runs_on = self._engine_gpus(batch.agent_id, indices, engine.pid)
+        for key in runs_on:
             gpu = self._gpus[key]
             self._gpus[key] = dataclasses.replace(gpu, engine=engine, updated_s=received_s)
+        if runs_on:
+            # Placed now: it leaves the GPUs it was on before and is not (a MIG sibling
+            # or parent it was given before NVML listed its pid on one instance).
+            # Placed nowhere (its pid not listed yet): where it was stays.
+            placed = set(runs_on)
+            for key in self._agent_gpus.get(batch.agent_id, ()):
+                gpu = self._gpus[key]
+                if (key not in placed and gpu.engine is not None
+                        and gpu.engine.engine_id == engine.engine_id):  # fmt: skip
+                    self._gpus[key] = dataclasses.replace(gpu, engine=None)
 
     def _engine_gpus(
         self, agent_id: str, indices: tuple[int, ...], pid: int | None

@@ -367,6 +367,7 @@ class NativeHistogram:
 
 
 _warned: set[str] = set()
+_HISTOGRAM_ENDS = ("", "_bucket", "_count", "_sum")
 
 
 def render(
@@ -391,7 +392,8 @@ def render(
             f"target_info{_labels(resource)} 1.0",
         ]
     for histogram in histograms:
-        if names is None or histogram.name in names:
+        # By its name or any of its series' (as prometheus/client_python matches).
+        if names is None or any(histogram.name + end in names for end in _HISTOGRAM_ENDS):
             out += histogram.lines()
     for family in families:
         name = family.exposed_name or metric_name(family.name, family.unit)

@@ -123,7 +123,7 @@ class RemoteWrite:
         min_backoff_s / max_backoff_s: the retry backoff, doubling from min to max.
         bearer_token_file: sent as ``Authorization: Bearer``, re-read at each send.
         ca_file: CA bundle for an https ``url`` (system CAs otherwise).
-        find_repeats: snappy with back-references (~6x smaller bodies, ~3x the output's
+        find_repeats: snappy with back-references (~6x smaller bodies, ~5x the output's
             CPU in pure Python); off: valid snappy holding the body as literals.
         include / exclude: ``fnmatch`` globs over ``SENDABLE_NAMES``; a series is sent
             when its metric name matches some ``include`` and no ``exclude``.
@@ -438,8 +438,8 @@ class RemoteWriter:
         points' times (ms), their gpm_stale flags, and a reader of one field's values
         across them (None where a sample lacks it). Lost samples are left out (no data:
         absent, never 0, as on the endpoint). Records are read as the protobuf messages
-        they arrived as; columns' rows as the ``GpuSample``s ``Columns`` makes (not
-        encoded into messages again: ~40% of a columnar batch's cost).
+        they arrived as; columns a field at a time over every row
+        (``Columns.field_values``), with no ``GpuSample`` or message made per row.
         """
         raw = item.batch.raw
         if raw is None:

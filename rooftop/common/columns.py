@@ -2,8 +2,9 @@
 
 The agent's batcher encodes a batch's GPU samples as columns (``encode``); the
 collector checks a whole batch a column at a time (``Columns.read``) and decodes only
-the rows it keeps (``Columns.sample``: the newest per GPU), or every row for outputs
-that need them (``Columns.samples``: remote write).
+the rows it keeps (``Columns.samples_at``: the newest per GPU), or one field over
+every row for outputs that read a few fields of each (``Columns.field_values``: remote
+write).
 
 Each column is ``bytes`` of fixed-width little-endian values. Checking a metric
 column is one big-integer operation over it: for non-negative IEEE-754 doubles the
@@ -185,7 +186,6 @@ def _unpack(fmt: str, raw: bytes) -> tuple[Any, ...]:
 
 def _xids(columns: Columns) -> tuple[int, ...]:
     return _unpack("I", columns._cols["xid_codes"])
-
 
 
 def _xid_code_counts(columns: Columns) -> tuple[int, ...]:
@@ -494,7 +494,7 @@ class Columns:
     def samples_at(self, rows: Sequence[int]) -> list[GpuSample]:
         """Rows ``rows`` as ``GpuSample``s, as ``sample`` makes each.
 
-        The collector's per-batch path (the newest row of each GPU) and remote write's
+        The collector's per-batch path (the newest row of each GPU) and ``samples``
         (every row): when every row has the same metrics, each column is read once for
         all the rows and the samples are zipped from the columns, instead of ~30
         single-value reads per row; lists (XIDs, processes, pods) are cut from their

@@ -114,8 +114,9 @@ def assess(sample: GpuSample) -> GpuHealth:
     Failed: a failing XID (``FAILED_XIDS``), uncorrected volatile ECC errors, a failed
     row remap, or the GPU lost. Degraded: another critical XID, a row remap pending, a
     page retirement pending, a hardware slowdown. Otherwise ok. An inaccessible GPU (no
-    permission) is unknown, its reason naming the inaccessibility: it needs access, not
-    a reset, and nothing about its health could be read.
+    permission) with no XID is unknown, its reason naming the inaccessibility: it needs
+    access, not a reset, and nothing about its health could be read (its XIDs, from the
+    event thread, are judged as above).
     """
     if sample.lost and sample.inaccessible is not None and not sample.xid_codes:
         return GpuHealth(

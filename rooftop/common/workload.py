@@ -220,7 +220,7 @@ def workload_gpus(
             device=device,
             gpu_name=gpu_name,
             verdict=current or (verdict.verdict if verdict is not None else None),
-            recommendations=verdict.recommendations if verdict is not None and not lost else (),
+            recommendations=verdict.recommendations if verdict is not None and not no_data else (),
             pods=tuple(owned),
             model=model,
             tpot_p50_ms=p50,

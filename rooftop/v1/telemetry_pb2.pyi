@@ -1057,7 +1057,8 @@ class GpuColumns(_message.Message):
     """Flattened lists, rows in order: u32 xid codes."""
     xid_code_counts: _builtins.bytes
     """u64 per xid code, aligned with xid_codes: the events of that code (GpuSample
-    xid_code_counts). Empty when no row counts per code.
+    xid_code_counts). Empty unless every row counts per code (a row without: as from
+    an agent older than that field).
     """
     process_pid: _builtins.bytes
     """One entry per process: u32 pid; u8 presence (bit 0 gpu_mem_bytes, bit 1 name, bit 2

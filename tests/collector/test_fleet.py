@@ -171,6 +171,25 @@ def test_an_engine_goes_to_the_mig_instance_that_runs_its_pid():
     assert all(g.engine is not None for g in blind.snapshot().gpus)
 
 
+def test_an_engine_placed_on_one_mig_instance_leaves_the_siblings_it_was_given_before():
+    # First seen before NVML lists its pid: every instance of GPU 0 gets it. Once one
+    # instance lists the pid, the engine is that instance's alone: the others drop it
+    # (a stale engine would name the wrong workload on them until forgotten).
+    no_pid = [gpu(0, NOW - 3, processes=()),
+              gpu(0, NOW - 3, mig_uuid="MIG-a", processes=()),
+              gpu(0, NOW - 3, mig_uuid="MIG-b", processes=())]  # fmt: skip
+    fleet = Fleet(clock=lambda: NOW)
+    apply(fleet, batch(1, records=no_pid))
+    apply(fleet, batch(2, records=[engine(NOW - 2, gpu_indices=(0,))]))
+    assert all(g.engine is not None for g in fleet.snapshot().gpus)
+    listed = gpu(0, NOW - 1.5, mig_uuid="MIG-b", processes=(GpuProcess(pid=4242),))
+    apply(fleet, batch(3, records=[listed]))
+    apply(fleet, batch(4, records=[engine(NOW - 1, gpu_indices=(0,))]))
+    held = {g.mig_uuid: g.engine for g in fleet.snapshot().gpus}
+    assert held["MIG-b"] is not None and held["MIG-b"].time_s == NOW - 1
+    assert held["MIG-a"] is None and held[""] is None
+
+
 def test_older_samples_never_replace_newer_ones():
     fleet = Fleet()
     apply(fleet, batch(2, records=[gpu(0, NOW - 1, busy_pct=50.0)]))

@@ -174,6 +174,12 @@ def test_a_scrape_with_name_params_gets_only_those_families(pair):
     ) as resp:
         _, meta = samples(resp.read().decode())
     assert set(meta) == {"rooftop_collector_refused", "rooftop_collector_batch_lag_seconds"}
+    # A histogram by one of its series' names; target_info only when named.
+    with urllib.request.urlopen(
+        url + "name[]=rooftop_collector_batch_lag_seconds_bucket&name[]=target_info", timeout=10
+    ) as resp:
+        _, meta = samples(resp.read().decode())
+    assert set(meta) == {"rooftop_collector_batch_lag_seconds", "target_info"}
 
 
 def test_the_operator_guides_name_params_get_those_families_only(pair):

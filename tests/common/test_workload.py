@@ -115,6 +115,21 @@ def test_a_lost_gpu_counts_as_lost_and_offers_no_stale_advice():
     assert g.recommendations == ()
 
 
+def test_an_inaccessible_gpu_is_unknown_not_lost_and_offers_no_stale_advice():
+    # NVML refusing the agent the GPU: nothing measured it, so the last verdict's advice
+    # is as stale as a lost GPU's.
+    (g,) = workload_gpus(
+        node="n1",
+        device="0",
+        gpu_name="H100",
+        sample=GpuSample(time_s=1, gpu_index=0, lost=True, inaccessible="NO_PERMISSION"),
+        verdict=_verdict(Bound.MEMORY, "FP8 KV cache"),
+        engine=None,
+    )
+    assert g.verdict is Bound.UNKNOWN
+    assert g.recommendations == ()
+
+
 def test_engine_percentiles_are_taken_and_the_mean_stands_in_for_a_missing_p50():
     e = EngineSample(time_s=1, engine_id="vllm", tpot_ms=6.0, tpot_p99_ms=9.0, model=LLAMA)
     (g,) = workload_gpus(node="n", device="0", gpu_name="H100", sample=None, verdict=None, engine=e)

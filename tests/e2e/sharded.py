@@ -302,7 +302,7 @@ class Sharded:
             60,
             "the killed collector's agents home again",
             lambda: f"{sum(led.current != led.home for led in gen.ledgers)} are not; "
-            f"home probes so far: {dict(gen.probes)}",
+            f"home probes so far: {gen.probes.copy()}",
         )
         home_at = time.time()
         # 5. settle: the series grace, then scrapes that must show no GPU twice.

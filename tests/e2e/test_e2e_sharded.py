@@ -27,8 +27,8 @@ capacity table.
 What makes 2,000 agents fit a 2-core CI machine (with the generator, Prometheus and
 pytest on it): the scrape asks for the verdict family only (``name[]``; the whole
 exposition of ~5,000 GPUs costs a collector ~1 s of CPU per scrape), and remote write
-sends two chosen series (``include``: one sample gauge, one verdict series: ~20k
-points/s into Prometheus; everything would be 17 points per GPU sample).
+sends one chosen series (``include``: the verdicts' confidence, a point per GPU per
+window: ~3k points/s into Prometheus; everything would be 17 points per GPU sample).
 docs/PERFORMANCE.md ("Three collectors, one killed") has the figures.
 """
 
@@ -47,7 +47,7 @@ REHOME_MAX_S = 10.0
 
 @pytest.fixture(scope="module")
 def outcome(tmp_path_factory: pytest.TempPathFactory) -> Outcome:
-    """One run of the scenario, shared by the checks below (it takes about 1.5 minutes)."""
+    """One run of the scenario, shared by the checks below (it takes about 2 minutes)."""
     require_tool("prometheus", PROMETHEUS)
     root = tmp_path_factory.mktemp("sharded")
     # See the module docstring for the size. Prometheus scrapes only the verdict family;

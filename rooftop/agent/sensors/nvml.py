@@ -673,7 +673,7 @@ class NvmlBackend:
         return {"xid_codes": codes, "xid_count": count, "xid_code_counts": by_code}
 
     def _health(self, device: _Device) -> dict[str, Any]:
-        """The GpuSample health fields: XIDs now, ECC / row remapping as last read."""
+        """GpuSample health fields: XIDs now; ECC, row remaps or retired pages as last read."""
         gpu_index = device.info.gpu_index
         now_s = self._clock()
         cached = self._health_cache.get(gpu_index)
