@@ -6,7 +6,7 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -283,6 +283,11 @@ def _print_workloads(
 _AGENT_AUTH_KEYS = ("ca_file", "cert_file", "key_file", "token_file", "server_name", "insecure")
 
 
+def _address_list(texts: Sequence[str]) -> tuple[str, ...]:
+    """The addresses in ``texts``, each a comma-separated list (blanks skipped)."""
+    return tuple(a.strip() for text in texts for a in text.split(",") if a.strip())
+
+
 def _collector_addresses(given: tuple[str, ...], auth: dict[str, Any]) -> tuple[str, ...]:
     """The collectors to ask (a DNS name stands for every address it resolves to).
 
@@ -291,10 +296,7 @@ def _collector_addresses(given: tuple[str, ...], auth: dict[str, Any]) -> tuple[
     (``$ROOFTOP_CONFIG``, ``$ROOFTOP_COLLECTORS``) with its TLS files and token when no
     auth option is given.
     """
-    addresses = tuple(a.strip() for text in given for a in text.split(",") if a.strip())
-    if not addresses:
-        env = os.environ.get(COLLECTOR_ENV, "")
-        addresses = tuple(a.strip() for a in env.split(",") if a.strip())
+    addresses = _address_list(given) or _address_list([os.environ.get(COLLECTOR_ENV, "")])
     if addresses:
         return addresses
     from rooftop.agent.config import CONFIG_ENV, ENV_VARS, load_config  # noqa: PLC0415

@@ -53,6 +53,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rooftop.agent.homing import Endpoint, Homing
 from rooftop.collector.snappy import varint
 from rooftop.common import columns
+from rooftop.common.codec import timestamp
 from rooftop.common.wire import AGENT_ID_METADATA, INGEST_SERVICE
 from rooftop.v1 import telemetry_pb2 as pb
 
@@ -77,7 +78,7 @@ def _field(number: int, payload: bytes) -> bytes:
 
 
 def _timestamp(t_s: float) -> bytes:
-    return Timestamp(seconds=int(t_s), nanos=int(t_s % 1 * 1e9)).SerializeToString()
+    return timestamp(t_s).SerializeToString()
 
 
 @dataclass(frozen=True, slots=True)

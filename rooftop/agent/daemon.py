@@ -43,7 +43,7 @@ from rooftop.agent.engines.sources import EngineEndpoint, EngineSources
 from rooftop.agent.heartbeat import Heartbeat
 from rooftop.agent.sampler import Sampler
 from rooftop.agent.sensors.base import Clock, GpuBackend, HostSensor
-from rooftop.agent.sensors.pods import PodResources
+from rooftop.agent.sensors.pods import PodResources, pod_order
 from rooftop.agent.sensors.replay import ReplayBackend
 from rooftop.agent.spool import Spool
 from rooftop.agent.stream import Streamer
@@ -417,8 +417,7 @@ class Agent:
             verdict = self.hysteresis.update(classify(window))
             # Every container that held the GPU in the window (a held verdict keeps its
             # regime, but the pods are this window's).
-            pods = tuple(sorted({p for s in samples for p in s.pods},
-                                key=lambda p: (p.namespace, p.pod, p.container)))
+            pods = tuple(sorted({p for s in samples for p in s.pods}, key=pod_order))
             if pods or verdict.pods:
                 verdict = dataclasses.replace(verdict, pods=pods)
             verdicts.append(verdict_to_proto(verdict))

@@ -110,13 +110,9 @@ class Sampler:
 
     def _xids(self, gpu_index: int) -> dict[str, Any]:
         fields = getattr(self.backend, "xid_fields", None)
-        if fields is not None:
-            return dict(fields(gpu_index))  # codes, count and count per code
-        tally = getattr(self.backend, "xid_tally", None)
-        if tally is None:
+        if fields is None:
             return {}
-        codes, count = tally(gpu_index)
-        return {"xid_codes": codes, "xid_count": count}
+        return dict(fields(gpu_index))  # codes, count and count per code
 
     def run(
         self,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from rooftop.agent.health_report import format_health, health_json, health_of
 from rooftop.agent.render import format_table, grid, iso_time, verdict_json
 from rooftop.common.codec import record_from_proto, timestamp_s, verdict_from_proto
-from rooftop.common.model import Evidence, GpuSample, Provenance, Verdict
+from rooftop.common.model import INACCESSIBLE_CAUSE, Evidence, GpuSample, Provenance, Verdict
 from rooftop.common.text import printable
 from rooftop.v1 import telemetry_pb2 as pb
 
@@ -41,6 +41,7 @@ __all__ = [
     "format_diagnosis",
     "format_status",
     "gpu_device",
+    "gpu_sample",
     "node_verdicts",
     "status_json",
     "via",
@@ -109,7 +110,7 @@ def _lost(gpu: pb.GpuStatus) -> bool:
 
 def _lost_line(gpu: pb.GpuStatus) -> str:
     # NO_PERMISSION is not a lost GPU: it needs access for the agent, never a reset.
-    why = gpu.sample.inaccessible if gpu.sample.HasField("inaccessible") else ""
+    why = _inaccessible(gpu)  # called for a GPU with no data only
     if why:
         return (f"NOT ACCESSIBLE to the agent (NVML {why}) — give the agent access to "
                 f"/dev/nvidia{gpu.gpu_index}; the GPU itself may be fine")
@@ -459,22 +460,23 @@ def _health_lines(node: pb.NodeStatus) -> list[str]:
     return format_health(health_of(samples))
 
 
+def gpu_sample(gpu: pb.GpuStatus) -> GpuSample | None:
+    """The GPU's newest sample the collector sent; None without one (no detail asked)."""
+    if not gpu.HasField("sample"):
+        return None
+    sample = record_from_proto(pb.TraceRecord(gpu=gpu.sample))
+    return sample if isinstance(sample, GpuSample) else None
+
+
 def _node_samples(node: pb.NodeStatus) -> list[GpuSample]:
     """The newest sample of each of ``node``'s GPUs the collector sent (with detail)."""
-    samples = []
-    for gpu in node.gpus:
-        if not gpu.HasField("sample"):
-            continue  # no detail asked: no sample, no health
-        sample = record_from_proto(pb.TraceRecord(gpu=gpu.sample))
-        if isinstance(sample, GpuSample):
-            samples.append(sample)
-    return samples
+    return [s for s in map(gpu_sample, node.gpus) if s is not None]
 
 
 def _cause_cell(gpu: pb.GpuStatus, v: pb.Verdict | None) -> str:
     """The CAUSE cell: the verdict's cause, ``inaccessible`` for a GPU NVML refuses."""
     if _inaccessible(gpu) is not None:
-        return "inaccessible"
+        return INACCESSIBLE_CAUSE
     return (_opt(v, "cause") or "-") if v is not None else "-"
 
 

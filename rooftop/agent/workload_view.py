@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 from rooftop.agent.models_catalog import detect_gpu, find_model
 from rooftop.agent.render import grid, iso_time
 from rooftop.agent.roofline import analyze
-from rooftop.agent.status import collector_lines, collectors_json, gpu_device, via
+from rooftop.agent.status import collector_lines, collectors_json, gpu_device, gpu_sample, via
 from rooftop.common.codec import record_from_proto, timestamp_s, verdict_from_proto
 from rooftop.common.errors import RooftopError
-from rooftop.common.model import EngineSample, GpuSample, PodRef, Verdict
+from rooftop.common.model import EngineSample, PodRef, Verdict
 from rooftop.common.text import printable
 from rooftop.common.workload import WorkloadGpu, WorkloadRow, aggregate, workload_gpus
 from rooftop.v1 import telemetry_pb2 as pb
@@ -41,10 +41,6 @@ def _gpus(fs: pb.FleetStatus) -> list[WorkloadGpu]:
     out: list[WorkloadGpu] = []
     for node in fs.nodes:
         for gpu in node.gpus:
-            sample = None
-            if gpu.HasField("sample"):
-                decoded = record_from_proto(pb.TraceRecord(gpu=gpu.sample))
-                sample = decoded if isinstance(decoded, GpuSample) else None
             verdict: Verdict | None = None
             if gpu.HasField("verdict"):
                 try:
@@ -60,7 +56,7 @@ def _gpus(fs: pb.FleetStatus) -> list[WorkloadGpu]:
                     node=node.hostname or node.agent_id,
                     device=gpu_device(gpu),
                     gpu_name=gpu.gpu_name,
-                    sample=sample,
+                    sample=gpu_sample(gpu),
                     verdict=verdict,
                     engine=engine,
                 )

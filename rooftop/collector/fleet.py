@@ -225,7 +225,7 @@ class DecodedBatch:
     # False when sent_time is further than max_future_skew_s from the receive time:
     # the fleet then orders this batch by arrival, not by its timestamps.
     clock_believed: bool = True
-    # The batch as it arrived, for outputs that need every sample (``gpu_samples``).
+    # The batch as it arrived, for outputs that need every sample (remote write).
     raw: pb.Batch | None = None
     # Its GPU columns, read and checked once (remote write reads every row from them):
     # derived from ``raw``, so not part of the batch's equality. Shared between the
@@ -236,20 +236,17 @@ class DecodedBatch:
     def gpu_samples(self) -> Iterator[GpuSample]:
         """Every GPU sample of the batch, records' then columns' rows, times as sent.
 
-        Decodes as it goes (remote write calls it on its own thread); empty without
-        ``raw``.
+        Decodes as it goes; empty without ``raw``. (Remote write reads ``raw`` and
+        ``columns`` field by field instead; tests hold the two batch formats equal here.)
         """
         if self.raw is None:
             return
         for rec in self.raw.records:
             if rec.WhichOneof("record") == "gpu":
                 yield cast(GpuSample, record_from_proto(rec))
-        if self.columns is not None:
-            yield from self.columns.samples()
-        elif self.raw.HasField("gpu_columns"):
-            columns = Columns.read(self.raw.gpu_columns, earliest_s=EARLIEST_TIME_S)
-            if isinstance(columns, Columns):  # checked by decode_batch already
-                yield from columns.samples()
+        columns = self.gpu_columns()
+        if columns is not None:
+            yield from columns.samples()
 
     def gpu_messages(self) -> Iterator[pb.GpuSample]:
         """``gpu_samples`` as protobuf messages: the records' own, columns' rows encoded."""
@@ -258,11 +255,23 @@ class DecodedBatch:
         for rec in self.raw.records:
             if rec.HasField("gpu"):
                 yield rec.gpu
-        if self.raw.HasField("gpu_columns"):
-            columns = Columns.read(self.raw.gpu_columns, earliest_s=EARLIEST_TIME_S)
-            if isinstance(columns, Columns):
-                for sample in columns.samples():
-                    yield record_to_proto(sample).gpu
+        columns = self.gpu_columns()
+        if columns is not None:
+            for sample in columns.samples():
+                yield record_to_proto(sample).gpu
+
+    def gpu_columns(self) -> Columns | None:
+        """``raw``'s GPU columns: ``columns`` as decode_batch read and checked them.
+
+        Read again only for a batch decoded elsewhere without them; None when it has
+        none (or they do not read, which decode_batch refuses before any output).
+        """
+        if self.columns is not None:
+            return self.columns
+        if self.raw is None or not self.raw.HasField("gpu_columns"):
+            return None
+        columns = Columns.read(self.raw.gpu_columns, earliest_s=EARLIEST_TIME_S)
+        return columns if isinstance(columns, Columns) else None
 
     def gpu_sample_count(self) -> int:
         """How many GPU samples ``gpu_samples`` yields, without decoding them."""

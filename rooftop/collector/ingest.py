@@ -448,7 +448,7 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         seq: int,
         committed: dict[tuple[str, str], int],
         acked_seq: int = 0,
-    ) -> int:
+    ) -> None:
         # One ordered stream, oldest first: a stream's first seq of a key, or one that
         # jumps past its previous + 1, is where the agent resumed; the seqs in between
         # were dropped by the agent and will never come (a stall otherwise: e2e (d)),
@@ -461,7 +461,6 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
             self._fleet.count_missing(done.missing)
         if done.acked_elsewhere:
             self._fleet.count_acked_elsewhere(done.acked_elsewhere)
-        return done.contiguous
 
 
 def _keyable(batch: pb.Batch) -> bool:

@@ -66,15 +66,16 @@ from rooftop.collector.prometheus import (
     Family,
     NativeHistogram,
     PrometheusServer,
-    prometheus_labels,
     prometheus_name,
     render,
+    series_key,
     spread_buckets,
 )
 from rooftop.common.errors import ConfigError
 from rooftop.common.health import HW_STATES, assess
 from rooftop.common.model import (
     GPU_FIELD_PROVENANCE,
+    INACCESSIBLE_CAUSE,
     Bound,
     EngineSample,
     GpuSample,
@@ -569,8 +570,7 @@ class Telemetry:
                 if key is None:
                     if len(cache) >= _SERIES_KEYS_CACHED:
                         cache.clear()  # GPUs come and go: start over, rarely
-                    labels = sorted(prometheus_labels(obs.attributes).items())
-                    key = cache[raw] = (("__name__", family), *labels)
+                    key = cache[raw] = series_key(family, obs.attributes)
                 yield key, float(obs.value)
 
     # -- BatchObserver --
@@ -939,10 +939,6 @@ def _health_states(snap: FleetSnapshot) -> Iterable[Observation]:
         base = gpu_attributes(g)
         for state in HW_STATES:
             yield Observation(1 if state is current else 0, {**base, "hw.state": state.value})
-
-
-# rooftop.bound.cause of an ``unknown`` GPU the agent may not open (NVML NO_PERMISSION).
-INACCESSIBLE_CAUSE = "inaccessible"
 
 
 def _current_bound(g: GpuState) -> tuple[Bound, str | None] | None:

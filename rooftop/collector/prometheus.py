@@ -55,6 +55,7 @@ __all__ = [
     "prometheus_labels",
     "prometheus_name",
     "render",
+    "series_key",
     "spread_buckets",
 ]
 
@@ -232,6 +233,11 @@ def prometheus_labels(attributes: Mapping[str, Any] | None) -> dict[str, str]:
     return {
         _label_name(k): _label_text(v) for k, v in (attributes or {}).items() if v != ""
     }
+
+
+def series_key(family: str, attributes: Mapping[str, Any] | None) -> tuple[tuple[str, str], ...]:
+    """A series as remote write names it: ``("__name__", family)``, then sorted labels."""
+    return (("__name__", family), *sorted(prometheus_labels(attributes).items()))
 
 
 def _help(text: str) -> str:

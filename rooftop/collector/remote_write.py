@@ -50,16 +50,14 @@ from typing import Any, Protocol, cast
 
 from rooftop import __version__
 from rooftop.collector.fleet import (
-    EARLIEST_TIME_S,
     CollectorCounts,
     DecodedBatch,
     FleetSnapshot,
     GpuState,
 )
 from rooftop.collector.otel import METRICS, SAMPLE_GAUGES, SampleGauge, gpu_attributes
-from rooftop.collector.prometheus import prometheus_labels, prometheus_name
+from rooftop.collector.prometheus import prometheus_name, series_key
 from rooftop.collector.snappy import compress, literal_block, varint
-from rooftop.common.columns import Columns
 from rooftop.common.counters import Counters
 from rooftop.common.errors import ConfigError
 from rooftop.common.model import GpuSample, PodRef
@@ -472,13 +470,10 @@ class RemoteWriter:
                 return [getattr(m, field) if m.HasField(field) else None for m in msgs]
 
             yield who, times_ms, stale, column
-        if not raw.HasField("gpu_columns"):
+        # Read and checked once, by decode_batch (refused there if they do not read).
+        columns = item.batch.gpu_columns()
+        if columns is None:
             return
-        # Read and checked once, by decode_batch; read again only for a batch decoded
-        # elsewhere without its reader.
-        columns = item.batch.columns or Columns.read(raw.gpu_columns, earliest_s=EARLIEST_TIME_S)
-        if not isinstance(columns, Columns):
-            return  # refused by decode_batch already: never applied, never queued
         # Column by column: no GpuSample per row (most of a columnar batch's cost), only
         # the fields the chosen series read, each over every row once.
         lost = columns.field_values("lost")
@@ -584,8 +579,7 @@ class RemoteWriter:
         base = gpu_attributes(state)
         keys: list[_Key] = []
         for gauge in self._gauges:
-            labels = sorted(prometheus_labels({**base, **gauge.attrs}).items())
-            keys.append((("__name__", _sent_name(gauge.metric)), *labels))
+            keys.append(series_key(_sent_name(gauge.metric), {**base, **gauge.attrs}))
         if len(self._keys) >= _SERIES_REMEMBERED // max(1, len(self._gauges)):
             self._keys.clear()  # GPUs come and go: start over, rarely
         self._keys[ident] = keys
@@ -681,7 +675,6 @@ def _snapshot(taken_s: float, gpus: list[GpuState]) -> FleetSnapshot:
 #   WriteRequest: 1 timeseries (message)      TimeSeries: 1 labels, 2 samples (messages)
 #   Label: 1 name, 2 value (strings)           Sample: 1 value (double), 2 timestamp (int64)
 
-_SAMPLE_6 = struct.Struct("<BBBdB6B")  # a Sample whose timestamp is a 6-byte varint
 _MS_6_LOW, _MS_6_HIGH = 1 << 35, 1 << 42  # 1971-2109 in ms: 6 varint bytes
 # A Sample with such a timestamp is 18 bytes: this head (samples field 2, 16 bytes; the
 # value's tag, field 1 double), the value, then its timestamp field (tag 0x10, 6 bytes).
@@ -701,13 +694,7 @@ def _labels(key: _Key) -> bytes:
 
 
 def _sample(ts_ms: int, value: float) -> bytes:
-    if _MS_6_LOW <= ts_ms < _MS_6_HIGH:
-        t = ts_ms
-        return _SAMPLE_6.pack(
-            0x12, 16, 0x09, value, 0x10,
-            (t & 0x7F) | 0x80, ((t >> 7) & 0x7F) | 0x80, ((t >> 14) & 0x7F) | 0x80,
-            ((t >> 21) & 0x7F) | 0x80, ((t >> 28) & 0x7F) | 0x80, t >> 35,
-        )  # fmt: skip
+    """One Sample field, any timestamp width (``_samples``' path for the rare ones)."""
     body = b"\x09" + struct.pack("<d", value) + b"\x10" + varint(ts_ms & (1 << 64) - 1)
     return _field(2, body)
 

@@ -487,8 +487,8 @@ class Columns:
             args[_AT["xid_code_counts"]] = self._entries(
                 "xid_codes_per_row", "xid_code_counts", "Q", row
             )
-        args[_AT["processes"]] = self._processes(row)
-        args[_AT["pods"]] = self._pods(row)
+        args[_AT["processes"]] = self._row_list("processes_per_row", Columns._all_processes, row)
+        args[_AT["pods"]] = self._row_list("pods_per_row", Columns._all_pods, row)
         return GpuSample(*args)
 
     def samples_at(self, rows: Sequence[int]) -> list[GpuSample]:
@@ -508,12 +508,7 @@ class Columns:
         strings = self.strings
         fields: list[Any] = [repeat(value) for value in _DEFAULTS]
         for name, at, fmt in _column_plan(self._mask):
-            values = pick(_values(fmt, cols[name]))
-            if fmt == "B":
-                values = tuple(map(bool, values))
-            elif fmt == "I":
-                values = tuple(map(strings.__getitem__, values))
-            fields[at] = values
+            fields[at] = self._typed(fmt, pick(_values(fmt, cols[name])))
         fields[_AT["time_s"]] = tuple(map(micros_s, pick(_values("q", cols["time_us"]))))
         fields[_AT["gpu_index"]] = pick(_values("I", cols["gpu_index"]))
         for name in _IDENTITIES:
@@ -535,6 +530,15 @@ class Columns:
         # The repeat() defaults are endless: the rows' tuples end the zip.
         return [GpuSample(*args) for args in zip(*fields)]  # noqa: B905
 
+    def _typed(self, fmt: str, values: Sequence[Any]) -> Sequence[Any]:
+        # A metric column's values as GpuSample holds them: bools, strings (from their
+        # index), numbers as they are.
+        if fmt == "B":
+            return tuple(map(bool, values))
+        if fmt == "I":
+            return tuple(map(self.strings.__getitem__, values))
+        return values
+
     def _lists(
         self, rows: Sequence[int], count_name: str, entries: Callable[[Columns], Sequence[Any]]
     ) -> tuple[tuple[Any, ...], ...]:
@@ -545,12 +549,13 @@ class Columns:
         every = entries(self)
         return tuple(tuple(every[offsets[r] : offsets[r + 1]]) for r in rows)
 
-    def _all_processes(self) -> list[GpuProcess]:
+    def _all_processes(self, first: int = 0, end: int | None = None) -> list[GpuProcess]:
+        # Process entries [first, end) (every one by default): ``sample``'s one row, too.
         cols, s = self._cols, self.strings
-        pids = _unpack("I", cols["process_pid"])
-        mem = _unpack("Q", cols["process_gpu_mem_bytes"])
-        names = _unpack("I", cols["process_name"])
-        jobs = _unpack("I", cols["process_slurm_job_id"])
+        pids = self._cut("process_pid", "I", first, end)
+        mem = self._cut("process_gpu_mem_bytes", "Q", first, end)
+        names = self._cut("process_name", "I", first, end)
+        jobs = self._cut("process_slurm_job_id", "I", first, end)
         return [
             GpuProcess(
                 pid,
@@ -558,17 +563,20 @@ class Columns:
                 name=s[names[k]] if has & _PROC_NAME else None,
                 slurm_job_id=s[jobs[k]] if has & _PROC_SLURM else None,
             )
-            for k, (pid, has) in enumerate(zip(pids, cols["process_presence"], strict=True))
+            for k, (pid, has) in enumerate(
+                zip(pids, cols["process_presence"][first:end], strict=True)
+            )
         ]
 
-    def _all_pods(self) -> list[PodRef]:
-        cols, s = self._cols, self.strings
+    def _all_pods(self, first: int = 0, end: int | None = None) -> list[PodRef]:
+        # Pod entries [first, end) (every one by default): ``sample``'s one row, too.
+        s = self.strings
         return [
             PodRef(s[p], s[n], s[c])
             for p, n, c in zip(
-                _unpack("I", cols["pod_pod"]),
-                _unpack("I", cols["pod_namespace"]),
-                _unpack("I", cols["pod_container"]),
+                self._cut("pod_pod", "I", first, end),
+                self._cut("pod_namespace", "I", first, end),
+                self._cut("pod_container", "I", first, end),
                 strict=True,
             )
         ]
@@ -600,11 +608,7 @@ class Columns:
         raw = cols.get(name)
         if raw is None:
             return (None,) * rows
-        values: Sequence[Any] = _values(metric.fmt, raw)
-        if metric.fmt == "B":
-            values = tuple(map(bool, values))
-        elif metric.fmt == "I":
-            values = tuple(map(strings.__getitem__, values))
+        values = self._typed(metric.fmt, _values(metric.fmt, raw))
         if self._masks is None:
             return values if isinstance(values, tuple) else tuple(values)
         # Rows with different metrics: the column holds the rows that have it, in order.
@@ -647,39 +651,22 @@ class Columns:
         span = self._span(count_name, row)
         if span is None or span[0] == span[1]:
             return ()
+        return self._cut(column, fmt, *span)
+
+    def _cut(self, column: str, fmt: str, first: int, end: int | None) -> tuple[Any, ...]:
+        # Entries [first, end) of a flattened list column (to its end where ``end`` is None).
         width = struct.calcsize(fmt)
-        raw = self._cols[column][span[0] * width : span[1] * width]
-        return _unpack(fmt, raw)
+        raw = self._cols[column]
+        return _unpack(fmt, raw[first * width : None if end is None else end * width])
 
-    def _processes(self, row: int) -> tuple[GpuProcess, ...]:
-        pids = self._entries("processes_per_row", "process_pid", "I", row)
-        if not pids:
+    def _row_list(
+        self, count_name: str, entries: Callable[[Columns, int, int], list[Any]], row: int
+    ) -> tuple[Any, ...]:
+        # Row ``row``'s processes or pods: the all-rows reader over just its span.
+        span = self._span(count_name, row)
+        if span is None or span[0] == span[1]:
             return ()
-        present = self._entries("processes_per_row", "process_presence", "B", row)
-        mem = self._entries("processes_per_row", "process_gpu_mem_bytes", "Q", row)
-        names = self._entries("processes_per_row", "process_name", "I", row)
-        jobs = self._entries("processes_per_row", "process_slurm_job_id", "I", row)
-        s = self.strings
-        return tuple(
-            GpuProcess(
-                pid,
-                mem[k] if present[k] & _PROC_MEM else None,
-                name=s[names[k]] if present[k] & _PROC_NAME else None,
-                slurm_job_id=s[jobs[k]] if present[k] & _PROC_SLURM else None,
-            )
-            for k, pid in enumerate(pids)
-        )
-
-    def _pods(self, row: int) -> tuple[PodRef, ...]:
-        pods = self._entries("pods_per_row", "pod_pod", "I", row)
-        if not pods:
-            return ()
-        spaces = self._entries("pods_per_row", "pod_namespace", "I", row)
-        containers = self._entries("pods_per_row", "pod_container", "I", row)
-        s = self.strings
-        return tuple(
-            PodRef(s[p], s[n], s[c]) for p, n, c in zip(pods, spaces, containers, strict=True)
-        )
+        return tuple(entries(self, *span))
 
 
 # A list field of GpuSample: (per-row count column, its flattened column, all entries).

@@ -15,6 +15,7 @@ __all__ = [
     "COUNT_FIELDS",
     "EMPTY_HISTOGRAM",
     "ENGINE_HISTOGRAM_FIELDS",
+    "INACCESSIBLE_CAUSE",
     "PCT_SLACK",
     "PERCENT_FIELDS",
     "UPPER_BOUNDS",
@@ -66,6 +67,11 @@ class Cause(StrEnum):
     PCIE = "pcie"
     CPU = "cpu"
     STARVED = "starved"
+
+
+# The cause shown beside a GPU NVML refuses the agent (``GpuSample.inaccessible``): not
+# a ``Cause`` (nothing bounds it; it is ``unknown``), but the same cell and attribute.
+INACCESSIBLE_CAUSE = "inaccessible"
 
 
 @dataclass(frozen=True, slots=True)

@@ -169,7 +169,6 @@ def workload_gpus(
     sample: GpuSample | None,
     verdict: Verdict | None,
     engine: EngineSample | None,
-    process_names: Mapping[int, str] | None = None,
 ) -> tuple[WorkloadGpu, ...]:
     """One GPU's facts from its newest sample, verdict and engine: one per workload on it.
 
@@ -210,8 +209,7 @@ def workload_gpus(
         for pod in pods:
             groups.setdefault(workload_of(node=node, pods=(pod,)), []).append(pod)
     if not groups:
-        owner = workload_of(node=node, model=model, pods=pods, processes=processes,
-                            process_names=process_names)  # fmt: skip
+        owner = workload_of(node=node, model=model, pods=pods, processes=processes)
         groups[owner] = list(pods)
     return tuple(
         WorkloadGpu(

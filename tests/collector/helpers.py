@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 
 import grpc
@@ -12,6 +13,7 @@ import grpc
 from rooftop.collector.config import CollectorConfig
 from rooftop.collector.fleet import Fleet
 from rooftop.collector.ingest import IngestServer
+from rooftop.collector.service import Collector
 from rooftop.common.codec import record_to_proto, timestamp, verdict_to_proto
 from rooftop.common.columns import encode
 from rooftop.common.model import (
@@ -115,6 +117,18 @@ def batch(
         msg.stats.CopyFrom(stats)
     msg.sent_time.CopyFrom(timestamp(time.time()))
     return msg
+
+
+def target(server: IngestServer) -> str:
+    """The loopback address ``server`` listens on."""
+    return f"127.0.0.1:{server.port}"
+
+
+def scrape(c: Collector) -> str:
+    """What ``c``'s Prometheus endpoint serves now."""
+    url = f"http://127.0.0.1:{c.telemetry.prometheus_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
 
 
 def start_server(

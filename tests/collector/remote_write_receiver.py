@@ -12,6 +12,9 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from rooftop.collector.config import CollectorConfig
+from rooftop.collector.remote_write import RemoteWrite
+from rooftop.collector.service import Collector
 from rooftop.collector.snappy import decompress
 from rooftop.prompb import remote_pb2
 
@@ -61,3 +64,20 @@ class Receiver:
         """Stop serving."""
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+def start_collector(receiver: Receiver, **remote: object) -> Collector:
+    """A started collector (loopback ports) remote-writing to ``receiver``.
+
+    ``remote``: ``RemoteWrite`` fields besides the url (its sends wait at most 50 ms).
+    """
+    rw = RemoteWrite(url=receiver.url, batch_send_deadline_s=0.05, **remote)  # type: ignore[arg-type]
+    config = CollectorConfig(
+        listen="127.0.0.1:0",
+        insecure=True,
+        prometheus_listen="127.0.0.1:0",
+        remote_write=(rw,),
+    ).validated()
+    c = Collector(config)
+    c.start()
+    return c

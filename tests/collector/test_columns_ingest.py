@@ -12,12 +12,10 @@ import dataclasses
 import math
 import re
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
-from rooftop.collector.config import CollectorConfig
 from rooftop.collector.fleet import (
     DecodedBatch,
     Fleet,
@@ -25,12 +23,19 @@ from rooftop.collector.fleet import (
     RejectReason,
     decode_batch,
 )
-from rooftop.collector.remote_write import RemoteWrite
 from rooftop.collector.service import Collector
 from rooftop.common.model import GpuProcess, GpuSample, PodRef
 from rooftop.v1 import telemetry_pb2 as pb
-from tests.collector.helpers import AgentStream, as_columns, batch, engine, gpu, start_server
-from tests.collector.remote_write_receiver import Receiver
+from tests.collector.helpers import (
+    AgentStream,
+    as_columns,
+    batch,
+    engine,
+    gpu,
+    scrape,
+    start_server,
+)
+from tests.collector.remote_write_receiver import Receiver, start_collector
 
 _DOUBLES = [f.name for f in pb.GpuSample.DESCRIPTOR.fields if f.type == f.TYPE_DOUBLE]
 
@@ -188,16 +193,7 @@ def pair() -> Iterator[list[tuple[Collector, Receiver]]]:
     made = []
     for _ in range(2):
         receiver = Receiver()
-        rw = RemoteWrite(url=receiver.url, batch_send_deadline_s=0.05)
-        config = CollectorConfig(
-            listen="127.0.0.1:0",
-            insecure=True,
-            prometheus_listen="127.0.0.1:0",
-            remote_write=(rw,),
-        ).validated()
-        collector = Collector(config)
-        collector.start()
-        made.append((collector, receiver))
+        made.append((start_collector(receiver), receiver))
     yield made
     for collector, receiver in made:
         collector.shutdown(timeout_s=2)
@@ -205,9 +201,7 @@ def pair() -> Iterator[list[tuple[Collector, Receiver]]]:
 
 
 def _scrape(c: Collector) -> list[str]:
-    url = f"http://127.0.0.1:{c.telemetry.prometheus_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        text = resp.read().decode()
+    text = scrape(c)
     # Times taken on the collector's clock (ingest timings, lag, clock offset, last seen)
     # differ between the two collectors; every other line must not.
     timed = re.compile(

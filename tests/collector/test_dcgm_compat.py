@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from rooftop.collector.otel import Telemetry
 from rooftop.collector.service import Collector
 from rooftop.common.model import Bound, PodRef
 from tests.collector.helpers import H100, AgentStream, batch, gpu, verdict
+from tests.collector.helpers import scrape as scrape_text
 from tests.collector.test_otel import feed
 
 COUNTERS = Path(__file__).parent / "data" / "dcgm-exporter" / "default-counters.csv"
@@ -144,8 +144,7 @@ def collector() -> Iterator[Collector]:
 
 
 def scrape(c: Collector) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{c.telemetry.prometheus_port}/metrics") as r:
-        text = r.read().decode()
+    text = scrape_text(c)
     return {f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("DCGM_")}
 
 

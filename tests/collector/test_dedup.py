@@ -18,7 +18,7 @@ from rooftop.collector.dedup import MAX_SEQ, Deduplicator, SeqCheck
 from rooftop.collector.fleet import Fleet
 from rooftop.collector.ingest import IngestServer
 from rooftop.collector.marks import MARKS_FILE, MarkStore
-from tests.collector.helpers import AgentStream, batch, gpu, start_server
+from tests.collector.helpers import AgentStream, batch, gpu, start_server, target
 
 KEY = ("agent-1", "boot-1")
 FORGED_SEQ = 2**63
@@ -223,10 +223,6 @@ def served() -> Iterator[tuple[IngestServer, Fleet]]:
     server, fleet = start_server(max_seq_jump=1000)
     yield server, fleet
     server.shutdown(timeout_s=1)
-
-
-def target(server: IngestServer) -> str:
-    return f"127.0.0.1:{server.port}"
 
 
 def test_out_of_order_batches_are_all_applied_and_a_repeat_is_a_duplicate(served):

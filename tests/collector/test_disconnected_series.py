@@ -8,7 +8,6 @@ still lists the node, disconnected, and its staleness goes on (a dead agent aler
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -19,7 +18,7 @@ from rooftop.collector.fleet import Fleet, decode_batch
 from rooftop.collector.service import Collector
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
-from tests.collector.helpers import AgentStream, batch, gpu, verdict
+from tests.collector.helpers import AgentStream, batch, gpu, scrape, verdict
 from tests.support import wait_for
 
 NOW_S = 1_800_000_000.0
@@ -52,12 +51,6 @@ def collector(clock: Clock) -> Iterator[Collector]:
     c.start()
     yield c
     c.shutdown(timeout_s=2)
-
-
-def scrape(c: Collector) -> str:
-    url = f"http://127.0.0.1:{c.telemetry.prometheus_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return str(response.read().decode())
 
 
 def gpu_lines(text: str) -> list[str]:

@@ -20,7 +20,15 @@ from rooftop.common.errors import ConfigError
 from rooftop.common.model import Bound
 from rooftop.common.wire import INGEST_SERVICE
 from rooftop.v1 import telemetry_pb2 as pb
-from tests.collector.helpers import AgentStream, batch, engine, gpu, start_server, verdict
+from tests.collector.helpers import (
+    AgentStream,
+    batch,
+    engine,
+    gpu,
+    start_server,
+    target,
+    verdict,
+)
 
 
 @pytest.fixture
@@ -28,10 +36,6 @@ def served() -> Iterator[tuple[IngestServer, Fleet]]:
     server, fleet = start_server()
     yield server, fleet
     server.shutdown(timeout_s=1)
-
-
-def target(server: IngestServer) -> str:
-    return f"127.0.0.1:{server.port}"
 
 
 def wait_for(pred, timeout_s: float = 5.0) -> None:

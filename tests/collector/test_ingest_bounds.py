@@ -15,7 +15,7 @@ from rooftop.collector.fleet import Fleet
 from rooftop.collector.ingest import IngestServer
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
-from tests.collector.helpers import AgentStream, batch, gpu, start_server
+from tests.collector.helpers import AgentStream, batch, gpu, start_server, target
 from tests.support import wait_for
 
 
@@ -26,10 +26,6 @@ def served(request: pytest.FixtureRequest) -> Iterator[tuple[IngestServer, Fleet
     server, fleet = start_server(**getattr(request, "param", {}))
     yield server, fleet
     server.shutdown(timeout_s=1)
-
-
-def target(server: IngestServer) -> str:
-    return f"127.0.0.1:{server.port}"
 
 
 def test_a_message_that_is_not_a_batch_ends_the_stream_invalid_argument_and_is_counted(served):

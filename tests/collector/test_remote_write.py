@@ -5,18 +5,16 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
-from rooftop.collector.config import CollectorConfig
-from rooftop.collector.remote_write import RemoteWrite, _labels, _time_series, redacted_url
+from rooftop.collector.remote_write import _labels, _time_series, redacted_url
 from rooftop.collector.service import Collector
 from rooftop.common.model import Bound, GpuSample
 from rooftop.prompb import remote_pb2
-from tests.collector.helpers import AgentStream, as_columns, batch, gpu, verdict
-from tests.collector.remote_write_receiver import Receiver
+from tests.collector.helpers import AgentStream, as_columns, batch, gpu, scrape, verdict
+from tests.collector.remote_write_receiver import Receiver, start_collector
 
 DRAM = "rooftop_gpu_dram_activity"
 POWER = "hw_power_watts"
@@ -27,19 +25,6 @@ def receiver() -> Iterator[Receiver]:
     r = Receiver()
     yield r
     r.close()
-
-
-def start_collector(receiver: Receiver, **remote: object) -> Collector:
-    rw = RemoteWrite(url=receiver.url, batch_send_deadline_s=0.05, **remote)  # type: ignore[arg-type]
-    config = CollectorConfig(
-        listen="127.0.0.1:0",
-        insecure=True,
-        prometheus_listen="127.0.0.1:0",
-        remote_write=(rw,),
-    ).validated()
-    c = Collector(config)
-    c.start()
-    return c
 
 
 @pytest.fixture
@@ -91,9 +76,7 @@ def test_remote_written_series_carry_the_prometheus_endpoints_names_and_labels(
     collector: Collector, receiver: Receiver
 ) -> None:
     send(collector, batch(1, records=ten_hz(time.time() - 5, 3)))
-    port = collector.telemetry.prometheus_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
+    text = scrape(collector)
     for name in (DRAM, POWER, "hw_gpu_utilization"):
         scraped = sorted(series_labels(text, name), key=lambda d: sorted(d.items()))
         written = {
@@ -205,9 +188,7 @@ def test_the_outputs_counters_are_on_the_prometheus_endpoint(
     collector: Collector, receiver: Receiver
 ) -> None:
     send(collector, batch(1, records=ten_hz(time.time() - 5, 2)))
-    port = collector.telemetry.prometheus_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
+    text = scrape(collector)
     sent = [
         line
         for line in text.splitlines()

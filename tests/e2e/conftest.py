@@ -66,15 +66,20 @@ def wait_for(
     timeout_s: float = 20.0,
     procs: tuple[Any, ...] = (),
     interval_s: float = 0.05,
+    why: Callable[[], str] | None = None,
 ) -> None:
-    """Poll ``cond`` until truthy; fail naming ``what`` (and a dead process's log)."""
+    """Poll ``cond`` until truthy; fail naming ``what`` (and a dead process's log).
+
+    ``why``, when given, says what was still missing at the timeout.
+    """
     deadline = time.monotonic() + timeout_s
     while not cond():
         for proc in procs:
             if not proc.alive():
                 raise AssertionError(f"{proc.name} exited while waiting for {what}:\n{proc.log()}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+            detail = f": {why()}" if why is not None else ""
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}{detail}")
         time.sleep(interval_s)
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from rooftop.collector.config import CollectorConfig
 from rooftop.collector.marks import MARKS_FILE
-from tests.e2e.conftest import CollectorProc
+from tests.e2e.conftest import CollectorProc, wait_for
 from tests.loadgen import AgentLedger, LoadGen
 from tests.support import prometheus_server
 
@@ -268,8 +268,8 @@ class Sharded:
     ) -> Outcome:
         cols = self.collectors
         # 1. steady: everyone home, then a measured window.
-        _wait(lambda: all(led.acked_seq > 0 for led in gen.ledgers), 60, "every agent acked",
-              lambda: _not_acked(gen.ledgers))  # fmt: skip
+        wait_for(lambda: all(led.acked_seq > 0 for led in gen.ledgers), "every agent acked", 60,
+                 interval_s=0.2, why=lambda: _not_acked(gen.ledgers))  # fmt: skip
         time.sleep(2.0)
         applied0 = [len(c.ledger().batches) for c in cols]
         cpu0 = [proc_cpu_s(c.pid) for c in cols]
@@ -295,13 +295,14 @@ class Sharded:
         restart_s = time.time()
         self.write_targets()
         homed_set = set(homed)
-        _wait(
+        wait_for(
             lambda: all(
                 led.current == led.home for led in gen.ledgers if led.agent_id in homed_set
             ),
-            60,
             "the killed collector's agents home again",
-            lambda: f"{sum(led.current != led.home for led in gen.ledgers)} are not; "
+            60,
+            interval_s=0.2,
+            why=lambda: f"{sum(led.current != led.home for led in gen.ledgers)} are not; "
             f"home probes so far: {gen.probes.copy()}",
         )
         home_at = time.time()
@@ -386,15 +387,6 @@ def _self_cpu_s() -> float:
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def _wait(cond: Any, timeout_s: float, what: str, why: Any = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            detail = f": {why()}" if why is not None else ""
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}{detail}")
-        time.sleep(0.2)
 
 
 def _not_acked(ledgers: list[AgentLedger]) -> str:

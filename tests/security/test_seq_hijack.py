@@ -25,6 +25,7 @@ from rooftop.common.wire import AGENT_ID_METADATA
 from rooftop.v1 import telemetry_pb2 as pb
 from tests.collector.helpers import AgentStream, batch, gpu
 from tests.security.conftest import AgentProc, Certs, CollectorProc, wait_for
+from tests.security.pki import Cert
 
 TOKEN = "shared-agents-token"
 READ_TOKEN = "read-only-token"
@@ -119,12 +120,8 @@ def test_with_mtls_an_agent_id_belongs_to_the_first_certificate_that_streams_it(
     # A certificate that names agent-1 among others (misissued, or a shared one).
     impostor = certs.issue("impostor", cn="impostor", sans=("DNS:impostor", "DNS:agent-1"))
 
-    def creds(cert) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(
-            root_certificates=certs.ca.read_bytes(),
-            private_key=cert.key.read_bytes(),
-            certificate_chain=cert.cert.read_bytes(),
-        )
+    def creds(cert: Cert) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(certs.ca.read_bytes(), *cert.pem())
 
     md = [("authorization", f"Bearer {TOKEN}"), (AGENT_ID_METADATA, "agent-1")]
     with AgentStream(mtls_collector.address, credentials=creds(certs.agent1), metadata=md) as s:

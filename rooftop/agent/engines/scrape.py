@@ -341,6 +341,9 @@ class Scraper:
         # name -> (sum, _per_bucket) at the last scrape: each histogram is split once.
         self._prev_buckets: dict[str, tuple[float, _PerBucket | None]] = {}
         self._prev_total: dict[str, float] = {}
+        # This scrape's histograms by name (under _scrape_lock): TTFT, and TPOT where one
+        # metric serves both (TGI), feed the interval figures and the bucket delta alike.
+        self._parsed: dict[str, _Histogram | None] = {}
         self._samples: deque[EngineSample] = deque(maxlen=_MAX_KEPT_SAMPLES)
         self._scrape_lock = threading.Lock()
         self._stop = threading.Event()
@@ -435,6 +438,7 @@ class Scraper:
     def _interpret(self, spec: EngineMetrics, samples: Samples, now_s: float) -> ScrapeResult:
         notes = list(spec.notes)
         self._reset_seen = False
+        self._parsed = {}
         tpot = self._latency(samples, spec.tpot, notes, "TPOT")
         ttft = self._latency(samples, spec.ttft, notes, "TTFT") if spec.ttft else None
         tokens = self._increase(samples, spec.output_tokens)
@@ -482,7 +486,7 @@ class Scraper:
         if name is None:
             notes.append(f"no {what} histogram (looked for {', '.join(names)})")
             return None
-        current = _histogram(samples, name)
+        current = self._histogram(samples, name)
         if current is None:
             notes.append(f"{name} has no _sum")
             return None
@@ -507,6 +511,12 @@ class Scraper:
             p99_s=histogram_quantile(0.99, bucket_deltas) if same_bounds else None,
         )
 
+    def _histogram(self, samples: Samples, name: str) -> _Histogram | None:
+        """``_histogram(samples, name)``, parsed once per scrape."""
+        if name not in self._parsed:
+            self._parsed[name] = _histogram(samples, name)
+        return self._parsed[name]
+
     def _bucket_delta(self, samples: Samples, names: tuple[str, ...]) -> HistogramDelta | None:
         """The engine histogram's bucket increase since the last scrape, in its own bounds.
 
@@ -517,7 +527,7 @@ class Scraper:
         name = _first_present(samples, names, "_count")
         if name is None:
             return None
-        current = _histogram(samples, name)
+        current = self._histogram(samples, name)
         if current is None or not current.buckets:
             return None
         cur = _per_bucket(current)

@@ -282,12 +282,20 @@ def _float(doc: Mapping[str, Any], key: str) -> float:
     return value
 
 
-def _dist(doc: Mapping[str, Any], key: str) -> Distribution | None:
+def _object(doc: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
+    """``doc[key]`` when it is a JSON object; None when absent or null."""
     value = doc.get(key)
     if value is None:
         return None
     if not isinstance(value, dict):
         raise ValueError(f"{key} must be an object or null")  # noqa: TRY004 - one error type
+    return value
+
+
+def _dist(doc: Mapping[str, Any], key: str) -> Distribution | None:
+    value = _object(doc, key)
+    if value is None:
+        return None
     count = _int(value, "count")
     if count == 0:
         return None
@@ -298,11 +306,9 @@ def _dist(doc: Mapping[str, Any], key: str) -> Distribution | None:
 
 
 def _buckets(doc: Mapping[str, Any], key: str) -> Buckets | None:
-    value = doc.get(key)
+    value = _object(doc, key)
     if value is None:
         return None
-    if not isinstance(value, dict):
-        raise ValueError(f"{key} must be an object or null")  # noqa: TRY004 - one error type
     bounds, counts = value.get("bounds_s"), value.get("bucket_counts")
     if not isinstance(bounds, list) or not isinstance(counts, list):
         raise ValueError(f"{key}: bounds_s and bucket_counts must be lists")  # noqa: TRY004

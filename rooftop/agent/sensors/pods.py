@@ -31,12 +31,17 @@ import grpc
 from rooftop.common.model import PodRef
 from rooftop.v1.k8s.podresources.v1 import api_pb2, api_pb2_grpc
 
-__all__ = ["PodResources", "device_pods"]
+__all__ = ["PodResources", "device_pods", "pod_order"]
 
 log = logging.getLogger(__name__)
 
 _NVIDIA = "nvidia.com/"  # nvidia.com/gpu, nvidia.com/mig-<profile>, renamed shared resources
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the kubelet's own limit for this API
+
+
+def pod_order(ref: PodRef) -> tuple[str, str, str]:
+    """The sort key of containers wherever they are listed: namespace, pod, container."""
+    return ref.namespace, ref.pod, ref.container
 
 
 def device_pods(response: api_pb2.ListPodResourcesResponse) -> dict[str, tuple[PodRef, ...]]:
@@ -55,7 +60,7 @@ def device_pods(response: api_pb2.ListPodResourcesResponse) -> dict[str, tuple[P
                 for device_id in devices.device_ids:
                     holders.setdefault(device_id.partition("::")[0], set()).add(ref)
     return {
-        device: tuple(sorted(refs, key=lambda r: (r.namespace, r.pod, r.container)))
+        device: tuple(sorted(refs, key=pod_order))
         for device, refs in holders.items()
     }
 

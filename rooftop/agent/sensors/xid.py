@@ -110,10 +110,8 @@ class XidWatcher:
 
         The count is None when the GPU is not watched: "no XID" would be a guess.
         """
-        with self._lock:
-            if gpu_index not in self._counts:
-                return (), None
-            return tuple(self._codes.get(gpu_index, ())), self._counts[gpu_index]
+        codes, count, _ = self.tally_by_code(gpu_index)
+        return codes, count
 
     def tally_by_code(self, gpu_index: int) -> tuple[tuple[int, ...], int | None, tuple[int, ...]]:
         """``tally`` and the events of each of its codes, in its order, read together.

@@ -59,9 +59,7 @@ def test_half_done_handshakes_are_capped_counted_and_their_memory_returned(e2e: 
     creds = e2e.pki.root / "ca.crt"
     import grpc  # noqa: TID251, PLC0415 — the legitimate agent's mTLS channel
 
-    credentials = grpc.ssl_channel_credentials(
-        creds.read_bytes(), agent.key.read_bytes(), agent.cert.read_bytes()
-    )
+    credentials = grpc.ssl_channel_credentials(creds.read_bytes(), *agent.pem())
     hello = client_hello()
     refused(c, "tls_handshake_limit")  # the first scrape's caches are no flood's cost
     base_mib = settled_rss_mib(c.pid)
