@@ -507,9 +507,10 @@ class PrometheusServer:
         self._thread.start()
 
     def _refuse(self, conn: socket.socket) -> None:
+        # Counted before the close: a client that sees the hang-up also sees the count.
+        self._on_refused()
         with contextlib.suppress(OSError):
             conn.close()
-        self._on_refused()
 
     def _wait(self) -> None:
         """Accept connections and hold them, thread-free, until their request begins."""

@@ -21,6 +21,7 @@ from tests.support import wait_for
 class Served:
     def __init__(self, **options: object) -> None:
         self.refused = 0
+        self.sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self.server = PrometheusServer("127.0.0.1", 0, lambda names: "up 1\n",
                                        on_refused=self._refuse, **options)  # type: ignore[arg-type]  # fmt: skip
@@ -32,6 +33,7 @@ class Served:
     def connect(self) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", self.server.port))
         sock.settimeout(10)
+        self.sockets.append(sock)  # closed by the fixture, even when a test fails
         return sock
 
     def scrape(self) -> str:
@@ -44,6 +46,8 @@ class Served:
 def served(request: pytest.FixtureRequest) -> Iterator[Served]:
     s = Served(**getattr(request, "param", {}))
     yield s
+    for sock in s.sockets:
+        sock.close()
     s.server.close()
 
 
