@@ -48,6 +48,7 @@ from rooftop.agent.sensors.replay import ReplayBackend
 from rooftop.agent.spool import Spool
 from rooftop.agent.stream import Streamer
 from rooftop.agent.window import DeviceKey, build_window, engines_by_device, on_monotonic_time
+from rooftop.common import gcpolicy
 from rooftop.common.codec import record_to_proto, verdict_to_proto
 from rooftop.common.errors import ConfigError, RooftopError
 from rooftop.common.model import EngineSample, GpuSample, HostSample, Record
@@ -348,14 +349,18 @@ class Agent:
 
     def run(self) -> int:
         """Start, wait for SIGTERM or SIGINT, shut down gracefully; the exit status."""
+        gc_before: tuple[int, int, int] | None = None
         with StopSignals() as signals:
             try:
                 self.start()
+                gc_before = gcpolicy.tune()  # what start() loaded lives as long as we do
                 while (name := signals.wait()) is None:
                     pass
                 log.info("%s: shutting down", name)
             finally:
                 self.shutdown(self.config.shutdown_timeout_s)
+                if gc_before is not None:
+                    gcpolicy.restore(gc_before)
         return 0
 
     # --- the sampler thread ---------------------------------------------------------

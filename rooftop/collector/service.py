@@ -7,7 +7,6 @@ signal ends it, through the agent daemon's ``sd_notify``.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import threading
@@ -19,6 +18,7 @@ from rooftop.collector.fleet import Fleet
 from rooftop.collector.ingest import IngestServer
 from rooftop.collector.otel import MetricReader, Telemetry
 from rooftop.collector.remote_write import RemoteWriter, redacted_url
+from rooftop.common import gcpolicy
 from rooftop.common.systemd import StopSignals, sd_notify, watchdog_interval_s
 
 __all__ = ["Collector", "run", "security_summary"]
@@ -27,11 +27,6 @@ log = logging.getLogger(__name__)
 
 # The main loop wakes at least this often to notice ``stop`` (and feed the watchdog).
 _LOOP_S = 1.0
-# The cyclic GC's youngest generation is collected every 700 net allocations by
-# default: at 2,000 batches/s (each a few hundred short-lived objects) that is a
-# collection every other batch, ~7 % of the ingest thread (py-spy, 700 agents). The
-# ingest makes few reference cycles, so collecting less often costs little memory.
-_GC_THRESHOLDS = (20_000, 20, 20)
 
 
 class Collector:
@@ -147,23 +142,6 @@ def run(
         _serve(collector, config, echo, stop, signals, env, watchdog_s)
 
 
-def _tune_gc() -> tuple[int, int, int]:
-    # What start-up loaded (modules, config, the restored marks) lives for the process:
-    # frozen, no collection walks it again; then collect less often (``_GC_THRESHOLDS``).
-    # Returns the thresholds before, for ``_restore_gc``.
-    before = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*_GC_THRESHOLDS)
-    return before
-
-
-def _restore_gc(thresholds: tuple[int, int, int]) -> None:
-    # ``run`` called in a process that goes on (a test, an embedding) leaves GC as it was.
-    gc.unfreeze()
-    gc.set_threshold(*thresholds)
-
-
 def _serve(
     collector: Collector,
     config: CollectorConfig,
@@ -177,7 +155,7 @@ def _serve(
     gc_before: tuple[int, int, int] | None = None
     try:
         collector.start()
-        gc_before = _tune_gc()
+        gc_before = gcpolicy.tune()
         host = config.listen.rpartition(":")[0]
         echo(
             f"rooftop collector: ingest on {host}:{collector.ingest.port} "
@@ -209,5 +187,5 @@ def _serve(
         sd_notify("STOPPING=1", env)
         collector.shutdown()
         if gc_before is not None:
-            _restore_gc(gc_before)
+            gcpolicy.restore(gc_before)
         echo("rooftop collector: stopped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -284,6 +285,30 @@ def test_sigterm_stops_run_whenever_and_wherever_it_lands(tmp_path, thread, poll
     delays = [float(d) for d in re.findall(r"shutdown (\S+) s after", out)]
     assert len(delays) == 5, out
     assert max(delays) < 20, delays  # woken by the signal, not by the 60 s poll
+
+
+def test_run_tunes_the_gc_while_sampling_and_restores_it_after(tmp_path, collector):
+    # What start() loaded is frozen and young collections are rarer while the agent
+    # runs (per-tick cost); a process that calls run() and goes on gets its GC back.
+    servicer, address = collector
+    agent = Agent(load_config(write_config(tmp_path, address), env={}), env={})
+    before = gc.get_threshold()
+    seen: list[tuple[tuple[int, int, int], int]] = []
+
+    def stop_once_sampling() -> None:
+        try:  # SIGTERM whatever happens: a failing wait must not leave run() waiting
+            wait_for(lambda: len(servicer.received) >= 1 and gc.get_freeze_count() > 0)
+            seen.append((gc.get_threshold(), gc.get_freeze_count()))
+        finally:
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop_once_sampling)
+    stopper.start()
+    assert agent.run() == 0
+    stopper.join()
+    assert seen and seen[0][0] != before and seen[0][1] > 0
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
 
 
 def test_agent_object_lifecycle_in_process(tmp_path, collector):
