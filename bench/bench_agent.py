@@ -28,6 +28,11 @@ gRPC to a collector subprocess. Its CPU time and RSS come from /proc/<pid>.
    total − floor: the budget is for the agent as deployed. ``--before DIR`` runs the
    agent from another source tree too (``git archive HEAD | tar -x -C DIR``), in the
    same interleaving, for a before/after on the same machine and minute.
+   ``--also-dgram-qlen N`` runs this code a second time, interleaved, with
+   ``net.unix.max_dgram_qlen`` set to N while its agent binds the hook socket (root
+   only; the value is put back after): the hook receiver's cost depends on how many
+   datagrams the kernel queues (10 + 1 by default and in a new network namespace, 512 +
+   1 where systemd's sysctl defaults apply).
    ``--write-docs`` puts the tables between the ``bench_agent`` markers of
    docs/PERFORMANCE.md.
 2. **drain**: 8 GPUs at 10 Hz with the collector down for ``--outage-s``; then the
@@ -40,7 +45,8 @@ gRPC to a collector subprocess. Its CPU time and RSS come from /proc/<pid>.
    line per applied batch).
 
 Usage: .venv/bin/python bench/bench_agent.py [--seconds 60] [--repeat 3]
-    [--configs floor,idle1,busy1,busy10] [--before DIR] [--write-docs] [--outage-s 120]
+    [--configs floor,idle1,busy1,busy10] [--before DIR] [--also-dgram-qlen 512]
+    [--write-docs] [--outage-s 120]
 """
 
 from __future__ import annotations
@@ -69,6 +75,9 @@ from prometheus_client.parser import text_string_to_metric_families
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GPUS = 8
+# Per network namespace, read when a unix datagram socket is created: the hook
+# socket's kernel queue (rooftop.agent.engines.receiver.kernel_queue_datagrams).
+MAX_DGRAM_QLEN = Path("/proc/sys/net/unix/max_dgram_qlen")
 # A serving host: GPUs decoding and prefilling, one GEMM-bound, one batch-1 GEMV
 # (fake.WORKLOADS: DESIGN §2's measured rows). The config's backend key takes no schedules.
 BUSY_WORKLOADS = "decode,decode,decode,prefill,decode,prefill,gemm,gemv"
@@ -282,11 +291,18 @@ def stop_agent(proc: subprocess.Popen[bytes]) -> None:
 
 
 def overhead(config: str, seconds: float, warmup_s: float, workdir: Path, collector: Collector,
-             extra: dict[str, object], tree: Path = REPO) -> dict[str, object]:  # fmt: skip
-    """One run of one configuration: whole-process and per-thread CPU over ``seconds``."""
+             extra: dict[str, object], tree: Path = REPO,
+             dgram_qlen: int | None = None) -> dict[str, object]:  # fmt: skip
+    """One run of one configuration: whole-process and per-thread CPU over ``seconds``.
+
+    ``dgram_qlen``: ``net.unix.max_dgram_qlen`` for the agent's hook socket (set before
+    the agent binds it; the caller restores it); None: as the machine has it.
+    """
     rate_hz, busy = CONFIGS[config]
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
+    if dgram_qlen is not None:
+        MAX_DGRAM_QLEN.write_text(f"{dgram_qlen}\n")
     proc = start_agent(workdir, collector.port, rate_hz, busy=busy, extra=extra, tree=tree)
     feeder = start_feeder(workdir / "hooks.sock") if busy else None
     try:
@@ -323,8 +339,13 @@ def spread(values: Sequence[float]) -> str:
     return f"{med:.2f} % ({min(values):.2f}–{max(values):.2f})"
 
 
-def overhead_tables(results: dict[str, dict[str, list[dict[str, object]]]], seconds: float,
-                    warmup_s: float, repeat: int) -> list[str]:  # fmt: skip
+def overhead_tables(
+    results: dict[str, dict[str, list[dict[str, object]]]],
+    seconds: float,
+    warmup_s: float,
+    repeat: int,
+    dgram_qlen: int | None = None,
+) -> list[str]:
     """Markdown: whole process per configuration (before/after), then per thread."""
     trees = list(results)
     configs = list(results[trees[0]])
@@ -346,7 +367,13 @@ def overhead_tables(results: dict[str, dict[str, list[dict[str, object]]]], seco
             + f" | {f'≤ {budget:g} %' if budget else '—'} | "
             + f"{float(last['rss_mib']):.1f} ({float(last['hwm_mib']):.1f}) |"  # type: ignore[arg-type]
         )  # fmt: skip
-    out += ["", f"Busy = {BUSY_DOC}.", ""]
+    out += ["", f"Busy = {BUSY_DOC}."]
+    if dgram_qlen is not None:
+        out[-1] += (
+            f" This machine's `net.unix.max_dgram_qlen` is {dgram_qlen}: the hook socket "
+            f"queues {dgram_qlen + 1} datagrams (systemd hosts: 512, 513)."
+        )
+    out.append("")
     # Per thread: the last tree (this code), every configuration, medians.
     tree = trees[-1]
     groups: dict[str, int] = {}
@@ -443,6 +470,13 @@ def main() -> None:
         metavar="DIR",
         help="also run the agent from this source tree (git archive HEAD)",
     )
+    parser.add_argument(
+        "--also-dgram-qlen",
+        type=int,
+        metavar="N",
+        help="also run this code with net.unix.max_dgram_qlen = N (root; restored after): "
+        "512 is systemd's default, 10 the kernel's and a new network namespace's",
+    )
     parser.add_argument("--outage-s", type=float, default=120.0)
     parser.add_argument("--skip-drain", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true")
@@ -466,11 +500,23 @@ def main() -> None:
         raise SystemExit(f"--before {args.before}: no rooftop package there")
     trees = {"before": args.before.resolve()} if args.before is not None else {}
     trees["after" if trees else "this code"] = REPO
+    qlen_now = int(MAX_DGRAM_QLEN.read_text())
+    # Variant name -> (source tree, max_dgram_qlen to set or None).
+    variants: dict[str, tuple[Path, int | None]] = {
+        (f"{name}, qlen {qlen_now}" if args.also_dgram_qlen else name): (tree, None)
+        for name, tree in trees.items()
+    }
+    if args.also_dgram_qlen:
+        if not os.access(MAX_DGRAM_QLEN, os.W_OK):
+            raise SystemExit(f"--also-dgram-qlen: {MAX_DGRAM_QLEN} is not writable (root?)")
+        variants[f"{'after' if args.before else 'this code'}, qlen {args.also_dgram_qlen}"] = (
+            REPO, args.also_dgram_qlen)  # fmt: skip
 
     if args.render is not None:
         saved = json.loads(args.render.read_text())
         block = "\n".join(overhead_tables(saved["results"], saved["seconds"],
-                                          saved["warmup_s"], saved["repeat"]))  # fmt: skip
+                                          saved["warmup_s"], saved["repeat"],
+                                          saved.get("dgram_qlen")))  # fmt: skip
         print(block)
         if args.write_docs:
             write_docs(block)
@@ -481,7 +527,7 @@ def main() -> None:
     try:
         if not args.skip_overhead:
             results: dict[str, dict[str, list[dict[str, object]]]] = {
-                t: {c: [] for c in configs} for t in trees
+                v: {c: [] for c in configs} for v in variants
             }
             collector = Collector(free_port())
             collector.start()
@@ -489,20 +535,27 @@ def main() -> None:
                 # Interleaved: a noisy minute on a shared machine hits every column alike.
                 for n in range(args.repeat):
                     for config in configs:
-                        for name, tree in trees.items():
+                        for name, (tree, qlen) in variants.items():
                             run = overhead(config, args.seconds, args.warmup_s,
-                                           workdir / config, collector, extra, tree)  # fmt: skip
+                                           workdir / config, collector, extra, tree,
+                                           # Set back between variants, only where changed.
+                                           qlen_now if args.also_dgram_qlen and qlen is None
+                                           else qlen)  # fmt: skip
                             results[name][config].append(run)
                             print(f"  run {n + 1}/{args.repeat} {config:7} {name:9} "
                                   f"{float(run['pct']):.2f} %", flush=True)  # type: ignore[arg-type]  # fmt: skip
             finally:
                 collector.stop()
+                if args.also_dgram_qlen:
+                    MAX_DGRAM_QLEN.write_text(f"{qlen_now}\n")
             if args.save is not None:
                 args.save.write_text(json.dumps({
                     "results": results, "seconds": args.seconds,
-                    "warmup_s": args.warmup_s, "repeat": args.repeat,
+                    "warmup_s": args.warmup_s, "repeat": args.repeat, "dgram_qlen": qlen_now,
                 }))  # fmt: skip
-            block = "\n".join(overhead_tables(results, args.seconds, args.warmup_s, args.repeat))
+            block = "\n".join(
+                overhead_tables(results, args.seconds, args.warmup_s, args.repeat, qlen_now)
+            )
             print(f"\n[overhead] agent, {GPUS} fake GPUs, streaming to a collector\n")
             print(block)
             if args.write_docs:

@@ -99,8 +99,9 @@ class AgentConfig:
     batch_max_bytes: int = 1 * _MIB
     batch_max_samples: int = 500
     # "auto": records until the collector's ack says it reads Batch.gpu_columns, then
-    # columns (per stream: a failover starts over). "columns": always, which collectors
-    # older than Ack.columns drop; "records": never (OPERATOR-GUIDE, "Upgrade").
+    # columns (per stream: a failover starts over, and the stream turns a spooled batch
+    # into what its collector reads). "columns": always, which collectors older than
+    # Ack.columns drop; "records": never (OPERATOR-GUIDE, "Upgrade").
     batch_format: str = "auto"
     max_message_bytes: int = 4 * _MIB
     keepalive_time_s: float = 30.0

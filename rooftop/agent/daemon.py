@@ -49,7 +49,7 @@ from rooftop.agent.spool import Spool
 from rooftop.agent.stream import Streamer
 from rooftop.agent.window import DeviceKey, build_window, engines_by_device, on_monotonic_time
 from rooftop.common import gcpolicy
-from rooftop.common.codec import record_to_proto, verdict_to_proto
+from rooftop.common.codec import verdict_to_proto
 from rooftop.common.errors import ConfigError, RooftopError
 from rooftop.common.model import EngineSample, GpuSample, HostSample, Record
 from rooftop.common.otlp import OtlpExport
@@ -252,7 +252,7 @@ class Agent:
         self.hysteresis = Hysteresis(hold=config.hysteresis_windows)
 
         self._lock = threading.Lock()  # the buffers below: sampler thread vs flush
-        self._records: list[pb.TraceRecord] = []
+        self._records: list[Record] = []  # the model's: the batcher encodes them once
         self._verdicts: list[pb.Verdict] = []
         # (monotonic time, records) per tick: windows are timed on the monotonic clock.
         self._window: list[tuple[float, list[Record]]] = []
@@ -393,7 +393,7 @@ class Agent:
                 window, self._window = self._window, []
                 # Wall time is a label: a step of it inside the window must not weigh.
                 self._verdicts.extend(self._classify(on_monotonic_time(window)))
-            self._records.extend(record_to_proto(r) for r in records)
+            self._records.extend(records)
             self._window.append((tick_s, records))
             due = now_s - self._last_batch_s >= self.config.batch_interval_s - 1e-3
         if due or len(self._records) >= self.config.batch_max_samples:
@@ -432,6 +432,11 @@ class Agent:
         with self._lock:
             records, self._records = self._records, []
             verdicts, self._verdicts = self._verdicts, []
+            if self.config.batch_format == "auto" and self.streamer is not None:
+                # Columns while the last ack said the collector reads them (an outage
+                # too: the spool holds columns); the stream turns a batch into records
+                # for a collector that has not said so.
+                self.batcher.columns = self.streamer.collector_reads_columns
             for batch in self.batcher.make(records, verdicts):
                 if self.otlp is not None:
                     self.otlp.observe(batch)  # before the spool: the stream thread sets stats

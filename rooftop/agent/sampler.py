@@ -93,6 +93,9 @@ class Sampler:
             records.append(sample)
             for proc in sample.processes:
                 gpu_pids[proc.pid] = (*gpu_pids.get(proc.pid, ()), info.gpu_index)
+        # A read may have opened a GPU that failed to open at start (with its MIG
+        # instances, if it has them): the next tick reads the list as it is now.
+        self.devices = self.backend.devices()
         if self.host is not None:
             try:
                 host_sample = self.host.read(now_s, gpu_pids)

@@ -30,10 +30,12 @@ collector has acked, so a collector the agent returns to counts the seqs another
 took meanwhile as delivered elsewhere, not missing.
 
 Batch format ``auto`` (``auto_columns``): each stream sends records until its
-collector's ack says ``columns``, then turns the GPU samples of each batch into
-``Batch.gpu_columns`` as it sends it; a new stream (a failover, a return home, a
-reconnect) starts over with records, so a collector too old to read columns never
-gets them.
+collector's ack says ``columns``, then columns. The batcher makes columns while the
+last ack said the collector reads them (``collector_reads_columns``: through an
+outage too, so the spool holds columns then), and the stream turns a batch into what
+its collector reads as it sends it (``to_columns``, ``to_records``). A new stream (a
+failover, a return home, a reconnect) starts over with records, so a collector too old
+to read columns never gets them.
 
 Batches come from ``batcher.Batcher``; what the agent presents (TLS, token) from
 ``credentials.ClientAuth``.
@@ -55,7 +57,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2
 
-from rooftop.agent.batcher import STATS_MAX_BYTES, to_columns
+from rooftop.agent.batcher import STATS_MAX_BYTES, to_columns, to_records
 from rooftop.agent.credentials import ClientAuth, with_tls_name
 from rooftop.agent.homing import (
     Endpoint,
@@ -303,6 +305,7 @@ class Streamer:
         self._spool = spool
         self._engine_scrape_errors = engine_scrape_errors
         self._auto_columns = auto_columns
+        self._collector_reads_columns = False  # as the last ack said (collector_reads_columns)
         self._collectors = tuple(collectors)
         if any(not address or address.isspace() for address in self._collectors):
             raise ValueError("a collector address is empty")
@@ -397,6 +400,15 @@ class Streamer:
             self._thread.join(max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive():
                 log.warning("stream did not stop within %.1f s", timeout_s)
+
+    @property
+    def collector_reads_columns(self) -> bool:
+        """Whether the last ack, from whichever collector, said it reads ``gpu_columns``.
+
+        Kept through an outage and a new stream's first moments, so what the batcher
+        makes meanwhile is what the collectors have been reading (any thread).
+        """
+        return self._collector_reads_columns
 
     # --- counters (any thread) ------------------------------------------------------
 
@@ -707,6 +719,7 @@ class Streamer:
             self._counts.add(acked=settled)
         if ack.columns:
             session.columns = True  # this collector's; the next stream asks again
+        self._collector_reads_columns = ack.columns
         session.progressed = True
         if self._wake is not None:
             self._wake.set()  # room in flight: the sender may go on
@@ -755,15 +768,16 @@ class Streamer:
                     break
                 key = (batch.boot_id, batch.seq)
                 session.cursor = key
-                if self._auto_columns and session.columns:
-                    # Converted as it is sent, never in the spool: the spool keeps
-                    # records, which any collector reads, so a batch resent after a
-                    # failover to a collector that never said columns (an older one
-                    # ignores the field: its samples would be lost) goes as records,
-                    # with no way back from columns to write. The price: the spool
-                    # holds records (its hours as with "records", where "columns"
-                    # fits 2-4x more) and a resend is converted again.
-                    to_columns(batch, self._max_message_bytes - STATS_MAX_BYTES)
+                if self._auto_columns:
+                    # As this collector reads them: the batcher makes columns while the
+                    # stream's collector says it reads them, records otherwise, and a
+                    # batch sent on another stream than the one it was made for (a
+                    # failover, a reconnect, a spool from before) is turned here. An
+                    # older collector ignores gpu_columns: its samples would be lost.
+                    if session.columns:
+                        to_columns(batch, self._max_message_bytes - STATS_MAX_BYTES)
+                    else:
+                        to_records(batch)
                 size_bytes = batch.ByteSize() + STATS_MAX_BYTES
                 if size_bytes > self._max_message_bytes:
                     # Would fail the whole stream on every reconnect: drop it, counted.

@@ -33,12 +33,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate, repeat
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any, NamedTuple
 
 from google.protobuf.descriptor import FieldDescriptor
 
-from rooftop.common.codec import record_to_proto
 from rooftop.common.model import (
     PCT_SLACK,
     PERCENT_FIELDS,
@@ -330,12 +329,17 @@ class Columns:
         self._positions: dict[int, Counter[int]] = {}
 
     @classmethod
-    def read(cls, cols: pb.GpuColumns, *, earliest_s: float) -> Columns | ColumnsProblem:
+    def read(
+        cls, cols: pb.GpuColumns, *, earliest_s: float, values: bool = True
+    ) -> Columns | ColumnsProblem:
         """Check ``cols`` a column at a time; the reader, or the first problem found.
 
         Args:
             cols: the batch's columns.
             earliest_s: a sample dated before this (Unix epoch seconds) is ``bad_time``.
+            values: also judge the values (metrics, times, identities); False checks
+                only that the columns fit together (the agent, turning its own columns
+                back into records for a collector to judge).
         """
         rows = cols.rows
         # Each set column once (reading a bytes field copies it): name -> value.
@@ -398,6 +402,8 @@ class Columns:
                 raw = got.get(name, b"")
                 if raw and (not strings or max(_unpack("I", raw)) >= len(strings)):
                     return _bad(f"{name} names a string past the {len(strings)} listed")
+        if not values:
+            return cls(got, strings, rows, masks)
         doubles = [(got[m.name], m.ceiling_bits) for m in _DOUBLES if m.name in got]
         if not _doubles_within(doubles):
             for metric in _DOUBLES:
@@ -703,6 +709,105 @@ def columnable(msg: pb.GpuSample) -> bool:
     return lo <= seconds * 1_000_000 + nanos // 1000 <= hi
 
 
+class _Builder:
+    """Rows in, one ``pb.GpuColumns`` out: what ``encode`` and ``encode_samples`` share."""
+
+    __slots__ = (
+        "code_counts", "counted_per_code", "flags", "masks", "metric_values", "pod_counts",
+        "pods", "proc_counts", "procs", "table", "times_us", "xid_counts", "xids",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.table: dict[str, int] = {}
+        self.metric_values: dict[str, list[Any]] = {m.name: [] for m in _METRICS}
+        self.times_us: list[int] = []
+        self.masks: list[int] = []
+        self.flags: list[int] = []
+        self.xid_counts: list[int] = []
+        self.xids: list[int] = []
+        self.code_counts: list[int] = []
+        self.counted_per_code = True  # every row's xid_code_counts matches its xid_codes
+        self.proc_counts: list[int] = []
+        self.procs: list[tuple[int, int, int, int, int]] = []
+        self.pod_counts: list[int] = []
+        self.pods: list[tuple[int, int, int]] = []
+
+    def index(self, text: str) -> int:
+        return self.table.setdefault(text, len(self.table))
+
+    def lists(
+        self,
+        lost: bool,
+        gpm_stale: bool,
+        xid_codes: Sequence[int],
+        xid_code_counts: Sequence[int],
+        processes: Sequence[Any],
+        pods: Sequence[Any],
+    ) -> None:
+        """A row's flags, XIDs, processes and pods (its metrics went in already)."""
+        index = self.index
+        self.flags.append((_LOST if lost else 0) | (_GPM_STALE if gpm_stale else 0))
+        self.xid_counts.append(len(xid_codes))
+        self.xids.extend(xid_codes)
+        self.code_counts.extend(xid_code_counts)
+        self.counted_per_code &= len(xid_code_counts) == len(xid_codes)
+        self.proc_counts.append(len(processes))
+        for p in processes:
+            # A process's optional fields: None in the model, absent in a message.
+            mem, name, job = p.gpu_mem_bytes, p.name, p.slurm_job_id
+            has = (
+                (_PROC_MEM if mem is not None else 0)
+                | (_PROC_NAME if name is not None else 0)
+                | (_PROC_SLURM if job is not None else 0)
+            )
+            self.procs.append((
+                p.pid, has, mem or 0, index(name) if name is not None else 0,
+                index(job) if job is not None else 0,
+            ))  # fmt: skip
+        self.pod_counts.append(len(pods))
+        self.pods.extend((index(r.pod), index(r.namespace), index(r.container)) for r in pods)
+
+    def build(
+        self, gpu_index: list[int], uuids: list[str], names: list[str], migs: list[str]
+    ) -> pb.GpuColumns:
+        """The columns; identity columns last, so their indices follow the metrics'."""
+        index = self.index
+        cols = pb.GpuColumns(
+            rows=len(self.times_us),
+            time_us=_pack("q", self.times_us),
+            gpu_index=_packed("I", gpu_index),
+            gpu_uuid=_packed("I", [index(u) for u in uuids]),
+            gpu_name=_packed("I", [index(n) for n in names]),
+            mig_uuid=_packed("I", [index(m) for m in migs]),
+            strings=list(self.table),
+            presence=_packed("Q", self.masks),
+            flags=bytes(self.flags),
+        )
+        for metric in _METRICS:
+            if values := self.metric_values[metric.name]:
+                setattr(cols, metric.name, _packed(metric.fmt, values))
+        if self.xids:
+            cols.xid_codes_per_row = _packed("I", self.xid_counts)
+            cols.xid_codes = _pack("I", self.xids)
+            if self.counted_per_code:
+                cols.xid_code_counts = _pack("Q", self.code_counts)
+        if self.procs:
+            cols.processes_per_row = _packed("I", self.proc_counts)
+            pids, present, mem, proc_name, jobs = zip(*self.procs, strict=True)
+            cols.process_pid = _pack("I", pids)
+            cols.process_presence = bytes(present)
+            cols.process_gpu_mem_bytes = _pack("Q", mem)
+            cols.process_name = _pack("I", proc_name)
+            cols.process_slurm_job_id = _pack("I", jobs)
+        if self.pods:
+            cols.pods_per_row = _packed("I", self.pod_counts)
+            pod, namespace, container = zip(*self.pods, strict=True)
+            cols.pod_pod = _pack("I", pod)
+            cols.pod_namespace = _pack("I", namespace)
+            cols.pod_container = _pack("I", container)
+        return cols
+
+
 def encode(msgs: Sequence[pb.GpuSample]) -> pb.GpuColumns:
     """``msgs`` (each ``columnable``) as columns, in order.
 
@@ -711,22 +816,8 @@ def encode(msgs: Sequence[pb.GpuSample]) -> pb.GpuColumns:
     """
     if not all(map(columnable, msgs)):
         raise ValueError("a GPU sample without a time in whole microseconds cannot be a column")
-    table: dict[str, int] = {}
-
-    def index(text: str) -> int:
-        return table.setdefault(text, len(table))
-
-    metric_values: dict[str, list[Any]] = {m.name: [] for m in _METRICS}
-    masks: list[int] = []
-    flags: list[int] = []
-    xid_counts: list[int] = []
-    xids: list[int] = []
-    code_counts: list[int] = []
-    counted_per_code = True  # every row's xid_code_counts matches its xid_codes
-    proc_counts: list[int] = []
-    procs: list[tuple[int, int, int, int, int]] = []
-    pod_counts: list[int] = []
-    pods: list[tuple[int, int, int]] = []
+    rows = _Builder()
+    index, metric_values = rows.index, rows.metric_values
     for msg in msgs:
         mask = 0
         has_field: Any = msg.HasField  # field names come from the descriptor
@@ -735,67 +826,74 @@ def encode(msgs: Sequence[pb.GpuSample]) -> pb.GpuColumns:
                 mask |= 1 << metric.number
                 value = getattr(msg, metric.name)
                 metric_values[metric.name].append(index(value) if metric.fmt == "I" else value)
-        masks.append(mask)
-        flags.append((_LOST if msg.lost else 0) | (_GPM_STALE if msg.gpm_stale else 0))
-        xid_counts.append(len(msg.xid_codes))
-        xids.extend(msg.xid_codes)
-        code_counts.extend(msg.xid_code_counts)
-        counted_per_code &= len(msg.xid_code_counts) == len(msg.xid_codes)
-        proc_counts.append(len(msg.processes))
-        for p in msg.processes:
-            has = (
-                (_PROC_MEM if p.HasField("gpu_mem_bytes") else 0)
-                | (_PROC_NAME if p.HasField("name") else 0)
-                | (_PROC_SLURM if p.HasField("slurm_job_id") else 0)
+        rows.masks.append(mask)
+        rows.times_us.append(msg.time.seconds * 1_000_000 + msg.time.nanos // 1000)
+        processes = [
+            _ProcessFields(
+                p.pid,
+                p.gpu_mem_bytes if p.HasField("gpu_mem_bytes") else None,
+                p.name if p.HasField("name") else None,
+                p.slurm_job_id if p.HasField("slurm_job_id") else None,
             )
-            name = index(p.name) if p.HasField("name") else 0
-            job = index(p.slurm_job_id) if p.HasField("slurm_job_id") else 0
-            procs.append((p.pid, has, p.gpu_mem_bytes, name, job))
-        pod_counts.append(len(msg.pods))
-        pods.extend((index(r.pod), index(r.namespace), index(r.container)) for r in msg.pods)
-    # Identity columns last: their indices are then the same however the metrics vary.
-    uuids = [index(m.gpu_uuid) for m in msgs]
-    names = [index(m.gpu_name) for m in msgs]
-    migs = [index(m.mig_uuid) for m in msgs]
-    cols = pb.GpuColumns(
-        rows=len(msgs),
-        time_us=_pack("q", [m.time.seconds * 1_000_000 + m.time.nanos // 1000 for m in msgs]),
-        gpu_index=_packed("I", [m.gpu_index for m in msgs]),
-        gpu_uuid=_packed("I", uuids),
-        gpu_name=_packed("I", names),
-        mig_uuid=_packed("I", migs),
-        strings=list(table),
-        presence=_packed("Q", masks),
-        flags=bytes(flags),
+            for p in msg.processes
+        ]
+        rows.lists(msg.lost, msg.gpm_stale, msg.xid_codes, msg.xid_code_counts, processes,
+                   msg.pods)  # fmt: skip
+    return rows.build(
+        [m.gpu_index for m in msgs],
+        [m.gpu_uuid for m in msgs],
+        [m.gpu_name for m in msgs],
+        [m.mig_uuid for m in msgs],
     )
-    for metric in _METRICS:
-        if metric_values[metric.name]:
-            setattr(cols, metric.name, _packed(metric.fmt, metric_values[metric.name]))
-    if xids:
-        cols.xid_codes_per_row = _packed("I", xid_counts)
-        cols.xid_codes = _pack("I", xids)
-        if counted_per_code:
-            cols.xid_code_counts = _pack("Q", code_counts)
-    if procs:
-        cols.processes_per_row = _packed("I", proc_counts)
-        pids, present, mem, proc_name, jobs = zip(*procs, strict=True)
-        cols.process_pid = _pack("I", pids)
-        cols.process_presence = bytes(present)
-        cols.process_gpu_mem_bytes = _pack("Q", mem)
-        cols.process_name = _pack("I", proc_name)
-        cols.process_slurm_job_id = _pack("I", jobs)
-    if pods:
-        cols.pods_per_row = _packed("I", pod_counts)
-        pod, namespace, container = zip(*pods, strict=True)
-        cols.pod_pod = _pack("I", pod)
-        cols.pod_namespace = _pack("I", namespace)
-        cols.pod_container = _pack("I", container)
-    return cols
+
+
+class _ProcessFields(NamedTuple):
+    pid: int
+    gpu_mem_bytes: int | None
+    name: str | None
+    slurm_job_id: str | None
+
+
+# Every metric of a model sample in one C call, in _METRICS order; each metric's bit.
+_METRIC_GETTER = attrgetter(*(m.name for m in _METRICS))
+_METRIC_BITS = tuple((m.name, 1 << m.number, m.fmt == "I") for m in _METRICS)
 
 
 def encode_samples(samples: Sequence[GpuSample]) -> pb.GpuColumns:
-    """Model samples as columns (their times rounded to microseconds, as records are)."""
-    return encode([record_to_proto(s).gpu for s in samples])
+    """Model samples as columns, straight from their fields.
+
+    The same columns as ``encode`` of their ``record_to_proto`` messages (times rounded
+    to whole microseconds, as ``codec.timestamp`` rounds them), without making those
+    messages: the agent's batcher encodes its GPU samples here once, in the sampler.
+
+    Raises:
+        ValueError: a time outside what 64-bit microseconds hold (or not a number).
+    """
+    rows = _Builder()
+    index, metric_values = rows.index, rows.metric_values
+    lo, hi = _INT64_MICROS
+    for sample in samples:
+        try:
+            micros = round(sample.time_s * 1e6)
+        except (ValueError, OverflowError):  # NaN, infinite
+            micros = hi + 1
+        if not lo <= micros <= hi:
+            raise ValueError(f"GPU sample time {sample.time_s} is not 64-bit microseconds")
+        rows.times_us.append(micros)
+        mask = 0
+        for (name, bit, is_text), value in zip(_METRIC_BITS, _METRIC_GETTER(sample), strict=True):
+            if value is not None:
+                mask |= bit
+                metric_values[name].append(index(value) if is_text else value)
+        rows.masks.append(mask)
+        rows.lists(sample.lost, sample.gpm_stale, sample.xid_codes, sample.xid_code_counts,
+                   sample.processes, sample.pods)  # fmt: skip
+    return rows.build(
+        [s.gpu_index for s in samples],
+        [s.gpu_uuid for s in samples],
+        [s.gpu_name for s in samples],
+        [s.mig_uuid for s in samples],
+    )
 
 
 def _packed(fmt: str, values: Sequence[Any]) -> bytes:

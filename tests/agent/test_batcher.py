@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from rooftop.agent.batcher import DEFAULT_MAX_BATCH_BYTES, STATS_MAX_BYTES, Batcher
+from rooftop.agent.batcher import (
+    DEFAULT_MAX_BATCH_BYTES,
+    STATS_MAX_BYTES,
+    Batcher,
+    to_records,
+)
 from rooftop.collector.fleet import decode_batch
 from rooftop.common.codec import record_to_proto
-from rooftop.common.model import GpuSample, HostSample
+from rooftop.common.model import GpuProcess, GpuSample, HostSample
 from rooftop.v1 import telemetry_pb2 as pb
 from tests.support import BOOT
 
@@ -79,6 +84,66 @@ def test_gpu_samples_columns_cannot_carry_exactly_stay_records():
     records[1].gpu.time.nanos += 1  # not whole microseconds
     (only,) = Batcher("node-1", BOOT, columns=True).make(records)
     assert not only.HasField("gpu_columns") and len(only.records) == 4
+
+
+def _samples(n: int, pad: int = 0) -> list[GpuSample | HostSample]:
+    """The model's samples, as the daemon hands them over: GPUs, then the host."""
+    out: list[GpuSample | HostSample] = [
+        GpuSample(time_s=1_790_000_000 + i / 7, gpu_index=i % 8, gpu_uuid=f"GPU-{i % 8}",
+                  busy_pct=50.0, power_w=float(i),
+                  processes=(GpuProcess(i, name=f"{i}-" + "x" * pad),) if pad else ())
+        for i in range(n)
+    ]  # fmt: skip
+    out.append(HostSample(time_s=1_790_000_000.0, cpu_pct=12.5))
+    return out
+
+
+def test_model_samples_make_the_batches_their_messages_make():
+    samples = _samples(20)
+    verdicts = [pb.Verdict(gpu_index=3)]
+    for columns in (False, True):
+        from_model = Batcher("node-1", BOOT, hostname="h", columns=columns).make(
+            samples, verdicts
+        )
+        from_messages = Batcher("node-1", BOOT, hostname="h", columns=columns).make(
+            [record_to_proto(s) for s in samples], verdicts
+        )
+        assert from_model == from_messages
+        assert from_model[0].HasField("gpu_columns") is columns
+
+
+def test_model_gpu_samples_go_as_columns_split_at_the_sample_limit_the_rest_after():
+    parts = Batcher("node-1", BOOT, hostname="h", columns=True).make(
+        _samples(1200), [pb.Verdict(gpu_index=3)]
+    )
+    assert [b.seq for b in parts] == [1, 2, 3]
+    assert [b.gpu_columns.rows for b in parts] == [500, 500, 200]
+    assert [len(b.records) for b in parts] == [0, 0, 1]  # the host sample, with the last
+    assert [len(b.verdicts) for b in parts] == [0, 0, 1]
+    decoded = decode_batch(parts[0], received_s=1_790_000_500.0)
+    assert decoded.samples == 500 and [g.gpu_index for g in decoded.gpus] == list(range(8))
+
+
+def test_model_gpu_columns_over_the_byte_limit_are_halved_until_they_fit():
+    limit = 64 * 1024
+    parts = Batcher("node-1", BOOT, hostname="h", max_batch_bytes=limit, columns=True).make(
+        _samples(400, pad=900)  # a name of its own per row: ~1 kB a row
+    )
+    assert len(parts) > 1 and all(b.ByteSize() <= limit for b in parts)
+    assert sum(b.gpu_columns.rows for b in parts) == 400
+    assert sum(len(b.records) for b in parts) == 1
+    assert [b.seq for b in parts] == list(range(1, len(parts) + 1))
+
+
+def test_columns_go_back_to_the_records_their_samples_make():
+    samples = _samples(12)
+    (columnar,) = Batcher("node-1", BOOT, hostname="h", columns=True).make(
+        samples, [pb.Verdict(gpu_index=3)]
+    )
+    (records,) = Batcher("node-1", BOOT, hostname="h").make(samples, [pb.Verdict(gpu_index=3)])
+    assert to_records(columnar) and columnar == records
+    assert not to_records(columnar)  # records already: unchanged
+    assert columnar == records
 
 
 def test_the_stats_reserve_holds_every_counter_at_its_largest_with_room_to_spare():

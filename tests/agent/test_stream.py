@@ -26,7 +26,9 @@ from rooftop.agent.stream import (
     map_grpc_errors,
 )
 from rooftop.collector.fleet import Fleet
+from rooftop.common.codec import record_from_proto, record_to_proto
 from rooftop.common.errors import Rejected, Retryable
+from rooftop.common.model import GpuProcess, GpuSample, HostSample
 from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
 from tests.collector.helpers import start_server
@@ -709,15 +711,22 @@ def test_auto_sends_records_throughout_to_a_collector_that_never_says_columns(
     assert [gpu_samples(b) for b in received] == [4] * 6
 
 
-def test_auto_starts_over_with_records_after_a_failover_to_an_older_collector(
-    spool, make_streamer, servers
-):
+def homed_at_a_newer_collector(
+    servers: list[Server], make_streamer: Callable[..., Streamer]
+) -> tuple[Server, Server, Batcher, Streamer]:
+    """A collector that reads columns (the agent's home), an older one, and the agent."""
     new = serve(servers, columns=True)
     old = serve(servers)
     agent_id = homed_at(new.address, [new.address, old.address])
-    batcher = Batcher(agent_id, BOOT)
-    enqueue_timed(spool, batcher, 1)
     streamer = make_streamer([new.address, old.address], agent_id=agent_id, auto_columns=True)
+    return new, old, Batcher(agent_id, BOOT), streamer
+
+
+def test_auto_starts_over_with_records_after_a_failover_to_an_older_collector(
+    spool, make_streamer, servers
+):
+    new, old, batcher, streamer = homed_at_a_newer_collector(servers, make_streamer)
+    enqueue_timed(spool, batcher, 1)
     wait_for(lambda: spool.queued == 0)
     enqueue_timed(spool, batcher, 2)
     wait_for(lambda: spool.queued == 0)
@@ -730,6 +739,41 @@ def test_auto_starts_over_with_records_after_a_failover_to_an_older_collector(
     assert set(new.servicer.seqs()) | set(old.servicer.seqs()) == set(range(1, 7))
     assert not any(b.HasField("gpu_columns") for b in old.servicer.received)
     assert all(gpu_samples(b) == 4 for b in old.servicer.received)
+
+
+def test_auto_turns_columns_made_for_one_collector_into_records_for_an_older_one(
+    spool, make_streamer, servers
+):
+    new, old, batcher, streamer = homed_at_a_newer_collector(servers, make_streamer)
+    enqueue_timed(spool, batcher, 1)
+    wait_for(lambda: spool.queued == 0 and streamer.collector_reads_columns)
+    new.stop()
+    # Made as the daemon makes them while its collector reads columns: the model's
+    # samples straight into gpu_columns, a host sample beside them as a record.
+    batcher.columns = True
+    samples = [
+        GpuSample(time_s=1_790_000_100 + i + g / 3, gpu_index=g, gpu_uuid=f"GPU-{g}",
+                  busy_pct=50.0 + g, processes=(GpuProcess(4242 + g, 2**30, name="vllm"),))
+        for i in range(3) for g in range(4)
+    ]  # fmt: skip
+    for i in range(3):
+        host = HostSample(time_s=1_790_000_100.0 + i, cpu_pct=12.5)
+        for batch in batcher.make([*samples[4 * i : 4 * i + 4], host]):
+            assert batch.HasField("gpu_columns")
+            spool.append(batch)
+    streamer.wake()
+    wait_for(lambda: spool.queued == 0)
+    assert streamer.stats().address == old.address and not streamer.collector_reads_columns
+    received = {b.seq: b for b in old.servicer.received}
+    assert set(received) >= {2, 3, 4}
+    assert not any(b.HasField("gpu_columns") for b in received.values())
+    # Every sample, as the records path would have carried it (GPU records first).
+    got = [record_from_proto(r) for seq in (2, 3, 4) for r in received[seq].records]
+    want = [record_from_proto(record_to_proto(r))
+            for i in range(3)
+            for r in [*samples[4 * i : 4 * i + 4], HostSample(time_s=1_790_000_100.0 + i,
+                                                               cpu_pct=12.5)]]  # fmt: skip
+    assert got == want
 
 
 def test_every_batch_carries_the_highest_seq_acked_so_far(spool, make_streamer, servers):

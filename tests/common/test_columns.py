@@ -255,6 +255,15 @@ def _samples(draw: st.DrawFn) -> GpuSample:
 @pytest.mark.slow
 @settings(max_examples=100)
 @given(st.lists(_samples(), max_size=6))
+def test_any_valid_samples_encode_straight_to_what_their_messages_make(
+    samples: list[GpuSample],
+):
+    assert encode_samples(samples).SerializeToString() == _via_messages(samples)
+
+
+@pytest.mark.slow
+@settings(max_examples=100)
+@given(st.lists(_samples(), max_size=6))
 def test_any_valid_samples_round_trip_through_columns_exactly(samples: list[GpuSample]):
     reader = _read(encode_samples(samples))
     assert list(reader.samples()) == [_as_record(s) for s in samples]
@@ -307,3 +316,27 @@ def test_a_field_over_every_row_is_what_each_rows_sample_holds(samples: list[Gpu
     rows = [reader.sample(r) for r in range(reader.rows)]
     for name in GpuSample.__slots__:
         assert list(reader.field_values(name)) == [getattr(s, name) for s in rows], name
+
+
+def _via_messages(samples: list[GpuSample]) -> bytes:
+    return encode([record_to_proto(s).gpu for s in samples]).SerializeToString()
+
+
+def test_samples_encode_straight_to_the_columns_their_messages_make():
+    # The agent's batcher encodes model samples without making a message of each first.
+    old = dataclasses.replace(FULL, xid_code_counts=())  # codes without per-code counts
+    samples = [
+        FULL,
+        GpuSample(time_s=T0 + 0.1, gpu_index=0),
+        GpuSample(time_s=T0 + 0.2, gpu_index=1, lost=True, inaccessible="NO_PERMISSION"),
+        dataclasses.replace(FULL, time_s=T0 + 1 / 3, power_w=650, gpu_uuid="GPU-4"),  # an int
+        old,
+    ]
+    for rows in (samples, samples[:1], samples[1:3], [old, old], []):
+        assert encode_samples(rows).SerializeToString() == _via_messages(rows)
+
+
+@pytest.mark.parametrize("time_s", [math.nan, math.inf, 2.0**63 / 1e6])
+def test_a_time_beyond_64_bit_microseconds_is_refused_by_name(time_s: float):
+    with pytest.raises(ValueError, match="64-bit microseconds"):
+        encode_samples([FULL, dataclasses.replace(FULL, time_s=time_s)])

@@ -130,7 +130,14 @@ def test_a_restarted_collector_applies_nothing_twice_that_was_durable_at_the_kil
 def test_the_killed_collectors_agents_rehome_within_10_s_and_return_home(outcome: Outcome):
     assert len(outcome.killed_homed) > AGENTS // 5  # about a third of them
     slow = {a: round(s, 2) for a, s in outcome.rehome_s.items() if s > REHOME_MAX_S}
-    assert slow == {}
+    by_id = {led.agent_id: led for led in outcome.ledgers}
+    # What the first few slow ones went through after the kill (the streams' errors).
+    story = {
+        a: [(round(e.time_s - outcome.kill_s, 2), e.kind, e.address, e.detail[:120])
+            for e in by_id[a].events if e.time_s > outcome.kill_s][:6]
+        for a in list(slow)[:3]
+    }  # fmt: skip
+    assert slow == {}, story
     not_home = [a for a, s in outcome.home_s.items() if s == float("inf")]
     assert not_home == []
     assert all(led.current == led.home for led in outcome.ledgers)

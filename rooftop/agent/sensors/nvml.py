@@ -58,7 +58,7 @@ from rooftop.agent.sensors.xid import XidWatcher
 from rooftop.common.errors import DeviceInaccessible, DeviceLost, NvmlUnavailable, SensorError
 from rooftop.common.model import GpuProcess, GpuSample
 
-__all__ = ["HEALTH_EVERY_S", "RETRY_NEWER_S", "NvmlBackend", "map_nvml_errors"]
+__all__ = ["HEALTH_EVERY_S", "REOPEN_EVERY_S", "RETRY_NEWER_S", "NvmlBackend", "map_nvml_errors"]
 
 T = TypeVar("T")
 
@@ -97,6 +97,10 @@ RETRY_NEWER_S = 10.0
 # tick: they change on a scale of hours, and five more calls per GPU per tick would buy
 # nothing.
 HEALTH_EVERY_S = 5.0
+# A GPU that could not be opened at start (a transient error, a reset under way, a GPU
+# off the bus) is tried again this often, from read(): one failing call per interval,
+# and a GPU that comes back is sampled without restarting the agent.
+REOPEN_EVERY_S = 30.0
 # (GpuSample field, nvmlMemoryErrorType_t, nvmlEccCounterType_t) by pynvml constant name.
 _ECC_COUNTERS = (
     ("ecc_corrected_volatile", "NVML_MEMORY_ERROR_TYPE_CORRECTED", "NVML_VOLATILE_ECC"),
@@ -212,6 +216,7 @@ class _Device:
     # stop asking, and read page retirement instead / nothing.
     no_row_remapping: bool = False
     no_page_retirement: bool = False
+    reopen_at_s: float | None = None  # lost at start: when read() tries to open it again
 
 
 class NvmlBackend:
@@ -429,6 +434,45 @@ class NvmlBackend:
             device.lost_detail = str(err)
         return device
 
+    def _reopen(self, device: _Device) -> _Device:
+        """``device`` (lost at start) opened again if ``REOPEN_EVERY_S`` has passed.
+
+        The fresh device replaces it, with its MIG instances, XID watch and GpuInfo
+        (``devices()`` changes: the sampler reads it every tick). Until then, or while
+        it still fails, ``device`` itself, its ``lost_detail`` the latest reason.
+        """
+        now_s = self._clock()
+        if device.reopen_at_s is None:  # the first read after the failure at start
+            device.reopen_at_s = now_s + REOPEN_EVERY_S
+        if now_s < device.reopen_at_s:
+            return device
+        device.reopen_at_s = now_s + REOPEN_EVERY_S
+        gpu_index = device.info.gpu_index
+        fresh = self._open(gpu_index)
+        instances = self._open_mig(fresh) if fresh.info.mig_mode else []
+        if fresh.lost_detail is not None:  # still, or again while listing its instances
+            device.lost_detail = fresh.lost_detail
+            return device
+        devices = list(self._devices)
+        devices[gpu_index] = fresh
+        self._devices = tuple(devices)
+        for instance in instances:
+            self._mig[instance.info.mig_uuid] = instance
+        self._infos = self._all_infos()
+        self._health_cache.pop(gpu_index, None)
+        if fresh.inaccessible is not None:  # it answers, but not to this user: say that
+            logger.warning("GPU %d: answers again, but %s to this user", gpu_index,
+                           fresh.inaccessible)  # fmt: skip
+            return fresh
+        if self._xid is not None:
+            self._xid.watch(gpu_index, fresh.handle)
+        logger.warning(
+            "GPU %d (%s): opened after failing at start; sampled from now on",
+            gpu_index,
+            fresh.info.gpu_uuid or "no UUID",
+        )
+        return fresh
+
     def _open_mig(self, parent: _Device) -> list[_Device]:
         """The MIG instances of ``parent`` (a GPU in MIG mode); none if it was lost."""
         nvml, call, handle = self._nvml, parent.call, parent.handle
@@ -590,7 +634,9 @@ class NvmlBackend:
             raise SensorError(f"no GPU {gpu_index} (this host has {len(self._devices)})")
         device = self._devices[gpu_index]
         if device.lost_detail is not None:
-            raise DeviceLost(gpu_index, device.lost_detail)
+            device = self._reopen(device)
+            if device.lost_detail is not None:
+                raise DeviceLost(gpu_index, device.lost_detail)
         if device.inaccessible is not None:
             raise DeviceInaccessible(gpu_index, device.inaccessible)
         if mig_uuid:

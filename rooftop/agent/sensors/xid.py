@@ -105,6 +105,21 @@ class XidWatcher:
         self._thread = threading.Thread(target=self._run, name="rooftop-xid", daemon=True)
         self._thread.start()
 
+    def watch(self, gpu_index: int, handle: Any) -> bool:
+        """Watch one more GPU (opened after the others); False where no set is waited on."""
+        register = getattr(self._nvml, "nvmlDeviceRegisterEvents", None)
+        if self._set is None or self._thread is None or register is None:
+            return False
+        try:
+            register(handle, XID_CRITICAL_ERROR, self._set)
+        except Exception as err:  # noqa: BLE001 — lost again, or refused: unwatched
+            self._count_error("nvmlDeviceRegisterEvents", err)
+            return False
+        with self._lock:
+            self._gpus[_handle_key(handle)] = gpu_index
+            self._counts.setdefault(gpu_index, 0)
+        return True
+
     def tally(self, gpu_index: int) -> tuple[tuple[int, ...], int | None]:
         """The distinct XID codes seen on ``gpu_index`` and the event count.
 

@@ -13,7 +13,7 @@ from rooftop.agent.diagnose import diagnose_records, overall
 from rooftop.agent.sampler import Sampler
 from rooftop.agent.sensors.base import GpuBackend
 from rooftop.agent.sensors.fake import FakeNvmlLibrary
-from rooftop.agent.sensors.nvml import NvmlBackend
+from rooftop.agent.sensors.nvml import REOPEN_EVERY_S, NvmlBackend
 from rooftop.agent.sensors.replay import ReplayBackend
 from rooftop.agent.trace import encode_line, read_trace
 from rooftop.agent.window import DeviceKey, build_windows
@@ -52,6 +52,23 @@ def test_a100_mig_lists_parent_then_its_instances_with_their_identity(clock):
     assert not any(i.has_gpm for i in instances)
     # Empty slots (NotFound) are ordinary, not errors.
     assert not any(fn == "_mig_handle" for fn, _ in backend.errors)
+
+
+def test_a_mig_gpu_that_failed_to_open_at_start_brings_its_instances_when_it_answers(clock):
+    lib = FakeNvmlLibrary("h100-mig", gpus=2, workloads="gemm", clock=clock)
+    lib.inject(0, "nvmlDeviceGetHandleByIndex", "timeout", times=1)
+    backend = NvmlBackend(lib, clock=clock)
+    assert [(d.gpu_index, d.mig_uuid != "") for d in backend.devices()] == [
+        (0, False), (1, False), (1, True), (1, True)]  # fmt: skip
+    run_sampler(backend, clock, ticks=1)  # the first read of GPU 0 starts its interval
+    clock.advance(REOPEN_EVERY_S)
+    records = run_sampler(backend, clock, ticks=10)
+    # The tick that opened it read the parent; from the next, its instances too.
+    instances = {r.mig_uuid for r in records if isinstance(r, GpuSample) and r.gpu_index == 0}
+    assert len(instances - {""}) == 2
+    assert [(d.gpu_index, d.mig_uuid != "") for d in backend.devices()] == [
+        (0, False), (0, True), (0, True), (1, False), (1, True), (1, True)]  # fmt: skip
+    assert not any(r.lost for r in records[-6:] if isinstance(r, GpuSample))
 
 
 def test_gpu_without_mig_lists_no_instances(clock):

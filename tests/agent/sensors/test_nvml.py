@@ -13,11 +13,17 @@ from rooftop.agent.sampler import Sampler
 from rooftop.agent.sensors.base import GpuBackend
 from rooftop.agent.sensors.fake import FakeHostSensor, FakeNvmlLibrary, fake_backend
 from rooftop.agent.sensors.gpm import GPM_METRIC_FIELDS
-from rooftop.agent.sensors.nvml import RETRY_NEWER_S, NvmlBackend, map_nvml_errors
+from rooftop.agent.sensors.nvml import (
+    REOPEN_EVERY_S,
+    RETRY_NEWER_S,
+    NvmlBackend,
+    map_nvml_errors,
+)
 from rooftop.agent.window import build_windows
 from rooftop.common.codec import record_from_proto, record_to_proto
 from rooftop.common.errors import DeviceLost, NvmlUnavailable, SensorError
 from rooftop.common.model import Bound, GpuSample, HostSample
+from tests.support import wait_for
 
 # Every field GPM fills, as gpm.py names them.
 GPM_FIELDS = tuple(GPM_METRIC_FIELDS.values())
@@ -198,6 +204,48 @@ def test_gpu_lost_at_startup_is_listed_and_reads_lost(clock):
     with pytest.raises(DeviceLost):
         backend.read(0, 0.0)
     assert settled_read(backend, clock, gpu=1).dram_bw_pct is not None
+
+
+def test_a_gpu_that_failed_to_open_at_start_is_sampled_once_it_answers(clock):
+    lib = FakeNvmlLibrary("h100", gpus=2, workloads="gemv", clock=clock)
+    lib.inject(1, "nvmlDeviceGetHandleByIndex", "unknown", times=1)  # a transient error
+    backend = backend_over(lib, clock)
+    sampler = Sampler(backend, clock=lambda: 1.7e9)
+    assert backend.devices()[1].gpu_uuid == ""
+    (_, lost) = sampler.tick()
+    assert isinstance(lost, GpuSample) and lost.lost and lost.xid_count is None
+    clock.advance(REOPEN_EVERY_S - 1)
+    with pytest.raises(DeviceLost):
+        backend.read(1, 0.0)  # not yet asked again
+    clock.advance(1)
+    (_, back) = sampler.tick()
+    assert isinstance(back, GpuSample) and not back.lost
+    assert back.gpu_uuid == lib.nvmlDeviceGetUUID(lib.nvmlDeviceGetHandleByIndex(1))
+    assert sampler.devices[1].gpu_uuid == back.gpu_uuid and sampler.devices[1].has_gpm
+    assert settled_read(backend, clock, gpu=1).dram_bw_pct is not None
+    # Its XID events are watched from now on, as the others' are.
+    lib.raise_xid(1, 79)
+    wait_for(lambda: backend.xid_tally(1) == ((79,), 1))
+    backend.close()
+
+
+def test_a_gpu_still_failing_is_asked_again_once_per_interval(clock):
+    lib = FakeNvmlLibrary("h100", gpus=2, workloads="gemv", clock=clock)
+    lib.inject(1, "nvmlDeviceGetHandleByIndex", "gpu_is_lost")
+    backend = backend_over(lib, clock)
+    asked = lib.calls["nvmlDeviceGetHandleByIndex"]
+    for _ in range(3):  # ticks within one interval: no call
+        with pytest.raises(DeviceLost):
+            backend.read(1, 0.0)
+        clock.advance(REOPEN_EVERY_S / 4)
+    assert lib.calls["nvmlDeviceGetHandleByIndex"] == asked
+    clock.advance(REOPEN_EVERY_S)
+    for _ in range(3):
+        with pytest.raises(DeviceLost, match="GPU is lost"):
+            backend.read(1, 0.0)
+    assert lib.calls["nvmlDeviceGetHandleByIndex"] == asked + 1
+    assert [i.gpu_uuid == "" for i in backend.devices()] == [False, True]
+    backend.close()
 
 
 def test_driver_missing_is_one_readable_line(clock):
