@@ -1,10 +1,10 @@
 """GPU samples as columns (``pb.GpuColumns``): encode, check and decode. Pure.
 
-The agent's batcher encodes a batch's GPU samples as columns (``encode``); the
-collector checks a whole batch a column at a time (``Columns.read``) and decodes only
-the rows it keeps (``Columns.samples_at``: the newest per GPU), or one field over
-every row for outputs that read a few fields of each (``Columns.field_values``: remote
-write).
+The agent's batcher encodes a batch's GPU samples as columns straight from the model
+(``encode_samples``; ``encode`` takes messages); the collector checks a whole batch a
+column at a time (``Columns.read``) and decodes only the rows it keeps
+(``Columns.samples_at``: the newest per GPU), or one field over every row for outputs
+that read a few fields of each (``Columns.field_values``: remote write).
 
 Each column is ``bytes`` of fixed-width little-endian values. Checking a metric
 column is one big-integer operation over it: for non-negative IEEE-754 doubles the
