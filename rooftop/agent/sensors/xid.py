@@ -69,6 +69,7 @@ class XidWatcher:
         count_error: Callable[[str, Exception], None],
     ) -> None:
         self._nvml = nvml
+        self._attempt = attempt
         self._count_error = count_error
         self._lock = threading.Lock()
         self._codes: dict[int, list[int]] = {}
@@ -88,17 +89,9 @@ class XidWatcher:
             return
         if event_set is None:
             return
-        for gpu_index, handle in devices:
-            try:
-                _, error = attempt(
-                    gpu_index, register, handle, XID_CRITICAL_ERROR, event_set
-                )
-            except Exception:  # noqa: BLE001 — lost meanwhile: its reads will say so
-                continue
-            if error is None:
-                self._gpus[_handle_key(handle)] = gpu_index
-                self._counts[gpu_index] = 0
         self._set = event_set
+        for gpu_index, handle in devices:
+            self._register(gpu_index, handle)
         if not self._gpus:
             self._free()
             return
@@ -107,13 +100,18 @@ class XidWatcher:
 
     def watch(self, gpu_index: int, handle: Any) -> bool:
         """Watch one more GPU (opened after the others); False where no set is waited on."""
-        register = getattr(self._nvml, "nvmlDeviceRegisterEvents", None)
-        if self._set is None or self._thread is None or register is None:
-            return False
+        return self._thread is not None and self._register(gpu_index, handle)
+
+    def _register(self, gpu_index: int, handle: Any) -> bool:
+        """Add ``handle`` to the event set, through the backend's choke point."""
         try:
-            register(handle, XID_CRITICAL_ERROR, self._set)
-        except Exception as err:  # noqa: BLE001 — lost again, or refused: unwatched
-            self._count_error("nvmlDeviceRegisterEvents", err)
+            _, error = self._attempt(
+                gpu_index, self._nvml.nvmlDeviceRegisterEvents, handle, XID_CRITICAL_ERROR,
+                self._set,
+            )  # fmt: skip
+        except Exception:  # noqa: BLE001 — lost meanwhile: its reads will say so
+            return False
+        if error is not None:
             return False
         with self._lock:
             self._gpus[_handle_key(handle)] = gpu_index
