@@ -7,9 +7,11 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from rooftop.agent.sensors.nvml import NvmlBackend
 from rooftop.agent.trace import BUNDLED_RECORDINGS
 from tests.kubelet_standin import KubeletStandin
 
@@ -25,6 +27,27 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if name.startswith("ROOFTOP_") or name == "NODE_NAME":
             monkeypatch.delenv(name)
     yield
+
+
+@pytest.fixture(autouse=True)
+def nvml_backends_closed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every NVML backend a test opens is closed after it (``close`` is idempotent).
+
+    A backend left open keeps its XID thread polling once a second for the rest of the
+    session: sixty of them, from tests that only read a fake's devices, shared the GIL
+    with the sharded e2e's load generator and slowed its failover past its bound.
+    """
+    opened: list[NvmlBackend] = []
+    init = NvmlBackend.__init__
+
+    def init_and_record(self: NvmlBackend, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(NvmlBackend, "__init__", init_and_record)
+    yield
+    for backend in opened:
+        backend.close()
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rooftop.agent.homing import Endpoint, Homing
 from rooftop.collector.snappy import varint
-from rooftop.common import columns
+from rooftop.common import columns, gcpolicy
 from rooftop.common.codec import timestamp
 from rooftop.common.wire import AGENT_ID_METADATA, INGEST_SERVICE
 from rooftop.v1 import telemetry_pb2 as pb
@@ -292,7 +292,13 @@ class _Agent:
                     led.sends += 1
                     # Batch.acked_seq (field 21, tag 0xa8 0x01) as the agent sets it: at send
                     # time, the highest ack so far; a later field is legal protobuf.
-                    await call.write(body + b"\xa8\x01" + varint(min(led.acked_seq, seq - 1)))
+                    try:
+                        await call.write(body + b"\xa8\x01" + varint(min(led.acked_seq, seq - 1)))
+                    except asyncio.InvalidStateError:
+                        # The call has ended ("RPC already finished"): its status says why.
+                        raise ConnectionError(
+                            f"{(await call.code()).name}: {await call.details()}"
+                        ) from None
                 if reader.done():
                     reader.result()  # raises the stream's error
                     raise ConnectionError(f"{address} ended the stream")
@@ -391,11 +397,18 @@ class LoadGen:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.generating = True
+        self._gc_before: tuple[int, int, int] | None = None
 
     # -- the test's side (any thread) --
 
     def start(self) -> LoadGen:
-        """Start the agents (spread over ``start_spread_s``); returns at once."""
+        """Start the agents (spread over ``start_spread_s``); returns at once.
+
+        The process's GC is tuned as the daemons tune theirs (``gcpolicy``) until
+        ``stop``: inside pytest the heap holds the whole session, and a full collection
+        of it every few seconds stalled the agents' loop (their acks piled up unread).
+        """
+        self._gc_before = gcpolicy.tune()
         self._thread.start()
         self._ready.wait(30)
         return self
@@ -410,6 +423,9 @@ class LoadGen:
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop_now)
             self._thread.join(timeout_s)
+        if self._gc_before is not None:
+            gcpolicy.restore(self._gc_before)
+            self._gc_before = None
         if self._error is not None:
             raise self._error
 

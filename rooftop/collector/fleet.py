@@ -515,14 +515,13 @@ def decode_batch(
     last.pop(None, None)
     gpus = tuple(_gpu_from_proto(records[i], clamped(gpu_msgs[i].time)) for i in last.values())
     if columns is not None and columns.rows:
-        # A device in both: its columns' row is the later sample.
+        # A device in both: its columns' row is the later sample. Its metrics are
+        # decoded when first read (an export, a query): most are replaced by the next
+        # batch before anything reads them.
         merged = {(g.gpu_index, g.mig_uuid): g for g in gpus}
-        device_rows = columns.device_rows()
-        samples = columns.samples_at(list(device_rows.values()))
-        for key, sample in zip(device_rows, samples, strict=True):
-            merged[key] = _with_time(
-                sample, received_s if sample.time_s > limit_s else sample.time_s
-            )
+        for key, row in columns.device_rows().items():
+            time_s = micros_s(columns.time_us(row))
+            merged[key] = columns.lazy_sample(row, received_s if time_s > limit_s else time_s)
         gpus = tuple(merged.values())
     engines = sorted(
         (
@@ -1158,8 +1157,14 @@ def _long_label(batch: DecodedBatch, max_bytes: int) -> str | None:
         ("boot_id", batch.boot_id),
         ("hostname", batch.hostname),
     ]
+    # A columns block's labels are all in its string table: when no string there is
+    # long, its rows' pods need not be decoded to know that none of them is.
+    strings = batch.columns.strings if batch.columns is not None else ()
+    short = max(map(len, strings), default=0) * 4 <= max_bytes
     for g in batch.gpus:
         named += [("gpu_uuid", g.gpu_uuid), ("gpu_name", g.gpu_name), ("mig_uuid", g.mig_uuid)]
+        if short and type(g) is not GpuSample:  # a columns row (Columns.lazy_sample)
+            continue
         for ref in g.pods:
             named += [("pod", ref.pod), ("namespace", ref.namespace), ("container", ref.container)]
     for e in batch.engines:

@@ -70,11 +70,10 @@ _SCALAR_NAMES: dict[type, tuple[str, ...]] = {
 
 def _scalars(obj: Any) -> dict[str, Any]:
     # One pass, not a dict of every field filtered into a second one (per record, per tick).
-    return {
-        name: value
-        for name in _SCALAR_NAMES[type(obj)]
-        if (value := getattr(obj, name)) is not None
-    }
+    names = _SCALAR_NAMES.get(type(obj))
+    if names is None:  # a subclass (a columns row decoded on first read): its model's
+        names = next(_SCALAR_NAMES[c] for c in type(obj).__mro__ if c in _SCALAR_NAMES)
+    return {name: value for name in names if (value := getattr(obj, name)) is not None}
 
 
 def record_to_proto(record: Record) -> pb.TraceRecord:

@@ -340,3 +340,40 @@ def test_samples_encode_straight_to_the_columns_their_messages_make():
 def test_a_time_beyond_64_bit_microseconds_is_refused_by_name(time_s: float):
     with pytest.raises(ValueError, match="64-bit microseconds"):
         encode_samples([FULL, dataclasses.replace(FULL, time_s=time_s)])
+
+
+def test_a_lazy_row_holds_identity_and_time_now_and_decodes_its_metrics_at_first_read():
+    reader = _read(encode_samples([FULL, dataclasses.replace(FULL, gpu_index=4, busy_pct=1.0)]))
+    lazy = reader.lazy_sample(1, time_s=T0 + 5)  # a clamped time: kept through the decode
+    unset = [n for n in GpuSample.__slots__ if not _slot_set(lazy, n)]
+    assert set(GpuSample.__slots__) - set(unset) == {
+        "time_s", "gpu_index", "gpu_uuid", "gpu_name", "mig_uuid"
+    }  # fmt: skip
+    identity = (lazy.gpu_index, lazy.gpu_uuid, lazy.mig_uuid, lazy.time_s)
+    assert identity == (4, "GPU-3", "MIG-a", T0 + 5)
+    assert lazy.busy_pct == 1.0  # the first metric read decodes the row...
+    assert all(_slot_set(lazy, n) for n in GpuSample.__slots__)  # ...every field at once
+    assert object.__getattribute__(lazy, "_columns") is None  # and lets the batch go
+    eager = dataclasses.replace(_as_record(dataclasses.replace(FULL, gpu_index=4, busy_pct=1.0)),
+                                time_s=T0 + 5)  # fmt: skip
+    assert lazy == eager and eager == lazy and hash(lazy) == hash(eager)
+    assert repr(lazy) == repr(eager)
+    assert reader.lazy_sample(0, T0) != eager  # another row
+    with pytest.raises(AttributeError):
+        _ = lazy.no_such_field  # type: ignore[attr-defined]
+
+
+def _slot_set(sample: GpuSample, name: str) -> bool:
+    try:
+        object.__getattribute__(sample, name)
+    except AttributeError:
+        return False
+    return True
+
+
+def test_a_lazy_row_encodes_as_the_sample_it_stands_for():
+    # Every encoder takes it as a GpuSample (the collector's query API encodes them).
+    reader = _read(encode_samples([FULL]))
+    lazy = reader.lazy_sample(0, FULL.time_s)
+    assert record_to_proto(lazy) == record_to_proto(_as_record(FULL))
+    assert encode_samples([reader.lazy_sample(0, FULL.time_s)]) == encode_samples([FULL])

@@ -34,6 +34,8 @@ docs/PERFORMANCE.md ("Three collectors, one killed") has the figures.
 
 from __future__ import annotations
 
+import pprint
+
 import pytest
 
 from tests.e2e.sharded import Outcome, Sharded, collector_knows, summary
@@ -134,13 +136,21 @@ def test_the_killed_collectors_agents_rehome_within_10_s_and_return_home(outcome
     # What the first few slow ones went through after the kill (the streams' errors).
     story = {
         a: [(round(e.time_s - outcome.kill_s, 2), e.kind, e.address, e.detail[:120])
-            for e in by_id[a].events if e.time_s > outcome.kill_s][:6]
+            for e in by_id[a].events if e.time_s > outcome.kill_s][:12]
         for a in list(slow)[:3]
     }  # fmt: skip
-    assert slow == {}, story
+    assert slow == {}, pprint.pformat(story, width=200)
     not_home = [a for a, s in outcome.home_s.items() if s == float("inf")]
     assert not_home == []
-    assert all(led.current == led.home for led in outcome.ledgers)
+    # Home at the end (streams that broke on a live collector during the settle, and
+    # their agents' way back, were given their time): what the ones still away went
+    # through after the restart.
+    away_at_end = {
+        led.agent_id: [(round(e.time_s - outcome.restart_s, 2), e.kind, e.address, e.detail[:120])
+                       for e in led.events if e.time_s > outcome.restart_s][-6:]
+        for led in outcome.ledgers if led.current != led.home
+    }  # fmt: skip
+    assert away_at_end == {}, pprint.pformat(dict(list(away_at_end.items())[:3]), width=200)
 
 
 @pytest.mark.skipif(
