@@ -297,9 +297,10 @@ class _LazyGpuSample(GpuSample):
     Made by ``Columns.lazy_sample`` with only its identity and time set. Reading a field
     not set yet misses its slot and lands in ``__getattr__``, which decodes the whole
     row once into the slots (the dataclass is frozen: ``object.__setattr__``, as its own
-    ``__init__`` does); later reads are plain slot reads. Decoding twice from two
-    threads writes the same values, so a race only costs time. Equal to, and hashing
-    as, the ``GpuSample`` of the same values.
+    ``__init__`` does) and then lets the batch's columns go; later reads are plain slot
+    reads. Two threads decoding at once write the same values, and one that finds the
+    columns gone reads what the other wrote (every field is set before they go), so a
+    race only costs time. Equal to, and hashing as, the ``GpuSample`` of the same values.
     """
 
     __slots__ = ("_columns", "_row")
@@ -307,7 +308,9 @@ class _LazyGpuSample(GpuSample):
     def __getattr__(self, name: str) -> Any:
         if name not in _FIELD_NAMES or name in _EAGER:
             raise AttributeError(name)
-        columns: Columns = object.__getattribute__(self, "_columns")
+        columns: Columns | None = object.__getattribute__(self, "_columns")
+        if columns is None:  # another thread decoded the row meanwhile
+            return object.__getattribute__(self, name)
         full = columns.sample(object.__getattribute__(self, "_row"))
         for field_name in _FIELD_NAMES - _EAGER:
             object.__setattr__(self, field_name, getattr(full, field_name))

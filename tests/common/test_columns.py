@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -377,3 +378,24 @@ def test_a_lazy_row_encodes_as_the_sample_it_stands_for():
     lazy = reader.lazy_sample(0, FULL.time_s)
     assert record_to_proto(lazy) == record_to_proto(_as_record(FULL))
     assert encode_samples([reader.lazy_sample(0, FULL.time_s)]) == encode_samples([FULL])
+
+
+def test_lazy_rows_read_from_several_threads_at_once_all_hold_their_values():
+    # The collector's scrape and query threads may read one row as it is decoded.
+    samples = [dataclasses.replace(FULL, gpu_index=i, busy_pct=float(i)) for i in range(8)]
+    reader = _read(encode_samples(samples))
+    lazies = [reader.lazy_sample(row, T0) for _ in range(300) for row in range(8)]
+    seen: list[list[float]] = [[] for _ in range(4)]
+    start = threading.Barrier(4)
+
+    def read(out: list[float]) -> None:
+        start.wait()
+        out.extend(lazy.busy_pct for lazy in lazies)
+
+    threads = [threading.Thread(target=read, args=(out,)) for out in seen]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    expected = [float(i) for _ in range(300) for i in range(8)]
+    assert seen == [expected] * 4
