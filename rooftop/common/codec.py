@@ -71,8 +71,9 @@ _SCALAR_NAMES: dict[type, tuple[str, ...]] = {
 def _scalars(obj: Any) -> dict[str, Any]:
     # One pass, not a dict of every field filtered into a second one (per record, per tick).
     names = _SCALAR_NAMES.get(type(obj))
-    if names is None:  # a subclass (a columns row decoded on first read): its model's
+    if names is None:  # a subclass (a columns row decoded on first read): its model's, kept
         names = next(_SCALAR_NAMES[c] for c in type(obj).__mro__ if c in _SCALAR_NAMES)
+        _SCALAR_NAMES[type(obj)] = names
     return {name: value for name in names if (value := getattr(obj, name)) is not None}
 
 

@@ -289,6 +289,7 @@ def _doubles_within(parts: Sequence[tuple[bytes, int]]) -> bool:
 
 _FIELD_NAMES = frozenset(_AT)
 _EAGER = frozenset({"time_s", "gpu_index", "gpu_uuid", "gpu_name", "mig_uuid"})
+_DECODED_LATER = tuple(_FIELD_NAMES - _EAGER)
 
 
 class _LazyGpuSample(GpuSample):
@@ -312,7 +313,7 @@ class _LazyGpuSample(GpuSample):
         if columns is None:  # another thread decoded the row meanwhile
             return object.__getattribute__(self, name)
         full = columns.sample(object.__getattribute__(self, "_row"))
-        for field_name in _FIELD_NAMES - _EAGER:
+        for field_name in _DECODED_LATER:
             object.__setattr__(self, field_name, getattr(full, field_name))
         object.__setattr__(self, "_columns", None)  # the batch's columns: no longer held
         return object.__getattribute__(self, name)

@@ -39,6 +39,7 @@ import pprint
 import pytest
 
 from tests.e2e.sharded import Outcome, Sharded, collector_knows, summary
+from tests.loadgen import AgentLedger
 from tests.support import PROMETHEUS, require_tool
 
 pytestmark = pytest.mark.slow
@@ -134,11 +135,7 @@ def test_the_killed_collectors_agents_rehome_within_10_s_and_return_home(outcome
     slow = {a: round(s, 2) for a, s in outcome.rehome_s.items() if s > REHOME_MAX_S}
     by_id = {led.agent_id: led for led in outcome.ledgers}
     # What the first few slow ones went through after the kill (the streams' errors).
-    story = {
-        a: [(round(e.time_s - outcome.kill_s, 2), e.kind, e.address, e.detail[:120])
-            for e in by_id[a].events if e.time_s > outcome.kill_s][:12]
-        for a in list(slow)[:3]
-    }  # fmt: skip
+    story = {a: _since(by_id[a], outcome.kill_s)[:12] for a in list(slow)[:3]}
     assert slow == {}, pprint.pformat(story, width=200)
     not_home = [a for a, s in outcome.home_s.items() if s == float("inf")]
     assert not_home == []
@@ -146,11 +143,17 @@ def test_the_killed_collectors_agents_rehome_within_10_s_and_return_home(outcome
     # their agents' way back, were given their time): what the ones still away went
     # through after the restart.
     away_at_end = {
-        led.agent_id: [(round(e.time_s - outcome.restart_s, 2), e.kind, e.address, e.detail[:120])
-                       for e in led.events if e.time_s > outcome.restart_s][-6:]
-        for led in outcome.ledgers if led.current != led.home
-    }  # fmt: skip
+        led.agent_id: _since(led, outcome.restart_s)[-6:]
+        for led in outcome.ledgers
+        if led.current != led.home
+    }
     assert away_at_end == {}, pprint.pformat(dict(list(away_at_end.items())[:3]), width=200)
+
+
+def _since(led: AgentLedger, t0_s: float) -> list[tuple[float, str, str, str]]:
+    """``led``'s homing events after ``t0_s``: (seconds after it, kind, address, why)."""
+    return [(round(e.time_s - t0_s, 2), e.kind, e.address, e.detail[:120])
+            for e in led.events if e.time_s > t0_s]  # fmt: skip
 
 
 @pytest.mark.skipif(

@@ -604,7 +604,8 @@ class NvmlBackend:
     def devices(self) -> tuple[GpuInfo, ...]:
         """The GPUs on this host, in index order, each MIG parent followed by its instances.
 
-        Read once, at construction.
+        Read at construction, and again when a GPU that failed to open then opens
+        (``REOPEN_EVERY_S``): the sampler asks every tick.
         """
         return self._infos
 
