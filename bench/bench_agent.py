@@ -15,6 +15,8 @@ gRPC to a collector subprocess. Its CPU time and RSS come from /proc/<pid>.
      sample, receive, batch or send during the span): what the process costs by being
      alive (timers, idle wakeups, keepalives).
    - ``idle1``: 1 Hz, 8 idle GPUs, no engines (what this bench measured before).
+   - ``gpus1``: 1 Hz, the busy GPUs below without their engines: what the engines'
+     summaries cost is the difference to ``busy1``.
    - ``busy1`` / ``busy10``: 1 Hz / 10 Hz on a **busy** serving host (``BUSY_DOC``):
      every GPU is running a workload (``BUSY_WORKLOADS``: DRAM and tensor activity,
      tens of GiB used, one compute process each, whose CPU the host sensor reports)
@@ -45,7 +47,7 @@ gRPC to a collector subprocess. Its CPU time and RSS come from /proc/<pid>.
    line per applied batch).
 
 Usage: .venv/bin/python bench/bench_agent.py [--seconds 60] [--repeat 3]
-    [--configs floor,idle1,busy1,busy10] [--before DIR] [--also-dgram-qlen 512]
+    [--configs floor,idle1,gpus1,busy1,busy10] [--before DIR] [--also-dgram-qlen 512]
     [--write-docs] [--outage-s 120]
 """
 
@@ -89,23 +91,26 @@ BUSY_DOC = (
     f"host sensor) and one engine hook per GPU ({FEED_REQUESTS_PER_S} requests/s of "
     f"{FEED_TOKENS} tokens, a summary a second to the agent's hook socket)"
 )
-CONFIGS = {  # name: (rate_hz, busy)
-    "floor": (0.01, False),
-    "idle1": (1.0, False),
-    "busy1": (1.0, True),
-    "busy10": (10.0, True),
+CONFIGS = {  # name: (rate_hz, busy GPUs, engines)
+    "floor": (0.01, False, False),
+    "idle1": (1.0, False, False),
+    "gpus1": (1.0, True, False),
+    "busy1": (1.0, True, True),
+    "busy10": (10.0, True, True),
 }
 LABELS = {
     "floor": "floor (0.01 Hz, idle GPUs, no engines)",
     "idle1": "1 Hz, idle GPUs, no engines",
+    "gpus1": "1 Hz, busy GPUs, no engines",
     "busy1": "**1 Hz, busy GPUs + engines**",
     "busy10": "10 Hz, busy GPUs + engines",
 }
-BUDGETS = {"idle1": 0.5, "busy1": 0.5, "busy10": 3.0}
+BUDGETS = {"idle1": 0.5, "gpus1": 0.5, "busy1": 0.5, "busy10": 3.0}
 THREADS_DOC = (
-    "Threads: `sampler` (ticks, takes the engines' summaries off the hook socket, encodes, "
-    "classifies, batches), `hook-receiver` (the hook socket's backstop: it reads only where "
-    "the socket has gone unread for half of what the kernel queues), `stream` (the asyncio "
+    "Threads: `sampler` (ticks, takes the engines' summaries off the hook socket and "
+    "decodes them, encodes, classifies, batches), `hook-receiver` (the hook socket's "
+    "backstop: where the socket has gone unread for half of what the kernel queues, it "
+    "takes the datagrams off it for the next tick to decode), `stream` (the asyncio "
     "loop sending batches), `spool` (the disk writer), "
     "`xid` (NVML XID events), `pods` (kubelet attribution, idle off Kubernetes), `python` "
     "(the main thread, waiting for SIGTERM; it keeps the process's name), `asyncio` (the "
@@ -298,13 +303,13 @@ def overhead(config: str, seconds: float, warmup_s: float, workdir: Path, collec
     ``dgram_qlen``: ``net.unix.max_dgram_qlen`` for the agent's hook socket (set before
     the agent binds it; the caller restores it); None: as the machine has it.
     """
-    rate_hz, busy = CONFIGS[config]
+    rate_hz, busy, engines = CONFIGS[config]
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     if dgram_qlen is not None:
         MAX_DGRAM_QLEN.write_text(f"{dgram_qlen}\n")
     proc = start_agent(workdir, collector.port, rate_hz, busy=busy, extra=extra, tree=tree)
-    feeder = start_feeder(workdir / "hooks.sock") if busy else None
+    feeder = start_feeder(workdir / "hooks.sock") if engines else None
     try:
         time.sleep(warmup_s)
         if proc.poll() is not None:
@@ -462,7 +467,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--warmup-s", type=float, default=8.0)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--configs", default="floor,idle1,busy1,busy10",
+    parser.add_argument("--configs", default="floor,idle1,gpus1,busy1,busy10",
                         help=f"comma-separated, of {', '.join(CONFIGS)}")  # fmt: skip
     parser.add_argument(
         "--before",

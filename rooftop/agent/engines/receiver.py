@@ -17,6 +17,11 @@ seconds (0.69 s for 8 engines a second on a queue of 11): while the sampler read
 more often than that, the thread finds it read and sleeps on. A pass that finds the
 queue (nearly) full raises ``r`` at once; a flood (the queue's half in under 50 ms) or
 a trickle (under one datagram in 5 s) is read per datagram again.
+
+A read pass only takes datagrams off the socket, each stamped with the time it was
+read; they are decoded into samples where samples are taken (``receive()``, ``drain()``,
+``flush()``, ``stats()``): in the sampler's tick, the summaries of all engines one after
+the other, rather than a few at a time in a thread woken for them with cold caches.
 """
 
 from __future__ import annotations
@@ -165,7 +170,9 @@ class HookReceiver:
         self._mode = socket_mode
         self._samples: deque[EngineSample] = deque()
         self._max_samples = max_samples
-        self._lock = threading.Lock()  # samples and engines
+        # Read off the socket, not yet decoded: (time read, datagram), at most max_samples.
+        self._raw: deque[tuple[float, bytes]] = deque()
+        self._lock = threading.Lock()  # samples, raw datagrams and engines
         self._counts = Counters(ReceiverStats)
         self._io_lock = threading.Lock()  # reading the socket: the thread or flush()
         self._stop = threading.Event()
@@ -279,19 +286,42 @@ class HookReceiver:
         return None if hold_s < _MIN_HOLD_S else min(hold_s, _MAX_HOLD_S)
 
     def _read_queued(self, sock: socket.socket, deadline: float) -> None:
-        """Handle datagrams until none is queued (or the deadline); caller holds _io_lock."""
+        """Take datagrams off the socket until none is queued (or the deadline).
+
+        Each is stamped with the time it was read; ``_decode_raw`` decodes them. The
+        caller holds _io_lock.
+        """
         read = 0
+        raw, clock = self._raw, self._clock
+        overflowed = 0
         while time.monotonic() < deadline:
             try:
                 data = sock.recv(MAX_DATAGRAM_BYTES + 1)
             except OSError:  # BlockingIOError: nothing left queued; or closed
                 break
             read += 1
-            try:
-                self._handle(data)
-            except Exception:  # noqa: BLE001 - thread boundary: one bad datagram, not the receiver
-                _log.exception("hook receiver: unexpected error handling a datagram")
+            with self._lock:
+                if len(raw) >= self._max_samples:  # nobody takes samples: keep the newest
+                    raw.popleft()
+                    overflowed += 1
+                raw.append((clock(), data))
+        if overflowed:
+            with self._lock:
+                self._counts.add(received=overflowed, overflowed=overflowed)
         self._note_pass(read)
+
+    def _decode_raw(self) -> None:
+        """Turn the datagrams read so far into samples, oldest first (any thread)."""
+        if not self._raw:
+            return
+        with self._lock:
+            raw = self._raw
+            while raw:
+                now_s, data = raw.popleft()
+                try:
+                    self._handle(data, now_s)
+                except Exception:  # noqa: BLE001 - one bad datagram, not the receiver
+                    _log.exception("hook receiver: unexpected error handling a datagram")
 
     def _note_pass(self, read: int) -> None:
         """Update the arrival rate after a read pass; caller holds _io_lock."""
@@ -314,30 +344,29 @@ class HookReceiver:
             )  # fmt: skip
             self._window_start_s, self._window_datagrams = now_s, 0
 
-    def _handle(self, data: bytes) -> None:
-        now_s = self._clock()
+    def _handle(self, data: bytes, now_s: float) -> None:
+        """One datagram read at ``now_s`` into a sample, or counted; caller holds _lock."""
         # One counter update per datagram, with its outcome (each add copies the stats);
         # under self._lock, so stats() never sees "received" without the outcome.
-        with self._lock:
-            try:
-                summary = decode_summary(data)
-            except ValueError as exc:
-                self._counts.add(received=1, malformed=1)
-                if self._counts.get().malformed == 1:
-                    _log.warning("hook receiver: malformed datagram (%s); counting the rest", exc)
-                return
-            sample = summary_to_sample(summary, now_s)
-            # decode_summary has checked the histograms by the same rules: not twice.
-            if invalid_reason(sample, histograms=False) is not None:
-                self._counts.add(received=1, invalid=1)
-                return
-            self._engines.add((summary.engine_id, summary.pid))
-            overflowed = 0
-            if len(self._samples) >= self._max_samples:
-                self._samples.popleft()
-                overflowed = 1
-            self._samples.append(sample)
-            self._counts.add(received=1, accepted=1, overflowed=overflowed)
+        try:
+            summary = decode_summary(data)
+        except ValueError as exc:
+            self._counts.add(received=1, malformed=1)
+            if self._counts.get().malformed == 1:
+                _log.warning("hook receiver: malformed datagram (%s); counting the rest", exc)
+            return
+        sample = summary_to_sample(summary, now_s)
+        # decode_summary has checked the histograms by the same rules: not twice.
+        if invalid_reason(sample, histograms=False) is not None:
+            self._counts.add(received=1, invalid=1)
+            return
+        self._engines.add((summary.engine_id, summary.pid))
+        overflowed = 0
+        if len(self._samples) >= self._max_samples:
+            self._samples.popleft()
+            overflowed = 1
+        self._samples.append(sample)
+        self._counts.add(received=1, accepted=1, overflowed=overflowed)
 
     def flush(self, timeout_s: float = 1.0) -> None:
         """Process every datagram already queued on the socket before returning.
@@ -349,14 +378,16 @@ class HookReceiver:
         if sock is None:
             return
         deadline = time.monotonic() + max(0.0, timeout_s)
-        # The lock makes flush() also wait for a datagram the thread has already
-        # taken off the socket but not yet turned into a sample.
+        # The lock makes flush() also wait for datagrams the thread is taking off the
+        # socket; what anyone has taken is decoded below (_decode_raw).
         if not self._io_lock.acquire(timeout=max(0.0, timeout_s)):
+            self._decode_raw()
             return
         try:
             self._read_queued(sock, deadline)
         finally:
             self._io_lock.release()
+        self._decode_raw()
 
     def receive(self) -> None:
         """Read what is queued on the socket now (the sampler's tick, before its clock).
@@ -369,6 +400,7 @@ class HookReceiver:
 
     def drain(self) -> list[EngineSample]:
         """Take the samples received since the last drain, oldest first."""
+        self._decode_raw()
         with self._lock:
             out = list(self._samples)
             self._samples.clear()
@@ -376,6 +408,7 @@ class HookReceiver:
 
     def stats(self) -> ReceiverStats:
         """Counters of what was received, accepted and dropped."""
+        self._decode_raw()
         with self._lock:
             return dataclasses.replace(self._counts.get(), engines=len(self._engines))
 

@@ -148,6 +148,10 @@ class GpmSampler:
         self._newest_time_s: float | None = None
         self._last: GpmReading | None = None
         self._closed = False
+        # One request struct for the sampler's life, its metric ids set once: NVML reads
+        # the ids and the two samples and writes each metric's status and value, so only
+        # the samples change between calls (a struct and 13 fields a tick less per GPU).
+        self._request: Any = None
 
     @property
     def usable(self) -> bool:
@@ -195,14 +199,17 @@ class GpmSampler:
             return self._last
 
     def _metrics(self, sample1: Any, sample2: Any, interval_s: float) -> GpmReading | None:
-        request = self._nvml.c_nvmlGpmMetricsGet_t()
-        request.version = self._nvml.NVML_GPM_METRICS_GET_VERSION
-        request.numMetrics = len(GPM_METRIC_FIELDS)
-        request.sample1 = sample1
-        request.sample2 = sample2
-        metrics = _get(request, "metrics")  # once, not once per metric
-        for i, metric_id in enumerate(GPM_METRIC_FIELDS):
-            _set(metrics[i], "metricId", metric_id)
+        request = self._request
+        if request is None:
+            request = self._nvml.c_nvmlGpmMetricsGet_t()
+            request.version = self._nvml.NVML_GPM_METRICS_GET_VERSION
+            request.numMetrics = len(GPM_METRIC_FIELDS)
+            metrics = _get(request, "metrics")  # once, not once per metric
+            for i, metric_id in enumerate(GPM_METRIC_FIELDS):
+                _set(metrics[i], "metricId", metric_id)
+            self._request = request
+        _set(request, "sample1", sample1)
+        _set(request, "sample2", sample2)
         result = self._call(self._nvml.nvmlGpmMetricsGet, request)
         if result is None:
             return None

@@ -156,6 +156,73 @@ def test_overflow_drops_oldest(sock_dir):
         r.shutdown()
 
 
+@pytest.fixture
+def decoded_in(monkeypatch):
+    """The names of the threads that decoded each datagram, in order."""
+    import rooftop.agent.engines.receiver as receiver_module  # noqa: PLC0415
+
+    threads: list[str] = []
+    real = receiver_module.decode_summary
+
+    def recording(data):
+        threads.append(threading.current_thread().name)
+        return real(data)
+
+    monkeypatch.setattr(receiver_module, "decode_summary", recording)
+    return threads
+
+
+class StampClock:
+    """1001.0, 1002.0, ... and which thread asked for each."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def __call__(self) -> float:
+        self.threads.append(threading.current_thread().name)
+        return 1000.0 + len(self.threads)
+
+
+def test_the_thread_reads_and_stamps_datagrams_and_whoever_takes_samples_decodes(
+    sock_dir, decoded_in
+):
+    # The thread's wake is a recv and a time: the decoding happens in the sampler's
+    # tick (here drain()), the summaries one after the other, not in a cold thread.
+    clock = StampClock()
+    r = HookReceiver(str(sock_dir / "h.sock"), clock=clock, queue_datagrams=11)
+    r.start()
+    try:
+        send(r.socket_path, encode_summary(summary(output_tokens=7)))
+        wait_for(lambda: "rooftop-hook-receiver" in clock.threads)
+        time.sleep(0.05)
+        assert decoded_in == []
+        [sample] = r.drain()
+        assert decoded_in == [threading.current_thread().name]
+        # stamped when the thread read it, not when it was decoded
+        assert sample.time_s == 1001.0 and sample.output_tokens == 7
+        assert clock.threads == ["rooftop-hook-receiver"]
+        assert r.stats().received == r.stats().accepted == 1
+    finally:
+        r.shutdown()
+
+
+def test_datagrams_read_but_not_taken_are_bounded_and_the_oldest_counted(sock_dir, decoded_in):
+    clock = StampClock()
+    r = HookReceiver(str(sock_dir / "h.sock"), clock=clock, max_samples=2, queue_datagrams=11)
+    r.start()
+    try:
+        for seq in (1, 2, 3):
+            send(r.socket_path, encode_summary(summary(seq=seq, output_tokens=seq)))
+            wait_for(lambda n=seq: clock.threads.count("rooftop-hook-receiver") == n)
+        assert decoded_in == []  # all three read by the thread, none decoded yet
+        assert [s.output_tokens for s in r.drain()] == [2, 3]
+        assert len(decoded_in) == 2  # the dropped one is never decoded
+        stats = r.stats()
+        assert (stats.received, stats.accepted, stats.overflowed) == (3, 2, 1)
+    finally:
+        r.shutdown()
+
+
 def test_stale_socket_file_is_replaced(sock_dir):
     path = str(sock_dir / "h.sock")
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

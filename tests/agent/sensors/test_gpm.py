@@ -112,6 +112,29 @@ def test_failed_metric_is_none_not_its_garbage_value(clock):
     assert reading.sm_active_pct is not None
 
 
+def test_the_reused_request_carries_no_status_or_value_from_an_earlier_read(clock):
+    # One request struct serves every read: each read's statuses and values are its own.
+    lib, handle = open_lib(clock, workload="gemm")
+    sampler = GpmSampler(lib, handle, clock=clock)
+    sampler.read()
+    clock.advance(0.2)
+    first = sampler.read()
+    assert first is not None and first.tensor_active_pct is not None
+    lib.inject_gpm_metric(0, lib.NVML_GPM_METRIC_ANY_TENSOR_UTIL, "not_supported")
+    clock.advance(0.2)
+    failed = sampler.read()
+    assert failed is not None
+    assert failed.tensor_active_pct is None  # not the first read's value
+    assert failed.sm_active_pct is not None
+    lib.clear_injections()
+    clock.advance(0.2)
+    again = sampler.read()
+    assert again is not None and again.tensor_active_pct is not None
+    # the ping-pong samples went into the one request in turn
+    intervals = [(t1, t2) for _, t1, t2 in lib.gpm_intervals]
+    assert [round(t2 - t1, 3) for t1, t2 in intervals] == [0.2, 0.2, 0.2]
+
+
 def test_window_spanning_a_change_is_time_weighted(clock):
     lib, handle = open_lib(clock, workload="gemv", noise=0)
     sampler = GpmSampler(lib, handle, clock=clock)
