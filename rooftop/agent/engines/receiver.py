@@ -18,10 +18,11 @@ more often than that, the thread finds it read and sleeps on. A pass that finds 
 queue (nearly) full raises ``r`` at once; a flood (the queue's half in under 50 ms) or
 a trickle (under one datagram in 5 s) is read per datagram again.
 
-A read pass only takes datagrams off the socket, each stamped with the time it was
-read; they are decoded into samples where samples are taken (``receive()``, ``drain()``,
-``flush()``, ``stats()``): in the sampler's tick, the summaries of all engines one after
-the other, rather than a few at a time in a thread woken for them with cold caches.
+The backstop's pass only takes datagrams off the socket, each stamped with the time it
+was read; they are decoded into samples where samples are taken (``receive()``,
+``drain()``, ``flush()``, ``stats()``): in the sampler's tick, the summaries of all
+engines one after the other, rather than a few at a time in a thread woken for them
+with cold caches. Read per datagram, the thread decodes each as it comes.
 """
 
 from __future__ import annotations
@@ -276,6 +277,10 @@ class HookReceiver:
                 # The sampler may have read it meanwhile: then wait from that read.
                 if hold_s is None or time.monotonic() >= self._last_read_s + hold_s:
                     self._read_queued(sock, deadline=time.monotonic() + _POLL_S)
+            if hold_s is None:
+                # Per datagram (a flood, a trickle, a rate not yet known): decoded here as
+                # they come, so a flood's decoding never lands in one tick of the sampler.
+                self._decode_raw()
 
     def hold_s(self) -> float | None:
         """How long the socket may go unread now; None: read each datagram as it comes."""

@@ -183,42 +183,81 @@ class StampClock:
         return 1000.0 + len(self.threads)
 
 
-def test_the_thread_reads_and_stamps_datagrams_and_whoever_takes_samples_decodes(
+def held(r: HookReceiver, clock: StampClock, decoded_in: list[str]) -> Sender:
+    """``r`` started and sent 8 datagrams a second until its thread holds off (the backstop).
+
+    What the thread read and decoded meanwhile is drained and forgotten.
+    """
+    r.start()
+    sender = Sender(r.socket_path)
+    sender.send_for(1.3, per_s=8)  # no ticks: the thread reads them as they come
+    assert r.hold_s() == pytest.approx(11 / 2 / 8, rel=0.3)
+    r.receive()  # what is still queued: read and decoded here, then forgotten
+    r.drain()
+    decoded_in.clear()
+    clock.threads.clear()
+    return sender
+
+
+def test_the_backstop_reads_and_stamps_datagrams_and_whoever_takes_samples_decodes(
     sock_dir, decoded_in
 ):
-    # The thread's wake is a recv and a time: the decoding happens in the sampler's
-    # tick (here drain()), the summaries one after the other, not in a cold thread.
+    # The backstop's wake is a recv and a time per datagram: the decoding happens in the
+    # sampler's tick (here drain()), the summaries one after the other, not in a thread
+    # woken for a few of them with cold caches.
     clock = StampClock()
     r = HookReceiver(str(sock_dir / "h.sock"), clock=clock, queue_datagrams=11)
-    r.start()
+    sender = held(r, clock, decoded_in)
     try:
-        send(r.socket_path, encode_summary(summary(output_tokens=7)))
-        wait_for(lambda: "rooftop-hook-receiver" in clock.threads)
+        for seq in (101, 102):
+            sender.send(seq)
+        wait_for(lambda: clock.threads.count("rooftop-hook-receiver") == 2, timeout_s=5)
         time.sleep(0.05)
         assert decoded_in == []
-        [sample] = r.drain()
-        assert decoded_in == [threading.current_thread().name]
-        # stamped when the thread read it, not when it was decoded
-        assert sample.time_s == 1001.0 and sample.output_tokens == 7
-        assert clock.threads == ["rooftop-hook-receiver"]
-        assert r.stats().received == r.stats().accepted == 1
+        samples = r.drain()
+        assert decoded_in == [threading.current_thread().name] * 2
+        # stamped when the thread read them, not when they were decoded
+        first_read = 1000.0 + clock.threads.index("rooftop-hook-receiver") + 1
+        assert [s.time_s for s in samples] == [first_read, first_read + 1]
     finally:
+        sender.close()
         r.shutdown()
 
 
 def test_datagrams_read_but_not_taken_are_bounded_and_the_oldest_counted(sock_dir, decoded_in):
     clock = StampClock()
     r = HookReceiver(str(sock_dir / "h.sock"), clock=clock, max_samples=2, queue_datagrams=11)
-    r.start()
+    sender = held(r, clock, decoded_in)
     try:
-        for seq in (1, 2, 3):
-            send(r.socket_path, encode_summary(summary(seq=seq, output_tokens=seq)))
-            wait_for(lambda n=seq: clock.threads.count("rooftop-hook-receiver") == n)
+        before = r.stats()
+        for seq in (201, 202, 203):
+            sender.send(seq)
+        wait_for(lambda: clock.threads.count("rooftop-hook-receiver") == 3, timeout_s=5)
         assert decoded_in == []  # all three read by the thread, none decoded yet
-        assert [s.output_tokens for s in r.drain()] == [2, 3]
+        assert len(r.drain()) == 2
         assert len(decoded_in) == 2  # the dropped one is never decoded
         stats = r.stats()
-        assert (stats.received, stats.accepted, stats.overflowed) == (3, 2, 1)
+        assert stats.received - before.received == 3
+        assert stats.accepted - before.accepted == 2
+        assert stats.overflowed - before.overflowed == 1
+    finally:
+        sender.close()
+        r.shutdown()
+
+
+def test_read_per_datagram_the_thread_decodes_each_as_it_comes(sock_dir, decoded_in):
+    # Before the rate is known (and in a flood or a trickle) the thread is woken per
+    # datagram: it decodes it then, so a flood's decoding never lands in one tick.
+    clock = StampClock()
+    r = HookReceiver(str(sock_dir / "h.sock"), clock=clock, queue_datagrams=11)
+    r.start()
+    try:
+        assert r.hold_s() is None
+        send(r.socket_path, encode_summary(summary(output_tokens=7)))
+        wait_for(lambda: decoded_in == ["rooftop-hook-receiver"])
+        [sample] = r.drain()
+        assert sample.time_s == 1001.0 and sample.output_tokens == 7
+        assert clock.threads == ["rooftop-hook-receiver"]
     finally:
         r.shutdown()
 
