@@ -150,7 +150,7 @@ class GpmSampler:
         self._closed = False
         # One request struct for the sampler's life, its metric ids set once: NVML reads
         # the ids and the two samples and writes each metric's status and value, so only
-        # the samples change between calls (a struct and 13 fields a tick less per GPU).
+        # the samples change between calls (a struct and 11 field writes a tick less per GPU).
         self._request: Any = None
 
     @property
