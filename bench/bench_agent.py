@@ -54,6 +54,8 @@ Usage: .venv/bin/python bench/bench_agent.py [--seconds 60] [--repeat 3]
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime
 import json
 import os
@@ -76,6 +78,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+_LIBC = ctypes.CDLL(None)  # clock_getcpuclockid: another process's CPU-time clock
 GPUS = 8
 # Per network namespace, read when a unix datagram socket is created: the hook
 # socket's kernel queue (rooftop.agent.engines.receiver.kernel_queue_datagrams).
@@ -107,19 +110,19 @@ LABELS = {
 }
 BUDGETS = {"idle1": 0.5, "gpus1": 0.5, "busy1": 0.5, "busy10": 3.0}
 THREADS_DOC = (
-    "Threads: `sampler` (ticks, takes the engines' summaries off the hook socket and "
-    "decodes them, encodes, classifies, batches), `hook-receiver` (the hook socket's "
-    "backstop: where the socket has gone unread for half of what the kernel queues, it "
-    "takes the datagrams off it for the next tick to decode), `stream` (the asyncio "
-    "loop sending batches), `spool` (the disk writer), "
-    "`xid` (NVML XID events), `pods` (kubelet attribution, idle off Kubernetes), `python` "
-    "(the main thread, waiting for SIGTERM; it keeps the process's name), `asyncio` (the "
-    "stream loop's executor, DNS); `event_engine`, `grpc_global_tim`, `lifeguard` and "
-    "`Thread-1 (_poll` (the grpc.aio poller) are gRPC's (`agentctl agent` runs it with "
-    "`GRPC_EXPERIMENTS=-event_engine_client` unless that is set). `/proc` counts CPU in 10 ms "
-    "ticks, {tick_pct:.2f} % of a core over a {seconds:g} s run: per-thread figures are "
-    "multiples of it, 0.00 % means under one tick, and a column need not add up to the "
-    "whole process (rounding per thread, threads that ended during a run)."
+    "Threads: `sampler` (ticks: the NVML reads, the XID events queued since the last "
+    "look, the engines' summaries off the hook socket; encodes, classifies, batches), "
+    "`hook-receiver` (the hook socket's backstop: where the socket has gone unread for "
+    "half of what the kernel queues, it takes the datagrams off it for the next tick to "
+    "decode), `stream` (the asyncio loop sending batches), `spool` (the disk writer), "
+    "`pods` (kubelet attribution, idle off Kubernetes), `python` (the main thread, "
+    "waiting for SIGTERM; it keeps the process's name), `asyncio` (the stream loop's "
+    "executor, DNS); `event_engine`, `grpc_global_tim`, `lifeguard` and `Thread-1 (_poll` "
+    "(the grpc.aio poller) are gRPC's (`agentctl agent` runs it with "
+    "`GRPC_EXPERIMENTS=-event_engine_client` unless that is set). CPU: the process's "
+    "CPU-time clock (`clock_getcpuclockid`, every thread, to the nanosecond) and per "
+    "thread `/proc/<pid>/task/*/schedstat`; a thread's wakeups are its voluntary context "
+    "switches."
 )
 # The engines' feeder: 8 hooks as an engine runs them (stdlib only, like the hooks).
 FEEDER = """
@@ -142,21 +145,70 @@ while os.getppid() == parent:  # the bench gone (killed): so is this
 
 
 def proc_cpu_s(pid: int) -> float:
+    """CPU seconds of every thread of ``pid`` so far, the ended ones included.
+
+    From the process's CPU-time clock (``clock_getcpuclockid``: the scheduler's own
+    count, to the nanosecond); where that is refused, utime + stime of ``/proc/<pid>/stat``
+    (10 ms ticks).
+    """
+    clock_id = ctypes.c_int()
+    if _LIBC.clock_getcpuclockid(pid, ctypes.byref(clock_id)) == 0:
+        with contextlib.suppress(OSError):
+            return time.clock_gettime(clock_id.value)
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime, all threads
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def threads_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
-    """Per thread (tid): its OS name (comm) and utime + stime so far."""
-    out: dict[int, tuple[str, float]] = {}
+def threads_cpu_s(pid: int) -> dict[int, tuple[str, float, int]]:
+    """Per thread (tid): its OS name (comm), CPU seconds and wakeups so far.
+
+    CPU from ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds; ``stat``'s 10 ms ticks
+    where the kernel keeps no schedstat); wakeups are the thread's voluntary context
+    switches (each a sleep the thread was woken from).
+    """
+    out: dict[int, tuple[str, float, int]] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             comm = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            status = (task / "status").read_text()
+            try:
+                cpu_s = int((task / "schedstat").read_text().split()[0]) / 1e9
+            except FileNotFoundError:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                cpu_s = (int(fields[11]) + int(fields[12])) / CLK_TCK
         except OSError:  # the thread ended meanwhile
             continue
-        out[int(task.name)] = (comm, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+        switches = re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M)
+        out[int(task.name)] = (comm, cpu_s, int(switches.group(1)) if switches else 0)
     return out
+
+
+# A thread that only wakes: what one wakeup costs this machine's CPU (VMs pay dearly).
+WAKER = """
+import sys, threading, time
+hz, seconds = float(sys.argv[1]), float(sys.argv[2])
+stop = threading.Event()
+woken = [0]
+def wake():
+    while not stop.wait(1 / hz):
+        woken[0] += 1
+thread = threading.Thread(target=wake)
+thread.start()
+time.sleep(0.5)
+cpu0, n0 = time.process_time(), woken[0]
+time.sleep(seconds)
+cpu1, n1 = time.process_time(), woken[0]
+stop.set()
+thread.join()
+print((cpu1 - cpu0) / max(1, n1 - n0) * 1e6)
+"""
+
+
+def wakeup_cost_us(seconds: float = 5.0, rate_hz: float = 40.0) -> float:
+    """CPU (µs) per wakeup of a thread woken ``rate_hz`` times a second, doing nothing else."""
+    out = subprocess.run([sys.executable, "-c", WAKER, str(rate_hz), str(seconds)],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return float(out.stdout.strip())
 
 
 def proc_rss_mib(pid: int) -> tuple[float, float]:
@@ -325,15 +377,17 @@ def overhead(config: str, seconds: float, warmup_s: float, workdir: Path, collec
         stop_agent(proc)
     wall_s = t1 - t0
     per_thread: dict[str, float] = {}
+    wakeups: dict[str, float] = {}
     counts: dict[str, int] = {}
-    for tid, (comm, cpu) in th1.items():
+    for tid, (comm, cpu, woken) in th1.items():
         group = thread_group(comm)
         # A thread born during the span counts from zero; one that ended is lost (rare).
-        delta_s = cpu - th0.get(tid, ("", 0.0))[1]
-        per_thread[group] = per_thread.get(group, 0.0) + 100 * delta_s / wall_s
+        _, cpu_before, woken_before = th0.get(tid, ("", 0.0, 0))
+        per_thread[group] = per_thread.get(group, 0.0) + 100 * (cpu - cpu_before) / wall_s
+        wakeups[group] = wakeups.get(group, 0.0) + (woken - woken_before) / wall_s
         counts[group] = counts.get(group, 0) + 1
     return {"pct": 100 * (cpu1 - cpu0) / wall_s, "rss_mib": rss, "hwm_mib": hwm,
-            "threads": per_thread, "counts": counts}  # fmt: skip
+            "threads": per_thread, "wakeups": wakeups, "counts": counts}  # fmt: skip
 
 
 def spread(values: Sequence[float]) -> str:
@@ -350,6 +404,7 @@ def overhead_tables(
     warmup_s: float,
     repeat: int,
     dgram_qlen: int | None = None,
+    wakeup_us: float | None = None,
 ) -> list[str]:
     """Markdown: whole process per configuration (before/after), then per thread."""
     trees = list(results)
@@ -386,17 +441,19 @@ def overhead_tables(
         for run in results[tree][config]:
             for g, n in run["counts"].items():  # type: ignore[attr-defined]
                 groups[g] = max(groups.get(g, 0), n)
-    medians = {
-        config: {
-            g: statistics.median(float(run["threads"].get(g, 0.0)) for run in results[tree][config])  # type: ignore[attr-defined]
-            for g in groups
-        }
-        for config in configs
-    }
+    def median_of(key: str, config: str, group: str) -> float:
+        # Saved results from before the wakeup count have none: 0.
+        return statistics.median(
+            float(run.get(key, {}).get(group, 0.0))  # type: ignore[attr-defined]
+            for run in results[tree][config]
+        )
+
+    cpu = {c: {g: median_of("threads", c, g) for g in groups} for c in configs}
+    woken = {c: {g: median_of("wakeups", c, g) for g in groups} for c in configs}
     whole = {c: [float(r["pct"]) for r in results[tree][c]] for c in configs}  # type: ignore[arg-type]
-    order = sorted(groups, key=lambda g: -max(medians[c][g] for c in configs))
+    order = sorted(groups, key=lambda g: -max(cpu[c][g] for c in configs))
     out += [
-        f"Per thread ({tree}; `/proc/<pid>/task/*/stat`, named by `comm`; median of the runs):",
+        f"Per thread ({tree}; % of a core · wakeups a second; median of the runs):",
         "",
         "| thread (count) | " + " | ".join(LABELS[c].strip("*") for c in configs) + " |",
         "|---|" + "---:|" * len(configs),
@@ -404,15 +461,23 @@ def overhead_tables(
     for g in order:
         out.append(
             f"| `{g}` ({groups[g]}) | "
-            + " | ".join(f"{medians[c][g]:.2f} %" for c in configs)
+            + " | ".join(f"{cpu[c][g]:.3f} % · {woken[c][g]:.1f}" for c in configs)
             + " |"
         )
     out.append(
         "| whole process | "
-        + " | ".join(f"{statistics.median(whole[c]):.2f} %" for c in configs)
+        + " | ".join(
+            f"{statistics.median(whole[c]):.3f} % · {sum(woken[c].values()):.1f}" for c in configs
+        )
         + " |"
     )
-    out += ["", THREADS_DOC.format(tick_pct=100 / CLK_TCK / seconds, seconds=seconds)]
+    out += ["", THREADS_DOC]
+    if wakeup_us is not None:
+        out[-1] += (
+            f" On this machine a thread that only wakes, 40 times a second, costs "
+            f"{wakeup_us:.0f} µs of CPU per wakeup (measured in this run), so at 1 Hz the "
+            "wakeups weigh about as much as the work."
+        )
     return out
 
 
@@ -521,7 +586,8 @@ def main() -> None:
         saved = json.loads(args.render.read_text())
         block = "\n".join(overhead_tables(saved["results"], saved["seconds"],
                                           saved["warmup_s"], saved["repeat"],
-                                          saved.get("dgram_qlen")))  # fmt: skip
+                                          saved.get("dgram_qlen"),
+                                          saved.get("wakeup_us")))  # fmt: skip
         print(block)
         if args.write_docs:
             write_docs(block)
@@ -534,6 +600,8 @@ def main() -> None:
             results: dict[str, dict[str, list[dict[str, object]]]] = {
                 v: {c: [] for c in configs} for v in variants
             }
+            wakeup_us = wakeup_cost_us()
+            print(f"  one idle wakeup: {wakeup_us:.0f} µs of CPU", flush=True)
             collector = Collector(free_port())
             collector.start()
             try:
@@ -557,10 +625,10 @@ def main() -> None:
                 args.save.write_text(json.dumps({
                     "results": results, "seconds": args.seconds,
                     "warmup_s": args.warmup_s, "repeat": args.repeat, "dgram_qlen": qlen_now,
+                    "wakeup_us": wakeup_us,
                 }))  # fmt: skip
-            block = "\n".join(
-                overhead_tables(results, args.seconds, args.warmup_s, args.repeat, qlen_now)
-            )
+            block = "\n".join(overhead_tables(results, args.seconds, args.warmup_s,
+                                              args.repeat, qlen_now, wakeup_us))  # fmt: skip
             print(f"\n[overhead] agent, {GPUS} fake GPUs, streaming to a collector\n")
             print(block)
             if args.write_docs:

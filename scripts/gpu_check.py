@@ -483,8 +483,8 @@ def measure(library: Any, ticks: int, rate_hz: float, gpm_seconds: float) -> dic
     """
     nvml = TimedNvml(library)
     started = time.perf_counter()
-    # The XID thread's blocking event waits (a timeout each 100 ms) are not calls of the
-    # sampling loop: timed here, they would read as slow calls and timeout "errors".
+    # The backend's looks at the XID event set (a Timeout answer when none is queued)
+    # are not sensor reads: timed here, they would read as timeout "errors".
     backend = NvmlBackend(nvml, xid_events=False)
     init_ms = (time.perf_counter() - started) * 1000.0
     timed = TimedBackend(backend, nvml)

@@ -44,9 +44,9 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def nvml_backends_closed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every NVML backend a test opens is closed after it (``close`` is idempotent).
 
-    A backend left open keeps its XID thread polling once a second for the rest of the
-    session: sixty of them, from tests that only read a fake's devices, shared the GIL
-    with the sharded e2e's load generator and slowed its failover past its bound.
+    A backend left open once kept an XID thread polling once a second for the rest of
+    the session (sixty of them slowed the sharded e2e's failover past its bound); the
+    looks are the reader's now, and a closed backend still frees its NVML state.
     """
     opened: list[NvmlBackend] = []
     init = NvmlBackend.__init__

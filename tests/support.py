@@ -62,6 +62,7 @@ class Proxy:
         self.down = threading.Event()
         self.closed = threading.Event()
         self.accepted = 0
+        self.from_clients = bytearray()  # every byte the clients sent, in order (one client)
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self.listener = socket.socket()
@@ -102,9 +103,10 @@ class Proxy:
                 self.accepted += 1
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                tap = self.from_clients if a is client else None
+                threading.Thread(target=self._pump, args=(a, b, tap), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, tap: bytearray | None) -> None:
         try:
             src.settimeout(0.05)
         except OSError:
@@ -127,6 +129,9 @@ class Proxy:
                 return
             while self.frozen.is_set() and not self.closed.is_set():
                 time.sleep(0.02)  # read just as the partition began: it never arrives
+            if tap is not None:
+                with self._lock:
+                    tap += data
             try:
                 dst.sendall(data)
             except OSError:
@@ -232,6 +237,24 @@ class FakeIngest(telemetry_pb2_grpc.IngestServicer):
     def count(self, seq: int, boot: str = BOOT) -> int:
         with self.lock:
             return sum(1 for b in self.received if b.boot_id == boot and b.seq == seq)
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HTTP2_PING = 0x6  # frame type (RFC 9113 §6.7); flag 0x1 marks the answer
+
+
+def http2_frames(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(type, flags, payload) of each whole frame a client sent (plaintext h2c)."""
+    if not data.startswith(HTTP2_PREFACE):
+        raise ValueError("not an HTTP/2 client's bytes")
+    frames, at = [], len(HTTP2_PREFACE)
+    while at + 9 <= len(data):
+        length = int.from_bytes(data[at : at + 3], "big")
+        if at + 9 + length > len(data):
+            break  # the last frame is still on its way
+        frames.append((data[at + 3], data[at + 4], bytes(data[at + 9 : at + 9 + length])))
+        at += 9 + length
+    return frames
 
 
 class Server:

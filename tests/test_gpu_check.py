@@ -65,7 +65,7 @@ def can_drop_to_nobody() -> bool:
 def test_every_call_of_the_loop_is_timed_under_its_function_and_gpu():
     library = FakeNvmlLibrary("h100", 2, "gemv")
     nvml = gpu_check.TimedNvml(library)
-    # As gpu_check opens it: the XID thread's event waits are not calls of the loop.
+    # As gpu_check opens it: the looks at the XID event set are not timed reads.
     timed = gpu_check.TimedBackend(NvmlBackend(nvml, xid_events=False), nvml)
     try:
         sampler = Sampler(timed)

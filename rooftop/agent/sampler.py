@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from rooftop.agent.sensors.base import Clock, GpuBackend, GpuInfo, HostSensor, PodSource
 from rooftop.common.errors import DeviceInaccessible, DeviceLost, SensorError
-from rooftop.common.model import GpuSample, HostSample, Record
+from rooftop.common.model import GpuProcess, GpuSample, HostSample, Record
 
 if TYPE_CHECKING:  # the engine sources pull in the scrapers; the sampler only drains
     from rooftop.agent.engines.sources import Drainable
@@ -83,7 +84,7 @@ class Sampler:
                     gpu_instance_id=info.gpu_instance_id,
                     compute_instance_id=info.compute_instance_id,
                     # XID 79 arrives as the GPU falls off the bus: the lost sample must
-                    # still carry it (a backend without an XID thread has no tally).
+                    # still carry it (a backend that watches no XIDs has no tally).
                     **({} if info.mig_uuid else self._xids(info.gpu_index)),
                 )
             if self.pods is not None:
@@ -170,4 +171,21 @@ def _name_processes(
             else:
                 named.append(p)
         if changed:
-            records[i] = dataclasses.replace(record, processes=tuple(named))
+            records[i] = _with_processes(record, tuple(named))
+
+
+# GpuSample's fields in __init__ order (all of them are init fields, none keyword-only).
+_GPU_FIELDS = tuple(f.name for f in dataclasses.fields(GpuSample))
+_gpu_values = operator.attrgetter(*_GPU_FIELDS)
+_PROCESSES = _GPU_FIELDS.index("processes")
+
+
+def _with_processes(sample: GpuSample, processes: tuple[GpuProcess, ...]) -> GpuSample:
+    """``dataclasses.replace(sample, processes=processes)`` at half its cost.
+
+    Every GPU's sample every tick: ``replace`` walks the fields and builds keywords
+    (~12 us of a ~6 us construction).
+    """
+    values = list(_gpu_values(sample))
+    values[_PROCESSES] = processes
+    return GpuSample(*values)

@@ -4,7 +4,7 @@ The agent (``diagnose``) and the collector (``hw.status``) both call ``assess``,
 GPU reads the same everywhere. The states are the OpenTelemetry hardware semantic
 conventions' ``hw.state`` values. What the sample carries:
 
-- critical XID codes the NVML event thread saw since the agent started
+- critical XID codes the NVML event set delivered since the agent started
   (``xid_codes``, sticky: a GPU that fell off the bus stays failed until it is reset
   and the agent restarts);
 - ECC error counts (volatile: since the driver loaded; aggregate: the GPU's life);
@@ -116,7 +116,7 @@ def assess(sample: GpuSample) -> GpuHealth:
     page retirement pending, a hardware slowdown. Otherwise ok. An inaccessible GPU (no
     permission) with no XID is unknown, its reason naming the inaccessibility: it needs
     access, not a reset, and nothing about its health could be read (its XIDs, from the
-    event thread, are judged as above).
+    event set, are judged as above).
     """
     if sample.lost and sample.inaccessible is not None and not sample.xid_codes:
         return GpuHealth(

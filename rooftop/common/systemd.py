@@ -46,8 +46,11 @@ def sd_notify(state: str, env: Mapping[str, str] | None = None) -> bool:
     return True
 
 
-# The longest a wait for SIGTERM / SIGINT goes unchecked (``StopSignals.wait``).
-_SIGNAL_POLL_S = 1.0
+# How often ``StopSignals.wait()`` with no timeout looks without being woken: never (None)
+# where the handlers are installed, since the wakeup socket wakes it wherever the
+# signal lands; off the main thread (no handlers, nothing to wake it) once a second.
+_SIGNAL_POLL_S: float | None = None
+_UNHANDLED_POLL_S = 1.0
 
 
 class StopSignals:
@@ -86,8 +89,13 @@ class StopSignals:
         self.received.append(signum)
 
     def wait(self, timeout_s: float | None = None) -> str | None:
-        """Wait up to ``timeout_s`` (default 1 s); the signal's name (``SIGTERM``) once one came."""
-        timeout_s = _SIGNAL_POLL_S if timeout_s is None else timeout_s
+        """Wait up to ``timeout_s`` (None: until a signal); the signal's name once one came.
+
+        Returns ``"SIGTERM"`` or ``"SIGINT"``, or None at the timeout. Off the main thread
+        no handler is installed, and None means a second.
+        """
+        if timeout_s is None:
+            timeout_s = _SIGNAL_POLL_S if self._previous else _UNHANDLED_POLL_S
         if not self.received and select.select([self._wake_r], [], [], timeout_s)[0]:
             self._wake_r.recv(64)
         return signal.Signals(self.received[0]).name if self.received else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -304,6 +305,58 @@ def test_writer_leaves_the_disk_alone_when_acks_come_first(tmp_path: Path):
     finally:
         spool.shutdown(5)
     assert segment_files(tmp_path) == []
+
+
+class CountingEvent(threading.Event):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets = 0
+
+    def set(self) -> None:
+        self.sets += 1
+        super().set()
+
+
+def test_in_a_steady_cadence_an_append_does_not_wake_the_writer(tmp_path: Path):
+    # A batch a second and its ack: the writer plans its look at the next batch ahead,
+    # so it wakes once per batch (at that look), not at the append and again after.
+    spool = Spool(tmp_path, fsync_interval_s=0.1, fsync=CountingFsync())
+    alarm = spool._alarm = CountingEvent()
+    spool.start()
+    try:
+        for seq in range(1, 11):
+            spool.append(batch(seq))
+            spool.ack(BOOT, seq)
+            time.sleep(0.25)
+        stats = spool.stats()
+        assert (stats.disk_bytes, stats.fsyncs, stats.queued) == (0, 0, 0)
+        # The first append and the second (no cadence yet) wake it; a tick's jitter
+        # (a sleep overshooting 10 ms more than the one before) may add some.
+        assert alarm.sets <= 5, alarm.sets
+    finally:
+        spool.shutdown(5)
+
+
+def test_after_any_append_the_writer_looks_within_the_interval(tmp_path: Path):
+    # The durability bound whatever the cadence: late, early, bursts, a pause.
+    spool = Spool(tmp_path, fsync_interval_s=0.1, fsync=CountingFsync())
+    spool.start()
+    try:
+        for seq, gap_s in enumerate([0.0, 0.2, 0.2, 0.05, 0.3, 0.0, 0.0, 0.4, 0.15, 0.2], 1):
+            time.sleep(gap_s)
+            spool.append(batch(seq))
+            after_s = time.monotonic()
+            with spool._lock:
+                look_at_s = spool._look_at_s
+                waiting = any(entry.seq == seq for entry in spool._ring)
+            # Not yet taken by a pass (on a loaded machine one may already have), and no
+            # pass under way (None): the writer's next look is due within the interval.
+            if waiting and look_at_s is not None:
+                assert look_at_s <= after_s + 0.1, (seq, look_at_s - after_s)
+        wait_for(lambda: spool.stats().disk_bytes > 0 and spool.stats().fsyncs >= 1)
+        assert seqs(spool.pending(20)) == list(range(1, 11))
+    finally:
+        spool.shutdown(5)
 
 
 def test_writer_writes_an_unacked_append_within_the_interval(tmp_path: Path):

@@ -33,7 +33,16 @@ from rooftop.v1 import telemetry_pb2 as pb
 from rooftop.v1 import telemetry_pb2_grpc
 from tests.collector.helpers import start_server
 from tests.security.pki import OPENSSL, Pki
-from tests.support import BOOT, FakeIngest, Proxy, Server, free_port, wait_for
+from tests.support import (
+    BOOT,
+    HTTP2_PING,
+    FakeIngest,
+    Proxy,
+    Server,
+    free_port,
+    http2_frames,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -310,6 +319,30 @@ def test_channel_options_are_explicit():
     assert opts["grpc.keepalive_timeout_ms"] == 10_000
     assert opts["grpc.keepalive_permit_without_calls"] == 1
     assert opts["grpc.max_send_message_length"] == opts["grpc.max_receive_message_length"]
+
+
+def test_the_agent_sends_no_ping_for_the_acks_it_receives(spool, make_streamer, servers):
+    # gRPC's bandwidth-delay probe pinged the collector after acks came in, and the
+    # answer woke the agent's threads again: ~9 of its ~40 wakeups a second at 1 Hz.
+    # Acks are a few bytes: the agent's receive window needs no probing. (Keepalive
+    # pings are every 30 s, past this test's end.)
+    server = serve(servers)
+    proxy = Proxy(server.port)
+    try:
+        batcher = Batcher("node-1", BOOT)
+        streamer = make_streamer([proxy.address])
+        for n in range(1, 11):  # one at a time: each ack comes in on its own
+            enqueue(spool, batcher, 1)
+            wait_for(lambda n=n: streamer.stats().acked == n)
+        time.sleep(0.2)  # what an ack would set off has left the agent by now
+        with proxy._lock:
+            sent = bytes(proxy.from_clients)
+    finally:
+        proxy.close()
+    frames = http2_frames(sent)
+    assert sum(1 for kind, _, _ in frames if kind == 0x0) >= 10  # DATA: the batches
+    pings = [f for f in frames if f[0] == HTTP2_PING and not f[1] & 0x1]
+    assert pings == []
 
 
 def test_shutdown_stops_the_stream_even_when_its_cancel_is_swallowed(spool, monkeypatch):

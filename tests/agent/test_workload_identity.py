@@ -6,6 +6,7 @@ a stand-in kubelet serving the vendored pod-resources API on a unix socket.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import time
@@ -16,7 +17,7 @@ import pytest
 
 from rooftop.agent.config import load_config
 from rooftop.agent.daemon import Agent, backend_from_spec
-from rooftop.agent.sampler import Sampler
+from rooftop.agent.sampler import Sampler, _with_processes
 from rooftop.agent.sensors.base import GpuInfo
 from rooftop.agent.sensors.host import PsutilHostSensor
 from rooftop.common.codec import record_from_proto, record_to_proto, verdict_from_proto
@@ -112,6 +113,15 @@ def test_only_the_process_the_host_names_differently_is_renamed():
     assert sample.processes == (GpuProcess(101, 1 << 30, name="vllm"),
                                 GpuProcess(102, 1 << 30, name="python3"))  # fmt: skip
     assert sample.processes[0] is backend.sample.processes[0]
+
+
+def test_renaming_keeps_every_other_field_of_the_sample_in_its_place():
+    # The sampler copies a sample positionally (half the cost of dataclasses.replace):
+    # a field added out of order or keyword-only would land in another's place.
+    every = {f.name: f"value-{i}" for i, f in enumerate(dataclasses.fields(GpuSample))}
+    sample = GpuSample(**every)  # type: ignore[arg-type]
+    named = (GpuProcess(7, name="vllm"),)
+    assert _with_processes(sample, named) == dataclasses.replace(sample, processes=named)
 
 
 class Pods:

@@ -991,8 +991,8 @@ class FakeNvmlLibrary:
     def nvmlEventSetWait_v2(self, eventSet: _EventSet, timeoutms: int) -> _EventData:  # noqa: N803
         """The next event, waiting up to ``timeoutms``; ``NVMLError_Timeout`` when none came.
 
-        Not counted in ``calls``: it runs on the backend's event thread at its own pace,
-        and counting it would make ``calls`` race with whatever a test reads in the loop.
+        Not counted in ``calls``: the backend looks at its XID event set at its own pace
+        (at most twice a second, whichever read comes), not once per read.
         """
         deadline_s = time.monotonic() + timeoutms / 1000.0
         with self._event_cond:

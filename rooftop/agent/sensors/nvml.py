@@ -228,9 +228,10 @@ class NvmlBackend:
             as ``rooftop.agent.sensors.fake.FakeNvmlLibrary``; it must raise
             ``pynvml.NVMLError`` instances.
         clock: monotonic seconds, used to space GPM samples; injectable for tests.
-        xid_events: wait for critical XID events on a thread of their own
-            (``rooftop.agent.sensors.xid``); off for a caller that times every NVML
-            call of the loop and must not see the thread's blocking waits.
+        xid_events: take critical XID events from an NVML event set as each GPU is
+            read (``rooftop.agent.sensors.xid``: a non-blocking look, at most twice a
+            second); off for a caller that times the loop's NVML calls and must not
+            count those looks among them.
 
     Raises:
         NvmlUnavailable: no driver or library, or NVML init failed.

@@ -1,22 +1,26 @@
-"""Critical XID errors from NVML events, on their own thread, never in the sampling loop.
+"""Critical XID errors from NVML events, taken as the samples read them: no thread of their own.
 
 ``XidWatcher`` registers every GPU for ``nvmlEventTypeXidCriticalError`` in one NVML
-event set and takes what it queued (``nvmlEventSetWait_v2`` without blocking) once every
-``POLL_S`` on a daemon thread, every queued event at once. Each event is logged and
-lands in the GPU's tally: the distinct codes seen (sticky: a GPU that fell off the bus
-stays so until the agent restarts), the events of each and the event count.
-``NvmlBackend.read`` copies the tally into each sample; the sampling loop never blocks on
-an event.
+event set. Whoever reads the tally (``NvmlBackend.read``, once per GPU per tick) first
+takes what the set queued, without blocking (``nvmlEventSetWait_v2`` with no wait), at
+most once every ``POLL_S``: every queued event at once. Each event is logged and lands
+in the GPU's tally: the distinct codes seen (sticky: a GPU that fell off the bus stays
+so until the agent restarts), the events of each and the event count. A sample carries
+every XID queued before its tick (at 1 Hz, each tick looks); the sampling loop never
+waits for an event. A thread of its own cost a wakeup a second (~0.02 % of a core on a
+VM, more than the look itself inside a tick).
 
-Nothing on the thread may raise: a failed wait is counted through the backend's
-choke point (``count_error``), logged once, and the thread backs off and waits again.
+Nothing here may raise into the tick: a failed wait is counted through the backend's
+choke point (``count_error``), logged once, and the next look waits ``_BACKOFF_S``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,15 +31,17 @@ logger = logging.getLogger(__name__)
 # nvml.h's nvmlEventTypeXidCriticalError (0x8, unchanged since CUDA 11.0); pynvml is
 # imported by nvml.py alone, and a library stand-in need not carry event constants.
 XID_CRITICAL_ERROR = 0x8
-# How long one wait blocks: none. NVML queues events in the set until they are taken,
-# so the thread polls (WAIT_MS = 0) every POLL_S and sleeps on its stop event between:
-# one wakeup a second instead of ten (a blocking 100 ms wait cost ~0.2 % of a core at
-# 1 Hz on the fake), and close() is immediate. An XID reaches the tally ≤ POLL_S late.
+# How long one wait blocks: never. NVML queues events in the set until they are taken.
 WAIT_MS = 0
-POLL_S = 1.0
-# After an error other than a timeout, the thread sleeps this long before waiting again,
-# so a broken event set costs a call a second, not a busy loop.
+# The least time between two looks at the set: twice a second, so a 1 Hz tick looks at
+# every tick (its jitter aside) and a 10 Hz one at every fifth.
+POLL_S = 0.5
+# After an error other than a timeout, the next look waits this long, so a broken event
+# set costs a call a second, not one per GPU per tick.
 _BACKOFF_S = 1.0
+# The most events one look takes (an XID storm must not hold up the tick); the rest
+# stay queued in the set for the next look.
+_EVENTS_PER_LOOK = 64
 # Distinct XID codes kept per GPU (a GPU spewing every code must not grow memory).
 MAX_CODES = 16
 
@@ -51,7 +57,7 @@ def _handle_key(handle: Any) -> Any:
 
 
 class XidWatcher:
-    """Waits for critical XID events of ``devices`` on a daemon thread.
+    """Critical XID events of ``devices``, taken from their event set as the tally is read.
 
     Args:
         nvml: the NVML library (``pynvml`` or a fake with its API).
@@ -75,8 +81,8 @@ class XidWatcher:
         self._codes: dict[int, list[int]] = {}
         self._code_counts: dict[int, list[int]] = {}  # aligned with _codes
         self._counts: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._look_lock = threading.Lock()  # one look at the set at a time
+        self._next_look_s = -math.inf  # time.monotonic(): pacing, not the samples' clock
         self._set: Any = None
         self._gpus: dict[Any, int] = {}
         create = getattr(nvml, "nvmlEventSetCreate", None)
@@ -94,13 +100,10 @@ class XidWatcher:
             self._register(gpu_index, handle)
         if not self._gpus:
             self._free()
-            return
-        self._thread = threading.Thread(target=self._run, name="rooftop-xid", daemon=True)
-        self._thread.start()
 
     def watch(self, gpu_index: int, handle: Any) -> bool:
         """Watch one more GPU (opened after the others); False where no set is waited on."""
-        return self._thread is not None and self._register(gpu_index, handle)
+        return self._set is not None and self._register(gpu_index, handle)
 
     def _register(self, gpu_index: int, handle: Any) -> bool:
         """Add ``handle`` to the event set, through the backend's choke point."""
@@ -130,33 +133,46 @@ class XidWatcher:
         """``tally`` and the events of each of its codes, in its order, read together.
 
         Beyond ``MAX_CODES`` distinct codes a new one is counted in the total only.
+        Takes the events queued until now first (``look``).
         """
+        self.look()
         with self._lock:
             if gpu_index not in self._counts:
                 return (), None, ()
             codes = tuple(self._codes.get(gpu_index, ()))
             return codes, self._counts[gpu_index], tuple(self._code_counts.get(gpu_index, ()))
 
-    def _run(self) -> None:
-        wait = self._nvml.nvmlEventSetWait_v2
-        timeout_code = self._nvml.NVML_ERROR_TIMEOUT
-        while not self._stop.is_set():
-            try:
-                data = wait(self._set, WAIT_MS)
-            except Exception as err:  # noqa: BLE001 — nothing may escape this thread
-                if getattr(err, "value", None) != timeout_code:  # NVMLError_Timeout: no event
-                    self._failed(err)
-                else:
-                    self._stop.wait(POLL_S)  # none queued: look again in a second
-                continue
-            try:
-                self._record(data)
-            except Exception as err:  # noqa: BLE001 — a malformed event costs itself only
-                self._failed(err)
+    def look(self) -> None:
+        """Take every event queued in the set (up to ``_EVENTS_PER_LOOK``), never waiting.
 
-    def _failed(self, err: Exception) -> None:
-        self._count_error("nvmlEventSetWait_v2", err)
-        self._stop.wait(_BACKOFF_S)
+        At most once every ``POLL_S``; a look already under way on another thread is
+        not waited for. Errors are counted, never raised.
+        """
+        if self._set is None or time.monotonic() < self._next_look_s:
+            return
+        if not self._look_lock.acquire(blocking=False):
+            return
+        try:
+            event_set = self._set
+            if event_set is None:  # closed meanwhile
+                return
+            self._next_look_s = time.monotonic() + POLL_S
+            wait = self._nvml.nvmlEventSetWait_v2
+            timeout_code = self._nvml.NVML_ERROR_TIMEOUT
+            for _ in range(_EVENTS_PER_LOOK):
+                try:
+                    data = wait(event_set, WAIT_MS)
+                except Exception as err:  # noqa: BLE001 — nothing may escape into the tick
+                    if getattr(err, "value", None) != timeout_code:  # Timeout: none queued
+                        self._count_error("nvmlEventSetWait_v2", err)
+                        self._next_look_s = time.monotonic() + _BACKOFF_S
+                    return
+                try:
+                    self._record(data)
+                except Exception as err:  # noqa: BLE001 — a malformed event costs itself only
+                    self._count_error("nvmlEventSetWait_v2", err)
+        finally:
+            self._look_lock.release()
 
     def _record(self, data: Any) -> None:
         if not int(data.eventType) & XID_CRITICAL_ERROR:
@@ -177,17 +193,9 @@ class XidWatcher:
         logger.warning("GPU %d: XID %d (critical error event from NVML)", gpu_index, xid)
 
     def close(self) -> None:
-        """Stop the thread and free the event set (idempotent); before ``nvmlShutdown``."""
-        self._stop.set()
-        if self._thread is not None:
-            # A wait returns within WAIT_MS; freeing the set under a waiting thread
-            # would be undefined in NVML, so the thread goes first.
-            self._thread.join(timeout=WAIT_MS / 1000.0 + 5.0)
-            if self._thread.is_alive():
-                logger.warning("XID event thread did not stop; its event set is not freed")
-                return
-            self._thread = None
-        self._free()
+        """Free the event set (idempotent); before ``nvmlShutdown``."""
+        with self._look_lock:  # not under a look taking events from it
+            self._free()
 
     def _free(self) -> None:
         if self._set is None:
