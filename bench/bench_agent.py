@@ -2,21 +2,25 @@
 
 The agent runs the fake backend with 8 GPUs (and the fake host sensor) exactly as
 deployed: its own process, default config except the rate, streaming over loopback
-gRPC to a collector subprocess. Its CPU time and RSS come from /proc/<pid>.
+gRPC to a collector subprocess. Its CPU time comes from its CPU-time clock, its RSS
+and threads from /proc/<pid>.
 
 1. **overhead**: for each configuration the agent starts, warms up (imports, first
-   connection, first windows), then runs for ``--seconds``. CPU = utime + stime delta
-   of the whole process (every thread) over that span, as % of one core, and per
-   thread from ``/proc/<pid>/task/*/stat``, named by ``/proc/<pid>/task/*/comm`` (the
-   agent names its Python threads' OS threads, ``rooftop.common.threadnames``; gRPC's
-   C threads name themselves). Configurations:
+   connection, first windows), then runs for ``--seconds``. CPU = the delta of the
+   process's CPU-time clock (``clock_getcpuclockid``: every thread, the ended ones too,
+   in nanoseconds) over that span, as % of one core, and per thread the delta of
+   ``/proc/<pid>/task/*/schedstat`` with the thread's wakeups (voluntary context
+   switches) a second, named by ``/proc/<pid>/task/*/comm`` (the agent names its Python
+   threads' OS threads, ``rooftop.common.threadnames``; gRPC's C threads name
+   themselves). Before the runs, a thread that does nothing but wake 40 times a second
+   measures what one wakeup costs this machine. Configurations:
 
    - ``floor``: 0.01 Hz, idle GPUs, no engines (one tick at start, then nothing to
      sample, receive, batch or send during the span): what the process costs by being
      alive (timers, idle wakeups, keepalives).
    - ``idle1``: 1 Hz, 8 idle GPUs, no engines (what this bench measured before).
-   - ``gpus1``: 1 Hz, the busy GPUs below without their engines: what the engines'
-     summaries cost is the difference to ``busy1``.
+   - ``gpus1``: 1 Hz, the busy GPUs below without their engines (DESIGN §8's "8 busy
+     GPUs at 1 Hz"): what the engines' summaries cost is the difference to ``busy1``.
    - ``busy1`` / ``busy10``: 1 Hz / 10 Hz on a **busy** serving host (``BUSY_DOC``):
      every GPU is running a workload (``BUSY_WORKLOADS``: DRAM and tensor activity,
      tens of GiB used, one compute process each, whose CPU the host sensor reports)
