@@ -288,19 +288,28 @@ def test_frame_record_round_trips_through_scan(tmp_path: Path):
     assert seqs(open_spool(tmp_path).pending(10)) == [7]
 
 
+def append_acked(spool: Spool, count: int, gap_s: float = 0.0) -> None:
+    """``count`` batches, each acked at once (a healthy collector), ``gap_s`` apart."""
+    for seq in range(1, count + 1):
+        spool.append(batch(seq))
+        spool.ack(BOOT, seq)
+        time.sleep(gap_s)
+
+
+def assert_disk_untouched(spool: Spool) -> None:
+    stats = spool.stats()
+    assert (stats.disk_bytes, stats.fsyncs, stats.queued) == (0, 0, 0)
+
+
 def test_writer_leaves_the_disk_alone_when_acks_come_first(tmp_path: Path):
     # The healthy steady state: the collector acks within the fsync interval, so the
     # writer finds nothing to write, fsync or record in acked.json.
-    fsync = CountingFsync()
-    spool = Spool(tmp_path, fsync_interval_s=0.3, fsync=fsync)
+    spool = Spool(tmp_path, fsync_interval_s=0.3, fsync=CountingFsync())
     spool.start()
     try:
-        for seq in range(1, 4):
-            spool.append(batch(seq))
-            spool.ack(BOOT, seq)
+        append_acked(spool, 3)
         time.sleep(0.6)
-        stats = spool.stats()
-        assert (stats.disk_bytes, stats.fsyncs, stats.queued) == (0, 0, 0)
+        assert_disk_untouched(spool)
         assert not (tmp_path / "acked.json").exists()
     finally:
         spool.shutdown(5)
@@ -324,12 +333,8 @@ def test_in_a_steady_cadence_an_append_does_not_wake_the_writer(tmp_path: Path):
     alarm = spool._alarm = CountingEvent()
     spool.start()
     try:
-        for seq in range(1, 11):
-            spool.append(batch(seq))
-            spool.ack(BOOT, seq)
-            time.sleep(0.25)
-        stats = spool.stats()
-        assert (stats.disk_bytes, stats.fsyncs, stats.queued) == (0, 0, 0)
+        append_acked(spool, 10, gap_s=0.25)
+        assert_disk_untouched(spool)
         # The first append and the second (no cadence yet) wake it; a tick's jitter
         # (a sleep overshooting 10 ms more than the one before) may add some.
         assert alarm.sets <= 5, alarm.sets

@@ -102,7 +102,7 @@ class XidWatcher:
             self._free()
 
     def watch(self, gpu_index: int, handle: Any) -> bool:
-        """Watch one more GPU (opened after the others); False where no set is waited on."""
+        """Watch one more GPU (opened after the others); False where there is no event set."""
         return self._set is not None and self._register(gpu_index, handle)
 
     def _register(self, gpu_index: int, handle: Any) -> bool:
