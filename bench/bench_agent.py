@@ -159,7 +159,12 @@ def proc_cpu_s(pid: int) -> float:
     if _LIBC.clock_getcpuclockid(pid, ctypes.byref(clock_id)) == 0:
         with contextlib.suppress(OSError):
             return time.clock_gettime(clock_id.value)
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return _stat_cpu_s(Path(f"/proc/{pid}/stat"))
+
+
+def _stat_cpu_s(stat: Path) -> float:
+    """utime + stime of a ``/proc/.../stat`` file, in seconds (10 ms ticks)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
@@ -178,8 +183,7 @@ def threads_cpu_s(pid: int) -> dict[int, tuple[str, float, int]]:
             try:
                 cpu_s = int((task / "schedstat").read_text().split()[0]) / 1e9
             except FileNotFoundError:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                cpu_s = (int(fields[11]) + int(fields[12])) / CLK_TCK
+                cpu_s = _stat_cpu_s(task / "stat")
         except OSError:  # the thread ended meanwhile
             continue
         switches = re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M)

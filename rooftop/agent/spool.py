@@ -818,8 +818,9 @@ class Spool:
             self._alarm.clear()  # before reading the schedule: a change from here on wakes
             with self._lock:
                 look_at_s, write_now = self._look_at_s, self._write_now
-            if not write_now and (look_at_s is None or look_at_s > time.monotonic()):
-                self._alarm.wait(None if look_at_s is None else look_at_s - time.monotonic())
+            wait_s = None if look_at_s is None else look_at_s - time.monotonic()
+            if not write_now and (wait_s is None or wait_s > 0):
+                self._alarm.wait(wait_s)
                 continue
             with self._lock:
                 self._write_now = False
