@@ -529,8 +529,10 @@ class Columns:
                 args[_AT[metric.name]] = bool(value) if metric.fmt == "B" else strings[value]
         flags = cols["flags"][row]
         args[_AT["time_s"]] = micros_s(self.time_us(row))
-        for name, value in zip(_IDENTITY, self._identity(row), strict=True):
-            args[_AT[name]] = value
+        (
+            args[_AT["gpu_index"]], args[_AT["gpu_uuid"]],
+            args[_AT["gpu_name"]], args[_AT["mig_uuid"]],
+        ) = self._identity(row)  # fmt: skip
         args[_AT["lost"]] = bool(flags & _LOST)
         args[_AT["gpm_stale"]] = bool(flags & _GPM_STALE)
         args[_AT["xid_codes"]] = self._entries("xid_codes_per_row", "xid_codes", "I", row)
