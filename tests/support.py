@@ -176,7 +176,9 @@ class FakeIngest(telemetry_pb2_grpc.IngestServicer):
     """Acks the highest contiguous seq per boot after each batch; can reject or refuse.
 
     With ``columns`` its acks say it reads ``Batch.gpu_columns`` (as every current
-    collector's do); without, it is a collector older than that field.
+    collector's do); without, it is a collector older than that field. With ``mute`` it
+    takes the batches and acks none: a collector too busy to serve the stream, whose
+    connection answers pings all the same.
     """
 
     def __init__(
@@ -184,8 +186,10 @@ class FakeIngest(telemetry_pb2_grpc.IngestServicer):
         reject: set[int] | None = None,
         abort: grpc.StatusCode | None = None,
         columns: bool = False,
+        mute: bool = False,
     ):
         self.columns = columns
+        self.mute = mute
         self.lock = threading.Lock()
         self.received: list[pb.Batch] = []
         self.done: dict[str, set[int]] = {}
@@ -203,6 +207,8 @@ class FakeIngest(telemetry_pb2_grpc.IngestServicer):
         for batch in request_iterator:
             with self.lock:
                 self.received.append(batch)
+                if self.mute:
+                    continue
                 done = self.done.setdefault(batch.boot_id, set())
                 done.add(batch.seq)
                 top = self.contiguous.get(batch.boot_id, 0)
@@ -341,6 +347,7 @@ def prometheus_server(
     keep_metrics: str | None = None,
     targets_file: Path | None = None,
     scrape_names: Sequence[str] = (),
+    nice: int = 0,
 ) -> Iterator[str]:
     """A real Prometheus scraping 127.0.0.1:``target_port`` every second (job
     ``rooftop``; a list of ports: each is a target; None: no scraping), evaluating
@@ -352,7 +359,8 @@ def prometheus_server(
     ``targets_file``: targets also come from this file (``file_sd_configs``, JSON, re-read
     when it changes): for targets whose ports change, such as a restarted collector.
     ``scrape_names``: the scrape asks for these families only (``params: name[]``), so
-    the collectors render nothing else.
+    the collectors render nothing else. ``nice``: Prometheus runs at this niceness
+    (``nice -n``, which execs it: the process is Prometheus itself).
 
     Needs ``PROMETHEUS`` (``.ci/install-prometheus.sh`` installs Debian's).
     """
@@ -402,6 +410,7 @@ def prometheus_server(
     with (workdir / "prometheus.log").open("wb") as log:
         proc = subprocess.Popen(
             [
+                *(["nice", "-n", str(nice)] if nice else []),
                 prometheus,
                 f"--config.file={config}",
                 f"--web.listen-address=127.0.0.1:{port}",

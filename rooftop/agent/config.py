@@ -107,6 +107,11 @@ class AgentConfig:
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
+    # Batches in flight and no ack for this long: fail over (a wedged collector answers
+    # keepalive pings all the same). Not shorter: a collector that just took a dead
+    # peer's agents is slow for everyone, and agents hopping between busy collectors
+    # every few seconds only add streams for them to take (measured: 5 s did that).
+    ack_timeout_s: float = 30.0
     backoff_base_s: float = 1.0
     backoff_max_s: float = 30.0
     return_home_after_s: float = 30.0  # home healthy this long before the agent returns
@@ -165,6 +170,7 @@ def _validate(cfg: AgentConfig) -> None:
         "keepalive_time_s",
         "keepalive_timeout_s",
         "connect_timeout_s",
+        "ack_timeout_s",
         "backoff_base_s",
         "backoff_max_s",
         "return_home_after_s",

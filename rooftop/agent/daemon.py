@@ -230,6 +230,7 @@ class Agent:
                 keepalive_time_s=config.keepalive_time_s,
                 keepalive_timeout_s=config.keepalive_timeout_s,
                 connect_timeout_s=config.connect_timeout_s,
+                ack_timeout_s=config.ack_timeout_s,
                 max_message_bytes=config.max_message_bytes,
                 backoff_base_s=config.backoff_base_s,
                 backoff_max_s=config.backoff_max_s,

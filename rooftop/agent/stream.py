@@ -187,6 +187,7 @@ class StreamStats:
     reconnects: int = 0
     acks_refused: int = 0  # acks of seqs never sent: refused, nothing discarded
     failovers: int = 0  # moves to the next-ranked collector after a failure
+    ack_timeouts: int = 0  # streams left because no ack came within ack_timeout_s
     returns_home: int = 0  # graceful moves back home after the hysteresis
     home_probes: int = 0  # health checks of home while away
     connected: bool = False
@@ -220,6 +221,9 @@ class _Session:
         # answer): no new batches, half-close, take the last acks, end.
         self.leaving = False
         self.drain_deadline: asyncio.Timeout | None = None  # the reader's, while it reads
+        # Due while batches are in flight: ack_timeout_s after the last ack, or after
+        # the send that found nothing owed (None: nothing owed, nothing due).
+        self.ack_deadline: asyncio.Timeout | None = None
 
     def settled(self, boot_id: str, seq: int, *, only: bool = False) -> None:
         """Forget in-flight keys of ``boot_id`` up to ``seq`` (just ``seq`` with ``only``)."""
@@ -262,6 +266,7 @@ class Streamer:
         home_probe_interval_s: float = 5.0,
         resolve_interval_s: float = 30.0,
         drain_timeout_s: float = 2.0,
+        ack_timeout_s: float = 30.0,
         resolve: Resolver = system_resolver,
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
@@ -296,6 +301,9 @@ class Streamer:
             home_probe_interval_s: how often home is probed while away.
             resolve_interval_s: how often DNS names in ``collectors`` are resolved again.
             drain_timeout_s: the longest a graceful move waits for the last acks.
+            ack_timeout_s: batches in flight and no ack for this long: the collector
+                is not serving this stream (wedged, or partitioned where keepalive is
+                slower), and the agent fails over to the next-ranked one.
             resolve: ``(host, port) -> addresses`` (tests inject one).
             rng: jitter source (tests seed it).
             wall_clock: epoch seconds for ``Batch.sent_time``.
@@ -325,6 +333,7 @@ class Streamer:
         self._home_probe_interval_s = home_probe_interval_s
         self._resolve_interval_s = resolve_interval_s
         self._drain_timeout_s = drain_timeout_s
+        self._ack_timeout_s = ack_timeout_s
         self._monotonic = monotonic
         self._credentials = channel_credentials
         self._auth = auth
@@ -539,6 +548,11 @@ class Streamer:
             log.info("reconnecting in %.1f s", delay_s)
             await asyncio.sleep(delay_s)
 
+    @staticmethod
+    def _loop_time() -> float:
+        """The event loop's clock, which ``asyncio.Timeout`` deadlines are in."""
+        return asyncio.get_running_loop().time()
+
     def _leave(self, why: str) -> None:
         """End the current stream gracefully (loop thread); the next goes to ``current``."""
         session = self._session
@@ -649,8 +663,12 @@ class Streamer:
             self._session = session
             sender = asyncio.create_task(self._send_loop(session, call))
             try:
-                # No deadline until a graceful move sets one (``_leave``).
-                async with asyncio.timeout(None) as session.drain_deadline:
+                # No deadlines until a send owes an ack (``_owe``) or a graceful move
+                # sets one (``_leave``).
+                async with (
+                    asyncio.timeout(None) as session.ack_deadline,
+                    asyncio.timeout(None) as session.drain_deadline,
+                ):
                     with map_grpc_errors(session.address):
                         while True:
                             ack = await call.read()
@@ -662,6 +680,14 @@ class Streamer:
                             if session.leaving and not session.in_flight:
                                 break  # everything acked: no need to wait for EOF
             except TimeoutError:
+                if not session.leaving:
+                    # Connected, maybe even written to, but not served: keepalive would
+                    # not notice (the connection answers pings) for as long as it lasts.
+                    self._counts.add(ack_timeouts=1)
+                    raise Retryable(
+                        f"{session.address}: no ack within {self._ack_timeout_s:g} s "
+                        f"with {len(session.in_flight)} batch(es) in flight"
+                    ) from None
                 # The drain took too long: what is unacked goes again, to the next one.
                 log.info("left %s with %d batch(es) unacked", session.address,
                          len(session.in_flight))
@@ -670,7 +696,7 @@ class Streamer:
             raise Retryable(f"{session.address}: the collector closed the stream")
         finally:
             self._session = None
-            session.drain_deadline = None
+            session.drain_deadline = session.ack_deadline = None
             if sender is not None:
                 sender.cancel()
                 await asyncio.gather(sender, return_exceptions=True)
@@ -726,6 +752,10 @@ class Streamer:
             session.columns = True  # this collector's; the next stream asks again
         self._collector_reads_columns = ack.columns
         session.progressed = True
+        if session.ack_deadline is not None:
+            # An ack: the collector serves this stream; what is still owed has its time.
+            due = self._loop_time() + self._ack_timeout_s if session.in_flight else None
+            session.ack_deadline.reschedule(due)
         if self._wake is not None:
             self._wake.set()  # room in flight: the sender may go on
 
@@ -790,6 +820,10 @@ class Streamer:
                     self._spool.discard(*key)
                     self._counts.add(dropped_invalid=1)
                     continue
+                deadline = session.ack_deadline
+                if deadline is not None and deadline.when() is None:
+                    # Nothing was owed: this batch starts the clock.
+                    deadline.reschedule(self._loop_time() + self._ack_timeout_s)
                 session.in_flight.append(key)
                 if batch.seq > self._sent_high.get(batch.boot_id, 0):
                     self._sent_high[batch.boot_id] = batch.seq

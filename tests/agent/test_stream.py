@@ -188,6 +188,46 @@ def test_fails_over_from_an_address_that_never_handshakes(spool, make_streamer, 
         hang.close()
 
 
+def test_a_stream_whose_batches_go_unacked_past_ack_timeout_fails_over(
+    spool, make_streamer, servers
+):
+    # Connected, pinged, written to, never acked: a collector too busy to take the
+    # stream (a dead peer's agents just arrived) or wedged. Keepalive cannot tell.
+    busy, server = serve(servers, mute=True), serve(servers)
+    enqueue(spool, Batcher("node-1", BOOT), 3)
+    collectors = [server.address, busy.address]
+    streamer = make_streamer(
+        collectors, agent_id=homed_at(busy.address, collectors), ack_timeout_s=0.5
+    )
+    wait_for(lambda: spool.queued == 0, timeout_s=5.0)
+    assert busy.servicer.seqs() == [1, 2, 3]  # sent there first, never acked
+    assert server.servicer.seqs() == [1, 2, 3]  # so sent again, to the next-ranked
+    stats = streamer.stats()
+    assert stats.ack_timeouts == 1
+    assert stats.failovers == 1
+    assert stats.address == server.address
+
+
+def test_acks_in_time_and_an_idle_stream_never_hit_ack_timeout(spool, make_streamer, servers):
+    server = serve(servers)
+    batcher = Batcher("node-1", BOOT)
+    streamer = make_streamer([server.address], ack_timeout_s=0.3)
+    # Batches for four timeouts' worth of time, each acked: every ack restarts the clock.
+    for _ in range(12):
+        enqueue(spool, batcher, 1)
+        streamer.wake()
+        time.sleep(0.1)
+    wait_for(lambda: spool.queued == 0)
+    # Then nothing in flight for three timeouts: nothing is owed, nothing is due.
+    time.sleep(1.0)
+    enqueue(spool, batcher, 1)
+    streamer.wake()
+    wait_for(lambda: spool.queued == 0)
+    stats = streamer.stats()
+    assert (stats.ack_timeouts, stats.reconnects) == (0, 0)
+    assert server.servicer.seqs() == list(range(1, 14))
+
+
 def test_keepalive_detects_a_silent_partition(spool, make_streamer, servers):
     server = serve(servers)
     proxy = Proxy(server.port)

@@ -211,6 +211,11 @@ class Sharded:
             # whole exposition of 5,000+ GPUs costs each of them ~1 s of CPU per scrape.
             scrape_names=("rooftop_gpu_bound",),
             targets_file=self.targets_file,
+            # The observer must not take the observed's CPU: in a fleet Prometheus has
+            # machines of its own; on this one (2 cores in CI, ~1.9 of them busy) the
+            # collectors taking a killed peer's agents go first. It scrapes every 10 s
+            # and its remote-write receiver is queued to: lagging costs it nothing.
+            nice=10,
         ) as base:
             yield base
 

@@ -28,7 +28,8 @@ What makes 2,000 agents fit a 2-core CI machine (with the generator, Prometheus 
 pytest on it): the scrape asks for the verdict family only (``name[]``; the whole
 exposition of ~5,000 GPUs costs a collector ~1 s of CPU per scrape), and remote write
 sends one chosen series (``include``: the verdicts' confidence, a point per GPU per
-window: ~3k points/s into Prometheus; everything would be 17 points per GPU sample).
+window: ~3k points/s into Prometheus; everything would be 17 points per GPU sample),
+and Prometheus runs at nice 10, so that in the failover the collectors come first.
 docs/PERFORMANCE.md ("Three collectors, one killed") has the figures.
 """
 
