@@ -177,8 +177,8 @@ class FakeIngest(telemetry_pb2_grpc.IngestServicer):
 
     With ``columns`` its acks say it reads ``Batch.gpu_columns`` (as every current
     collector's do); without, it is a collector older than that field. With ``mute`` it
-    takes the batches and acks none: a collector too busy to serve the stream, whose
-    connection answers pings all the same.
+    takes the batches and acks none: a wedged collector, whose connection answers
+    pings all the same.
     """
 
     def __init__(

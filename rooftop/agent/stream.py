@@ -663,7 +663,7 @@ class Streamer:
             self._session = session
             sender = asyncio.create_task(self._send_loop(session, call))
             try:
-                # No deadlines until a send owes an ack (``_owe``) or a graceful move
+                # No deadlines until a send owes an ack (``_send``) or a graceful move
                 # sets one (``_leave``).
                 async with (
                     asyncio.timeout(None) as session.ack_deadline,

@@ -191,8 +191,8 @@ def test_fails_over_from_an_address_that_never_handshakes(spool, make_streamer, 
 def test_a_stream_whose_batches_go_unacked_past_ack_timeout_fails_over(
     spool, make_streamer, servers
 ):
-    # Connected, pinged, written to, never acked: a collector too busy to take the
-    # stream (a dead peer's agents just arrived) or wedged. Keepalive cannot tell.
+    # Connected, pinged, written to, never acked: a wedged collector. Keepalive cannot
+    # tell (its connection answers pings).
     busy, server = serve(servers, mute=True), serve(servers)
     enqueue(spool, Batcher("node-1", BOOT), 3)
     collectors = [server.address, busy.address]
