@@ -55,7 +55,7 @@ from tests.e2e.sharded import (  # noqa: E402
 from tests.loadgen import LoadGen  # noqa: E402
 
 GPUS = 8
-# Planning: a collector is one asyncio loop (one core at most); plan each at half of
+# Planning: a collector is one Python process (one core at most); plan each at half of
 # it, and with one collector lost the rest must carry everything (N+1).
 CORES_PER_COLLECTOR = 0.5
 # Remote write of each GPU sample: 17 series (bench/bench_remote_write.py).

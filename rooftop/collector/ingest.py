@@ -56,12 +56,16 @@ One long-lived bidi stream per agent. Each batch carries (agent_id, boot_id, seq
 
 The aio server runs on its own event loop in a background thread, so ``IngestServer``
 has the same synchronous ``start``/``flush``/``shutdown`` shape as every component.
+Batches are applied on one more thread (``applier``), in arrival order: the loop only
+moves messages and acks, so a busy collector still takes a burst of new streams (a
+dead peer's agents) at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -74,6 +78,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from rooftop.collector.applier import Applier
 from rooftop.collector.auth import (
     Authenticator,
     IdentityBindings,
@@ -113,6 +118,9 @@ log = logging.getLogger(__name__)
 
 # Acks are tiny; a whole fleet's status (Query) is several MiB for 1,000 nodes.
 _MAX_SEND_BYTES = 64 * 1024 * 1024
+# One batch applies in well under a millisecond; one on the apply thread this long has
+# wedged it, and every stream's acks wait behind it.
+_APPLY_STUCK_S = 10.0
 
 
 def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -167,6 +175,9 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         dedup: the seq bookkeeping (a fresh ``Deduplicator`` by default).
         bindings: which certificate identity owns each agent_id (mTLS); the first
             one to stream an agent_id keeps it, another is refused.
+        applier: the thread that applies every stream's batches, in arrival order,
+            so the event loop stays free to take new streams (``applier``); a new one
+            by default.
     """
 
     def __init__(
@@ -184,8 +195,10 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         dedup: Deduplicator | None = None,
         bindings: IdentityBindings | None = None,
         max_unread_acks: int = 1024,
+        applier: Applier | None = None,
     ) -> None:
         self._fleet = fleet
+        self._applier = applier if applier is not None else Applier()
         self._max_unread_acks = max_unread_acks
         # A flood of one kind of refusal writes one line a minute, not one per batch.
         self._log = RateLimitedLog(log, interval_s=60.0)
@@ -320,7 +333,13 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
                         )
                     )
                     return
-                rejection = self._handle(batch, committed, pending)
+                # Applied on the apply thread: this loop only moves messages, so its
+                # turns stay short and new streams are taken meanwhile (applier).
+                rejection, keyed = await self._applier.run(
+                    functools.partial(self._handle, batch, committed, self._clock())
+                )
+                if keyed:
+                    pending[(batch.agent_id, batch.boot_id)] = None  # owed an ack
                 if not agent and rejection is None and _keyable(batch):
                     # Applied (or a duplicate): the fleet knows this agent streams here.
                     agent.append(batch.agent_id)
@@ -352,6 +371,7 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
             self._log.log(
                 logging.WARNING, exc.reason, "refused agent %s: %s", printable(batch.agent_id), exc
             )
+            pending[(batch.agent_id, batch.boot_id)] = None  # its mark, as it stands
             ack(last=True)
             out.put_nowait(_Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)))
             return
@@ -366,14 +386,15 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
         out.put_nowait(_END)
 
     def _handle(
-        self,
-        batch: pb.Batch,
-        committed: dict[tuple[str, str], int],
-        touched: dict[tuple[str, str], None],
-    ) -> pb.Ack | None:
-        """Apply one batch; an in-band rejection ack when it is poison."""
+        self, batch: pb.Batch, committed: dict[tuple[str, str], int], received_s: float
+    ) -> tuple[pb.Ack | None, bool]:
+        """Apply one batch, on the apply thread.
+
+        Returns:
+            An in-band rejection ack when the batch is poison (else None), and whether
+            its (agent_id, boot_id) is owed a cumulative ack.
+        """
         key = (batch.agent_id, batch.boot_id)
-        received_s = self._clock()
         # An identity that is missing or holds control characters never becomes a key
         # (de-duplication, marks): decode_batch refuses it below, in-band.
         keyed = _keyable(batch)
@@ -391,19 +412,19 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
                     printable(batch.boot_id),
                     batch.seq,
                 )
-                return pb.Ack(
+                rejection = pb.Ack(
                     boot_id=batch.boot_id,
                     rejected_seq=batch.seq,
                     columns=True,
                     error=f"INVALID_ARGUMENT: seq {batch.seq} is more than "
                     f"{self._dedup.max_seq_jump} past this boot's acked seq, or above 2^40",
                 )
-            touched[key] = None
+                return rejection, False
             if check is SeqCheck.DUPLICATE:
                 # Applied before a restart, caught by a mark from state_dir: say so.
                 restored = batch.seq <= self._dedup.restored_mark(key)
                 self._fleet.count_duplicate(restored=restored)
-                return None
+                return None, True
         try:
             decoded = decode_batch(
                 batch, received_s=received_s, max_future_skew_s=self._max_future_skew_s
@@ -425,13 +446,14 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
                 # Consumed: a poison batch is never applied, and never blocks the ack.
                 self._commit(key, batch.seq, committed, batch.acked_seq)
                 acked = self._dedup.acked(key)
-            return pb.Ack(
+            rejection = pb.Ack(
                 boot_id=batch.boot_id,
                 acked_seq=acked,
                 rejected_seq=batch.seq,
                 columns=True,
                 error=f"INVALID_ARGUMENT: {exc}",
             )
+            return rejection, keyed
         self._fleet.apply(decoded, received_s=received_s)
         self._commit(key, batch.seq, committed, batch.acked_seq)
         for observer in self._observers:
@@ -440,7 +462,7 @@ class IngestServicer(telemetry_pb2_grpc.IngestServicer):
             except Exception:
                 # An exporter bug must not take ingest down; the batch is applied.
                 log.exception("batch observer %r failed", observer)
-        return None
+        return None, keyed
 
     def _commit(
         self,
@@ -560,6 +582,7 @@ class IngestServer:
         dedup = Deduplicator(max_seq_jump=config.max_seq_jump)
         # With a state directory, acks wait for durable marks: a restart re-applies nothing.
         self.marks = MarkStore(config.state_dir, dedup) if config.state_dir is not None else None
+        self._applier = Applier()
         self.servicer = IngestServicer(
             fleet,
             observers=observers,
@@ -572,6 +595,7 @@ class IngestServer:
             peers=peers,
             dedup=dedup,
             max_unread_acks=config.max_unread_acks,
+            applier=self._applier,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -606,11 +630,13 @@ class IngestServer:
         if self.marks is not None:
             self.marks.load()  # before any stream: a resend of an acked seq is a duplicate
             self.marks.start()
+        self._applier.start()
         self._thread = threading.Thread(target=self._run, name="rooftop-ingest", daemon=True)
         self._thread.start()
         self._started.wait()
         if self._error is not None:
             self._thread.join()
+            self._applier.close()
             if self.marks is not None:
                 self.marks.shutdown()
             raise ConfigError(
@@ -692,14 +718,18 @@ class IngestServer:
         """Why ingest is not live (with ``ready``: not ready), in a few words; None if it is.
 
         Live: its event loop thread runs and runs a callback within ``timeout_s`` (a
-        wedged loop accepts and acks nothing). Ready: live, serving, not shutting down.
+        wedged loop accepts and acks nothing), and the apply thread runs, not stuck on
+        one batch for ``_APPLY_STUCK_S``. Ready: live, serving, not shutting down.
         For Kubernetes' probes (``/healthz``, ``/readyz``); safe from any thread.
         """
         loop, thread = self._loop, self._thread
         if self._server is None or loop is None or thread is None:
             return "ingest not started"
-        if not thread.is_alive() or loop.is_closed():
+        if not thread.is_alive() or loop.is_closed() or not self._applier.alive:
             return "ingest stopped"
+        busy_s = self._applier.busy_s()
+        if busy_s > _APPLY_STUCK_S:
+            return f"ingest apply thread has been on one batch for {busy_s:.1f} s"
         if ready and self._stopped:
             return "ingest shutting down"
         answered = threading.Event()
@@ -719,6 +749,7 @@ class IngestServer:
         """Report NOT_SERVING, let open streams finish for ``timeout_s``, stop. Idempotent."""
         if self._stopped or self._loop is None or self._server is None:
             self._stopped = True
+            self._applier.close(timeout_s)
             if self.marks is not None:
                 self.marks.shutdown()
             return
@@ -732,5 +763,6 @@ class IngestServer:
             self._thread.join(timeout=timeout_s + 5.0)
             if self._thread.is_alive():
                 log.error("ingest server did not stop within %.1f s", timeout_s + 5.0)
+        self._applier.close(timeout_s)  # the last streams' batches are applied
         if self.marks is not None:
             self.marks.shutdown()  # SIGTERM: the last marks are durable before exit

@@ -55,8 +55,9 @@ class Collector:
         self.telemetry = Telemetry(
             self.fleet,
             prometheus_listen=config.prometheus_listen,
-            # Kubernetes' probes (deploy/k8s): live while ingest's loop answers, ready
-            # while it also serves and is not shutting down.
+            # Kubernetes' probes (deploy/k8s): live while ingest's loop answers and its
+            # apply thread is not stuck on one batch, ready while it also serves and is
+            # not shutting down.
             prometheus_checks={
                 "/healthz": lambda: self.ingest.health_problem(ready=False),
                 "/readyz": lambda: self.ingest.health_problem(ready=True),

@@ -6,13 +6,16 @@ ingest serves, live only while ingest's event loop answers.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
+from rooftop.collector import ingest
 from rooftop.collector.config import CollectorConfig
 from rooftop.collector.prometheus import PrometheusServer
 from rooftop.collector.service import Collector
@@ -71,6 +74,30 @@ def test_a_wedged_ingest_loop_fails_liveness(collector: Collector):
     finally:
         release.set()
     assert get(port, "/healthz") == (200, "ok\n")  # answers again: live again
+
+
+def test_a_batch_stuck_on_the_apply_thread_fails_liveness(
+    collector: Collector, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(ingest, "_APPLY_STUCK_S", 0.2)  # 10 s in production
+    port = port_of(collector)
+    loop, applier = collector.ingest._loop, collector.ingest._applier
+    assert loop is not None
+    release = threading.Event()
+    # A batch whose apply never returns (a wedged exporter): every ack waits behind it.
+    stuck = asyncio.run_coroutine_threadsafe(applier.run(lambda: release.wait(10)), loop)
+    try:
+        deadline = time.monotonic() + 5
+        while applier.busy_s() <= 0.3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for path in ("/healthz", "/readyz"):
+            status, body = get(port, path)
+            assert status == 503
+            assert body.startswith("ingest apply thread has been on one batch for "), body
+    finally:
+        release.set()
+    stuck.result(10)
+    assert get(port, "/healthz") == (200, "ok\n")  # the batch finished: live again
 
 
 def test_a_failing_check_answers_503_with_its_reason():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -309,6 +310,51 @@ def test_fleet_state_and_observers_see_applied_batches():
     g0 = next(g for g in snap.gpus if g.gpu_index == 0)
     assert g0.verdict is not None and g0.verdict.verdict is Bound.MEMORY
     assert g0.engine is not None and g0.engine.tpot_ms == 5.84  # attributed by pid
+
+
+class _HoldingObserver:
+    """Holds the apply thread on agent ``stuck``'s batch until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def observe_batch(self, decoded: DecodedBatch, received_s: float) -> None:
+        if decoded.agent_id == "stuck":
+            self.holding.set()
+            self.release.wait(10)
+
+
+def test_new_streams_are_taken_and_health_answers_while_a_batch_is_being_applied():
+    # A failover burst meets a busy collector: while a batch is being applied, the
+    # event loop still takes new streams (applied on the apply thread, not the loop).
+    holder = _HoldingObserver()
+    server, fleet = start_server(observers=[holder])
+    others: list[AgentStream] = []
+    try:
+        with AgentStream(target(server)) as stuck:
+            stuck.send(batch(1, agent_id="stuck"))
+            assert holder.holding.wait(10)
+            for i in range(20):
+                others.append(AgentStream(target(server)))
+                others[-1].send(batch(1, agent_id=f"moved-{i}"))
+            wait_for(lambda: fleet.counts().streams == 21)  # every one opened meanwhile
+            with grpc.insecure_channel(target(server)) as channel:
+                health = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=INGEST_SERVICE), timeout=5
+                )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            assert fleet.counts().batches == 1  # the held one: the others wait behind it
+            holder.release.set()
+            stuck.wait_acked(1)
+            for other in others:
+                other.wait_acked(1)
+        assert fleet.counts().batches == 21
+    finally:
+        holder.release.set()
+        for other in others:
+            other.close()
+        server.shutdown(timeout_s=1)
 
 
 def test_a_token_needs_tls_and_is_refused_over_plaintext(tmp_path: Path):

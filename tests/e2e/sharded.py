@@ -280,9 +280,8 @@ class Sharded:
         wait_for(lambda: all(led.acked_seq > 0 for led in gen.ledgers), "every agent acked", 120,
                  interval_s=0.2, why=lambda: _not_acked(gen.ledgers))  # fmt: skip
         # Steady means caught up: 2,000 streams opening over start_spread_s leave the
-        # collectors a backlog on a 2-core machine (each accepts one new stream per
-        # turn of its event loop, and a turn is long while it is busy). Killing one
-        # before that backlog is gone measures the start-up, not the failover.
+        # collectors a backlog of batches on a 2-core machine. Killing one before that
+        # backlog is gone measures the start-up, not the failover.
         wait_for(lambda: max(len(led.unacked) for led in gen.ledgers) <= 2,
                  "every agent caught up (at most 2 batches unacked)", 90, interval_s=0.5,
                  why=lambda: _behind(gen.ledgers))  # fmt: skip
